@@ -1,0 +1,5 @@
+"""``python -m triochat``."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,545 @@
+"""Chat state, sans-I/O: rooms, members, per-user presence, tokens, history.
+
+Rules of this module:
+
+1. No trio, no awaits. Every method runs to completion, so a cancellation can
+   never leave a room half-updated. Time is passed in (``now``, seconds on the
+   caller's clock; ``wall_ms`` for message timestamps).
+2. Frames leave through ``Peer.deliver``, which never blocks (a full outbox is
+   the peer's problem: it closes itself with 1013).
+3. A `say` is not broadcast here: it becomes a `PendingSay` in
+   ``self.to_store``; the hub stores it and calls `commit` (or
+   `store_failed`), so nothing is seen or acked before it is stored.
+4. Checks run in PROTOCOL.md §2's order: name, room, rate, state.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import itertools
+import secrets
+from collections.abc import Iterable, Sequence
+from typing import Final, Protocol
+
+from .frames import OutFrame
+from .protocol import (
+    AckFrame,
+    ClassicFrame,
+    ClientFrame,
+    ErrorCode,
+    ErrorFrame,
+    HistoryFrame,
+    HistoryRequest,
+    Join,
+    JoinedFrame,
+    Leave,
+    LeftFrame,
+    Message,
+    PresenceFrame,
+    Say,
+    Typing,
+    TypingFrame,
+    Whisper,
+    WhisperFrame,
+    is_valid_room,
+    make_id,
+    normalize_name,
+    seq_of,
+)
+from .protocol import CloseCode as CloseCode
+from .ratelimit import RateLimiter
+
+__all__ = ["ChatState", "Client", "Peer", "PendingSay"]
+
+JOIN_HISTORY: Final = 100  # newest messages in a `joined` without `since`
+MAX_RECOVERY: Final = 200  # most missed messages a `since` replays exactly
+CLASSIC_ROOM: Final = "lobby"
+
+
+class Peer(Protocol):
+    """What the chat state needs of a connection. Neither method blocks."""
+
+    def deliver(self, frame: OutFrame) -> None: ...
+
+    def close_soon(self, code: int, reason: str) -> None: ...
+
+
+class Client:
+    """The chat-side state of one connection."""
+
+    __slots__ = ("classic", "gone", "limiter", "listener", "mode", "name", "peer", "rooms", "user")
+
+    def __init__(self, peer: Peer, limiter: RateLimiter, *, listener: bool) -> None:
+        self.peer = peer
+        self.limiter = limiter
+        #: Connected on ``/``: hears lobby messages until its first frame decides.
+        self.listener = listener
+        #: None until the first frame; then "classic" or "typed".
+        self.mode: str | None = None
+        #: Shorthand for ``mode == "classic"``: gets only message/whisper/error.
+        self.classic = False
+        self.name: str | None = None
+        self.user: User | None = None
+        #: Rooms this connection has joined (live memberships).
+        self.rooms: set[str] = set()
+        #: Disconnected or replaced: its late frames are ignored.
+        self.gone = False
+
+
+class User:
+    """A name held by somebody: connected, or within the presence grace period."""
+
+    __slots__ = ("client", "deadline", "name", "rooms", "token")
+
+    def __init__(self, name: str, client: Client) -> None:
+        self.name = name
+        self.token = secrets.token_urlsafe(24)
+        self.client: Client | None = client
+        #: Rooms the user is a member of (live through ``client``, or held).
+        self.rooms: set[str] = set()
+        #: When held rooms are released; None while nothing is held.
+        self.deadline: float | None = None
+
+
+class Room:
+    """One room: its members, its subscribers and its kept history."""
+
+    __slots__ = ("listeners", "members", "messages", "name", "seqs", "typed")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        #: Every member user (live or held), by name.
+        self.members: dict[str, User] = {}
+        #: Live typed member connections: get every frame of the room.
+        self.typed: dict[Client, None] = {}
+        #: Classic members and `/` listeners: get `message` frames only.
+        self.listeners: dict[Client, None] = {}
+        self.messages: list[Message] = []
+        self.seqs: list[int] = []  # parallel to messages, for bisect
+
+
+class PendingSay:
+    """A `say` waiting for the store; ``client`` gets the ack or the error."""
+
+    __slots__ = ("client", "message", "ref")
+
+    def __init__(self, client: Client, message: Message, ref: str | None) -> None:
+        self.client = client
+        self.message = message
+        self.ref = ref
+
+
+def _error(client: Client, code: str, message: str, ref: str | None = None) -> None:
+    if client.classic:
+        frame = ErrorFrame(code=code, message=message, ref=ref, name="server", msg=message)
+    else:
+        frame = ErrorFrame(code=code, message=message, ref=ref)
+    client.peer.deliver(OutFrame.of(frame))
+
+
+class _Refused(Exception):
+    """Internal: a check failed; carries the error frame's fields."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        self.message = message
+
+
+class ChatState:
+    """Every room and user of one server.
+
+    Args:
+        epoch: distinguishes this history's ids from any other's, so an id is
+            never reused after a restart that lost the history.
+        next_seq: the next message sequence number to hand out.
+        history: messages already stored, per room, oldest first.
+    """
+
+    def __init__(
+        self,
+        *,
+        epoch: str,
+        next_seq: int,
+        history_size: int,
+        max_rooms: int,
+        presence_grace: float,
+        history: dict[str, list[Message]] | None = None,
+    ) -> None:
+        self._epoch = epoch
+        self._next_seq = next_seq
+        self._whisper_ids = itertools.count(1)
+        self._history_size = history_size
+        self._max_rooms = max_rooms
+        self._grace = presence_grace
+        self.rooms: dict[str, Room] = {}
+        self.users: dict[str, User] = {}
+        self.clients: dict[Client, None] = {}
+        self._deadlines: list[tuple[float, int, User]] = []
+        self._tiebreak = itertools.count()
+        #: Says the hub must store, then `commit` or `store_failed`.
+        self.to_store: list[PendingSay] = []
+        for room_name, messages in (history or {}).items():
+            room = self._room(room_name)
+            kept = messages[-history_size:]
+            room.messages = list(kept)
+            room.seqs = [self._seq_of(m.id) or 0 for m in kept]
+            self._next_seq = max(self._next_seq, room.seqs[-1] + 1 if room.seqs else 0)
+
+    # --- ids -----------------------------------------------------------------
+
+    def _new_id(self) -> str:
+        seq = self._next_seq
+        self._next_seq = seq + 1
+        return make_id(self._epoch, seq)
+
+    def _seq_of(self, message_id: str) -> int | None:
+        return seq_of(self._epoch, message_id)
+
+    def _index_of(self, room: Room, message_id: str) -> int | None:
+        """Where ``message_id`` stands in the room's kept history, if it does."""
+        seq = self._seq_of(message_id)
+        if seq is None:
+            return None
+        index = bisect.bisect_left(room.seqs, seq)
+        if index < len(room.seqs) and room.messages[index].id == message_id:
+            return index
+        return None
+
+    # --- connections -----------------------------------------------------------
+
+    def connect(self, client: Client) -> None:
+        """Register a new connection (a `/` listener starts hearing lobby)."""
+        self.clients[client] = None
+        if client.listener:
+            self._room(CLASSIC_ROOM).listeners[client] = None
+
+    def disconnect(self, client: Client, now: float) -> None:
+        """The connection is gone: hold its user's rooms for the grace period.
+
+        Never awaits; safe to call from a ``finally``. The caller runs `expire`
+        once `next_deadline` has passed (also with a zero grace period).
+        """
+        self.clients.pop(client, None)
+        if client.gone:
+            return
+        self._drop_subscriptions(client)
+        user = client.user
+        if user is None or user.client is not client:
+            return
+        user.client = None
+        self._hold(user, now)
+
+    def _drop_subscriptions(self, client: Client) -> None:
+        client.gone = True
+        for room_name in client.rooms:
+            self._unsubscribe(self.rooms[room_name], client)
+        client.rooms = set()
+        self._unlisten(client)
+
+    def _hold(self, user: User, now: float) -> None:
+        user.deadline = now + self._grace
+        heapq.heappush(self._deadlines, (user.deadline, next(self._tiebreak), user))
+
+    def next_deadline(self) -> float:
+        """When `expire` must next run (``inf`` when nothing is held)."""
+        return self._deadlines[0][0] if self._deadlines else float("inf")
+
+    def expire(self, now: float) -> None:
+        """Release every membership whose grace period has ended."""
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            deadline, _, user = heapq.heappop(deadlines)
+            if user.deadline != deadline:
+                continue  # superseded by a later disconnect
+            user.deadline = None
+            live = user.client.rooms if user.client is not None else set()
+            for room_name in sorted(user.rooms - live):
+                self._remove_member(user, self.rooms[room_name])
+            if user.client is None and self.users.get(user.name) is user:
+                del self.users[user.name]
+
+    # --- frames --------------------------------------------------------------
+
+    def handle(self, client: Client, frame: ClientFrame, now: float, wall_ms: int) -> None:
+        """Apply one decoded client frame; answers go to the peers."""
+        if client.gone:
+            return
+        if client.mode is None:
+            self._decide_mode(client, frame)
+        try:
+            if isinstance(frame, Say):
+                self._say(client, frame, now, wall_ms)
+            elif isinstance(frame, Join):
+                self._join(client, frame, now)
+            elif isinstance(frame, Typing):
+                self._typing(client, frame, now)
+            elif isinstance(frame, Leave):
+                self._leave(client, frame)
+            elif isinstance(frame, Whisper):
+                self._whisper(client, frame, now, wall_ms)
+            elif isinstance(frame, HistoryRequest):
+                self._history(client, frame)
+            else:
+                self._classic(client, frame, now, wall_ms)
+        except _Refused as refused:
+            _error(client, refused.code, refused.message, frame.ref)
+
+    def refuse(self, client: Client, code: str, message: str, ref: str | None) -> None:
+        """Answer a frame that failed decoding (the mode is decided by it too)."""
+        if client.gone:
+            return
+        if client.mode is None:
+            self._decide_mode(client, None)
+        _error(client, code, message, ref)
+
+    def _decide_mode(self, client: Client, frame: ClientFrame | None) -> None:
+        # A classic `/` listener stays in lobby's listeners: it becomes a
+        # classic member there. A typed one stops listening.
+        if isinstance(frame, ClassicFrame):
+            client.mode = "classic"
+            client.classic = True
+        else:
+            client.mode = "typed"
+            if client.listener:
+                self._unlisten(client)
+        client.listener = False
+
+    def _unlisten(self, client: Client) -> None:
+        room = self.rooms.get(CLASSIC_ROOM)
+        if room is not None and room.listeners.pop(client, 0) is None:
+            self._forget_if_empty(room)
+
+    # --- checks (PROTOCOL.md §2 order: name, room, rate, state) ---------------
+
+    def _check_name(self, client: Client, requested: str | None) -> str:
+        if requested is None:
+            if client.name is None:
+                raise _Refused(ErrorCode.BAD_NAME, "a first join needs a `name`")
+            return client.name
+        name = normalize_name(requested)
+        if name is None:
+            raise _Refused(
+                ErrorCode.BAD_NAME,
+                "a name is 1-32 characters with no control or format characters",
+            )
+        if client.name is not None and name != client.name:
+            raise _Refused(ErrorCode.BAD_NAME, f"this connection is already named {client.name}")
+        return name
+
+    def _check_room(self, client: Client, room: str, *, joining: bool = False) -> None:
+        if not is_valid_room(room):
+            raise _Refused(ErrorCode.BAD_ROOM, "a room name matches [a-z0-9][a-z0-9_-]{0,63}")
+        if joining and room not in client.rooms and len(client.rooms) >= self._max_rooms:
+            raise _Refused(ErrorCode.BAD_ROOM, f"at most {self._max_rooms} rooms per connection")
+
+    def _check_rate(self, client: Client, now: float) -> None:
+        limiter = client.limiter
+        if limiter.allow(now):
+            return
+        if limiter.record_drop(now):
+            client.peer.close_soon(CloseCode.POLICY_VIOLATION, "rate limit abuse")
+        raise _Refused(ErrorCode.RATE_LIMITED, "slow down: too many messages")
+
+    def _check_joined(self, client: Client, room: str) -> Room:
+        if room not in client.rooms:
+            raise _Refused(ErrorCode.NOT_JOINED, f"join {room} first")
+        return self.rooms[room]
+
+    # --- frame handlers ------------------------------------------------------
+
+    def _join(self, client: Client, frame: Join, now: float) -> None:
+        name = self._check_name(client, frame.name)
+        self._check_room(client, frame.room, joining=True)
+        user = self._bind(client, name, frame.token, now)
+        room = self._room(frame.room)
+        if frame.room not in client.rooms:
+            client.rooms.add(frame.room)
+            self._subscribe(room, client)
+            if user.name not in room.members:
+                room.members[user.name] = user
+                user.rooms.add(room.name)
+                self._to_typed(room, PresenceFrame(room.name, "join", user.name), skip=client)
+        if client.classic:
+            return
+        history, recovered = self._replay(room, frame.since)
+        joined = JoinedFrame(
+            room=room.name,
+            name=user.name,
+            token=user.token,
+            members=sorted(room.members),
+            history=history,
+            recovered=recovered,
+            ref=frame.ref,
+        )
+        client.peer.deliver(OutFrame.of(joined))
+
+    def _bind(self, client: Client, name: str, token: str | None, now: float) -> User:
+        """The user ``client`` speaks as, taking the name over with its token."""
+        if client.user is not None:
+            return client.user
+        user = self.users.get(name)
+        if user is None:
+            user = self.users[name] = User(name, client)
+        elif token is None or not secrets.compare_digest(token, user.token):
+            raise _Refused(ErrorCode.NAME_TAKEN, f"{name} is taken")
+        else:
+            self._take_over(user, client, now)
+        client.name = name
+        client.user = user
+        return user
+
+    def _take_over(self, user: User, client: Client, now: float) -> None:
+        old = user.client
+        user.client = client
+        if old is None:
+            return
+        # The old connection's memberships are held for the grace period, as on
+        # a disconnect; the new connection takes them back by joining again.
+        old.peer.close_soon(CloseCode.REPLACED, "replaced by a newer connection")
+        self._drop_subscriptions(old)
+        old.user = None
+        if user.rooms:
+            self._hold(user, now)
+
+    def _say(self, client: Client, frame: Say, now: float, wall_ms: int) -> None:
+        self._check_room(client, frame.room)
+        self._check_rate(client, now)
+        room = self._check_joined(client, frame.room)
+        assert client.name is not None  # joined implies named
+        message = Message(room.name, self._new_id(), client.name, frame.msg, wall_ms)
+        self.to_store.append(PendingSay(client, message, frame.ref))
+
+    def _typing(self, client: Client, frame: Typing, now: float) -> None:
+        self._check_room(client, frame.room)
+        self._check_rate(client, now)
+        room = self._check_joined(client, frame.room)
+        assert client.name is not None
+        self._to_typed(room, TypingFrame(room.name, client.name), skip=client)
+
+    def _leave(self, client: Client, frame: Leave) -> None:
+        self._check_room(client, frame.room)
+        room = self._check_joined(client, frame.room)
+        client.rooms.discard(room.name)
+        self._unsubscribe(room, client)
+        if client.user is not None:
+            self._remove_member(client.user, room)
+        if not client.classic:
+            client.peer.deliver(OutFrame.of(LeftFrame(room.name, frame.ref)))
+
+    def _whisper(self, client: Client, frame: Whisper, now: float, wall_ms: int) -> None:
+        self._check_rate(client, now)
+        if client.name is None:
+            raise _Refused(ErrorCode.NOT_JOINED, "join a room first: whispers need a name")
+        to = normalize_name(frame.to)
+        target = self.users.get(to) if to is not None else None
+        if target is None or target.client is None:
+            raise _Refused(ErrorCode.NO_SUCH_USER, f"nobody is called {frame.to}")
+        whisper_id = f"{self._epoch}-w{next(self._whisper_ids)}"
+        out = OutFrame.of(
+            WhisperFrame(whisper_id, client.name, target.name, client.name, frame.msg, wall_ms)
+        )
+        target.client.peer.deliver(out)
+        if target.client is not client:
+            client.peer.deliver(out)
+        if frame.ref is not None and not client.classic:
+            client.peer.deliver(OutFrame.of(AckFrame(frame.ref, whisper_id)))
+
+    def _history(self, client: Client, frame: HistoryRequest) -> None:
+        self._check_room(client, frame.room)
+        room = self._check_joined(client, frame.room)
+        end = len(room.messages)
+        if frame.before is not None:
+            index = self._index_of(room, frame.before)
+            if index is None:
+                raise _Refused(ErrorCode.BAD_FRAME, "unknown `before` id")
+            end = index
+        start = max(0, end - frame.limit)
+        reply = HistoryFrame(room.name, room.messages[start:end], start > 0, frame.ref)
+        if not client.classic:
+            client.peer.deliver(OutFrame.of(reply))
+
+    def _classic(self, client: Client, frame: ClassicFrame, now: float, wall_ms: int) -> None:
+        """``{name, msg}``: join lobby as ``name`` if not yet joined, then say."""
+        name = self._check_name(client, frame.name)
+        self._check_rate(client, now)
+        if CLASSIC_ROOM not in client.rooms:
+            self._join(client, Join(room=CLASSIC_ROOM, name=name, ref=frame.ref), now)
+        room = self.rooms[CLASSIC_ROOM]
+        message = Message(room.name, self._new_id(), name, frame.msg, wall_ms)
+        self.to_store.append(PendingSay(client, message, frame.ref))
+
+    # --- storage results -------------------------------------------------------
+
+    def commit(self, batch: Sequence[PendingSay]) -> None:
+        """The batch is stored: keep it, broadcast it, ack it (in that order)."""
+        size = self._history_size
+        for pending in batch:
+            message = pending.message
+            room = self._room(message.room)
+            room.messages.append(message)
+            room.seqs.append(self._seq_of(message.id) or 0)
+            if len(room.messages) > size:
+                del room.messages[:-size]
+                del room.seqs[:-size]
+            out = OutFrame.of(message, message.id)
+            for member in room.typed:
+                member.peer.deliver(out)
+            for listener in room.listeners:
+                listener.peer.deliver(out)
+            client = pending.client
+            if pending.ref is not None and not client.gone and not client.classic:
+                client.peer.deliver(OutFrame.of(AckFrame(pending.ref, message.id)))
+
+    def store_failed(self, batch: Iterable[PendingSay], reason: str) -> None:
+        """Nothing in the batch was stored: tell each sender, ack nothing."""
+        for pending in batch:
+            if not pending.client.gone:
+                _error(pending.client, ErrorCode.UNAVAILABLE, reason, pending.ref)
+
+    # --- rooms -------------------------------------------------------------------
+
+    def _room(self, name: str) -> Room:
+        room = self.rooms.get(name)
+        if room is None:
+            room = self.rooms[name] = Room(name)
+        return room
+
+    def _forget_if_empty(self, room: Room) -> None:
+        if not (room.members or room.typed or room.listeners or room.messages):
+            del self.rooms[room.name]
+
+    def _subscribe(self, room: Room, client: Client) -> None:
+        if client.classic:
+            room.listeners[client] = None
+        else:
+            room.typed[client] = None
+
+    def _unsubscribe(self, room: Room, client: Client) -> None:
+        room.typed.pop(client, None)
+        room.listeners.pop(client, None)
+
+    def _remove_member(self, user: User, room: Room) -> None:
+        if room.members.get(user.name) is user:
+            del room.members[user.name]
+            user.rooms.discard(room.name)
+            self._to_typed(room, PresenceFrame(room.name, "leave", user.name))
+        self._forget_if_empty(room)
+
+    def _to_typed(
+        self, room: Room, frame: PresenceFrame | TypingFrame, skip: Client | None = None
+    ) -> None:
+        out = OutFrame.of(frame)
+        for member in room.typed:
+            if member is not skip:
+                member.peer.deliver(out)
+
+    def _replay(self, room: Room, since: str | None) -> tuple[list[Message], bool]:
+        """`joined.history` and `recovered` for a join with ``since``."""
+        messages = room.messages
+        if since is None:
+            return messages[-JOIN_HISTORY:], True
+        index = self._index_of(room, since)
+        if index is None or len(messages) - index - 1 > MAX_RECOVERY:
+            return messages[-JOIN_HISTORY:], False
+        return messages[index + 1 :], True

@@ -1,0 +1,155 @@
+"""``python -m triochat`` / ``triochat``: options and environment -> Config -> run.
+
+Every option can also come from the environment as ``TRIOCHAT_`` + the
+option's name in upper snake case (``--max-frame-bytes`` ->
+``TRIOCHAT_MAX_FRAME_BYTES``); the command line wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from . import __version__
+from .config import Config
+from .errors import ConfigError, StorageError
+from .server import serve_until_signalled
+
+__all__ = ["build_parser", "config_from_args", "main"]
+
+# (option, Config field, type, help). Defaults come from Config itself.
+_OPTIONS: list[tuple[str, str, Callable[[str], Any], str]] = [
+    ("--host", "host", str, "address to listen on"),
+    ("--port", "port", int, "port to listen on (0: any free port)"),
+    ("--data-dir", "data_dir", Path, "directory of the SQLite history"),
+    ("--max-frame-bytes", "max_frame_bytes", int, "largest client frame; over it: close 1009"),
+    ("--max-msg-chars", "max_msg_chars", int, "longest `msg`; over it: error too_long"),
+    ("--rate", "rate", float, "say/typing/whisper per second per connection (0 = off)"),
+    ("--burst", "burst", int, "token bucket size of the rate limit"),
+    ("--outbox-frames", "outbox_frames", int, "frames queued per connection; over it: close 1013"),
+    ("--max-rooms", "max_rooms", int, "rooms per connection; over it: error bad_room"),
+    (
+        "--max-conns-per-ip",
+        "max_conns_per_ip",
+        int,
+        "chat connections per IP (0 = off); over it: 429",
+    ),
+    ("--history-size", "history_size", int, "messages kept per room"),
+    ("--ping-interval", "ping_interval", float, "seconds between pings"),
+    ("--ping-timeout", "ping_timeout", float, "seconds to wait for a pong before closing"),
+    ("--presence-grace", "presence_grace", float, "seconds a lost user keeps its name and rooms"),
+    ("--drain-timeout", "drain_timeout", float, "seconds to flush and close on SIGTERM"),
+    ("--close-timeout", "close_timeout", float, "seconds to wait for a close handshake"),
+    ("--handshake-timeout", "handshake_timeout", float, "seconds for a request head / handshake"),
+    ("--max-header-bytes", "max_header_bytes", int, "largest HTTP request head; over it: 431"),
+    ("--redis", "redis", str, "redis://host:port/db to form a cluster (not in this version)"),
+    ("--node-timeout", "node_timeout", float, "seconds before a silent cluster node is gone"),
+    ("--log-level", "log_level", str, "DEBUG, INFO, WARNING or ERROR"),
+]
+
+
+def _env_name(option: str) -> str:
+    return "TRIOCHAT_" + option.lstrip("-").replace("-", "_").upper()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; `--help` documents every option and its env var."""
+    parser = argparse.ArgumentParser(
+        prog="triochat",
+        description="A real-time chat server for the browser: the page and the "
+        "WebSocket on one port. Every option can also be set with the environment "
+        "variable shown; the command line wins.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    defaults = Config()
+    for option, field, kind, help_text in _OPTIONS:
+        parser.add_argument(
+            option,
+            dest=field,
+            type=kind,
+            default=getattr(defaults, field),
+            help=f"{help_text} [env {_env_name(option)}]",
+        )
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        default=False,
+        help="keep history in memory only (lost on restart) [env TRIOCHAT_MEMORY=1]",
+    )
+    parser.add_argument(
+        "--allow-origin",
+        dest="allow_origins",
+        action="append",
+        default=None,
+        metavar="ORIGIN",
+        help="an extra Origin allowed to open chats (repeatable; `*` any, `null`) "
+        "[env TRIOCHAT_ALLOW_ORIGIN, comma-separated]",
+    )
+    parser.add_argument("--version", action="version", version=f"triochat {__version__}")
+    return parser
+
+
+def config_from_args(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
+    """Parse ``argv`` over ``environ``.
+
+    Raises:
+        ConfigError: a value is invalid.
+        SystemExit: bad usage (argparse's own message) or ``--help``.
+    """
+    parser = build_parser()
+    env_defaults: dict[str, Any] = {}
+    for option, field, kind, _ in _OPTIONS:
+        raw = environ.get(_env_name(option))
+        if raw is not None and raw != "":
+            try:
+                env_defaults[field] = kind(raw)
+            except ValueError:
+                raise ConfigError(f"{_env_name(option)}={raw!r} is not a valid value") from None
+    memory_env = environ.get("TRIOCHAT_MEMORY", "").strip().lower()
+    if memory_env in ("1", "true", "yes", "on"):
+        env_defaults["memory"] = True
+    parser.set_defaults(**env_defaults)
+    args = parser.parse_args(argv)
+    origins = args.allow_origins
+    if origins is None:
+        raw_origins = environ.get("TRIOCHAT_ALLOW_ORIGIN", "")
+        origins = [entry.strip() for entry in raw_origins.split(",") if entry.strip()]
+    values = vars(args)
+    values["allow_origins"] = tuple(origins)
+    values["log_level"] = str(values["log_level"]).upper()
+    if values["log_level"] not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ConfigError(f"unknown log level {values['log_level']}")
+    if values["redis"]:
+        raise ConfigError("--redis (cluster mode) is not available in this version yet")
+    return Config(**values)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of ``triochat`` and ``python -m triochat``."""
+    try:
+        config = config_from_args(sys.argv[1:] if argv is None else argv, os.environ)
+    except ConfigError as exc:
+        print(f"triochat: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    logging.basicConfig(
+        level=config.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        trio.run(serve_until_signalled, config)
+    except StorageError as exc:
+        logging.getLogger("triochat").error("%s", exc)
+        raise SystemExit(1) from None
+    except OSError as exc:
+        logging.getLogger("triochat").error(
+            "cannot listen on %s:%s: %s", config.host, config.port, exc
+        )
+        raise SystemExit(1) from None

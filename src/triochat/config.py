@@ -1,0 +1,78 @@
+"""The server's configuration: one frozen object, every limit in one place.
+
+Times are in seconds (floats), sizes in bytes or characters as named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from .errors import ConfigError
+
+__all__ = ["Config"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Config:
+    """Everything `serve` needs; `cli.py` builds it from options and env."""
+
+    host: str = "127.0.0.1"
+    port: int = 8181
+    data_dir: Path = Path("triochat-data")
+    memory: bool = False
+    allow_origins: tuple[str, ...] = ()
+
+    max_frame_bytes: int = 65536
+    max_msg_chars: int = 2000
+    rate: float = 10.0  # say/typing/whisper per second; 0 = off
+    burst: int = 20
+    outbox_frames: int = 256
+    max_rooms: int = 32
+    max_conns_per_ip: int = 256  # 0 = off
+    history_size: int = 1000
+
+    ping_interval: float = 20.0
+    ping_timeout: float = 20.0
+    presence_grace: float = 5.0
+    drain_timeout: float = 10.0
+    close_timeout: float = 5.0
+    handshake_timeout: float = 10.0  # whole HTTP request head / WebSocket handshake
+    max_header_bytes: int = 16384
+
+    redis: str | None = None
+    node_timeout: float = 30.0
+    log_level: str = "INFO"
+
+    inbound_buffer: int = 64  # frames from all clients waiting for the hub
+
+    def __post_init__(self) -> None:
+        positive = {
+            "max_frame_bytes": self.max_frame_bytes,
+            "max_msg_chars": self.max_msg_chars,
+            "burst": self.burst,
+            "outbox_frames": self.outbox_frames,
+            "max_rooms": self.max_rooms,
+            "history_size": self.history_size,
+            "ping_interval": self.ping_interval,
+            "ping_timeout": self.ping_timeout,
+            "close_timeout": self.close_timeout,
+            "handshake_timeout": self.handshake_timeout,
+            "max_header_bytes": self.max_header_bytes,
+            "node_timeout": self.node_timeout,
+            "inbound_buffer": self.inbound_buffer,
+        }
+        for name, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"{name} must be positive, got {value}")
+        not_negative = {
+            "rate": self.rate,
+            "max_conns_per_ip": self.max_conns_per_ip,
+            "presence_grace": self.presence_grace,
+            "drain_timeout": self.drain_timeout,
+        }
+        for name, value in not_negative.items():
+            if value < 0:
+                raise ConfigError(f"{name} must not be negative, got {value}")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be 0-65535, got {self.port}")

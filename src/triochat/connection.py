@@ -1,0 +1,221 @@
+"""One chat connection, whatever its transport: reader, writer, keepalive.
+
+::
+
+    Connection.run                 connection nursery
+    ├── _read_loop                 transport -> decode -> hub inbound
+    ├── _keepalive                 ping every ping_interval; no pong in time = gone
+    └── _write_loop (in run)       outbox -> one write per batch; then the close
+
+Rules:
+
+1. Whoever ends first cancels the nursery; the others stop with it.
+2. Only the writer closes: `close_soon` records the close code (first one
+   wins) and wakes it. A slow consumer's pending write gets
+   ``close_timeout`` to finish, the close frame ``close_timeout`` more, and
+   then the TCP connection is aborted.
+3. Nothing escapes `run`: a bug closes this connection with 1011 and is
+   logged with a traceback; other connections never notice.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+import trio
+
+from .chat import Client
+from .config import Config
+from .errors import ClientProtocolError
+from .frames import OutFrame
+from .hub import Hub
+from .metrics import Stats
+from .outbox import Outbox
+from .protocol import CloseCode, decode_client_frame
+
+__all__ = ["BinaryFrameError", "Connection", "Transport", "TransportClosed"]
+
+LOGGER = logging.getLogger("triochat.connection")
+
+
+class TransportClosed(Exception):
+    """The peer went away or closed; ``reason`` says how (for the log)."""
+
+    def __init__(self, reason: str, code: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
+
+
+class BinaryFrameError(Exception):
+    """The peer sent a binary frame (closed with 1003)."""
+
+
+class Transport(Protocol):
+    """What a connection needs of WebSocket or SSE."""
+
+    async def receive(self) -> str:
+        """The next text frame. Raises TransportClosed, BinaryFrameError."""
+        ...
+
+    async def send(self, frames: list[OutFrame]) -> None:
+        """Write ``frames`` with one write. Raises TransportClosed."""
+        ...
+
+    async def ping(self) -> None:
+        """Return when the peer answered a ping. Raises TransportClosed."""
+        ...
+
+    async def close(self, code: int, reason: str) -> None:
+        """The closing handshake (the caller bounds its time)."""
+        ...
+
+    async def abort(self) -> None:
+        """Drop the underlying connection now."""
+        ...
+
+
+class Connection:
+    """A chat connection; it is the `Peer` the chat state delivers to."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        hub: Hub,
+        config: Config,
+        stats: Stats,
+        *,
+        listener: bool = False,
+    ) -> None:
+        self._transport = transport
+        self._hub = hub
+        self._config = config
+        self._stats = stats
+        self._listener = listener
+        self.outbox = Outbox(config.outbox_frames)
+        #: (code, reason, flush queued frames first), set once by `close_soon`.
+        self.close_request: tuple[int, str, bool] | None = None
+        #: How the connection ended, for the log line.
+        self.end_reason = "closed"
+        self.close_code: int | None = None
+        self._send_scope: trio.CancelScope | None = None
+        self._broken = False  # a write was cut short: no close frame possible
+
+    # --- Peer (sync, never blocks) ---------------------------------------------
+
+    def deliver(self, frame: OutFrame) -> None:
+        if self.close_request is not None:
+            return
+        if not self.outbox.put_nowait(frame):
+            self._stats.slow_consumers += 1
+            self.close_soon(CloseCode.TRY_AGAIN_LATER, "slow consumer")
+
+    def close_soon(self, code: int, reason: str, *, flush: bool = False) -> None:
+        """Ask the writer to close with ``code``; the first request wins."""
+        if self.close_request is not None:
+            return
+        self.close_request = (code, reason, flush)
+        if not flush:
+            self.outbox.clear()
+            if self._send_scope is not None:
+                # A write stuck on a peer that does not read gets close_timeout.
+                self._send_scope.deadline = trio.current_time() + self._config.close_timeout
+        self.outbox.wake()
+
+    # --- the tasks ---------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve the connection until it ends; never raises (but Cancelled)."""
+        client = self._hub.connect(self, listener=self._listener)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._guard, self._read_loop, client, nursery.cancel_scope)
+                nursery.start_soon(self._guard, self._keepalive, None, nursery.cancel_scope)
+                await self._guard(self._write_loop, None, nursery.cancel_scope)
+        finally:
+            self._hub.disconnect(client)
+            with trio.CancelScope(shield=True):
+                await self._transport.abort()
+
+    async def _guard(self, loop: _Loop, client: Client | None, scope: trio.CancelScope) -> None:
+        """Run one loop; whatever ends it ends the connection."""
+        try:
+            await loop(client)
+        except TransportClosed as exc:
+            self.end_reason = exc.reason
+            self.close_code = exc.code
+        except Exception:
+            LOGGER.exception("bug in a connection task; closing it with 1011")
+            self.end_reason = "internal error"
+            self.close_soon(CloseCode.INTERNAL_ERROR, "internal error")
+            if loop != self._write_loop:
+                return  # the writer sends the 1011
+            await self._close_now()
+        scope.cancel()
+
+    async def _read_loop(self, client: Client | None) -> None:
+        assert client is not None
+        transport = self._transport
+        hub = self._hub
+        stats = self._stats
+        max_bytes = self._config.max_frame_bytes
+        max_chars = self._config.max_msg_chars
+        while True:
+            try:
+                text = await transport.receive()
+            except BinaryFrameError:
+                self.close_soon(CloseCode.UNSUPPORTED_DATA, "binary frames are not accepted")
+                await trio.sleep_forever()  # the writer's close ends the connection
+            stats.frames_received += 1
+            # A code point is 1-4 bytes: encode only when the size could be over.
+            if len(text) * 4 > max_bytes and len(text.encode()) > max_bytes:
+                self.close_soon(CloseCode.MESSAGE_TOO_BIG, "frame too big")
+                await trio.sleep_forever()
+            try:
+                item: object = decode_client_frame(text, max_msg_chars=max_chars)
+            except ClientProtocolError as exc:
+                item = exc
+            await hub.submit(client, item)  # type: ignore[arg-type]
+
+    async def _keepalive(self, _: Client | None) -> None:
+        config = self._config
+        while True:
+            await trio.sleep(config.ping_interval)
+            with trio.move_on_after(config.ping_timeout):
+                await self._transport.ping()
+                continue
+            raise TransportClosed(f"no pong within {config.ping_timeout:g} s")
+
+    async def _write_loop(self, _: Client | None) -> None:
+        outbox = self.outbox
+        transport = self._transport
+        stats = self._stats
+        while True:
+            await outbox.wait()
+            frames = outbox.take_all()
+            if frames:
+                with trio.CancelScope() as self._send_scope:
+                    try:
+                        await transport.send(frames)
+                    finally:
+                        self._broken = self._send_scope.cancelled_caught
+                self._send_scope = None
+                stats.frames_sent += len(frames)
+                stats.writes += 1
+            if self.close_request is not None and not outbox:
+                await self._close_now()
+                return
+
+    async def _close_now(self) -> None:
+        """Send the requested close frame (bounded), then end the connection."""
+        code, reason, _ = self.close_request or (CloseCode.INTERNAL_ERROR, "internal error", False)
+        self.end_reason = reason
+        self.close_code = code
+        if not self._broken:
+            with trio.move_on_after(self._config.close_timeout):
+                await self._transport.close(code, reason)
+
+
+class _Loop(Protocol):
+    async def __call__(self, client: Client | None, /) -> None: ...

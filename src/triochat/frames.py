@@ -1,0 +1,63 @@
+"""Outbound frames, encoded once and framed once per transport.
+
+A broadcast to N members builds one `OutFrame`; every recipient's writer
+takes the same bytes (`ws` or `sse`), so the per-delivery cost is a deque
+append, not a JSON encode or a WebSocket frame build.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Final
+
+from .protocol import ServerFrame, encode
+
+__all__ = ["OutFrame", "websocket_text_frame"]
+
+_FIN_TEXT: Final = 0x81  # FIN bit + opcode 1 (text); server frames are never masked
+
+
+def websocket_text_frame(payload: bytes) -> bytes:
+    """One unmasked, unfragmented WebSocket text frame (RFC 6455 §5.2)."""
+    length = len(payload)
+    if length < 126:
+        header = struct.pack("!BB", _FIN_TEXT, length)
+    elif length < 1 << 16:
+        header = struct.pack("!BBH", _FIN_TEXT, 126, length)
+    else:
+        header = struct.pack("!BBQ", _FIN_TEXT, 127, length)
+    return header + payload
+
+
+class OutFrame:
+    """One server frame: its JSON, and lazily its WebSocket and SSE framings."""
+
+    __slots__ = ("_sse", "_ws", "event_id", "json")
+
+    def __init__(self, json: bytes, event_id: str | None = None) -> None:
+        self.json = json
+        #: The message id, sent as the SSE ``id:`` field where there is one.
+        self.event_id = event_id
+        self._ws: bytes | None = None
+        self._sse: bytes | None = None
+
+    @classmethod
+    def of(cls, frame: ServerFrame, event_id: str | None = None) -> OutFrame:
+        return cls(encode(frame), event_id)
+
+    @property
+    def ws(self) -> bytes:
+        if self._ws is None:
+            self._ws = websocket_text_frame(self.json)
+        return self._ws
+
+    @property
+    def sse(self) -> bytes:
+        if self._sse is None:
+            # JSON from msgspec never contains a raw newline, so one data line.
+            head = b"id: " + self.event_id.encode() + b"\n" if self.event_id else b""
+            self._sse = head + b"data: " + self.json + b"\n\n"
+        return self._sse
+
+    def __repr__(self) -> str:
+        return f"OutFrame({self.json[:60]!r})"

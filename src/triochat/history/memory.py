@@ -1,0 +1,43 @@
+"""History that lives only in the process (``--memory``); also the test fake."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+
+from ..errors import StorageError
+from ..protocol import Message
+from . import Snapshot
+
+__all__ = ["MemoryHistory"]
+
+
+class MemoryHistory:
+    """Keeps the newest ``history_size`` messages per room in memory.
+
+    A new epoch per instance: after a restart no old id is known, and none is
+    reused. ``fail_with`` makes every `append` fail (fault injection).
+    """
+
+    def __init__(self, history_size: int) -> None:
+        self._size = history_size
+        self._epoch = secrets.token_hex(4)
+        self._rooms: dict[str, list[Message]] = {}
+        #: Set to a message to make `append` raise StorageError (tests).
+        self.fail_with: str | None = None
+
+    async def load(self) -> Snapshot:
+        rooms = {room: list(messages) for room, messages in self._rooms.items()}
+        return Snapshot(epoch=self._epoch, next_seq=1, rooms=rooms)
+
+    async def append(self, batch: Sequence[Message]) -> None:
+        if self.fail_with is not None:
+            raise StorageError(self.fail_with)
+        for message in batch:
+            kept = self._rooms.setdefault(message.room, [])
+            kept.append(message)
+            if len(kept) > self._size:
+                del kept[: -self._size]
+
+    async def aclose(self) -> None:
+        pass

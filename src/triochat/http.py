@@ -1,0 +1,340 @@
+"""The HTTP front: one port for the page, health, metrics and chat upgrades.
+
+It reads one request head with h11 (bounded in size and time), then either
+answers it (page, assets, health, metrics, errors) or, for a vetted
+WebSocket upgrade, hands the socket to the chat side together with the bytes
+already read. Rules:
+
+1. Every request gets a status; a malformed one 400 (431 for huge headers),
+   a slow one 408. The connection is never left hanging: the whole head must
+   arrive within ``handshake_timeout``.
+2. An upgrade is vetted before any chat state is touched: path (404),
+   method (405), headers (400/426), Origin (403), draining (503), per-IP
+   limit (429).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.resources
+import logging
+import mimetypes
+from collections.abc import Callable
+from typing import Final, Protocol
+
+import h11
+import trio
+
+from .config import Config
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import Stats
+
+__all__ = ["FrontContext", "StaticFiles", "handle_http"]
+
+LOGGER = logging.getLogger("triochat.http")
+
+RECEIVE_BYTES: Final = 16384
+MAX_BODY_BYTES: Final = 65536  # a body we must read past before the next request
+GET_HEAD: Final = "GET, HEAD"
+PAGE_CSP: Final = (
+    "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; "
+    "style-src 'self'; script-src 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+REASONS: Final = {
+    200: b"OK",
+    400: b"Bad Request",
+    403: b"Forbidden",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    426: b"Upgrade Required",
+    429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
+    503: b"Service Unavailable",
+}
+
+
+class FrontContext(Protocol):
+    """What the front needs of the server."""
+
+    config: Config
+    stats: Stats
+
+    @property
+    def draining(self) -> bool: ...
+
+    def ready(self) -> bool: ...
+
+    def metrics(self) -> bytes: ...
+
+    def take_ip_slot(self, ip: str) -> bool:
+        """Count one more chat connection from ``ip``; False when over the limit."""
+        ...
+
+    def release_ip_slot(self, ip: str) -> None: ...
+
+    async def serve_websocket(self, stream: trio.abc.Stream, prefix: bytes, path: str) -> None:
+        """Run a vetted WebSocket connection to its end."""
+        ...
+
+
+class StaticFiles:
+    """The page's files, read once at start-up (no listings, no paths)."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, tuple[bytes, str]] = {}
+        root = importlib.resources.files("triochat.static")
+        for entry in root.iterdir():
+            name = entry.name
+            if entry.is_file() and not name.startswith((".", "_")) and name != "__init__.py":
+                kind = mimetypes.guess_type(name)[0] or "application/octet-stream"
+                if kind.startswith("text/") or kind == "application/javascript":
+                    kind += "; charset=utf-8"
+                self.files[name] = (entry.read_bytes(), kind)
+
+
+class _Request:
+    __slots__ = ("headers", "method", "path", "target")
+
+    def __init__(self, event: h11.Request) -> None:
+        self.method = event.method.decode("ascii", "replace")
+        self.target = event.target
+        self.path = event.target.split(b"?", 1)[0].decode("ascii", "replace")
+        self.headers: dict[str, str] = {}
+        for name, value in event.headers:
+            key = name.decode("ascii", "replace")
+            text = value.decode("latin-1")
+            # Repeated headers are joined, as RFC 9110 §5.3 allows.
+            self.headers[key] = f"{self.headers[key]}, {text}" if key in self.headers else text
+
+
+def _peer_ip(stream: trio.abc.Stream) -> str:
+    socket = getattr(stream, "socket", None)
+    if socket is None:
+        return "?"
+    try:
+        address = socket.getpeername()
+    except OSError:
+        return "?"
+    return str(address[0]) if isinstance(address, tuple) else str(address)
+
+
+async def handle_http(stream: trio.abc.Stream, ctx: FrontContext, static: StaticFiles) -> None:
+    """Serve one accepted connection: requests until it closes or upgrades.
+
+    Resource handling: the caller closes ``stream`` afterwards.
+    """
+    config = ctx.config
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=config.max_header_bytes)
+    while True:
+        try:
+            with trio.fail_after(config.handshake_timeout):
+                event = await _next_event(conn, stream)
+        except trio.TooSlowError:
+            if conn.their_state is h11.SEND_BODY or conn.trailing_data[0]:
+                await _send_raw(stream, 408, "the request took too long")
+            return
+        except h11.RemoteProtocolError as exc:
+            await _send_raw(stream, exc.error_status_hint, "malformed request")
+            return
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        if not isinstance(event, h11.Request):
+            return  # the client closed the connection
+        request = _Request(event)
+        ctx.stats.http_requests += 1
+        if "websocket" in request.headers.get("upgrade", "").lower():
+            await _upgrade(stream, conn, request, ctx)
+            return
+        if not await _respond(stream, conn, request, ctx, static):
+            return
+        if not await _finish_request(stream, conn):
+            return
+        try:
+            conn.start_next_cycle()
+        except h11.LocalProtocolError:
+            return
+
+
+async def _next_event(
+    conn: h11.Connection, stream: trio.abc.Stream
+) -> h11.Event | type[h11.PAUSED]:
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            data = await stream.receive_some(RECEIVE_BYTES)
+            conn.receive_data(bytes(data))  # b"" means the peer closed
+            continue
+        return event  # type: ignore[return-value]
+
+
+async def _finish_request(stream: trio.abc.Stream, conn: h11.Connection) -> bool:
+    """Read past a request body (bounded) so the connection can be reused."""
+    received = 0
+    while conn.their_state is h11.SEND_BODY:
+        event = await _next_event(conn, stream)
+        if isinstance(event, h11.Data):
+            received += len(event.data)
+            if received > MAX_BODY_BYTES:
+                return False
+        elif not isinstance(event, h11.EndOfMessage):
+            return False
+    return conn.our_state is h11.DONE and conn.their_state is h11.DONE
+
+
+async def _respond(
+    stream: trio.abc.Stream,
+    conn: h11.Connection,
+    request: _Request,
+    ctx: FrontContext,
+    static: StaticFiles,
+) -> bool:
+    """Answer a plain request; False when the connection must close."""
+    route = _route(request.path, ctx, static)
+    if route is None:
+        return await _send(stream, conn, request, 404, b"not found\n")
+    if request.method not in ("GET", "HEAD"):
+        return await _send(stream, conn, request, 405, b"method not allowed\n", allow=GET_HEAD)
+    status, body, content_type, extra = route()
+    return await _send(stream, conn, request, status, body, content_type=content_type, extra=extra)
+
+
+_Route = Callable[[], tuple[int, bytes, str, list[tuple[str, str]]]]
+
+
+def _route(path: str, ctx: FrontContext, static: StaticFiles) -> _Route | None:
+    text = "text/plain; charset=utf-8"
+    if path == "/" and "index.html" in static.files:
+        body, kind = static.files["index.html"]
+        return lambda: (200, body, kind, [("content-security-policy", PAGE_CSP)])
+    if path.startswith("/static/"):
+        found = static.files.get(path[len("/static/") :])
+        if found is None:
+            return None
+        body, kind = found
+        return lambda: (200, body, kind, [])
+    if path == "/healthz":
+        return lambda: (200, b"ok\n", text, [])
+    if path == "/readyz":
+        return lambda: (
+            (200, b"ready\n", text, []) if ctx.ready() else (503, b"not ready\n", text, [])
+        )
+    if path == "/metrics":
+        return lambda: (200, ctx.metrics(), METRICS_CONTENT_TYPE, [])
+    if path == "/ws":
+        return lambda: (
+            426,
+            b"this endpoint needs a WebSocket upgrade\n",
+            text,
+            [("upgrade", "websocket")],
+        )
+    return None
+
+
+async def _send(
+    stream: trio.abc.Stream,
+    conn: h11.Connection,
+    request: _Request,
+    status: int,
+    body: bytes,
+    *,
+    content_type: str = "text/plain; charset=utf-8",
+    allow: str | None = None,
+    extra: list[tuple[str, str]] | None = None,
+) -> bool:
+    headers = [
+        ("content-type", content_type),
+        ("content-length", str(len(body))),
+        ("cache-control", "no-cache"),
+        ("x-content-type-options", "nosniff"),
+        ("referrer-policy", "no-referrer"),
+    ]
+    if allow is not None:
+        headers.append(("allow", allow))
+    headers.extend(extra or [])
+    try:
+        data = conn.send(
+            h11.Response(status_code=status, headers=headers, reason=REASONS.get(status, b""))
+        )
+        if request.method != "HEAD":
+            data = (data or b"") + (conn.send(h11.Data(data=body)) or b"")
+        data = (data or b"") + (conn.send(h11.EndOfMessage()) or b"")
+        await stream.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
+        return False
+    return True
+
+
+async def _send_raw(
+    stream: trio.abc.Stream, status: int, message: str, *, extra: str = ""
+) -> None:
+    """A complete response written without h11, then the connection closes."""
+    body = (message + "\n").encode()
+    head = (
+        f"HTTP/1.1 {status} {REASONS.get(status, b'').decode()}\r\n"
+        f"content-type: text/plain; charset=utf-8\r\ncontent-length: {len(body)}\r\n"
+        f"connection: close\r\n{extra}\r\n"
+    ).encode()
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        await stream.send_all(head + body)
+
+
+def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...]) -> bool:
+    """PROTOCOL.md §1: no Origin, the request's own host, or an allowed origin."""
+    if origin is None:
+        return True
+    origin = origin.strip().lower()
+    allowed_lower = {entry.lower() for entry in allowed}
+    if origin == "null":
+        return "null" in allowed_lower
+    if "*" in allowed_lower or origin in allowed_lower:
+        return True
+    if host is None:
+        return False
+    host = host.strip().lower()
+    return origin in (f"http://{host}", f"https://{host}")
+
+
+async def _upgrade(
+    stream: trio.abc.Stream, conn: h11.Connection, request: _Request, ctx: FrontContext
+) -> None:
+    headers = request.headers
+    if request.path not in ("/ws", "/"):
+        await _send_raw(stream, 404, "no WebSocket endpoint here")
+        return
+    if request.method != "GET":
+        await _send_raw(stream, 405, "a WebSocket upgrade is a GET", extra="allow: GET\r\n")
+        return
+    if "upgrade" not in headers.get("connection", "").lower() or not headers.get(
+        "sec-websocket-key"
+    ):
+        await _send_raw(stream, 400, "incomplete WebSocket handshake")
+        return
+    if headers.get("sec-websocket-version", "").strip() != "13":
+        await _send_raw(
+            stream, 426, "WebSocket version 13 only", extra="sec-websocket-version: 13\r\n"
+        )
+        return
+    if not origin_allowed(headers.get("origin"), headers.get("host"), ctx.config.allow_origins):
+        await _send_raw(stream, 403, "origin not allowed")
+        return
+    if ctx.draining:
+        await _send_raw(stream, 503, "the server is shutting down")
+        return
+    ip = _peer_ip(stream)
+    if not ctx.take_ip_slot(ip):
+        await _send_raw(stream, 429, "too many connections from your address")
+        return
+    try:
+        await ctx.serve_websocket(stream, _replay_bytes(conn, request), request.path)
+    finally:
+        ctx.release_ip_slot(ip)
+
+
+def _replay_bytes(conn: h11.Connection, request: _Request) -> bytes:
+    """The request head as received (for wsproto to parse again) plus what followed."""
+    lines = [request.method.encode() + b" " + request.target + b" HTTP/1.1"]
+    for name, value in request.headers.items():
+        lines.append(name.encode() + b": " + value.encode("latin-1"))
+    return b"\r\n".join(lines) + b"\r\n\r\n" + conn.trailing_data[0]

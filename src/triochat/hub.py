@@ -1,0 +1,190 @@
+"""The hub: the one task that applies client frames to the chat state.
+
+::
+
+    Hub.run                    hub nursery
+    ├── _dispatch_loop         inbound channel -> ChatState (frames, grace timers)
+    └── _store_loop            says -> History.append -> ChatState.commit (broadcast + ack)
+
+Rules:
+
+1. The hub never awaits a client: frames leave through ``Peer.deliver``,
+   which queues without waiting (and closes a full connection with 1013).
+2. Connections register and unregister with sync calls (`connect`,
+   `disconnect`), so a cancelled connection can't tear the state; their
+   frames come through the bounded inbound channel, in order.
+3. A message is broadcast and acked only after `History.append` returned:
+   nothing acked is ever lost, and every member sees the commit order.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Final
+
+import trio
+
+from .chat import ChatState, Client, Peer, PendingSay
+from .config import Config
+from .errors import ClientProtocolError, StorageError
+from .history import History
+from .metrics import Stats
+from .protocol import ClientFrame
+from .ratelimit import RateLimiter
+
+__all__ = ["Hub"]
+
+LOGGER = logging.getLogger("triochat.hub")
+
+STORE_QUEUE: Final = 4096  # says accepted but not yet stored; full = `unavailable`
+STORE_BATCH: Final = 512  # most says per History.append (one transaction)
+
+Inbound = tuple[Client, ClientFrame | ClientProtocolError]
+
+
+class Hub:
+    """Owns the chat state; see the module docstring for its tasks."""
+
+    def __init__(self, config: Config, history: History, stats: Stats) -> None:
+        self._config = config
+        self._history = history
+        self._stats = stats
+        self._inbound_send, self._inbound_recv = trio.open_memory_channel[Inbound](
+            config.inbound_buffer
+        )
+        self._store_send, self._store_recv = trio.open_memory_channel[PendingSay](STORE_QUEUE)
+        self._chat: ChatState | None = None
+        self._wait_scope: trio.CancelScope | None = None
+        self._storage_down = False
+
+    @property
+    def chat(self) -> ChatState:
+        """The chat state (available once `run` has started)."""
+        if self._chat is None:
+            raise RuntimeError("the hub is not running")
+        return self._chat
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Load history, then dispatch until `stop`; flushes the store on the way out.
+
+        Raises:
+            StorageError: the history could not be opened.
+        """
+        config = self._config
+        snapshot = await self._history.load()
+        self._chat = ChatState(
+            epoch=snapshot.epoch,
+            next_seq=snapshot.next_seq,
+            history=snapshot.rooms,
+            history_size=config.history_size,
+            max_rooms=config.max_rooms,
+            presence_grace=config.presence_grace,
+        )
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._store_loop)
+                task_status.started()
+                await self._dispatch_loop()
+                self._store_send.close()  # the store loop flushes, then ends
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._history.aclose()
+
+    def stop(self) -> None:
+        """End `run` once the frames already queued are applied and stored."""
+        self._inbound_send.close()
+
+    # --- called by connections (sync: never checkpoints) ----------------------
+
+    def connect(self, peer: Peer, *, listener: bool) -> Client:
+        """Register a connection; ``listener``: it hears lobby from the start."""
+        limiter = RateLimiter(self._config.rate, self._config.burst, trio.current_time())
+        client = Client(peer, limiter, listener=listener)
+        self.chat.connect(client)
+        return client
+
+    def disconnect(self, client: Client) -> None:
+        """Unregister a connection. Never awaits; safe to call from ``finally``."""
+        chat = self.chat
+        chat.disconnect(client, trio.current_time())
+        scope = self._wait_scope
+        if scope is not None and chat.next_deadline() < scope.deadline:
+            scope.deadline = chat.next_deadline()  # wake the dispatcher in time
+
+    async def submit(self, client: Client, item: ClientFrame | ClientProtocolError) -> None:
+        """Queue one frame (or its decoding error) for the hub; waits when full.
+
+        A flooding client waits here, which slows only its own reader.
+        """
+        await self._inbound_send.send((client, item))
+
+    # --- the tasks ---------------------------------------------------------------
+
+    async def _dispatch_loop(self) -> None:
+        chat = self.chat
+        receive = self._inbound_recv
+        while True:
+            with trio.move_on_at(chat.next_deadline()) as scope:
+                self._wait_scope = scope
+                try:
+                    item: Inbound | None = await receive.receive()
+                except trio.EndOfChannel:
+                    return
+            self._wait_scope = None
+            if scope.cancelled_caught:
+                item = None
+            now = trio.current_time()
+            wall_ms = time.time_ns() // 1_000_000
+            # Apply everything already queued before the next checkpoint.
+            while item is not None:
+                self._apply(chat, item, now, wall_ms)
+                try:
+                    item = receive.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    item = None
+            chat.expire(now)
+            self._queue_says(chat)
+
+    def _apply(self, chat: ChatState, item: Inbound, now: float, wall_ms: int) -> None:
+        client, frame = item
+        if isinstance(frame, ClientProtocolError):
+            chat.refuse(client, frame.code, frame.message, frame.ref)
+        else:
+            chat.handle(client, frame, now, wall_ms)
+
+    def _queue_says(self, chat: ChatState) -> None:
+        if not chat.to_store:
+            return
+        pending, chat.to_store = chat.to_store, []
+        for index, say in enumerate(pending):
+            try:
+                self._store_send.send_nowait(say)
+            except trio.WouldBlock:
+                chat.store_failed(pending[index:], "the server is busy: try again")
+                return
+
+    async def _store_loop(self) -> None:
+        chat = self.chat
+        receive = self._store_recv
+        async for first in receive:
+            batch = [first]
+            while len(batch) < STORE_BATCH:
+                try:
+                    batch.append(receive.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            try:
+                await self._history.append([say.message for say in batch])
+            except StorageError as exc:
+                self._stats.storage_failures += 1
+                if not self._storage_down:  # log once per outage, not per batch
+                    LOGGER.warning("history unavailable: %s", exc)
+                    self._storage_down = True
+                chat.store_failed(batch, "the message could not be stored: try again")
+                continue
+            if self._storage_down:
+                LOGGER.warning("history available again")
+                self._storage_down = False
+            self._stats.messages_stored += len(batch)
+            chat.commit(batch)

@@ -1,0 +1,63 @@
+"""One connection's bounded outbound queue.
+
+The hub puts without ever waiting (`put_nowait` returns False when full, and
+the connection then closes itself as a slow consumer); the writer takes
+everything queued at once and sends it with one write. A deque plus a
+`ParkingLot` costs less per delivery than a memory channel, and the bound
+is the same: ``capacity`` frames.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import trio
+
+from .frames import OutFrame
+
+__all__ = ["Outbox"]
+
+
+class Outbox:
+    """At most ``capacity`` frames, taken by one writer task."""
+
+    __slots__ = ("_capacity", "_frames", "_lot", "_woken")
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._frames: collections.deque[OutFrame] = collections.deque()
+        self._lot = trio.lowlevel.ParkingLot()
+        self._woken = False
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    def put_nowait(self, frame: OutFrame) -> bool:
+        """Queue ``frame``; False (and nothing queued) when the outbox is full."""
+        frames = self._frames
+        if len(frames) >= self._capacity:
+            return False
+        frames.append(frame)
+        if len(frames) == 1 and self._lot:
+            self._lot.unpark_all()
+        return True
+
+    def wake(self) -> None:
+        """Make a waiting `wait` return even with nothing queued."""
+        self._woken = True
+        self._lot.unpark_all()
+
+    async def wait(self) -> None:
+        """Return once a frame is queued or `wake` was called."""
+        while not self._frames and not self._woken:
+            await self._lot.park()
+        self._woken = False
+
+    def take_all(self) -> list[OutFrame]:
+        """Every queued frame, oldest first; the outbox is then empty."""
+        frames = list(self._frames)
+        self._frames.clear()
+        return frames
+
+    def clear(self) -> None:
+        self._frames.clear()

@@ -1,0 +1,350 @@
+"""The wire protocol (PROTOCOL.md §2-4), sans-I/O: frames in, frames out.
+
+Rules of this module:
+
+1. It never imports trio and never does I/O; a test asserts it.
+2. ``decode_client_frame`` either returns a structurally valid frame or raises
+   `ClientProtocolError` with the documented error code. Any other exception
+   out of it is a bug.
+3. Checks that need no state run here (JSON, shape, types, empty `msg`, `ref`,
+   `limit`, `msg` length: the `bad_frame` and `too_long` steps of §2). The
+   later steps (`bad_name`, `bad_room`, rate, state) need the connection's
+   state and run in `chat.py`, in the order §2 gives.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import unicodedata
+from typing import Final, Literal
+
+import msgspec
+
+from .errors import ClientProtocolError
+
+__all__ = [
+    "MAX_HISTORY_LIMIT",
+    "MAX_NAME_CHARS",
+    "MAX_REF_CHARS",
+    "ClassicFrame",
+    "ClientFrame",
+    "CloseCode",
+    "ErrorCode",
+    "ErrorFrame",
+    "HistoryFrame",
+    "HistoryRequest",
+    "Join",
+    "JoinedFrame",
+    "Leave",
+    "LeftFrame",
+    "Message",
+    "PresenceFrame",
+    "Say",
+    "Typing",
+    "TypingFrame",
+    "Whisper",
+    "WhisperFrame",
+    "decode_client_frame",
+    "encode",
+    "is_valid_room",
+    "make_id",
+    "normalize_name",
+    "seq_of",
+]
+
+MAX_NAME_CHARS: Final = 32  # code points, after trimming
+MAX_REF_CHARS: Final = 64
+MAX_ROOM_CHARS: Final = 64
+DEFAULT_HISTORY_LIMIT: Final = 50
+MAX_HISTORY_LIMIT: Final = 200
+ROOM_PATTERN: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+# Unicode categories a name may not contain: control, format, line/paragraph separators.
+FORBIDDEN_NAME_CATEGORIES: Final = frozenset({"Cc", "Cf", "Zl", "Zp"})
+
+
+class CloseCode(enum.IntEnum):
+    """Every WebSocket close code PROTOCOL.md §6 names."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    UNSUPPORTED_DATA = 1003  # a binary frame
+    POLICY_VIOLATION = 1008  # abuse (rate-limit drops)
+    MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+    TRY_AGAIN_LATER = 1013  # slow consumer
+    REPLACED = 4001  # taken over with the resume token
+
+
+class ErrorCode(enum.StrEnum):
+    """Every `error.code` of PROTOCOL.md §4."""
+
+    BAD_JSON = "bad_json"
+    BAD_FRAME = "bad_frame"
+    NOT_JOINED = "not_joined"
+    NAME_TAKEN = "name_taken"
+    BAD_NAME = "bad_name"
+    BAD_ROOM = "bad_room"
+    NO_SUCH_USER = "no_such_user"
+    RATE_LIMITED = "rate_limited"
+    TOO_LONG = "too_long"
+    UNAVAILABLE = "unavailable"
+    INTERNAL = "internal"
+
+
+# --- client -> server ------------------------------------------------------
+# Unknown fields are ignored (forward compatibility); missing or wrongly typed
+# ones are `bad_frame`.
+
+
+class Join(msgspec.Struct, frozen=True, tag="join", tag_field="type"):
+    room: str
+    name: str | None = None
+    since: str | None = None
+    token: str | None = None
+    ref: str | None = None
+
+
+class Say(msgspec.Struct, frozen=True, tag="say", tag_field="type"):
+    room: str
+    msg: str
+    ref: str | None = None
+
+
+class Leave(msgspec.Struct, frozen=True, tag="leave", tag_field="type"):
+    room: str
+    ref: str | None = None
+
+
+class Typing(msgspec.Struct, frozen=True, tag="typing", tag_field="type"):
+    room: str
+    ref: str | None = None
+
+
+class Whisper(msgspec.Struct, frozen=True, tag="whisper", tag_field="type"):
+    to: str
+    msg: str
+    ref: str | None = None
+
+
+class HistoryRequest(msgspec.Struct, frozen=True, tag="history", tag_field="type"):
+    room: str
+    before: str | None = None
+    limit: int = DEFAULT_HISTORY_LIMIT
+    ref: str | None = None
+
+
+class ClassicFrame(msgspec.Struct, frozen=True):
+    """The 2012 page's frame: ``{"name": …, "msg": …}`` with no ``type``."""
+
+    name: str
+    msg: str
+    ref: str | None = None
+
+
+ClientFrame = Join | Say | Leave | Typing | Whisper | HistoryRequest | ClassicFrame
+
+_typed_decoder: Final = msgspec.json.Decoder(
+    Join | Say | Leave | Typing | Whisper | HistoryRequest
+)
+_classic_decoder: Final = msgspec.json.Decoder(ClassicFrame)
+_any_decoder: Final = msgspec.json.Decoder()
+
+
+def _ref_of(obj: object) -> str | None:
+    """The `ref` to echo from an undecodable frame, if it has a usable one."""
+    if isinstance(obj, dict):
+        ref = obj.get("ref")
+        if isinstance(ref, str) and 1 <= len(ref) <= MAX_REF_CHARS:
+            return ref
+    return None
+
+
+def decode_client_frame(text: str | bytes, *, max_msg_chars: int) -> ClientFrame:
+    """Decode one client text frame and run the stateless checks of §2.
+
+    Args:
+        text: the frame's payload.
+        max_msg_chars: the configured `msg` limit (`too_long` above it).
+
+    Returns:
+        A typed frame, or a `ClassicFrame` for a frame without ``type``.
+
+    Raises:
+        ClientProtocolError: `bad_json`, `bad_frame` or `too_long`. Anything
+            else is a bug.
+    """
+    try:
+        frame: ClientFrame = _typed_decoder.decode(text)
+    except msgspec.ValidationError as exc:
+        frame = _decode_untyped(text, exc)
+    except msgspec.DecodeError:
+        raise ClientProtocolError(ErrorCode.BAD_JSON, "frame is not valid JSON") from None
+    _check_fields(frame, max_msg_chars)
+    return frame
+
+
+def _decode_untyped(text: str | bytes, exc: msgspec.ValidationError) -> ClientFrame:
+    """Second chance for a frame the typed union refused: maybe a classic one."""
+    obj = _any_decoder.decode(text)  # valid JSON: the typed decode got that far
+    ref = _ref_of(obj)
+    if not isinstance(obj, dict):
+        raise ClientProtocolError(ErrorCode.BAD_FRAME, "a frame must be a JSON object", ref)
+    if "type" in obj:
+        raise ClientProtocolError(ErrorCode.BAD_FRAME, f"bad frame: {exc}", ref)
+    if "name" not in obj or "msg" not in obj:
+        raise ClientProtocolError(ErrorCode.BAD_FRAME, "frame has no `type`", ref)
+    try:
+        return _classic_decoder.decode(text)
+    except msgspec.ValidationError as classic_exc:
+        raise ClientProtocolError(ErrorCode.BAD_FRAME, f"bad frame: {classic_exc}", ref) from None
+
+
+def _check_fields(frame: ClientFrame, max_msg_chars: int) -> None:
+    ref = frame.ref
+    if ref is not None and not 1 <= len(ref) <= MAX_REF_CHARS:
+        raise ClientProtocolError(
+            ErrorCode.BAD_FRAME, f"`ref` must be 1-{MAX_REF_CHARS} characters"
+        )
+    if isinstance(frame, HistoryRequest) and not 1 <= frame.limit <= MAX_HISTORY_LIMIT:
+        raise ClientProtocolError(
+            ErrorCode.BAD_FRAME, f"`limit` must be 1-{MAX_HISTORY_LIMIT}", ref
+        )
+    if isinstance(frame, Say | Whisper | ClassicFrame):
+        if not frame.msg:
+            raise ClientProtocolError(ErrorCode.BAD_FRAME, "`msg` must not be empty", ref)
+        if len(frame.msg) > max_msg_chars:
+            raise ClientProtocolError(
+                ErrorCode.TOO_LONG, f"`msg` is longer than {max_msg_chars} characters", ref
+            )
+
+
+def normalize_name(name: str) -> str | None:
+    """The name to bind for a requested one, or None if it is not a valid name.
+
+    Trims leading and trailing Unicode white space; 1-32 code points; no
+    control, format or separator characters (which hide look-alike spoofs).
+    """
+    trimmed = name.strip()
+    if not 1 <= len(trimmed) <= MAX_NAME_CHARS:
+        return None
+    for char in trimmed:
+        if unicodedata.category(char) in FORBIDDEN_NAME_CATEGORIES:
+            return None
+    return trimmed
+
+
+def is_valid_room(room: str) -> bool:
+    """True when ``room`` matches ``[a-z0-9][a-z0-9_-]{0,63}``."""
+    return ROOM_PATTERN.fullmatch(room) is not None
+
+
+# --- message ids ----------------------------------------------------------
+# Opaque to clients. The server's own format: "<epoch>-<seq>", where the epoch
+# names one history store's lifetime and seq grows by one per message.
+
+
+def make_id(epoch: str, seq: int) -> str:
+    """The message id for sequence number ``seq`` of a store's ``epoch``."""
+    return f"{epoch}-{seq}"
+
+
+def seq_of(epoch: str, message_id: str) -> int | None:
+    """The sequence number inside one of ``epoch``'s ids; None for any other id."""
+    head, _, digits = message_id.rpartition("-")
+    if head != epoch or not digits.isdigit() or not digits.isascii():
+        return None
+    return int(digits)
+
+
+# --- server -> client ------------------------------------------------------
+# omit_defaults drops a None `ref`, so frames carry only what §4 shows.
+
+
+class Message(msgspec.Struct, frozen=True, tag="message", tag_field="type"):
+    room: str
+    id: str
+    name: str
+    msg: str
+    ts: int
+
+
+class JoinedFrame(msgspec.Struct, frozen=True, tag="joined", tag_field="type", omit_defaults=True):
+    room: str
+    name: str
+    token: str
+    members: list[str]
+    history: list[Message]
+    recovered: bool
+    ref: str | None = None
+
+
+class AckFrame(msgspec.Struct, frozen=True, tag="ack", tag_field="type"):
+    ref: str
+    id: str
+
+
+class PresenceFrame(msgspec.Struct, frozen=True, tag="presence", tag_field="type"):
+    room: str
+    event: Literal["join", "leave"]
+    name: str
+
+
+class TypingFrame(msgspec.Struct, frozen=True, tag="typing", tag_field="type"):
+    room: str
+    name: str
+
+
+class WhisperFrame(
+    msgspec.Struct, frozen=True, tag="whisper", tag_field="type", rename={"from_": "from"}
+):
+    id: str
+    from_: str
+    to: str
+    name: str
+    msg: str
+    ts: int
+
+
+class LeftFrame(msgspec.Struct, frozen=True, tag="left", tag_field="type", omit_defaults=True):
+    room: str
+    ref: str | None = None
+
+
+class HistoryFrame(
+    msgspec.Struct, frozen=True, tag="history", tag_field="type", omit_defaults=True
+):
+    room: str
+    messages: list[Message]
+    more: bool
+    ref: str | None = None
+
+
+class ErrorFrame(msgspec.Struct, frozen=True, tag="error", tag_field="type", omit_defaults=True):
+    """An `error`; a classic connection's copy also has ``name`` and ``msg``."""
+
+    code: str
+    message: str
+    ref: str | None = None
+    name: str | None = None
+    msg: str | None = None
+
+
+ServerFrame = (
+    Message
+    | JoinedFrame
+    | AckFrame
+    | PresenceFrame
+    | TypingFrame
+    | WhisperFrame
+    | LeftFrame
+    | HistoryFrame
+    | ErrorFrame
+)
+
+_encoder: Final = msgspec.json.Encoder()
+
+
+def encode(frame: ServerFrame) -> bytes:
+    """The UTF-8 JSON of one server frame."""
+    return _encoder.encode(frame)

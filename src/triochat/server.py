@@ -1,0 +1,280 @@
+"""`Server`: the nursery tree that ties the front, the hub and connections.
+
+::
+
+    Server.run                     root nursery
+    ├── Hub.run                    the broadcaster and its store loop
+    └── handler nursery            cancelled last, after the drain
+        ├── _accept_loop           one per listener; EMFILE backs off
+        └── _handle_stream         one per TCP connection: HTTP, or a chat
+            └── connection nursery (trio-websocket's reader + Connection.run)
+
+Shutdown (`drain`): /readyz turns 503 and new chats get 503; every chat
+connection flushes what is queued for it and closes with 1001, bounded by
+``drain_timeout``; then the hub stores what it holds, history closes, the
+listeners close, and `run` returns.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import signal
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
+from typing import Final
+
+import trio
+
+from .config import Config
+from .connection import Connection, TransportClosed
+from .history import History
+from .history.memory import MemoryHistory
+from .history.sqlite import SqliteHistory
+from .http import StaticFiles, handle_http
+from .hub import Hub
+from .metrics import Stats, render_metrics
+from .protocol import CloseCode
+from .transports.websocket import ReplayStream, accept_websocket
+
+__all__ = ["Server", "serve", "serve_until_signalled"]
+
+LOGGER = logging.getLogger("triochat.server")
+
+# accept() errors that mean "out of resources for now": back off, don't die.
+RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+ACCEPT_BACKOFF: Final = (0.05, 1.0)  # seconds: first and longest pause
+
+
+class Server:
+    """One triochat server. Start it with ``await nursery.start(server.run)``."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        history: History | None = None,
+        listeners: Sequence[trio.abc.Listener[trio.abc.Stream]] | None = None,
+    ) -> None:
+        self.config = config
+        self.stats = Stats()
+        if history is None:
+            history = (
+                MemoryHistory(config.history_size)
+                if config.memory
+                else SqliteHistory(config.data_dir, config.history_size)
+            )
+        self.hub = Hub(config, history, self.stats)
+        self._given_listeners = listeners
+        self.listeners: list[trio.abc.Listener[trio.abc.Stream]] = []
+        self.connections: set[Connection] = set()
+        self._per_ip: Counter[str] = Counter()
+        self._draining = False
+        self._drain_requested = trio.Event()
+        self._chats_closed = trio.Event()
+        self._static = StaticFiles()
+
+    # --- FrontContext ------------------------------------------------------------
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def ready(self) -> bool:
+        return not self._draining
+
+    def metrics(self) -> bytes:
+        gauges = {
+            "connections": lambda: float(len(self.connections)),
+            "rooms": lambda: float(len(self.hub.chat.rooms)),
+            "users": lambda: float(len(self.hub.chat.users)),
+            "draining": lambda: float(self._draining),
+        }
+        return render_metrics(self.stats, gauges)
+
+    def take_ip_slot(self, ip: str) -> bool:
+        limit = self.config.max_conns_per_ip
+        if limit and self._per_ip[ip] >= limit:
+            return False
+        self._per_ip[ip] += 1
+        return True
+
+    def release_ip_slot(self, ip: str) -> None:
+        self._per_ip[ip] -= 1
+        if self._per_ip[ip] <= 0:
+            del self._per_ip[ip]
+
+    @property
+    def port(self) -> int:
+        """The first listener's port (useful with ``port=0``)."""
+        socket = getattr(self.listeners[0], "socket", None)
+        if socket is None:
+            raise RuntimeError("the first listener has no socket")
+        return int(socket.getsockname()[1])
+
+    # --- lifecycle -------------------------------------------------------------
+
+    def drain(self) -> None:
+        """Start the graceful shutdown described in the module docstring."""
+        self._drain_requested.set()
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve until drained. ``task_status.started(self)`` once listening.
+
+        Raises:
+            StorageError: the history could not be opened.
+            OSError: the port could not be bound.
+        """
+        config = self.config
+        async with trio.open_nursery() as root:
+            await root.start(self.hub.run)
+            if self._given_listeners is not None:
+                self.listeners = list(self._given_listeners)
+            else:
+                self.listeners = list(await trio.open_tcp_listeners(config.port, host=config.host))
+            try:
+                async with trio.open_nursery() as handlers:
+                    for listener in self.listeners:
+                        handlers.start_soon(self._accept_loop, listener, handlers)
+                    for address in self._addresses():
+                        LOGGER.info("listening on http://%s", address)
+                    task_status.started(self)
+                    await self._drain_requested.wait()
+                    await self._drain()
+                    handlers.cancel_scope.cancel()
+            finally:
+                with trio.CancelScope(shield=True):
+                    for listener in self.listeners:
+                        await trio.aclose_forcefully(listener)
+                self.hub.stop()
+        LOGGER.info("stopped")
+
+    def _addresses(self) -> list[str]:
+        found = []
+        for listener in self.listeners:
+            socket = getattr(listener, "socket", None)
+            if socket is None:
+                continue
+            host, port = socket.getsockname()[:2]
+            found.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        return found
+
+    async def _drain(self) -> None:
+        LOGGER.info("draining %d connections", len(self.connections))
+        self._draining = True
+        for connection in list(self.connections):
+            connection.close_soon(CloseCode.GOING_AWAY, "going away", flush=True)
+        with trio.move_on_after(self.config.drain_timeout):
+            if self.connections:
+                await self._chats_closed.wait()
+
+    async def _accept_loop(
+        self, listener: trio.abc.Listener[trio.abc.Stream], nursery: trio.Nursery
+    ) -> None:
+        backoff = 0.0
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in RESOURCE_ERRNOS:
+                    raise
+                if not backoff:
+                    LOGGER.warning("accept failed (%s); backing off", errno.errorcode[exc.errno])
+                backoff = min(max(backoff * 2, ACCEPT_BACKOFF[0]), ACCEPT_BACKOFF[1])
+                await trio.sleep(backoff)
+                continue
+            if backoff:
+                LOGGER.warning("accepting connections again")
+                backoff = 0.0
+            nursery.start_soon(self._handle_stream, stream)
+
+    async def _handle_stream(self, stream: trio.abc.Stream) -> None:
+        try:
+            await handle_http(stream, self, self._static)
+        except Exception:
+            LOGGER.exception("bug in the HTTP front")
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def serve_websocket(self, stream: trio.abc.Stream, prefix: bytes, path: str) -> None:
+        """Run one chat connection over WebSocket (called by the front)."""
+        peer = _peer_name(stream)
+        started = trio.current_time()
+        replay = ReplayStream(stream, prefix)
+        async with trio.open_nursery() as nursery:  # owns trio-websocket's reader task
+            try:
+                transport = await accept_websocket(nursery, replay, self.config)
+            except TransportClosed as exc:
+                LOGGER.info("handshake from %s failed: %s", peer, exc.reason)
+                nursery.cancel_scope.cancel()
+                return
+            connection = Connection(
+                transport, self.hub, self.config, self.stats, listener=path == "/"
+            )
+            self.connections.add(connection)
+            self.stats.connections_opened += 1
+            LOGGER.info("open %s ws%s", peer, path)
+            if self._draining:
+                connection.close_soon(CloseCode.GOING_AWAY, "going away")
+            try:
+                await connection.run()
+            finally:
+                self.connections.discard(connection)
+                if self._draining and not self.connections:
+                    self._chats_closed.set()
+                code = connection.close_code
+                if code is not None:
+                    self.stats.closes_by_code[code] = self.stats.closes_by_code.get(code, 0) + 1
+                LOGGER.info(
+                    "close %s: %s (code %s) after %.1f s",
+                    peer,
+                    connection.end_reason,
+                    code if code is not None else "none",
+                    trio.current_time() - started,
+                )
+            nursery.cancel_scope.cancel()
+
+
+def _peer_name(stream: trio.abc.Stream) -> str:
+    socket = getattr(stream, "socket", None)
+    try:
+        address = socket.getpeername() if socket is not None else None
+    except OSError:
+        address = None
+    if isinstance(address, tuple):
+        host, port = address[:2]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return "unknown peer"
+
+
+async def serve(
+    config: Config, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Run a `Server` for ``config`` until it is drained."""
+    await Server(config).run(task_status=task_status)
+
+
+async def serve_until_signalled(config: Config) -> None:
+    """Run a server; SIGINT or SIGTERM drains it, a second one stops it at once."""
+    server = Server(config)
+    async with trio.open_nursery() as nursery:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            nursery.start_soon(_watch_signals, signals, server, nursery.cancel_scope)
+            await server.run()
+        nursery.cancel_scope.cancel()
+
+
+async def _watch_signals(
+    signals: AsyncIterator[int], server: Server, scope: trio.CancelScope
+) -> None:
+    count = 0
+    async for signum in signals:
+        count += 1
+        if count == 1:
+            LOGGER.info("%s: draining (again to stop now)", signal.Signals(signum).name)
+            server.drain()
+        else:
+            LOGGER.warning("%s again: stopping now", signal.Signals(signum).name)
+            scope.cancel()

@@ -1,0 +1,118 @@
+"""The WebSocket transport: trio-websocket behind the HTTP front.
+
+The front has already read the request head, so trio-websocket gets a
+`ReplayStream` that first returns those bytes. Every write to the socket,
+trio-websocket's (handshake, pongs, close) and the writer's pre-framed
+batches, goes through one lock in that stream, so frames never interleave.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
+
+from ..config import Config
+from ..connection import BinaryFrameError, TransportClosed
+from ..frames import OutFrame
+
+__all__ = ["ReplayStream", "WebSocketTransport", "accept_websocket"]
+
+# trio-websocket's reader stops reading (pongs and close frames included)
+# while its queue is full; ours drains it at once, so a few frames suffice.
+LIBRARY_QUEUE = 4
+
+
+class ReplayStream(trio.abc.Stream):
+    """A stream that replays ``prefix`` before reading ``stream``; writes are locked."""
+
+    def __init__(self, stream: trio.abc.Stream, prefix: bytes) -> None:
+        self._stream = stream
+        self._prefix = prefix
+        self._send_lock = trio.Lock()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self._prefix:
+            size = len(self._prefix) if max_bytes is None else max_bytes
+            data, self._prefix = self._prefix[:size], self._prefix[size:]
+            await trio.lowlevel.checkpoint()
+            return data
+        return await self._stream.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        async with self._send_lock:
+            await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+async def accept_websocket(
+    nursery: trio.Nursery, stream: ReplayStream, config: Config
+) -> WebSocketTransport:
+    """Complete the handshake the front vetted; its reader runs in ``nursery``.
+
+    Raises:
+        TransportClosed: the handshake failed or timed out.
+    """
+    try:
+        with trio.fail_after(config.handshake_timeout):
+            request = await wrap_server_stream(
+                nursery,
+                stream,
+                message_queue_size=LIBRARY_QUEUE,
+                max_message_size=config.max_frame_bytes,
+            )
+            ws = await request.accept()
+    except (ConnectionClosed, trio.TooSlowError, trio.BrokenResourceError) as exc:
+        raise TransportClosed(f"handshake failed: {exc!r}") from exc
+    return WebSocketTransport(ws, stream)
+
+
+class WebSocketTransport:
+    """The `Transport` of a WebSocket connection."""
+
+    def __init__(self, ws: WebSocketConnection, stream: ReplayStream) -> None:
+        self._ws = ws
+        self._stream = stream
+
+    async def receive(self) -> str:
+        try:
+            message = await self._ws.get_message()
+        except ConnectionClosed as exc:
+            raise _closed(exc) from None
+        if isinstance(message, bytes):
+            raise BinaryFrameError
+        return message
+
+    async def send(self, frames: list[OutFrame]) -> None:
+        data = frames[0].ws if len(frames) == 1 else b"".join([frame.ws for frame in frames])
+        try:
+            await self._stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise TransportClosed("connection lost") from exc
+
+    async def ping(self) -> None:
+        try:
+            await self._ws.ping()
+        except ConnectionClosed as exc:
+            raise _closed(exc) from None
+
+    async def close(self, code: int, reason: str) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await self._ws.aclose(code, reason)
+
+    async def abort(self) -> None:
+        await trio.aclose_forcefully(self._stream)
+
+
+def _closed(exc: ConnectionClosed) -> TransportClosed:
+    reason = exc.reason
+    if reason is None:
+        return TransportClosed("closed")
+    text = f"peer closed ({reason.code}{' ' + reason.reason if reason.reason else ''})"
+    return TransportClosed(text, reason.code)

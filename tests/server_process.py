@@ -51,8 +51,10 @@ def _drain(
 
 
 @contextmanager
-def run_server(*extra_args: str, env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
-    """Start ``python -m triochat --port 0 --memory`` and yield it once it listens.
+def run_server(
+    *extra_args: str, env: dict[str, str] | None = None, memory: bool = True
+) -> Iterator[ServerProcess]:
+    """Start ``python -m triochat --port 0 [--memory]`` and yield it once it listens.
 
     Fails (with the collected output) if it does not announce
     ``listening on http://…`` within 10 s. On exit: SIGTERM, wait up to 15 s,
@@ -64,7 +66,7 @@ def run_server(*extra_args: str, env: dict[str, str] | None = None) -> Iterator[
         "triochat",
         "--port",
         "0",
-        "--memory",
+        *(["--memory"] if memory else []),
         "--log-level",
         "INFO",
         *extra_args,

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from server_process import ServerProcess, run_server
+
+from .server_process import ServerProcess, run_server
 
 try:
     from playwright.sync_api import expect, sync_playwright
@@ -77,19 +78,29 @@ def server() -> Iterator[ServerProcess]:
 
 @pytest.fixture
 def open_page(browser: Browser, server: ServerProcess) -> Iterator[OpenPage]:
-    """Factory: a page in its own browser context (own cookies, own WebSocket), at `/`."""
+    """Factory: a page in its own browser context (own cookies, own WebSocket), at `/`.
+
+    Fails the test if any of its pages logs a console error or throws.
+    """
     contexts = []
+    problems: list[str] = []
 
     def factory(viewport: ViewportSize = DESKTOP, **options: Any) -> Page:
         context = browser.new_context(viewport=viewport, **options)
         contexts.append(context)
         page = context.new_page()
+        page.on("pageerror", lambda err: problems.append(f"uncaught: {err}"))
+        page.on(
+            "console",
+            lambda msg: problems.append(f"console: {msg.text}") if msg.type == "error" else None,
+        )
         page.goto(server.base_url + "/")
         return page
 
     yield factory
     for context in contexts:
         context.close()
+    assert not problems, f"the page reported errors: {problems}"
 
 
 def join(page: Page, name: str, room: str = "lobby") -> None:
@@ -167,8 +178,9 @@ def test_page_renders_html_payloads_as_text(open_page: OpenPage) -> None:
         members(page).to_have_text([name, "bob"], timeout=TIMEOUT)
         expect(page.locator("body img, body b")).to_have_count(0)
         assert page.evaluate("typeof window.__xss") == "undefined"
-    # Control: the same payload inserted as HTML does run, so the check above means something.
-    control = open_page()
+    # Control: the same payload inserted as HTML does run (on a blank page: the
+    # server's Content-Security-Policy would block it), so the check above means something.
+    control = bob.context.new_page()
     control.evaluate("t => { document.body.insertAdjacentHTML('beforeend', t); }", text)
     control.wait_for_function("window.__xss === 1", timeout=TIMEOUT)
 

@@ -141,9 +141,11 @@ def _error(client: Client, code: str, message: str, ref: str | None = None) -> N
 class _Refused(Exception):
     """Internal: a check failed; carries the error frame's fields."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, close_code: int | None = None) -> None:
         self.code = code
         self.message = message
+        #: Close the connection after the error frame (abuse).
+        self.close_code = close_code
 
 
 class ChatState:
@@ -284,6 +286,8 @@ class ChatState:
                 self._classic(client, frame, now, wall_ms)
         except _Refused as refused:
             _error(client, refused.code, refused.message, frame.ref)
+            if refused.close_code is not None:
+                client.peer.close_soon(refused.close_code, "rate limit abuse")
 
     def refuse(self, client: Client, code: str, message: str, ref: str | None) -> None:
         """Answer a frame that failed decoding (the mode is decided by it too)."""
@@ -337,9 +341,12 @@ class ChatState:
         limiter = client.limiter
         if limiter.allow(now):
             return
-        if limiter.record_drop(now):
-            client.peer.close_soon(CloseCode.POLICY_VIOLATION, "rate limit abuse")
-        raise _Refused(ErrorCode.RATE_LIMITED, "slow down: too many messages")
+        abuse = limiter.record_drop(now)
+        raise _Refused(
+            ErrorCode.RATE_LIMITED,
+            "slow down: too many messages",
+            CloseCode.POLICY_VIOLATION if abuse else None,
+        )
 
     def _check_joined(self, client: Client, room: str) -> Room:
         if room not in client.rooms:

@@ -21,6 +21,7 @@ Rules:
 from __future__ import annotations
 
 import logging
+import math
 from typing import Protocol
 
 import trio
@@ -94,8 +95,10 @@ class Connection:
         self._stats = stats
         self._listener = listener
         self.outbox = Outbox(config.outbox_frames)
-        #: (code, reason, flush queued frames first), set once by `close_soon`.
-        self.close_request: tuple[int, str, bool] | None = None
+        #: (code, reason), set once by `close_soon`.
+        self.close_request: tuple[int, str] | None = None
+        #: Everything after a close request (flush, close frame) ends by then.
+        self._close_deadline = math.inf
         #: How the connection ended, for the log line.
         self.end_reason = "closed"
         self.close_code: int | None = None
@@ -109,18 +112,29 @@ class Connection:
             return
         if not self.outbox.put_nowait(frame):
             self._stats.slow_consumers += 1
-            self.close_soon(CloseCode.TRY_AGAIN_LATER, "slow consumer")
+            self.close_soon(CloseCode.TRY_AGAIN_LATER, "slow consumer", flush=False)
 
-    def close_soon(self, code: int, reason: str, *, flush: bool = False) -> None:
-        """Ask the writer to close with ``code``; the first request wins."""
+    def close_soon(
+        self, code: int, reason: str, *, flush: bool = True, timeout: float | None = None
+    ) -> None:
+        """Ask the writer to close with ``code``; the first request wins.
+
+        Args:
+            flush: send the frames already queued first (not for a slow
+                consumer: its queue is what is wrong).
+            timeout: seconds for the rest (pending write, flush, close frame)
+                before the TCP connection is aborted; ``close_timeout`` by default.
+        """
         if self.close_request is not None:
             return
-        self.close_request = (code, reason, flush)
+        self.close_request = (code, reason)
+        if timeout is None:
+            timeout = self._config.close_timeout
+        self._close_deadline = trio.current_time() + timeout
         if not flush:
             self.outbox.clear()
-            if self._send_scope is not None:
-                # A write stuck on a peer that does not read gets close_timeout.
-                self._send_scope.deadline = trio.current_time() + self._config.close_timeout
+        if self._send_scope is not None:
+            self._send_scope.deadline = self._close_deadline
         self.outbox.wake()
 
     # --- the tasks ---------------------------------------------------------------
@@ -143,6 +157,10 @@ class Connection:
         try:
             await loop(client)
         except TransportClosed as exc:
+            if self.close_request is not None and loop != self._write_loop:
+                # We are closing (which also ends trio-websocket's reads): the
+                # writer sends the close frame and ends the connection.
+                await trio.sleep_forever()
             self.end_reason = exc.reason
             self.close_code = exc.code
         except Exception:
@@ -195,7 +213,7 @@ class Connection:
             await outbox.wait()
             frames = outbox.take_all()
             if frames:
-                with trio.CancelScope() as self._send_scope:
+                with trio.CancelScope(deadline=self._close_deadline) as self._send_scope:
                     try:
                         await transport.send(frames)
                     finally:
@@ -209,11 +227,11 @@ class Connection:
 
     async def _close_now(self) -> None:
         """Send the requested close frame (bounded), then end the connection."""
-        code, reason, _ = self.close_request or (CloseCode.INTERNAL_ERROR, "internal error", False)
+        code, reason = self.close_request or (CloseCode.INTERNAL_ERROR, "internal error")
         self.end_reason = reason
         self.close_code = code
         if not self._broken:
-            with trio.move_on_after(self._config.close_timeout):
+            with trio.move_on_at(self._close_deadline):
                 await self._transport.close(code, reason)
 
 

@@ -30,7 +30,7 @@ from .config import Config
 from .errors import ClientProtocolError, StorageError
 from .history import History
 from .metrics import Stats
-from .protocol import ClientFrame
+from .protocol import ClientFrame, CloseCode
 from .ratelimit import RateLimiter
 
 __all__ = ["Hub"]
@@ -40,7 +40,7 @@ LOGGER = logging.getLogger("triochat.hub")
 STORE_QUEUE: Final = 4096  # says accepted but not yet stored; full = `unavailable`
 STORE_BATCH: Final = 512  # most says per History.append (one transaction)
 
-Inbound = tuple[Client, ClientFrame | ClientProtocolError]
+Inbound = tuple[Client, ClientFrame | ClientProtocolError] | trio.Event
 
 
 class Hub:
@@ -53,7 +53,10 @@ class Hub:
         self._inbound_send, self._inbound_recv = trio.open_memory_channel[Inbound](
             config.inbound_buffer
         )
-        self._store_send, self._store_recv = trio.open_memory_channel[PendingSay](STORE_QUEUE)
+        # An Event in either channel is a barrier: set once all before it is done.
+        self._store_send, self._store_recv = trio.open_memory_channel[PendingSay | trio.Event](
+            STORE_QUEUE
+        )
         self._chat: ChatState | None = None
         self._wait_scope: trio.CancelScope | None = None
         self._storage_down = False
@@ -112,6 +115,12 @@ class Hub:
         if scope is not None and chat.next_deadline() < scope.deadline:
             scope.deadline = chat.next_deadline()  # wake the dispatcher in time
 
+    async def settle(self) -> None:
+        """Return once every frame queued so far is applied and its says stored."""
+        done = trio.Event()
+        await self._inbound_send.send(done)
+        await done.wait()
+
     async def submit(self, client: Client, item: ClientFrame | ClientProtocolError) -> None:
         """Queue one frame (or its decoding error) for the hub; waits when full.
 
@@ -147,11 +156,24 @@ class Hub:
             self._queue_says(chat)
 
     def _apply(self, chat: ChatState, item: Inbound, now: float, wall_ms: int) -> None:
+        if isinstance(item, trio.Event):
+            self._queue_says(chat)  # says before the barrier go first
+            try:
+                self._store_send.send_nowait(item)
+            except trio.WouldBlock:
+                item.set()  # the store is overloaded: settle as far as it can
+            return
         client, frame = item
-        if isinstance(frame, ClientProtocolError):
-            chat.refuse(client, frame.code, frame.message, frame.ref)
-        else:
-            chat.handle(client, frame, now, wall_ms)
+        try:
+            if isinstance(frame, ClientProtocolError):
+                chat.refuse(client, frame.code, frame.message, frame.ref)
+            else:
+                chat.handle(client, frame, now, wall_ms)
+        except Exception:
+            # A bug triggered by one client's frame must not take the hub (and
+            # every other connection) down: close that client with 1011.
+            LOGGER.exception("bug while handling a frame; closing its connection with 1011")
+            client.peer.close_soon(CloseCode.INTERNAL_ERROR, "internal error")
 
     def _queue_says(self, chat: ChatState) -> None:
         if not chat.to_store:
@@ -167,24 +189,38 @@ class Hub:
     async def _store_loop(self) -> None:
         chat = self.chat
         receive = self._store_recv
+        barrier: trio.Event | None = None
         async for first in receive:
+            if isinstance(first, trio.Event):
+                first.set()
+                continue
             batch = [first]
             while len(batch) < STORE_BATCH:
                 try:
-                    batch.append(receive.receive_nowait())
+                    item = receive.receive_nowait()
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
-            try:
-                await self._history.append([say.message for say in batch])
-            except StorageError as exc:
-                self._stats.storage_failures += 1
-                if not self._storage_down:  # log once per outage, not per batch
-                    LOGGER.warning("history unavailable: %s", exc)
-                    self._storage_down = True
-                chat.store_failed(batch, "the message could not be stored: try again")
-                continue
-            if self._storage_down:
-                LOGGER.warning("history available again")
-                self._storage_down = False
-            self._stats.messages_stored += len(batch)
-            chat.commit(batch)
+                if isinstance(item, trio.Event):
+                    barrier = item
+                    break
+                batch.append(item)
+            await self._store(chat, batch)
+            if barrier is not None:
+                barrier.set()
+                barrier = None
+
+    async def _store(self, chat: ChatState, batch: list[PendingSay]) -> None:
+        try:
+            await self._history.append([say.message for say in batch])
+        except StorageError as exc:
+            self._stats.storage_failures += 1
+            if not self._storage_down:  # log once per outage, not per batch
+                LOGGER.warning("history unavailable: %s", exc)
+                self._storage_down = True
+            chat.store_failed(batch, "the message could not be stored: try again")
+            return
+        if self._storage_down:
+            LOGGER.warning("history available again")
+            self._storage_down = False
+        self._stats.messages_stored += len(batch)
+        chat.commit(batch)

@@ -178,15 +178,26 @@ def decode_client_frame(text: str | bytes, *, max_msg_chars: int) -> ClientFrame
         frame: ClientFrame = _typed_decoder.decode(text)
     except msgspec.ValidationError as exc:
         frame = _decode_untyped(text, exc)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeError):
+        # UnicodeError: a str holding a lone surrogate (not from a WebSocket,
+        # whose text is valid UTF-8, but from any other caller).
         raise ClientProtocolError(ErrorCode.BAD_JSON, "frame is not valid JSON") from None
+    except RecursionError:
+        raise ClientProtocolError(ErrorCode.BAD_FRAME, "frame is nested too deeply") from None
     _check_fields(frame, max_msg_chars)
     return frame
 
 
 def _decode_untyped(text: str | bytes, exc: msgspec.ValidationError) -> ClientFrame:
     """Second chance for a frame the typed union refused: maybe a classic one."""
-    obj = _any_decoder.decode(text)  # valid JSON: the typed decode got that far
+    # The typed decode stops at the first mismatch, so the rest of the text
+    # may still be broken JSON: decode it all before judging the shape.
+    try:
+        obj = _any_decoder.decode(text)
+    except (msgspec.DecodeError, UnicodeError):
+        raise ClientProtocolError(ErrorCode.BAD_JSON, "frame is not valid JSON") from None
+    except RecursionError:
+        raise ClientProtocolError(ErrorCode.BAD_FRAME, "frame is nested too deeply") from None
     ref = _ref_of(obj)
     if not isinstance(obj, dict):
         raise ClientProtocolError(ErrorCode.BAD_FRAME, "a frame must be a JSON object", ref)

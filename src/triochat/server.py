@@ -35,7 +35,7 @@ from .http import StaticFiles, handle_http
 from .hub import Hub
 from .metrics import Stats, render_metrics
 from .protocol import CloseCode
-from .transports.websocket import ReplayStream, accept_websocket
+from .transports.websocket import ReplayStream, accept_websocket, closing_races_tolerated
 
 __all__ = ["Server", "serve", "serve_until_signalled"]
 
@@ -164,9 +164,16 @@ class Server:
     async def _drain(self) -> None:
         LOGGER.info("draining %d connections", len(self.connections))
         self._draining = True
-        for connection in list(self.connections):
-            connection.close_soon(CloseCode.GOING_AWAY, "going away", flush=True)
-        with trio.move_on_after(self.config.drain_timeout):
+        timeout = self.config.drain_timeout
+        with trio.move_on_after(timeout) as scope:
+            # Says already received are stored (and acked) before the 1001.
+            await self.hub.settle()
+            for connection in list(self.connections):
+                connection.close_soon(
+                    CloseCode.GOING_AWAY,
+                    "going away",
+                    timeout=scope.deadline - trio.current_time(),
+                )
             if self.connections:
                 await self._chats_closed.wait()
 
@@ -203,6 +210,12 @@ class Server:
         peer = _peer_name(stream)
         started = trio.current_time()
         replay = ReplayStream(stream, prefix)
+        with closing_races_tolerated():
+            await self._serve_websocket(replay, path, peer, started)
+
+    async def _serve_websocket(
+        self, replay: ReplayStream, path: str, peer: str, started: float
+    ) -> None:
         async with trio.open_nursery() as nursery:  # owns trio-websocket's reader task
             try:
                 transport = await accept_websocket(nursery, replay, self.config)

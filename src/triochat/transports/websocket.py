@@ -9,15 +9,20 @@ batches, goes through one lock in that stream, so frames never interleave.
 from __future__ import annotations
 
 import contextlib
+import logging
+from collections.abc import Iterator
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
+from wsproto.utilities import LocalProtocolError
 
 from ..config import Config
 from ..connection import BinaryFrameError, TransportClosed
 from ..frames import OutFrame
 
-__all__ = ["ReplayStream", "WebSocketTransport", "accept_websocket"]
+__all__ = ["ReplayStream", "WebSocketTransport", "accept_websocket", "closing_races_tolerated"]
+
+LOGGER = logging.getLogger("triochat.websocket")
 
 # trio-websocket's reader stops reading (pongs and close frames included)
 # while its queue is full; ours drains it at once, so a few frames suffice.
@@ -116,3 +121,17 @@ def _closed(exc: ConnectionClosed) -> TransportClosed:
         return TransportClosed("closed")
     text = f"peer closed ({reason.code}{' ' + reason.reason if reason.reason else ''})"
     return TransportClosed(text, reason.code)
+
+
+@contextlib.contextmanager
+def closing_races_tolerated() -> Iterator[None]:
+    """Treat trio-websocket's known closing race as the end of the connection.
+
+    Its reader answers a ping that arrives after our close frame went out;
+    wsproto refuses to send that pong (LocalProtocolError) and the reader
+    task raises. The connection was closing anyway: log it at DEBUG.
+    """
+    try:
+        yield
+    except* LocalProtocolError as group:
+        LOGGER.debug("peer sent a frame while we were closing: %r", group.exceptions[0])

@@ -1,0 +1,1294 @@
+"""ChatState (PROTOCOL.md §2-5), sans-I/O: frames in through `handle`, out through peers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from triochat.chat import ChatState, Client, PendingSay
+from triochat.errors import ClientProtocolError
+from triochat.protocol import Message, decode_client_frame
+from triochat.ratelimit import RateLimiter
+
+WALL_MS = 1_795_800_000_000
+GRACE = 5.0
+
+
+class FakePeer:
+    """Records what the chat state delivers to one connection."""
+
+    def __init__(self) -> None:
+        self.frames: list[dict] = []
+        self.closed: list[tuple[int, str]] = []
+
+    def deliver(self, frame) -> None:
+        self.frames.append(json.loads(frame.json))
+
+    def close_soon(self, code: int, reason: str) -> None:
+        self.closed.append((code, reason))
+
+    def take(self) -> list[dict]:
+        """Every frame delivered since the last take."""
+        frames, self.frames = self.frames, []
+        return frames
+
+    def types(self) -> list[str]:
+        """The types of the frames delivered since the last take (and takes them)."""
+        return [frame["type"] for frame in self.take()]
+
+
+class Conn:
+    """One connection: its `Client` and the peer recording its frames."""
+
+    def __init__(self, chat: Chat, client: Client, peer: FakePeer) -> None:
+        self.chat = chat
+        self.client = client
+        self.peer = peer
+
+    def send(self, **frame) -> None:
+        """Send one client frame (the fields as keyword arguments, ``type_`` for type)."""
+        if "type_" in frame:
+            frame["type"] = frame.pop("type_")
+        self.chat.send_raw(self, json.dumps(frame))
+
+    def take(self) -> list[dict]:
+        return self.peer.take()
+
+    def types(self) -> list[str]:
+        return self.peer.types()
+
+    def one(self) -> dict:
+        """The single frame delivered since the last take."""
+        frames = self.take()
+        assert len(frames) == 1, frames
+        return frames[0]
+
+    def join(self, room: str = "lobby", name: str | None = None, **extra) -> dict:
+        """Join and return the `joined` frame (failing on anything else)."""
+        fields = {"room": room, **extra}
+        if name is not None:
+            fields["name"] = name
+        self.send(type_="join", **fields)
+        joined = self.one()
+        assert joined["type"] == "joined", joined
+        return joined
+
+    def error(self) -> dict:
+        """The single `error` delivered since the last take."""
+        frame = self.one()
+        assert frame["type"] == "error", frame
+        return frame
+
+    def disconnect(self) -> None:
+        self.chat.state.disconnect(self.client, self.chat.now)
+
+
+class Chat:
+    """A ChatState with a clock, connections and a hand-driven store."""
+
+    def __init__(
+        self,
+        *,
+        epoch: str = "e1",
+        next_seq: int = 1,
+        history_size: int = 1000,
+        max_rooms: int = 32,
+        grace: float = GRACE,
+        history: dict[str, list[Message]] | None = None,
+        rate: float = 0,
+        burst: int = 20,
+    ) -> None:
+        self.state = ChatState(
+            epoch=epoch,
+            next_seq=next_seq,
+            history_size=history_size,
+            max_rooms=max_rooms,
+            presence_grace=grace,
+            history=history,
+        )
+        self.rate = rate
+        self.burst = burst
+        self.now = 1000.0
+        self.wall_ms = WALL_MS
+
+    def connect(self, *, listener: bool = False, rate: float | None = None, burst=None) -> Conn:
+        peer = FakePeer()
+        limiter = RateLimiter(
+            self.rate if rate is None else rate,
+            self.burst if burst is None else burst,
+            self.now,
+        )
+        client = Client(peer, limiter, listener=listener)
+        self.state.connect(client)
+        return Conn(self, client, peer)
+
+    def send_raw(self, conn: Conn, text: str) -> None:
+        """What the connection layer does with one text frame."""
+        try:
+            frame = decode_client_frame(text, max_msg_chars=2000)
+        except ClientProtocolError as error:
+            self.state.refuse(conn.client, error.code, error.message, error.ref)
+            return
+        self.state.handle(conn.client, frame, self.now, self.wall_ms)
+
+    def pending(self) -> list[PendingSay]:
+        """Take the says waiting for the store, as the hub does."""
+        batch, self.state.to_store = self.state.to_store, []
+        return batch
+
+    def commit(self) -> list[PendingSay]:
+        """Store every waiting say successfully."""
+        batch = self.pending()
+        self.state.commit(batch)
+        return batch
+
+    def fail(self, reason: str = "store down") -> None:
+        self.state.store_failed(self.pending(), reason)
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock and run `expire`, as the hub's dispatcher does."""
+        self.now += seconds
+        self.wall_ms += int(seconds * 1000)
+        self.state.expire(self.now)
+
+
+def say_all(chat: Chat, conn: Conn, count: int, room: str = "lobby") -> list[dict]:
+    """Say ``count`` numbered messages and commit them; the messages, as delivered."""
+    for i in range(count):
+        conn.send(type_="say", room=room, msg=f"m{i}")
+    chat.commit()
+    return [frame for frame in conn.take() if frame["type"] == "message"]
+
+
+@pytest.fixture
+def chat() -> Chat:
+    return Chat()
+
+
+# --- join ---------------------------------------------------------------------------------
+
+
+def test_join_answers_joined(chat):
+    """A first join answers `joined` with name, token, members, history and recovered."""
+    alice = chat.connect()
+    alice.send(type_="join", room="lobby", name="alice", ref="j1")
+    joined = alice.one()
+    assert joined["type"] == "joined"
+    assert joined["room"] == "lobby"
+    assert joined["name"] == "alice"
+    assert isinstance(joined["token"], str)
+    assert len(joined["token"]) >= 16
+    assert joined["members"] == ["alice"]
+    assert joined["history"] == []
+    assert joined["recovered"] is True
+    assert joined["ref"] == "j1"
+
+
+def test_join_without_ref_has_no_ref(chat):
+    """A `joined` answering a join without ref carries no ref."""
+    assert "ref" not in chat.connect().join(name="alice")
+
+
+def test_join_binds_trimmed_name(chat):
+    """The trimmed name is the one bound and echoed."""
+    alice = chat.connect()
+    assert alice.join(name="\u3000 alice \t")["name"] == "alice"
+    bob = chat.connect()
+    assert bob.join(name="bob")["members"] == ["alice", "bob"]
+
+
+def test_join_members_sorted_by_code_point(chat):
+    """`joined.members` lists every member, the joiner included, sorted by code point."""
+    for name in ("李雷", "bob", "Zoë", "Alice", "ärger"):
+        chat.connect().join(name=name)
+    joined = chat.connect().join(name="carol")
+    assert joined["members"] == ["Alice", "Zoë", "bob", "carol", "ärger", "李雷"]
+
+
+def test_join_presence_goes_to_others_only(chat):
+    """A join sends `presence` join to the other members, not to the joiner."""
+    alice = chat.connect()
+    alice.join(name="alice")
+    bob = chat.connect()
+    bob.send(type_="join", room="lobby", name="bob")
+    assert bob.types() == ["joined"]
+    assert alice.take() == [{"type": "presence", "room": "lobby", "event": "join", "name": "bob"}]
+
+
+def test_join_presence_only_in_that_room(chat):
+    """Members of other rooms hear nothing of a join."""
+    alice = chat.connect()
+    alice.join("dev", name="alice")
+    chat.connect().join("lobby", name="bob")
+    assert alice.take() == []
+
+
+def test_join_again_answers_joined_without_presence(chat):
+    """A join of an already joined room answers `joined` again and shows no presence."""
+    alice = chat.connect()
+    alice.join(name="alice")
+    bob = chat.connect()
+    bob.join(name="bob")
+    alice.take()
+    joined = bob.join()
+    assert joined["members"] == ["alice", "bob"]
+    assert alice.take() == []
+
+
+def test_join_history_has_newest_hundred(chat):
+    """Without `since`, `joined.history` holds the newest 100 messages, oldest first."""
+    alice = chat.connect()
+    alice.join(name="alice")
+    messages = say_all(chat, alice, 130)
+    joined = chat.connect().join(name="bob")
+    assert joined["history"] == messages[-100:]
+    assert joined["recovered"] is True
+
+
+def test_join_first_without_name_is_bad_name(chat):
+    """A connection's first join without `name` is refused with `bad_name`."""
+    alice = chat.connect()
+    alice.send(type_="join", room="lobby", ref="r")
+    error = alice.error()
+    assert (error["code"], error["ref"]) == ("bad_name", "r")
+
+
+@pytest.mark.parametrize(
+    "name", ["", "   ", "x" * 33, "\u200bbob", "a\u202eb", "a\u2028b", "\x07"]
+)
+def test_join_invalid_name_is_bad_name(chat, name):
+    """An invalid name is refused with `bad_name`."""
+    alice = chat.connect()
+    alice.send(type_="join", room="lobby", name=name)
+    assert alice.error()["code"] == "bad_name"
+
+
+def test_join_later_with_other_name_is_bad_name(chat):
+    """A later join with a different name is `bad_name`; the same or no name is fine."""
+    alice = chat.connect()
+    alice.join("lobby", name="alice")
+    alice.send(type_="join", room="dev", name="bob")
+    assert alice.error()["code"] == "bad_name"
+    assert alice.join("dev", name=" alice ")["name"] == "alice"
+    assert alice.join("ops", name=None)["name"] == "alice"
+
+
+@pytest.mark.parametrize("room", ["Lobby", "", "-x", "a" * 65, "a b", "lobby!"])
+def test_join_invalid_room_is_bad_room(chat, room):
+    """A join of an invalid room name is refused with `bad_room`."""
+    alice = chat.connect()
+    alice.send(type_="join", room=room, name="alice")
+    assert alice.error()["code"] == "bad_room"
+
+
+def test_join_one_room_too_many_is_bad_room():
+    """One room over max_rooms is `bad_room`; rejoining a joined room still works."""
+    chat = Chat(max_rooms=2)
+    alice = chat.connect()
+    alice.join("a", name="alice")
+    alice.join("b")
+    alice.send(type_="join", room="c")
+    assert alice.error()["code"] == "bad_room"
+    assert alice.join("a")["room"] == "a"
+    alice.send(type_="leave", room="b")
+    alice.take()
+    assert alice.join("c")["room"] == "c"
+
+
+def test_join_bad_name_checked_before_bad_room(chat):
+    """A join with a bad name and a bad room is `bad_name`."""
+    alice = chat.connect()
+    alice.send(type_="join", room="Bad Room", name="\x07")
+    assert alice.error()["code"] == "bad_name"
+    alice.send(type_="join", room="Bad Room")
+    assert alice.error()["code"] == "bad_name"
+
+
+def test_join_bad_frame_checked_before_bad_name(chat):
+    """A join whose name is not a string is `bad_frame`."""
+    alice = chat.connect()
+    alice.send(type_="join", room="Bad Room", name=5)
+    assert alice.error()["code"] == "bad_frame"
+
+
+def test_join_name_held_by_other_connection_is_name_taken(chat):
+    """A name held by another live connection is refused with `name_taken`."""
+    chat.connect().join(name="alice")
+    other = chat.connect()
+    other.send(type_="join", room="dev", name=" alice", ref="r")
+    error = other.error()
+    assert (error["code"], error["ref"]) == ("name_taken", "r")
+    other.send(type_="join", room="dev", name="alice", token="not-the-token")
+    assert other.error()["code"] == "name_taken"
+    assert other.join("dev", name="alice2")["name"] == "alice2"
+
+
+def test_join_bad_room_checked_before_name_taken(chat):
+    """A join with a taken name and an invalid room is `bad_room` (state checks come last)."""
+    chat.connect().join(name="alice")
+    other = chat.connect()
+    other.send(type_="join", room="NOPE", name="alice")
+    assert other.error()["code"] == "bad_room"
+
+
+def test_join_refused_leaves_connection_unnamed(chat):
+    """After `name_taken` the connection can still pick another name."""
+    chat.connect().join(name="alice")
+    other = chat.connect()
+    other.send(type_="join", room="lobby", name="alice")
+    other.error()
+    other.send(type_="join", room="lobby")
+    assert other.error()["code"] == "bad_name"
+    assert other.join(name="bob")["members"] == ["alice", "bob"]
+
+
+# --- say --------------------------------------------------------------------------------
+
+
+def test_say_waits_for_commit(chat):
+    """A `say` delivers nothing until its batch is committed."""
+    alice = chat.connect()
+    alice.join(name="alice")
+    bob = chat.connect()
+    bob.join(name="bob")
+    alice.take()
+    alice.send(type_="say", room="lobby", msg="hello", ref="c-17")
+    assert alice.take() == []
+    assert bob.take() == []
+    [pending] = chat.state.to_store
+    assert (pending.message.msg, pending.ref) == ("hello", "c-17")
+
+
+def test_say_commit_broadcasts_then_acks(chat):
+    """After commit every member gets the `message`; the sender gets it, then the `ack`."""
+    alice = chat.connect()
+    alice.join(name="alice")
+    bob = chat.connect()
+    bob.join(name="bob")
+    alice.take()
+    alice.send(type_="say", room="lobby", msg="hello", ref="c-17")
+    chat.commit()
+    message = {
+        "type": "message",
+        "room": "lobby",
+        "id": "e1-1",
+        "name": "alice",
+        "msg": "hello",
+        "ts": WALL_MS,
+    }
+    assert alice.take() == [message, {"type": "ack", "ref": "c-17", "id": "e1-1"}]
+    assert bob.take() == [message]
+
+
+def test_say_without_ref_has_no_ack(chat):
+    """A `say` without `ref` gets its message and no ack."""
+    alice = chat.connect()
+    alice.join(name="alice")
+    alice.send(type_="say", room="lobby", msg="hello")
+    chat.commit()
+    assert alice.types() == ["message"]
+
+
+def test_say_same_order_for_everyone(chat):
+    """Every member sees the messages of a room in one and the same order."""
+    conns = [chat.connect() for _ in range(3)]
+    for i, conn in enumerate(conns):
+        conn.join(name=f"user{i}")
+    for conn in conns:
+        conn.take()
+    for round_ in range(3):
+        for i, conn in enumerate(conns):
+            conn.send(type_="say", room="lobby", msg=f"{i}/{round_}")
+        if round_ == 1:
+            chat.commit()
+    chat.commit()
+    seen = [[f["id"] for f in conn.take() if f["type"] == "message"] for conn in conns]
+    assert len(seen[0]) == 9
+    assert seen[0] == seen[1] == seen[2]
+    assert seen[0] == [f"e1-{n}" for n in range(1, 10)]
+
+
+def test_say_only_to_that_room(chat):
+    """A message goes to the members of its room only."""
+    alice = chat.connect()
+    alice.join("lobby", name="alice")
+    bob = chat.connect()
+    bob.join("dev", name="bob")
+    alice.send(type_="say", room="lobby", msg="hi")
+    chat.commit()
+    assert bob.take() == []
+
+
+def test_say_not_joined(chat):
+    """A `say` in a room the connection has not joined is `not_joined`."""
+    alice = chat.connect()
+    alice.send(type_="say", room="lobby", msg="hi", ref="r")
+    error = alice.error()
+    assert (error["code"], error["ref"]) == ("not_joined", "r")
+    alice.join("dev", name="alice")
+    alice.send(type_="say", room="lobby", msg="hi")
+    assert alice.error()["code"] == "not_joined"
+    assert chat.state.to_store == []
+
+
+def test_say_invalid_room_is_bad_room(chat):
+    """A `say` to an invalid room name is `bad_room`."""
+    alice = chat.connect()
+    alice.join(name="alice")
+    alice.send(type_="say", room="NOPE", msg="hi")
+    assert alice.error()["code"] == "bad_room"
+
+
+def test_say_store_failed_is_unavailable(chat):
+    """A failed store answers `unavailable` (ref echoed), broadcasts and acks nothing."""
+    alice = chat.connect()
+    alice.join(name="alice")
+    bob = chat.connect()
+    bob.join(name="bob")
+    alice.take()
+    alice.send(type_="say", room="lobby", msg="lost", ref="c-1")
+    chat.fail("backplane down")
+    error = alice.one()
+    assert error["type"] == "error"
+    assert (error["code"], error["ref"]) == ("unavailable", "c-1")
+    assert bob.take() == []
+    alice.send(type_="history", room="lobby")
+    assert alice.one()["messages"] == []
+
+
+def test_say_after_failed_store_gets_new_id(chat):
+    """A retry after `unavailable` is stored under a fresh id."""
+    alice = chat.connect()
+    alice.join(name="alice")
+    alice.send(type_="say", room="lobby", msg="x", ref="a")
+    chat.fail()
+    alice.take()
+    alice.send(type_="say", room="lobby", msg="x", ref="b")
+    chat.commit()
+    assert alice.take()[1] == {"type": "ack", "ref": "b", "id": "e1-2"}
+
+
+def test_say_commit_after_sender_left_still_broadcasts(chat):
+    """A stored say of a sender that disconnected meanwhile reaches the others, unacked."""
+    alice = chat.connect()
+    alice.join(name="alice")
+    bob = chat.connect()
+    bob.join(name="bob")
+    alice.send(type_="say", room="lobby", msg="bye", ref="r")
+    alice.disconnect()
+    alice.take()
+    chat.commit()
+    assert alice.take() == []
+    assert [f["msg"] for f in bob.take() if f["type"] == "message"] == ["bye"]
+
+
+# --- typing -----------------------------------------------------------------------------
+
+
+def test_typing_goes_to_other_members_only(chat):
+    """`typing` reaches the other members of the room, not the sender; nothing is stored."""
+    alice = chat.connect()
+    alice.join(name="alice")
+    bob = chat.connect()
+    bob.join(name="bob")
+    carol = chat.connect()
+    carol.join("dev", name="carol")
+    alice.take()
+    bob.send(type_="typing", room="lobby")
+    assert alice.take() == [{"type": "typing", "room": "lobby", "name": "bob"}]
+    assert bob.take() == []
+    assert carol.take() == []
+    assert chat.state.to_store == []
+
+
+def test_typing_not_joined(chat):
+    """`typing` in a room not joined is `not_joined`."""
+    alice = chat.connect()
+    alice.join("dev", name="alice")
+    alice.send(type_="typing", room="lobby", ref="t")
+    error = alice.error()
+    assert (error["code"], error["ref"]) == ("not_joined", "t")
+
+
+# --- leave ------------------------------------------------------------------------------
+
+
+def test_leave_answers_left_and_presence(chat):
+    """`leave` answers `left` (ref echoed) and announces `presence` leave at once."""
+    alice = chat.connect()
+    alice.join(name="alice")
+    bob = chat.connect()
+    bob.join(name="bob")
+    alice.take()
+    bob.send(type_="leave", room="lobby", ref="l1")
+    assert bob.take() == [{"type": "left", "room": "lobby", "ref": "l1"}]
+    assert alice.take() == [{"type": "presence", "room": "lobby", "event": "leave", "name": "bob"}]
+
+
+def test_leave_stops_delivery(chat):
+    """After `leave` the connection gets no more of the room, and cannot say there."""
+    alice = chat.connect()
+    alice.join(name="alice")
+    bob = chat.connect()
+    bob.join(name="bob")
+    bob.send(type_="leave", room="lobby")
+    bob.take()
+    alice.send(type_="say", room="lobby", msg="hi")
+    alice.send(type_="typing", room="lobby")
+    chat.commit()
+    assert bob.take() == []
+    bob.send(type_="say", room="lobby", msg="hi")
+    assert bob.error()["code"] == "not_joined"
+    assert chat.connect().join(name="carol")["members"] == ["alice", "carol"]
+
+
+def test_leave_not_joined(chat):
+    """`leave` of a room not joined is `not_joined`."""
+    alice = chat.connect()
+    alice.send(type_="leave", room="lobby", ref="x")
+    error = alice.error()
+    assert (error["code"], error["ref"]) == ("not_joined", "x")
+
+
+def test_leave_without_ref_has_no_ref(chat):
+    """A `left` answering a leave without ref carries no ref."""
+    alice = chat.connect()
+    alice.join(name="alice")
+    alice.send(type_="leave", room="lobby")
+    assert alice.take() == [{"type": "left", "room": "lobby"}]
+
+
+# --- rate limit -------------------------------------------------------------------------
+
+
+def test_rate_limit_third_say_at_once_is_rate_limited():
+    """rate 1, burst 2: a third say at the same instant is `rate_limited` and dropped."""
+    chat = Chat(rate=1, burst=2)
+    alice = chat.connect()
+    alice.join(name="alice")
+    alice.send(type_="say", room="lobby", msg="1")
+    alice.send(type_="say", room="lobby", msg="2")
+    alice.send(type_="say", room="lobby", msg="3", ref="r3")
+    error = alice.error()
+    assert (error["code"], error["ref"]) == ("rate_limited", "r3")
+    assert [p.message.msg for p in chat.pending()] == ["1", "2"]
+    chat.now += 1.0
+    alice.send(type_="say", room="lobby", msg="4")
+    assert [p.message.msg for p in chat.pending()] == ["4"]
+
+
+def test_rate_limit_counts_say_typing_and_whisper_together():
+    """`say`, `typing` and `whisper` share one bucket; `join` and `leave` do not use it."""
+    chat = Chat(rate=1, burst=3)
+    alice = chat.connect()
+    alice.join(name="alice")
+    alice.join("dev")
+    alice.send(type_="say", room="lobby", msg="1")
+    alice.send(type_="typing", room="lobby")
+    alice.send(type_="whisper", to="alice", msg="psst")
+    alice.take()
+    alice.send(type_="typing", room="lobby")
+    assert alice.error()["code"] == "rate_limited"
+    alice.send(type_="whisper", to="alice", msg="psst")
+    assert alice.error()["code"] == "rate_limited"
+    alice.send(type_="leave", room="dev")
+    assert alice.types() == ["left"]
+
+
+def test_rate_limit_checked_before_not_joined():
+    """With an empty bucket, a say in a room not joined is `rate_limited`."""
+    chat = Chat(rate=1, burst=1)
+    alice = chat.connect()
+    alice.join(name="alice")
+    alice.send(type_="say", room="lobby", msg="1")
+    alice.send(type_="say", room="elsewhere", msg="2")
+    assert alice.error()["code"] == "rate_limited"
+
+
+def test_rate_limit_checked_after_bad_room():
+    """With an empty bucket, a say to an invalid room is still `bad_room`."""
+    chat = Chat(rate=1, burst=1)
+    alice = chat.connect()
+    alice.join(name="alice")
+    alice.send(type_="say", room="lobby", msg="1")
+    alice.send(type_="say", room="NOT VALID", msg="2")
+    assert alice.error()["code"] == "bad_room"
+
+
+def test_rate_limit_hundredth_drop_closes_1008():
+    """The 100th dropped frame within 60 s closes the connection with 1008."""
+    chat = Chat(rate=1, burst=2)
+    alice = chat.connect()
+    alice.join(name="alice")
+    for _ in range(2 + 99):
+        alice.send(type_="say", room="lobby", msg="spam")
+    assert alice.peer.closed == []
+    alice.send(type_="say", room="lobby", msg="spam")
+    assert [code for code, _ in alice.peer.closed] == [1008]
+
+
+def test_rate_limit_drops_older_than_a_minute_do_not_count():
+    """Drops older than 60 s do not count towards the 100 that close the connection."""
+    chat = Chat(rate=0.001, burst=1)
+    alice = chat.connect()
+    alice.join(name="alice")
+    alice.send(type_="say", room="lobby", msg="ok")
+    for _ in range(99):
+        alice.send(type_="say", room="lobby", msg="spam")
+    chat.now += 61.0
+    alice.send(type_="say", room="lobby", msg="spam")
+    assert alice.take()[-1]["code"] == "rate_limited"
+    assert alice.peer.closed == []
+
+
+def test_rate_limit_checked_before_whisper_state():
+    """With an empty bucket, a whisper from an unnamed connection is `rate_limited`."""
+    chat = Chat(rate=1, burst=1)
+    anon = chat.connect()
+    anon.send(type_="whisper", to="nobody", msg="1")
+    assert anon.error()["code"] == "not_joined"
+    anon.send(type_="whisper", to="nobody", msg="2")
+    assert anon.error()["code"] == "rate_limited"
+
+
+def test_rate_limit_off_with_rate_zero():
+    """rate 0 turns the limit off."""
+    chat = Chat(rate=0, burst=1)
+    alice = chat.connect()
+    alice.join(name="alice")
+    for _ in range(500):
+        alice.send(type_="say", room="lobby", msg="x")
+    assert len(chat.pending()) == 500
+    assert alice.take() == []
+
+
+# --- resume token and takeover -------------------------------------------------------------
+
+
+def test_token_takeover_closes_old_with_4001(chat):
+    """A join with the resume token takes the name over; the old connection closes 4001."""
+    alice1 = chat.connect()
+    token = alice1.join(name="alice")["token"]
+    bob = chat.connect()
+    bob.join(name="bob")
+    bob.take()
+    alice1.take()
+    alice2 = chat.connect()
+    joined = alice2.join(name="alice", token=token)
+    assert [code for code, _ in alice1.peer.closed] == [4001]
+    assert joined["token"] == token
+    assert joined["members"] == ["alice", "bob"]
+    assert bob.take() == []
+    chat.advance(GRACE + 1)
+    assert bob.take() == []
+
+
+def test_token_takeover_moves_delivery(chat):
+    """After a takeover messages reach the new connection, not the replaced one."""
+    alice1 = chat.connect()
+    token = alice1.join(name="alice")["token"]
+    alice2 = chat.connect()
+    alice2.join(name="alice", token=token)
+    alice1.take()
+    bob = chat.connect()
+    bob.join(name="bob")
+    bob.send(type_="say", room="lobby", msg="hi")
+    chat.commit()
+    assert alice1.take() == []
+    assert [f["type"] for f in alice2.take()] == ["presence", "message"]
+    alice1.send(type_="say", room="lobby", msg="late")
+    assert chat.state.to_store == []
+    assert alice1.take() == []
+
+
+def test_token_stays_valid_after_takeover(chat):
+    """The token keeps working for a second takeover."""
+    alice1 = chat.connect()
+    token = alice1.join(name="alice")["token"]
+    alice2 = chat.connect()
+    alice2.join(name="alice", token=token)
+    alice3 = chat.connect()
+    assert alice3.join(name="alice", token=token)["token"] == token
+    assert [code for code, _ in alice2.peer.closed] == [4001]
+
+
+# --- presence grace -----------------------------------------------------------------------
+
+
+def grace_setup(chat: Chat) -> tuple[Conn, Conn, str]:
+    alice = chat.connect()
+    token = alice.join(name="alice")["token"]
+    bob = chat.connect()
+    bob.join(name="bob")
+    alice.take()
+    bob.take()
+    return alice, bob, token
+
+
+def test_grace_disconnect_leave_only_after_grace(chat):
+    """A lost connection's leave is announced only once the grace period ends."""
+    alice, bob, _ = grace_setup(chat)
+    alice.disconnect()
+    assert bob.take() == []
+    assert chat.state.next_deadline() == chat.now + GRACE
+    chat.advance(GRACE - 0.1)
+    assert bob.take() == []
+    chat.advance(0.1)
+    assert bob.take() == [{"type": "presence", "room": "lobby", "event": "leave", "name": "alice"}]
+
+
+def test_grace_reconnect_with_token_shows_no_flicker(chat):
+    """A reconnect with the token within grace shows no leave and no join."""
+    alice, bob, token = grace_setup(chat)
+    alice.disconnect()
+    chat.advance(2.0)
+    alice2 = chat.connect()
+    joined = alice2.join(name="alice", token=token)
+    assert joined["members"] == ["alice", "bob"]
+    assert joined["token"] == token
+    chat.advance(GRACE * 2)
+    assert bob.take() == []
+    bob.send(type_="say", room="lobby", msg="still there?")
+    chat.commit()
+    assert [f["msg"] for f in alice2.take()] == ["still there?"]
+
+
+def test_grace_members_include_held_user(chat):
+    """During grace the held user still shows in `joined.members`."""
+    alice, _, _ = grace_setup(chat)
+    alice.disconnect()
+    assert chat.connect().join(name="carol")["members"] == ["alice", "bob", "carol"]
+
+
+def test_grace_reconnect_without_token_is_name_taken(chat):
+    """During grace the name stays held: a join without token gets `name_taken`."""
+    alice, _, _ = grace_setup(chat)
+    alice.disconnect()
+    chat.advance(GRACE - 1)
+    other = chat.connect()
+    other.send(type_="join", room="lobby", name="alice")
+    assert other.error()["code"] == "name_taken"
+
+
+def test_grace_after_expiry_name_is_free(chat):
+    """After grace the leave is broadcast and the name is free again (with a join)."""
+    alice, bob, _ = grace_setup(chat)
+    alice.disconnect()
+    chat.advance(GRACE)
+    assert bob.types() == ["presence"]
+    new = chat.connect()
+    joined = new.join(name="alice")
+    assert joined["members"] == ["alice", "bob"]
+    assert bob.take() == [{"type": "presence", "room": "lobby", "event": "join", "name": "alice"}]
+
+
+def test_grace_zero_leaves_on_expire():
+    """With presence_grace 0 the leave comes at the next `expire`."""
+    chat = Chat(grace=0.0)
+    alice, bob, _ = grace_setup(chat)
+    alice.disconnect()
+    chat.state.expire(chat.now)
+    assert bob.types() == ["presence"]
+
+
+def test_grace_explicit_leave_then_disconnect_no_second_leave(chat):
+    """An explicit leave is announced once; the later disconnect announces nothing more."""
+    alice, bob, _ = grace_setup(chat)
+    alice.send(type_="leave", room="lobby")
+    assert bob.types() == ["presence"]
+    alice.disconnect()
+    chat.advance(GRACE)
+    assert bob.take() == []
+
+
+# --- whisper ------------------------------------------------------------------------------
+
+
+def test_whisper_to_recipient_and_sender_then_ack(chat):
+    """A whisper reaches the recipient and the sender, then the sender's ack."""
+    alice = chat.connect()
+    alice.join(name="alice")
+    bob = chat.connect()
+    bob.join("dev", name="bob")
+    alice.send(type_="whisper", to="bob", msg="psst", ref="w1")
+    whisper = {
+        "type": "whisper",
+        "id": "e1-w1",
+        "from": "alice",
+        "to": "bob",
+        "name": "alice",
+        "msg": "psst",
+        "ts": WALL_MS,
+    }
+    assert bob.take() == [whisper]
+    assert alice.take() == [whisper, {"type": "ack", "ref": "w1", "id": "e1-w1"}]
+    assert chat.state.to_store == []
+
+
+def test_whisper_to_self_once(chat):
+    """A whisper to oneself arrives once, then the ack."""
+    alice = chat.connect()
+    alice.join(name="alice")
+    alice.send(type_="whisper", to="alice", msg="note", ref="n")
+    assert alice.types() == ["whisper", "ack"]
+
+
+def test_whisper_not_in_history(chat):
+    """Whispers are not stored in room history."""
+    alice = chat.connect()
+    alice.join(name="alice")
+    alice.send(type_="whisper", to="alice", msg="note")
+    alice.send(type_="history", room="lobby")
+    assert alice.take()[-1]["messages"] == []
+
+
+@pytest.mark.parametrize("to", ["nobody", "", "   ", "\x07", "x" * 40])
+def test_whisper_unknown_or_invalid_to_is_no_such_user(chat, to):
+    """A whisper to a name nobody holds, or to an invalid name, is `no_such_user`."""
+    alice = chat.connect()
+    alice.join(name="alice")
+    alice.send(type_="whisper", to=to, msg="psst", ref="w")
+    error = alice.error()
+    assert (error["code"], error["ref"]) == ("no_such_user", "w")
+
+
+def test_whisper_to_trimmed_name(chat):
+    """`to` is matched after trimming like a name."""
+    alice = chat.connect()
+    alice.join(name="alice")
+    bob = chat.connect()
+    bob.join(name="bob")
+    alice.send(type_="whisper", to=" bob ", msg="psst")
+    assert bob.take()[-1]["to"] == "bob"
+
+
+def test_whisper_without_name_is_not_joined(chat):
+    """A whisper from a connection without a name is `not_joined`."""
+    chat.connect().join(name="bob")
+    anon = chat.connect()
+    anon.send(type_="whisper", to="bob", msg="psst", ref="w")
+    error = anon.error()
+    assert (error["code"], error["ref"]) == ("not_joined", "w")
+
+
+def test_whisper_to_user_in_grace_is_no_such_user(chat):
+    """A whisper to a user only held in the grace period is `no_such_user`."""
+    alice, bob, _ = grace_setup(chat)
+    alice.disconnect()
+    bob.send(type_="whisper", to="alice", msg="psst")
+    assert bob.error()["code"] == "no_such_user"
+
+
+def test_whisper_ids_are_distinct(chat):
+    """Each whisper gets its own id of the form <epoch>-w<n>."""
+    alice = chat.connect()
+    alice.join(name="alice")
+    alice.send(type_="whisper", to="alice", msg="1")
+    alice.send(type_="whisper", to="alice", msg="2")
+    assert [f["id"] for f in alice.take()] == ["e1-w1", "e1-w2"]
+
+
+# --- history ------------------------------------------------------------------------------
+
+
+def test_history_pages_back_oldest_first(chat):
+    """`history` pages back with `before` and `limit`, oldest first, `more` when older exist."""
+    alice = chat.connect()
+    alice.join(name="alice")
+    messages = say_all(chat, alice, 10)
+    alice.send(type_="history", room="lobby", limit=3, ref="h1")
+    page = alice.one()
+    assert page == {
+        "type": "history",
+        "room": "lobby",
+        "messages": messages[7:],
+        "more": True,
+        "ref": "h1",
+    }
+    alice.send(type_="history", room="lobby", before=messages[7]["id"], limit=3)
+    page = alice.one()
+    assert (page["messages"], page["more"]) == (messages[4:7], True)
+    alice.send(type_="history", room="lobby", before=messages[3]["id"], limit=3)
+    page = alice.one()
+    assert (page["messages"], page["more"]) == (messages[0:3], False)
+    alice.send(type_="history", room="lobby", before=messages[1]["id"], limit=3)
+    page = alice.one()
+    assert (page["messages"], page["more"]) == (messages[0:1], False)
+    alice.send(type_="history", room="lobby", before=messages[0]["id"])
+    page = alice.one()
+    assert (page["messages"], page["more"]) == ([], False)
+
+
+def test_history_default_limit_fifty(chat):
+    """Without `limit`, `history` returns the newest 50."""
+    alice = chat.connect()
+    alice.join(name="alice")
+    messages = say_all(chat, alice, 60)
+    alice.send(type_="history", room="lobby")
+    page = alice.one()
+    assert (page["messages"], page["more"]) == (messages[10:], True)
+    assert "ref" not in page
+
+
+def test_history_all_fits_more_false(chat):
+    """When every message fits, `more` is false."""
+    alice = chat.connect()
+    alice.join(name="alice")
+    messages = say_all(chat, alice, 3)
+    alice.send(type_="history", room="lobby", limit=3)
+    page = alice.one()
+    assert (page["messages"], page["more"]) == (messages, False)
+
+
+@pytest.mark.parametrize("before", ["e1-999", "e0-1", "garbage", "e1-w1"])
+def test_history_unknown_before_is_bad_frame(chat, before):
+    """An unknown `before` is `bad_frame` (ref echoed)."""
+    alice = chat.connect()
+    alice.join(name="alice")
+    say_all(chat, alice, 2)
+    alice.send(type_="history", room="lobby", before=before, ref="h")
+    error = alice.error()
+    assert (error["code"], error["ref"]) == ("bad_frame", "h")
+
+
+def test_history_before_from_other_room_is_bad_frame(chat):
+    """A `before` id of another room is unknown in this one: `bad_frame`."""
+    alice = chat.connect()
+    alice.join("lobby", name="alice")
+    alice.join("dev")
+    dev = say_all(chat, alice, 1, room="dev")
+    say_all(chat, alice, 2, room="lobby")
+    alice.send(type_="history", room="lobby", before=dev[0]["id"])
+    assert alice.error()["code"] == "bad_frame"
+
+
+def test_history_not_joined(chat):
+    """`history` of a room not joined is `not_joined`."""
+    alice = chat.connect()
+    alice.join("dev", name="alice")
+    alice.send(type_="history", room="lobby", ref="h")
+    error = alice.error()
+    assert (error["code"], error["ref"]) == ("not_joined", "h")
+
+
+# --- since recovery -----------------------------------------------------------------------
+
+
+def test_since_exact_gap_recovered(chat):
+    """A join with `since` replays exactly the messages after it, recovered true."""
+    alice = chat.connect()
+    alice.join(name="alice")
+    messages = say_all(chat, alice, 8)
+    joined = chat.connect().join(name="bob", since=messages[4]["id"])
+    assert joined["history"] == messages[5:]
+    assert joined["recovered"] is True
+
+
+def test_since_newest_recovered_empty(chat):
+    """A `since` equal to the newest id replays nothing, recovered true."""
+    alice = chat.connect()
+    alice.join(name="alice")
+    messages = say_all(chat, alice, 3)
+    joined = chat.connect().join(name="bob", since=messages[-1]["id"])
+    assert (joined["history"], joined["recovered"]) == ([], True)
+
+
+def test_since_two_hundred_missed_recovered(chat):
+    """Exactly 200 missed messages are replayed in full."""
+    alice = chat.connect()
+    alice.join(name="alice")
+    messages = say_all(chat, alice, 201)
+    joined = chat.connect().join(name="bob", since=messages[0]["id"])
+    assert (joined["history"], joined["recovered"]) == (messages[1:], True)
+
+
+def test_since_over_two_hundred_missed_not_recovered(chat):
+    """More than 200 missed: recovered false with the newest 100."""
+    alice = chat.connect()
+    alice.join(name="alice")
+    messages = say_all(chat, alice, 202)
+    joined = chat.connect().join(name="bob", since=messages[0]["id"])
+    assert (joined["history"], joined["recovered"]) == (messages[-100:], False)
+
+
+@pytest.mark.parametrize("since", ["e1-9999", "e0-5", "e2-5", "nonsense", ""])
+def test_since_unknown_not_recovered(chat, since):
+    """An unknown or foreign-epoch `since`: recovered false with the newest 100."""
+    alice = chat.connect()
+    alice.join(name="alice")
+    messages = say_all(chat, alice, 120)
+    joined = chat.connect().join(name="bob", since=since)
+    assert (joined["history"], joined["recovered"]) == (messages[-100:], False)
+
+
+def test_since_from_other_room_not_recovered(chat):
+    """A `since` id of another room cannot be placed: recovered false."""
+    alice = chat.connect()
+    alice.join("dev", name="alice")
+    dev = say_all(chat, alice, 1, room="dev")
+    alice.join("lobby")
+    lobby = say_all(chat, alice, 3)
+    joined = chat.connect().join(name="bob", since=dev[0]["id"])
+    assert (joined["history"], joined["recovered"]) == (lobby, False)
+
+
+def test_since_trimmed_not_recovered():
+    """A `since` whose successors were trimmed: recovered false with what is kept."""
+    chat = Chat(history_size=5)
+    alice = chat.connect()
+    alice.join(name="alice")
+    messages = say_all(chat, alice, 10)
+    joined = chat.connect().join(name="bob", since=messages[2]["id"])
+    assert (joined["history"], joined["recovered"]) == (messages[-5:], False)
+
+
+def test_since_on_rejoin_with_token(chat):
+    """A reconnect with token and `since` replays what it missed, with no flicker."""
+    alice, bob, token = grace_setup(chat)
+    seen = say_all(chat, bob, 2)
+    alice.take()
+    alice.disconnect()
+    missed = say_all(chat, bob, 3)
+    alice2 = chat.connect()
+    joined = alice2.join(name="alice", token=token, since=seen[-1]["id"])
+    assert (joined["history"], joined["recovered"]) == (missed, True)
+    assert bob.take() == []
+
+
+# --- ids across restarts ---------------------------------------------------------------------
+
+
+def test_ids_never_reused_after_rebuild_with_new_epoch():
+    """A state rebuilt with a new epoch (history lost) never hands out an old id."""
+    first = Chat(epoch="e1")
+    alice = first.connect()
+    alice.join(name="alice")
+    old = say_all(first, alice, 5)
+    second = Chat(epoch="e2", next_seq=1)
+    alice2 = second.connect()
+    alice2.join(name="alice")
+    new = say_all(second, alice2, 5)
+    assert {m["id"] for m in old}.isdisjoint(m["id"] for m in new)
+    joined = second.connect().join(name="bob", since=old[2]["id"])
+    assert (joined["history"], joined["recovered"]) == (new, False)
+
+
+def test_ids_continue_after_rebuild_with_history():
+    """A state rebuilt from stored history continues after the stored ids and recovers."""
+    first = Chat(epoch="e1")
+    alice = first.connect()
+    alice.join(name="alice")
+    old = say_all(first, alice, 5)
+    stored = [Message(m["room"], m["id"], m["name"], m["msg"], m["ts"]) for m in old]
+    second = Chat(epoch="e1", next_seq=1, history={"lobby": stored})
+    alice2 = second.connect()
+    joined = alice2.join(name="alice", since=old[1]["id"])
+    assert (joined["history"], joined["recovered"]) == (old[2:], True)
+    new = say_all(second, alice2, 2)
+    assert [m["id"] for m in new] == ["e1-6", "e1-7"]
+
+
+# --- classic frames ------------------------------------------------------------------------
+
+
+def test_classic_frame_joins_lobby_and_says(chat):
+    """`{name, msg}` joins lobby as name (a member), then says msg there."""
+    alice = chat.connect()
+    alice.join(name="alice")
+    carl = chat.connect()
+    carl.send(name="carl", msg="hi all", ref="c")
+    assert carl.take() == []
+    assert alice.take() == [{"type": "presence", "room": "lobby", "event": "join", "name": "carl"}]
+    chat.commit()
+    message = {
+        "type": "message",
+        "room": "lobby",
+        "id": "e1-1",
+        "name": "carl",
+        "msg": "hi all",
+        "ts": WALL_MS,
+    }
+    assert carl.take() == [message]
+    assert alice.take() == [message]
+    assert chat.connect().join(name="bob")["members"] == ["alice", "bob", "carl"]
+
+
+def test_classic_receives_only_message_whisper_error(chat):
+    """A classic connection gets message, whisper and error frames only."""
+    carl = chat.connect()
+    carl.send(name="carl", msg="first")
+    chat.commit()
+    carl.take()
+    alice = chat.connect()
+    alice.join(name="alice", since="e1-1")
+    alice.send(type_="typing", room="lobby")
+    alice.send(type_="say", room="lobby", msg="hey", ref="a")
+    chat.commit()
+    alice.send(type_="whisper", to="carl", msg="psst")
+    alice.send(type_="leave", room="lobby")
+    frames = carl.take()
+    assert [f["type"] for f in frames] == ["message", "whisper"]
+    assert all("name" in f and "msg" in f for f in frames)
+
+
+def test_classic_errors_carry_name_server_and_msg(chat):
+    """A classic connection's errors carry name "server" and msg (the error text)."""
+    carl = chat.connect()
+    carl.send(name="carl", msg="hi")
+    chat.commit()
+    carl.take()
+    carl.send(name="carla", msg="hi again")
+    error = carl.error()
+    assert error["code"] == "bad_name"
+    assert error["name"] == "server"
+    assert error["msg"] == error["message"]
+    assert error["msg"]
+    carl.send(name="carl", msg="")
+    error = carl.error()
+    assert (error["code"], error["name"]) == ("bad_frame", "server")
+
+
+def test_classic_same_name_again_just_says(chat):
+    """Later classic frames with the same name only say (no second join)."""
+    alice = chat.connect()
+    alice.join(name="alice")
+    carl = chat.connect()
+    carl.send(name="carl", msg="1")
+    carl.send(name=" carl ", msg="2")
+    chat.commit()
+    assert [f["type"] for f in alice.take()] == ["presence", "message", "message"]
+    assert [f["msg"] for f in carl.take()] == ["1", "2"]
+
+
+def test_classic_other_name_is_bad_name(chat):
+    """A later classic frame with another name is `bad_name`, and nothing is said."""
+    carl = chat.connect()
+    carl.send(name="carl", msg="hi")
+    chat.pending()
+    carl.send(name="mallory", msg="hi")
+    assert carl.error()["code"] == "bad_name"
+    assert chat.state.to_store == []
+
+
+def test_classic_invalid_name_is_bad_name(chat):
+    """A classic frame with an invalid name is `bad_name`."""
+    carl = chat.connect()
+    carl.send(name="\u200b", msg="hi")
+    error = carl.error()
+    assert (error["code"], error["name"]) == ("bad_name", "server")
+
+
+def test_classic_name_taken(chat):
+    """A classic frame with a name held by another connection is `name_taken`."""
+    chat.connect().join(name="alice")
+    carl = chat.connect()
+    carl.send(name="alice", msg="hi")
+    assert carl.error()["code"] == "name_taken"
+    assert chat.state.to_store == []
+
+
+def test_classic_no_ack(chat):
+    """A classic say with a ref gets its message but no ack."""
+    carl = chat.connect()
+    carl.send(name="carl", msg="hi", ref="r")
+    chat.commit()
+    assert carl.types() == ["message"]
+
+
+def test_classic_store_failed_error(chat):
+    """A failed store tells a classic sender with a classic error."""
+    carl = chat.connect()
+    carl.send(name="carl", msg="hi")
+    chat.fail("down")
+    error = carl.error()
+    assert (error["code"], error["name"], error["msg"]) == ("unavailable", "server", "down")
+
+
+def test_classic_rate_limited():
+    """Classic frames are rate limited like `say`."""
+    chat = Chat(rate=1, burst=1)
+    carl = chat.connect()
+    carl.send(name="carl", msg="1")
+    carl.send(name="carl", msg="2")
+    assert carl.error()["code"] == "rate_limited"
+
+
+# --- `/` listeners --------------------------------------------------------------------------
+
+
+def test_listener_hears_lobby_before_sending(chat):
+    """A `/` listener receives lobby's messages before sending anything."""
+    listener = chat.connect(listener=True)
+    alice = chat.connect()
+    alice.join(name="alice")
+    alice.send(type_="typing", room="lobby")
+    alice.send(type_="say", room="lobby", msg="hello")
+    chat.commit()
+    assert [(f["type"], f["msg"]) for f in listener.take()] == [("message", "hello")]
+
+
+def test_listener_not_a_member(chat):
+    """A listener shows in no members list and causes no presence."""
+    chat.connect(listener=True)
+    alice = chat.connect()
+    assert alice.join(name="alice")["members"] == ["alice"]
+    assert alice.take() == []
+
+
+def test_listener_only_lobby(chat):
+    """A listener hears lobby only."""
+    listener = chat.connect(listener=True)
+    alice = chat.connect()
+    alice.join("dev", name="alice")
+    alice.send(type_="say", room="dev", msg="hello")
+    chat.commit()
+    assert listener.take() == []
+
+
+def test_listener_typed_first_frame_stops_listening(chat):
+    """A typed first frame makes a typed connection; lobby stops reaching it."""
+    listener = chat.connect(listener=True)
+    listener.join("dev", name="lis")
+    alice = chat.connect()
+    alice.join(name="alice")
+    alice.send(type_="say", room="lobby", msg="hello")
+    chat.commit()
+    assert listener.take() == []
+
+
+def test_listener_typed_join_lobby_is_member(chat):
+    """A listener whose first frame joins lobby becomes a typed member of it."""
+    listener = chat.connect(listener=True)
+    joined = listener.join("lobby", name="lis")
+    assert joined["members"] == ["lis"]
+    alice = chat.connect()
+    alice.join(name="alice")
+    alice.send(type_="say", room="lobby", msg="hello")
+    chat.commit()
+    assert [f["type"] for f in listener.take()] == ["presence", "message"]
+
+
+def test_listener_classic_first_frame_becomes_classic_member(chat):
+    """A listener whose first frame is classic becomes a classic member of lobby."""
+    alice = chat.connect()
+    alice.join(name="alice")
+    listener = chat.connect(listener=True)
+    listener.send(name="carl", msg="hi")
+    chat.commit()
+    assert [f["msg"] for f in listener.take()] == ["hi"]
+    assert [f["type"] for f in alice.take()] == ["presence", "message"]
+    alice.send(type_="say", room="lobby", msg="hello")
+    chat.commit()
+    assert [f["msg"] for f in listener.take()] == ["hello"]
+
+
+def test_listener_disconnect_stops_delivery(chat):
+    """A disconnected listener hears nothing more."""
+    listener = chat.connect(listener=True)
+    chat.state.disconnect(listener.client, chat.now)
+    alice = chat.connect()
+    alice.join(name="alice")
+    alice.send(type_="say", room="lobby", msg="hello")
+    chat.commit()
+    assert listener.take() == []

@@ -1,0 +1,173 @@
+"""The command line: options, environment, and the real process lifecycle."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+import pytest
+import trio
+
+from triochat import Config
+from triochat.cli import build_parser, config_from_args
+from triochat.errors import ConfigError
+
+from .chatclient import open_client
+from .server_process import run_server
+
+SECTION_5_OPTIONS = [
+    "--max-frame-bytes",
+    "--max-msg-chars",
+    "--rate",
+    "--burst",
+    "--outbox-frames",
+    "--max-rooms",
+    "--max-conns-per-ip",
+    "--history-size",
+    "--host",
+    "--port",
+    "--data-dir",
+    "--memory",
+    "--allow-origin",
+    "--ping-interval",
+    "--ping-timeout",
+    "--presence-grace",
+    "--drain-timeout",
+    "--close-timeout",
+    "--redis",
+    "--node-timeout",
+    "--log-level",
+]
+
+
+def test_cli_help_documents_every_option():
+    """--help names every option of PROTOCOL.md §5 and its environment variable."""
+    result = subprocess.run(
+        [sys.executable, "-m", "triochat", "--help"], capture_output=True, text=True, check=True
+    )
+    for option in SECTION_5_OPTIONS:
+        assert option in result.stdout, option
+        env = "TRIOCHAT_" + option[2:].replace("-", "_").upper()
+        assert env in result.stdout.replace("\n", " ").replace("  ", ""), env
+
+
+def test_cli_defaults_match_protocol():
+    """With no options and no environment, the limits are PROTOCOL.md's defaults."""
+    config = config_from_args([], {})
+    assert (config.host, config.port) == ("127.0.0.1", 8181)
+    assert config.max_frame_bytes == 65536
+    assert config.max_msg_chars == 2000
+    assert (config.rate, config.burst) == (10, 20)
+    assert config.outbox_frames == 256
+    assert config.max_rooms == 32
+    assert config.max_conns_per_ip == 256
+    assert config.history_size == 1000
+    assert (config.ping_interval, config.ping_timeout) == (20, 20)
+    assert config.presence_grace == 5
+    assert (config.drain_timeout, config.close_timeout) == (10, 5)
+    assert config.node_timeout == 30
+    assert not config.memory
+
+
+def test_cli_environment_sets_and_command_line_wins():
+    """TRIOCHAT_* variables set options; the command line beats them."""
+    env = {
+        "TRIOCHAT_MAX_FRAME_BYTES": "1000",
+        "TRIOCHAT_RATE": "0",
+        "TRIOCHAT_MEMORY": "1",
+        "TRIOCHAT_ALLOW_ORIGIN": "http://a.example, http://b.example",
+        "TRIOCHAT_PORT": "9000",
+    }
+    config = config_from_args(["--port", "9001"], env)
+    assert config.max_frame_bytes == 1000
+    assert config.rate == 0
+    assert config.memory
+    assert config.allow_origins == ("http://a.example", "http://b.example")
+    assert config.port == 9001
+    config = config_from_args(["--allow-origin", "*", "--allow-origin", "null"], env)
+    assert config.allow_origins == ("*", "null")
+
+
+@pytest.mark.parametrize(
+    ("argv", "env"),
+    [
+        (["--max-frame-bytes", "0"], {}),
+        (["--outbox-frames", "-1"], {}),
+        ([], {"TRIOCHAT_RATE": "fast"}),
+        (["--log-level", "loud"], {}),
+        (["--port", "70000"], {}),
+    ],
+)
+def test_cli_invalid_values_are_config_errors(argv, env):
+    """Out-of-range or malformed values raise ConfigError (exit 2 with a message)."""
+    with pytest.raises(ConfigError):
+        config_from_args(argv, env)
+
+
+def test_cli_invalid_value_exits_2_with_message():
+    """The process reports a bad option on stderr and exits 2, with no traceback."""
+    result = subprocess.run(
+        [sys.executable, "-m", "triochat", "--max-rooms", "0"], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert "max_rooms" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_zero_turns_off_rate_and_ip_limits():
+    """--rate 0 and --max-conns-per-ip 0 are accepted (limits off)."""
+    config = config_from_args(["--rate", "0", "--max-conns-per-ip", "0"], {})
+    assert (config.rate, config.max_conns_per_ip) == (0, 0)
+    assert isinstance(build_parser().format_help(), str)
+    assert Config(rate=0).rate == 0
+
+
+async def test_cli_sigterm_drains_with_1001_exits_0_and_keeps_history(tmp_path):
+    """SIGTERM: clients get 1001, the process exits 0, and history is intact on the next start."""
+    data_dir = str(tmp_path / "data")
+    with trio.fail_after(40):
+        with run_server("--data-dir", data_dir, memory=False) as proc:
+            url = f"ws://127.0.0.1:{proc.port}/ws"
+            async with open_client(url) as alice, open_client(url) as bob:
+                await alice.join("lobby", "alice")
+                await bob.join("lobby", "bob")
+                acked = []
+                for i in range(20):
+                    await alice.say(f"m{i}", ref=f"r{i}")
+                while len(acked) < 20:
+                    frame = await alice.recv()
+                    if frame["type"] == "ack":
+                        acked.append(frame["id"])
+                proc.proc.send_signal(signal.SIGTERM)
+                assert (await alice.closed())[0] == 1001
+                assert (await bob.closed())[0] == 1001
+            returncode = await trio.to_thread.run_sync(proc.proc.wait)
+            assert returncode == 0, proc.output_text()
+            assert "Traceback" not in proc.output_text()
+        with run_server("--data-dir", data_dir, memory=False) as proc:
+            async with open_client(f"ws://127.0.0.1:{proc.port}/ws") as carol:
+                joined = await carol.join("lobby", "carol")
+                assert [m["id"] for m in joined["history"]] == acked
+                assert [m["msg"] for m in joined["history"]] == [f"m{i}" for i in range(20)]
+                await carol.say("after restart", ref="x")
+                message = await carol.expect("message", msg="after restart")
+                assert message["id"] not in acked, "ids are never reused"
+
+
+async def test_cli_memory_restart_forgets_history_and_never_reuses_ids():
+    """--memory: after a restart the old `since` is unknown (recovered false) and ids are new."""
+    with trio.fail_after(30):
+        with run_server() as proc:
+            async with open_client(f"ws://127.0.0.1:{proc.port}/ws") as alice:
+                await alice.join("lobby", "alice")
+                await alice.say("before", ref="r")
+                old = await alice.expect("message", msg="before")
+        with run_server() as proc:
+            async with open_client(f"ws://127.0.0.1:{proc.port}/ws") as alice:
+                joined = await alice.join("lobby", "alice", since=old["id"])
+                assert joined["recovered"] is False
+                assert joined["history"] == []
+                await alice.say("after", ref="r")
+                new = await alice.expect("message", msg="after")
+                assert new["id"] != old["id"]

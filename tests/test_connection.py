@@ -1,0 +1,234 @@
+"""Connection behaviour in virtual time: a whole server on an in-memory network.
+
+Every test takes ``autojump_clock``: sleeps, pings, grace periods and
+timeouts pass instantly and deterministically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+
+import trio
+import trio.testing
+from trio_websocket import ConnectionClosed, wrap_client_stream
+
+from triochat.history.memory import MemoryHistory
+
+from .chatclient import ChatClient
+from .conftest import memory_server
+
+
+async def _read_messages(client: ChatClient, count: int) -> list[str]:
+    """The `msg` of the next ``count`` message frames, other frames skipped."""
+    seen: list[str] = []
+    while len(seen) < count:
+        frame = await client.recv()
+        if frame["type"] == "message":
+            seen.append(frame["msg"])
+    return seen
+
+
+async def test_connection_slow_consumer_never_delays_others(autojump_clock):
+    """2000 messages while one member stalls: the healthy one gets all, in order; the stalled one is closed 1013 (#2)."""
+    async with (
+        memory_server(rate=0) as net,
+        net.client() as sender,
+        net.client() as healthy,
+        net.client(lockstep=True) as stalled,
+    ):
+        await stalled.join("lobby", "stalled")
+        await healthy.join("lobby", "healthy")
+        await sender.join("lobby", "sender")
+        expected = [f"m{i}" for i in range(2000)]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_read_messages, sender, 2000)
+            for text in expected:
+                await sender.say(text)
+            assert await _read_messages(healthy, 2000) == expected
+        # The stalled member's outbox overflowed: 1013 (its pending write and
+        # the close frame get close_timeout each), and the hub let go of it.
+        await trio.sleep(2 * 5 + 1)
+        assert net.server.stats.closes_by_code.get(1013) == 1
+        assert net.server.stats.slow_consumers == 1
+        assert len(net.server.connections) == 2
+        assert len(net.server.hub.chat.rooms["lobby"].typed) == 2
+
+
+async def test_connection_slow_consumer_that_wakes_gets_close_1013(autojump_clock):
+    """A consumer that stalls past its outbox, then reads again, receives close code 1013."""
+    async with memory_server(rate=0, outbox_frames=16, close_timeout=5) as net:
+        async with net.client() as sender, net.client(lockstep=True) as slow:
+            await slow.join("lobby", "slow")
+            await sender.join("lobby", "sender")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_read_messages, sender, 100)
+                for i in range(100):
+                    await sender.say(f"m{i}")
+            await trio.testing.wait_all_tasks_blocked()
+            code, reason = await slow.closed()  # reads again, within close_timeout
+            assert (code, reason) == (1013, "slow consumer")
+
+
+async def test_connection_half_open_peer_closed_after_ping_timeout(autojump_clock):
+    """A peer that vanishes without FIN is closed within 40 s and leaves after the grace period."""
+    async with memory_server() as net, net.client() as observer:
+        await observer.join("lobby", "observer")
+        stream = await net.listener.connect()
+        async with trio.open_nursery() as frozen:
+            ws = await wrap_client_stream(frozen, stream, "localhost", "/ws")
+            ghost = ChatClient(ws)
+            await ghost.join("lobby", "ghost")
+            frozen.cancel_scope.cancel()  # its reader stops: no pongs, no FIN
+        await observer.expect("presence", event="join", name="ghost")
+        vanished = trio.current_time()
+        await trio.sleep(40.01)
+        assert len(net.server.connections) == 1, "the half-open connection is still served"
+        await observer.expect("presence", event="leave", name="ghost")
+        assert trio.current_time() - vanished <= 40 + 5 + 0.1
+        await stream.aclose()
+
+
+async def test_connection_pings_keep_an_idle_connection_open(autojump_clock):
+    """An idle client that answers pings stays connected for hours of virtual time."""
+    async with memory_server() as net, net.client() as alice:
+        await alice.join("lobby", "alice")
+        await trio.sleep(3 * 3600)
+        await alice.say("still here")
+        await alice.expect("message", msg="still here")
+
+
+async def test_connection_presence_leave_waits_for_grace(autojump_clock):
+    """A dropped member's leave is announced when the grace period ends, not before."""
+    async with memory_server(presence_grace=5) as net, net.client() as observer:
+        await observer.join("lobby", "observer")
+        async with net.client() as leaver:
+            await leaver.join("lobby", "leaver")
+            await observer.expect("presence", event="join", name="leaver")
+        dropped = trio.current_time()
+        await observer.expect("presence", event="leave", name="leaver")
+        assert 5 <= trio.current_time() - dropped <= 5.1
+
+
+async def test_connection_reconnect_with_token_in_grace_shows_no_flicker(autojump_clock):
+    """A reconnect with the resume token inside the grace period shows no leave/join."""
+    async with memory_server(presence_grace=5) as net, net.client() as observer:
+        await observer.join("lobby", "observer")
+        async with net.client() as first:
+            token = (await first.join("lobby", "alice"))["token"]
+            await observer.expect("presence", event="join", name="alice")
+        await trio.sleep(2)
+        async with net.client() as second:
+            joined = await second.join("lobby", "alice", token=token)
+            assert joined["members"] == ["alice", "observer"]
+            with trio.move_on_after(30):
+                frame = await observer.recv()
+                raise AssertionError(f"unexpected frame {frame}")
+
+
+async def test_connection_flood_is_rate_limited_then_closed_1008(autojump_clock):
+    """A client at 10x the rate limit gets rate_limited, then close 1008 at the 100th drop; others are unaffected."""
+    async with memory_server(rate=10, burst=20) as net:
+        async with net.client() as flooder, net.client() as calm:
+            await calm.join("lobby", "calm")
+            await flooder.join("lobby", "flooder")
+            answers: list[str] = []
+
+            async def read_answers():
+                while True:
+                    try:
+                        frame = await flooder.recv()
+                    except ConnectionClosed as exc:
+                        assert exc.reason.code == 1008
+                        return
+                    answers.append(frame.get("code", frame["type"]))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read_answers)
+                with contextlib.suppress(ConnectionClosed):
+                    for i in range(400):  # 100 frames/s for up to 4 s
+                        await flooder.say(f"f{i}")
+                        await trio.sleep(0.01)
+            assert answers.count("rate_limited") == 100
+            accepted = answers.count("message")
+            assert 20 <= accepted <= 20 + 2 * 10  # the burst, plus 10/s while it lasted
+            await calm.say("fine")
+            seen = await _read_messages(calm, accepted + 1)
+            assert seen[-1] == "fine"
+
+
+async def test_connection_drain_closes_with_1001_after_flushing(autojump_clock):
+    """drain(): frames already queued are delivered, then every client gets 1001."""
+    async with memory_server(rate=0) as net, net.client() as alice, net.client() as bob:
+        await alice.join("lobby", "alice")
+        await bob.join("lobby", "bob")
+        for i in range(50):
+            await alice.say(f"m{i}", ref=f"r{i}")
+        await trio.testing.wait_all_tasks_blocked()
+        net.server.drain()
+        assert await _read_messages(bob, 50) == [f"m{i}" for i in range(50)]
+        assert await bob.closed() == (1001, "going away")
+        acked = 0
+        while True:
+            try:
+                frame = await alice.recv()
+            except ConnectionClosed as exc:
+                assert exc.reason.code == 1001
+                break
+            acked += frame["type"] == "ack"
+        assert acked == 50, "says received before the drain are stored and acked"
+
+
+async def test_connection_storage_failure_answers_unavailable(autojump_clock):
+    """While the store fails, say answers `unavailable` and acks nothing; it recovers after."""
+    history = MemoryHistory(1000)
+    async with memory_server(history=history) as net, net.client() as alice:
+        await alice.join("lobby", "alice")
+        history.fail_with = "disk full"
+        await alice.say("lost?", ref="r1")
+        error = await alice.expect("error", code="unavailable", ref="r1")
+        assert error["message"]
+        history.fail_with = None
+        await alice.say("stored", ref="r2")
+        message = await alice.expect("message", msg="stored")
+        await alice.expect("ack", ref="r2", id=message["id"])
+        async with net.client() as bob:
+            joined = await bob.join("lobby", "bob")
+            assert [m["msg"] for m in joined["history"]] == ["stored"]
+
+
+async def test_connection_bug_in_handler_closes_only_that_connection(
+    autojump_clock, monkeypatch, caplog
+):
+    """An exception while handling one client's frame closes it with 1011; others go on."""
+    from triochat import chat
+
+    original = chat.ChatState._typing
+
+    def broken(self, client, frame, now):
+        raise RuntimeError("injected bug")
+
+    async with memory_server() as net, net.client() as victim, net.client() as other:
+        await victim.join("lobby", "victim")
+        await other.join("lobby", "other")
+        monkeypatch.setattr(chat.ChatState, "_typing", broken)
+        await victim.send({"type": "typing", "room": "lobby"})
+        assert await victim.closed() == (1011, "internal error")
+        monkeypatch.setattr(chat.ChatState, "_typing", original)
+        await other.say("alive")
+        assert await _read_messages(other, 1) == ["alive"]
+    assert any("injected bug" in (r.exc_text or "") or r.exc_info for r in caplog.records)
+
+
+async def test_connection_accept_emfile_backs_off_and_recovers(autojump_clock, caplog):
+    """EMFILE on accept: the server backs off, logs once, and accepts again."""
+    caplog.set_level(logging.WARNING, logger="triochat")
+    async with memory_server() as net:
+        net.listener.accept_errors.extend(
+            OSError(errno.EMFILE, "Too many open files") for _ in range(5)
+        )
+        async with net.client() as alice:
+            await alice.join("lobby", "alice")
+    backoff_lines = [r for r in caplog.records if "backing off" in r.getMessage()]
+    assert len(backoff_lines) == 1

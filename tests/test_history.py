@@ -1,0 +1,285 @@
+"""One conformance suite over every History store (memory, SQLite), plus SQLite's own duties."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from triochat.errors import StorageError
+from triochat.history import History, Snapshot
+from triochat.history.memory import MemoryHistory
+from triochat.history.sqlite import DB_FILE, SqliteHistory
+from triochat.protocol import Message, make_id
+
+
+def msg(epoch: str, seq: int, room: str = "lobby") -> Message:
+    return Message(room, make_id(epoch, seq), "alice", f"m{seq}", 1_795_800_000_000 + seq)
+
+
+def seqs(messages: list[Message]) -> list[int]:
+    return [int(m.id.rpartition("-")[2]) for m in messages]
+
+
+class Stores:
+    """Opens stores of one kind, and reopens them as a restart of the server would."""
+
+    def __init__(self, kind: str, data_dir: Path) -> None:
+        self.kind = kind
+        self.data_dir = data_dir
+        self.opened: list[History] = []
+
+    def new(self, history_size: int = 1000) -> History:
+        store: History
+        if self.kind == "memory":
+            store = MemoryHistory(history_size)
+        else:
+            store = SqliteHistory(self.data_dir, history_size)
+        self.opened.append(store)
+        return store
+
+    async def open(self, history_size: int = 1000) -> tuple[History, Snapshot]:
+        store = self.new(history_size)
+        return store, await store.load()
+
+    async def reload(self, store: History, history_size: int = 1000) -> tuple[History, Snapshot]:
+        """What a store holds when read again: the same instance in memory, a new one on disk."""
+        if self.kind == "memory":
+            return store, await store.load()
+        await store.aclose()
+        return await self.open(history_size)
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def stores(request, tmp_path) -> AsyncIterator[Stores]:
+    stores = Stores(request.param, tmp_path / "data")
+    yield stores
+    for store in stores.opened:
+        await store.aclose()
+
+
+@pytest.fixture
+async def sqlite_stores(tmp_path) -> AsyncIterator[Stores]:
+    stores = Stores("sqlite", tmp_path / "data")
+    yield stores
+    for store in stores.opened:
+        await store.aclose()
+
+
+# --- the conformance suite --------------------------------------------------------------------
+
+
+async def test_history_load_empty(stores):
+    """An empty store has a non-empty epoch, next_seq 1 and no rooms."""
+    _, snapshot = await stores.open()
+    assert isinstance(snapshot.epoch, str)
+    assert snapshot.epoch
+    assert snapshot.next_seq == 1
+    assert snapshot.rooms == {}
+
+
+async def test_history_append_then_reload_in_order_per_room(stores):
+    """Appended messages come back per room, oldest first, under the same epoch."""
+    store, snapshot = await stores.open()
+    epoch = snapshot.epoch
+    batch1 = [msg(epoch, 1), msg(epoch, 2, "dev"), msg(epoch, 3)]
+    batch2 = [msg(epoch, 4, "dev"), msg(epoch, 5)]
+    await store.append(batch1)
+    await store.append(batch2)
+    _, reloaded = await stores.reload(store)
+    assert reloaded.epoch == epoch
+    assert reloaded.rooms == {
+        "lobby": [batch1[0], batch1[2], batch2[1]],
+        "dev": [batch1[1], batch2[0]],
+    }
+
+
+async def test_history_trimming_keeps_newest_per_room(stores):
+    """Each room keeps only its newest history_size messages; other rooms are untouched."""
+    store, snapshot = await stores.open(history_size=3)
+    epoch = snapshot.epoch
+    await store.append([msg(epoch, 1), msg(epoch, 2), msg(epoch, 3, "dev")])
+    await store.append([msg(epoch, 4), msg(epoch, 5)])
+    await store.append([msg(epoch, 6)])
+    _, reloaded = await stores.reload(store, history_size=3)
+    assert seqs(reloaded.rooms["lobby"]) == [4, 5, 6]
+    assert seqs(reloaded.rooms["dev"]) == [3]
+
+
+async def test_history_trimming_within_one_batch(stores):
+    """A single batch larger than history_size keeps its newest history_size messages."""
+    store, snapshot = await stores.open(history_size=2)
+    epoch = snapshot.epoch
+    await store.append([msg(epoch, seq) for seq in range(1, 8)])
+    _, reloaded = await stores.reload(store, history_size=2)
+    assert seqs(reloaded.rooms["lobby"]) == [6, 7]
+
+
+async def test_history_append_empty_batch(stores):
+    """An empty batch stores nothing and fails nothing."""
+    store, _ = await stores.open()
+    await store.append([])
+    _, reloaded = await stores.reload(store)
+    assert reloaded.rooms == {}
+
+
+async def test_history_round_trips_unicode(stores):
+    """Names and texts with any Unicode come back exactly."""
+    store, snapshot = await stores.open()
+    message = Message("lobby", make_id(snapshot.epoch, 1), "李雷", 'Zoë 😀 "q" \\ \n', 1)
+    await store.append([message])
+    _, reloaded = await stores.reload(store)
+    assert reloaded.rooms == {"lobby": [message]}
+
+
+async def test_history_aclose_twice_is_safe(stores):
+    """aclose may be called twice."""
+    store, _ = await stores.open()
+    await store.aclose()
+    await store.aclose()
+
+
+async def test_history_new_store_new_epoch(stores):
+    """Two stores that share no data have different epochs."""
+    _, first = await stores.open()
+    if stores.kind == "sqlite":
+        stores.data_dir = stores.data_dir.with_name("other")
+    _, second = await stores.open()
+    assert first.epoch != second.epoch
+
+
+# --- MemoryHistory ------------------------------------------------------------------------
+
+
+async def test_memory_history_fail_with_raises_storage_error():
+    """With fail_with set, append raises StorageError and stores nothing; clearing it recovers."""
+    store = MemoryHistory(10)
+    epoch = (await store.load()).epoch
+    store.fail_with = "disk on fire"
+    with pytest.raises(StorageError, match="disk on fire"):
+        await store.append([msg(epoch, 1)])
+    assert (await store.load()).rooms == {}
+    store.fail_with = None
+    await store.append([msg(epoch, 2)])
+    assert seqs((await store.load()).rooms["lobby"]) == [2]
+
+
+# --- SqliteHistory ------------------------------------------------------------------------
+
+
+async def test_sqlite_history_survives_restart(sqlite_stores):
+    """A new instance on the same dir has the same epoch, the messages, and next_seq past them."""
+    store, snapshot = await sqlite_stores.open()
+    epoch = snapshot.epoch
+    await store.append([msg(epoch, 1), msg(epoch, 2, "dev")])
+    await store.append([msg(epoch, 3)])
+    await store.aclose()
+    _, reloaded = await sqlite_stores.open()
+    assert reloaded.epoch == epoch
+    assert reloaded.next_seq == 4
+    assert seqs(reloaded.rooms["lobby"]) == [1, 3]
+    assert seqs(reloaded.rooms["dev"]) == [2]
+
+
+async def test_sqlite_history_next_seq_past_trimmed_and_gaps(sqlite_stores):
+    """next_seq exceeds every seq ever stored, with trimming and gaps in the numbering."""
+    store, snapshot = await sqlite_stores.open(history_size=2)
+    epoch = snapshot.epoch
+    await store.append([msg(epoch, seq) for seq in (1, 2, 5, 9)])
+    await store.append([msg(epoch, 12, "dev")])
+    _, reloaded = await sqlite_stores.reload(store, history_size=2)
+    assert reloaded.next_seq == 13
+    assert seqs(reloaded.rooms["lobby"]) == [5, 9]
+
+
+async def test_sqlite_history_smaller_size_on_reopen(sqlite_stores):
+    """Reopened with a smaller history_size, load returns the newest that many per room."""
+    store, snapshot = await sqlite_stores.open(history_size=10)
+    epoch = snapshot.epoch
+    await store.append([msg(epoch, seq) for seq in range(1, 7)])
+    _, reloaded = await sqlite_stores.reload(store, history_size=3)
+    assert seqs(reloaded.rooms["lobby"]) == [4, 5, 6]
+    assert reloaded.next_seq == 7
+
+
+async def test_sqlite_history_deleted_file_new_epoch(sqlite_stores):
+    """When the database is lost, the next load starts a new epoch (no id is reused)."""
+    store, snapshot = await sqlite_stores.open()
+    await store.append([msg(snapshot.epoch, 1)])
+    await store.aclose()
+    for path in sqlite_stores.data_dir.glob(DB_FILE + "*"):
+        path.unlink()
+    _, reloaded = await sqlite_stores.open()
+    assert reloaded.epoch != snapshot.epoch
+    assert reloaded.rooms == {}
+    assert reloaded.next_seq == 1
+
+
+async def test_sqlite_history_db_is_directory_storage_error(sqlite_stores):
+    """A database path that is a directory fails load with StorageError."""
+    (sqlite_stores.data_dir / DB_FILE).mkdir(parents=True)
+    with pytest.raises(StorageError):
+        await sqlite_stores.new().load()
+
+
+async def test_sqlite_history_data_dir_is_file_storage_error(sqlite_stores):
+    """A data dir that is a regular file fails load with StorageError."""
+    sqlite_stores.data_dir.write_bytes(b"")
+    with pytest.raises(StorageError):
+        await sqlite_stores.new().load()
+
+
+async def test_sqlite_history_corrupt_db_storage_error(sqlite_stores):
+    """A file that is not a database fails load with StorageError."""
+    sqlite_stores.data_dir.mkdir(parents=True)
+    (sqlite_stores.data_dir / DB_FILE).write_bytes(b"this is not a database, " * 200)
+    with pytest.raises(StorageError):
+        await sqlite_stores.new().load()
+
+
+async def test_sqlite_history_locked_db_storage_error_then_recovers(sqlite_stores):
+    """While another connection holds an exclusive lock append fails; after release it works."""
+    store, snapshot = await sqlite_stores.open()
+    epoch = snapshot.epoch
+    await store.append([msg(epoch, 1)])
+    other = sqlite3.connect(sqlite_stores.data_dir / DB_FILE, timeout=0.1, isolation_level=None)
+    try:
+        other.execute("BEGIN EXCLUSIVE")
+        with trio.fail_after(10), pytest.raises(StorageError):
+            # Bounded by the store's busy_timeout (2 s), in its worker thread.
+            await store.append([msg(epoch, 2)])
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+    await store.append([msg(epoch, 3)])
+    _, reloaded = await sqlite_stores.reload(store)
+    assert seqs(reloaded.rooms["lobby"]) == [1, 3]
+
+
+async def test_sqlite_history_failed_batch_stores_nothing(sqlite_stores):
+    """A batch that fails part-way is rolled back whole (atomic), and the store still works."""
+    store, snapshot = await sqlite_stores.open()
+    epoch = snapshot.epoch
+    await store.append([msg(epoch, 1)])
+    with pytest.raises(StorageError):
+        await store.append([msg(epoch, 2), msg(epoch, 1, "dev")])  # seq 1 again
+    await store.append([msg(epoch, 3)])
+    _, reloaded = await sqlite_stores.reload(store)
+    assert reloaded.rooms == {"lobby": [msg(epoch, 1), msg(epoch, 3)]}
+
+
+async def test_sqlite_history_append_before_load_storage_error(sqlite_stores):
+    """append on a store never loaded raises StorageError."""
+    with pytest.raises(StorageError):
+        await sqlite_stores.new().append([msg("e", 1)])
+
+
+async def test_sqlite_history_append_after_aclose_storage_error(sqlite_stores):
+    """append after aclose raises StorageError."""
+    store, snapshot = await sqlite_stores.open()
+    await store.aclose()
+    with pytest.raises(StorageError):
+        await store.append([msg(snapshot.epoch, 1)])

@@ -1,0 +1,533 @@
+"""The HTTP front (PROTOCOL.md §1), spoken byte by byte over real TCP.
+
+Written from PROTOCOL.md alone: raw requests, responses parsed here.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import os
+import struct
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+
+from triochat import Server
+
+from .conftest import running_server
+
+WS_KEY = base64.b64encode(b"0123456789abcdef").decode()
+
+
+@dataclasses.dataclass
+class Response:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+class RawConn:
+    """One TCP connection with a read buffer."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.buffer = bytearray()
+
+    async def send(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def _more(self) -> bool:
+        try:
+            data = await self.stream.receive_some(65536)
+        except trio.BrokenResourceError:  # a reset counts as closed
+            return False
+        self.buffer += data
+        return bool(data)
+
+    async def read_exactly(self, size: int) -> bytes:
+        while len(self.buffer) < size:
+            assert await self._more(), "connection closed early"
+        data = bytes(self.buffer[:size])
+        del self.buffer[:size]
+        return data
+
+    async def eof(self) -> bytes:
+        """Read until the server closes; what came before the close."""
+        while await self._more():
+            pass
+        data = bytes(self.buffer)
+        self.buffer.clear()
+        return data
+
+    async def response(self, *, head: bool = False) -> Response:
+        while (end := self.buffer.find(b"\r\n\r\n")) < 0:
+            assert await self._more(), f"closed without a response: {bytes(self.buffer)!r}"
+        raw = bytes(self.buffer[:end]).decode("latin-1")
+        del self.buffer[: end + 4]
+        status_line, *lines = raw.split("\r\n")
+        version, status, *_ = status_line.split(" ", 2)
+        assert version == "HTTP/1.1", status_line
+        headers: dict[str, str] = {}
+        for line in lines:
+            name, _, value = line.partition(":")
+            key, value = name.strip().lower(), value.strip()
+            headers[key] = f"{headers[key]}, {value}" if key in headers else value
+        code = int(status)
+        body = b""
+        if not head and code != 101:
+            length = headers.get("content-length")
+            body = await self.read_exactly(int(length)) if length is not None else await self.eof()
+        return Response(code, headers, body)
+
+
+@asynccontextmanager
+async def open_tcp(server: Server) -> AsyncIterator[RawConn]:
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    async with stream:
+        yield RawConn(stream)
+
+
+def request_bytes(
+    server: Server, method: str, target: str, headers: tuple[tuple[str, str], ...] = ()
+) -> bytes:
+    lines = [f"{method} {target} HTTP/1.1", f"Host: 127.0.0.1:{server.port}"]
+    lines += [f"{name}: {value}" for name, value in headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+async def fetch(
+    server: Server, method: str, target: str, headers: tuple[tuple[str, str], ...] = ()
+) -> Response:
+    """One request on a fresh connection."""
+    async with open_tcp(server) as conn:
+        await conn.send(request_bytes(server, method, target, headers))
+        return await conn.response(head=method == "HEAD")
+
+
+def handshake_bytes(
+    server: Server,
+    path: str = "/ws",
+    *,
+    host: str | None = None,
+    origin: str | None = None,
+    extra: tuple[tuple[str, str], ...] = (),
+) -> bytes:
+    lines = [
+        f"GET {path} HTTP/1.1",
+        f"Host: {host if host is not None else f'127.0.0.1:{server.port}'}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Key: {WS_KEY}",
+        "Sec-WebSocket-Version: 13",
+    ]
+    if origin is not None:
+        lines.append(f"Origin: {origin}")
+    lines += [f"{name}: {value}" for name, value in extra]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+@asynccontextmanager
+async def open_handshake(
+    server: Server, path: str = "/ws", **kwargs: Any
+) -> AsyncIterator[tuple[Response, RawConn]]:
+    """A WebSocket handshake; the response and the (still open) connection."""
+    async with open_tcp(server) as conn:
+        await conn.send(handshake_bytes(server, path, **kwargs))
+        yield await conn.response(), conn
+
+
+async def handshake_status(server: Server, path: str = "/ws", **kwargs: Any) -> int:
+    async with open_handshake(server, path, **kwargs) as (response, _):
+        return response.status
+
+
+def ws_frame(payload: bytes, opcode: int = 0x1) -> bytes:
+    """A masked, final client frame (RFC 6455 §5.2)."""
+    mask = os.urandom(4)
+    size = len(payload)
+    if size < 126:
+        head = struct.pack("!BB", 0x80 | opcode, 0x80 | size)
+    elif size < 1 << 16:
+        head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, size)
+    else:
+        head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, size)
+    return head + mask + bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
+
+
+async def read_ws_frame(conn: RawConn) -> tuple[int, bytes]:
+    """One server frame: (first byte, payload); server frames are unmasked."""
+    first, second = await conn.read_exactly(2)
+    assert not second & 0x80, "server frames must not be masked"
+    size = second & 0x7F
+    if size == 126:
+        (size,) = struct.unpack("!H", await conn.read_exactly(2))
+    elif size == 127:
+        (size,) = struct.unpack("!Q", await conn.read_exactly(8))
+    return first, await conn.read_exactly(size)
+
+
+@asynccontextmanager
+async def open_raw_chat(server: Server, name: str = "alice") -> AsyncIterator[RawConn]:
+    """A joined chat connection that never answers a close frame (holds a drain)."""
+    async with open_handshake(server) as (response, conn):
+        assert response.status == 101, response
+        join = {"type": "join", "room": "lobby", "name": name}
+        await conn.send(ws_frame(json.dumps(join).encode()))
+        first, payload = await read_ws_frame(conn)
+        assert first & 0x0F == 0x1
+        assert json.loads(payload)["type"] == "joined"
+        yield conn
+
+
+async def assert_close_frame(conn: RawConn, code: int) -> None:
+    first, payload = await read_ws_frame(conn)
+    assert first & 0x0F == 0x8, (first, payload)
+    assert struct.unpack("!H", payload[:2])[0] == code, payload
+
+
+# --- plain HTTP ----------------------------------------------------------------
+
+
+async def test_http_root_serves_chat_page():
+    """GET / answers 200 with the HTML chat page."""
+    with trio.fail_after(10):
+        async with running_server() as server:
+            response = await fetch(server, "GET", "/")
+    assert response.status == 200
+    assert response.headers["content-type"].startswith("text/html")
+    assert b"triochat" in response.body.lower()
+
+
+async def test_http_static_asset_served_with_js_type():
+    """GET /static/app.js answers 200 with a JavaScript content type."""
+    with trio.fail_after(10):
+        async with running_server() as server:
+            response = await fetch(server, "GET", "/static/app.js")
+    assert response.status == 200
+    assert "javascript" in response.headers["content-type"]
+    assert response.body
+
+
+@pytest.mark.parametrize("path", ["/", "/static/app.js", "/healthz", "/readyz", "/metrics"])
+async def test_http_head_same_headers_without_body(path):
+    """HEAD answers GET's status and headers, with no body on the wire."""
+    with trio.fail_after(10):
+        async with running_server() as server, open_tcp(server) as conn:
+            await conn.send(request_bytes(server, "GET", path))
+            got = await conn.response()
+            await conn.send(request_bytes(server, "HEAD", path))
+            head = await conn.response(head=True)
+            # No body bytes may follow: the next response starts right here.
+            await conn.send(request_bytes(server, "GET", "/healthz"))
+            after = await conn.response()
+    assert head.status == got.status == 200
+    assert head.headers["content-type"] == got.headers["content-type"]
+    if path != "/metrics":  # metrics change between requests
+        assert head.headers["content-length"] == got.headers["content-length"]
+    assert after.status == 200
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/nope",
+        "/static/",
+        "/static",
+        "/static/../pyproject.toml",
+        "/static/%2e%2e/pyproject.toml",
+        "/static/%2e%2e/x",
+        "/static/..%2fpyproject.toml",
+        "/static/nope.js",
+        "/static//etc/passwd",
+    ],
+)
+async def test_http_unknown_paths_not_found(target):
+    """Unknown paths, /static/ itself and `..` escapes answer 404."""
+    with trio.fail_after(10):
+        async with running_server() as server:
+            response = await fetch(server, "GET", target)
+    assert response.status == 404
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/", "/static/app.js", "/metrics"])
+async def test_http_wrong_method_405_with_allow(path):
+    """POST on a GET endpoint answers 405 with an Allow header naming GET and HEAD."""
+    with trio.fail_after(10):
+        async with running_server() as server:
+            response = await fetch(server, "POST", path, (("Content-Length", "0"),))
+    assert response.status == 405
+    allow = {method.strip() for method in response.headers["allow"].split(",")}
+    assert {"GET", "HEAD"} <= allow
+
+
+async def test_http_healthz_ok():
+    """GET /healthz answers 200 while the process runs."""
+    with trio.fail_after(10):
+        async with running_server() as server:
+            response = await fetch(server, "GET", "/healthz")
+    assert response.status == 200
+
+
+async def test_http_readyz_ok_then_503_while_draining():
+    """/readyz answers 200, then 503 once draining; the chat gets 1001."""
+    with trio.fail_after(10):
+        async with running_server(close_timeout=5) as server:
+            assert (await fetch(server, "GET", "/readyz")).status == 200
+            async with open_raw_chat(server) as chat:
+                server.drain()
+                assert (await fetch(server, "GET", "/readyz")).status == 503
+                assert (await fetch(server, "GET", "/healthz")).status == 200
+                await assert_close_frame(chat, 1001)
+
+
+async def test_http_metrics_prometheus_text():
+    """GET /metrics answers 200 with Prometheus text holding triochat_ metrics."""
+    with trio.fail_after(10):
+        async with running_server() as server:
+            response = await fetch(server, "GET", "/metrics")
+    assert response.status == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    text = response.body.decode()
+    assert "triochat_" in text
+    assert any(line.startswith("# TYPE triochat_") for line in text.splitlines())
+
+
+async def test_http_ws_without_upgrade_426():
+    """GET /ws without an upgrade answers 426."""
+    with trio.fail_after(10):
+        async with running_server() as server:
+            response = await fetch(server, "GET", "/ws")
+    assert response.status == 426
+
+
+async def test_http_upgrade_on_other_path_404():
+    """A WebSocket upgrade on a path other than /ws or / answers 404."""
+    with trio.fail_after(10):
+        async with running_server() as server:
+            assert await handshake_status(server, "/nope") == 404
+            assert await handshake_status(server, "/healthz") == 404
+
+
+@pytest.mark.parametrize(
+    "head",
+    [b"GARBAGE\r\n\r\n", b"GET /\r\n\r\n", b"GET / HTTP/1.1\r\nno colon here\r\n\r\n"],
+)
+async def test_http_malformed_request_400(head):
+    """A malformed request answers 400 and the connection closes."""
+    with trio.fail_after(10):
+        async with running_server() as server, open_tcp(server) as conn:
+            await conn.send(head)
+            response = await conn.response()
+            await conn.eof()
+    assert response.status == 400
+
+
+async def test_http_oversized_head_4xx_and_closed():
+    """A request head over max_header_bytes answers 431 (or 400) and closes."""
+    with trio.fail_after(10):
+        async with running_server(max_header_bytes=1024) as server, open_tcp(server) as conn:
+            await conn.send(request_bytes(server, "GET", "/", (("X-Big", "a" * 2000),)))
+            response = await conn.response()
+            assert response.status in (431, 400)
+            await conn.eof()
+
+
+async def test_http_stalled_head_cut_at_handshake_timeout():
+    """Half a request head then silence: closed within handshake_timeout; others served."""
+    timeout = 0.5
+    with trio.fail_after(10):
+        async with (
+            running_server(handshake_timeout=timeout) as server,
+            open_tcp(server) as slow,
+        ):
+            await slow.send(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            start = trio.current_time()
+            for path in ("/healthz", "/", "/static/app.js"):
+                assert (await fetch(server, "GET", path)).status == 200
+            served = trio.current_time() - start
+            rest = await slow.eof()
+            ended = trio.current_time() - start
+    assert served < timeout
+    assert ended < timeout + 0.5
+    assert not rest or rest.startswith(b"HTTP/1.1 408"), rest
+
+
+async def test_http_trickled_head_cut_at_handshake_timeout():
+    """A head trickled a byte at a time is still cut at handshake_timeout."""
+    timeout = 0.5
+    head = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 1000
+
+    async def trickle(conn: RawConn) -> None:
+        try:
+            for byte in head:
+                await conn.send(bytes([byte]))
+                await trio.sleep(0.05)  # the client's pace, not a wait for an event
+        except trio.BrokenResourceError:
+            pass
+
+    with trio.fail_after(10):
+        async with running_server(handshake_timeout=timeout) as server, open_tcp(server) as slow:
+            start = trio.current_time()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trickle, slow)
+                await slow.eof()
+                ended = trio.current_time() - start
+                nursery.cancel_scope.cancel()
+    assert ended < timeout + 0.5
+
+
+async def test_http_keep_alive_serves_two_requests():
+    """Two GETs on one connection are both answered."""
+    with trio.fail_after(10):
+        async with running_server() as server, open_tcp(server) as conn:
+            await conn.send(request_bytes(server, "GET", "/healthz"))
+            first = await conn.response()
+            await conn.send(request_bytes(server, "GET", "/static/app.js"))
+            second = await conn.response()
+    assert first.status == second.status == 200
+    assert "javascript" in second.headers["content-type"]
+
+
+async def test_http_pipelined_requests_both_answered():
+    """Two GETs sent back to back before reading are answered in order."""
+    with trio.fail_after(10):
+        async with running_server() as server, open_tcp(server) as conn:
+            await conn.send(
+                request_bytes(server, "GET", "/healthz") + request_bytes(server, "GET", "/nope")
+            )
+            first = await conn.response()
+            second = await conn.response()
+    assert (first.status, second.status) == (200, 404)
+
+
+# --- WebSocket handshakes: Origin, limits, draining, compression -----------------
+
+
+@pytest.mark.parametrize(
+    ("host", "origin", "status"),
+    [
+        (None, None, 101),
+        (None, "http://127.0.0.1:{port}", 101),
+        (None, "https://127.0.0.1:{port}", 101),
+        ("localhost:{port}", "http://LocalHost:{port}", 101),
+        ("LOCALHOST:{port}", "http://localhost:{port}", 101),
+        (None, "http://127.0.0.1:{other}", 403),
+        (None, "http://127.0.0.1", 403),
+        (None, "http://127.0.0.1:{port}.evil.example", 403),
+        (None, "ftp://127.0.0.1:{port}", 403),
+        (None, "http://evil.example", 403),
+        (None, "null", 403),
+    ],
+)
+async def test_http_origin_rules_default(host, origin, status):
+    """Without --allow-origin, only no Origin or the request's own host is allowed."""
+    with trio.fail_after(10):
+        async with running_server() as server:
+            port, other = server.port, server.port % 65535 + 1
+
+            def fill(text):
+                return None if text is None else text.format(port=port, other=other)
+
+            got = await handshake_status(server, host=fill(host), origin=fill(origin))
+    assert got == status
+
+
+@pytest.mark.parametrize(
+    ("allowed", "origin", "status"),
+    [
+        (("null",), "null", 101),
+        (("null",), "http://evil.example", 403),
+        (("http://localhost:3000",), "http://localhost:3000", 101),
+        (("http://localhost:3000",), "http://localhost:3001", 403),
+        (("http://localhost:3000",), "https://localhost:3000", 403),
+        (("http://localhost:3000",), "http://localhost", 403),
+        (("http://localhost:3000",), "null", 403),
+        (("http://localhost:3000",), "http://127.0.0.1:{port}", 101),
+        (("*",), "http://evil.example", 101),
+        (("*",), "https://any.where:8443", 101),
+    ],
+)
+async def test_http_origin_rules_allow_origin(allowed, origin, status):
+    """--allow-origin admits exactly the listed origins (`null`, `*` for any)."""
+    with trio.fail_after(10):
+        async with running_server(allow_origins=allowed) as server:
+            got = await handshake_status(server, origin=origin.format(port=server.port))
+    assert got == status
+
+
+async def test_http_origin_refused_on_root_endpoint():
+    """The Origin rule holds for the upgrade on / as well."""
+    with trio.fail_after(10):
+        async with running_server() as server:
+            assert await handshake_status(server, "/", origin="http://evil.example") == 403
+            assert await handshake_status(server, "/") == 101
+
+
+async def test_http_per_ip_limit_429_then_slot_freed():
+    """With max_conns_per_ip=2 the third handshake gets 429; after a close, one succeeds."""
+    with trio.fail_after(10):
+        async with (
+            running_server(max_conns_per_ip=2) as server,
+            open_handshake(server) as (first, _),
+        ):
+            assert first.status == 101
+            async with open_handshake(server) as (second, conn):
+                assert second.status == 101
+                assert await handshake_status(server) == 429
+                assert await handshake_status(server, "/") == 429
+                assert (await fetch(server, "GET", "/healthz")).status == 200  # HTTP isn't
+                await conn.send(ws_frame(struct.pack("!H", 1000), opcode=0x8))
+                await assert_close_frame(conn, 1000)
+                await conn.eof()  # the server has dropped the connection
+            # The slot frees once the server has wound the connection down.
+            for _ in range(200):
+                status = await handshake_status(server)
+                if status == 101:
+                    break
+                assert status == 429
+                await trio.sleep(0.01)
+            assert status == 101
+
+
+async def test_http_per_ip_limit_zero_is_unlimited():
+    """max_conns_per_ip=0 turns the per-IP limit off."""
+    with trio.fail_after(10):
+        async with running_server(max_conns_per_ip=0) as server, AsyncExitStack() as stack:
+            for _ in range(5):
+                response, _ = await stack.enter_async_context(open_handshake(server))
+                assert response.status == 101
+
+
+async def test_http_handshake_while_draining_503():
+    """A new WebSocket handshake after drain() answers 503."""
+    with trio.fail_after(10):
+        async with running_server(close_timeout=5) as server, open_raw_chat(server) as chat:
+            server.drain()
+            assert await handshake_status(server) == 503
+            assert await handshake_status(server, "/") == 503
+            await assert_close_frame(chat, 1001)
+
+
+async def test_http_permessage_deflate_declined():
+    """A permessage-deflate offer is declined; the chat proceeds uncompressed."""
+    offer = (("Sec-WebSocket-Extensions", "permessage-deflate; client_max_window_bits"),)
+    with trio.fail_after(10):
+        async with (
+            running_server() as server,
+            open_handshake(server, extra=offer) as (
+                response,
+                conn,
+            ),
+        ):
+            assert response.status == 101
+            assert "sec-websocket-extensions" not in response.headers
+            join = {"type": "join", "room": "lobby", "name": "alice"}
+            await conn.send(ws_frame(json.dumps(join).encode()))
+            first, payload = await read_ws_frame(conn)
+    assert first == 0x81  # FIN, no RSV1 (not compressed), text
+    assert json.loads(payload)["type"] == "joined"

@@ -1,0 +1,909 @@
+"""The chat protocol (PROTOCOL.md §2-4, §6 close codes) over real sockets.
+
+Written from PROTOCOL.md alone. Absence is shown with a sentinel where the
+protocol orders frames (a later frame arrives first), else with a short
+`move_on_after` window.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+
+from triochat import Server
+
+from .chatclient import ChatClient, open_memory_client
+from .conftest import client_of, running_server
+
+SLOW_RATE = 0.001  # a bucket that does not refill during a test
+
+
+@asynccontextmanager
+async def tcp_client(server: Server, path: str = "/ws") -> AsyncIterator[ChatClient]:
+    """A client whose socket we own: for connections the server closes first.
+
+    trio-websocket's client does not close its TCP stream after a close the
+    server started, so `client_of` would leak the socket (a ResourceWarning).
+    """
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    async with stream, open_memory_client(stream, path) as client:
+        yield client
+
+
+async def assert_silent(client: ChatClient, seconds: float = 0.2) -> None:
+    """Nothing arrives on ``client`` for ``seconds``."""
+    with trio.move_on_after(seconds):
+        frame = await client.recv()
+        pytest.fail(f"unexpected frame {frame}")
+
+
+async def say_and_see(client: ChatClient, msg: str, room: str = "lobby") -> dict[str, Any]:
+    """Say ``msg`` and wait for its ack; the stored message."""
+    ref = f"ref-{msg[:32]}"
+    await client.say(msg, room=room, ref=ref)
+    message = await client.expect("message", room=room, msg=msg)
+    await client.expect("ack", ref=ref, id=message["id"])
+    return message
+
+
+async def expect_error(client: ChatClient, code: str, ref: str | None = None) -> dict[str, Any]:
+    frame = await client.expect("error", code=code)
+    assert isinstance(frame["message"], str), frame
+    if ref is not None:
+        assert frame.get("ref") == ref, frame
+    return frame
+
+
+# --- join, say, order ------------------------------------------------------------
+
+
+async def test_protocol_join_answers_joined_fields(server):
+    """`joined` carries room, trimmed name, token, sorted members, history, recovered, ref."""
+    with trio.fail_after(10):
+        async with client_of(server) as bob, client_of(server) as zed:
+            joined = await bob.join("lobby", "  bob\t", ref="j1")
+            assert joined["name"] == "bob"
+            assert joined["members"] == ["bob"]
+            assert joined["history"] == []
+            assert joined["recovered"] is True
+            assert joined["ref"] == "j1"
+            assert isinstance(joined["token"], str)
+            assert joined["token"]
+            joined = await zed.join("lobby", "Zed")
+            assert joined["members"] == ["Zed", "bob"]  # code point order
+            await bob.expect("presence", room="lobby", event="join", name="Zed")
+
+
+async def test_protocol_join_presence_goes_to_others_only(server):
+    """A join is announced to the other members, not to the joiner."""
+    with trio.fail_after(10):
+        async with client_of(server) as alice, client_of(server) as bob:
+            await alice.join("lobby", "alice")
+            await bob.join("lobby", "bob")
+            await alice.expect("presence", room="lobby", event="join", name="bob")
+            await say_and_see(bob, "sentinel")  # no presence about itself first
+
+
+async def test_protocol_rejoin_answers_joined_again(server):
+    """Joining an already-joined room answers `joined` again, with no presence."""
+    with trio.fail_after(10):
+        async with client_of(server) as alice, client_of(server) as bob:
+            await alice.join("lobby", "alice")
+            await bob.join("lobby", "bob")
+            await alice.expect("presence", event="join", name="bob")
+            joined = await bob.join("lobby", ref="again")
+            assert joined["members"] == ["alice", "bob"]
+            assert joined["ref"] == "again"
+            message = await say_and_see(bob, "sentinel")
+            await alice.expect("message", id=message["id"])  # no second presence
+
+
+async def test_protocol_later_join_may_omit_name(server):
+    """A later join without `name` joins under the bound name."""
+    with trio.fail_after(10):
+        async with client_of(server) as alice:
+            await alice.join("lobby", "alice")
+            joined = await alice.join("other")
+            assert joined["name"] == "alice"
+            joined = await alice.join("third", "alice")
+            assert joined["name"] == "alice"
+
+
+async def test_protocol_say_message_then_ack(server):
+    """A say yields a `message` (room, id, name, msg, ts) to the sender, then the ack."""
+    with trio.fail_after(10):
+        async with client_of(server) as alice, client_of(server) as bob:
+            await alice.join("lobby", "alice")
+            await bob.join("lobby", "bob")
+            await alice.expect("presence", event="join", name="bob")
+            before = time.time_ns() // 1_000_000
+            await alice.say("hello", ref="c-17")
+            message = await alice.expect("message", room="lobby", name="alice", msg="hello")
+            after = time.time_ns() // 1_000_000
+            await alice.expect("ack", ref="c-17", id=message["id"])
+            assert isinstance(message["id"], str)
+            assert isinstance(message["ts"], int)
+            assert before - 1000 <= message["ts"] <= after + 1000
+            assert await bob.recv() == message
+
+
+async def test_protocol_say_without_ref_not_acked(server):
+    """A say without `ref` gets its message and no ack."""
+    with trio.fail_after(10):
+        async with client_of(server) as alice:
+            await alice.join("lobby", "alice")
+            await alice.say("quiet")
+            await alice.expect("message", msg="quiet")
+            await say_and_see(alice, "sentinel")
+
+
+async def test_protocol_message_not_sent_to_other_rooms(server):
+    """A message goes to the room's members only."""
+    with trio.fail_after(10):
+        async with client_of(server) as alice, client_of(server) as bob:
+            await alice.join("lobby", "alice")
+            await alice.join("other")
+            await bob.join("other", "bob")
+            await alice.expect("presence", room="other", event="join", name="bob")
+            await say_and_see(alice, "in-lobby")
+            message = await say_and_see(alice, "in-other", room="other")
+            await bob.expect("message", id=message["id"])
+
+
+async def test_protocol_same_order_for_all_members():
+    """Interleaved says from three members reach all three in one identical order."""
+    names = ["alice", "bob", "carol"]
+    count = 15
+    with trio.fail_after(10):
+        async with (
+            running_server(rate=0) as server,
+            client_of(server) as a,
+            client_of(server) as b,
+            client_of(server) as c,
+        ):
+            clients = [a, b, c]
+            for index, (client, name) in enumerate(zip(clients, names, strict=True)):
+                await client.join("lobby", name)
+                for earlier in clients[:index]:
+                    await earlier.expect("presence", event="join", name=name)
+            seen: dict[str, list[tuple[str, str, str]]] = {}
+
+            async def talk(client: ChatClient, name: str) -> None:
+                for i in range(count):
+                    await client.say(f"{name}-{i}", ref=f"{name}-{i}")
+                    await trio.lowlevel.checkpoint()
+
+            async def listen(client: ChatClient, name: str) -> None:
+                got: list[tuple[str, str, str]] = []
+                acks: list[str] = []
+                while len(got) < count * len(names) or len(acks) < count:
+                    frame = await client.recv()
+                    if frame["type"] == "ack":
+                        acks.append(frame["ref"])
+                        own = [m for m in got if m[1] == name]
+                        assert own[-1][2] == frame["ref"]  # the ack comes after its message
+                        assert own[-1][0] == frame["id"]
+                    else:
+                        assert frame["type"] == "message", frame
+                        got.append((frame["id"], frame["name"], frame["msg"]))
+                seen[name] = got
+                assert acks == [f"{name}-{i}" for i in range(count)]
+
+            async with trio.open_nursery() as nursery:
+                for client, name in zip(clients, names, strict=True):
+                    nursery.start_soon(listen, client, name)
+                    nursery.start_soon(talk, client, name)
+    assert seen["alice"] == seen["bob"] == seen["carol"]
+    ids = [message_id for message_id, _, _ in seen["alice"]]
+    assert len(set(ids)) == len(ids)
+    for name in names:  # each sender's messages keep its own order
+        mine = [msg for _, who, msg in seen["alice"] if who == name]
+        assert mine == [f"{name}-{i}" for i in range(count)]
+
+
+async def test_protocol_acked_message_in_later_history(server):
+    """An acked message is in the history a later joiner gets."""
+    with trio.fail_after(10):
+        async with client_of(server) as alice, client_of(server) as bob:
+            await alice.join("lobby", "alice")
+            message = await say_and_see(alice, "kept")
+            joined = await bob.join("lobby", "bob")
+            assert joined["history"] == [message]
+
+
+async def test_protocol_leave_answers_left_and_announces(server):
+    """`leave` answers `left` (ref echoed), others see the leave at once; then not_joined."""
+    with trio.fail_after(10):
+        async with client_of(server) as alice, client_of(server) as bob:
+            await alice.join("lobby", "alice")
+            await bob.join("lobby", "bob")
+            await alice.expect("presence", event="join", name="bob")
+            await bob.send({"type": "leave", "room": "lobby", "ref": "bye"})
+            left = await bob.expect("left", room="lobby")
+            assert left.get("ref") == "bye"
+            await alice.expect("presence", room="lobby", event="leave", name="bob")
+            await bob.say("ghost", ref="g")
+            await expect_error(bob, "not_joined", "g")
+            joined = await alice.join("lobby")
+            assert joined["members"] == ["alice"]
+
+
+# --- errors ----------------------------------------------------------------------
+
+
+async def test_protocol_bad_json(server):
+    """A text frame that is not JSON answers bad_json; the connection stays open."""
+    with trio.fail_after(10):
+        async with client_of(server) as alice:
+            await alice.send('{"type": "join", ')
+            await expect_error(alice, "bad_json")
+            await alice.join("lobby", "alice")
+
+
+@pytest.mark.parametrize(
+    ("frame", "ref"),
+    [
+        ("[1, 2]", None),
+        ('"join"', None),
+        ("42", None),
+        ("null", None),
+        ({"type": "dance", "ref": "r1"}, "r1"),
+        ({"room": "lobby", "ref": "r1"}, "r1"),
+        ({"type": 7, "room": "lobby", "ref": "r1"}, "r1"),
+        ({"type": "say", "room": "lobby", "msg": 5, "ref": "r1"}, "r1"),
+        ({"type": "say", "room": "lobby", "ref": "r1"}, "r1"),
+        ({"type": "say", "room": 3, "msg": "hi", "ref": "r1"}, "r1"),
+        ({"type": "say", "room": "lobby", "msg": "", "ref": "r1"}, "r1"),
+        ({"type": "say", "room": "lobby", "msg": "hi", "ref": ""}, None),
+        ({"type": "say", "room": "lobby", "msg": "hi", "ref": "r" * 65}, None),
+        ({"type": "say", "room": "lobby", "msg": "hi", "ref": 5}, None),
+        ({"type": "join", "room": "lobby", "name": 5, "ref": "r1"}, "r1"),
+        ({"type": "join", "room": "lobby", "since": 41, "ref": "r1"}, "r1"),
+        ({"type": "whisper", "to": "alice", "ref": "r1"}, "r1"),
+        ({"type": "whisper", "to": "alice", "msg": "", "ref": "r1"}, "r1"),
+        ({"type": "history", "room": "lobby", "limit": 0, "ref": "r1"}, "r1"),
+        ({"type": "history", "room": "lobby", "limit": 201, "ref": "r1"}, "r1"),
+        ({"type": "history", "room": "lobby", "limit": "5", "ref": "r1"}, "r1"),
+        ({"type": "history", "room": "lobby", "before": "no-such-id", "ref": "r1"}, "r1"),
+    ],
+)
+async def test_protocol_bad_frame(server, frame, ref):
+    """A JSON frame that is not a valid frame answers bad_frame (ref echoed); stays open."""
+    with trio.fail_after(10):
+        async with client_of(server) as alice:
+            await alice.join("lobby", "alice")
+            await alice.send(frame)
+            await expect_error(alice, "bad_frame", ref)
+            await say_and_see(alice, "still-open")
+
+
+async def test_protocol_too_long():
+    """A msg over max_msg_chars answers too_long with the ref; at the limit it passes."""
+    with trio.fail_after(10):
+        async with running_server(max_msg_chars=2000) as server, client_of(server) as alice:
+            await alice.join("lobby", "alice")
+            await alice.say("x" * 2001, ref="long")
+            await expect_error(alice, "too_long", "long")
+            await alice.send({"type": "whisper", "to": "alice", "msg": "y" * 2001, "ref": "w"})
+            await expect_error(alice, "too_long", "w")
+            await say_and_see(alice, "\U0001f600" * 2000)  # code points, not UTF-16 units
+
+
+@pytest.mark.parametrize(
+    "name",
+    [None, "", "   ", "\t\n", "x" * 33, "a\x07b", "a\u200bb", "a\u2028b", "a\u2029b", "\u202e"],
+)
+async def test_protocol_bad_name(server, name):
+    """A missing (first join) or invalid name answers bad_name with the ref."""
+    with trio.fail_after(10):
+        async with client_of(server) as alice:
+            frame: dict[str, Any] = {"type": "join", "room": "lobby", "ref": "n1"}
+            if name is not None:
+                frame["name"] = name
+            await alice.send(frame)
+            await expect_error(alice, "bad_name", "n1")
+            await alice.join("lobby", "alice")
+
+
+async def test_protocol_name_limits_in_code_points(server):
+    """A name is 1-32 code points after trimming, non-BMP characters included."""
+    with trio.fail_after(10):
+        async with client_of(server) as alice, client_of(server) as bob:
+            joined = await alice.join("lobby", " " + "\U0001f600" * 32 + "\u3000")
+            assert joined["name"] == "\U0001f600" * 32
+            joined = await bob.join("lobby", "b" * 32)
+            assert joined["name"] == "b" * 32
+
+
+async def test_protocol_bad_name_on_different_later_name(server):
+    """A later join with a different name answers bad_name."""
+    with trio.fail_after(10):
+        async with client_of(server) as alice:
+            await alice.join("lobby", "alice")
+            await alice.send({"type": "join", "room": "other", "name": "mallory", "ref": "n2"})
+            await expect_error(alice, "bad_name", "n2")
+            joined = await alice.join("other", " alice ")  # the same name, trimmed
+            assert joined["name"] == "alice"
+
+
+@pytest.mark.parametrize(
+    "room", ["", "Lobby", "-lobby", "_lobby", "lob by", "lobby!", "a" * 65, "caf\u00e9"]
+)
+async def test_protocol_bad_room(server, room):
+    """An invalid room answers bad_room with the ref."""
+    with trio.fail_after(10):
+        async with client_of(server) as alice:
+            await alice.send({"type": "join", "room": room, "name": "alice", "ref": "b1"})
+            await expect_error(alice, "bad_room", "b1")
+            await alice.join("a" * 64, "alice")
+            await alice.say("hi", room=room, ref="b2")
+            await expect_error(alice, "bad_room", "b2")
+
+
+async def test_protocol_bad_room_over_max_rooms():
+    """Joining one room more than max_rooms answers bad_room; leaving frees a slot."""
+    with trio.fail_after(10):
+        async with running_server(max_rooms=2) as server, client_of(server) as alice:
+            await alice.join("one", "alice")
+            await alice.join("two")
+            await alice.send({"type": "join", "room": "three", "ref": "r3"})
+            await expect_error(alice, "bad_room", "r3")
+            await alice.join("two")  # re-joining a joined room is no extra room
+            await alice.send({"type": "leave", "room": "one"})
+            await alice.expect("left", room="one")
+            await alice.join("three")
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        {"type": "say", "room": "other", "msg": "hi", "ref": "x"},
+        {"type": "typing", "room": "other", "ref": "x"},
+        {"type": "leave", "room": "other", "ref": "x"},
+        {"type": "history", "room": "other", "ref": "x"},
+    ],
+)
+async def test_protocol_not_joined(server, frame):
+    """Room frames for a room the connection has not joined answer not_joined."""
+    with trio.fail_after(10):
+        async with client_of(server) as alice:
+            await alice.join("lobby", "alice")
+            await alice.send(frame)
+            await expect_error(alice, "not_joined", "x")
+
+
+async def test_protocol_not_joined_whisper_without_name(server):
+    """A whisper before the connection has a name answers not_joined."""
+    with trio.fail_after(10):
+        async with client_of(server) as alice, client_of(server) as bob:
+            await bob.join("lobby", "bob")
+            await alice.send({"type": "whisper", "to": "bob", "msg": "psst", "ref": "w"})
+            await expect_error(alice, "not_joined", "w")
+
+
+async def test_protocol_name_taken(server):
+    """A name held by another live connection answers name_taken, also with a wrong token."""
+    with trio.fail_after(10):
+        async with client_of(server) as alice, client_of(server) as mallory:
+            await alice.join("lobby", "alice")
+            await mallory.send({"type": "join", "room": "lobby", "name": "alice", "ref": "t"})
+            await expect_error(mallory, "name_taken", "t")
+            await mallory.send(
+                {"type": "join", "room": "other", "name": " alice", "token": "forged", "ref": "u"}
+            )
+            await expect_error(mallory, "name_taken", "u")
+            await mallory.join("other", "mallory")
+            await say_and_see(alice, "still-mine")
+
+
+async def test_protocol_no_such_user(server):
+    """A whisper to a name nobody holds answers no_such_user with the ref."""
+    with trio.fail_after(10):
+        async with client_of(server) as alice:
+            await alice.join("lobby", "alice")
+            await alice.send({"type": "whisper", "to": "nobody", "msg": "psst", "ref": "w"})
+            await expect_error(alice, "no_such_user", "w")
+
+
+async def test_protocol_rate_limited():
+    """With rate=1, burst=1 a second say at once is dropped with rate_limited."""
+    with trio.fail_after(10):
+        async with running_server(rate=1, burst=1) as server, client_of(server) as alice:
+            await alice.join("lobby", "alice")
+            await say_and_see(alice, "first")
+            await alice.say("second", ref="r2")
+            await expect_error(alice, "rate_limited", "r2")
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        {"type": "typing", "room": "lobby", "ref": "x"},
+        {"type": "whisper", "to": "alice", "msg": "psst", "ref": "x"},
+    ],
+)
+async def test_protocol_rate_limit_shared_by_typing_and_whisper(frame):
+    """say, typing and whisper draw from one bucket."""
+    with trio.fail_after(10):
+        async with running_server(rate=SLOW_RATE, burst=1) as server, client_of(server) as alice:
+            await alice.join("lobby", "alice")
+            await say_and_see(alice, "first")
+            await alice.send(frame)
+            await expect_error(alice, "rate_limited", "x")
+
+
+async def test_protocol_rate_limit_spares_join_leave_history():
+    """join, leave and history are not rate limited."""
+    with trio.fail_after(10):
+        async with running_server(rate=SLOW_RATE, burst=1) as server, client_of(server) as alice:
+            await alice.join("lobby", "alice")
+            await say_and_see(alice, "first")
+            await alice.join("other")
+            await alice.send({"type": "history", "room": "lobby", "ref": "h"})
+            await alice.expect("history", room="lobby")
+            await alice.send({"type": "leave", "room": "other"})
+            await alice.expect("left", room="other")
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        # bad_frame before too_long
+        ({"type": "say", "room": "lobby", "msg": "x" * 2001, "ref": ""}, "bad_frame"),
+        # too_long before bad_room
+        ({"type": "say", "room": "BAD", "msg": "x" * 2001, "ref": "x"}, "too_long"),
+        # too_long before not_joined
+        ({"type": "say", "room": "other", "msg": "x" * 2001, "ref": "x"}, "too_long"),
+        # bad_name before bad_room
+        ({"type": "join", "room": "BAD", "name": "", "ref": "x"}, "bad_name"),
+        ({"type": "join", "room": "BAD", "name": "mallory", "ref": "x"}, "bad_name"),
+        # bad_room before rate_limited
+        ({"type": "say", "room": "BAD", "msg": "hi", "ref": "x"}, "bad_room"),
+        # rate_limited before not_joined
+        ({"type": "say", "room": "other", "msg": "hi", "ref": "x"}, "rate_limited"),
+        ({"type": "typing", "room": "other", "ref": "x"}, "rate_limited"),
+        # rate_limited before no_such_user
+        ({"type": "whisper", "to": "nobody", "msg": "hi", "ref": "x"}, "rate_limited"),
+        # bad_room on a later join (no name needed)
+        ({"type": "join", "room": "lobby!", "ref": "x"}, "bad_room"),
+    ],
+)
+async def test_protocol_check_order(frame, code):
+    """The first failing check in §2's order answers (bucket empty, joined lobby as alice)."""
+    with trio.fail_after(10):
+        async with running_server(rate=SLOW_RATE, burst=1) as server, client_of(server) as alice:
+            await alice.join("lobby", "alice")
+            await say_and_see(alice, "drain-the-bucket")
+            await alice.send(frame)
+            await expect_error(alice, code, frame["ref"] or None)
+
+
+async def test_protocol_check_order_name_before_state():
+    """On a first join, bad_name beats name_taken and bad_room beats name_taken."""
+    with trio.fail_after(10):
+        async with (
+            running_server() as server,
+            client_of(server) as alice,
+            client_of(server) as other,
+        ):
+            await other.join("lobby", "alice")
+            await alice.send({"type": "join", "room": "BAD", "name": "", "ref": "x"})
+            await expect_error(alice, "bad_name", "x")
+            await alice.send({"type": "join", "room": "BAD", "name": "alice", "ref": "y"})
+            await expect_error(alice, "bad_room", "y")
+            await alice.send({"type": "join", "room": "lobby", "name": "alice", "ref": "z"})
+            await expect_error(alice, "name_taken", "z")
+
+
+# --- close codes -------------------------------------------------------------------
+
+
+async def test_protocol_binary_frame_closes_1003(server):
+    """A binary frame closes the connection with 1003."""
+    with trio.fail_after(10):
+        async with tcp_client(server) as alice:
+            await alice.join("lobby", "alice")
+            await alice.ws.send_message(b'{"type": "say", "room": "lobby", "msg": "hi"}')
+            code, _ = await alice.closed()
+    assert code == 1003
+
+
+@pytest.mark.parametrize("text", ["x" * 2000, "\u20ac" * 400], ids=["ascii", "utf8-3-byte"])
+async def test_protocol_frame_over_max_frame_bytes_closes_1009(text):
+    """A frame over max_frame_bytes (counted in UTF-8 bytes) closes with 1009."""
+    with trio.fail_after(10):
+        async with running_server(max_frame_bytes=1000) as server, tcp_client(server) as alice:
+            await alice.join("lobby", "alice")
+            await say_and_see(alice, "x" * 900)  # a frame under the limit passes
+            await alice.send(text)
+            code, _ = await alice.closed()
+    assert code == 1009
+
+
+async def test_protocol_hundred_drops_close_1008():
+    """99 rate-limited drops leave the connection open; the 100th closes it with 1008."""
+    with trio.fail_after(10):
+        async with running_server(rate=SLOW_RATE, burst=1) as server, tcp_client(server) as alice:
+            await alice.join("lobby", "alice")
+            await say_and_see(alice, "first")
+            for i in range(99):
+                await alice.say("flood", ref=f"f{i}")
+            for i in range(99):
+                await expect_error(alice, "rate_limited", f"f{i}")
+            await alice.join("lobby")  # still open
+            await alice.say("flood", ref="f99")
+            code, _ = await alice.closed()
+    assert code == 1008
+
+
+# --- typing, whisper, history ---------------------------------------------------
+
+
+async def test_protocol_typing_relayed_to_others(server):
+    """`typing` reaches the other members as {room, name}, not the sender."""
+    with trio.fail_after(10):
+        async with client_of(server) as alice, client_of(server) as bob:
+            await alice.join("lobby", "alice")
+            await bob.join("lobby", "bob")
+            await alice.expect("presence", event="join", name="bob")
+            await alice.send({"type": "typing", "room": "lobby"})
+            frame = await bob.expect("typing", room="lobby", name="alice")
+            assert set(frame) == {"type", "room", "name"}
+            await say_and_see(alice, "sentinel")  # no typing echo came first
+
+
+async def test_protocol_typing_not_stored(server):
+    """`typing` never shows up in history."""
+    with trio.fail_after(10):
+        async with client_of(server) as alice:
+            await alice.join("lobby", "alice")
+            await alice.send({"type": "typing", "room": "lobby"})
+            await alice.send({"type": "history", "room": "lobby"})
+            history = await alice.expect("history", room="lobby")
+            assert history["messages"] == []
+
+
+async def test_protocol_whisper_to_other_connection(server):
+    """A whisper reaches the recipient and the sender's copy, then the ack; not stored."""
+    with trio.fail_after(10):
+        async with client_of(server) as alice, client_of(server) as bob:
+            await alice.join("lobby", "alice")
+            await bob.join("elsewhere", "bob")
+            await alice.send({"type": "whisper", "to": "bob", "msg": "psst", "ref": "w1"})
+            got = await bob.expect("whisper", to="bob", msg="psst")
+            assert got["from"] == got["name"] == "alice"
+            assert isinstance(got["id"], str)
+            assert isinstance(got["ts"], int)
+            copy = await alice.expect("whisper")
+            assert copy == got
+            await alice.expect("ack", ref="w1", id=got["id"])
+            await alice.send({"type": "history", "room": "lobby"})
+            assert (await alice.expect("history"))["messages"] == []
+
+
+async def test_protocol_whisper_to_self_once(server):
+    """A whisper to oneself arrives once, then the ack."""
+    with trio.fail_after(10):
+        async with client_of(server) as alice:
+            await alice.join("lobby", "alice")
+            await alice.send({"type": "whisper", "to": "alice", "msg": "note", "ref": "w"})
+            got = await alice.expect("whisper", to="alice", msg="note")
+            await alice.expect("ack", ref="w", id=got["id"])
+
+
+async def test_protocol_history_paging(server):
+    """history pages back with before/limit, oldest first, `more` set while older exist."""
+    with trio.fail_after(10):
+        async with client_of(server) as alice:
+            await alice.join("lobby", "alice")
+            sent = [await say_and_see(alice, f"m{i}") for i in range(5)]
+            await alice.send({"type": "history", "room": "lobby", "limit": 2, "ref": "h1"})
+            page = await alice.expect("history", room="lobby", more=True)
+            assert page["messages"] == sent[3:]
+            assert page.get("ref") == "h1"
+            before = page["messages"][0]["id"]
+            await alice.send({"type": "history", "room": "lobby", "before": before, "limit": 2})
+            page = await alice.expect("history", room="lobby", more=True)
+            assert page["messages"] == sent[1:3]
+            before = page["messages"][0]["id"]
+            await alice.send({"type": "history", "room": "lobby", "before": before, "limit": 2})
+            page = await alice.expect("history", room="lobby", more=False)
+            assert page["messages"] == sent[:1]
+            await alice.send({"type": "history", "room": "lobby"})
+            page = await alice.expect("history", room="lobby", more=False)
+            assert page["messages"] == sent
+            await alice.send({"type": "history", "room": "lobby", "before": sent[0]["id"]})
+            page = await alice.expect("history", room="lobby", more=False)
+            assert page["messages"] == []
+
+
+async def test_protocol_history_default_limit_50():
+    """history without `limit` returns the newest 50, with `more`."""
+    with trio.fail_after(10):
+        async with running_server(rate=0) as server, client_of(server) as alice:
+            await alice.join("lobby", "alice")
+            sent = [await say_and_see(alice, f"m{i}") for i in range(55)]
+            await alice.send({"type": "history", "room": "lobby"})
+            page = await alice.expect("history", room="lobby", more=True)
+            assert page["messages"] == sent[5:]
+
+
+async def test_protocol_joined_history_newest_100():
+    """`joined.history` without since holds the newest 100 messages, recovered true."""
+    with trio.fail_after(10):
+        async with running_server(rate=0) as server, client_of(server) as alice:
+            await alice.join("lobby", "alice")
+            sent = [await say_and_see(alice, f"m{i}") for i in range(105)]
+            async with client_of(server) as bob:
+                joined = await bob.join("lobby", "bob")
+    assert joined["history"] == sent[5:]
+    assert joined["recovered"] is True
+
+
+# --- recovery, takeover, presence grace --------------------------------------------
+
+
+async def test_protocol_since_recovers_missed_messages(server):
+    """Reconnecting with token and since replays exactly the missed messages in order."""
+    with trio.fail_after(10):
+        async with client_of(server) as bob:
+            await bob.join("lobby", "bob")
+            async with client_of(server) as alice:
+                joined = await alice.join("lobby", "alice")
+                await bob.expect("presence", event="join", name="alice")
+                seen = await say_and_see(bob, "seen")
+                await alice.expect("message", id=seen["id"])
+            missed = [await say_and_see(bob, f"missed-{i}") for i in range(3)]
+            async with client_of(server) as alice:
+                again = await alice.join("lobby", "alice", token=joined["token"], since=seen["id"])
+                assert again["recovered"] is True
+                assert again["history"] == missed
+                assert again["token"] == joined["token"]
+                rejoined = await alice.join("lobby", since=missed[-1]["id"])
+                assert rejoined["history"] == []
+                assert rejoined["recovered"] is True
+
+
+async def test_protocol_unknown_since_not_recovered(server):
+    """A since the room cannot place answers recovered false, with the newest messages."""
+    with trio.fail_after(10):
+        async with client_of(server) as alice, client_of(server) as bob:
+            await alice.join("lobby", "alice")
+            sent = [await say_and_see(alice, f"m{i}") for i in range(3)]
+            joined = await bob.join("lobby", "bob", since="no-such-id")
+            assert joined["recovered"] is False
+            assert joined["history"] == sent
+            await alice.expect("presence", event="join", name="bob")
+            await alice.join("other")
+            joined = await bob.join("other", since=sent[0]["id"])  # another room's id
+            assert joined["recovered"] is False
+            assert joined["history"] == []
+
+
+async def test_protocol_since_more_than_200_missed_not_recovered():
+    """More than 200 missed messages: recovered false and the newest 100."""
+    with trio.fail_after(10):
+        async with running_server(rate=0) as server, client_of(server) as alice:
+            await alice.join("lobby", "alice")
+            first = await say_and_see(alice, "start")
+            sent = [await say_and_see(alice, f"m{i}") for i in range(201)]
+            async with client_of(server) as bob:
+                joined = await bob.join("lobby", "bob", since=first["id"])
+                assert joined["recovered"] is False
+                assert joined["history"] == sent[-100:]
+                joined = await bob.join("lobby", since=sent[0]["id"])  # exactly 200
+                assert joined["recovered"] is True
+                assert joined["history"] == sent[1:]
+
+
+async def test_protocol_token_takeover_closes_old_4001(server):
+    """A join with the resume token replaces the old connection (4001); no presence change."""
+    with trio.fail_after(10):
+        async with client_of(server) as bob, tcp_client(server) as old:
+            joined = await old.join("lobby", "alice")
+            await bob.join("lobby", "bob")
+            await old.expect("presence", event="join", name="bob")
+            async with client_of(server) as new:
+                again = await new.join("lobby", "alice", token=joined["token"])
+                assert again["members"] == ["alice", "bob"]
+                assert again["token"] == joined["token"]
+                code, _ = await old.closed()
+                assert code == 4001
+                message = await say_and_see(new, "back")
+                await bob.expect("message", id=message["id"])  # no leave/join before it
+
+
+async def test_protocol_grace_delays_leave_after_drop():
+    """A dropped member's leave is announced only when the grace period ends."""
+    grace = 0.5
+    with trio.fail_after(10):
+        async with running_server(presence_grace=grace) as server, client_of(server) as bob:
+            await bob.join("lobby", "bob")
+            async with client_of(server) as alice:
+                await alice.join("lobby", "alice")
+                await bob.expect("presence", event="join", name="alice")
+                start = trio.current_time()
+            await assert_silent(bob, 0.2)
+            await bob.expect("presence", room="lobby", event="leave", name="alice")
+            assert trio.current_time() - start >= grace * 0.9
+
+
+async def test_protocol_grace_quick_reconnect_no_flicker():
+    """A reconnect with the token inside the grace period shows no leave or join."""
+    grace = 0.5
+    with trio.fail_after(10):
+        async with running_server(presence_grace=grace) as server, client_of(server) as bob:
+            await bob.join("lobby", "bob")
+            async with client_of(server) as alice:
+                joined = await alice.join("lobby", "alice")
+                await bob.expect("presence", event="join", name="alice")
+            async with client_of(server) as alice:
+                again = await alice.join("lobby", "alice", token=joined["token"])
+                assert again["members"] == ["alice", "bob"]
+                await assert_silent(bob, grace + 0.3)  # past the grace period
+                message = await say_and_see(alice, "back")
+                await bob.expect("message", id=message["id"])
+
+
+async def test_protocol_grace_holds_name():
+    """During the grace period the name is held (name_taken); after it, free again."""
+    grace = 0.5
+    with trio.fail_after(10):
+        async with running_server(presence_grace=grace) as server, client_of(server) as bob:
+            await bob.join("lobby", "bob")
+            async with client_of(server) as alice:
+                await alice.join("lobby", "alice")
+                await bob.expect("presence", event="join", name="alice")
+            async with client_of(server) as mallory:
+                await mallory.send({"type": "join", "room": "lobby", "name": "alice", "ref": "m"})
+                await expect_error(mallory, "name_taken", "m")
+                await bob.expect("presence", event="leave", name="alice")
+                joined = await mallory.join("lobby", "alice")
+                assert joined["members"] == ["alice", "bob"]
+
+
+async def test_protocol_whisper_to_user_in_grace_no_such_user():
+    """A whisper to a user held only by the grace period answers no_such_user."""
+    with trio.fail_after(10):
+        async with running_server(presence_grace=5) as server, client_of(server) as bob:
+            await bob.join("lobby", "bob")
+            async with client_of(server) as alice:
+                await alice.join("lobby", "alice")
+                await bob.expect("presence", event="join", name="alice")
+            await bob.send({"type": "whisper", "to": "alice", "msg": "psst", "ref": "w"})
+            await expect_error(bob, "no_such_user", "w")
+
+
+# --- classic frames and the / endpoint ------------------------------------------
+
+
+async def test_protocol_root_listener_hears_lobby(server):
+    """A connection on / hears lobby messages before sending anything; it is no member."""
+    with trio.fail_after(10):
+        async with client_of(server, "/") as listener, client_of(server) as alice:
+            joined = await alice.join("lobby", "alice")
+            assert joined["members"] == ["alice"]
+            message = await say_and_see(alice, "hello")
+            assert await listener.recv() == message  # no presence before it
+            await alice.send({"type": "typing", "room": "lobby"})
+            message = await say_and_see(alice, "again")
+            assert await listener.recv() == message  # no typing before it
+
+
+async def test_protocol_ws_endpoint_starts_with_nothing(server):
+    """A connection on /ws hears nothing before it joins."""
+    with trio.fail_after(10):
+        async with client_of(server) as silent, client_of(server) as alice:
+            await alice.join("lobby", "alice")
+            message = await say_and_see(alice, "hello")
+            await silent.send({"type": "join", "room": "lobby", "name": "sid"})
+            joined = await silent.expect("joined")  # the first frame it gets
+            assert joined["history"] == [message]
+
+
+async def test_protocol_typed_frame_stops_listening(server):
+    """A / connection whose first frame is typed stops hearing lobby."""
+    with trio.fail_after(10):
+        async with client_of(server) as alice:
+            await alice.join("lobby", "alice")
+            await alice.join("other")
+            async with client_of(server, "/") as lou:
+                await lou.join("other", "lou")
+                await alice.expect("presence", room="other", event="join", name="lou")
+                await say_and_see(alice, "in-lobby")
+                message = await say_and_see(alice, "in-other", room="other")
+                assert await lou.recv() == message
+
+
+async def test_protocol_classic_frame_joins_lobby_and_says(server):
+    """A classic {name, msg} frame joins lobby and says; only name+msg frames come back."""
+    with trio.fail_after(10):
+        async with client_of(server) as bob, client_of(server, "/") as carol:
+            await bob.join("lobby", "bob")
+            await carol.send({"name": "carol", "msg": "hi all"})
+            await bob.expect("presence", room="lobby", event="join", name="carol")
+            own = await bob.expect("message", name="carol", msg="hi all")
+            assert await carol.recv() == own  # no joined, no history, no ack
+            joined = await bob.join("lobby")
+            assert joined["members"] == ["bob", "carol"]
+            await carol.send({"name": "carol", "msg": "second", "ref": "c2"})
+            second = await bob.expect("message", name="carol", msg="second")
+            assert await carol.recv() == second  # no ack
+            await bob.send({"type": "typing", "room": "lobby"})
+            message = await say_and_see(bob, "from-bob")
+            assert await carol.recv() == message  # no typing before it
+            await bob.send({"type": "whisper", "to": "carol", "msg": "psst"})
+            whisper = await carol.expect("whisper", name="bob", msg="psst")
+            assert whisper["from"] == "bob"
+
+
+async def test_protocol_classic_gets_errors_with_name_and_msg(server):
+    """A classic connection's errors carry name "server" and msg; another name is bad_name."""
+    with trio.fail_after(10):
+        async with client_of(server, "/") as carol:
+            await carol.send({"name": "carol", "msg": "hi"})
+            await carol.expect("message", name="carol", msg="hi")
+            await carol.send({"name": "dave", "msg": "spoof"})
+            error = await carol.expect("error", code="bad_name", name="server")
+            assert isinstance(error["msg"], str)
+            assert error["msg"]
+            await carol.send({"name": "carol", "msg": "x" * 2001})
+            error = await carol.expect("error", code="too_long", name="server")
+            assert error["msg"]
+            await carol.send("not json")
+            error = await carol.expect("error", code="bad_json", name="server")
+            assert error["msg"]
+
+
+async def test_protocol_classic_receives_only_name_msg_frames(server):
+    """Every frame a classic connection gets has both `name` and `msg`."""
+    with trio.fail_after(10):
+        async with client_of(server, "/") as carol, client_of(server) as bob:
+            await carol.send({"name": "carol", "msg": "hi"})
+            await carol.expect("message", name="carol", msg="hi")
+            await bob.join("lobby", "bob")
+            await bob.send({"type": "typing", "room": "lobby"})
+            await bob.send({"type": "leave", "room": "lobby"})
+            await bob.expect("left")
+            await bob.join("lobby")
+            message = await say_and_see(bob, "done")
+            assert await carol.recv() == message  # no presence, typing or history first
+
+
+# --- drain --------------------------------------------------------------------------
+
+
+async def test_protocol_drain_closes_1001_after_queued_frames():
+    """drain() flushes what is queued for each client, then closes it with 1001."""
+    with trio.fail_after(10):
+        async with (
+            running_server(rate=0) as server,
+            tcp_client(server) as alice,
+            tcp_client(server) as bob,
+        ):
+            await alice.join("lobby", "alice")
+            await bob.join("lobby", "bob")
+            await alice.expect("presence", event="join", name="bob")
+            # bob reads nothing while these are delivered to him.
+            sent = [await say_and_see(alice, f"m{i}") for i in range(20)]
+            server.drain()
+            got = [await bob.expect("message") for _ in sent]
+            assert got == sent
+            code_bob, _ = await bob.closed()
+            code_alice, _ = await alice.closed()
+    assert code_bob == code_alice == 1001
+
+
+async def test_protocol_drain_close_code_1001(server):
+    """A connection open when draining starts is closed with code 1001."""
+    with trio.fail_after(10):
+        async with tcp_client(server) as alice:
+            await alice.join("lobby", "alice")
+            server.drain()
+            code, _ = await alice.closed()
+    assert code == 1001

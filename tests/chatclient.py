@@ -82,7 +82,9 @@ async def open_client(
     the server starts the closing handshake.
     """
     parts = urllib.parse.urlsplit(url)
-    assert parts.scheme == "ws" and parts.hostname and parts.port, url
+    assert parts.scheme == "ws", url
+    assert parts.hostname, url
+    assert parts.port, url
     stream = await trio.open_tcp_stream(parts.hostname, parts.port)
     try:
         async with open_memory_client(

@@ -812,17 +812,20 @@ def test_whisper_to_recipient_and_sender_then_ack(chat):
     bob = chat.connect()
     bob.join("dev", name="bob")
     alice.send(type_="whisper", to="bob", msg="psst", ref="w1")
+    received = bob.take()
+    whisper_id = received[0]["id"]
+    assert whisper_id.startswith("e1-w")
     whisper = {
         "type": "whisper",
-        "id": "e1-w1",
+        "id": whisper_id,
         "from": "alice",
         "to": "bob",
         "name": "alice",
         "msg": "psst",
         "ts": WALL_MS,
     }
-    assert bob.take() == [whisper]
-    assert alice.take() == [whisper, {"type": "ack", "ref": "w1", "id": "e1-w1"}]
+    assert received == [whisper]
+    assert alice.take() == [whisper, {"type": "ack", "ref": "w1", "id": whisper_id}]
     assert chat.state.to_store == []
 
 
@@ -881,12 +884,18 @@ def test_whisper_to_user_in_grace_is_no_such_user(chat):
 
 
 def test_whisper_ids_are_distinct(chat):
-    """Each whisper gets its own id of the form <epoch>-w<n>."""
+    """Each whisper gets its own id, also across a restart that keeps the epoch."""
     alice = chat.connect()
     alice.join(name="alice")
     alice.send(type_="whisper", to="alice", msg="1")
     alice.send(type_="whisper", to="alice", msg="2")
-    assert [f["id"] for f in alice.take()] == ["e1-w1", "e1-w2"]
+    first, second = (f["id"] for f in alice.take())
+    assert first != second
+    assert first.startswith("e1-w")
+    restarted = ChatState(
+        epoch="e1", next_seq=1, history_size=10, max_rooms=4, presence_grace=GRACE
+    )
+    assert restarted._whisper_prefix != chat.state._whisper_prefix
 
 
 # --- history ------------------------------------------------------------------------------

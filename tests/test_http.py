@@ -146,16 +146,17 @@ async def handshake_status(server: Server, path: str = "/ws", **kwargs: Any) -> 
         return response.status
 
 
-def ws_frame(payload: bytes, opcode: int = 0x1) -> bytes:
-    """A masked, final client frame (RFC 6455 §5.2)."""
+def ws_frame(payload: bytes, opcode: int = 0x1, *, fin: bool = True) -> bytes:
+    """A masked client frame (RFC 6455 §5.2); ``fin=False`` for a fragment."""
     mask = os.urandom(4)
     size = len(payload)
+    first = (0x80 if fin else 0) | opcode
     if size < 126:
-        head = struct.pack("!BB", 0x80 | opcode, 0x80 | size)
+        head = struct.pack("!BB", first, 0x80 | size)
     elif size < 1 << 16:
-        head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, size)
+        head = struct.pack("!BBH", first, 0x80 | 126, size)
     else:
-        head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, size)
+        head = struct.pack("!BBQ", first, 0x80 | 127, size)
     return head + mask + bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
 
 

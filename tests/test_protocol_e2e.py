@@ -7,32 +7,20 @@ protocol orders frames (a later frame arrives first), else with a short
 
 from __future__ import annotations
 
+import json
+import logging
+import struct
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
 import trio
 
-from triochat import Server
-
-from .chatclient import ChatClient, open_memory_client
+from .chatclient import ChatClient
 from .conftest import client_of, running_server
+from .test_http import open_handshake, read_ws_frame, ws_frame
 
 SLOW_RATE = 0.001  # a bucket that does not refill during a test
-
-
-@asynccontextmanager
-async def tcp_client(server: Server, path: str = "/ws") -> AsyncIterator[ChatClient]:
-    """A client whose socket we own: for connections the server closes first.
-
-    trio-websocket's client does not close its TCP stream after a close the
-    server started, so `client_of` would leak the socket (a ResourceWarning).
-    """
-    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
-    async with stream, open_memory_client(stream, path) as client:
-        yield client
 
 
 async def assert_silent(client: ChatClient, seconds: float = 0.2) -> None:
@@ -420,6 +408,26 @@ async def test_protocol_rate_limited():
             await expect_error(alice, "rate_limited", "r2")
 
 
+async def test_protocol_rate_bucket_starts_full_and_drops():
+    """The bucket starts full (burst passes at once); a dropped say is never delivered."""
+    with trio.fail_after(10):
+        async with (
+            running_server(rate=SLOW_RATE, burst=3) as server,
+            client_of(server) as alice,
+            client_of(server) as bob,
+        ):
+            await alice.join("lobby", "alice")
+            await bob.join("lobby", "bob")
+            await alice.expect("presence", event="join", name="bob")
+            sent = [await say_and_see(alice, f"m{i}") for i in range(3)]
+            await alice.say("dropped", ref="d")
+            await expect_error(alice, "rate_limited", "d")
+            await bob.send({"type": "history", "room": "lobby"})
+            assert [await bob.expect("message") for _ in sent] == sent
+            history = await bob.expect("history")
+            assert history["messages"] == sent
+
+
 @pytest.mark.parametrize(
     "frame",
     [
@@ -506,7 +514,7 @@ async def test_protocol_check_order_name_before_state():
 async def test_protocol_binary_frame_closes_1003(server):
     """A binary frame closes the connection with 1003."""
     with trio.fail_after(10):
-        async with tcp_client(server) as alice:
+        async with client_of(server) as alice:
             await alice.join("lobby", "alice")
             await alice.ws.send_message(b'{"type": "say", "room": "lobby", "msg": "hi"}')
             code, _ = await alice.closed()
@@ -517,7 +525,7 @@ async def test_protocol_binary_frame_closes_1003(server):
 async def test_protocol_frame_over_max_frame_bytes_closes_1009(text):
     """A frame over max_frame_bytes (counted in UTF-8 bytes) closes with 1009."""
     with trio.fail_after(10):
-        async with running_server(max_frame_bytes=1000) as server, tcp_client(server) as alice:
+        async with running_server(max_frame_bytes=1000) as server, client_of(server) as alice:
             await alice.join("lobby", "alice")
             await say_and_see(alice, "x" * 900)  # a frame under the limit passes
             await alice.send(text)
@@ -528,7 +536,7 @@ async def test_protocol_frame_over_max_frame_bytes_closes_1009(text):
 async def test_protocol_hundred_drops_close_1008():
     """99 rate-limited drops leave the connection open; the 100th closes it with 1008."""
     with trio.fail_after(10):
-        async with running_server(rate=SLOW_RATE, burst=1) as server, tcp_client(server) as alice:
+        async with running_server(rate=SLOW_RATE, burst=1) as server, client_of(server) as alice:
             await alice.join("lobby", "alice")
             await say_and_see(alice, "first")
             for i in range(99):
@@ -539,6 +547,98 @@ async def test_protocol_hundred_drops_close_1008():
             await alice.say("flood", ref="f99")
             code, _ = await alice.closed()
     assert code == 1008
+
+
+async def test_protocol_fragments_reassembled_and_limited():
+    """Fragments are reassembled; their total over max_frame_bytes closes with 1009."""
+    join = json.dumps({"type": "join", "room": "lobby", "name": "alice"}).encode()
+    with trio.fail_after(10):
+        async with (
+            running_server(max_frame_bytes=1000) as server,
+            open_handshake(server) as (response, conn),
+        ):
+            assert response.status == 101
+            await conn.send(ws_frame(join[:10], fin=False) + ws_frame(join[10:], opcode=0))
+            _, payload = await read_ws_frame(conn)
+            assert json.loads(payload)["type"] == "joined"
+            chunk = b"x" * 400
+            await conn.send(
+                ws_frame(chunk, fin=False)
+                + ws_frame(chunk, opcode=0, fin=False)
+                + ws_frame(chunk, opcode=0)
+            )
+            first, payload = await read_ws_frame(conn)
+    assert first & 0x0F == 0x8
+    assert struct.unpack("!H", payload[:2])[0] == 1009
+
+
+async def test_protocol_no_pong_closes_and_leaves():
+    """A peer that never answers pings is closed and its member leaves."""
+    join = json.dumps({"type": "join", "room": "lobby", "name": "mute"}).encode()
+    with trio.fail_after(10):
+        async with (
+            running_server(ping_interval=0.2, ping_timeout=0.2, presence_grace=0) as server,
+            client_of(server) as bob,
+        ):
+            await bob.join("lobby", "bob")
+            async with open_handshake(server) as (response, mute):
+                assert response.status == 101
+                await mute.send(ws_frame(join))
+                await bob.expect("presence", event="join", name="mute")
+                await mute.eof()  # pings go unanswered until the server gives up
+            await bob.expect("presence", event="leave", name="mute")
+
+
+async def test_protocol_pongs_keep_connection_open():
+    """A client that answers pings stays connected across many ping intervals."""
+    with trio.fail_after(10):
+        async with (
+            running_server(ping_interval=0.05, ping_timeout=0.2) as server,
+            client_of(server) as alice,
+        ):
+            await alice.join("lobby", "alice")
+            await assert_silent(alice, 0.6)
+            await say_and_see(alice, "still-here")
+
+
+async def test_protocol_client_mistakes_logged_below_warning(caplog):
+    """Client mistakes are answered, and the server logs nothing above INFO for them."""
+    with trio.fail_after(10):
+        async with running_server(
+            rate=SLOW_RATE, burst=1, max_frame_bytes=1000, max_msg_chars=10
+        ) as server:
+            async with client_of(server) as alice, client_of(server) as mallory:
+                await alice.join("lobby", "alice")
+                await say_and_see(alice, "first")
+                mistakes = [
+                    ("nope", "bad_json"),
+                    ('{"type": "dance"}', "bad_frame"),
+                    ({"type": "say", "room": "lobby", "msg": "x" * 11}, "too_long"),
+                    ({"type": "join", "room": "lobby", "name": "mallory"}, "bad_name"),
+                    ({"type": "join", "room": "BAD"}, "bad_room"),
+                    ({"type": "say", "room": "lobby", "msg": "hi"}, "rate_limited"),
+                    ({"type": "history", "room": "other"}, "not_joined"),
+                    ({"type": "history", "room": "lobby", "before": "x"}, "bad_frame"),
+                ]
+                for frame, code in mistakes:
+                    await alice.send(frame)
+                    await expect_error(alice, code)
+                await mallory.send({"type": "join", "room": "lobby", "name": "alice"})
+                await expect_error(mallory, "name_taken")
+                await mallory.send({"type": "join", "room": "other", "name": "mallory"})
+                await mallory.expect("joined")
+                await mallory.send({"type": "whisper", "to": "nobody", "msg": "hi"})
+                await expect_error(mallory, "no_such_user")
+            async with client_of(server) as binary:
+                await binary.ws.send_message(b"\x00")
+                assert (await binary.closed())[0] == 1003
+            async with client_of(server) as big:
+                await big.send("x" * 2000)
+                assert (await big.closed())[0] == 1009
+    loud = [
+        r for r in caplog.records if r.name.startswith("triochat") and r.levelno > logging.INFO
+    ]
+    assert loud == []
 
 
 # --- typing, whisper, history ---------------------------------------------------
@@ -685,6 +785,24 @@ async def test_protocol_unknown_since_not_recovered(server):
             assert joined["history"] == []
 
 
+async def test_protocol_since_trimmed_not_recovered():
+    """A since whose successors were trimmed from history answers recovered false."""
+    with trio.fail_after(10):
+        async with (
+            running_server(history_size=3, rate=0) as server,
+            client_of(server) as alice,
+            client_of(server) as bob,
+        ):
+            await alice.join("lobby", "alice")
+            sent = [await say_and_see(alice, f"m{i}") for i in range(6)]
+            joined = await bob.join("lobby", "bob", since=sent[1]["id"])
+            assert joined["recovered"] is False
+            assert joined["history"] == sent[-3:]
+            joined = await bob.join("lobby", since=sent[3]["id"])
+            assert joined["recovered"] is True
+            assert joined["history"] == sent[4:]
+
+
 async def test_protocol_since_more_than_200_missed_not_recovered():
     """More than 200 missed messages: recovered false and the newest 100."""
     with trio.fail_after(10):
@@ -704,7 +822,7 @@ async def test_protocol_since_more_than_200_missed_not_recovered():
 async def test_protocol_token_takeover_closes_old_4001(server):
     """A join with the resume token replaces the old connection (4001); no presence change."""
     with trio.fail_after(10):
-        async with client_of(server) as bob, tcp_client(server) as old:
+        async with client_of(server) as bob, client_of(server) as old:
             joined = await old.join("lobby", "alice")
             await bob.join("lobby", "bob")
             await old.expect("presence", event="join", name="bob")
@@ -820,10 +938,11 @@ async def test_protocol_typed_frame_stops_listening(server):
                 assert await lou.recv() == message
 
 
-async def test_protocol_classic_frame_joins_lobby_and_says(server):
+@pytest.mark.parametrize("path", ["/", "/ws"])
+async def test_protocol_classic_frame_joins_lobby_and_says(server, path):
     """A classic {name, msg} frame joins lobby and says; only name+msg frames come back."""
     with trio.fail_after(10):
-        async with client_of(server) as bob, client_of(server, "/") as carol:
+        async with client_of(server) as bob, client_of(server, path) as carol:
             await bob.join("lobby", "bob")
             await carol.send({"name": "carol", "msg": "hi all"})
             await bob.expect("presence", room="lobby", event="join", name="carol")
@@ -883,8 +1002,8 @@ async def test_protocol_drain_closes_1001_after_queued_frames():
     with trio.fail_after(10):
         async with (
             running_server(rate=0) as server,
-            tcp_client(server) as alice,
-            tcp_client(server) as bob,
+            client_of(server) as alice,
+            client_of(server) as bob,
         ):
             await alice.join("lobby", "alice")
             await bob.join("lobby", "bob")
@@ -902,7 +1021,7 @@ async def test_protocol_drain_closes_1001_after_queued_frames():
 async def test_protocol_drain_close_code_1001(server):
     """A connection open when draining starts is closed with code 1001."""
     with trio.fail_after(10):
-        async with tcp_client(server) as alice:
+        async with client_of(server) as alice:
             await alice.join("lobby", "alice")
             server.drain()
             code, _ = await alice.closed()

@@ -170,7 +170,12 @@ class ChatState:
     ) -> None:
         self._epoch = epoch
         self._next_seq = next_seq
+        # Whispers are not stored: a per-process prefix keeps their ids unique
+        # across restarts that keep the (stored) epoch.
+        self._whisper_prefix = f"{epoch}-w{secrets.token_hex(3)}."
         self._whisper_ids = itertools.count(1)
+        #: Frames dropped by the rate limit (a metric).
+        self.rate_limited = 0
         self._history_size = history_size
         self._max_rooms = max_rooms
         self._grace = presence_grace
@@ -289,12 +294,18 @@ class ChatState:
             if refused.close_code is not None:
                 client.peer.close_soon(refused.close_code, "rate limit abuse")
 
-    def refuse(self, client: Client, code: str, message: str, ref: str | None) -> None:
-        """Answer a frame that failed decoding (the mode is decided by it too)."""
+    def refuse(
+        self, client: Client, code: str, message: str, ref: str | None, *, classic: bool = False
+    ) -> None:
+        """Answer a frame that failed decoding (as a first frame it decides the mode).
+
+        ``classic``: the frame had the classic shape, so a `/` listener stays
+        a classic connection (and its error carries ``name`` and ``msg``).
+        """
         if client.gone:
             return
         if client.mode is None:
-            self._decide_mode(client, None)
+            self._decide_mode(client, ClassicFrame("", "") if classic else None)
         _error(client, code, message, ref)
 
     def _decide_mode(self, client: Client, frame: ClientFrame | None) -> None:
@@ -341,6 +352,7 @@ class ChatState:
         limiter = client.limiter
         if limiter.allow(now):
             return
+        self.rate_limited += 1
         abuse = limiter.record_drop(now)
         raise _Refused(
             ErrorCode.RATE_LIMITED,
@@ -442,7 +454,7 @@ class ChatState:
         target = self.users.get(to) if to is not None else None
         if target is None or target.client is None:
             raise _Refused(ErrorCode.NO_SUCH_USER, f"nobody is called {frame.to}")
-        whisper_id = f"{self._epoch}-w{next(self._whisper_ids)}"
+        whisper_id = f"{self._whisper_prefix}{next(self._whisper_ids)}"
         out = OutFrame.of(
             WhisperFrame(whisper_id, client.name, target.name, client.name, frame.msg, wall_ms)
         )

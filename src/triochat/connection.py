@@ -11,9 +11,10 @@ Rules:
 
 1. Whoever ends first cancels the nursery; the others stop with it.
 2. Only the writer closes: `close_soon` records the close code (first one
-   wins) and wakes it. A slow consumer's pending write gets
-   ``close_timeout`` to finish, the close frame ``close_timeout`` more, and
-   then the TCP connection is aborted.
+   wins) and wakes it. From then on everything left (a pending write, the
+   queued frames unless it is a slow consumer, the close frame) must finish
+   within ``close_timeout`` (the drain's own timeout while draining); then
+   the TCP connection is aborted.
 3. Nothing escapes `run`: a bug closes this connection with 1011 and is
    logged with a traceback; other connections never notice.
 """

@@ -24,11 +24,15 @@ class ClientProtocolError(TriochatError):
     layer answers without knowing the rules (wsproto's ``event_hint``).
     """
 
-    def __init__(self, code: str, message: str, ref: str | None = None) -> None:
+    def __init__(
+        self, code: str, message: str, ref: str | None = None, *, classic: bool = False
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.ref = ref
+        #: The frame had the classic ``{name, msg}`` shape (no ``type``).
+        self.classic = classic
 
 
 class StorageError(TriochatError):

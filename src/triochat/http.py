@@ -130,7 +130,7 @@ async def handle_http(stream: trio.abc.Stream, ctx: FrontContext, static: Static
     while True:
         try:
             with trio.fail_after(config.handshake_timeout):
-                event = await _next_event(conn, stream)
+                event = await _next_event(conn, stream, head_limit=config.max_header_bytes)
         except trio.TooSlowError:
             if conn.their_state is h11.SEND_BODY or conn.trailing_data[0]:
                 await _send_raw(stream, 408, "the request took too long")
@@ -149,7 +149,9 @@ async def handle_http(stream: trio.abc.Stream, ctx: FrontContext, static: Static
             return
         if not await _respond(stream, conn, request, ctx, static):
             return
-        if not await _finish_request(stream, conn):
+        with trio.move_on_after(config.handshake_timeout) as body_scope:
+            finished = await _finish_request(stream, conn)
+        if body_scope.cancelled_caught or not finished:
             return
         try:
             conn.start_next_cycle()
@@ -158,14 +160,23 @@ async def handle_http(stream: trio.abc.Stream, ctx: FrontContext, static: Static
 
 
 async def _next_event(
-    conn: h11.Connection, stream: trio.abc.Stream
+    conn: h11.Connection, stream: trio.abc.Stream, *, head_limit: int | None = None
 ) -> h11.Event | type[h11.PAUSED]:
+    """The next h11 event; with ``head_limit``, refuse a longer request head.
+
+    (h11's own limit only applies while the head is incomplete, so a head
+    that arrives complete in one large read could pass it.)
+    """
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
             data = await stream.receive_some(RECEIVE_BYTES)
             conn.receive_data(bytes(data))  # b"" means the peer closed
             continue
+        if head_limit is not None and isinstance(event, h11.Request):
+            size = len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers)
+            if size > head_limit:
+                raise h11.RemoteProtocolError("request head too large", error_status_hint=431)
         return event  # type: ignore[return-value]
 
 
@@ -274,6 +285,7 @@ async def _send_raw(
     head = (
         f"HTTP/1.1 {status} {REASONS.get(status, b'').decode()}\r\n"
         f"content-type: text/plain; charset=utf-8\r\ncontent-length: {len(body)}\r\n"
+        "cache-control: no-cache\r\nx-content-type-options: nosniff\r\n"
         f"connection: close\r\n{extra}\r\n"
     ).encode()
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):

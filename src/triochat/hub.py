@@ -30,7 +30,7 @@ from .config import Config
 from .errors import ClientProtocolError, StorageError
 from .history import History
 from .metrics import Stats
-from .protocol import ClientFrame, CloseCode
+from .protocol import ClientFrame, CloseCode, ErrorCode
 from .ratelimit import RateLimiter
 
 __all__ = ["Hub"]
@@ -166,13 +166,14 @@ class Hub:
         client, frame = item
         try:
             if isinstance(frame, ClientProtocolError):
-                chat.refuse(client, frame.code, frame.message, frame.ref)
+                chat.refuse(client, frame.code, frame.message, frame.ref, classic=frame.classic)
             else:
                 chat.handle(client, frame, now, wall_ms)
         except Exception:
             # A bug triggered by one client's frame must not take the hub (and
-            # every other connection) down: close that client with 1011.
+            # every other connection) down: answer `internal`, close with 1011.
             LOGGER.exception("bug while handling a frame; closing its connection with 1011")
+            chat.refuse(client, ErrorCode.INTERNAL, "internal error", getattr(frame, "ref", None))
             client.peer.close_soon(CloseCode.INTERNAL_ERROR, "internal error")
 
     def _queue_says(self, chat: ChatState) -> None:

@@ -184,7 +184,11 @@ def decode_client_frame(text: str | bytes, *, max_msg_chars: int) -> ClientFrame
         raise ClientProtocolError(ErrorCode.BAD_JSON, "frame is not valid JSON") from None
     except RecursionError:
         raise ClientProtocolError(ErrorCode.BAD_FRAME, "frame is nested too deeply") from None
-    _check_fields(frame, max_msg_chars)
+    try:
+        _check_fields(frame, max_msg_chars)
+    except ClientProtocolError as exc:
+        exc.classic = isinstance(frame, ClassicFrame)
+        raise
     return frame
 
 
@@ -208,7 +212,9 @@ def _decode_untyped(text: str | bytes, exc: msgspec.ValidationError) -> ClientFr
     try:
         return _classic_decoder.decode(text)
     except msgspec.ValidationError as classic_exc:
-        raise ClientProtocolError(ErrorCode.BAD_FRAME, f"bad frame: {classic_exc}", ref) from None
+        raise ClientProtocolError(
+            ErrorCode.BAD_FRAME, f"bad frame: {classic_exc}", ref, classic=True
+        ) from None
 
 
 def _check_fields(frame: ClientFrame, max_msg_chars: int) -> None:

@@ -84,6 +84,7 @@ class Server:
         return not self._draining
 
     def metrics(self) -> bytes:
+        self.stats.rate_limited = self.hub.chat.rate_limited
         gauges = {
             "connections": lambda: float(len(self.connections)),
             "rooms": lambda: float(len(self.hub.chat.rooms)),

@@ -6,7 +6,7 @@ import secrets
 from collections.abc import Sequence
 
 from ..errors import StorageError
-from ..protocol import Message
+from ..protocol import Message, seq_of
 from . import Snapshot
 
 __all__ = ["MemoryHistory"]
@@ -23,17 +23,21 @@ class MemoryHistory:
         self._size = history_size
         self._epoch = secrets.token_hex(4)
         self._rooms: dict[str, list[Message]] = {}
+        self._next_seq = 1
         #: Set to a message to make `append` raise StorageError (tests).
         self.fail_with: str | None = None
 
     async def load(self) -> Snapshot:
         rooms = {room: list(messages) for room, messages in self._rooms.items()}
-        return Snapshot(epoch=self._epoch, next_seq=1, rooms=rooms)
+        return Snapshot(epoch=self._epoch, next_seq=self._next_seq, rooms=rooms)
 
     async def append(self, batch: Sequence[Message]) -> None:
         if self.fail_with is not None:
             raise StorageError(self.fail_with)
         for message in batch:
+            seq = seq_of(self._epoch, message.id)
+            if seq is not None:
+                self._next_seq = max(self._next_seq, seq + 1)
             kept = self._rooms.setdefault(message.room, [])
             kept.append(message)
             if len(kept) > self._size:

@@ -119,7 +119,7 @@ def _closed(exc: ConnectionClosed) -> TransportClosed:
     reason = exc.reason
     if reason is None:
         return TransportClosed("closed")
-    text = f"peer closed ({reason.code}{' ' + reason.reason if reason.reason else ''})"
+    text = f"closed ({reason.code}{' ' + reason.reason if reason.reason else ''})"
     return TransportClosed(text, reason.code)
 
 

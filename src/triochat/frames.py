@@ -12,32 +12,42 @@ from typing import Final
 
 from .protocol import ServerFrame, encode
 
-__all__ = ["OutFrame", "websocket_text_frame"]
+__all__ = ["OutFrame", "websocket_frame", "websocket_text_frame"]
 
-_FIN_TEXT: Final = 0x81  # FIN bit + opcode 1 (text); server frames are never masked
+_FIN: Final = 0x80  # a whole message in one frame; server frames are never masked
+OPCODE_TEXT: Final = 0x1
+OPCODE_BINARY: Final = 0x2
+
+
+def websocket_frame(payload: bytes, opcode: int = OPCODE_TEXT) -> bytes:
+    """One unmasked, unfragmented WebSocket data frame (RFC 6455 §5.2)."""
+    first = _FIN | opcode
+    length = len(payload)
+    if length < 126:
+        header = struct.pack("!BB", first, length)
+    elif length < 1 << 16:
+        header = struct.pack("!BBH", first, 126, length)
+    else:
+        header = struct.pack("!BBQ", first, 127, length)
+    return header + payload
 
 
 def websocket_text_frame(payload: bytes) -> bytes:
-    """One unmasked, unfragmented WebSocket text frame (RFC 6455 §5.2)."""
-    length = len(payload)
-    if length < 126:
-        header = struct.pack("!BB", _FIN_TEXT, length)
-    elif length < 1 << 16:
-        header = struct.pack("!BBH", _FIN_TEXT, 126, length)
-    else:
-        header = struct.pack("!BBQ", _FIN_TEXT, 127, length)
-    return header + payload
+    """One unmasked, unfragmented WebSocket text frame."""
+    return websocket_frame(payload, OPCODE_TEXT)
 
 
 class OutFrame:
     """One server frame: its JSON, and lazily its WebSocket and SSE framings."""
 
-    __slots__ = ("_sse", "_ws", "event_id", "json")
+    __slots__ = ("_opcode", "_sse", "_ws", "event_id", "json")
 
-    def __init__(self, json: bytes, event_id: str | None = None) -> None:
+    def __init__(self, json: bytes, event_id: str | None = None, *, binary: bool = False) -> None:
+        #: The payload: a server frame's JSON (or raw bytes when ``binary``).
         self.json = json
         #: The message id, sent as the SSE ``id:`` field where there is one.
         self.event_id = event_id
+        self._opcode = OPCODE_BINARY if binary else OPCODE_TEXT
         self._ws: bytes | None = None
         self._sse: bytes | None = None
 
@@ -48,7 +58,7 @@ class OutFrame:
     @property
     def ws(self) -> bytes:
         if self._ws is None:
-            self._ws = websocket_text_frame(self.json)
+            self._ws = websocket_frame(self.json, self._opcode)
         return self._ws
 
     @property

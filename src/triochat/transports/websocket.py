@@ -86,13 +86,17 @@ class WebSocketTransport:
         self._stream = stream
 
     async def receive(self) -> str:
-        try:
-            message = await self._ws.get_message()
-        except ConnectionClosed as exc:
-            raise _closed(exc) from None
+        message = await self.receive_message()
         if isinstance(message, bytes):
             raise BinaryFrameError
         return message
+
+    async def receive_message(self) -> str | bytes:
+        """The next whole message, text or binary. Raises TransportClosed."""
+        try:
+            return await self._ws.get_message()
+        except ConnectionClosed as exc:
+            raise _closed(exc) from None
 
     async def send(self, frames: list[OutFrame]) -> None:
         data = frames[0].ws if len(frames) == 1 else b"".join([frame.ws for frame in frames])

@@ -128,7 +128,9 @@ class Chat:
         try:
             frame = decode_client_frame(text, max_msg_chars=2000)
         except ClientProtocolError as error:
-            self.state.refuse(conn.client, error.code, error.message, error.ref)
+            self.state.refuse(
+                conn.client, error.code, error.message, error.ref, classic=error.classic
+            )
             return
         self.state.handle(conn.client, frame, self.now, self.wall_ms)
 
@@ -1301,3 +1303,77 @@ def test_listener_disconnect_stops_delivery(chat):
     alice.send(type_="say", room="lobby", msg="hello")
     chat.commit()
     assert listener.take() == []
+
+
+# --- retries: a say is stored once per user and ref (issue #3) ------------------
+
+
+def _takeover(chat, old, name="alice"):
+    """Drop ``old`` and take its name back on a new connection with the token."""
+    token = chat.state.users[name].token
+    old.disconnect()
+    new = chat.connect()
+    new.join(name=name, token=token)
+    return new
+
+
+def test_say_retry_after_commit_is_acked_again_not_stored(chat):
+    """A say retried with the same ref after a reconnect gets the first id's ack; nothing new is stored."""
+    alice = chat.connect()
+    alice.join(name="alice")
+    alice.send(type_="say", room="lobby", msg="hello", ref="c-1")
+    chat.commit()
+    first_id = alice.take()[-1]["id"]
+    alice = _takeover(chat, alice)
+    alice.send(type_="say", room="lobby", msg="hello", ref="c-1")
+    assert chat.pending() == []
+    assert alice.take() == [{"type": "ack", "ref": "c-1", "id": first_id}]
+
+
+def test_say_retry_while_storing_gets_the_same_ack(chat):
+    """A retry that arrives while the first copy is being stored is acked with it, once stored."""
+    alice = chat.connect()
+    alice.join(name="alice")
+    alice.send(type_="say", room="lobby", msg="hello", ref="c-1")
+    old = alice
+    alice = _takeover(chat, old)
+    alice.send(type_="say", room="lobby", msg="hello", ref="c-1")
+    batch = chat.commit()
+    assert len(batch) == 1
+    frames = alice.take()
+    assert [f["type"] for f in frames] == ["message", "ack"]
+    assert frames[1]["id"] == frames[0]["id"]
+
+
+def test_say_retry_after_store_failure_is_stored(chat):
+    """After `unavailable`, the same ref is a new attempt and is stored."""
+    alice = chat.connect()
+    alice.join(name="alice")
+    alice.send(type_="say", room="lobby", msg="hello", ref="c-1")
+    chat.fail()
+    assert alice.error()["code"] == "unavailable"
+    alice.send(type_="say", room="lobby", msg="hello", ref="c-1")
+    assert len(chat.commit()) == 1
+    assert [f["type"] for f in alice.take()] == ["message", "ack"]
+
+
+def test_say_same_ref_with_other_text_is_a_new_message(chat):
+    """A reused ref with different text (a client that restarted its counter) is not swallowed."""
+    alice = chat.connect()
+    alice.join(name="alice")
+    alice.send(type_="say", room="lobby", msg="one", ref="1")
+    chat.commit()
+    alice.send(type_="say", room="lobby", msg="two", ref="1")
+    assert len(chat.commit()) == 1
+    assert [f.get("msg") for f in alice.take() if f["type"] == "message"] == ["one", "two"]
+
+
+def test_say_retry_by_another_user_is_not_deduplicated(chat):
+    """Refs are per user: another user's say with the same ref and text is its own message."""
+    alice = chat.connect()
+    alice.join(name="alice")
+    bob = chat.connect()
+    bob.join(name="bob")
+    alice.send(type_="say", room="lobby", msg="hi", ref="1")
+    bob.send(type_="say", room="lobby", msg="hi", ref="1")
+    assert len(chat.commit()) == 2

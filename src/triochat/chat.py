@@ -16,6 +16,7 @@ Rules of this module:
 from __future__ import annotations
 
 import bisect
+import collections
 import heapq
 import itertools
 import secrets
@@ -52,6 +53,7 @@ from .ratelimit import RateLimiter
 
 __all__ = ["ChatState", "Client", "Peer", "PendingSay"]
 
+MAX_REFS_PER_USER: Final = 256  # recent say refs remembered per user, for retries
 JOIN_HISTORY: Final = 100  # newest messages in a `joined` without `since`
 MAX_RECOVERY: Final = 200  # most missed messages a `since` replays exactly
 CLASSIC_ROOM: Final = "lobby"
@@ -90,7 +92,7 @@ class Client:
 class User:
     """A name held by somebody: connected, or within the presence grace period."""
 
-    __slots__ = ("client", "deadline", "name", "rooms", "token")
+    __slots__ = ("client", "deadline", "name", "refs", "rooms", "token")
 
     def __init__(self, name: str, client: Client) -> None:
         self.name = name
@@ -100,6 +102,8 @@ class User:
         self.rooms: set[str] = set()
         #: When held rooms are released; None while nothing is held.
         self.deadline: float | None = None
+        #: The user's recent says by `ref`, so a retry is never stored twice.
+        self.refs: collections.OrderedDict[str, PendingSay] = collections.OrderedDict()
 
 
 class Room:
@@ -120,14 +124,20 @@ class Room:
 
 
 class PendingSay:
-    """A `say` waiting for the store; ``client`` gets the ack or the error."""
+    """A `say` on its way to the store; ``client`` gets the ack or the error."""
 
-    __slots__ = ("client", "message", "ref")
+    __slots__ = ("client", "committed", "message", "ref", "user", "waiting")
 
-    def __init__(self, client: Client, message: Message, ref: str | None) -> None:
+    def __init__(
+        self, client: Client, message: Message, ref: str | None, user: User | None = None
+    ) -> None:
         self.client = client
         self.message = message
         self.ref = ref
+        self.user = user
+        self.committed = False
+        #: Connections that retried this say (same ref) while it was being stored.
+        self.waiting: list[Client] = []
 
 
 def _error(client: Client, code: str, message: str, ref: str | None = None) -> None:
@@ -425,9 +435,36 @@ class ChatState:
         self._check_room(client, frame.room)
         self._check_rate(client, now)
         room = self._check_joined(client, frame.room)
-        assert client.name is not None  # joined implies named
-        message = Message(room.name, self._new_id(), client.name, frame.msg, wall_ms)
-        self.to_store.append(PendingSay(client, message, frame.ref))
+        self._submit(client, room.name, frame.msg, frame.ref, wall_ms)
+
+    def _submit(self, client: Client, room: str, text: str, ref: str | None, wall_ms: int) -> None:
+        """Queue a say for the store, unless it retries one already taken.
+
+        A client that lost its connection cannot know whether an unacked say
+        got through; it sends it again with the same ``ref`` after taking its
+        name back. Same user, ref, room and text: the first one is acked
+        (now, or when it is stored) and nothing is stored twice.
+        """
+        user = client.user
+        assert user is not None  # joined implies named
+        assert client.name is not None
+        if ref is not None:
+            earlier = user.refs.get(ref)
+            if earlier is not None and (earlier.message.room, earlier.message.msg) == (room, text):
+                if not earlier.committed:
+                    earlier.waiting.append(client)
+                elif not client.classic:
+                    client.peer.deliver(OutFrame.of(AckFrame(ref, earlier.message.id)))
+                return
+        pending = PendingSay(
+            client, Message(room, self._new_id(), client.name, text, wall_ms), ref, user
+        )
+        if ref is not None:
+            user.refs[ref] = pending
+            user.refs.move_to_end(ref)
+            if len(user.refs) > MAX_REFS_PER_USER:
+                user.refs.popitem(last=False)
+        self.to_store.append(pending)
 
     def _typing(self, client: Client, frame: Typing, now: float) -> None:
         self._check_room(client, frame.room)
@@ -484,9 +521,7 @@ class ChatState:
         self._check_rate(client, now)
         if CLASSIC_ROOM not in client.rooms:
             self._join(client, Join(room=CLASSIC_ROOM, name=name, ref=frame.ref), now)
-        room = self.rooms[CLASSIC_ROOM]
-        message = Message(room.name, self._new_id(), name, frame.msg, wall_ms)
-        self.to_store.append(PendingSay(client, message, frame.ref))
+        self._submit(client, CLASSIC_ROOM, frame.msg, frame.ref, wall_ms)
 
     # --- storage results -------------------------------------------------------
 
@@ -506,15 +541,23 @@ class ChatState:
                 member.peer.deliver(out)
             for listener in room.listeners:
                 listener.peer.deliver(out)
-            client = pending.client
-            if pending.ref is not None and not client.gone and not client.classic:
-                client.peer.deliver(OutFrame.of(AckFrame(pending.ref, message.id)))
+            pending.committed = True
+            if pending.ref is not None:
+                ack = OutFrame.of(AckFrame(pending.ref, message.id))
+                for client in (pending.client, *pending.waiting):
+                    if not client.gone and not client.classic:
+                        client.peer.deliver(ack)
+                pending.waiting = []
 
     def store_failed(self, batch: Iterable[PendingSay], reason: str) -> None:
         """Nothing in the batch was stored: tell each sender, ack nothing."""
         for pending in batch:
-            if not pending.client.gone:
-                _error(pending.client, ErrorCode.UNAVAILABLE, reason, pending.ref)
+            user, ref = pending.user, pending.ref
+            if user is not None and ref is not None and user.refs.get(ref) is pending:
+                del user.refs[ref]  # a retry must be stored for real
+            for client in (pending.client, *pending.waiting):
+                if not client.gone:
+                    _error(client, ErrorCode.UNAVAILABLE, reason, ref)
 
     # --- rooms -------------------------------------------------------------------
 

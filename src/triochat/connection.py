@@ -199,12 +199,13 @@ class Connection:
 
     async def _keepalive(self, _: Client | None) -> None:
         config = self._config
+        interval = getattr(self._transport, "heartbeat", None) or config.ping_interval
         while True:
-            await trio.sleep(config.ping_interval)
+            await trio.sleep(interval)
             with trio.move_on_after(config.ping_timeout):
                 await self._transport.ping()
                 continue
-            raise TransportClosed(f"no pong within {config.ping_timeout:g} s")
+            raise TransportClosed(f"keepalive unanswered for {config.ping_timeout:g} s")
 
     async def _write_loop(self, _: Client | None) -> None:
         outbox = self.outbox

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.resources
+import json
 import logging
 import mimetypes
 from collections.abc import Callable
@@ -42,6 +43,7 @@ PAGE_CSP: Final = (
 )
 REASONS: Final = {
     200: b"OK",
+    204: b"No Content",
     400: b"Bad Request",
     403: b"Forbidden",
     404: b"Not Found",
@@ -76,6 +78,14 @@ class FrontContext(Protocol):
 
     async def serve_websocket(self, stream: trio.abc.Stream, prefix: bytes, path: str) -> None:
         """Run a vetted WebSocket connection to its end."""
+        ...
+
+    async def serve_sse(self, stream: trio.abc.Stream) -> None:
+        """Run a vetted ``GET /sse`` stream to its end (the front wrote nothing yet)."""
+        ...
+
+    async def post_sse(self, session_id: str, body: bytes) -> tuple[int, str, str]:
+        """Deliver a POSTed frame: (status, error code, message); 204 when taken."""
         ...
 
 
@@ -147,7 +157,19 @@ async def handle_http(stream: trio.abc.Stream, ctx: FrontContext, static: Static
         if "websocket" in request.headers.get("upgrade", "").lower():
             await _upgrade(stream, conn, request, ctx)
             return
-        if not await _respond(stream, conn, request, ctx, static):
+        if request.path == "/sse" and request.method == "GET":
+            await _open_sse(stream, request, ctx)
+            return
+        if request.path.startswith("/sse/"):
+            try:
+                if not await _post_sse(stream, conn, request, ctx):
+                    return
+            except h11.RemoteProtocolError as exc:
+                await _send_raw(stream, exc.error_status_hint, "malformed request")
+                return
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+        elif not await _respond(stream, conn, request, ctx, static):
             return
         with trio.move_on_after(config.handshake_timeout) as body_scope:
             finished = await _finish_request(stream, conn)
@@ -233,6 +255,8 @@ def _route(path: str, ctx: FrontContext, static: StaticFiles) -> _Route | None:
         )
     if path == "/metrics":
         return lambda: (200, ctx.metrics(), METRICS_CONTENT_TYPE, [])
+    if path == "/sse":  # GET is served by _open_sse; this answers HEAD
+        return lambda: (200, b"", "text/event-stream; charset=utf-8", [])
     if path == "/ws":
         return lambda: (
             426,
@@ -342,6 +366,95 @@ async def _upgrade(
         await ctx.serve_websocket(stream, _replay_bytes(conn, request), request.path)
     finally:
         ctx.release_ip_slot(ip)
+
+
+def _json_error(code: str, message: str) -> bytes:
+    return json.dumps({"code": code, "message": message}).encode()
+
+
+async def _send_raw_json(stream: trio.abc.Stream, status: int, code: str, message: str) -> None:
+    """A JSON error ``{"code", "message"}`` written without h11; then the connection closes."""
+    body = _json_error(code, message)
+    head = (
+        f"HTTP/1.1 {status} {REASONS.get(status, b'').decode()}\r\n"
+        f"content-type: application/json\r\ncontent-length: {len(body)}\r\n"
+        "cache-control: no-cache\r\nx-content-type-options: nosniff\r\n"
+        "connection: close\r\n\r\n"
+    ).encode()
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        await stream.send_all(head + body)
+
+
+async def _open_sse(stream: trio.abc.Stream, request: _Request, ctx: FrontContext) -> None:
+    """``GET /sse``: vet it like a WebSocket upgrade, then hand the stream over."""
+    headers = request.headers
+    if not origin_allowed(headers.get("origin"), headers.get("host"), ctx.config.allow_origins):
+        await _send_raw_json(stream, 403, "forbidden", "origin not allowed")
+        return
+    if ctx.draining:
+        await _send_raw_json(stream, 503, "unavailable", "the server is shutting down")
+        return
+    ip = _peer_ip(stream)
+    if not ctx.take_ip_slot(ip):
+        await _send_raw_json(stream, 429, "too_many", "too many connections from your address")
+        return
+    try:
+        await ctx.serve_sse(stream)
+    finally:
+        ctx.release_ip_slot(ip)
+
+
+async def _post_sse(
+    stream: trio.abc.Stream, conn: h11.Connection, request: _Request, ctx: FrontContext
+) -> bool:
+    """``POST /sse/<session>``: one client frame. False when the connection must close."""
+    headers = request.headers
+    config = ctx.config
+
+    async def answer(status: int, code: str = "", message: str = "") -> bool:
+        body = _json_error(code, message) if status != 204 else b""
+        kind = "application/json"
+        if status == 405:
+            return await _send(stream, conn, request, 405, body, content_type=kind, allow="POST")
+        return await _send(stream, conn, request, status, body, content_type=kind)
+
+    if request.method != "POST":
+        return await answer(405, "method_not_allowed", "POST a frame to this address")
+    if not origin_allowed(headers.get("origin"), headers.get("host"), config.allow_origins):
+        await _send_raw_json(stream, 403, "forbidden", "origin not allowed")
+        return False
+    limit = config.max_frame_bytes
+    declared = headers.get("content-length", "").strip()
+    if declared.isdigit() and int(declared) > limit:
+        await _send_raw_json(stream, 413, "too_big", f"a frame is at most {limit} bytes")
+        return False
+    with trio.move_on_after(config.handshake_timeout) as scope:
+        body = await _read_body(stream, conn, limit)
+    if scope.cancelled_caught:
+        await _send_raw(stream, 408, "the request body took too long")
+        return False
+    if body is None:
+        await _send_raw_json(stream, 413, "too_big", f"a frame is at most {limit} bytes")
+        return False
+    status, code, message = await ctx.post_sse(request.path[len("/sse/") :], body)
+    return await answer(status, code, message)
+
+
+async def _read_body(stream: trio.abc.Stream, conn: h11.Connection, limit: int) -> bytes | None:
+    """The whole request body, or None when it is longer than ``limit``."""
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        event = await _next_event(conn, stream)
+        if isinstance(event, h11.Data):
+            size += len(event.data)
+            if size > limit:
+                return None
+            parts.append(bytes(event.data))
+        elif isinstance(event, h11.EndOfMessage):
+            return b"".join(parts)
+        else:
+            raise h11.RemoteProtocolError("the request body ended early", error_status_hint=400)
 
 
 def _replay_bytes(conn: h11.Connection, request: _Request) -> bytes:

@@ -24,10 +24,11 @@ from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from typing import Final
 
+import msgspec
 import trio
 
 from .config import Config
-from .connection import Connection, TransportClosed
+from .connection import Connection, Transport, TransportClosed
 from .history import History
 from .history.memory import MemoryHistory
 from .history.sqlite import SqliteHistory
@@ -35,11 +36,14 @@ from .http import StaticFiles, handle_http
 from .hub import Hub
 from .metrics import Stats, render_metrics
 from .protocol import CloseCode
+from .transports.sse import SseTransport
 from .transports.websocket import ReplayStream, accept_websocket, closing_races_tolerated
 
 __all__ = ["Server", "serve", "serve_until_signalled"]
 
 LOGGER = logging.getLogger("triochat.server")
+
+_JSON: Final = msgspec.json.Decoder()
 
 # accept() errors that mean "out of resources for now": back off, don't die.
 RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
@@ -73,6 +77,7 @@ class Server:
         self._drain_requested = trio.Event()
         self._chats_closed = trio.Event()
         self._static = StaticFiles()
+        self._sse_sessions: dict[str, SseTransport] = {}
 
     # --- FrontContext ------------------------------------------------------------
 
@@ -209,46 +214,74 @@ class Server:
     async def serve_websocket(self, stream: trio.abc.Stream, prefix: bytes, path: str) -> None:
         """Run one chat connection over WebSocket (called by the front)."""
         peer = _peer_name(stream)
-        started = trio.current_time()
         replay = ReplayStream(stream, prefix)
         with closing_races_tolerated():
-            await self._serve_websocket(replay, path, peer, started)
-
-    async def _serve_websocket(
-        self, replay: ReplayStream, path: str, peer: str, started: float
-    ) -> None:
-        async with trio.open_nursery() as nursery:  # owns trio-websocket's reader task
-            try:
-                transport = await accept_websocket(nursery, replay, self.config)
-            except TransportClosed as exc:
-                LOGGER.info("handshake from %s failed: %s", peer, exc.reason)
+            async with trio.open_nursery() as nursery:  # owns trio-websocket's reader task
+                try:
+                    transport = await accept_websocket(nursery, replay, self.config)
+                except TransportClosed as exc:
+                    LOGGER.info("handshake from %s failed: %s", peer, exc.reason)
+                else:
+                    await self._run_connection(transport, peer, f"ws{path}", path == "/")
                 nursery.cancel_scope.cancel()
-                return
-            connection = Connection(
-                transport, self.hub, self.config, self.stats, listener=path == "/"
+
+    async def serve_sse(self, stream: trio.abc.Stream) -> None:
+        """Run one chat connection over Server-Sent Events (called by the front)."""
+        transport = SseTransport(stream)
+        self._sse_sessions[transport.session_id] = transport
+        try:
+            await transport.start()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(transport.watch_peer)
+                await self._run_connection(transport, _peer_name(stream), "sse", False)
+                nursery.cancel_scope.cancel()
+        except TransportClosed:
+            pass  # gone before the session event got through
+        finally:
+            del self._sse_sessions[transport.session_id]
+
+    async def post_sse(self, session_id: str, body: bytes) -> tuple[int, str, str]:
+        transport = self._sse_sessions.get(session_id)
+        if transport is None or transport.ended:
+            return 404, "no_such_session", "unknown or closed session: open a new stream"
+        try:
+            text = body.decode("utf-8")
+            _JSON.decode(text)
+        except (UnicodeDecodeError, msgspec.DecodeError, RecursionError):
+            return 400, "bad_json", "the body is not a JSON value"
+        with trio.move_on_after(self.config.handshake_timeout):
+            if await transport.post(text):
+                return 204, "", ""
+            return 404, "no_such_session", "the session closed: open a new stream"
+        return 503, "unavailable", "the session is not reading: try again"
+
+    async def _run_connection(
+        self, transport: Transport, peer: str, kind: str, listener: bool
+    ) -> None:
+        started = trio.current_time()
+        connection = Connection(transport, self.hub, self.config, self.stats, listener=listener)
+        self.connections.add(connection)
+        self.stats.connections_opened += 1
+        LOGGER.info("open %s %s", peer, kind)
+        if self._draining:
+            connection.close_soon(CloseCode.GOING_AWAY, "going away")
+        try:
+            await connection.run()
+        finally:
+            self.connections.discard(connection)
+            if self._draining and not self.connections:
+                self._chats_closed.set()
+            code = connection.close_code
+            if code is not None:
+                self.stats.closes_by_code[code] = self.stats.closes_by_code.get(code, 0) + 1
+            LOGGER.info(
+                "close %s %s: %s (code %s) after %.1f s",
+                peer,
+                kind,
+                connection.end_reason,
+                code if code is not None else "none",
+                trio.current_time() - started,
             )
-            self.connections.add(connection)
-            self.stats.connections_opened += 1
-            LOGGER.info("open %s ws%s", peer, path)
-            if self._draining:
-                connection.close_soon(CloseCode.GOING_AWAY, "going away")
-            try:
-                await connection.run()
-            finally:
-                self.connections.discard(connection)
-                if self._draining and not self.connections:
-                    self._chats_closed.set()
-                code = connection.close_code
-                if code is not None:
-                    self.stats.closes_by_code[code] = self.stats.closes_by_code.get(code, 0) + 1
-                LOGGER.info(
-                    "close %s: %s (code %s) after %.1f s",
-                    peer,
-                    connection.end_reason,
-                    code if code is not None else "none",
-                    trio.current_time() - started,
-                )
-            nursery.cancel_scope.cancel()
 
 
 def _peer_name(stream: trio.abc.Stream) -> str:

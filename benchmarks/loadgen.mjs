@@ -1,0 +1,593 @@
+// Load generator for benchmarks/run.py: one Node process, many `ws` clients.
+//
+//   node benchmarks/loadgen.mjs '<json config>'
+//
+// The config names a scenario (saturation, latency, memory, churn), the
+// server's URL and pid (its CPU and RSS are read from /proc around the
+// measured window, so the window is exactly the load generator's) and the
+// scenario's numbers. Progress goes to stderr; the result is one JSON line on
+// stdout. Frames are not JSON-parsed on the hot path: the type is read from
+// the byte after `{"type":"`, and the latency scenario reads only the send
+// timestamp the sender put at the start of `msg`.
+//
+// Every wait is bounded; a watchdog ends the process (exit 2) past its
+// deadline. Loopback only: the URL comes from run.py.
+
+import { readFileSync } from "node:fs";
+import { performance } from "node:perf_hooks";
+import { WebSocket } from "ws";
+
+const cfg = JSON.parse(process.argv[2] ?? "{}");
+const SERVER_PID = cfg.serverPid;
+const CLK_TCK = cfg.clkTck ?? 100;
+const WS_OPTIONS = {
+  perMessageDeflate: false, // triochat declines it; keep both servers on equal terms
+  skipUTF8Validation: true, // the client is not what is measured
+  handshakeTimeout: 10_000,
+  maxPayload: 64 * 1024 * 1024,
+};
+
+const watchdog = setTimeout(() => {
+  emit({ ok: false, error: `load generator deadline (${cfg.deadlineS} s) passed` });
+  process.exit(2);
+}, (cfg.deadlineS ?? 600) * 1000);
+
+// --- helpers -----------------------------------------------------------------
+
+function emit(obj) {
+  process.stdout.write(`${JSON.stringify(obj)}\n`);
+}
+
+function log(...args) {
+  if (cfg.verbose) process.stderr.write(`[loadgen ${cfg.scenario}] ${args.join(" ")}\n`);
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+const nowMs = () => performance.now();
+const nowUs = () => Math.floor(Number(process.hrtime.bigint()) / 1000); // CLOCK_MONOTONIC
+
+function serverCpuS() {
+  const stat = readFileSync(`/proc/${SERVER_PID}/stat`, "utf8");
+  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+  return (Number(fields[11]) + Number(fields[12])) / CLK_TCK; // utime + stime
+}
+
+function serverRssKiB() {
+  const m = /VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${SERVER_PID}/status`, "utf8"));
+  return m ? Number(m[1]) : Number.NaN;
+}
+
+function selfCpuS() {
+  const u = process.cpuUsage();
+  return (u.user + u.system) / 1e6;
+}
+
+/** A snapshot of the clocks a measured window needs. */
+function snapshot() {
+  return { wall: nowMs() / 1000, server: serverCpuS(), self: selfCpuS() };
+}
+
+function windowOf(a, b) {
+  const wall = b.wall - a.wall;
+  return {
+    wallS: wall,
+    serverCpuS: b.server - a.server,
+    serverCpuPct: (100 * (b.server - a.server)) / wall,
+    loadgenCpuPct: (100 * (b.self - a.self)) / wall,
+  };
+}
+
+async function waitUntil(pred, timeoutMs, stepMs = 20) {
+  const end = nowMs() + timeoutMs;
+  while (!pred()) {
+    if (nowMs() > end) return false;
+    await sleep(stepMs);
+  }
+  return true;
+}
+
+/** Run fn(i) for i in [0, n) with at most `limit` at once. */
+async function pool(n, limit, fn) {
+  let next = 0;
+  async function worker() {
+    while (next < n) {
+      const i = next++;
+      await fn(i);
+    }
+  }
+  await Promise.all(Array.from({ length: Math.min(limit, n) }, worker));
+}
+
+function percentile(sorted, p) {
+  if (sorted.length === 0) return Number.NaN;
+  const idx = Math.min(sorted.length - 1, Math.max(0, Math.ceil((p / 100) * sorted.length) - 1));
+  return sorted[idx];
+}
+
+const PREFIX = Buffer.from('{"type":"');
+// The first letter of a server frame's type; unique among the frames the
+// server sends to these clients.
+const T_MESSAGE = "m".charCodeAt(0);
+const T_ACK = "a".charCodeAt(0);
+const T_JOINED = "j".charCodeAt(0);
+const T_ERROR = "e".charCodeAt(0);
+
+function frameType(buf) {
+  if (buf.length > 10 && buf.compare(PREFIX, 0, 9, 0, 9) === 0) return buf[9];
+  try {
+    const type = JSON.parse(buf.toString()).type;
+    return typeof type === "string" && type ? type.charCodeAt(0) : 0;
+  } catch {
+    return 0;
+  }
+}
+
+/** Errors and unexpected closes, counted, with the first few described. */
+class Problems {
+  constructor() {
+    this.count = 0;
+    this.kinds = {};
+    this.examples = [];
+  }
+  add(kind, detail) {
+    this.count++;
+    this.kinds[kind] = (this.kinds[kind] ?? 0) + 1;
+    if (this.examples.length < 5) this.examples.push(`${kind}: ${detail}`);
+  }
+  toJSON() {
+    return { count: this.count, kinds: this.kinds, examples: this.examples };
+  }
+}
+
+/**
+ * Open a connection and join `room` as `name`. Resolves with the socket once
+ * `joined` arrived; later frames go to `onFrame(buf)`. Unexpected closes and
+ * errors are recorded in `problems`. Rejects on failure or timeout.
+ */
+function openAndJoin(url, name, room, onFrame, problems, timeoutMs = 15_000) {
+  return new Promise((resolve, reject) => {
+    const t0 = nowMs();
+    const ws = new WebSocket(url, WS_OPTIONS);
+    ws.expectedClose = false;
+    let joined = false;
+    const timer = setTimeout(() => {
+      if (!joined) {
+        ws.expectedClose = true;
+        ws.terminate();
+        reject(new Error(`join timeout after ${timeoutMs} ms`));
+      }
+    }, timeoutMs);
+    ws.on("open", () => {
+      ws.send(JSON.stringify({ type: "join", room, name }));
+    });
+    ws.on("message", (buf) => {
+      if (joined) {
+        onFrame(buf, ws);
+        return;
+      }
+      const t = frameType(buf);
+      if (t === T_JOINED) {
+        joined = true;
+        clearTimeout(timer);
+        resolve({ ws, joinMs: nowMs() - t0 });
+      } else if (t === T_ERROR) {
+        clearTimeout(timer);
+        reject(new Error(`error frame on join: ${buf.toString().slice(0, 200)}`));
+      }
+    });
+    ws.on("error", (err) => {
+      if (!joined) {
+        clearTimeout(timer);
+        reject(err);
+      } else if (!ws.expectedClose) {
+        problems.add("socket error", err.message);
+      }
+    });
+    ws.on("close", (code, reason) => {
+      if (!joined) {
+        clearTimeout(timer);
+        reject(new Error(`closed before joined: ${code} ${reason}`));
+      } else if (!ws.expectedClose) {
+        problems.add(`close ${code}`, `${reason}`);
+      }
+    });
+  });
+}
+
+async function openMany(url, n, limit, nameOf, roomOf, onFrame, problems) {
+  const conns = new Array(n);
+  let failed = 0;
+  const joinMs = [];
+  await pool(n, limit, async (i) => {
+    try {
+      const c = await openAndJoin(url, nameOf(i), roomOf(i), onFrame, problems);
+      conns[i] = c.ws;
+      joinMs.push(c.joinMs);
+    } catch (err) {
+      failed++;
+      problems.add("connect/join failed", err.message);
+    }
+  });
+  return { conns, failed, joinMs };
+}
+
+async function closeAll(conns, timeoutMs = 5_000) {
+  let open = 0;
+  for (const ws of conns) {
+    if (!ws) continue;
+    ws.expectedClose = true;
+    if (ws.readyState === WebSocket.OPEN) {
+      open++;
+      ws.on("close", () => open--);
+      ws.close(1000, "done");
+    }
+  }
+  await waitUntil(() => open <= 0, timeoutMs, 50);
+  for (const ws of conns) if (ws && ws.readyState !== WebSocket.CLOSED) ws.terminate();
+}
+
+// --- scenario 1: saturation ----------------------------------------------------
+
+async function saturation() {
+  const { url, clients, senders, inflight, warmupS, durationS, msgChars } = cfg;
+  const problems = new Problems();
+  const room = "sat";
+  let delivered = 0;
+  let errorFrames = 0;
+  const onFrame = (buf, ws) => {
+    const t = frameType(buf);
+    if (t === T_MESSAGE) delivered++;
+    else if (t === T_ACK) ws.onAck?.();
+    else if (t === T_ERROR) {
+      errorFrames++;
+      problems.add("error frame", buf.toString().slice(0, 200));
+    }
+  };
+  log(`opening ${clients} clients`);
+  const { conns, failed } = await openMany(
+    url,
+    clients,
+    50,
+    (i) => `u${i}`,
+    () => room,
+    onFrame,
+    problems,
+  );
+  if (failed) return { ok: false, error: `${failed} clients failed to join`, problems };
+  await sleep(500); // presence frames of the last joins settle
+
+  const payload = "x".repeat(msgChars);
+  let running = true;
+  let sent = 0;
+  let acked = 0;
+  let outstanding = 0;
+  for (let s = 0; s < senders; s++) {
+    const ws = conns[s];
+    let seq = 0;
+    const send = () => {
+      ws.send(`{"type":"say","room":"${room}","msg":"${payload}","ref":"${s}-${seq++}"}`);
+      sent++;
+      outstanding++;
+    };
+    ws.onAck = () => {
+      acked++;
+      outstanding--;
+      if (running) send();
+    };
+    for (let k = 0; k < inflight; k++) send();
+  }
+  log("warming up");
+  await sleep(warmupS * 1000);
+  const a = snapshot();
+  const d0 = delivered;
+  const acked0 = acked;
+  await sleep(durationS * 1000);
+  const b = snapshot();
+  const d1 = delivered;
+  const acked1 = acked;
+  running = false;
+  const drained = await waitUntil(() => outstanding === 0, 10_000);
+  await waitUntil(() => delivered >= acked * clients, 5_000);
+  const w = windowOf(a, b);
+  const perS = (d1 - d0) / w.wallS;
+  const result = {
+    ok: true,
+    clients,
+    senders,
+    inflight,
+    window: w,
+    deliveredPerS: perS,
+    acceptedPerS: (acked1 - acked0) / w.wallS,
+    serverCpuUsPerDelivered: (w.serverCpuS * 1e6) / (d1 - d0),
+    sent,
+    acked,
+    delivered,
+    missingDeliveries: acked * clients - delivered,
+    unacked: outstanding,
+    drained,
+    errorFrames,
+    problems,
+  };
+  await closeAll(conns);
+  return result;
+}
+
+// --- scenario 2: latency -----------------------------------------------------------
+
+async function latency() {
+  const { url, clients, rate, warmupS, durationS, drainS, msgChars } = cfg;
+  const problems = new Problems();
+  const room = "lat";
+  const capacity = Math.ceil(clients * rate * (durationS + 2)) + 1024;
+  const samples = new Float64Array(capacity);
+  let n = 0;
+  let received = 0; // deliveries of measured messages
+  let windowStartUs = Number.POSITIVE_INFINITY;
+  let windowEndUs = Number.POSITIVE_INFINITY;
+  const KEY = Buffer.from('"msg":"t');
+  const onFrame = (buf) => {
+    if (frameType(buf) !== T_MESSAGE) {
+      if (frameType(buf) === T_ERROR) problems.add("error frame", buf.toString().slice(0, 200));
+      return;
+    }
+    const at = nowUs();
+    let i = buf.indexOf(KEY);
+    if (i < 0) return;
+    i += KEY.length;
+    let ts = 0;
+    for (let c = buf[i]; c >= 48 && c <= 57; c = buf[++i]) ts = ts * 10 + (c - 48);
+    if (ts < windowStartUs || ts >= windowEndUs) return;
+    received++;
+    if (n < capacity) samples[n++] = at - ts;
+  };
+  log(`opening ${clients} clients`);
+  const { conns, failed } = await openMany(
+    url,
+    clients,
+    50,
+    (i) => `u${i}`,
+    () => room,
+    onFrame,
+    problems,
+  );
+  if (failed) return { ok: false, error: `${failed} clients failed to join`, problems };
+  await sleep(1000); // presence frames of the last joins settle
+
+  const sender = conns[0];
+  let acked = 0;
+  sender.on("message", (buf) => {
+    if (frameType(buf) === T_ACK) acked++;
+  });
+  const pad = "p".repeat(Math.max(0, msgChars - 18));
+  const periodMs = 1000 / rate;
+  const total = Math.round(rate * (warmupS + durationS));
+  const warmupCount = Math.round(rate * warmupS);
+  let sent = 0;
+  let measuredSent = 0;
+  let a = null;
+  const t0 = nowMs();
+  log(`sending ${total} messages at ${rate}/s`);
+  while (sent < total) {
+    const due = t0 + sent * periodMs;
+    const wait = due - nowMs();
+    if (wait > 0) await sleep(wait);
+    if (sent === warmupCount) {
+      a = snapshot();
+      windowStartUs = nowUs();
+    }
+    const ts = nowUs();
+    sender.send(`{"type":"say","room":"${room}","msg":"t${ts}|${pad}","ref":"${sent}"}`);
+    sent++;
+    if (sent > warmupCount) measuredSent++;
+  }
+  await sleep(periodMs);
+  windowEndUs = nowUs();
+  const b = snapshot();
+  const expected = measuredSent * clients;
+  await waitUntil(() => received >= expected && acked >= sent, drainS * 1000);
+  const sorted = samples.subarray(0, n).sort();
+  const w = windowOf(a, b);
+  const result = {
+    ok: true,
+    clients,
+    rate,
+    window: w,
+    measuredSent,
+    expected,
+    received,
+    lost: expected - received,
+    lossPct: (100 * (expected - received)) / expected,
+    acked,
+    p50Ms: percentile(sorted, 50) / 1000,
+    p99Ms: percentile(sorted, 99) / 1000,
+    maxMs: sorted.length ? sorted[sorted.length - 1] / 1000 : Number.NaN,
+    serverCpuUsPerDelivered: (w.serverCpuS * 1e6) / Math.max(1, received),
+    problems,
+  };
+  await closeAll(conns);
+  return result;
+}
+
+// --- scenario 3: memory --------------------------------------------------------
+
+async function memory() {
+  const { url, conns: count, roomSize, settleS, holdS } = cfg;
+  const problems = new Problems();
+  const ignore = () => {};
+  // A few connections first, so lazy imports and first-use caches are not
+  // counted as per-connection memory.
+  const warm = await openMany(url, 10, 10, (i) => `w${i}`, () => "warm", ignore, problems);
+  await closeAll(warm.conns);
+  await sleep(1000);
+  const rssBase = serverRssKiB();
+  log(`opening ${count} connections in rooms of ${roomSize}`);
+  const t0 = nowMs();
+  const { conns, failed, joinMs } = await openMany(
+    url,
+    count,
+    100,
+    (i) => `m${i}`,
+    (i) => `r${Math.floor(i / roomSize)}`,
+    ignore,
+    problems,
+  );
+  const setupS = (nowMs() - t0) / 1000;
+  await sleep(settleS * 1000);
+  const rssJoined = serverRssKiB();
+  await sleep(holdS * 1000);
+  const rssHeld = serverRssKiB();
+  const open = conns.filter((ws) => ws && ws.readyState === WebSocket.OPEN).length;
+  joinMs.sort((x, y) => x - y);
+  const result = {
+    ok: true,
+    conns: count,
+    roomSize,
+    failed,
+    held: open,
+    setupS,
+    connectsPerS: count / setupS,
+    joinP99Ms: percentile(joinMs, 99),
+    rssBaseKiB: rssBase,
+    rssJoinedKiB: rssJoined,
+    rssHeldKiB: rssHeld,
+    kibPerConn: (rssHeld - rssBase) / count,
+    problems,
+  };
+  log("closing");
+  await closeAll(conns, 20_000);
+  return result;
+}
+
+// --- scenario 4: churn -------------------------------------------------------------
+
+/** One connection's life: connect, join, say one message, leave, close. */
+function lifecycle(url, name, room, timeoutMs, stats) {
+  return new Promise((resolve) => {
+    const t0 = nowMs();
+    let tJoin = 0;
+    let done = false;
+    let failed = false;
+    const ws = new WebSocket(url, WS_OPTIONS);
+    const fail = (kind, detail) => {
+      if (failed || done) return;
+      failed = true;
+      stats.problems.add(kind, detail);
+      ws.terminate();
+    };
+    const timer = setTimeout(() => fail("timeout", `${name} not done in ${timeoutMs} ms`), timeoutMs);
+    ws.on("open", () => {
+      stats.connectMs.push(nowMs() - t0);
+      tJoin = nowMs();
+      ws.send(JSON.stringify({ type: "join", room, name }));
+    });
+    ws.on("message", (buf) => {
+      const t = frameType(buf);
+      if (t === T_JOINED) {
+        stats.joinMs.push(nowMs() - tJoin);
+        ws.send(JSON.stringify({ type: "say", room, msg: `hello from ${name}`, ref: "1" }));
+      } else if (t === T_ACK) {
+        ws.send(JSON.stringify({ type: "leave", room }));
+        done = true;
+        ws.close(1000, "bye");
+      } else if (t === T_ERROR) {
+        fail("error frame", buf.toString().slice(0, 200));
+      }
+    });
+    ws.on("error", (err) => fail("socket error", err.message));
+    ws.on("close", (code, reason) => {
+      clearTimeout(timer);
+      if (!done) fail(`close ${code} before done`, `${reason}`);
+      else stats.totalMs.push(nowMs() - t0);
+      if (done && !failed) stats.ok++;
+      resolve();
+    });
+  });
+}
+
+async function churnPhase(url, rate, durationS, tag, stats) {
+  const total = Math.round(rate * durationS);
+  const pending = [];
+  const t0 = nowMs();
+  let launched = 0;
+  while (launched < total) {
+    const due = Math.min(total, Math.floor(((nowMs() - t0) * rate) / 1000) + 1);
+    while (launched < due) {
+      pending.push(lifecycle(url, `${tag}${launched}`, "churn", 10_000, stats));
+      launched++;
+    }
+    await sleep(2);
+  }
+  const launchS = (nowMs() - t0) / 1000;
+  await Promise.all(pending);
+  return { launched, launchS, achievedRate: launched / launchS };
+}
+
+function newChurnStats() {
+  return { ok: 0, connectMs: [], joinMs: [], totalMs: [], problems: new Problems() };
+}
+
+function summarise(ms) {
+  ms.sort((x, y) => x - y);
+  return { p50: percentile(ms, 50), p99: percentile(ms, 99), max: ms[ms.length - 1] ?? Number.NaN };
+}
+
+async function churn() {
+  const { url, rate, warmupS, durationS, settleS } = cfg;
+  const rssStart = serverRssKiB();
+  log(`warm-up: ${warmupS} s at ${rate}/s`);
+  const warmStats = newChurnStats();
+  await churnPhase(url, rate, warmupS, "w", warmStats);
+  await sleep(settleS * 1000);
+  const rssBefore = serverRssKiB();
+  log(`churn: ${durationS} s at ${rate}/s`);
+  const stats = newChurnStats();
+  const a = snapshot();
+  const phase = await churnPhase(url, rate, durationS, "c", stats);
+  const b = snapshot();
+  await sleep(settleS * 1000);
+  const rssAfter = serverRssKiB();
+  const w = windowOf(a, b);
+  return {
+    ok: true,
+    rate,
+    durationS,
+    ...phase,
+    window: w,
+    completed: stats.ok,
+    errors: stats.problems.count + warmStats.problems.count,
+    warmupErrors: warmStats.problems.count,
+    problems: stats.problems,
+    warmupProblems: warmStats.problems,
+    connectMs: summarise(stats.connectMs),
+    joinMs: summarise(stats.joinMs),
+    lifecycleMs: summarise(stats.totalMs),
+    serverCpuMsPerConn: (w.serverCpuS * 1000) / Math.max(1, phase.launched),
+    rssStartKiB: rssStart,
+    rssBeforeKiB: rssBefore,
+    rssAfterKiB: rssAfter,
+    rssGrowthPct: (100 * (rssAfter - rssBefore)) / rssBefore,
+  };
+}
+
+// --- main ------------------------------------------------------------------------
+
+const SCENARIOS = { saturation, latency, memory, churn };
+
+async function main() {
+  const run = SCENARIOS[cfg.scenario];
+  if (!run) {
+    emit({ ok: false, error: `unknown scenario ${cfg.scenario}` });
+    process.exit(2);
+  }
+  let result;
+  try {
+    result = await run();
+  } catch (err) {
+    result = { ok: false, error: String(err?.stack ?? err) };
+  }
+  clearTimeout(watchdog);
+  emit(result);
+  process.exit(0);
+}
+
+main();

@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# WebSocket conformance: the Autobahn|Testsuite (wstest -m fuzzingclient, every
+# case) against conformance/echo_server.py, which is built on triochat's own
+# transport. Fails on any FAILED case. Results: docs/reliability.md.
+#
+# The suite is Python 2.7 only. Its toolchain (a Python 3 venv with
+# virtualenv, a Python 2.7 virtualenv with the pinned requirements and
+# autobahntestsuite) is built once into
+#   ${TRIOCHAT_CACHE:-$HOME/.cache/triochat}/autobahn/<key>
+# and reused; <key> changes with the pins, so a stale cache is never used.
+#
+# Environment:
+#   PYTHON          runs the echo server (default: .venv/bin/python; triochat installed)
+#   PYTHON27        a Python 2.7 interpreter (default: pyenv's 2.7.18, else python2.7)
+#   PYTHON3         builds the tools venv (default: python3)
+#   TRIOCHAT_CACHE  cache root (default: $HOME/.cache/triochat)
+#   CONFORMANCE_REPORT_DIR  if set, the HTML/JSON report is copied there
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+
+AUTOBAHN_VERSION=25.10.1
+SETUP_TIMEOUT=900  # seconds, for the whole toolchain install
+SUITE_TIMEOUT=900  # seconds, for wstest (about 30-40 s here)
+START_TIMEOUT=30   # seconds, for the echo server to listen
+
+python=${PYTHON:-$root/.venv/bin/python}
+python3=${PYTHON3:-python3}
+py27=${PYTHON27:-/root/.pyenv/versions/2.7.18/bin/python2.7}
+[ -x "$py27" ] || py27=$(command -v python2.7 || true)
+reqs=$root/conformance/requirements-py27.txt
+
+die() { echo "conformance: $*" >&2; exit 1; }
+[ -x "$python" ] || die "no Python for the echo server at $python (set PYTHON)"
+[ -n "$py27" ] && [ -x "$py27" ] || die "no Python 2.7 found (set PYTHON27)"
+
+cache=${TRIOCHAT_CACHE:-$HOME/.cache/triochat}/autobahn
+key=$({ cat "$reqs"; echo "autobahntestsuite==$AUTOBAHN_VERSION $py27"; } | sha256sum | cut -c1-16)
+toolchain=$cache/$key
+wstest=$toolchain/py27/bin/wstest
+
+install_toolchain() {
+    # virtualenv <20.22 is the last that creates Python 2.7 environments; the
+    # sdist is fetched by Python 3's pip (Python 2's pip fails on that step).
+    rm -rf "$toolchain"
+    mkdir -p "$toolchain"
+    "$python3" -m venv "$toolchain/tools"
+    "$toolchain/tools/bin/pip" install -q "virtualenv<20.22"
+    "$toolchain/tools/bin/virtualenv" -q -p "$py27" "$toolchain/py27"
+    "$toolchain/py27/bin/pip" install -q -r "$reqs"
+    "$toolchain/tools/bin/pip" download -q --no-deps --no-binary :all: \
+        "autobahntestsuite==$AUTOBAHN_VERSION" -d "$toolchain/dl"
+    "$toolchain/py27/bin/pip" install -q --no-deps \
+        "$toolchain/dl/autobahntestsuite-$AUTOBAHN_VERSION.tar.gz"
+    "$toolchain/py27/bin/python" -c "import autobahntestsuite"
+    touch "$toolchain/.complete"
+}
+
+started=$SECONDS
+mkdir -p "$cache"
+(
+    flock -w "$SETUP_TIMEOUT" 9 || die "timed out waiting for the cache lock"
+    if [ -f "$toolchain/.complete" ]; then
+        echo "conformance: Autobahn toolchain cached in $toolchain"
+    else
+        echo "conformance: installing the Autobahn toolchain into $toolchain"
+        export -f install_toolchain
+        export toolchain python3 py27 reqs AUTOBAHN_VERSION
+        if ! timeout "$SETUP_TIMEOUT" bash -euo pipefail -c install_toolchain \
+            >"$cache/install-$key.log" 2>&1; then
+            tail -n 40 "$cache/install-$key.log" >&2
+            rm -rf "$toolchain"
+            die "toolchain install failed (log: $cache/install-$key.log)"
+        fi
+    fi
+) 9>"$cache/.lock"
+echo "conformance: toolchain ready after $((SECONDS - started)) s"
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/triochat-conformance.XXXXXX")
+echo_pid=
+cleanup() {
+    if [ -n "$echo_pid" ] && kill -0 "$echo_pid" 2>/dev/null; then
+        kill "$echo_pid" 2>/dev/null || true
+        wait "$echo_pid" 2>/dev/null || true
+    fi
+    rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# The echo server, on a free port it reports once listening.
+PYTHONPATH="$root/src${PYTHONPATH:+:$PYTHONPATH}" "$python" conformance/echo_server.py \
+    --port 0 --ready-file "$work/port" >"$work/echo.log" 2>&1 &
+echo_pid=$!
+for _ in $(seq $((START_TIMEOUT * 10))); do
+    [ -s "$work/port" ] && break
+    kill -0 "$echo_pid" 2>/dev/null || { cat "$work/echo.log" >&2; die "echo server died"; }
+    sleep 0.1
+done
+[ -s "$work/port" ] || { cat "$work/echo.log" >&2; die "echo server did not start"; }
+port=$(cat "$work/port")
+
+# Every case, no exclusions (12.* and 13.* need permessage-deflate, which
+# triochat does not negotiate: they report UNIMPLEMENTED).
+cat >"$work/fuzzingclient.json" <<EOF
+{
+  "outdir": "$work/reports/servers",
+  "servers": [{"agent": "triochat-echo", "url": "ws://127.0.0.1:$port"}],
+  "cases": ["*"],
+  "exclude-cases": [],
+  "exclude-agent-cases": {}
+}
+EOF
+
+echo "conformance: running wstest -m fuzzingclient against ws://127.0.0.1:$port"
+suite_started=$SECONDS
+if ! (cd "$work" && timeout "$SUITE_TIMEOUT" "$wstest" -m fuzzingclient -s fuzzingclient.json \
+    >"$work/wstest.log" 2>&1); then
+    tail -n 40 "$work/wstest.log" >&2
+    die "wstest failed or timed out after $((SECONDS - suite_started)) s"
+fi
+echo "conformance: suite took $((SECONDS - suite_started)) s"
+kill -0 "$echo_pid" 2>/dev/null || { cat "$work/echo.log" >&2; die "echo server died"; }
+if grep -q "Traceback\|ERROR" "$work/echo.log"; then
+    cat "$work/echo.log" >&2
+    die "the echo server logged errors"
+fi
+
+if [ -n "${CONFORMANCE_REPORT_DIR:-}" ]; then
+    mkdir -p "$CONFORMANCE_REPORT_DIR"
+    cp -r "$work/reports/servers/." "$CONFORMANCE_REPORT_DIR/"
+    echo "conformance: report copied to $CONFORMANCE_REPORT_DIR/index.html"
+fi
+"$python" conformance/summarize.py "$work/reports/servers/index.json"

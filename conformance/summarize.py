@@ -1,0 +1,134 @@
+"""Summarise an Autobahn|Testsuite report; exit 1 on any FAILED case.
+
+Reads ``reports/servers/index.json`` (written by ``wstest -m
+fuzzingclient``) and prints, per case group, how many cases ended OK,
+NON-STRICT, INFORMATIONAL, UNIMPLEMENTED or FAILED, then every case that is
+neither OK nor UNIMPLEMENTED with its close behaviour. ``--markdown``
+prints the table as Markdown (as in docs/reliability.md).
+
+Usage: ``python conformance/summarize.py [--markdown] reports/servers/index.json``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Final
+
+__all__ = ["GROUPS", "main", "summarize"]
+
+#: The suite's top-level case groups, as its report names them.
+GROUPS: Final = {
+    "1": "Framing",
+    "2": "Pings/Pongs",
+    "3": "Reserved Bits",
+    "4": "Opcodes",
+    "5": "Fragmentation",
+    "6": "UTF-8 Handling",
+    "7": "Close Handling",
+    "9": "Limits/Performance",
+    "10": "Misc",
+    "12": "WebSocket Compression (different payloads)",
+    "13": "WebSocket Compression (different parameters)",
+}
+#: Columns of the table; any other behaviour the suite reports counts as FAILED.
+BEHAVIORS: Final = ("OK", "NON-STRICT", "INFORMATIONAL", "UNIMPLEMENTED", "FAILED")
+#: Close behaviours that are not a failure.
+CLOSE_OK: Final = frozenset({"OK", "INFORMATIONAL", "UNIMPLEMENTED"})
+
+Case = dict[str, object]
+
+
+def _case_key(case_id: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in case_id.split(".") if part.isdigit())
+
+
+def _behavior(case: Case) -> str:
+    """The case's result; a failed close handshake fails an otherwise passing case."""
+    behavior = str(case.get("behavior", "FAILED"))
+    close = str(case.get("behaviorClose", "OK"))
+    if behavior not in BEHAVIORS:
+        return "FAILED"
+    if behavior in ("OK", "NON-STRICT") and close not in CLOSE_OK:
+        return "FAILED" if close == "FAILED" else "NON-STRICT"
+    return behavior
+
+
+def summarize(cases: dict[str, Case]) -> tuple[dict[str, Counter[str]], list[str]]:
+    """Counts per group, and one line per case that is neither OK nor UNIMPLEMENTED."""
+    table: dict[str, Counter[str]] = {}
+    notable: list[str] = []
+    for case_id in sorted(cases, key=_case_key):
+        case = cases[case_id]
+        behavior = _behavior(case)
+        table.setdefault(case_id.split(".")[0], Counter())[behavior] += 1
+        if behavior not in ("OK", "UNIMPLEMENTED"):
+            notable.append(
+                f"{case_id}: {behavior} (behavior {case.get('behavior')}, "
+                f"close {case.get('behaviorClose')}, code {case.get('remoteCloseCode')})"
+            )
+    return table, notable
+
+
+def _render(table: dict[str, Counter[str]], *, markdown: bool) -> str:
+    header = ["group", *BEHAVIORS]
+    rows = []
+    total: Counter[str] = Counter()
+    for group in sorted(table, key=int):
+        counts = table[group]
+        total.update(counts)
+        name = f"{group} {GROUPS.get(group, '')}".strip()
+        rows.append([name, *(str(counts[b]) for b in BEHAVIORS)])
+    rows.append(["total", *(str(total[b]) for b in BEHAVIORS)])
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        return "\n".join(lines)
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in [header, *rows]
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("index", type=Path, help="reports/servers/index.json")
+    parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    args = parser.parse_args(argv)
+    try:
+        report = json.loads(args.index.read_text())
+    except (OSError, ValueError) as exc:
+        print(f"conformance: no readable report at {args.index}: {exc}", file=sys.stderr)
+        return 1
+    if not isinstance(report, dict) or not report:
+        print(f"conformance: empty report at {args.index}", file=sys.stderr)
+        return 1
+    failed = 0
+    for agent, cases in sorted(report.items()):
+        if not isinstance(cases, dict) or not cases:
+            print(f"conformance: no cases for {agent}", file=sys.stderr)
+            return 1
+        table, notable = summarize(cases)
+        print(f"Autobahn|Testsuite, agent {agent}: {len(cases)} cases\n")
+        print(_render(table, markdown=args.markdown))
+        if notable:
+            print("\nneither OK nor UNIMPLEMENTED:")
+            print("\n".join("  " + line for line in notable))
+        failed += sum(counts["FAILED"] for counts in table.values())
+    if failed:
+        print(f"\nconformance: {failed} FAILED case(s)", file=sys.stderr)
+        return 1
+    print("\nconformance: 0 FAILED")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -4,8 +4,12 @@
 
     Connection.run                 connection nursery
     ├── _read_loop                 transport -> decode -> hub inbound
-    ├── _keepalive                 ping every ping_interval; no pong in time = gone
-    └── _write_loop (in run)       outbox -> one write per batch; then the close
+    └── _write_loop (in run)       outbox -> one write per batch; pings; then the close
+
+The writer also keeps the connection alive: when it has been idle for
+``ping_interval`` it sends a ping (a comment on SSE), and a peer that has sent
+nothing at all within ``ping_timeout`` after it is gone. No keepalive task:
+one task less per connection is memory and scheduling saved.
 
 Rules:
 
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Awaitable
 from typing import Protocol
 
 import trio
@@ -65,8 +70,18 @@ class Transport(Protocol):
         """Write ``frames`` with one write. Raises TransportClosed."""
         ...
 
+    #: Seconds between keepalives (None: the configured ping interval).
+    heartbeat: float | None
+    #: True when the peer answers a ping (WebSocket); False for SSE.
+    expects_pong: bool
+
+    @property
+    def last_receive(self) -> float:
+        """When bytes last arrived from the peer (trio clock)."""
+        ...
+
     async def ping(self) -> None:
-        """Return when the peer answered a ping. Raises TransportClosed."""
+        """Send a keepalive (a ping frame, or an SSE comment). Raises TransportClosed."""
         ...
 
     async def close(self, code: int, reason: str) -> None:
@@ -135,7 +150,7 @@ class Connection:
         if not flush:
             self.outbox.clear()
         if self._send_scope is not None:
-            self._send_scope.deadline = self._close_deadline
+            self._send_scope.deadline = min(self._send_scope.deadline, self._close_deadline)
         self.outbox.wake()
 
     # --- the tasks ---------------------------------------------------------------
@@ -146,7 +161,6 @@ class Connection:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._guard, self._read_loop, client, nursery.cancel_scope)
-                nursery.start_soon(self._guard, self._keepalive, None, nursery.cancel_scope)
                 await self._guard(self._write_loop, None, nursery.cancel_scope)
         finally:
             self._hub.disconnect(client)
@@ -158,12 +172,15 @@ class Connection:
         try:
             await loop(client)
         except TransportClosed as exc:
-            if self.close_request is not None and loop != self._write_loop:
+            if self.close_request is None:
+                self.end_reason = exc.reason
+                self.close_code = exc.code
+            elif loop != self._write_loop:
                 # We are closing (which also ends trio-websocket's reads): the
                 # writer sends the close frame and ends the connection.
                 await trio.sleep_forever()
-            self.end_reason = exc.reason
-            self.close_code = exc.code
+            else:  # the close we asked for, cut short: it still says why
+                self.close_code, self.end_reason = self.close_request
         except Exception:
             LOGGER.exception("bug in a connection task; closing it with 1011")
             self.end_reason = "internal error"
@@ -197,35 +214,57 @@ class Connection:
                 item = exc
             await hub.submit(client, item)  # type: ignore[arg-type]
 
-    async def _keepalive(self, _: Client | None) -> None:
-        config = self._config
-        interval = getattr(self._transport, "heartbeat", None) or config.ping_interval
-        while True:
-            await trio.sleep(interval)
-            with trio.move_on_after(config.ping_timeout):
-                await self._transport.ping()
-                continue
-            raise TransportClosed(f"keepalive unanswered for {config.ping_timeout:g} s")
-
     async def _write_loop(self, _: Client | None) -> None:
         outbox = self.outbox
         transport = self._transport
         stats = self._stats
+        config = self._config
+        interval = transport.heartbeat or config.ping_interval
+        ping_sent: float | None = None  # an unanswered ping went out then
+        next_ping = trio.current_time() + interval
         while True:
-            await outbox.wait()
+            deadline = next_ping if ping_sent is None else ping_sent + config.ping_timeout
+            with trio.move_on_at(deadline) as idle:
+                await outbox.wait()
+            if idle.cancelled_caught:
+                now = trio.current_time()
+                if ping_sent is None:
+                    await self._bounded_send(transport.ping())
+                    ping_sent = now if transport.expects_pong else None
+                    next_ping = now + interval
+                elif transport.last_receive >= ping_sent:
+                    ping_sent = None  # any bytes, the pong included, prove the peer is there
+                else:
+                    raise TransportClosed(f"no pong within {config.ping_timeout:g} s")
+                continue
             frames = outbox.take_all()
             if frames:
-                with trio.CancelScope(deadline=self._close_deadline) as self._send_scope:
-                    try:
-                        await transport.send(frames)
-                    finally:
-                        self._broken = self._send_scope.cancelled_caught
-                self._send_scope = None
+                await self._bounded_send(transport.send(frames))
                 stats.frames_sent += len(frames)
                 stats.writes += 1
+                next_ping = trio.current_time() + interval
             if self.close_request is not None and not outbox:
                 await self._close_now()
                 return
+
+    async def _bounded_send(self, sending: Awaitable[None]) -> None:
+        """Await one write, cut off when the peer stops reading for too long.
+
+        A write that cannot finish within a ping interval plus timeout (a
+        frozen peer whose buffers are full), or by the close deadline once a
+        close is requested, is cancelled: the stream is then broken and the
+        connection ends without a close frame.
+        """
+        config = self._config
+        stuck = trio.current_time() + config.ping_interval + config.ping_timeout
+        with trio.CancelScope(deadline=min(stuck, self._close_deadline)) as self._send_scope:
+            try:
+                await sending
+            finally:
+                self._broken = self._send_scope.cancelled_caught
+        self._send_scope = None
+        if self._broken:
+            raise TransportClosed("the peer stopped reading")
 
     async def _close_now(self) -> None:
         """Send the requested close frame (bounded), then end the connection."""

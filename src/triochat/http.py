@@ -155,7 +155,12 @@ async def handle_http(stream: trio.abc.Stream, ctx: FrontContext, static: Static
         request = _Request(event)
         ctx.stats.http_requests += 1
         if "websocket" in request.headers.get("upgrade", "").lower():
-            await _upgrade(stream, conn, request, ctx)
+            prefix = await _vet_upgrade(stream, conn, request, ctx)
+            path = request.path
+            # A chat may last for hours: let the parser's state go first.
+            del conn, event, request
+            if prefix is not None:
+                await _serve_upgrade(stream, prefix, path, ctx)
             return
         if request.path == "/sse" and request.method == "GET":
             await _open_sse(stream, request, ctx)
@@ -332,38 +337,45 @@ def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...
     return origin in (f"http://{host}", f"https://{host}")
 
 
-async def _upgrade(
+async def _vet_upgrade(
     stream: trio.abc.Stream, conn: h11.Connection, request: _Request, ctx: FrontContext
-) -> None:
+) -> bytes | None:
+    """The bytes to replay to the WebSocket layer, or None after answering a refusal."""
     headers = request.headers
     if request.path not in ("/ws", "/"):
         await _send_raw(stream, 404, "no WebSocket endpoint here")
-        return
+        return None
     if request.method != "GET":
         await _send_raw(stream, 405, "a WebSocket upgrade is a GET", extra="allow: GET\r\n")
-        return
+        return None
     if "upgrade" not in headers.get("connection", "").lower() or not headers.get(
         "sec-websocket-key"
     ):
         await _send_raw(stream, 400, "incomplete WebSocket handshake")
-        return
+        return None
     if headers.get("sec-websocket-version", "").strip() != "13":
         await _send_raw(
             stream, 426, "WebSocket version 13 only", extra="sec-websocket-version: 13\r\n"
         )
-        return
+        return None
     if not origin_allowed(headers.get("origin"), headers.get("host"), ctx.config.allow_origins):
         await _send_raw(stream, 403, "origin not allowed")
-        return
+        return None
     if ctx.draining:
         await _send_raw(stream, 503, "the server is shutting down")
-        return
+        return None
+    return _replay_bytes(conn, request)
+
+
+async def _serve_upgrade(
+    stream: trio.abc.Stream, prefix: bytes, path: str, ctx: FrontContext
+) -> None:
     ip = _peer_ip(stream)
     if not ctx.take_ip_slot(ip):
         await _send_raw(stream, 429, "too many connections from your address")
         return
     try:
-        await ctx.serve_websocket(stream, _replay_bytes(conn, request), request.path)
+        await ctx.serve_websocket(stream, prefix, path)
     finally:
         ctx.release_ip_slot(ip)
 

@@ -9,8 +9,6 @@ is the same: ``capacity`` frames.
 
 from __future__ import annotations
 
-import collections
-
 import trio
 
 from .frames import OutFrame
@@ -25,7 +23,9 @@ class Outbox:
 
     def __init__(self, capacity: int) -> None:
         self._capacity = capacity
-        self._frames: collections.deque[OutFrame] = collections.deque()
+        # A list, not a deque: the writer always takes everything at once, and
+        # an empty list is a tenth of an empty deque's size.
+        self._frames: list[OutFrame] = []
         self._lot = trio.lowlevel.ParkingLot()
         self._woken = False
 
@@ -55,8 +55,8 @@ class Outbox:
 
     def take_all(self) -> list[OutFrame]:
         """Every queued frame, oldest first; the outbox is then empty."""
-        frames = list(self._frames)
-        self._frames.clear()
+        frames = self._frames
+        self._frames = []
         return frames
 
     def clear(self) -> None:

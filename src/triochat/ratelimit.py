@@ -24,7 +24,8 @@ class RateLimiter:
         self._burst = float(burst)
         self._tokens = float(burst)
         self._stamp = now
-        self._drops: collections.deque[float] = collections.deque()
+        # Made on the first drop: most connections never need it.
+        self._drops: collections.deque[float] | None = None
 
     def allow(self, now: float) -> bool:
         """Take one token if there is one; False means: drop the frame."""
@@ -41,6 +42,8 @@ class RateLimiter:
     def record_drop(self, now: float) -> bool:
         """Count one drop; True when it is the ABUSE_DROPS-th within ABUSE_WINDOW."""
         drops = self._drops
+        if drops is None:
+            drops = self._drops = collections.deque()
         drops.append(now)
         while drops and drops[0] <= now - ABUSE_WINDOW:
             drops.popleft()

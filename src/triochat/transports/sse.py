@@ -44,7 +44,10 @@ class SseTransport:
     """The `Transport` of one SSE session (one ``GET /sse`` stream)."""
 
     #: The keepalive interval this transport wants (comments, not pings).
-    heartbeat = HEARTBEAT
+    heartbeat: float | None = HEARTBEAT
+    #: Nothing answers a comment: only a write that cannot finish shows a dead peer.
+    expects_pong = False
+    last_receive = 0.0
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self._stream = stream

@@ -24,6 +24,8 @@ __all__ = ["ReplayStream", "WebSocketTransport", "accept_websocket", "closing_ra
 
 LOGGER = logging.getLogger("triochat.websocket")
 
+PING_FRAME = b"\x89\x00"  # FIN + opcode 9 (ping), no payload, unmasked
+
 # trio-websocket's reader stops reading (pongs and close frames included)
 # while its queue is full; ours drains it at once, so a few frames suffice.
 LIBRARY_QUEUE = 4
@@ -36,14 +38,18 @@ class ReplayStream(trio.abc.Stream):
         self._stream = stream
         self._prefix = prefix
         self._send_lock = trio.Lock()
+        #: When bytes last arrived (trio clock): the keepalive's proof of life.
+        self.last_receive = trio.current_time()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         if self._prefix:
             size = len(self._prefix) if max_bytes is None else max_bytes
-            data, self._prefix = self._prefix[:size], self._prefix[size:]
+            replayed, self._prefix = self._prefix[:size], self._prefix[size:]
             await trio.lowlevel.checkpoint()
-            return data
-        return await self._stream.receive_some(max_bytes)
+            return replayed
+        data = await self._stream.receive_some(max_bytes)
+        self.last_receive = trio.current_time()
+        return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         async with self._send_lock:
@@ -81,9 +87,16 @@ async def accept_websocket(
 class WebSocketTransport:
     """The `Transport` of a WebSocket connection."""
 
+    heartbeat: float | None = None  # the configured ping interval
+    expects_pong = True
+
     def __init__(self, ws: WebSocketConnection, stream: ReplayStream) -> None:
         self._ws = ws
         self._stream = stream
+
+    @property
+    def last_receive(self) -> float:
+        return self._stream.last_receive
 
     async def receive(self) -> str:
         message = await self.receive_message()
@@ -106,10 +119,13 @@ class WebSocketTransport:
             raise TransportClosed("connection lost") from exc
 
     async def ping(self) -> None:
+        # A raw ping frame (not trio-websocket's ping(), which needs a task
+        # waiting for each pong): any bytes the peer sends, the pong
+        # included, update `last_receive`.
         try:
-            await self._ws.ping()
-        except ConnectionClosed as exc:
-            raise _closed(exc) from None
+            await self._stream.send_all(PING_FRAME)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise TransportClosed("connection lost") from exc
 
     async def close(self, code: int, reason: str) -> None:
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):

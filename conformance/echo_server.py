@@ -16,7 +16,8 @@ same type.
         └── EchoFront.serve_websocket   connection nursery
             ├── trio-websocket's reader (pongs, close replies)
             ├── _read_loop         receive_message -> OutFrame -> outbox
-            └── _write_loop        outbox -> take_all -> one send
+            └── _write_loop        outbox -> take_all -> one send; after the
+                                   reader ends, flushes (close_timeout)
 
 Run it with ``python conformance/echo_server.py --port 9001``.
 """
@@ -27,7 +28,7 @@ import argparse
 import contextlib
 import logging
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import Final
@@ -103,7 +104,7 @@ class EchoFront:
                     nursery.cancel_scope.cancel()
                     return
                 try:
-                    await _EchoConnection(transport).run()
+                    await _EchoConnection(transport, self.config.close_timeout).run()
                 finally:
                     nursery.cancel_scope.cancel()
                     with trio.CancelScope(shield=True):
@@ -111,26 +112,36 @@ class EchoFront:
 
 
 class _EchoConnection:
-    """A reader and the chat's coalescing writer around one `Outbox`."""
+    """A reader and the chat's coalescing writer around one `Outbox`.
 
-    def __init__(self, transport: WebSocketTransport) -> None:
+    One difference from the chat's `Connection`: when the reader ends (the
+    peer closed, or trio-websocket failed the connection on a protocol
+    error), the writer still sends what is queued, bounded by
+    ``close_timeout``, since an echo owes the peer every message received
+    before the end. Whether those bytes can still go out is the stream
+    wrapper's decision (see docs/reliability.md).
+    """
+
+    def __init__(self, transport: WebSocketTransport, close_timeout: float) -> None:
         self._transport = transport
+        self._close_timeout = close_timeout
         self._outbox = Outbox(OUTBOX_FRAMES)
         #: Set by the writer whenever it empties the outbox (the reader's backpressure).
         self._room = trio.Event()
+        #: The reader has ended: the writer returns once the outbox is empty.
+        self._reader_done = False
 
     async def run(self) -> None:
-        """Until either side ends; the peer's close was answered by trio-websocket."""
+        """Until the peer is gone (trio-websocket answers its close itself)."""
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._guard, self._read_loop, nursery.cancel_scope)
-            nursery.start_soon(self._guard, self._write_loop, nursery.cancel_scope)
-
-    async def _guard(self, loop: Callable[[], Awaitable[None]], scope: trio.CancelScope) -> None:
-        try:
-            await loop()
-        except TransportClosed as exc:
-            LOGGER.debug("connection ended: %s", exc.reason)
-        scope.cancel()
+            nursery.start_soon(self._write_loop, nursery.cancel_scope)
+            try:
+                await self._read_loop()
+            except TransportClosed as exc:
+                LOGGER.debug("reader ended: %s", exc.reason)
+            self._reader_done = True
+            self._outbox.wake()
+            nursery.cancel_scope.deadline = trio.current_time() + self._close_timeout
 
     async def _read_loop(self) -> None:
         while True:
@@ -144,13 +155,20 @@ class _EchoConnection:
                 self._room = trio.Event()
                 await self._room.wait()
 
-    async def _write_loop(self) -> None:
-        while True:
-            await self._outbox.wait()
-            frames = self._outbox.take_all()
-            self._room.set()
-            if frames:
-                await self._transport.send(frames)
+    async def _write_loop(self, scope: trio.CancelScope) -> None:
+        """The chat's writer: everything queued goes out with one write."""
+        try:
+            while True:
+                await self._outbox.wait()
+                frames = self._outbox.take_all()
+                self._room.set()
+                if frames:
+                    await self._transport.send(frames)
+                if self._reader_done and not self._outbox:
+                    break
+        except TransportClosed as exc:
+            LOGGER.debug("writer ended: %s", exc.reason)
+        scope.cancel()
 
 
 async def serve(

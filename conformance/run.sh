@@ -78,11 +78,17 @@ echo "conformance: toolchain ready after $((SECONDS - started)) s"
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/triochat-conformance.XXXXXX")
 echo_pid=
+suite_pid=
 cleanup() {
-    if [ -n "$echo_pid" ] && kill -0 "$echo_pid" 2>/dev/null; then
-        kill "$echo_pid" 2>/dev/null || true
-        wait "$echo_pid" 2>/dev/null || true
-    fi
+    # Children run in the background and are waited for with `wait`, so a
+    # signal to this script stops them at once (bash runs traps only
+    # between foreground commands).
+    for pid in $suite_pid $echo_pid; do
+        if kill -0 "$pid" 2>/dev/null; then
+            kill "$pid" 2>/dev/null || true
+            wait "$pid" 2>/dev/null || true
+        fi
+    done
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -114,21 +120,23 @@ EOF
 
 echo "conformance: running wstest -m fuzzingclient against ws://127.0.0.1:$port"
 suite_started=$SECONDS
-if ! (cd "$work" && timeout "$SUITE_TIMEOUT" "$wstest" -m fuzzingclient -s fuzzingclient.json \
-    >"$work/wstest.log" 2>&1); then
+(cd "$work" && exec timeout "$SUITE_TIMEOUT" "$wstest" -m fuzzingclient -s fuzzingclient.json) \
+    >"$work/wstest.log" 2>&1 &
+suite_pid=$!
+if ! wait "$suite_pid"; then
     tail -n 40 "$work/wstest.log" >&2
     die "wstest failed or timed out after $((SECONDS - suite_started)) s"
 fi
 echo "conformance: suite took $((SECONDS - suite_started)) s"
+if [ -n "${CONFORMANCE_REPORT_DIR:-}" ]; then
+    mkdir -p "$CONFORMANCE_REPORT_DIR"
+    cp -r "$work/reports/servers/." "$CONFORMANCE_REPORT_DIR/"
+    echo "conformance: report copied to $CONFORMANCE_REPORT_DIR/index.html"
+fi
 kill -0 "$echo_pid" 2>/dev/null || { cat "$work/echo.log" >&2; die "echo server died"; }
 if grep -q "Traceback\|ERROR" "$work/echo.log"; then
     cat "$work/echo.log" >&2
     die "the echo server logged errors"
 fi
 
-if [ -n "${CONFORMANCE_REPORT_DIR:-}" ]; then
-    mkdir -p "$CONFORMANCE_REPORT_DIR"
-    cp -r "$work/reports/servers/." "$CONFORMANCE_REPORT_DIR/"
-    echo "conformance: report copied to $CONFORMANCE_REPORT_DIR/index.html"
-fi
 "$python" conformance/summarize.py "$work/reports/servers/index.json"

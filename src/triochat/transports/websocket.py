@@ -29,15 +29,30 @@ PING_FRAME = b"\x89\x00"  # FIN + opcode 9 (ping), no payload, unmasked
 # trio-websocket's reader stops reading (pongs and close frames included)
 # while its queue is full; ours drains it at once, so a few frames suffice.
 LIBRARY_QUEUE = 4
+CLOSE_FRAME_BYTE = 0x88  # the first byte of a close frame: FIN + opcode 8
 
 
 class ReplayStream(trio.abc.Stream):
-    """A stream that replays ``prefix`` before reading ``stream``; writes are locked."""
+    """A stream that replays ``prefix`` before reading ``stream``; writes are locked.
+
+    Two more rules keep our frames and trio-websocket's in a valid order:
+
+    1. Nothing is written after a close frame. trio-websocket writes each
+       frame with its own ``send_all`` and the writer's batches start with a
+       data frame, so a write starting with 0x88 is the close frame; later
+       writes raise ClosedResourceError (the writer sees TransportClosed).
+    2. trio-websocket's `aclose` (right after it answers a close, or when
+       wsproto fails the connection on a protocol error) does not drop the
+       TCP connection; `close_now` does, when the connection ends
+       (`WebSocketTransport.abort`). Frames the application accepted before
+       a protocol error can still be flushed, bounded by the caller.
+    """
 
     def __init__(self, stream: trio.abc.Stream, prefix: bytes) -> None:
         self._stream = stream
         self._prefix = prefix
         self._send_lock = trio.Lock()
+        self._close_sent = False
         #: When bytes last arrived (trio clock): the keepalive's proof of life.
         self.last_receive = trio.current_time()
 
@@ -53,13 +68,22 @@ class ReplayStream(trio.abc.Stream):
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         async with self._send_lock:
+            if self._close_sent:
+                raise trio.ClosedResourceError("a close frame was sent")
             await self._stream.send_all(data)
+            if data and data[0] == CLOSE_FRAME_BYTE:
+                self._close_sent = True
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._stream.wait_send_all_might_not_block()
 
     async def aclose(self) -> None:
-        await self._stream.aclose()
+        """trio-websocket's TCP close, deferred to `close_now` (rule 2)."""
+        await trio.lowlevel.checkpoint()
+
+    async def close_now(self) -> None:
+        """Drop the TCP connection (the connection's end)."""
+        await trio.aclose_forcefully(self._stream)
 
 
 async def accept_websocket(
@@ -132,7 +156,7 @@ class WebSocketTransport:
             await self._ws.aclose(code, reason)
 
     async def abort(self) -> None:
-        await trio.aclose_forcefully(self._stream)
+        await self._stream.close_now()
 
 
 def _closed(exc: ConnectionClosed) -> TransportClosed:

@@ -93,6 +93,8 @@ class FaultyStream(trio.abc.Stream):
         self.bytes_received = 0
         #: Bytes `drop_sends` swallowed.
         self.bytes_dropped = 0
+        #: `send_all` calls that wrote something (one per write the peer sees).
+        self.writes = 0
         self._send_delay = 0.0
         self._dropping = False
         self._read_gate: trio.Event | None = None
@@ -123,7 +125,11 @@ class FaultyStream(trio.abc.Stream):
 
     @contextlib.contextmanager
     def stall_reads(self) -> Iterator[None]:
-        """`receive_some` blocks until the block exits (nothing arrives; no FIN)."""
+        """Nothing is received until the block exits (no data, no FIN).
+
+        A `receive_some` already waiting when the stall begins holds back what
+        it gets until the stall ends.
+        """
         gate = self._read_gate = trio.Event()
         try:
             yield
@@ -192,6 +198,7 @@ class FaultyStream(trio.abc.Stream):
             if budget:
                 await self.stream.send_all(bytes(data[:budget]))
                 self.bytes_sent += budget
+                self.writes += 1
             self._reset = True
             await trio.aclose_forcefully(self.stream)
             raise trio.BrokenResourceError(f"connection cut after {budget} more bytes (injected)")
@@ -199,6 +206,7 @@ class FaultyStream(trio.abc.Stream):
             self._cut_budget = budget - len(data)
         await self.stream.send_all(data)
         self.bytes_sent += len(data)
+        self.writes += 1
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.stream.wait_send_all_might_not_block()
@@ -210,6 +218,9 @@ class FaultyStream(trio.abc.Stream):
         if self._read_gate is not None:
             await self._read_gate.wait()
         data = await self.stream.receive_some(max_bytes)
+        # A stall that began while we waited holds back what arrived, too.
+        while self._read_gate is not None:
+            await self._read_gate.wait()
         if self._reset:  # reset while we waited
             raise trio.BrokenResourceError("connection reset (injected)")
         self.bytes_received += len(data)
@@ -259,10 +270,8 @@ class FaultyListener(trio.abc.Listener[trio.abc.Stream]):
 
     async def connect(self, *, lockstep: bool = False) -> Link:
         """A new connection; ``lockstep``: no buffering, a non-reader blocks the writer."""
-        if lockstep:
-            client, server = trio.testing.lockstep_stream_pair()
-        else:
-            client, server = trio.testing.memory_stream_pair()
+        pair = trio.testing.lockstep_stream_pair if lockstep else trio.testing.memory_stream_pair
+        client, server = pair()
         link = Link(FaultyStream(client), FaultyStream(server))
         self.links.append(link)
         await self._send.send(link.server)
@@ -523,7 +532,10 @@ def task_count() -> int:
             count(child) for nursery in task.child_nurseries for child in nursery.child_tasks
         )
 
-    return count(trio.lowlevel.current_root_task())
+    root = trio.lowlevel.current_root_task()
+    if root is None:
+        raise RuntimeError("task_count() needs a running trio.run")
+    return count(root)
 
 
 def live_instances(cls: type[T]) -> list[T]:

@@ -257,12 +257,12 @@ class Connection:
         """
         config = self._config
         stuck = trio.current_time() + config.ping_interval + config.ping_timeout
-        with trio.CancelScope(deadline=min(stuck, self._close_deadline)) as self._send_scope:
-            try:
-                await sending
-            finally:
-                self._broken = self._send_scope.cancelled_caught
+        with trio.CancelScope(deadline=min(stuck, self._close_deadline)) as scope:
+            self._send_scope = scope
+            await sending
         self._send_scope = None
+        # Read after the block: the scope sets cancelled_caught on its way out.
+        self._broken = scope.cancelled_caught
         if self._broken:
             raise TransportClosed("the peer stopped reading")
 

@@ -176,8 +176,11 @@ async def handle_http(stream: trio.abc.Stream, ctx: FrontContext, static: Static
                 return
         elif not await _respond(stream, conn, request, ctx, static):
             return
-        with trio.move_on_after(config.handshake_timeout) as body_scope:
-            finished = await _finish_request(stream, conn)
+        try:
+            with trio.move_on_after(config.handshake_timeout) as body_scope:
+                finished = await _finish_request(stream, conn)
+        except (h11.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
+            return  # answered already; a broken body only ends the connection
         if body_scope.cancelled_caught or not finished:
             return
         try:

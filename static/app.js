@@ -1,4 +1,8 @@
-// triochat browser page: speaks the typed protocol (docs/protocol.md) over /ws.
+// triochat browser page: speaks the typed protocol (docs/protocol.md) over a
+// WebSocket on /ws, or over Server-Sent Events (GET /sse + POST /sse/<id>) when
+// WebSockets do not get through. It survives bad networks: it reconnects with
+// backoff, rejoins with the resume token and the last id seen, and sends what
+// was typed while offline exactly once.
 // All user-supplied text is rendered with textContent, never as HTML.
 'use strict';
 
@@ -9,29 +13,62 @@
   const MAX_MSG = 2000;
   const TYPING_SEND_MS = 3000; // send `typing` at most this often
   const TYPING_SHOW_MS = 4000; // show someone as typing for this long
+  const QUEUE_MAX = 100; // unconfirmed messages kept for (re)sending
+  const BACKOFF_BASE_MS = 500; // reconnect delay: random in [0, min(cap, base * 2^n)]
+  const BACKOFF_CAP_MS = 30000;
+  const SHORT_LIVED_MS = 2000; // a WebSocket that dies this young counts as failed
+  const WS_FAILURES_BEFORE_SSE = 2; // failed WebSockets in a row before trying SSE
+  const SEND_RATE = 8; // frames per second the outbox pump sends at most (server: 10)
+  const SEND_BURST = 10;
+  const RATE_RETRY_MS = 1500; // a rate-limited say is sent again after this long
+  const GAP_PAGES = 4; // `history` pages fetched to fill a gap after recovered: false
+  const SEEN_MAX = 5000; // message ids remembered per room, for de-duplication
+  const STORE_KEY = 'triochat';
+
+  const params = new URLSearchParams(location.search);
+  const FORCED = ['ws', 'sse'].includes(params.get('transport')) ? params.get('transport') : null;
+
+  // Refs are unique per page load, so a reload never reuses an old one (the
+  // server treats a say with a known ref as a retry of the first copy).
+  const REF_PREFIX = (() => {
+    const bytes = crypto.getRandomValues(new Uint8Array(6));
+    return Array.from(bytes, (b) => b.toString(36).padStart(2, '0')).join('');
+  })();
 
   const $ = (id) => document.getElementById(id);
   const ui = {
     joinView: $('join-view'), joinForm: $('join-form'), name: $('name'), room: $('room'),
     joinError: $('join-error'), join: $('join'),
-    chatView: $('chat-view'), roomTitle: $('room-title'), status: $('status'), leave: $('leave'),
+    chatView: $('chat-view'), roomTitle: $('room-title'), status: $('status'),
+    retry: $('retry'), leave: $('leave'),
     messages: $('messages'), typing: $('typing'), sayForm: $('say-form'), input: $('input'),
     send: $('send'), members: $('members'), memberCount: $('member-count'),
   };
 
-  // Connection-wide state. `rooms` holds per-room state keyed by room name; a
-  // reconnect only has to call connect() again: onOpen rejoins every room in it
-  // with the resume token and the last id seen (`since`).
   const state = {
-    ws: null,
+    transport: null,   // the current transport (see openTransport), or null
+    open: false,       // the current transport is open
+    openedAt: 0,
     name: null,        // the name the server bound (echoed in `joined`)
     wantedName: null,  // the name typed in the join form
     token: null,       // resume token from the last `joined`
     current: null,     // room shown in the chat view
-    rooms: new Map(),  // room -> {lastId, members: string[], typers: Map<name, timer>, joined}
+    rooms: new Map(),  // room -> per-room state, see roomState()
     refSeq: 0,
-    pending: new Map(), // ref -> {type, text} of frames awaiting ack/error
+    joins: new Map(),  // ref -> room of `join` frames awaiting `joined`
+    outbox: [],        // says/whispers not yet confirmed, in the order typed
+    pumpTimer: null,
+    tokens: SEND_BURST, tokensAt: 0,
+    seenWhispers: new Set(),
     lastTypingSent: 0,
+    // reconnecting
+    kind: FORCED || 'ws', // transport for the next attempt
+    sseFallback: false,   // SSE worked where WebSockets did not: stay on it
+    wsFailures: 0,        // failed WebSockets in a row
+    attempt: 0,           // failed attempts in a row (backoff exponent)
+    everConnected: false,
+    stopped: null,        // 'replaced' after a 4001: no reconnect
+    retryTimer: null, countdownTimer: null, retryAt: 0,
   };
 
   // ---- validation (PROTOCOL §2) -------------------------------------------
@@ -64,72 +101,341 @@
     return x.length - y.length;
   }
 
-  // ---- connection ------------------------------------------------------------
-  function wsUrl() {
-    return (location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host + '/ws';
+  function parseFrame(text) {
+    if (typeof text !== 'string') return null;
+    try {
+      const f = JSON.parse(text);
+      return f && typeof f === 'object' && !Array.isArray(f) ? f : null;
+    } catch { return null; }
   }
 
+  // ---- transports: one small interface, two implementations ---------------
+  // makeX(handlers) -> {kind, open(), send(frame) -> bool, close(reason)}
+  // handlers: onopen(), onframe(frame), onclose(code, reason). After close()
+  // no handler is called any more; onclose is called at most once.
+
+  function makeWebSocket(h) {
+    let ws = null;
+    let done = false;
+    const finish = (code, reason) => {
+      if (done) return;
+      done = true;
+      h.onclose(code, reason);
+    };
+    return {
+      kind: 'ws',
+      open() {
+        ws = new WebSocket((location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host + '/ws');
+        ws.addEventListener('open', () => { if (!done) h.onopen(); });
+        ws.addEventListener('message', (ev) => {
+          const f = done ? null : parseFrame(ev.data);
+          if (f) h.onframe(f);
+        });
+        ws.addEventListener('close', (ev) => finish(ev.code, ev.reason));
+      },
+      send(frame) {
+        if (done || !ws || ws.readyState !== WebSocket.OPEN) return false;
+        ws.send(JSON.stringify(frame));
+        return true;
+      },
+      close(reason) {
+        if (done) return;
+        done = true;
+        try { ws.close(1000, reason); } catch { /* already closed */ }
+      },
+    };
+  }
+
+  // GET /sse streams the server's frames; each client frame is a POST to
+  // /sse/<session>. POSTs are chained, so frames arrive in the order sent.
+  // EventSource would reconnect by itself on errors: it is closed instead, and
+  // the page's own backoff opens a new session.
+  function makeEventSource(h) {
+    let es = null;
+    let session = null;
+    let done = false;
+    let chain = Promise.resolve();
+    const finish = (code, reason) => {
+      if (done) return;
+      done = true;
+      if (es) es.close();
+      h.onclose(code, reason);
+    };
+    return {
+      kind: 'sse',
+      open() {
+        es = new EventSource('/sse');
+        es.addEventListener('message', (ev) => {
+          const f = done ? null : parseFrame(ev.data);
+          if (!f) return;
+          if (session !== null) { h.onframe(f); return; }
+          if (f.type === 'session' && typeof f.id === 'string') {
+            session = f.id;
+            h.onopen();
+          }
+        });
+        // The server's last word, like a WebSocket close frame.
+        es.addEventListener('close', (ev) => {
+          const info = parseFrame(ev.data) || {};
+          finish(Number.isInteger(info.code) ? info.code : 1006, String(info.reason || ''));
+        });
+        es.addEventListener('error', () => finish(1006, 'event stream lost'));
+      },
+      send(frame) {
+        if (done || session === null) return false;
+        const url = '/sse/' + encodeURIComponent(session);
+        const body = JSON.stringify(frame);
+        chain = chain.then(async () => {
+          if (done) return;
+          let res;
+          try {
+            res = await fetch(url, {
+              method: 'POST', body, cache: 'no-store', credentials: 'same-origin',
+              headers: { 'content-type': 'application/json' },
+            });
+          } catch {
+            finish(1006, 'could not send');
+            return;
+          }
+          if (res.status !== 204) finish(res.status === 413 ? 1009 : 1006, `send refused (${res.status})`);
+        });
+        return true;
+      },
+      close() {
+        if (done) return;
+        done = true;
+        if (es) es.close();
+      },
+    };
+  }
+
+  // ---- connecting and reconnecting ------------------------------------------
   function setStatus(kind, text) {
     ui.status.dataset.state = kind;
     ui.status.textContent = text;
   }
 
+  function connectedText(kind) {
+    if (kind !== 'sse') return 'connected';
+    return FORCED ? 'connected (SSE)' : 'connected (SSE fallback)';
+  }
+
+  const wantConnection = () => state.rooms.size > 0 && !state.stopped;
+
   function connect() {
-    setStatus('connecting', 'connecting…');
-    const ws = new WebSocket(wsUrl());
-    state.ws = ws;
-    ws.addEventListener('open', () => {
-      if (state.ws !== ws) return;
-      setStatus('connected', 'connected');
-      for (const room of state.rooms.keys()) sendJoin(room);
+    clearRetry();
+    if (state.transport) closeTransport('reconnecting');
+    const kind = FORCED || state.kind;
+    const via = kind === 'sse' ? ' (SSE)' : '';
+    setStatus('connecting', state.everConnected ? `reconnecting${via}…` : `connecting${via}…`);
+    const t = (kind === 'sse' ? makeEventSource : makeWebSocket)({
+      onopen: () => { if (state.transport === t) onOpen(t); },
+      onframe: (f) => { if (state.transport === t) handleFrame(f); },
+      onclose: (code, reason) => { if (state.transport === t) onClose(t, code, reason); },
     });
-    ws.addEventListener('message', (ev) => {
-      if (state.ws !== ws) return;
-      let frame = null;
-      try { frame = JSON.parse(ev.data); } catch { /* not JSON: ignored */ }
-      if (frame && typeof frame === 'object') handleFrame(frame);
-    });
-    ws.addEventListener('close', (ev) => {
-      if (state.ws !== ws) return;
-      state.ws = null;
-      const why = ev.reason ? `${ev.code} ${ev.reason}` : `${ev.code}`;
-      setStatus('disconnected', `disconnected (${why})`);
-      for (const r of state.rooms.values()) r.joined = false;
+    state.transport = t;
+    state.open = false;
+    t.open();
+  }
+
+  // Close on purpose: no close handler runs for it.
+  function closeTransport(reason) {
+    const t = state.transport;
+    state.transport = null;
+    state.open = false;
+    if (t) t.close(reason);
+    connectionLost();
+  }
+
+  function onOpen(t) {
+    state.open = true;
+    state.openedAt = Date.now();
+    state.everConnected = true;
+    if (t.kind === 'sse' && !FORCED) state.sseFallback = true;
+    setStatus('connected', connectedText(t.kind));
+    for (const room of state.rooms.keys()) sendJoin(room);
+  }
+
+  function onClose(t, code, reason) {
+    const lived = state.open ? Date.now() - state.openedAt : -1; // -1: never opened
+    state.transport = null;
+    state.open = false;
+    connectionLost();
+    const why = reason ? `${code} ${reason}` : `${code}`;
+    if (code === 4001) {
+      // Our resume token was used by a newer connection: another tab or window.
+      state.stopped = 'replaced';
+      setStatus('disconnected', 'open in another tab');
+      systemLine('This chat is open in another tab or window, so this one stopped. ' +
+        'Press “Use here” to continue here.', true);
+      ui.retry.textContent = 'Use here';
+      ui.retry.hidden = false;
       setChatEnabled(false);
-      if (!ui.chatView.hidden) systemLine(`Connection closed (${why}).`, true);
-      else showJoinError(`Could not connect (${why}).`);
+      return;
+    }
+    if (!wantConnection()) { setStatus('idle', 'not connected'); return; }
+    let now = false; // try the other transport at once
+    if (!FORCED && t.kind === 'ws') {
+      state.wsFailures = lived >= 0 && lived >= SHORT_LIVED_MS ? 0 : state.wsFailures + 1;
+      if (state.wsFailures >= WS_FAILURES_BEFORE_SSE) {
+        state.kind = 'sse';
+        now = true;
+      }
+    } else if (!FORCED && t.kind === 'sse' && lived < 0 && !state.sseFallback) {
+      state.kind = 'ws'; // SSE did not get through either: it is the network, not WebSockets
+      state.wsFailures = 0;
+    }
+    if (!ui.chatView.hidden) {
+      if (lived >= 0) systemLine(`Connection lost (${why}). Reconnecting…`);
+    } else {
+      showJoinError(`Could not connect (${why}). Trying again…`);
+    }
+    if (now) connect();
+    else scheduleRetry();
+  }
+
+  // State that belongs to a connection: gone with it.
+  function connectionLost() {
+    clearTimeout(state.pumpTimer);
+    state.pumpTimer = null;
+    state.joins.clear();
+    for (const r of state.rooms.values()) {
+      r.joined = false;
+      for (const t of r.typers.values()) clearTimeout(t);
+      r.typers.clear();
+    }
+    renderTyping();
+    state.outbox = state.outbox.filter((e) => {
+      if (e.boundId !== null) return false; // stored: only the ack was missing
+      if (e.sent && e.kind === 'whisper') {
+        // Whispers are not stored, so a retry could deliver one twice: say so instead.
+        markFailed(e, 'maybe not delivered (the connection was lost)');
+        return false;
+      }
+      e.sent = false;
+      setRowState(e);
+      return true;
     });
   }
 
-  // Close on purpose: the close event of a socket that is no longer state.ws is ignored.
-  function closeWs(reason) {
-    const ws = state.ws;
-    state.ws = null;
-    if (ws) ws.close(1000, reason);
+  function scheduleRetry() {
+    clearRetry();
+    const ceiling = Math.min(BACKOFF_CAP_MS, BACKOFF_BASE_MS * 2 ** state.attempt);
+    const delay = Math.max(50, Math.random() * ceiling); // full jitter
+    state.attempt = Math.min(state.attempt + 1, 20);
+    state.retryAt = Date.now() + delay;
+    state.retryTimer = setTimeout(connect, delay);
+    state.countdownTimer = setInterval(renderCountdown, 250);
+    ui.retry.textContent = 'Retry now';
+    ui.retry.hidden = false;
+    renderCountdown();
+  }
+
+  function renderCountdown() {
+    const seconds = Math.max(1, Math.ceil((state.retryAt - Date.now()) / 1000));
+    setStatus('disconnected', `offline — retrying in ${seconds} s`);
+  }
+
+  function clearRetry() {
+    clearTimeout(state.retryTimer);
+    clearInterval(state.countdownTimer);
+    state.retryTimer = state.countdownTimer = null;
+    ui.retry.hidden = true;
+  }
+
+  function stopConnecting() {
+    clearRetry();
+    closeTransport('left');
     setStatus('idle', 'not connected');
   }
 
-  function send(frame) {
-    if (!state.ws || state.ws.readyState !== WebSocket.OPEN) {
-      systemLine('not connected: nothing was sent', true);
-      return false;
+  ui.retry.addEventListener('click', () => {
+    if (state.transport) return; // an attempt is under way already
+    if (state.stopped === 'replaced') {
+      state.stopped = null;
+      state.attempt = 0;
+      setChatEnabled(true);
     }
-    state.ws.send(JSON.stringify(frame));
-    return true;
+    if (wantConnection()) connect();
+  });
+
+  // The browser says the network is back: do not wait for the timer.
+  window.addEventListener('online', () => { if (state.retryTimer) connect(); });
+
+  // ---- sending ---------------------------------------------------------------
+  function send(frame) {
+    return Boolean(state.transport && state.open && state.transport.send(frame));
   }
 
-  function nextRef(type, text) {
-    const ref = `c-${++state.refSeq}`;
-    state.pending.set(ref, { type, text });
-    return ref;
-  }
+  const nextRef = () => `${REF_PREFIX}-${++state.refSeq}`;
 
   function sendJoin(room) {
-    const frame = { type: 'join', room, name: state.name || state.wantedName };
+    const ref = nextRef();
+    const frame = { type: 'join', room, name: state.name || state.wantedName, ref };
     const r = state.rooms.get(room);
     if (state.token) frame.token = state.token;
     if (r && r.lastId !== null) frame.since = r.lastId;
-    send(frame);
+    if (send(frame)) state.joins.set(ref, room);
+  }
+
+  // Every say and whisper goes through the outbox, so nothing overtakes what
+  // was typed earlier; the pump sends them in order, paced under the server's
+  // rate limit, once the connection is open and the room joined.
+  function enqueue(entry) {
+    if (state.outbox.length >= QUEUE_MAX) {
+      systemLine(`Not sent: ${QUEUE_MAX} messages are already waiting for the connection. ` +
+        'Try again once it is back.', true, 'queue_full');
+      return false;
+    }
+    entry.ref = nextRef();
+    entry.sent = false;
+    entry.tries = 0;
+    entry.boundId = null;
+    entry.row = addMessage({
+      name: entry.kind === 'whisper' ? `${state.name} → ${entry.to}` : state.name,
+      text: entry.msg, mine: true, whisper: entry.kind === 'whisper', pending: true,
+    });
+    state.outbox.push(entry);
+    setRowState(entry);
+    pump();
+    return true;
+  }
+
+  function pump() {
+    if (state.pumpTimer || !state.open) return;
+    const now = Date.now();
+    state.tokens = Math.min(SEND_BURST, state.tokens + ((now - state.tokensAt) / 1000) * SEND_RATE);
+    state.tokensAt = now;
+    const later = (ms) => {
+      state.pumpTimer = setTimeout(() => { state.pumpTimer = null; pump(); }, ms);
+    };
+    for (const e of state.outbox) {
+      if (e.sent || e.boundId !== null) continue;
+      if (e.kind === 'say' ? !state.rooms.get(e.room)?.joined : !state.name) continue;
+      if (e.holdUntil > now) return later(e.holdUntil - now); // keep the order
+      if (state.tokens < 1) return later(((1 - state.tokens) / SEND_RATE) * 1000);
+      const frame = e.kind === 'say'
+        ? { type: 'say', room: e.room, msg: e.msg, ref: e.ref }
+        : { type: 'whisper', to: e.to, msg: e.msg, ref: e.ref };
+      if (!send(frame)) return;
+      state.tokens -= 1;
+      e.sent = true;
+      e.tries += 1;
+      setRowState(e);
+    }
+  }
+
+  const entryByRef = (ref) => state.outbox.find((e) => e.ref === ref);
+
+  function dropEntry(e) {
+    const i = state.outbox.indexOf(e);
+    if (i >= 0) state.outbox.splice(i, 1);
+  }
+
+  // The first entry, in order, that a frame of ours with this text may be:
+  // one that was sent at least once and is not matched yet.
+  function bindable(kind, match) {
+    return state.outbox.find((e) => e.kind === kind && e.tries > 0 && e.boundId === null && match(e));
   }
 
   // ---- incoming frames: the one place they are handled --------------------
@@ -140,9 +446,9 @@
       case 'whisper': return onWhisper(f);
       case 'presence': return onPresence(f);
       case 'typing': return onTyping(f);
-      case 'ack': state.pending.delete(f.ref); return;
+      case 'ack': return onAck(f);
       case 'left': return onLeft(f);
-      case 'history': return; // paging back is not offered by this page yet
+      case 'history': return onHistory(f);
       case 'error': return onError(f);
       default: return; // unknown frames are ignored (forward compatibility)
     }
@@ -151,41 +457,141 @@
   function roomState(room) {
     let r = state.rooms.get(room);
     if (!r) {
-      r = { lastId: null, members: [], typers: new Map(), joined: false };
+      r = {
+        lastId: null, members: [], typers: new Map(), joined: false, everJoined: false,
+        seen: new Set(), gap: null,
+      };
       state.rooms.set(room, r);
     }
     return r;
   }
 
+  function markSeen(r, id) {
+    r.seen.add(id);
+    if (r.seen.size > SEEN_MAX) r.seen.delete(r.seen.values().next().value);
+  }
+
+  function saveSession() {
+    try {
+      sessionStorage.setItem(STORE_KEY, JSON.stringify({
+        name: state.name, token: state.token, room: state.current,
+      }));
+    } catch { /* storage unavailable: resuming after a reload just shows a join */ }
+  }
+
+  function loadSession() {
+    try { return JSON.parse(sessionStorage.getItem(STORE_KEY)) || {}; } catch { return {}; }
+  }
+
   function onJoined(f) {
+    if (f.ref) state.joins.delete(f.ref);
+    if (!state.rooms.has(f.room)) {
+      send({ type: 'leave', room: f.room }); // left while the join was on its way
+      return;
+    }
     const r = roomState(f.room);
-    const first = !r.joined && r.lastId === null;
+    const first = !r.everJoined;
     r.joined = true;
+    r.everJoined = true;
+    state.attempt = 0; // a working connection: the next failure starts the backoff afresh
     state.name = f.name;
     if (f.token) state.token = f.token;
+    saveSession();
     r.members = [...(f.members || [])].sort(byCodePoint);
-    if (f.room !== state.current) return;
-    showChat(f.room);
-    if (first) ui.messages.replaceChildren();
-    if (f.recovered === false) systemLine('Some earlier messages could not be recovered.');
-    for (const m of f.history || []) onMessage(m);
-    if (first) systemLine(`You joined ${f.room} as ${f.name}.`);
-    renderMembers();
-    setChatEnabled(true);
-    ui.input.focus();
+    if (f.room === state.current) {
+      showChat(f.room);
+      if (first) ui.messages.replaceChildren();
+      const history = Array.isArray(f.history) ? f.history : [];
+      if (f.recovered === false && !first) {
+        const line = systemLine('Some messages from while you were offline could not be ' +
+          'recovered; loading what the server still has…', false, undefined, 'gap');
+        r.gap = { line, pages: 0 };
+        if (history.length && typeof history[0].id === 'string') {
+          send({ type: 'history', room: f.room, before: history[0].id, limit: 50 });
+        } else {
+          r.gap = null;
+        }
+      }
+      for (const m of history) onMessage(m);
+      if (first) systemLine(`You joined ${f.room} as ${f.name}.`);
+      else systemLine('Reconnected.');
+      renderMembers();
+      setChatEnabled(true);
+      if (first) ui.input.focus();
+    }
+    pump();
   }
 
   function onMessage(m) {
     const r = roomState(m.room);
-    if (m.id !== undefined) r.lastId = m.id;
+    if (typeof m.id === 'string') {
+      r.lastId = m.id;
+      if (r.seen.has(m.id)) return; // already shown (a replay after a reconnect)
+      markSeen(r, m.id);
+    }
     stopTyping(r, m.name);
+    if (m.name === state.name) {
+      const e = bindable('say', (x) => x.room === m.room && x.msg === m.msg);
+      if (e) { confirmEntry(e, m.id, m.ts); return; }
+    }
     if (m.room !== state.current) return;
     addMessage({ name: m.name, text: m.msg, ts: m.ts, id: m.id, mine: m.name === state.name });
   }
 
   function onWhisper(w) {
+    if (typeof w.id === 'string') {
+      if (state.seenWhispers.has(w.id)) return;
+      state.seenWhispers.add(w.id);
+    }
     const mine = w.from === state.name;
+    if (mine) {
+      const e = bindable('whisper', (x) => x.to === w.to && x.msg === w.msg);
+      if (e) { confirmEntry(e, w.id, w.ts); return; }
+    }
     addMessage({ name: `${w.from} → ${w.to}`, text: w.msg, ts: w.ts, id: w.id, mine, whisper: true });
+  }
+
+  function onAck(f) {
+    const e = entryByRef(f.ref);
+    if (!e) return;
+    dropEntry(e);
+    if (e.boundId !== null) return; // its message came first: already shown
+    const seen = e.kind === 'say' && state.rooms.get(e.room)?.seen.has(f.id);
+    if (seen) {
+      e.row.remove(); // shown already from a replay: keep one copy
+      return;
+    }
+    if (e.kind === 'say' && typeof f.id === 'string') markSeen(roomState(e.room), f.id);
+    confirmEntry(e, f.id, Date.now());
+  }
+
+  // A pending line becomes the confirmed message: it moves below the messages
+  // confirmed before it, so everyone sees the same order.
+  function confirmEntry(e, id, ts) {
+    e.boundId = typeof id === 'string' ? id : '';
+    const row = e.row;
+    row.classList.remove('pending');
+    if (typeof id === 'string') row.dataset.id = id;
+    delete row.dataset.ref;
+    row.querySelector('.msg-state')?.remove();
+    setRowTime(row, ts);
+    if (row.isConnected) {
+      row.remove();
+      appendLine(row);
+    }
+  }
+
+  function markFailed(e, why) {
+    dropEntry(e);
+    e.row.classList.remove('pending');
+    e.row.classList.add('failed');
+    const label = e.row.querySelector('.msg-state');
+    if (label) label.textContent = why;
+  }
+
+  function setRowState(e) {
+    const label = e.row.querySelector('.msg-state');
+    if (label) label.textContent = e.sent ? 'sending…' : 'waiting for the connection';
   }
 
   function onPresence(p) {
@@ -214,6 +620,35 @@
     renderTyping();
   }
 
+  // Older messages after a `recovered: false`: they go right under the gap
+  // line, oldest first; paging stops when it reaches a message already shown.
+  function onHistory(f) {
+    const r = state.rooms.get(f.room);
+    if (!r || !r.gap || !Array.isArray(f.messages)) return;
+    let fresh = [];
+    let overlap = false;
+    for (const m of f.messages) {
+      if (r.seen.has(m.id)) { overlap = true; fresh = []; continue; }
+      fresh.push(m);
+    }
+    let after = r.gap.line;
+    for (const m of fresh) {
+      if (typeof m.id === 'string') markSeen(r, m.id);
+      const row = buildMessage({ name: m.name, text: m.msg, ts: m.ts, id: m.id, mine: m.name === state.name });
+      after.after(row);
+      after = row;
+    }
+    const oldest = f.messages[0];
+    if (!overlap && f.more && oldest && ++r.gap.pages < GAP_PAGES) {
+      send({ type: 'history', room: f.room, before: oldest.id, limit: 50 });
+      return;
+    }
+    r.gap.line.textContent = overlap
+      ? 'You were offline for a while: the messages you missed are shown below.'
+      : 'You were offline for a while: some messages you missed could not be recovered.';
+    r.gap = null;
+  }
+
   function onLeft(f) {
     if (f.room === state.current) return; // already joined again
     const r = state.rooms.get(f.room);
@@ -221,21 +656,48 @@
     state.rooms.delete(f.room);
     // With no room left the connection has no purpose: close it, so the next
     // join may pick another name.
-    if (state.rooms.size === 0 && !state.current) closeWs('left');
+    if (state.rooms.size === 0 && !state.current) stopConnecting();
   }
 
   function onError(e) {
-    const p = e.ref ? state.pending.get(e.ref) : null;
-    if (e.ref) state.pending.delete(e.ref);
     const text = e.message || e.code || 'unknown error';
+    const room = e.ref ? state.joins.get(e.ref) : undefined;
+    if (room !== undefined) state.joins.delete(e.ref);
     if (ui.chatView.hidden) {
       // Errors while joining (bad_name, name_taken, …) belong to the join form.
       showJoinError(text);
-      closeWs('join refused');
       state.rooms.clear();
+      state.outbox = [];
+      stopConnecting();
       return;
     }
-    systemLine(p && p.text ? `Not sent (“${p.text}”): ${text}` : `Error: ${text}`, true, e.code);
+    if (room !== undefined) {
+      // A rejoin after a reconnect was refused (say the name was taken meanwhile).
+      systemLine(`Could not rejoin ${room}: ${text}`, true, e.code);
+      if (room === state.current) {
+        state.stopped = 'refused';
+        stopConnecting();
+        setStatus('disconnected', 'not connected');
+        setChatEnabled(false);
+      }
+      return;
+    }
+    const entry = e.ref ? entryByRef(e.ref) : null;
+    if (entry && (e.code === 'rate_limited' || e.code === 'unavailable') && entry.tries < 5) {
+      // Nothing was stored: send it again in a moment, with the same ref.
+      entry.sent = false;
+      entry.holdUntil = Date.now() + RATE_RETRY_MS;
+      setRowState(entry);
+      clearTimeout(state.pumpTimer);
+      state.pumpTimer = null;
+      pump();
+      return;
+    }
+    if (entry) {
+      dropEntry(entry);
+      entry.row.remove();
+    }
+    systemLine(entry ? `Not sent (“${entry.msg}”): ${text}` : `Error: ${text}`, true, e.code);
   }
 
   // ---- rendering ---------------------------------------------------------------
@@ -248,33 +710,51 @@
     return node;
   }
 
+  // Confirmed lines go above the pending ones, which stay at the bottom.
   function appendLine(node) {
     const box = ui.messages;
     const atBottom = box.scrollHeight - box.scrollTop - box.clientHeight < 40;
-    box.append(node);
+    const firstPending = node.classList.contains('pending')
+      ? null : box.querySelector(':scope > .msg.pending');
+    if (firstPending) box.insertBefore(node, firstPending);
+    else box.append(node);
     if (atBottom) box.scrollTop = box.scrollHeight;
   }
 
-  function addMessage({ name, text, ts, id, mine, whisper }) {
-    const row = el('div', 'msg' + (mine ? ' mine' : '') + (whisper ? ' whisper' : ''));
-    if (id !== undefined) row.dataset.id = id;
+  function setRowTime(row, ts) {
     const when = new Date(typeof ts === 'number' ? ts : Date.now());
-    const time = el('time', 'msg-time', `${pad2(when.getHours())}:${pad2(when.getMinutes())}`);
+    const time = row.querySelector('.msg-time');
+    time.textContent = `${pad2(when.getHours())}:${pad2(when.getMinutes())}`;
     time.dateTime = when.toISOString();
     time.title = when.toLocaleString();
+  }
+
+  function buildMessage({ name, text, ts, id, mine, whisper, pending }) {
+    const row = el('div', 'msg' + (mine ? ' mine' : '') + (whisper ? ' whisper' : '') +
+      (pending ? ' pending' : ''));
+    if (typeof id === 'string') row.dataset.id = id;
     const head = el('div', 'msg-head');
     head.append(el('span', 'msg-name', name));
     if (mine) head.append(el('span', 'msg-me', '(me)'));
     if (whisper) head.append(el('span', 'msg-tag', 'whisper'));
-    head.append(time);
+    head.append(el('time', 'msg-time'));
+    if (pending) head.append(el('span', 'msg-state'));
     row.append(head, el('div', 'msg-text', text));
-    appendLine(row);
+    setRowTime(row, ts);
+    return row;
   }
 
-  function systemLine(text, isError = false, code) {
-    const row = el('div', 'sys' + (isError ? ' error' : ''), text);
+  function addMessage(fields) {
+    const row = buildMessage(fields);
+    appendLine(row);
+    return row;
+  }
+
+  function systemLine(text, isError = false, code, extraClass) {
+    const row = el('div', 'sys' + (isError ? ' error' : '') + (extraClass ? ` ${extraClass}` : ''), text);
     if (code) row.dataset.code = code;
     appendLine(row);
+    return row;
   }
 
   function renderMembers() {
@@ -332,15 +812,18 @@
     if (problem) return showJoinError(problem);
     showJoinError('');
     state.current = room;
+    state.stopped = null;
     roomState(room);
     ui.join.disabled = true;
-    const open = state.ws && state.ws.readyState === WebSocket.OPEN;
-    if (open && (!state.name || state.name === name)) {
+    if (state.open && (!state.name || state.name === name)) {
       state.wantedName = name;
       sendJoin(room);
     } else {
-      closeWs('new identity');
-      Object.assign(state, { name: null, token: null, wantedName: name });
+      closeTransport('new identity');
+      // A reload of this tab takes its name back with the stored token.
+      const saved = loadSession();
+      const token = saved.name === name && typeof saved.token === 'string' ? saved.token : null;
+      Object.assign(state, { name: null, token, wantedName: name, attempt: 0, outbox: [] });
       for (const r of [...state.rooms.keys()]) if (r !== room) state.rooms.delete(r);
       connect();
     }
@@ -348,10 +831,12 @@
 
   ui.leave.addEventListener('click', () => {
     const room = state.current;
-    if (room && state.ws && state.ws.readyState === WebSocket.OPEN) send({ type: 'leave', room });
-    else closeWs('left');
+    const told = Boolean(room && state.rooms.get(room)?.joined && send({ type: 'leave', room }));
     state.rooms.delete(room);
+    state.outbox = []; // what was still unsent goes with the room's lines
     state.current = null;
+    // Told: the server's `left` closes the connection (onLeft). Otherwise stop now.
+    if (state.rooms.size === 0 && !told) stopConnecting();
     ui.messages.replaceChildren();
     renderMembers();
     showJoin();
@@ -370,8 +855,8 @@
       return systemLine(`The message is too long (at most ${MAX_MSG} characters).`, true);
     }
     const ok = whisper
-      ? send({ type: 'whisper', to: whisper[1], msg, ref: nextRef('whisper', msg) })
-      : send({ type: 'say', room: state.current, msg, ref: nextRef('say', msg) });
+      ? enqueue({ kind: 'whisper', to: whisper[1], msg })
+      : enqueue({ kind: 'say', room: state.current, msg });
     if (ok) ui.input.value = '';
   });
 
@@ -379,11 +864,13 @@
     const now = Date.now();
     if (!ui.input.value || ui.input.value.startsWith('/')) return;
     if (now - state.lastTypingSent < TYPING_SEND_MS || !state.current) return;
+    if (!state.rooms.get(state.current)?.joined) return;
     state.lastTypingSent = now;
-    if (state.ws && state.ws.readyState === WebSocket.OPEN) {
-      send({ type: 'typing', room: state.current });
-    }
+    send({ type: 'typing', room: state.current });
   });
 
+  const saved = loadSession();
+  if (typeof saved.name === 'string') ui.name.value = saved.name;
+  if (typeof saved.room === 'string' && saved.room) ui.room.value = saved.room;
   showJoin();
 })();

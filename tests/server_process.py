@@ -35,6 +35,12 @@ class ServerProcess:
     def output_text(self) -> str:
         return "".join(self.output)
 
+    def kill(self) -> None:
+        """SIGKILL the server (no drain, no flush) and reap it; the port is free afterwards."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=STOP_DEADLINE)
+
 
 def _drain(
     stream: IO[str], lines: list[str], first_url: list[str], ready: threading.Event
@@ -52,9 +58,12 @@ def _drain(
 
 @contextmanager
 def run_server(
-    *extra_args: str, env: dict[str, str] | None = None, memory: bool = True
+    *extra_args: str, env: dict[str, str] | None = None, memory: bool = True, port: int = 0
 ) -> Iterator[ServerProcess]:
-    """Start ``python -m triochat --port 0 [--memory]`` and yield it once it listens.
+    """Start ``python -m triochat --port <port> [--memory]`` and yield it once it listens.
+
+    ``port`` 0 (the default) takes any free port; a given port restarts a
+    server on the port of an earlier one (pass the same ``--data-dir`` too).
 
     Fails (with the collected output) if it does not announce
     ``listening on http://…`` within 10 s. On exit: SIGTERM, wait up to 15 s,
@@ -65,7 +74,7 @@ def run_server(
         "-m",
         "triochat",
         "--port",
-        "0",
+        str(port),
         *(["--memory"] if memory else []),
         "--log-level",
         "INFO",

@@ -109,6 +109,9 @@ def join(page: Page, name: str, room: str = "lobby") -> None:
     page.click("#join")
     expect(page.locator("#status")).to_have_text("connected", timeout=TIMEOUT)
     expect(page.locator("#input")).to_be_enabled(timeout=TIMEOUT)
+    # The input is enabled while the join form still shows: wait for the chat
+    # view, which appears once `joined` arrived.
+    expect(page.locator("#input")).to_be_visible(timeout=TIMEOUT)
 
 
 def say(page: Page, text: str) -> None:

@@ -6,8 +6,8 @@
     ├── _read_loop                 transport -> decode -> hub inbound
     └── _write_loop (in run)       outbox -> one write per batch; pings; then the close
 
-The writer also keeps the connection alive: when it has been idle for
-``ping_interval`` it sends a ping (a comment on SSE), and a peer that has sent
+The writer also keeps the connection alive: every ``ping_interval`` it sends
+a ping (a comment on SSE, every 15 s), busy or not, and a peer that has sent
 nothing at all within ``ping_timeout`` after it is gone. No keepalive task:
 one task less per connection is memory and scheduling saved.
 
@@ -242,7 +242,6 @@ class Connection:
                 await self._bounded_send(transport.send(frames))
                 stats.frames_sent += len(frames)
                 stats.writes += 1
-                next_ping = trio.current_time() + interval
             if self.close_request is not None and not outbox:
                 await self._close_now()
                 return

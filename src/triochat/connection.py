@@ -70,6 +70,18 @@ class Transport(Protocol):
         """Write ``frames`` with one write. Raises TransportClosed."""
         ...
 
+    def can_send_nowait(self) -> bool:
+        """True when `send_nowait` may be called now."""
+        ...
+
+    def send_nowait(self, frames: list[OutFrame]) -> bytes:
+        """Write as much as the socket takes now; the rest, for `send_rest`."""
+        ...
+
+    async def send_rest(self, data: bytes) -> None:
+        """Finish a partial `send_nowait`. Raises TransportClosed."""
+        ...
+
     #: Seconds between keepalives (None: the configured ping interval).
     heartbeat: float | None
     #: True when the peer answers a ping (WebSocket); False for SSE.
@@ -120,6 +132,9 @@ class Connection:
         self.close_code: int | None = None
         self._send_scope: trio.CancelScope | None = None
         self._broken = False  # a write was cut short: no close frame possible
+        #: The tail of a frame batch the hub could only half write; the writer sends it.
+        self._unsent = b""
+        self._lost: TransportClosed | None = None  # the hub's direct write found the peer gone
 
     # --- Peer (sync, never blocks) ---------------------------------------------
 
@@ -129,6 +144,34 @@ class Connection:
         if not self.outbox.put_nowait(frame):
             self._stats.slow_consumers += 1
             self.close_soon(CloseCode.TRY_AGAIN_LATER, "slow consumer", flush=False)
+        elif len(self.outbox) == 1:
+            self._hub.mark_dirty(self)  # the hub calls flush_nowait after this step
+
+    def flush_nowait(self) -> None:
+        """Send what is queued right now, from the hub, if the socket takes it.
+
+        The hot path: most of the time the socket's buffer has room, so the
+        frames queued during one hub step go out in one write without waking
+        the writer task. Otherwise (a busy or full socket, a partial write,
+        SSE, a close in progress) the writer is woken and does it.
+        """
+        transport = self._transport
+        if self.close_request is not None or not self.outbox or not transport.can_send_nowait():
+            self.outbox.wake()
+            return
+        frames = self.outbox.take_all()
+        try:
+            rest = transport.send_nowait(frames)
+        except TransportClosed as exc:
+            self._lost = exc
+            self.outbox.wake()
+            return
+        stats = self._stats
+        stats.frames_sent += len(frames)
+        stats.writes += 1
+        if rest:
+            self._unsent = rest
+            self.outbox.wake()
 
     def close_soon(
         self, code: int, reason: str, *, flush: bool = True, timeout: float | None = None
@@ -237,6 +280,11 @@ class Connection:
                 else:
                     raise TransportClosed(f"no pong within {config.ping_timeout:g} s")
                 continue
+            if self._lost is not None:
+                raise self._lost
+            if self._unsent:
+                rest, self._unsent = self._unsent, b""
+                await self._bounded_send(transport.send_rest(rest))
             frames = outbox.take_all()
             if frames:
                 await self._bounded_send(transport.send(frames))

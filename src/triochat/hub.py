@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Final
+from collections.abc import Callable, Sequence
+from typing import Final, Protocol
 
 import trio
 
@@ -30,7 +31,7 @@ from .config import Config
 from .errors import ClientProtocolError, StorageError
 from .history import History
 from .metrics import Stats
-from .protocol import ClientFrame, CloseCode, ErrorCode
+from .protocol import ClientFrame, CloseCode, ErrorCode, Message
 from .ratelimit import RateLimiter
 
 __all__ = ["Hub"]
@@ -41,6 +42,10 @@ STORE_QUEUE: Final = 4096  # says accepted but not yet stored; full = `unavailab
 STORE_BATCH: Final = 512  # most says per History.append (one transaction)
 
 Inbound = tuple[Client, ClientFrame | ClientProtocolError] | trio.Event
+
+
+class Flushable(Protocol):
+    def flush_nowait(self) -> None: ...
 
 
 class Hub:
@@ -59,6 +64,11 @@ class Hub:
         )
         self._chat: ChatState | None = None
         self._wait_scope: trio.CancelScope | None = None
+        self._dirty: list[Flushable] = []
+        # Stores that live in memory may offer a synchronous append.
+        self._append_nowait: Callable[[Sequence[Message]], None] | None = getattr(
+            history, "append_nowait", None
+        )
         self._storage_down = False
 
     @property
@@ -115,6 +125,16 @@ class Hub:
         if scope is not None and chat.next_deadline() < scope.deadline:
             scope.deadline = chat.next_deadline()  # wake the dispatcher in time
 
+    def mark_dirty(self, connection: Flushable) -> None:
+        """``connection`` got its first frame of this step: flush it at the end."""
+        self._dirty.append(connection)
+
+    def _flush(self) -> None:
+        """End of a step: hand every frame queued during it to its socket."""
+        dirty, self._dirty = self._dirty, []
+        for connection in dirty:
+            connection.flush_nowait()
+
     async def settle(self) -> None:
         """Return once every frame queued so far is applied and its says stored."""
         done = trio.Event()
@@ -154,6 +174,7 @@ class Hub:
                     item = None
             chat.expire(now)
             self._queue_says(chat)
+            self._flush()
 
     def _apply(self, chat: ChatState, item: Inbound, now: float, wall_ms: int) -> None:
         if isinstance(item, trio.Event):
@@ -180,6 +201,16 @@ class Hub:
         if not chat.to_store:
             return
         pending, chat.to_store = chat.to_store, []
+        append_nowait = self._append_nowait
+        if append_nowait is not None:
+            # An in-memory store: commit in this step, with no task hop.
+            try:
+                append_nowait([say.message for say in pending])
+            except StorageError as exc:
+                self._stored(chat, pending, exc)
+            else:
+                self._stored(chat, pending, None)
+            return
         for index, say in enumerate(pending):
             try:
                 self._store_send.send_nowait(say)
@@ -206,6 +237,7 @@ class Hub:
                     break
                 batch.append(item)
             await self._store(chat, batch)
+            self._flush()
             if barrier is not None:
                 barrier.set()
                 barrier = None
@@ -214,6 +246,13 @@ class Hub:
         try:
             await self._history.append([say.message for say in batch])
         except StorageError as exc:
+            self._stored(chat, batch, exc)
+        else:
+            self._stored(chat, batch, None)
+
+    def _stored(self, chat: ChatState, batch: list[PendingSay], exc: StorageError | None) -> None:
+        """The store's verdict on a batch: broadcast and ack it, or refuse it."""
+        if exc is not None:
             self._stats.storage_failures += 1
             if not self._storage_down:  # log once per outage, not per batch
                 LOGGER.warning("history unavailable: %s", exc)

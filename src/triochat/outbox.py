@@ -1,10 +1,11 @@
 """One connection's bounded outbound queue.
 
 The hub puts without ever waiting (`put_nowait` returns False when full, and
-the connection then closes itself as a slow consumer); the writer takes
-everything queued at once and sends it with one write. A deque plus a
-`ParkingLot` costs less per delivery than a memory channel, and the bound
-is the same: ``capacity`` frames.
+the connection then closes itself as a slow consumer); whoever sends takes
+everything queued at once and sends it with one write: the hub itself when
+the socket takes it at once (`Connection.flush_nowait`), else the writer
+task, woken with `wake`. A list plus a `ParkingLot` costs less per delivery
+than a memory channel, and the bound is the same: ``capacity`` frames.
 """
 
 from __future__ import annotations
@@ -38,18 +39,16 @@ class Outbox:
         if len(frames) >= self._capacity:
             return False
         frames.append(frame)
-        if len(frames) == 1 and self._lot:
-            self._lot.unpark_all()
         return True
 
     def wake(self) -> None:
-        """Make a waiting `wait` return even with nothing queued."""
+        """Make the writer's `wait` return (with frames queued or not)."""
         self._woken = True
         self._lot.unpark_all()
 
     async def wait(self) -> None:
-        """Return once a frame is queued or `wake` was called."""
-        while not self._frames and not self._woken:
+        """Return once `wake` was called (at once if it was since the last wait)."""
+        while not self._woken:
             await self._lot.park()
         self._woken = False
 
@@ -58,6 +57,10 @@ class Outbox:
         frames = self._frames
         self._frames = []
         return frames
+
+    def put_back(self, frames: list[OutFrame]) -> None:
+        """Return frames taken by `take_all` (ahead of any queued since)."""
+        self._frames = frames + self._frames
 
     def clear(self) -> None:
         self._frames.clear()

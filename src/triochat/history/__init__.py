@@ -44,6 +44,9 @@ class History(Protocol):
         """
         ...
 
+    # A store in memory may also offer ``append_nowait(batch)``, the same as
+    # `append` but synchronous: the hub then commits without a task hop.
+
     async def aclose(self) -> None:
         """Flush and close; safe to call twice."""
         ...

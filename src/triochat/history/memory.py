@@ -32,6 +32,10 @@ class MemoryHistory:
         return Snapshot(epoch=self._epoch, next_seq=self._next_seq, rooms=rooms)
 
     async def append(self, batch: Sequence[Message]) -> None:
+        self.append_nowait(batch)
+
+    def append_nowait(self, batch: Sequence[Message]) -> None:
+        """`append` without a checkpoint: the hub commits in the same step."""
         if self.fail_with is not None:
             raise StorageError(self.fail_with)
         for message in batch:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator
 
 import trio
@@ -51,8 +52,14 @@ class ReplayStream(trio.abc.Stream):
     def __init__(self, stream: trio.abc.Stream, prefix: bytes) -> None:
         self._stream = stream
         self._prefix = prefix
-        self._send_lock = trio.Lock()
+        # The write gate: a flag and a parking lot rather than a trio.Lock,
+        # because `write_nowait` (called by the hub, not by a writing task)
+        # may have to keep it for the writer to finish a partial write.
+        self._busy = False
+        self._waiting = trio.lowlevel.ParkingLot()
         self._close_sent = False
+        socket = getattr(stream, "socket", None)
+        self._fd: int = socket.fileno() if socket is not None else -1
         #: When bytes last arrived (trio clock): the keepalive's proof of life.
         self.last_receive = trio.current_time()
 
@@ -67,12 +74,46 @@ class ReplayStream(trio.abc.Stream):
         return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        async with self._send_lock:
+        while self._busy:
+            await self._waiting.park()
+        self._busy = True
+        await self.send_reserved(data)
+
+    async def send_reserved(self, data: bytes | bytearray | memoryview) -> None:
+        """Write while holding the gate (taken by `send_all` or `write_nowait`), then free it."""
+        try:
             if self._close_sent:
                 raise trio.ClosedResourceError("a close frame was sent")
             await self._stream.send_all(data)
             if data and data[0] == CLOSE_FRAME_BYTE:
                 self._close_sent = True
+        finally:
+            self._busy = False
+            self._waiting.unpark()
+
+    def can_write_nowait(self) -> bool:
+        """True when `write_nowait` may write: a real socket, nobody else writing."""
+        return self._fd >= 0 and not self._busy and not self._close_sent
+
+    def write_nowait(self, data: bytes) -> int:
+        """Write what the socket takes now, without waiting (check `can_write_nowait`).
+
+        Returns how many bytes went. When that is less than ``len(data)`` the
+        gate stays taken, so nothing can come between the two halves of a
+        frame: the caller must finish with `send_reserved`.
+
+        Raises:
+            trio.BrokenResourceError: the peer is gone.
+        """
+        try:
+            written = os.write(self._fd, data)
+        except BlockingIOError:
+            written = 0
+        except OSError as exc:
+            raise trio.BrokenResourceError(str(exc)) from exc
+        if written < len(data):
+            self._busy = True
+        return written
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._stream.wait_send_all_might_not_block()
@@ -139,6 +180,28 @@ class WebSocketTransport:
         data = frames[0].ws if len(frames) == 1 else b"".join([frame.ws for frame in frames])
         try:
             await self._stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise TransportClosed("connection lost") from exc
+
+    def can_send_nowait(self) -> bool:
+        return self._stream.can_write_nowait()
+
+    def send_nowait(self, frames: list[OutFrame]) -> bytes:
+        """Write ``frames`` as far as the socket takes them now; the unsent rest.
+
+        A non-empty rest must be finished with `send_rest` before anything
+        else is written (the write gate stays taken until then).
+        """
+        data = frames[0].ws if len(frames) == 1 else b"".join([frame.ws for frame in frames])
+        try:
+            written = self._stream.write_nowait(data)
+        except trio.BrokenResourceError as exc:
+            raise TransportClosed("connection lost") from exc
+        return data[written:]
+
+    async def send_rest(self, data: bytes) -> None:
+        try:
+            await self._stream.send_reserved(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise TransportClosed("connection lost") from exc
 

@@ -1,4 +1,4 @@
-// Load generator for benchmarks/run.py: one Node process, many `ws` clients.
+// Load generator for benchmarks/run.py: one Node process, many WebSocket clients.
 //
 //   node benchmarks/loadgen.mjs '<json config>'
 //
@@ -6,8 +6,9 @@
 // server's URL and pid (its CPU and RSS are read from /proc around the
 // measured window, so the window is exactly the load generator's) and the
 // scenario's numbers. Progress goes to stderr; the result is one JSON line on
-// stdout. Frames are not JSON-parsed on the hot path: the type is read from
-// the byte after `{"type":"`, and the latency scenario reads only the send
+// stdout. The clients (rawws.mjs) locate frames by their headers and never
+// copy, decode or JSON-parse them on the hot path: the type is read from the
+// byte after `{"type":"`, and the latency scenario reads only the send
 // timestamp the sender put at the start of `msg`.
 //
 // Every wait is bounded; a watchdog ends the process (exit 2) past its
@@ -15,17 +16,13 @@
 
 import { readFileSync } from "node:fs";
 import { performance } from "node:perf_hooks";
-import { WebSocket } from "ws";
+import { CLOSED, OPEN, RawWs } from "./rawws.mjs";
 
 const cfg = JSON.parse(process.argv[2] ?? "{}");
 const SERVER_PID = cfg.serverPid;
 const CLK_TCK = cfg.clkTck ?? 100;
-const WS_OPTIONS = {
-  perMessageDeflate: false, // triochat declines it; keep both servers on equal terms
-  skipUTF8Validation: true, // the client is not what is measured
-  handshakeTimeout: 10_000,
-  maxPayload: 64 * 1024 * 1024,
-};
+const TAG = Math.random().toString(36).slice(2, 6); // names unique per run (grace periods)
+const WS_OPTIONS = { handshakeTimeoutMs: 10_000, closeTimeoutMs: 5_000 };
 
 const watchdog = setTimeout(() => {
   emit({ ok: false, error: `load generator deadline (${cfg.deadlineS} s) passed` });
@@ -57,6 +54,14 @@ function serverRssKiB() {
   return m ? Number(m[1]) : Number.NaN;
 }
 
+/** CPU time used by the whole machine (every CPU, every process), in seconds. */
+function machineBusyS() {
+  const f = readFileSync("/proc/stat", "utf8").split("\n", 1)[0].trim().split(/\s+/);
+  // user nice system idle iowait irq softirq steal: everything but idle and iowait.
+  const busy = [1, 2, 3, 6, 7, 8].reduce((sum, i) => sum + Number(f[i] ?? 0), 0);
+  return busy / CLK_TCK;
+}
+
 function selfCpuS() {
   const u = process.cpuUsage();
   return (u.user + u.system) / 1e6;
@@ -64,7 +69,12 @@ function selfCpuS() {
 
 /** A snapshot of the clocks a measured window needs. */
 function snapshot() {
-  return { wall: nowMs() / 1000, server: serverCpuS(), self: selfCpuS() };
+  return {
+    wall: nowMs() / 1000,
+    server: serverCpuS(),
+    self: selfCpuS(),
+    machine: machineBusyS(),
+  };
 }
 
 function windowOf(a, b) {
@@ -74,7 +84,26 @@ function windowOf(a, b) {
     serverCpuS: b.server - a.server,
     serverCpuPct: (100 * (b.server - a.server)) / wall,
     loadgenCpuPct: (100 * (b.self - a.self)) / wall,
+    // Everything else on the machine (other processes, kernel threads such
+    // as ksoftirqd): noise when it is more than a few percent.
+    otherCpuPct: Math.max(
+      0,
+      (100 * (b.machine - a.machine - (b.server - a.server) - (b.self - a.self))) / wall,
+    ),
   };
+}
+
+/** Wait until the server used under `pct`% of a core over `stepMs` (setup done). */
+async function waitServerIdle(timeoutMs = 60_000, pct = 5, stepMs = 250) {
+  const end = nowMs() + timeoutMs;
+  let last = serverCpuS();
+  while (nowMs() < end) {
+    await sleep(stepMs);
+    const cpu = serverCpuS();
+    if ((100 * (cpu - last)) / (stepMs / 1000) < pct) return true;
+    last = cpu;
+  }
+  return false;
 }
 
 async function waitUntil(pred, timeoutMs, stepMs = 20) {
@@ -98,10 +127,12 @@ async function pool(n, limit, fn) {
   await Promise.all(Array.from({ length: Math.min(limit, n) }, worker));
 }
 
-function percentile(sorted, p) {
-  if (sorted.length === 0) return Number.NaN;
-  const idx = Math.min(sorted.length - 1, Math.max(0, Math.ceil((p / 100) * sorted.length) - 1));
-  return sorted[idx];
+/** The p-th percentile of `sorted` (ascending) among `total` values, the
+ * missing ones (total - sorted.length) counting as infinitely late: null. */
+function percentile(sorted, p, total = sorted.length) {
+  if (total === 0) return Number.NaN;
+  const idx = Math.min(total - 1, Math.max(0, Math.ceil((p / 100) * total) - 1));
+  return idx < sorted.length ? sorted[idx] : null;
 }
 
 const PREFIX = Buffer.from('{"type":"');
@@ -112,10 +143,11 @@ const T_ACK = "a".charCodeAt(0);
 const T_JOINED = "j".charCodeAt(0);
 const T_ERROR = "e".charCodeAt(0);
 
-function frameType(buf) {
-  if (buf.length > 10 && buf.compare(PREFIX, 0, 9, 0, 9) === 0) return buf[9];
+/** The first letter of the type of the frame in buf[start:end]. */
+function frameType(buf, start, end) {
+  if (end - start > 10 && buf.compare(PREFIX, 0, 9, start, start + 9) === 0) return buf[start + 9];
   try {
-    const type = JSON.parse(buf.toString()).type;
+    const type = JSON.parse(buf.toString("utf8", start, end)).type;
     return typeof type === "string" && type ? type.charCodeAt(0) : 0;
   } catch {
     return 0;
@@ -139,15 +171,21 @@ class Problems {
   }
 }
 
+/** The start of a frame, for error reports. */
+function excerpt(buf, start, end) {
+  return buf.toString("utf8", start, Math.min(end, start + 200));
+}
+
 /**
  * Open a connection and join `room` as `name`. Resolves with the socket once
- * `joined` arrived; later frames go to `onFrame(buf)`. Unexpected closes and
- * errors are recorded in `problems`. Rejects on failure or timeout.
+ * `joined` arrived; later frames go to `onFrame(buf, start, end, ws)`.
+ * Unexpected closes and errors are recorded in `problems`. Rejects on failure
+ * or timeout.
  */
 function openAndJoin(url, name, room, onFrame, problems, timeoutMs = 15_000) {
   return new Promise((resolve, reject) => {
     const t0 = nowMs();
-    const ws = new WebSocket(url, WS_OPTIONS);
+    const ws = new RawWs(url, WS_OPTIONS);
     ws.expectedClose = false;
     let joined = false;
     const timer = setTimeout(() => {
@@ -157,40 +195,42 @@ function openAndJoin(url, name, room, onFrame, problems, timeoutMs = 15_000) {
         reject(new Error(`join timeout after ${timeoutMs} ms`));
       }
     }, timeoutMs);
-    ws.on("open", () => {
+    ws.onOpen = () => {
       ws.send(JSON.stringify({ type: "join", room, name }));
-    });
-    ws.on("message", (buf) => {
+    };
+    ws.onText = (buf, start, end) => {
       if (joined) {
-        onFrame(buf, ws);
+        onFrame(buf, start, end, ws);
         return;
       }
-      const t = frameType(buf);
+      const t = frameType(buf, start, end);
       if (t === T_JOINED) {
         joined = true;
         clearTimeout(timer);
         resolve({ ws, joinMs: nowMs() - t0 });
       } else if (t === T_ERROR) {
         clearTimeout(timer);
-        reject(new Error(`error frame on join: ${buf.toString().slice(0, 200)}`));
+        ws.expectedClose = true;
+        ws.terminate();
+        reject(new Error(`error frame on join: ${excerpt(buf, start, end)}`));
       }
-    });
-    ws.on("error", (err) => {
+    };
+    ws.onError = (err) => {
       if (!joined) {
         clearTimeout(timer);
         reject(err);
       } else if (!ws.expectedClose) {
         problems.add("socket error", err.message);
       }
-    });
-    ws.on("close", (code, reason) => {
+    };
+    ws.onClose = (code, reason) => {
       if (!joined) {
         clearTimeout(timer);
         reject(new Error(`closed before joined: ${code} ${reason}`));
       } else if (!ws.expectedClose) {
         problems.add(`close ${code}`, `${reason}`);
       }
-    });
+    };
   });
 }
 
@@ -216,14 +256,18 @@ async function closeAll(conns, timeoutMs = 5_000) {
   for (const ws of conns) {
     if (!ws) continue;
     ws.expectedClose = true;
-    if (ws.readyState === WebSocket.OPEN) {
+    if (ws.readyState === OPEN) {
       open++;
-      ws.on("close", () => open--);
+      const onClose = ws.onClose;
+      ws.onClose = (...args) => {
+        open--;
+        onClose(...args);
+      };
       ws.close(1000, "done");
     }
   }
   await waitUntil(() => open <= 0, timeoutMs, 50);
-  for (const ws of conns) if (ws && ws.readyState !== WebSocket.CLOSED) ws.terminate();
+  for (const ws of conns) if (ws && ws.readyState !== CLOSED) ws.terminate();
 }
 
 // --- scenario 1: saturation ----------------------------------------------------
@@ -234,42 +278,50 @@ async function saturation() {
   const room = "sat";
   let delivered = 0;
   let errorFrames = 0;
-  const onFrame = (buf, ws) => {
-    const t = frameType(buf);
+  const onFrame = (buf, start, end, ws) => {
+    const t = frameType(buf, start, end);
     if (t === T_MESSAGE) delivered++;
     else if (t === T_ACK) ws.onAck?.();
     else if (t === T_ERROR) {
       errorFrames++;
-      problems.add("error frame", buf.toString().slice(0, 200));
+      problems.add("error frame", excerpt(buf, start, end));
     }
   };
   log(`opening ${clients} clients`);
+  const tOpen = nowMs();
   const { conns, failed } = await openMany(
     url,
     clients,
     50,
-    (i) => `u${i}`,
+    (i) => `${TAG}u${i}`,
     () => room,
     onFrame,
     problems,
   );
   if (failed) return { ok: false, error: `${failed} clients failed to join`, problems };
-  await sleep(500); // presence frames of the last joins settle
+  const idle = await waitServerIdle(180_000); // the joins' presence frames are all out
+  const setupS = (nowMs() - tOpen) / 1000;
 
   const payload = "x".repeat(msgChars);
   let running = true;
   let sent = 0;
   let acked = 0;
   let outstanding = 0;
+  const ackMs = []; // say -> ack round trips in the measured window
+  let measuring = false;
   for (let s = 0; s < senders; s++) {
     const ws = conns[s];
     let seq = 0;
+    const sentAt = []; // acks come back in send order
     const send = () => {
+      sentAt.push(nowMs());
       ws.send(`{"type":"say","room":"${room}","msg":"${payload}","ref":"${s}-${seq++}"}`);
       sent++;
       outstanding++;
     };
     ws.onAck = () => {
+      const t = sentAt.shift();
+      if (measuring) ackMs.push(nowMs() - t);
       acked++;
       outstanding--;
       if (running) send();
@@ -281,7 +333,9 @@ async function saturation() {
   const a = snapshot();
   const d0 = delivered;
   const acked0 = acked;
+  measuring = true;
   await sleep(durationS * 1000);
+  measuring = false;
   const b = snapshot();
   const d1 = delivered;
   const acked1 = acked;
@@ -295,10 +349,13 @@ async function saturation() {
     clients,
     senders,
     inflight,
+    setupS,
+    idle,
     window: w,
     deliveredPerS: perS,
     acceptedPerS: (acked1 - acked0) / w.wallS,
     serverCpuUsPerDelivered: (w.serverCpuS * 1e6) / (d1 - d0),
+    ackMs: summarise(ackMs),
     sent,
     acked,
     delivered,
@@ -322,17 +379,22 @@ async function latency() {
   const samples = new Float64Array(capacity);
   let n = 0;
   let received = 0; // deliveries of measured messages
+  let deliveredAll = 0; // every message delivery, measured or not (for CPU per delivery)
   let windowStartUs = Number.POSITIVE_INFINITY;
   let windowEndUs = Number.POSITIVE_INFINITY;
   const KEY = Buffer.from('"msg":"t');
-  const onFrame = (buf) => {
-    if (frameType(buf) !== T_MESSAGE) {
-      if (frameType(buf) === T_ERROR) problems.add("error frame", buf.toString().slice(0, 200));
+  let acked = 0;
+  const onFrame = (buf, start, end) => {
+    const t = frameType(buf, start, end);
+    if (t !== T_MESSAGE) {
+      if (t === T_ACK) acked++;
+      else if (t === T_ERROR) problems.add("error frame", excerpt(buf, start, end));
       return;
     }
     const at = nowUs();
-    let i = buf.indexOf(KEY);
-    if (i < 0) return;
+    deliveredAll++;
+    let i = buf.indexOf(KEY, start);
+    if (i < 0 || i >= end) return;
     i += KEY.length;
     let ts = 0;
     for (let c = buf[i]; c >= 48 && c <= 57; c = buf[++i]) ts = ts * 10 + (c - 48);
@@ -341,23 +403,21 @@ async function latency() {
     if (n < capacity) samples[n++] = at - ts;
   };
   log(`opening ${clients} clients`);
+  const tOpen = nowMs();
   const { conns, failed } = await openMany(
     url,
     clients,
     50,
-    (i) => `u${i}`,
+    (i) => `${TAG}u${i}`,
     () => room,
     onFrame,
     problems,
   );
   if (failed) return { ok: false, error: `${failed} clients failed to join`, problems };
-  await sleep(1000); // presence frames of the last joins settle
+  const idle = await waitServerIdle(180_000); // the joins' presence frames are all out
+  const setupS = (nowMs() - tOpen) / 1000;
 
   const sender = conns[0];
-  let acked = 0;
-  sender.on("message", (buf) => {
-    if (frameType(buf) === T_ACK) acked++;
-  });
   const pad = "p".repeat(Math.max(0, msgChars - 18));
   const periodMs = 1000 / rate;
   const total = Math.round(rate * (warmupS + durationS));
@@ -373,6 +433,7 @@ async function latency() {
     if (wait > 0) await sleep(wait);
     if (sent === warmupCount) {
       a = snapshot();
+      a.delivered = deliveredAll;
       windowStartUs = nowUs();
     }
     const ts = nowUs();
@@ -383,14 +444,18 @@ async function latency() {
   await sleep(periodMs);
   windowEndUs = nowUs();
   const b = snapshot();
+  b.delivered = deliveredAll;
   const expected = measuredSent * clients;
   await waitUntil(() => received >= expected && acked >= sent, drainS * 1000);
   const sorted = samples.subarray(0, n).sort();
+  const ms = (us) => (us === null ? null : us / 1000);
   const w = windowOf(a, b);
   const result = {
     ok: true,
     clients,
     rate,
+    setupS,
+    idle,
     window: w,
     measuredSent,
     expected,
@@ -398,10 +463,19 @@ async function latency() {
     lost: expected - received,
     lossPct: (100 * (expected - received)) / expected,
     acked,
-    p50Ms: percentile(sorted, 50) / 1000,
-    p99Ms: percentile(sorted, 99) / 1000,
-    maxMs: sorted.length ? sorted[sorted.length - 1] / 1000 : Number.NaN,
-    serverCpuUsPerDelivered: (w.serverCpuS * 1e6) / Math.max(1, received),
+    // Over every expected delivery; one not delivered within the drain counts
+    // as infinitely late (null).
+    p50Ms: ms(percentile(sorted, 50, expected)),
+    p90Ms: ms(percentile(sorted, 90, expected)),
+    p99Ms: ms(percentile(sorted, 99, expected)),
+    maxMs: received < expected ? null : ms(sorted[sorted.length - 1] ?? Number.NaN),
+    p99DeliveredMs: ms(percentile(sorted, 99)),
+    maxDeliveredMs: ms(sorted[sorted.length - 1] ?? Number.NaN),
+    drainS,
+    // Every delivery in the window (a backlogged server is still delivering
+    // older messages): CPU per delivered message, whichever message it was.
+    deliveredInWindow: b.delivered - a.delivered,
+    serverCpuUsPerDelivered: (w.serverCpuS * 1e6) / Math.max(1, b.delivered - a.delivered),
     problems,
   };
   await closeAll(conns);
@@ -416,7 +490,7 @@ async function memory() {
   const ignore = () => {};
   // A few connections first, so lazy imports and first-use caches are not
   // counted as per-connection memory.
-  const warm = await openMany(url, 10, 10, (i) => `w${i}`, () => "warm", ignore, problems);
+  const warm = await openMany(url, 10, 10, (i) => `${TAG}w${i}`, () => "warm", ignore, problems);
   await closeAll(warm.conns);
   await sleep(1000);
   const rssBase = serverRssKiB();
@@ -426,17 +500,19 @@ async function memory() {
     url,
     count,
     100,
-    (i) => `m${i}`,
+    (i) => `${TAG}m${i}`,
     (i) => `r${Math.floor(i / roomSize)}`,
     ignore,
     problems,
   );
   const setupS = (nowMs() - t0) / 1000;
+  const idle = await waitServerIdle(180_000); // the joins' presence frames are all out
+  const settledS = (nowMs() - t0) / 1000 - setupS;
   await sleep(settleS * 1000);
   const rssJoined = serverRssKiB();
   await sleep(holdS * 1000);
   const rssHeld = serverRssKiB();
-  const open = conns.filter((ws) => ws && ws.readyState === WebSocket.OPEN).length;
+  const open = conns.filter((ws) => ws && ws.readyState === OPEN).length;
   joinMs.sort((x, y) => x - y);
   const result = {
     ok: true,
@@ -445,6 +521,8 @@ async function memory() {
     failed,
     held: open,
     setupS,
+    settledS,
+    idle,
     connectsPerS: count / setupS,
     joinP99Ms: percentile(joinMs, 99),
     rssBaseKiB: rssBase,
@@ -467,7 +545,9 @@ function lifecycle(url, name, room, timeoutMs, stats) {
     let tJoin = 0;
     let done = false;
     let failed = false;
-    const ws = new WebSocket(url, WS_OPTIONS);
+    stats.open++;
+    stats.maxOpen = Math.max(stats.maxOpen, stats.open);
+    const ws = new RawWs(url, WS_OPTIONS);
     const fail = (kind, detail) => {
       if (failed || done) return;
       failed = true;
@@ -475,13 +555,13 @@ function lifecycle(url, name, room, timeoutMs, stats) {
       ws.terminate();
     };
     const timer = setTimeout(() => fail("timeout", `${name} not done in ${timeoutMs} ms`), timeoutMs);
-    ws.on("open", () => {
+    ws.onOpen = () => {
       stats.connectMs.push(nowMs() - t0);
       tJoin = nowMs();
       ws.send(JSON.stringify({ type: "join", room, name }));
-    });
-    ws.on("message", (buf) => {
-      const t = frameType(buf);
+    };
+    ws.onText = (buf, start, end) => {
+      const t = frameType(buf, start, end);
       if (t === T_JOINED) {
         stats.joinMs.push(nowMs() - tJoin);
         ws.send(JSON.stringify({ type: "say", room, msg: `hello from ${name}`, ref: "1" }));
@@ -490,17 +570,18 @@ function lifecycle(url, name, room, timeoutMs, stats) {
         done = true;
         ws.close(1000, "bye");
       } else if (t === T_ERROR) {
-        fail("error frame", buf.toString().slice(0, 200));
+        fail("error frame", excerpt(buf, start, end));
       }
-    });
-    ws.on("error", (err) => fail("socket error", err.message));
-    ws.on("close", (code, reason) => {
+    };
+    ws.onError = (err) => fail("socket error", err.message);
+    ws.onClose = (code, reason) => {
       clearTimeout(timer);
       if (!done) fail(`close ${code} before done`, `${reason}`);
       else stats.totalMs.push(nowMs() - t0);
       if (done && !failed) stats.ok++;
+      stats.open--;
       resolve();
-    });
+    };
   });
 }
 
@@ -512,7 +593,7 @@ async function churnPhase(url, rate, durationS, tag, stats) {
   while (launched < total) {
     const due = Math.min(total, Math.floor(((nowMs() - t0) * rate) / 1000) + 1);
     while (launched < due) {
-      pending.push(lifecycle(url, `${tag}${launched}`, "churn", 10_000, stats));
+      pending.push(lifecycle(url, `${TAG}${tag}${launched}`, "churn", 10_000, stats));
       launched++;
     }
     await sleep(2);
@@ -523,7 +604,15 @@ async function churnPhase(url, rate, durationS, tag, stats) {
 }
 
 function newChurnStats() {
-  return { ok: 0, connectMs: [], joinMs: [], totalMs: [], problems: new Problems() };
+  return {
+    ok: 0,
+    open: 0,
+    maxOpen: 0,
+    connectMs: [],
+    joinMs: [],
+    totalMs: [],
+    problems: new Problems(),
+  };
 }
 
 function summarise(ms) {
@@ -541,9 +630,14 @@ async function churn() {
   const rssBefore = serverRssKiB();
   log(`churn: ${durationS} s at ${rate}/s`);
   const stats = newChurnStats();
+  let rssMax = rssBefore;
+  const sampler = setInterval(() => {
+    rssMax = Math.max(rssMax, serverRssKiB());
+  }, 250);
   const a = snapshot();
   const phase = await churnPhase(url, rate, durationS, "c", stats);
   const b = snapshot();
+  clearInterval(sampler);
   await sleep(settleS * 1000);
   const rssAfter = serverRssKiB();
   const w = windowOf(a, b);
@@ -565,6 +659,8 @@ async function churn() {
     rssStartKiB: rssStart,
     rssBeforeKiB: rssBefore,
     rssAfterKiB: rssAfter,
+    rssMaxDuringKiB: rssMax,
+    maxConcurrent: stats.maxOpen,
     rssGrowthPct: (100 * (rssAfter - rssBefore)) / rssBefore,
   };
 }

@@ -131,7 +131,9 @@ class PendingSay:
     def __init__(
         self, client: Client, message: Message, ref: str | None, user: User | None = None
     ) -> None:
-        self.client = client
+        #: None once answered: a user's remembered refs must not keep a
+        #: closed connection (and all it holds) alive.
+        self.client: Client | None = client
         self.message = message
         self.ref = ref
         self.user = user
@@ -146,6 +148,14 @@ def _error(client: Client, code: str, message: str, ref: str | None = None) -> N
     else:
         frame = ErrorFrame(code=code, message=message, ref=ref)
     client.peer.deliver(OutFrame.of(frame))
+
+
+def _answer_to(pending: PendingSay) -> list[Client]:
+    """The live connections waiting for ``pending``'s answer; forgets them all."""
+    clients = [c for c in (pending.client, *pending.waiting) if c is not None and not c.gone]
+    pending.client = None
+    pending.waiting = []
+    return clients
 
 
 class _Refused(Exception):
@@ -544,10 +554,9 @@ class ChatState:
             pending.committed = True
             if pending.ref is not None:
                 ack = OutFrame.of(AckFrame(pending.ref, message.id))
-                for client in (pending.client, *pending.waiting):
-                    if not client.gone and not client.classic:
+                for client in _answer_to(pending):
+                    if not client.classic:
                         client.peer.deliver(ack)
-                pending.waiting = []
 
     def store_failed(self, batch: Iterable[PendingSay], reason: str) -> None:
         """Nothing in the batch was stored: tell each sender, ack nothing."""
@@ -555,9 +564,8 @@ class ChatState:
             user, ref = pending.user, pending.ref
             if user is not None and ref is not None and user.refs.get(ref) is pending:
                 del user.refs[ref]  # a retry must be stored for real
-            for client in (pending.client, *pending.waiting):
-                if not client.gone:
-                    _error(client, ErrorCode.UNAVAILABLE, reason, ref)
+            for client in _answer_to(pending):
+                _error(client, ErrorCode.UNAVAILABLE, reason, ref)
 
     # --- rooms -------------------------------------------------------------------
 

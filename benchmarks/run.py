@@ -1,0 +1,787 @@
+"""Benchmarks: triochat against a reference `websockets` server, in one run.
+
+    python benchmarks/run.py                 # every scenario, full size (about 6-8 min)
+    python benchmarks/run.py --quick         # every scenario, small numbers (under a minute)
+    python benchmarks/run.py --only saturation,latency
+    python benchmarks/run.py --json /tmp/bench.json --profile /tmp/profile
+
+For each scenario, each server (triochat, then `peer_websockets.py`) is
+started fresh on a free loopback port, pinned to CPU 0; the load generator
+(`loadgen.mjs`: Node, many `rawws.mjs` clients, one separate process) runs pinned
+to CPU 1 and reads the server's CPU time and RSS from ``/proc/<pid>`` at the
+edges of its measured window. Then the server is stopped (SIGTERM, then
+SIGKILL) and the next one starts. The table compares the two: ratio is
+triochat / peer. Needs Python with triochat and websockets importable (the
+dev venv) and Node.js 18+ (no npm packages).
+
+Not part of the test suite. Every child process is killed at the end,
+every wait is bounded, everything is on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import hashlib
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+LOOPBACK = "127.0.0.1"
+SCENARIOS = ("saturation", "latency", "memory", "churn")
+NOFILE = 65536
+NOISY = 10  # % of a core used by other processes during a window: flagged
+
+# --- scenario sizes -------------------------------------------------------------
+
+FULL: dict[str, dict[str, Any]] = {
+    "saturation": {
+        "clients": 200,
+        "senders": 4,
+        "inflight": 32,
+        "warmupS": 3,
+        "durationS": 10,
+        "msgChars": 40,
+    },
+    "latency": {
+        "clients": 1000,
+        "rate": 50,
+        "warmupS": 2,
+        "durationS": 20,
+        "drainS": 5,
+        "msgChars": 40,
+    },
+    "memory": {"conns": 10_000, "roomSize": 100, "settleS": 3, "holdS": 10},
+    "churn": {"rate": 200, "warmupS": 6, "durationS": 30, "settleS": 7},
+}
+QUICK: dict[str, dict[str, Any]] = {
+    "saturation": {**FULL["saturation"], "clients": 50, "warmupS": 1, "durationS": 2},
+    "latency": {**FULL["latency"], "clients": 100, "warmupS": 1, "durationS": 3, "drainS": 2},
+    "memory": {"conns": 1000, "roomSize": 100, "settleS": 1, "holdS": 1},
+    "churn": {"rate": 100, "warmupS": 1, "durationS": 3, "settleS": 1},
+}
+
+
+def deadline_s(scenario: str, p: dict[str, Any]) -> float:
+    """Longest the load generator may take for ``scenario`` (its watchdog)."""
+    n = {key: float(value) for key, value in p.items()}
+    if scenario == "saturation":
+        return n["warmupS"] + n["durationS"] + 300  # setup + up to 180 s waiting for idle
+    if scenario == "latency":
+        return n["warmupS"] + n["durationS"] + n["drainS"] + 360
+    if scenario == "memory":
+        return n["settleS"] + n["holdS"] + 240 + n["conns"] / 20
+    return n["warmupS"] + n["durationS"] + 2 * n["settleS"] + 60
+
+
+# --- processes --------------------------------------------------------------------
+
+_CHILDREN: list[subprocess.Popen[bytes]] = []
+
+
+def _kill_children() -> None:
+    """Kill every process group this script started (each child leads its own)."""
+    for proc in _CHILDREN:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
+
+
+def _on_signal(signum: int, _frame: object) -> None:
+    _kill_children()
+    sys.exit(128 + signum)
+
+
+def pinned(argv: list[str], cpu: int | None) -> list[str]:
+    """``argv`` run on ``cpu`` only (taskset, so every thread inherits the mask)."""
+    if cpu is None:
+        return argv
+    taskset = shutil.which("taskset")
+    return [taskset, "-c", str(cpu), *argv] if taskset else argv
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclasses.dataclass
+class ServerSpec:
+    key: str
+    label: str
+    argv: Callable[[int], list[str]]
+
+
+def server_specs(args: argparse.Namespace) -> list[ServerSpec]:
+    def triochat(port: int) -> list[str]:
+        argv = [sys.executable, "-m", "triochat", "--host", LOOPBACK, "--port", str(port)]
+        argv += ["--memory", "--rate", "0", "--max-conns-per-ip", "0", "--log-level", "WARNING"]
+        if args.outbox_frames:
+            argv += ["--outbox-frames", str(args.outbox_frames)]
+        return argv + list(args.triochat_arg)
+
+    def peer(port: int) -> list[str]:
+        return [sys.executable, str(HERE / "peer_websockets.py"), "--port", str(port)]
+
+    return [
+        ServerSpec("triochat", "triochat", triochat),
+        ServerSpec("peer", "websockets peer", peer),
+    ]
+
+
+class Server:
+    """A server subprocess on a fresh port; `stop` ends it (bounded)."""
+
+    def __init__(self, spec: ServerSpec, cpu: int | None, workdir: Path) -> None:
+        self.spec = spec
+        self.port = free_port()
+        self.stderr_path = workdir / f"{spec.key}-{self.port}.stderr"
+        self._stderr = self.stderr_path.open("wb")
+        self.proc = subprocess.Popen(
+            pinned(spec.argv(self.port), cpu),
+            stdin=subprocess.DEVNULL,
+            stdout=self._stderr,
+            stderr=subprocess.STDOUT,
+            cwd=workdir,
+            start_new_session=True,
+        )
+        _CHILDREN.append(self.proc)
+        self.exit_note = ""
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid  # taskset execs the server: same pid
+
+    @property
+    def url(self) -> str:
+        return f"ws://{LOOPBACK}:{self.port}/ws"
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.spec.label} exited at start: {self.stderr_tail()}")
+            try:
+                with socket.create_connection((LOOPBACK, self.port), timeout=1.0):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"{self.spec.label} not listening after {timeout} s")
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=5)
+                self.exit_note = f"did not exit within {timeout:g} s of SIGTERM: killed"
+        if not self.exit_note and self.proc.returncode not in (0, -signal.SIGTERM):
+            self.exit_note = f"exit status {self.proc.returncode} after SIGTERM"
+        self._stderr.close()
+
+    def stderr_tail(self, lines: int = 3) -> str:
+        self._stderr.flush()
+        text = self.stderr_path.read_text(errors="replace").strip().splitlines()
+        return " | ".join(text[-lines:])
+
+    def stderr_lines(self) -> int:
+        return len(self.stderr_path.read_text(errors="replace").strip().splitlines())
+
+
+def server_rss_kib(pid: int) -> int:
+    match = re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{pid}/status").read_text())
+    return int(match.group(1)) if match else 0
+
+
+def run_loadgen(
+    scenario: str, params: dict[str, Any], server: Server, cpu: int | None, verbose: bool
+) -> dict[str, Any]:
+    cfg = {
+        "scenario": scenario,
+        "url": server.url,
+        "serverPid": server.pid,
+        "clkTck": os.sysconf("SC_CLK_TCK"),
+        "deadlineS": deadline_s(scenario, params),
+        "verbose": verbose,
+        **params,
+    }
+    argv = pinned(["node", str(HERE / "loadgen.mjs"), json.dumps(cfg)], cpu)
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=None if verbose else subprocess.PIPE,
+        cwd=HERE,
+        start_new_session=True,
+    )
+    _CHILDREN.append(proc)
+    try:
+        out, err = proc.communicate(timeout=cfg["deadlineS"] + 30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=10)
+        return {"ok": False, "error": "load generator timed out (killed)"}
+    lines = out.decode(errors="replace").strip().splitlines()
+    try:
+        result: dict[str, Any] = json.loads(lines[-1])
+    except (IndexError, ValueError):
+        tail = (err or b"").decode(errors="replace").strip()[-500:]
+        return {"ok": False, "error": f"load generator exit {proc.returncode}: {tail}"}
+    return result
+
+
+# --- setup ----------------------------------------------------------------------
+
+
+def source_fingerprint() -> str:
+    """Changes whenever a file under src/ changes (the server under test)."""
+    digest = hashlib.sha256()
+    for path in sorted((HERE.parent / "src").rglob("*")):
+        if path.is_file() and "egg-info" not in str(path):
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def machine_busy_s() -> float:
+    """CPU seconds used so far by the whole machine (all CPUs, all processes)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    busy = sum(int(fields[i]) for i in (1, 2, 3, 6, 7, 8))  # all but idle, iowait
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def wait_quiet(max_wait: float, limit_pct: float = NOISY) -> float:
+    """Wait (at most ``max_wait`` s) for a second in which the machine is nearly
+    idle; returns the last second's CPU use in % of a core."""
+    end = time.monotonic() + max_wait
+    while True:
+        before = machine_busy_s()
+        time.sleep(1.0)
+        pct = 100 * (machine_busy_s() - before)
+        if pct < limit_pct or time.monotonic() >= end:
+            return pct
+
+
+def raise_file_limit() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for limit in (max(NOFILE, hard), hard):
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+            return limit
+    return soft
+
+
+def ensure_node() -> str:
+    """The version of Node.js on PATH (18 or newer), or exit."""
+    node = shutil.which("node")
+    if not node:
+        sys.exit("benchmarks need Node.js 18+ (node) for the load generator")
+    out = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=10).stdout
+    match = re.match(r"v(\d+)", out.strip())
+    if not match or int(match.group(1)) < 18:
+        sys.exit(f"benchmarks need Node.js 18+, found {out.strip()!r}")
+    return out.strip()
+
+
+def version_of(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def machine_info(node_version: str) -> list[str]:
+    cpu_model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    repo = HERE.parent
+    git = shutil.which("git")
+    commit = "?"
+    if git:
+        head = subprocess.run(
+            [git, "-C", str(repo), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        dirty = subprocess.run(
+            [git, "-C", str(repo), "status", "--porcelain", "--", "src"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        commit = head.stdout.strip() or "?"
+        if dirty.stdout.strip():
+            commit += " + uncommitted changes in src/"
+    libs = ", ".join(
+        f"{name} {version_of(name)}"
+        for name in ("triochat", "trio", "trio-websocket", "wsproto", "msgspec", "websockets")
+    )
+    return [
+        f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"machine: {os.cpu_count()} CPUs ({cpu_model}), {platform.system()} "
+        f"{platform.release()}, {platform.freedesktop_os_release().get('PRETTY_NAME', '?')}",
+        f"python {platform.python_version()}: {libs}",
+        f"triochat source: git {commit}",
+        f"load generator: node {node_version}, benchmarks/rawws.mjs client",
+    ]
+
+
+# --- the table ------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Row:
+    scenario: str
+    metric: str
+    trio: float | None
+    peer: float | None
+    fmt: str = "{:.1f}"
+    target: str = ""
+    met: bool | None = None
+    ratio: bool = True
+    summary: bool = False  # a verdict row: no values
+
+    def cells(self) -> list[str]:
+        def show(value: float | None) -> str:
+            if self.summary:
+                return ""
+            if value is None:
+                return "∞ (not delivered)"
+            if isinstance(value, float) and math.isnan(value):
+                return "n/a"
+            return self.fmt.format(value)
+
+        ratio = ""
+        if (
+            self.ratio
+            and self.trio is not None
+            and self.peer is not None
+            and self.peer != 0
+            and not math.isnan(self.trio)
+            and not math.isnan(self.peer)
+        ):
+            ratio = f"{self.trio / self.peer:.2f}x"
+        met = {True: "yes", False: "**NO**", None: ""}[self.met]
+        return [
+            self.scenario,
+            self.metric,
+            show(self.trio),
+            show(self.peer),
+            ratio,
+            self.target,
+            met,
+        ]
+
+
+def get(result: dict[str, Any] | None, *path: str) -> float | None:
+    value: Any = result
+    for key in path:
+        if not isinstance(value, dict) or key not in value:
+            return math.nan
+        value = value[key]
+    if value is None:
+        return None
+    return float(value)
+
+
+def ratio_ok(trio: float | None, peer: float | None, pred: Callable[[float], bool]) -> bool | None:
+    if trio is None or peer is None or math.isnan(trio) or math.isnan(peer) or peer == 0:
+        return None
+    return pred(trio / peer)
+
+
+def build_rows(results: dict[str, dict[str, dict[str, Any]]]) -> tuple[list[Row], list[str]]:
+    rows: list[Row] = []
+    notes: list[str] = []
+
+    def loadgen_row(scenario: str, tr: dict[str, Any], pr: dict[str, Any]) -> None:
+        t, p = get(tr, "window", "loadgenCpuPct"), get(pr, "window", "loadgenCpuPct")
+        rows.append(Row(scenario, "load generator CPU, % of a core", t, p, "{:.0f}", ratio=False))
+        for who, value in (("triochat", t), ("peer", p)):
+            if value is not None and not math.isnan(value) and value > 90:
+                notes.append(
+                    f"{scenario}: LOAD GENERATOR SATURATED ({value:.0f}% of a core) in the "
+                    f"{who} run: that server's numbers are a lower bound"
+                )
+        t, p = get(tr, "window", "otherCpuPct"), get(pr, "window", "otherCpuPct")
+        rows.append(Row(scenario, "other processes' CPU, % (noise)", t, p, "{:.0f}", ratio=False))
+        for who, value in (("triochat", t), ("peer", p)):
+            if value is not None and not math.isnan(value) and value > NOISY:
+                notes.append(
+                    f"{scenario}: the machine was BUSY with other work ({value:.0f}% of a core) "
+                    f"during the {who} window: its numbers are not reliable"
+                )
+
+    for scenario, pair in results.items():
+        tr, pr = pair.get("triochat", {}), pair.get("peer", {})
+        for who, res in (("triochat", tr), ("peer", pr)):
+            if res and not res.get("ok"):
+                notes.append(f"{scenario}/{who}: FAILED: {res.get('error')}")
+            problems = res.get("problems") or {}
+            if res and res.get("ok") and res.get("idle") is False:
+                notes.append(
+                    f"{scenario}/{who}: the server was still busy after joining "
+                    "(180 s): the window started anyway"
+                )
+            if problems.get("count"):
+                notes.append(
+                    f"{scenario}/{who}: {problems['count']} client problems {problems['kinds']}; "
+                    f"e.g. {problems['examples'][:2]}"
+                )
+        if scenario == "saturation":
+            t, p = get(tr, "deliveredPerS"), get(pr, "deliveredPerS")
+            tput = ratio_ok(t, p, lambda r: r >= 1.5)
+            rows.append(Row(scenario, "delivered msgs/s", t, p, "{:,.0f}", ">= 1.5x", tput))
+            t, p = get(tr, "serverCpuUsPerDelivered"), get(pr, "serverCpuUsPerDelivered")
+            cpu = ratio_ok(t, p, lambda r: r <= 0.67)
+            rows.append(
+                Row(scenario, "server CPU µs / delivered msg", t, p, "{:.2f}", "<= 0.67x", cpu)
+            )
+            either = None if tput is None and cpu is None else bool(tput or cpu)
+            rows.append(Row(scenario, "target (either of the two)", None, None, met=either))
+            rows[-1].summary = True
+            t, p = get(tr, "window", "serverCpuPct"), get(pr, "window", "serverCpuPct")
+            rows.append(Row(scenario, "server CPU, % of its core", t, p, "{:.0f}", ratio=False))
+            t, p = get(tr, "setupS"), get(pr, "setupS")
+            rows.append(Row(scenario, "join all, until server idle, s", t, p, "{:.1f}"))
+            t, p = get(tr, "missingDeliveries"), get(pr, "missingDeliveries")
+            rows.append(Row(scenario, "acked but not delivered", t, p, "{:.0f}", ratio=False))
+            loadgen_row(scenario, tr, pr)
+        elif scenario == "latency":
+            for key, label in (("p50Ms", "p50 latency, ms"), ("p99Ms", "p99 latency, ms")):
+                t, p = get(tr, key), get(pr, key)
+                met = None
+                if key == "p99Ms":
+                    met = (
+                        False
+                        if t is None
+                        else (None if p is None or math.isnan(t) else bool(t <= p))
+                    )
+                rows.append(
+                    Row(scenario, label, t, p, "{:.2f}", "<= peer" if met is not None else "", met)
+                )
+            t, p = get(tr, "maxMs"), get(pr, "maxMs")
+            rows.append(Row(scenario, "max latency, ms", t, p, "{:.2f}"))
+            drain = get(tr, "drainS") or get(pr, "drainS")
+            t, p = get(tr, "lossPct"), get(pr, "lossPct")
+            rows.append(
+                Row(scenario, f"not delivered within {drain:g} s, %", t, p, "{:.2f}", ratio=False)
+            )
+            t, p = get(tr, "serverCpuUsPerDelivered"), get(pr, "serverCpuUsPerDelivered")
+            rows.append(Row(scenario, "server CPU µs / delivered msg", t, p, "{:.2f}"))
+            t, p = get(tr, "setupS"), get(pr, "setupS")
+            rows.append(Row(scenario, "join all, until server idle, s", t, p, "{:.1f}"))
+            t, p = get(tr, "window", "serverCpuPct"), get(pr, "window", "serverCpuPct")
+            rows.append(Row(scenario, "server CPU, % of its core", t, p, "{:.0f}", ratio=False))
+            loadgen_row(scenario, tr, pr)
+        elif scenario == "memory":
+            t, p = get(tr, "kibPerConn"), get(pr, "kibPerConn")
+            met = None if t is None or math.isnan(t) else t <= 12
+            rows.append(
+                Row(scenario, "RSS per idle joined conn, KiB", t, p, "{:.1f}", "<= 12", met)
+            )
+            conns = tr.get("conns") or pr.get("conns") or 0
+            t, p = get(tr, "held"), get(pr, "held")
+            met = None if t is None or math.isnan(t) else t >= conns
+            rows.append(
+                Row(scenario, "connections held", t, p, "{:,.0f}", f"{conns:,}", met, ratio=False)
+            )
+            t, p = get(tr, "rssHeldKiB"), get(pr, "rssHeldKiB")
+            rows.append(
+                Row(scenario, "server RSS held, MiB", _mib(t), _mib(p), "{:.1f}", ratio=True)
+            )
+            t, p = get(tr, "connectsPerS"), get(pr, "connectsPerS")
+            rows.append(Row(scenario, "connect+join rate, conns/s", t, p, "{:,.0f}"))
+            t, p = get(tr, "settledS"), get(pr, "settledS")
+            rows.append(Row(scenario, "then busy until idle, s", t, p, "{:.1f}", ratio=False))
+        elif scenario == "churn":
+            t, p = get(tr, "errors"), get(pr, "errors")
+            met = None if t is None or math.isnan(t) else t == 0
+            rows.append(Row(scenario, "errors", t, p, "{:.0f}", "0", met, ratio=False))
+            t, p = get(tr, "completed"), get(pr, "completed")
+            rows.append(Row(scenario, "lifecycles completed", t, p, "{:,.0f}", ratio=False))
+            t, p = get(tr, "joinMs", "p99"), get(pr, "joinMs", "p99")
+            rows.append(Row(scenario, "p99 join latency, ms", t, p, "{:.2f}"))
+            t, p = get(tr, "connectMs", "p99"), get(pr, "connectMs", "p99")
+            rows.append(Row(scenario, "p99 connect (handshake), ms", t, p, "{:.2f}"))
+            t, p = get(tr, "maxConcurrent"), get(pr, "maxConcurrent")
+            rows.append(
+                Row(scenario, "most connections open at once", t, p, "{:.0f}", ratio=False)
+            )
+            t, p = get(tr, "serverCpuMsPerConn"), get(pr, "serverCpuMsPerConn")
+            rows.append(Row(scenario, "server CPU ms / connection", t, p, "{:.2f}"))
+            for key, label in (
+                ("rssStartKiB", "RSS fresh, MiB"),
+                ("rssBeforeKiB", "RSS before (after warm-up), MiB"),
+                ("rssMaxDuringKiB", "RSS highest during, MiB"),
+                ("rssAfterKiB", "RSS after, MiB"),
+            ):
+                t, p = get(tr, key), get(pr, key)
+                rows.append(Row(scenario, label, _mib(t), _mib(p), "{:.1f}", ratio=False))
+            t, p = get(tr, "rssGrowthPct"), get(pr, "rssGrowthPct")
+            met = None if t is None or math.isnan(t) else t <= 5
+            rows.append(Row(scenario, "RSS growth, %", t, p, "{:+.1f}", "<= +5", met, ratio=False))
+            loadgen_row(scenario, tr, pr)
+    return rows, notes
+
+
+def _mib(kib: float | None) -> float | None:
+    return None if kib is None else kib / 1024
+
+
+def render(rows: list[Row]) -> str:
+    header = ["scenario", "metric", "triochat", "websockets peer", "ratio", "target", "met?"]
+    table = [header, *(row.cells() for row in rows)]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(header), sep, *(line(r) for r in table[1:])])
+
+
+# --- profiling (optional) --------------------------------------------------------
+
+
+def profile_saturation(args: argparse.Namespace, spec: ServerSpec, workdir: Path) -> None:
+    """An extra triochat saturation run under py-spy; prints the top functions."""
+    pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(pyspy).exists():
+        print("--profile: py-spy not found (pip install py-spy)", file=sys.stderr)
+        return
+    out_dir = Path(args.profile)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    params = dict(args.sizes["saturation"])
+    params["durationS"] = max(params["durationS"], 10)
+    server = Server(spec, args.server_cpu, workdir)
+    try:
+        server.wait_ready()
+        raw = out_dir / "triochat-saturation.txt"
+        svg = out_dir / "triochat-saturation.svg"
+        record = [pyspy, "record", "--pid", str(server.pid), "--rate", "100", "--nonblocking"]
+        record += ["--duration", str(int(params["warmupS"] + params["durationS"]))]
+        spies = []
+        for fmt, path in (("raw", raw), ("flamegraph", svg)):
+            cmd = pinned([*record, "--format", fmt, "-o", str(path)], args.loadgen_cpu)
+            spy = subprocess.Popen(
+                cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+            )
+            _CHILDREN.append(spy)
+            spies.append(spy)
+        run_loadgen("saturation", params, server, args.loadgen_cpu, args.verbose)
+        for spy in spies:
+            spy.wait(timeout=60)
+    finally:
+        server.stop()
+    print(f"\npy-spy profile of triochat in saturation: {raw}, {svg}")
+    print_top(raw)
+
+
+def print_top(raw: Path, top: int = 10) -> None:
+    own: Counter[str] = Counter()
+    total: Counter[str] = Counter()
+    samples = 0
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
+        samples += count
+        own[frames[-1]] += count
+        for frame in set(frames):
+            total[frame] += count
+    if not samples:
+        print("(no samples)")
+        return
+    print(f"top {top} by own time ({samples} samples):")
+    for frame, count in own.most_common(top):
+        print(f"  {100 * count / samples:5.1f}%  {frame}")
+    print(f"top {top} by total time (callees included; entry points left out):")
+    entry = re.compile(r"<frozen runpy>|triochat/(cli|__main__)\.py|^(run|unrolled_run) \(trio/")
+    ranked = [(f, c) for f, c in total.most_common() if not entry.search(f)]
+    for frame, count in ranked[:top]:
+        print(f"  {100 * count / samples:5.1f}%  {frame}")
+
+
+# --- main ------------------------------------------------------------------------
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small numbers, under a minute")
+    parser.add_argument("--only", default=",".join(SCENARIOS), help="comma-separated scenarios")
+    parser.add_argument("--servers", default="triochat,peer", help="triochat,peer or one of them")
+    parser.add_argument("--saturation-seconds", type=float, help="measured window")
+    parser.add_argument("--inflight", type=int, help="says in flight per sender (default 32)")
+    parser.add_argument("--latency-seconds", type=float, help="measured window")
+    parser.add_argument("--memory-conns", type=int, help="idle connections (default 10000)")
+    parser.add_argument("--churn-seconds", type=float, help="measured window")
+    parser.add_argument(
+        "--outbox-frames", type=int, help="triochat --outbox-frames (default: its own)"
+    )
+    parser.add_argument(
+        "--triochat-arg", action="append", default=[], help="extra triochat option"
+    )
+    parser.add_argument("--no-pin", action="store_true", help="do not pin to CPUs 0 and 1")
+    parser.add_argument("--json", help="write every raw result to this file")
+    parser.add_argument("--profile", metavar="DIR", help="then profile triochat (py-spy) in DIR")
+    parser.add_argument(
+        "--verbose", action="store_true", help="show the load generator's progress"
+    )
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        help="before each run, wait up to this many seconds for the machine to be idle "
+        "(default 30, 0 with --quick)",
+    )
+    args = parser.parse_args()
+    args.scenarios = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = set(args.scenarios) - set(SCENARIOS)
+    if unknown:
+        parser.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
+    args.server_keys = [s.strip() for s in args.servers.split(",") if s.strip()]
+    sizes = {name: dict(p) for name, p in (QUICK if args.quick else FULL).items()}
+    overrides = (
+        ("saturation", "durationS", args.saturation_seconds),
+        ("saturation", "inflight", args.inflight),
+        ("latency", "durationS", args.latency_seconds),
+        ("memory", "conns", args.memory_conns),
+        ("churn", "durationS", args.churn_seconds),
+    )
+    for scenario, key, value in overrides:
+        if value is not None:
+            sizes[scenario][key] = value
+    args.sizes = sizes
+    if args.wait_quiet is None:
+        args.wait_quiet = 0.0 if args.quick else 30.0
+    pin = not args.no_pin and (os.cpu_count() or 1) >= 2
+    args.server_cpu = 0 if pin else None
+    args.loadgen_cpu = 1 if pin else None
+    return args
+
+
+@contextlib.contextmanager
+def cleanup() -> Iterator[None]:
+    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        _kill_children()
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def main() -> int:
+    args = parse_args()
+    for module in ("triochat", "websockets"):
+        try:
+            __import__(module)
+        except ImportError:
+            sys.exit(f"{sys.executable} cannot import {module}: run with the dev venv's python")
+    node_version = ensure_node()
+    nofile = raise_file_limit()
+    if args.loadgen_cpu is not None:
+        os.sched_setaffinity(0, {args.loadgen_cpu})  # this script stays off the server's CPU
+    specs = [s for s in server_specs(args) if s.key in args.server_keys]
+    info = machine_info(node_version)
+    pinning = (
+        f"server on CPU {args.server_cpu}, load generator on CPU {args.loadgen_cpu}"
+        if args.server_cpu is not None
+        else "no CPU pinning"
+    )
+    info.append(f"{pinning}; RLIMIT_NOFILE {nofile}; {'quick' if args.quick else 'full'} run")
+    triochat_argv = " ".join(specs[0].argv(0)[1:]) if specs and specs[0].key == "triochat" else ""
+    if triochat_argv:
+        info.append(f"triochat: python {triochat_argv.replace('--port 0', '--port <free>')}")
+    for line in info:
+        print(line)
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    server_notes: list[str] = []
+    source = source_fingerprint()
+    started = time.monotonic()
+    with cleanup(), tempfile.TemporaryDirectory(prefix="triochat-bench-") as tmp:
+        workdir = Path(tmp)
+        for scenario in args.scenarios:
+            params = args.sizes[scenario]
+            results[scenario] = {}
+            for spec in specs:
+                if args.wait_quiet > 0:
+                    busy = wait_quiet(args.wait_quiet)
+                    if busy >= NOISY:
+                        print(f"    machine still busy ({busy:.0f}% of a core)", file=sys.stderr)
+                t0 = time.monotonic()
+                print(f"... {scenario} / {spec.label}: {json.dumps(params)}", file=sys.stderr)
+                server = Server(spec, args.server_cpu, workdir)
+                try:
+                    server.wait_ready()
+                    result = run_loadgen(scenario, params, server, args.loadgen_cpu, args.verbose)
+                    if server.proc.poll() is None:
+                        result["rssAtEndKiB"] = server_rss_kib(server.pid)
+                    else:
+                        server_notes.append(
+                            f"{scenario}/{spec.key}: the server DIED during the run"
+                        )
+                except RuntimeError as exc:
+                    result = {"ok": False, "error": str(exc)}
+                finally:
+                    server.stop()
+                if server.exit_note:
+                    server_notes.append(f"{scenario}/{spec.key}: {server.exit_note}")
+                if server.stderr_lines():
+                    server_notes.append(
+                        f"{scenario}/{spec.key}: server wrote {server.stderr_lines()} lines, "
+                        f"last: {server.stderr_tail()[:300]}"
+                    )
+                results[scenario][spec.key] = result
+                print(f"    done in {time.monotonic() - t0:.1f} s", file=sys.stderr)
+        profile_pending = bool(args.profile and specs and specs[0].key == "triochat")
+        if source_fingerprint() != source:
+            server_notes.append(
+                "triochat's source (src/) CHANGED during the run: the rows may mix versions"
+            )
+        rows, notes = build_rows(results)
+        print()
+        print(render(rows))
+        print()
+        for note in [*notes, *server_notes]:
+            print(f"note: {note}")
+        print(f"total time {time.monotonic() - started:.0f} s")
+        if args.json:
+            Path(args.json).write_text(
+                json.dumps({"info": info, "sizes": args.sizes, "results": results}, indent=2)
+            )
+        if profile_pending:
+            profile_saturation(args, specs[0], workdir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

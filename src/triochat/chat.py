@@ -552,6 +552,7 @@ class ChatState:
             for listener in room.listeners:
                 listener.peer.deliver(out)
             pending.committed = True
+            pending.user = None  # (user.refs -> pending -> user would be a cycle)
             if pending.ref is not None:
                 ack = OutFrame.of(AckFrame(pending.ref, message.id))
                 for client in _answer_to(pending):
@@ -562,6 +563,7 @@ class ChatState:
         """Nothing in the batch was stored: tell each sender, ack nothing."""
         for pending in batch:
             user, ref = pending.user, pending.ref
+            pending.user = None
             if user is not None and ref is not None and user.refs.get(ref) is pending:
                 del user.refs[ref]  # a retry must be stored for real
             for client in _answer_to(pending):

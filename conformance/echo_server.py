@@ -130,6 +130,8 @@ class _EchoConnection:
         self._room = trio.Event()
         #: The reader has ended: the writer returns once the outbox is empty.
         self._reader_done = False
+        #: The tail of a partial direct write; the writer finishes it first.
+        self._unsent = b""
 
     async def run(self) -> None:
         """Until the peer is gone (trio-websocket answers its close itself)."""
@@ -152,14 +154,35 @@ class _EchoConnection:
                 frame = OutFrame(message, binary=True)
             while not self._outbox.put_nowait(frame):
                 # Full: wait for the writer rather than drop (an echo loses nothing).
+                self._outbox.wake()
                 self._room = trio.Event()
                 await self._room.wait()
+            self._flush_nowait()
+
+    def _flush_nowait(self) -> None:
+        """The chat's hot path (`Connection.flush_nowait`): write now if the
+        socket takes it, else (busy, full, or a partial write) wake the writer."""
+        transport = self._transport
+        if self._unsent or not transport.can_send_nowait():
+            self._outbox.wake()
+            return
+        frames = self._outbox.take_all()
+        self._room.set()
+        try:
+            self._unsent = transport.send_nowait(frames)
+        except TransportClosed:
+            self._reader_done = True
+        if self._unsent or self._reader_done:
+            self._outbox.wake()
 
     async def _write_loop(self, scope: trio.CancelScope) -> None:
         """The chat's writer: everything queued goes out with one write."""
         try:
             while True:
                 await self._outbox.wait()
+                if self._unsent:
+                    rest, self._unsent = self._unsent, b""
+                    await self._transport.send_rest(rest)
                 frames = self._outbox.take_all()
                 self._room.set()
                 if frames:

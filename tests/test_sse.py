@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import trio
 
 from .conftest import client_of, memory_server, running_server
@@ -200,3 +202,29 @@ async def test_sse_slow_consumer_stream_is_ended(autojump_clock):
         assert net.server.stats.closes_by_code.get(1013) == 1
         await stalled.aclose()
         await healthy.aclose()
+
+
+async def test_sse_client_vanishing_mid_post_leaves_nothing_behind(caplog):
+    """A POST cut off mid-body is dropped quietly: the session, the server and the log are unaffected."""
+    with trio.fail_after(10):
+        async with running_server() as server:
+            connect = tcp(server.port)
+            sse = await SseStream.open(connect)
+            await sse.post({"type": "join", "room": "lobby", "name": "sue"})
+            await sse.expect("joined")
+            for cut in (b"", b'{"type": "say", "ro'):
+                stream = await connect()
+                await stream.send_all(
+                    f"POST /sse/{sse.session} HTTP/1.1\r\nHost: x\r\n"
+                    "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n".encode()
+                    + cut
+                )
+                await stream.aclose()  # vanishes mid-body
+            assert (await sse.post({"type": "say", "room": "lobby", "msg": "still here"}))[
+                0
+            ] == 204
+            await sse.expect("message", msg="still here")
+            assert len(server.connections) == 1
+            assert len(server.hub.chat.clients) == 1
+            await sse.aclose()
+    assert not [r for r in caplog.records if r.levelno > logging.INFO]

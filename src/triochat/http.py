@@ -20,8 +20,8 @@ import importlib.resources
 import json
 import logging
 import mimetypes
-from collections.abc import Callable
-from typing import Final, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Final, Protocol, TypeVar
 
 import h11
 import trio
@@ -33,6 +33,8 @@ from .metrics import Stats
 __all__ = ["FrontContext", "StaticFiles", "handle_http"]
 
 LOGGER = logging.getLogger("triochat.http")
+
+_T = TypeVar("_T")
 
 RECEIVE_BYTES: Final = 16384
 MAX_BODY_BYTES: Final = 65536  # a body we must read past before the next request
@@ -140,15 +142,12 @@ async def handle_http(stream: trio.abc.Stream, ctx: FrontContext, static: Static
     while True:
         try:
             with trio.fail_after(config.handshake_timeout):
-                event = await _next_event(conn, stream, head_limit=config.max_header_bytes)
+                event = await _answering_protocol_errors(
+                    stream, _next_event(conn, stream, head_limit=config.max_header_bytes)
+                )
         except trio.TooSlowError:
             if conn.their_state is h11.SEND_BODY or conn.trailing_data[0]:
                 await _send_raw(stream, 408, "the request took too long")
-            return
-        except h11.RemoteProtocolError as exc:
-            await _send_raw(stream, exc.error_status_hint, "malformed request")
-            return
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
         if not isinstance(event, h11.Request):
             return  # the client closed the connection
@@ -166,13 +165,7 @@ async def handle_http(stream: trio.abc.Stream, ctx: FrontContext, static: Static
             await _open_sse(stream, request, ctx)
             return
         if request.path.startswith("/sse/"):
-            try:
-                if not await _post_sse(stream, conn, request, ctx):
-                    return
-            except h11.RemoteProtocolError as exc:
-                await _send_raw(stream, exc.error_status_hint, "malformed request")
-                return
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
+            if not await _answering_protocol_errors(stream, _post_sse(stream, conn, request, ctx)):
                 return
         elif not await _respond(stream, conn, request, ctx, static):
             return
@@ -187,6 +180,21 @@ async def handle_http(stream: trio.abc.Stream, ctx: FrontContext, static: Static
             conn.start_next_cycle()
         except h11.LocalProtocolError:
             return
+
+
+async def _answering_protocol_errors(stream: trio.abc.Stream, step: Awaitable[_T]) -> _T | None:
+    """Await one step of a request; a client's broken HTTP gets its 4xx and None.
+
+    A malformed request is answered (h11's status hint: 400, 431, ...); a
+    connection that broke meanwhile just ends. Either way the caller closes.
+    """
+    try:
+        return await step
+    except h11.RemoteProtocolError as exc:
+        await _send_raw(stream, exc.error_status_hint, "malformed request")
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    return None
 
 
 async def _next_event(

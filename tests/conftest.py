@@ -15,7 +15,7 @@ from triochat import Config, Server
 from triochat.history import History
 
 from .chatclient import ChatClient, open_client, open_memory_client
-from .memnet import MemoryListener
+from .memnet import MemoryListener, serving
 
 
 @asynccontextmanager
@@ -50,13 +50,8 @@ async def memory_server(
 ) -> AsyncIterator[MemoryServer]:
     """A server on an in-memory network; use with ``autojump_clock``."""
     listener = MemoryListener()
-    config = Config(port=0, **{"memory": True, **options})
-    async with trio.open_nursery() as nursery:
-        server: Server = await nursery.start(
-            Server(config, listeners=[listener], history=history).run
-        )
+    async with serving(listener, history, **options) as server:
         yield MemoryServer(server, listener)
-        server.drain()
 
 
 def ws_url(server: Server, path: str = "/ws") -> str:

@@ -43,10 +43,11 @@ from typing import Any, Final, TypeVar
 import trio
 import trio.testing
 
-from triochat import Config, Server
+from triochat import Server
 from triochat.history import History
 
 from .chatclient import ChatClient, open_memory_client
+from .memnet import ListenerBase, serving, stream_pair
 from .server_process import ServerProcess, run_server
 
 __all__ = [
@@ -248,33 +249,20 @@ class Link:
     server: FaultyStream
 
 
-class FaultyListener(trio.abc.Listener[trio.abc.Stream]):
+class FaultyListener(ListenerBase):
     """Like tests/memnet.py's `MemoryListener`, with a `FaultyStream` at each end."""
 
     def __init__(self) -> None:
-        self._send, self._recv = trio.open_memory_channel[trio.abc.Stream](100)
-        #: Raised by the next accept() calls, one each (fault injection).
-        self.accept_errors: list[BaseException] = []
+        super().__init__()
         #: Every link connected so far, oldest first.
         self.links: list[Link] = []
 
-    async def accept(self) -> trio.abc.Stream:
-        await trio.lowlevel.checkpoint()
-        if self.accept_errors:
-            raise self.accept_errors.pop(0)
-        return await self._recv.receive()
-
-    async def aclose(self) -> None:
-        self._recv.close()
-        await trio.lowlevel.checkpoint()
-
     async def connect(self, *, lockstep: bool = False) -> Link:
         """A new connection; ``lockstep``: no buffering, a non-reader blocks the writer."""
-        pair = trio.testing.lockstep_stream_pair if lockstep else trio.testing.memory_stream_pair
-        client, server = pair()
+        client, server = stream_pair(lockstep=lockstep)
         link = Link(FaultyStream(client), FaultyStream(server))
         self.links.append(link)
-        await self._send.send(link.server)
+        await self.offer(link.server)
         return link
 
 
@@ -304,13 +292,8 @@ async def open_faulty_server(
 ) -> AsyncIterator[FaultyNet]:
     """A whole server on a `FaultyListener` (``memory=True`` unless ``history``)."""
     listener = FaultyListener()
-    config = Config(port=0, **{"memory": True, **options})
-    async with trio.open_nursery() as nursery:
-        server: Server = await nursery.start(
-            Server(config, listeners=[listener], history=history).run
-        )
+    async with serving(listener, history, **options) as server:
         yield FaultyNet(server, listener)
-        server.drain()
 
 
 # --- a hand-written WebSocket client -----------------------------------------------

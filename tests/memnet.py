@@ -6,12 +6,19 @@ timeouts, pings and grace periods pass in virtual time, deterministically.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
 import trio
 import trio.testing
 
+from triochat import Config, Server
+from triochat.history import History
 
-class MemoryListener(trio.abc.Listener[trio.abc.Stream]):
-    """Hands the server one end of each `connect`'s stream pair."""
+
+class ListenerBase(trio.abc.Listener[trio.abc.Stream]):
+    """A listener fed by `offer`: the server accepts what a test connects."""
 
     def __init__(self) -> None:
         self._send, self._recv = trio.open_memory_channel[trio.abc.Stream](100)
@@ -28,16 +35,42 @@ class MemoryListener(trio.abc.Listener[trio.abc.Stream]):
         self._recv.close()
         await trio.lowlevel.checkpoint()
 
-    async def connect(self, *, lockstep: bool = False) -> trio.abc.Stream:
-        """The client end of a new connection (like a TCP connect).
+    async def offer(self, server_end: trio.abc.Stream) -> None:
+        """Hand the server its end of a new connection."""
+        await self._send.send(server_end)
 
-        ``lockstep``: no buffer at all, so a client that stops reading blocks
-        the server's writes at once (like a full socket buffer). Otherwise the
-        buffers are unbounded.
-        """
-        if lockstep:
-            client, server = trio.testing.lockstep_stream_pair()
-        else:
-            client, server = trio.testing.memory_stream_pair()
-        await self._send.send(server)
+
+def stream_pair(*, lockstep: bool = False) -> tuple[trio.abc.Stream, trio.abc.Stream]:
+    """A connected (client, server) pair of in-memory streams.
+
+    ``lockstep``: no buffer at all, so a client that stops reading blocks
+    the server's writes at once (like a full socket buffer). Otherwise the
+    buffers are unbounded.
+    """
+    if lockstep:
+        return trio.testing.lockstep_stream_pair()
+    return trio.testing.memory_stream_pair()
+
+
+class MemoryListener(ListenerBase):
+    """Hands the server one end of each `connect`'s stream pair."""
+
+    async def connect(self, *, lockstep: bool = False) -> trio.abc.Stream:
+        """The client end of a new connection (like a TCP connect); see `stream_pair`."""
+        client, server = stream_pair(lockstep=lockstep)
+        await self.offer(server)
         return client
+
+
+@asynccontextmanager
+async def serving(
+    listener: trio.abc.Listener[trio.abc.Stream], history: History | None, **options: Any
+) -> AsyncIterator[Server]:
+    """A whole server on ``listener`` (``memory=True`` unless ``history``); drained after."""
+    config = Config(port=0, **{"memory": True, **options})
+    async with trio.open_nursery() as nursery:
+        server: Server = await nursery.start(
+            Server(config, listeners=[listener], history=history).run
+        )
+        yield server
+        server.drain()

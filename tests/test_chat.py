@@ -107,6 +107,9 @@ class Chat:
             presence_grace=grace,
             history=history,
         )
+        self.epoch = epoch
+        stored = [int(m.id.rpartition("-")[2]) for kept in (history or {}).values() for m in kept]
+        self.seq = max([next_seq, *(seq + 1 for seq in stored)])
         self.rate = rate
         self.burst = burst
         self.now = 1000.0
@@ -140,9 +143,18 @@ class Chat:
         return batch
 
     def commit(self) -> list[PendingSay]:
-        """Store every waiting say successfully."""
+        """Store every waiting say successfully, as a one-node backplane does:
+        give each an id, then hand the messages back in order."""
         batch = self.pending()
-        self.state.commit(batch)
+        ids = []
+        for _ in batch:
+            ids.append(f"{self.epoch}-{self.seq}")
+            self.seq += 1
+        self.state.stored(batch, ids)
+        for pending, message_id in zip(batch, ids, strict=True):
+            draft = pending.draft
+            message = Message(draft.room, message_id, draft.name, draft.msg, draft.ts)
+            self.state.apply(message, self.now)
         return batch
 
     def fail(self, reason: str = "store down") -> None:
@@ -359,7 +371,7 @@ def test_say_waits_for_commit(chat):
     assert alice.take() == []
     assert bob.take() == []
     [pending] = chat.state.to_store
-    assert (pending.message.msg, pending.ref) == ("hello", "c-17")
+    assert (pending.draft.msg, pending.ref) == ("hello", "c-17")
 
 
 def test_say_commit_broadcasts_then_acks(chat):
@@ -459,16 +471,17 @@ def test_say_store_failed_is_unavailable(chat):
     assert alice.one()["messages"] == []
 
 
-def test_say_after_failed_store_gets_new_id(chat):
-    """A retry after `unavailable` is stored under a fresh id."""
+def test_say_after_failed_store_is_stored_for_real(chat):
+    """A retry after `unavailable` is stored and acked with its message's id."""
     alice = chat.connect()
     alice.join(name="alice")
     alice.send(type_="say", room="lobby", msg="x", ref="a")
     chat.fail()
     alice.take()
-    alice.send(type_="say", room="lobby", msg="x", ref="b")
+    alice.send(type_="say", room="lobby", msg="x", ref="a")
     chat.commit()
-    assert alice.take()[1] == {"type": "ack", "ref": "b", "id": "e1-2"}
+    message, ack = alice.take()
+    assert (message["msg"], ack) == ("x", {"type": "ack", "ref": "a", "id": message["id"]})
 
 
 def test_say_commit_after_sender_left_still_broadcasts(chat):
@@ -574,10 +587,10 @@ def test_rate_limit_third_say_at_once_is_rate_limited():
     alice.send(type_="say", room="lobby", msg="3", ref="r3")
     error = alice.error()
     assert (error["code"], error["ref"]) == ("rate_limited", "r3")
-    assert [p.message.msg for p in chat.pending()] == ["1", "2"]
+    assert [p.draft.msg for p in chat.pending()] == ["1", "2"]
     chat.now += 1.0
     alice.send(type_="say", room="lobby", msg="4")
-    assert [p.message.msg for p in chat.pending()] == ["4"]
+    assert [p.draft.msg for p in chat.pending()] == ["4"]
 
 
 def test_rate_limit_counts_say_typing_and_whisper_together():

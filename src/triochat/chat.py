@@ -8,9 +8,15 @@ Rules of this module:
 2. Frames leave through ``Peer.deliver``, which never blocks (a full outbox is
    the peer's problem: it closes itself with 1013).
 3. A `say` is not broadcast here: it becomes a `PendingSay` in
-   ``self.to_store``; the hub stores it and calls `commit` (or
-   `store_failed`), so nothing is seen or acked before it is stored.
+   ``self.to_store``; the hub has the backplane give it an id and store it,
+   then calls `stored` (or `store_failed`). Messages are broadcast when they
+   come back from the backplane (`apply`), in the one order every node sees,
+   and the sender's ack follows its message; nothing is seen or acked before
+   it is stored.
 4. Checks run in PROTOCOL.md §2's order: name, room, rate, state.
+5. Other nodes (a cluster) are known only through `apply`'d events: their
+   members per room and their connected users. What this node changes goes
+   out through ``self.to_publish`` (and ``self.to_release``).
 """
 
 from __future__ import annotations
@@ -23,6 +29,21 @@ import secrets
 from collections.abc import Iterable, Sequence
 from typing import Final, Protocol
 
+from .events import (
+    Claim,
+    Draft,
+    Entry,
+    Event,
+    Handover,
+    Kick,
+    MemberState,
+    NodeGone,
+    Received,
+    Reload,
+    Resync,
+    TypingEvent,
+    WhisperEvent,
+)
 from .frames import OutFrame
 from .protocol import (
     AckFrame,
@@ -44,7 +65,6 @@ from .protocol import (
     Whisper,
     WhisperFrame,
     is_valid_room,
-    make_id,
     normalize_name,
     seq_of,
 )
@@ -94,9 +114,9 @@ class User:
 
     __slots__ = ("client", "deadline", "name", "refs", "rooms", "token")
 
-    def __init__(self, name: str, client: Client) -> None:
+    def __init__(self, name: str, client: Client, token: str | None = None) -> None:
         self.name = name
-        self.token = secrets.token_urlsafe(24)
+        self.token = token or secrets.token_urlsafe(24)
         self.client: Client | None = client
         #: Rooms the user is a member of (live through ``client``, or held).
         self.rooms: set[str] = set()
@@ -109,12 +129,14 @@ class User:
 class Room:
     """One room: its members, its subscribers and its kept history."""
 
-    __slots__ = ("listeners", "members", "messages", "name", "seqs", "typed")
+    __slots__ = ("listeners", "members", "messages", "name", "remote", "seqs", "typed")
 
     def __init__(self, name: str) -> None:
         self.name = name
         #: Every member user (live or held), by name.
         self.members: dict[str, User] = {}
+        #: Members on other nodes: name -> the nodes that hold it (usually one).
+        self.remote: dict[str, set[str]] = {}
         #: Live typed member connections: get every frame of the room.
         self.typed: dict[Client, None] = {}
         #: Classic members and `/` listeners: get `message` frames only.
@@ -126,17 +148,18 @@ class Room:
 class PendingSay:
     """A `say` on its way to the store; ``client`` gets the ack or the error."""
 
-    __slots__ = ("client", "committed", "message", "ref", "user", "waiting")
+    __slots__ = ("client", "committed", "draft", "id", "ref", "user", "waiting")
 
-    def __init__(
-        self, client: Client, message: Message, ref: str | None, user: User | None = None
-    ) -> None:
+    def __init__(self, client: Client, draft: Draft, user: User | None = None) -> None:
         #: None once answered: a user's remembered refs must not keep a
         #: closed connection (and all it holds) alive.
         self.client: Client | None = client
-        self.message = message
-        self.ref = ref
+        self.draft = draft
+        self.ref = draft.ref
         self.user = user
+        #: The id the sequencer gave it (set by `ChatState.stored`).
+        self.id = ""
+        #: Acked: stored, and broadcast on this node.
         self.committed = False
         #: Connections that retried this say (same ref) while it was being stored.
         self.waiting: list[Client] = []
@@ -172,10 +195,11 @@ class ChatState:
     """Every room and user of one server.
 
     Args:
-        epoch: distinguishes this history's ids from any other's, so an id is
-            never reused after a restart that lost the history.
-        next_seq: the next message sequence number to hand out.
+        epoch: the stored history's epoch (ids are ``<epoch>-<seq>``).
+        next_seq: one more than the newest stored message's seq: messages up
+            to it are known (a message that comes again is ignored).
         history: messages already stored, per room, oldest first.
+        node: this node's id in a cluster (labels what it publishes).
     """
 
     def __init__(
@@ -187,9 +211,11 @@ class ChatState:
         max_rooms: int,
         presence_grace: float,
         history: dict[str, list[Message]] | None = None,
+        node: str = "",
     ) -> None:
+        self.node = node
         self._epoch = epoch
-        self._next_seq = next_seq
+        self._last_seq = next_seq - 1
         # Whispers are not stored: a per-process prefix keeps their ids unique
         # across restarts that keep the (stored) epoch.
         self._whisper_prefix = f"{epoch}-w{secrets.token_hex(3)}."
@@ -204,21 +230,29 @@ class ChatState:
         self.clients: dict[Client, None] = {}
         self._deadlines: list[tuple[float, int, User]] = []
         self._tiebreak = itertools.count()
-        #: Says the hub must store, then `commit` or `store_failed`.
+        #: Says the hub must store, then call `stored` or `store_failed`.
         self.to_store: list[PendingSay] = []
-        for room_name, messages in (history or {}).items():
+        #: Stored says whose message has not come back yet, by id.
+        self._awaiting: dict[str, list[PendingSay]] = {}
+        #: Events for the other nodes, in order; the hub publishes them.
+        self.to_publish: list[Event] = []
+        #: Names this node no longer holds; the hub releases them.
+        self.to_release: list[str] = []
+        #: Other nodes' entries: (room, name) memberships and ("", name) users.
+        self._remote: dict[str, set[Entry]] = {}
+        #: Users connected on other nodes: name -> nodes.
+        self._remote_online: dict[str, set[str]] = {}
+        self._load_history(history or {})
+
+    def _load_history(self, history: dict[str, list[Message]]) -> None:
+        for room_name, messages in history.items():
             room = self._room(room_name)
-            kept = messages[-history_size:]
+            kept = messages[-self._history_size :]
             room.messages = list(kept)
             room.seqs = [self._seq_of(m.id) or 0 for m in kept]
-            self._next_seq = max(self._next_seq, room.seqs[-1] + 1 if room.seqs else 0)
+            self._last_seq = max(self._last_seq, room.seqs[-1] if room.seqs else 0)
 
     # --- ids -----------------------------------------------------------------
-
-    def _new_id(self) -> str:
-        seq = self._next_seq
-        self._next_seq = seq + 1
-        return make_id(self._epoch, seq)
 
     def _seq_of(self, message_id: str) -> int | None:
         return seq_of(self._epoch, message_id)
@@ -255,6 +289,7 @@ class ChatState:
         if user is None or user.client is not client:
             return
         user.client = None
+        self._changed(remove=("", user.name))
         self._hold(user, now)
 
     def _drop_subscriptions(self, client: Client) -> None:
@@ -285,11 +320,23 @@ class ChatState:
                 self._remove_member(user, self.rooms[room_name])
             if user.client is None and self.users.get(user.name) is user:
                 del self.users[user.name]
+                self.to_release.append(user.name)
 
     # --- frames --------------------------------------------------------------
 
-    def handle(self, client: Client, frame: ClientFrame, now: float, wall_ms: int) -> None:
-        """Apply one decoded client frame; answers go to the peers."""
+    def handle(
+        self,
+        client: Client,
+        frame: ClientFrame,
+        now: float,
+        wall_ms: int,
+        claim: Claim | None = None,
+    ) -> None:
+        """Apply one decoded client frame; answers go to the peers.
+
+        ``claim``: the cluster's answer for the name this frame binds (see
+        `needs_claim`); None on a single node, where local users decide.
+        """
         if client.gone:
             return
         if client.mode is None:
@@ -298,7 +345,7 @@ class ChatState:
             if isinstance(frame, Say):
                 self._say(client, frame, now, wall_ms)
             elif isinstance(frame, Join):
-                self._join(client, frame, now)
+                self._join(client, frame, now, claim)
             elif isinstance(frame, Typing):
                 self._typing(client, frame, now)
             elif isinstance(frame, Leave):
@@ -308,11 +355,39 @@ class ChatState:
             elif isinstance(frame, HistoryRequest):
                 self._history(client, frame)
             else:
-                self._classic(client, frame, now, wall_ms)
+                self._classic(client, frame, now, wall_ms, claim)
         except _Refused as refused:
             _error(client, refused.code, refused.message, frame.ref)
             if refused.close_code is not None:
                 client.peer.close_soon(refused.close_code, "rate limit abuse")
+
+    def needs_claim(self, client: Client, frame: ClientFrame) -> str | None:
+        """The name ``frame`` would take that only the cluster can grant, if any.
+
+        A first join (or classic frame) for a name no local user holds: the
+        hub asks the backplane (`Backplane.claim`) and passes the answer to
+        `handle`. Frames that will be refused anyway (bad name or room) need
+        no claim.
+        """
+        if client.gone or client.user is not None:
+            return None
+        if isinstance(frame, Join):
+            if frame.name is None or not is_valid_room(frame.room):
+                return None
+            requested = frame.name
+        elif isinstance(frame, ClassicFrame):
+            requested = frame.name
+        else:
+            return None
+        name = normalize_name(requested)
+        if name is None or name in self.users:
+            return None
+        return name
+
+    def is_ahead(self, message_id: str) -> bool:
+        """Whether ``message_id`` is a message of this chat not seen here yet."""
+        seq = self._seq_of(message_id)
+        return seq is not None and seq > self._last_seq
 
     def refuse(
         self, client: Client, code: str, message: str, ref: str | None, *, classic: bool = False
@@ -387,18 +462,16 @@ class ChatState:
 
     # --- frame handlers ------------------------------------------------------
 
-    def _join(self, client: Client, frame: Join, now: float) -> None:
+    def _join(self, client: Client, frame: Join, now: float, claim: Claim | None) -> None:
         name = self._check_name(client, frame.name)
         self._check_room(client, frame.room, joining=True)
-        user = self._bind(client, name, frame.token, now)
+        user = self._bind(client, name, frame.token, now, claim)
         room = self._room(frame.room)
         if frame.room not in client.rooms:
             client.rooms.add(frame.room)
             self._subscribe(room, client)
             if user.name not in room.members:
-                room.members[user.name] = user
-                user.rooms.add(room.name)
-                self._to_typed(room, PresenceFrame(room.name, "join", user.name), skip=client)
+                self._add_member(user, room, skip=client)
         if client.classic:
             return
         history, recovered = self._replay(room, frame.since)
@@ -406,20 +479,29 @@ class ChatState:
             room=room.name,
             name=user.name,
             token=user.token,
-            members=sorted(room.members),
+            members=sorted(room.members.keys() | room.remote.keys()),
             history=history,
             recovered=recovered,
             ref=frame.ref,
         )
         client.peer.deliver(OutFrame.of(joined))
 
-    def _bind(self, client: Client, name: str, token: str | None, now: float) -> User:
+    def _bind(
+        self, client: Client, name: str, token: str | None, now: float, claim: Claim | None
+    ) -> User:
         """The user ``client`` speaks as, taking the name over with its token."""
         if client.user is not None:
             return client.user
         user = self.users.get(name)
         if user is None:
-            user = self.users[name] = User(name, client)
+            if claim is not None and claim.status == "taken":
+                raise _Refused(ErrorCode.NAME_TAKEN, f"{name} is taken")
+            user = self.users[name] = User(name, client, claim.token if claim else None)
+            self._changed(add=("", name))
+            if claim is not None and claim.previous and claim.previous != self.node:
+                # The name was held on another node: it closes that connection
+                # and hands the user's rooms over (`apply` of Kick/Handover).
+                self.to_publish.append(Kick(claim.previous, name, self.node))
         elif token is None or not secrets.compare_digest(token, user.token):
             raise _Refused(ErrorCode.NAME_TAKEN, f"{name} is taken")
         else:
@@ -432,6 +514,7 @@ class ChatState:
         old = user.client
         user.client = client
         if old is None:
+            self._changed(add=("", user.name))
             return
         # The old connection's memberships are held for the grace period, as on
         # a disconnect; the new connection takes them back by joining again.
@@ -460,15 +543,13 @@ class ChatState:
         assert client.name is not None
         if ref is not None:
             earlier = user.refs.get(ref)
-            if earlier is not None and (earlier.message.room, earlier.message.msg) == (room, text):
+            if earlier is not None and (earlier.draft.room, earlier.draft.msg) == (room, text):
                 if not earlier.committed:
                     earlier.waiting.append(client)
                 elif not client.classic:
-                    client.peer.deliver(OutFrame.of(AckFrame(ref, earlier.message.id)))
+                    client.peer.deliver(OutFrame.of(AckFrame(ref, earlier.id)))
                 return
-        pending = PendingSay(
-            client, Message(room, self._new_id(), client.name, text, wall_ms), ref, user
-        )
+        pending = PendingSay(client, Draft(room, client.name, text, wall_ms, ref), user)
         if ref is not None:
             user.refs[ref] = pending
             user.refs.move_to_end(ref)
@@ -482,6 +563,8 @@ class ChatState:
         room = self._check_joined(client, frame.room)
         assert client.name is not None
         self._to_typed(room, TypingFrame(room.name, client.name), skip=client)
+        if self._remote:
+            self.to_publish.append(TypingEvent(self.node, room.name, client.name))
 
     def _leave(self, client: Client, frame: Leave) -> None:
         self._check_room(client, frame.room)
@@ -499,14 +582,20 @@ class ChatState:
             raise _Refused(ErrorCode.NOT_JOINED, "join a room first: whispers need a name")
         to = normalize_name(frame.to)
         target = self.users.get(to) if to is not None else None
-        if target is None or target.client is None:
+        target_client = target.client if target is not None else None
+        nodes = self._remote_online.get(to, ()) if to is not None else ()
+        if to is None or (target_client is None and not nodes):
             raise _Refused(ErrorCode.NO_SUCH_USER, f"nobody is called {frame.to}")
         whisper_id = f"{self._whisper_prefix}{next(self._whisper_ids)}"
         out = OutFrame.of(
-            WhisperFrame(whisper_id, client.name, target.name, client.name, frame.msg, wall_ms)
+            WhisperFrame(whisper_id, client.name, to, client.name, frame.msg, wall_ms)
         )
-        target.client.peer.deliver(out)
-        if target.client is not client:
+        if target_client is not None:
+            target_client.peer.deliver(out)
+        else:
+            node = min(nodes)  # one node holds a connected user; min() is deterministic
+            self.to_publish.append(WhisperEvent(node, to, out.json.decode()))
+        if target_client is not client:
             client.peer.deliver(out)
         if frame.ref is not None and not client.classic:
             client.peer.deliver(OutFrame.of(AckFrame(frame.ref, whisper_id)))
@@ -525,39 +614,27 @@ class ChatState:
         if not client.classic:
             client.peer.deliver(OutFrame.of(reply))
 
-    def _classic(self, client: Client, frame: ClassicFrame, now: float, wall_ms: int) -> None:
+    def _classic(
+        self, client: Client, frame: ClassicFrame, now: float, wall_ms: int, claim: Claim | None
+    ) -> None:
         """``{name, msg}``: join lobby as ``name`` if not yet joined, then say."""
         name = self._check_name(client, frame.name)
         self._check_rate(client, now)
         if CLASSIC_ROOM not in client.rooms:
-            self._join(client, Join(room=CLASSIC_ROOM, name=name, ref=frame.ref), now)
+            self._join(client, Join(room=CLASSIC_ROOM, name=name, ref=frame.ref), now, claim)
         self._submit(client, CLASSIC_ROOM, frame.msg, frame.ref, wall_ms)
 
     # --- storage results -------------------------------------------------------
 
-    def commit(self, batch: Sequence[PendingSay]) -> None:
-        """The batch is stored: keep it, broadcast it, ack it (in that order)."""
-        size = self._history_size
-        for pending in batch:
-            message = pending.message
-            room = self._room(message.room)
-            room.messages.append(message)
-            room.seqs.append(self._seq_of(message.id) or 0)
-            if len(room.messages) > size:
-                del room.messages[:-size]
-                del room.seqs[:-size]
-            out = OutFrame.of(message, message.id)
-            for member in room.typed:
-                member.peer.deliver(out)
-            for listener in room.listeners:
-                listener.peer.deliver(out)
-            pending.committed = True
-            pending.user = None  # (user.refs -> pending -> user would be a cycle)
-            if pending.ref is not None:
-                ack = OutFrame.of(AckFrame(pending.ref, message.id))
-                for client in _answer_to(pending):
-                    if not client.classic:
-                        client.peer.deliver(ack)
+    def stored(self, batch: Sequence[PendingSay], ids: Sequence[str]) -> None:
+        """The backplane stored ``batch`` as ``ids``: ack each when its message is here."""
+        for pending, message_id in zip(batch, ids, strict=True):
+            pending.id = message_id
+            seq = self._seq_of(message_id)
+            if seq is not None and seq <= self._last_seq:
+                self._answer(pending)  # a retry of a say delivered long ago
+            else:
+                self._awaiting.setdefault(message_id, []).append(pending)
 
     def store_failed(self, batch: Iterable[PendingSay], reason: str) -> None:
         """Nothing in the batch was stored: tell each sender, ack nothing."""
@@ -569,6 +646,242 @@ class ChatState:
             for client in _answer_to(pending):
                 _error(client, ErrorCode.UNAVAILABLE, reason, ref)
 
+    def _answer(self, pending: PendingSay) -> None:
+        pending.committed = True
+        pending.user = None  # (user.refs -> pending -> user would be a cycle)
+        if pending.ref is not None:
+            ack = OutFrame.of(AckFrame(pending.ref, pending.id))
+            for client in _answer_to(pending):
+                if not client.classic:
+                    client.peer.deliver(ack)
+
+    # --- what the backplane brings -------------------------------------------------
+
+    def apply(self, received: Received, now: float) -> None:
+        """Apply one thing from the backplane (a message, or another node's event)."""
+        if isinstance(received, Message):
+            self._message(received)
+        elif isinstance(received, MemberState):
+            if received.node != self.node:
+                for entry in received.remove:
+                    self._remote_remove(received.node, entry)
+                for entry in received.add:
+                    self._remote_add(received.node, entry)
+        elif isinstance(received, TypingEvent):
+            room = self.rooms.get(received.room)
+            if room is not None and received.node != self.node:
+                self._to_typed(room, TypingFrame(room.name, received.name))
+        elif isinstance(received, WhisperEvent):
+            user = self.users.get(received.to) if received.node == self.node else None
+            if user is not None and user.client is not None:
+                user.client.peer.deliver(OutFrame(received.frame.encode()))
+        elif isinstance(received, Kick):
+            if received.node == self.node:
+                self._kicked(received.name, received.by)
+        elif isinstance(received, Handover):
+            self._handed_over(received, now)
+        elif isinstance(received, NodeGone):
+            self._node_gone(received.node)
+        elif isinstance(received, Resync):
+            self._resync(received.states)
+        elif isinstance(received, Reload):
+            self._reload(received)
+        # SsePost/SsePostResult are the server's business, not the chat's.
+
+    def _message(self, message: Message) -> None:
+        """A stored message, in the chat's one order: keep it, broadcast it, ack it."""
+        seq = self._seq_of(message.id)
+        if seq is None:
+            seq = self._new_epoch(message.id)
+            if seq is None:
+                return  # not an id of ours at all
+        if seq <= self._last_seq:
+            return  # already here (a gap fill and a live copy may overlap)
+        self._last_seq = seq
+        room = self._room(message.room)
+        room.messages.append(message)
+        room.seqs.append(seq)
+        if len(room.messages) > self._history_size:
+            del room.messages[: -self._history_size]
+            del room.seqs[: -self._history_size]
+        out = OutFrame.of(message, message.id)
+        for member in room.typed:
+            member.peer.deliver(out)
+        for listener in room.listeners:
+            listener.peer.deliver(out)
+        for pending in self._awaiting.pop(message.id, ()):
+            self._answer(pending)
+
+    def _new_epoch(self, message_id: str) -> int | None:
+        """The store lost its history and started a new epoch: so does the chat."""
+        epoch, _, digits = message_id.rpartition("-")
+        if not epoch or not digits.isdigit() or not digits.isascii():
+            return None
+        self._epoch = epoch
+        self._last_seq = 0
+        for room in list(self.rooms.values()):
+            room.messages = []
+            room.seqs = []
+            self._forget_if_empty(room)
+        return int(digits)
+
+    def _reload(self, reload: Reload) -> None:
+        """A gap could not be filled: take the stored history as it is now."""
+        snapshot = reload.snapshot
+        if snapshot.epoch != self._epoch:
+            self._epoch = snapshot.epoch
+            self._last_seq = 0
+        for room in self.rooms.values():
+            room.messages = []
+            room.seqs = []
+        self._load_history(snapshot.rooms)
+        self._last_seq = max(self._last_seq, snapshot.next_seq - 1)
+        for room in list(self.rooms.values()):
+            self._forget_if_empty(room)
+        for message_id in list(self._awaiting):
+            seq = self._seq_of(message_id)
+            if seq is not None and seq <= self._last_seq:
+                for pending in self._awaiting.pop(message_id):
+                    self._answer(pending)
+
+    # --- other nodes ------------------------------------------------------------------
+
+    def _changed(self, *, add: Entry | None = None, remove: Entry | None = None) -> None:
+        """Publish a change of this node's entries (merged with the one just before)."""
+        adds = [add] if add is not None else []
+        removes = [remove] if remove is not None else []
+        last = self.to_publish[-1] if self.to_publish else None
+        if isinstance(last, MemberState):
+            self.to_publish[-1] = MemberState(
+                self.node, [*last.add, *adds], [*last.remove, *removes]
+            )
+        else:
+            self.to_publish.append(MemberState(self.node, adds, removes))
+
+    def _remote_add(self, node: str, entry: Entry) -> None:
+        entries = self._remote.setdefault(node, set())
+        if entry in entries:
+            return
+        entries.add(entry)
+        room_name, name = entry
+        if not room_name:
+            self._remote_online.setdefault(name, set()).add(node)
+            return
+        room = self._room(room_name)
+        nodes = room.remote.get(name)
+        if nodes is None:
+            nodes = room.remote[name] = set()
+            if name not in room.members:
+                self._to_typed(room, PresenceFrame(room.name, "join", name))
+        nodes.add(node)
+
+    def _remote_remove(self, node: str, entry: Entry) -> None:
+        entries = self._remote.get(node)
+        if entries is None or entry not in entries:
+            return
+        entries.discard(entry)
+        room_name, name = entry
+        if not room_name:
+            online = self._remote_online.get(name)
+            if online is not None:
+                online.discard(node)
+                if not online:
+                    del self._remote_online[name]
+            return
+        room = self.rooms.get(room_name)
+        nodes = room.remote.get(name) if room is not None else None
+        if room is None or nodes is None:
+            return
+        nodes.discard(node)
+        if not nodes:
+            del room.remote[name]
+            if name not in room.members:
+                self._to_typed(room, PresenceFrame(room.name, "leave", name))
+            self._forget_if_empty(room)
+
+    def _node_gone(self, node: str) -> None:
+        if node == self.node:
+            return
+        for entry in sorted(self._remote.get(node, ())):
+            self._remote_remove(node, entry)
+        self._remote.pop(node, None)
+
+    def _resync(self, states: dict[str, list[Entry]]) -> None:
+        """Replace what is known of the other nodes (after the backplane reconnected)."""
+        for node in list(self._remote):
+            if node not in states:
+                self._node_gone(node)
+        for node, entries in states.items():
+            if node == self.node:
+                continue
+            now_held = {(room, name) for room, name in entries}
+            for entry in sorted(self._remote.get(node, set()) - now_held):
+                self._remote_remove(node, entry)
+            for entry in sorted(now_held):
+                self._remote_add(node, entry)
+
+    def own_entries(self) -> list[Entry]:
+        """This node's entries, for the backplane to rewrite after an outage."""
+        entries: list[Entry] = []
+        for user in self.users.values():
+            if user.client is not None:
+                entries.append(("", user.name))
+            entries.extend((room, user.name) for room in sorted(user.rooms))
+        return entries
+
+    def own_users(self) -> list[tuple[str, str]]:
+        """(name, token) of every user this node holds."""
+        return [(user.name, user.token) for user in self.users.values()]
+
+    def _kicked(self, name: str, by: str) -> None:
+        """Node ``by`` took ``name`` over: close it here and hand its rooms over."""
+        user = self.users.pop(name, None)
+        if user is None:
+            return
+        old = user.client
+        if old is not None:
+            old.peer.close_soon(CloseCode.REPLACED, "replaced by a newer connection")
+            self._drop_subscriptions(old)
+            old.user = None
+            user.client = None
+        rooms = sorted(user.rooms)
+        user.deadline = None
+        user.rooms = set()
+        for room_name in rooms:
+            # The member moves to node `by` without a leave/join flicker here.
+            self._remote_add(by, (room_name, name))
+            room = self.rooms[room_name]
+            if room.members.get(name) is user:
+                del room.members[name]
+        self.to_publish.append(Handover(self.node, by, name, rooms))
+
+    def _handed_over(self, handover: Handover, now: float) -> None:
+        name, old, new = handover.name, handover.node, handover.to
+        if old == self.node:
+            return
+        if new != self.node:
+            for room_name in handover.rooms:
+                self._remote_add(new, (room_name, name))
+            for room_name in handover.rooms:
+                self._remote_remove(old, (room_name, name))
+            self._remote_remove(old, ("", name))
+            return
+        user = self.users.get(name)
+        if user is None:
+            return  # gone again already: the rooms go with the old node's entries
+        held = False
+        for room_name in handover.rooms:
+            room = self._room(room_name)
+            if name not in room.members:
+                room.members[name] = user
+                user.rooms.add(room_name)
+                self._changed(add=(room_name, name))
+                held = True
+            self._remote_remove(old, (room_name, name))
+        self._remote_remove(old, ("", name))
+        if held:
+            self._hold(user, now)  # the new connection takes them back by joining
+
     # --- rooms -------------------------------------------------------------------
 
     def _room(self, name: str) -> Room:
@@ -578,7 +891,7 @@ class ChatState:
         return room
 
     def _forget_if_empty(self, room: Room) -> None:
-        if not (room.members or room.typed or room.listeners or room.messages):
+        if not (room.members or room.remote or room.typed or room.listeners or room.messages):
             del self.rooms[room.name]
 
     def _subscribe(self, room: Room, client: Client) -> None:
@@ -591,11 +904,20 @@ class ChatState:
         room.typed.pop(client, None)
         room.listeners.pop(client, None)
 
+    def _add_member(self, user: User, room: Room, skip: Client | None = None) -> None:
+        room.members[user.name] = user
+        user.rooms.add(room.name)
+        self._changed(add=(room.name, user.name))
+        if user.name not in room.remote:
+            self._to_typed(room, PresenceFrame(room.name, "join", user.name), skip=skip)
+
     def _remove_member(self, user: User, room: Room) -> None:
         if room.members.get(user.name) is user:
             del room.members[user.name]
             user.rooms.discard(room.name)
-            self._to_typed(room, PresenceFrame(room.name, "leave", user.name))
+            self._changed(remove=(room.name, user.name))
+            if user.name not in room.remote:
+                self._to_typed(room, PresenceFrame(room.name, "leave", user.name))
         self._forget_if_empty(room)
 
     def _to_typed(

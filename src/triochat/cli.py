@@ -49,7 +49,7 @@ _OPTIONS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--close-timeout", "close_timeout", float, "seconds to wait for a close handshake"),
     ("--handshake-timeout", "handshake_timeout", float, "seconds for a request head / handshake"),
     ("--max-header-bytes", "max_header_bytes", int, "largest HTTP request head; over it: 431"),
-    ("--redis", "redis", str, "redis://host:port/db to form a cluster (not in this version)"),
+    ("--redis", "redis", str, "redis://host:port/db: form one chat with the other nodes on it"),
     ("--node-timeout", "node_timeout", float, "seconds before a silent cluster node is gone"),
     ("--log-level", "log_level", str, "DEBUG, INFO, WARNING or ERROR"),
 ]
@@ -126,8 +126,6 @@ def config_from_args(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
     values["log_level"] = str(values["log_level"]).upper()
     if values["log_level"] not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ConfigError(f"unknown log level {values['log_level']}")
-    if values["redis"]:
-        raise ConfigError("--redis (cluster mode) is not available in this version yet")
     return Config(**values)
 
 

@@ -3,8 +3,10 @@
 ::
 
     Hub.run                    hub nursery
-    ├── _dispatch_loop         inbound channel -> ChatState (frames, grace timers)
-    └── _store_loop            says -> History.append -> ChatState.commit (broadcast + ack)
+    ├── Backplane.run          the rest of the cluster (or just the history)
+    ├── _dispatch_loop         inbound channel -> ChatState (frames, grace timers,
+    │                          what the backplane received)
+    └── _store_loop            says -> Backplane.append -> ChatState.stored
 
 Rules:
 
@@ -13,8 +15,9 @@ Rules:
 2. Connections register and unregister with sync calls (`connect`,
    `disconnect`), so a cancelled connection can't tear the state; their
    frames come through the bounded inbound channel, in order.
-3. A message is broadcast and acked only after `History.append` returned:
-   nothing acked is ever lost, and every member sees the commit order.
+3. A message is broadcast and acked only after `Backplane.append` returned
+   and the message came back from the backplane: nothing acked is ever lost,
+   and every member on every node sees the one order of the sequencer.
 """
 
 from __future__ import annotations
@@ -26,12 +29,13 @@ from typing import Final, Protocol
 
 import trio
 
+from .backplane import Backplane
 from .chat import ChatState, Client, Peer, PendingSay
 from .config import Config
 from .errors import ClientProtocolError, StorageError
-from .history import History
+from .events import Claim, Draft, Received, SsePost, SsePostResult
 from .metrics import Stats
-from .protocol import ClientFrame, CloseCode, ErrorCode, Message
+from .protocol import ClientFrame, CloseCode, ErrorCode, Join
 from .ratelimit import RateLimiter
 
 __all__ = ["Hub"]
@@ -41,7 +45,15 @@ LOGGER = logging.getLogger("triochat.hub")
 STORE_QUEUE: Final = 4096  # says accepted but not yet stored; full = `unavailable`
 STORE_BATCH: Final = 512  # most says per History.append (one transaction)
 
-Inbound = tuple[Client, ClientFrame | ClientProtocolError] | trio.Event
+
+class _Wake:
+    """Inbound marker: the backplane has events waiting."""
+
+
+_WAKE: Final = _Wake()
+Inbound = tuple[Client, ClientFrame | ClientProtocolError] | trio.Event | _Wake
+#: Where SSE POSTs routed between nodes go (the server's business).
+RelayHandler = Callable[[SsePost | SsePostResult], None]
 
 
 class Flushable(Protocol):
@@ -51,9 +63,9 @@ class Flushable(Protocol):
 class Hub:
     """Owns the chat state; see the module docstring for its tasks."""
 
-    def __init__(self, config: Config, history: History, stats: Stats) -> None:
+    def __init__(self, config: Config, backplane: Backplane, stats: Stats) -> None:
         self._config = config
-        self._history = history
+        self._backplane = backplane
         self._stats = stats
         self._inbound_send, self._inbound_recv = trio.open_memory_channel[Inbound](
             config.inbound_buffer
@@ -65,11 +77,16 @@ class Hub:
         self._chat: ChatState | None = None
         self._wait_scope: trio.CancelScope | None = None
         self._dirty: list[Flushable] = []
-        # Stores that live in memory may offer a synchronous append.
-        self._append_nowait: Callable[[Sequence[Message]], None] | None = getattr(
-            history, "append_nowait", None
+        # A backplane over an in-memory store may offer a synchronous append.
+        self._append_nowait: Callable[[Sequence[Draft]], list[str]] | None = getattr(
+            backplane, "append_nowait", None
         )
         self._storage_down = False
+        self._wake_sent = False
+        #: From `_before`, for the next `_apply`: the name asked for, and the answer.
+        self._claim: tuple[str, Claim] | None = None
+        #: Receives SSE POSTs relayed from other nodes (set by the server).
+        self.relay: RelayHandler | None = None
 
     @property
     def chat(self) -> ChatState:
@@ -78,31 +95,41 @@ class Hub:
             raise RuntimeError("the hub is not running")
         return self._chat
 
+    @property
+    def backplane(self) -> Backplane:
+        return self._backplane
+
+    def available(self) -> bool:
+        """False while says cannot be stored (readiness)."""
+        return self._backplane.available()
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Load history, then dispatch until `stop`; flushes the store on the way out.
+        """Join the backplane, then dispatch until `stop`; flushes the store on the way out.
 
         Raises:
             StorageError: the history could not be opened.
         """
         config = self._config
-        snapshot = await self._history.load()
-        self._chat = ChatState(
-            epoch=snapshot.epoch,
-            next_seq=snapshot.next_seq,
-            history=snapshot.rooms,
-            history_size=config.history_size,
-            max_rooms=config.max_rooms,
-            presence_grace=config.presence_grace,
-        )
-        try:
+        backplane = self._backplane
+        async with trio.open_nursery() as outer:
+            snapshot = await outer.start(backplane.run)
+            self._chat = ChatState(
+                epoch=snapshot.epoch,
+                next_seq=snapshot.next_seq,
+                history=snapshot.rooms,
+                history_size=config.history_size,
+                max_rooms=config.max_rooms,
+                presence_grace=config.presence_grace,
+                node=backplane.node,
+            )
+            backplane.on_events(self._wake, self._chat.own_entries, self._chat.own_users)
+            self._pump(self._chat)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._store_loop)
                 task_status.started()
                 await self._dispatch_loop()
                 self._store_send.close()  # the store loop flushes, then ends
-        finally:
-            with trio.CancelScope(shield=True):
-                await self._history.aclose()
+            outer.cancel_scope.cancel()  # leaves the cluster (closes the history)
 
     def stop(self) -> None:
         """End `run` once the frames already queued are applied and stored."""
@@ -141,6 +168,44 @@ class Hub:
         await self._inbound_send.send(done)
         await done.wait()
 
+    def _wake(self) -> None:
+        """The backplane has events: make the dispatcher take them (never blocks)."""
+        if self._wake_sent:
+            return
+        try:
+            self._inbound_send.send_nowait(_WAKE)
+        except (trio.WouldBlock, trio.ClosedResourceError):
+            return  # the dispatcher is busy (it pumps every step) or gone
+        self._wake_sent = True
+
+    def _pump(self, chat: ChatState) -> None:
+        """Apply what the backplane received, then send what the chat publishes."""
+        self._wake_sent = False
+        backplane = self._backplane
+        received = backplane.take_events()
+        if received:
+            now = trio.current_time()
+            for item in received:
+                self._receive(chat, item, now)
+        if chat.to_publish:
+            events, chat.to_publish = chat.to_publish, []
+            for event in events:
+                backplane.publish(event)
+        if chat.to_release:
+            names, chat.to_release = chat.to_release, []
+            for name in names:
+                backplane.release(name)
+
+    def _receive(self, chat: ChatState, item: Received, now: float) -> None:
+        if isinstance(item, SsePost | SsePostResult):
+            if item.node == self._backplane.node and self.relay is not None:
+                self.relay(item)
+            return
+        try:
+            chat.apply(item, now)
+        except Exception:
+            LOGGER.exception("bug while applying %s from the backplane", type(item).__name__)
+
     async def submit(self, client: Client, item: ClientFrame | ClientProtocolError) -> None:
         """Queue one frame (or its decoding error) for the hub; waits when full.
 
@@ -163,10 +228,13 @@ class Hub:
             self._wait_scope = None
             if scope.cancelled_caught:
                 item = None
+            self._pump(chat)
             now = trio.current_time()
             wall_ms = time.time_ns() // 1_000_000
             # Apply everything already queued before the next checkpoint.
             while item is not None:
+                if isinstance(item, tuple) and not isinstance(item[1], ClientProtocolError):
+                    await self._before(chat, item[0], item[1])
                 self._apply(chat, item, now, wall_ms)
                 try:
                     item = receive.receive_nowait()
@@ -174,7 +242,28 @@ class Hub:
                     item = None
             chat.expire(now)
             self._queue_says(chat)
+            self._pump(chat)
             self._flush()
+
+    async def _before(self, chat: ChatState, client: Client, frame: ClientFrame) -> None:
+        """What a frame needs from the cluster before the chat can apply it.
+
+        Usually nothing: a first join asks for its name (`Backplane.claim`), and
+        a join whose ``since`` this node has not seen yet (the client comes from
+        a faster node) waits until the backplane caught up.
+        """
+        self._claim = None
+        name = chat.needs_claim(client, frame)
+        if name is not None:
+            token = frame.token if isinstance(frame, Join) else None
+            try:
+                self._claim = (name, await self._backplane.claim(name, token))
+            except StorageError:
+                self._claim = (name, Claim("unavailable"))
+        if isinstance(frame, Join) and frame.since is not None and chat.is_ahead(frame.since):
+            with trio.move_on_after(self._config.handshake_timeout):
+                await self._backplane.catch_up()
+            self._pump(chat)
 
     def _apply(self, chat: ChatState, item: Inbound, now: float, wall_ms: int) -> None:
         if isinstance(item, trio.Event):
@@ -184,18 +273,34 @@ class Hub:
             except trio.WouldBlock:
                 item.set()  # the store is overloaded: settle as far as it can
             return
+        if isinstance(item, _Wake):
+            return  # the pump runs at the start and the end of every step
         client, frame = item
+        claimed, self._claim = self._claim, None
+        claim = claimed[1] if claimed is not None else None
         try:
             if isinstance(frame, ClientProtocolError):
                 chat.refuse(client, frame.code, frame.message, frame.ref, classic=frame.classic)
+            elif claim is not None and claim.status == "unavailable":
+                chat.refuse(
+                    client, ErrorCode.UNAVAILABLE, "the chat is unavailable: try again", frame.ref
+                )
             else:
-                chat.handle(client, frame, now, wall_ms)
+                chat.handle(client, frame, now, wall_ms, claim)
+                if claimed is not None and claimed[1].status != "taken":
+                    self._release_unused(client, claimed[0])
         except Exception:
             # A bug triggered by one client's frame must not take the hub (and
             # every other connection) down: answer `internal`, close with 1011.
             LOGGER.exception("bug while handling a frame; closing its connection with 1011")
             chat.refuse(client, ErrorCode.INTERNAL, "internal error", getattr(frame, "ref", None))
             client.peer.close_soon(CloseCode.INTERNAL_ERROR, "internal error")
+
+    def _release_unused(self, client: Client, name: str) -> None:
+        """A claimed name the frame did not end up binding goes back."""
+        user = client.user
+        if user is None or user.name != name:
+            self._backplane.release(name)
 
     def _queue_says(self, chat: ChatState) -> None:
         if not chat.to_store:
@@ -205,11 +310,11 @@ class Hub:
         if append_nowait is not None:
             # An in-memory store: commit in this step, with no task hop.
             try:
-                append_nowait([say.message for say in pending])
+                ids = append_nowait([say.draft for say in pending])
             except StorageError as exc:
                 self._stored(chat, pending, exc)
             else:
-                self._stored(chat, pending, None)
+                self._stored(chat, pending, ids)
             return
         for index, say in enumerate(pending):
             try:
@@ -237,6 +342,7 @@ class Hub:
                     break
                 batch.append(item)
             await self._store(chat, batch)
+            self._pump(chat)
             self._flush()
             if barrier is not None:
                 barrier.set()
@@ -244,15 +350,18 @@ class Hub:
 
     async def _store(self, chat: ChatState, batch: list[PendingSay]) -> None:
         try:
-            await self._history.append([say.message for say in batch])
+            ids = await self._backplane.append([say.draft for say in batch])
         except StorageError as exc:
             self._stored(chat, batch, exc)
         else:
-            self._stored(chat, batch, None)
+            self._stored(chat, batch, ids)
 
-    def _stored(self, chat: ChatState, batch: list[PendingSay], exc: StorageError | None) -> None:
-        """The store's verdict on a batch: broadcast and ack it, or refuse it."""
-        if exc is not None:
+    def _stored(
+        self, chat: ChatState, batch: list[PendingSay], result: list[str] | StorageError
+    ) -> None:
+        """The store's verdict on a batch: ack each when it comes back, or refuse it."""
+        if isinstance(result, StorageError):
+            exc = result
             self._stats.storage_failures += 1
             if not self._storage_down:  # log once per outage, not per batch
                 LOGGER.warning("history unavailable: %s", exc)
@@ -263,4 +372,4 @@ class Hub:
             LOGGER.warning("history available again")
             self._storage_down = False
         self._stats.messages_stored += len(batch)
-        chat.commit(batch)
+        chat.stored(batch, result)

@@ -18,6 +18,7 @@ listeners close, and `run` returns.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import signal
 from collections import Counter
@@ -27,8 +28,11 @@ from typing import Final
 import msgspec
 import trio
 
+from .backplane import Backplane
+from .backplane.local import LocalBackplane, LocalBroker
 from .config import Config
 from .connection import Connection, Transport, TransportClosed
+from .events import SsePost, SsePostResult
 from .history import History
 from .history.memory import MemoryHistory
 from .history.sqlite import SqliteHistory
@@ -58,17 +62,15 @@ class Server:
         config: Config,
         *,
         history: History | None = None,
+        backplane: Backplane | None = None,
         listeners: Sequence[trio.abc.Listener[trio.abc.Stream]] | None = None,
     ) -> None:
         self.config = config
         self.stats = Stats()
-        if history is None:
-            history = (
-                MemoryHistory(config.history_size)
-                if config.memory
-                else SqliteHistory(config.data_dir, config.history_size)
-            )
-        self.hub = Hub(config, history, self.stats)
+        if backplane is None:
+            backplane = _default_backplane(config, history)
+        self.hub = Hub(config, backplane, self.stats)
+        self.hub.relay = self._relayed
         self._given_listeners = listeners
         self.listeners: list[trio.abc.Listener[trio.abc.Stream]] = []
         self.connections: set[Connection] = set()
@@ -78,6 +80,10 @@ class Server:
         self._chats_closed = trio.Event()
         self._static = StaticFiles()
         self._sse_sessions: dict[str, SseTransport] = {}
+        # SSE POSTs relayed to the node that holds the stream, awaiting its answer.
+        self._relay_ids = itertools.count(1)
+        self._relay_waiting: dict[int, tuple[trio.Event, list[SsePostResult]]] = {}
+        self._relay_nursery: trio.Nursery | None = None
 
     # --- FrontContext ------------------------------------------------------------
 
@@ -86,7 +92,7 @@ class Server:
         return self._draining
 
     def ready(self) -> bool:
-        return not self._draining
+        return not self._draining and self.hub.available()
 
     def metrics(self) -> bytes:
         self.stats.rate_limited = self.hub.chat.rate_limited
@@ -135,6 +141,7 @@ class Server:
         """
         config = self.config
         async with trio.open_nursery() as root:
+            self._relay_nursery = root
             await root.start(self.hub.run)
             if self._given_listeners is not None:
                 self.listeners = list(self._given_listeners)
@@ -227,7 +234,7 @@ class Server:
 
     async def serve_sse(self, stream: trio.abc.Stream) -> None:
         """Run one chat connection over Server-Sent Events (called by the front)."""
-        transport = SseTransport(stream)
+        transport = SseTransport(stream, self.hub.backplane.node)
         self._sse_sessions[transport.session_id] = transport
         try:
             await transport.start()
@@ -242,18 +249,66 @@ class Server:
 
     async def post_sse(self, session_id: str, body: bytes) -> tuple[int, str, str]:
         transport = self._sse_sessions.get(session_id)
-        if transport is None or transport.ended:
+        node = session_id.partition(".")[0] if "." in session_id else ""
+        backplane = self.hub.backplane
+        remote = (
+            transport is None and node not in ("", backplane.node) and backplane.node_alive(node)
+        )
+        if not remote and (transport is None or transport.ended):
             return 404, "no_such_session", "unknown or closed session: open a new stream"
         try:
             text = body.decode("utf-8")
             _JSON.decode(text)
         except (UnicodeDecodeError, msgspec.DecodeError, RecursionError):
             return 400, "bad_json", "the body is not a JSON value"
+        if remote:
+            return await self._relay_post(node, session_id, text)
+        assert transport is not None
+        return await self._post_local(transport, text)
+
+    async def _post_local(self, transport: SseTransport, text: str) -> tuple[int, str, str]:
         with trio.move_on_after(self.config.handshake_timeout):
             if await transport.post(text):
                 return 204, "", ""
             return 404, "no_such_session", "the session closed: open a new stream"
         return 503, "unavailable", "the session is not reading: try again"
+
+    async def _relay_post(self, node: str, session_id: str, text: str) -> tuple[int, str, str]:
+        """The stream is on ``node``: relay the POST there and wait for its answer."""
+        request = next(self._relay_ids)
+        done = trio.Event()
+        answer: list[SsePostResult] = []
+        self._relay_waiting[request] = (done, answer)
+        backplane = self.hub.backplane
+        try:
+            backplane.publish(SsePost(node, session_id, text, backplane.node, request))
+            with trio.move_on_after(self.config.handshake_timeout):
+                await done.wait()
+        finally:
+            del self._relay_waiting[request]
+        if not answer:
+            return 503, "unavailable", "the node holding the session did not answer: try again"
+        return answer[0].status, answer[0].code, answer[0].message
+
+    def _relayed(self, event: SsePost | SsePostResult) -> None:
+        """A relayed POST for a stream here, or the answer to one we relayed."""
+        if isinstance(event, SsePostResult):
+            waiting = self._relay_waiting.get(event.request)
+            if waiting is not None:
+                waiting[1].append(event)
+                waiting[0].set()
+            return
+        if self._relay_nursery is not None:
+            self._relay_nursery.start_soon(self._answer_relayed, event)
+
+    async def _answer_relayed(self, post: SsePost) -> None:
+        transport = self._sse_sessions.get(post.session)
+        if transport is None or transport.ended:
+            status, code, message = 404, "no_such_session", "unknown or closed session"
+        else:
+            status, code, message = await self._post_local(transport, post.body)
+        result = SsePostResult(post.sender, post.request, status, code, message)
+        self.hub.backplane.publish(result)
 
     async def _run_connection(
         self, transport: Transport, peer: str, kind: str, listener: bool
@@ -282,6 +337,21 @@ class Server:
                 code if code is not None else "none",
                 trio.current_time() - started,
             )
+
+
+def _default_backplane(config: Config, history: History | None) -> Backplane:
+    """Redis with ``--redis``; else this node alone on a private in-process broker."""
+    if config.redis:
+        from .backplane.redis import RedisBackplane  # imports coredis only when used
+
+        return RedisBackplane(config)
+    if history is None:
+        history = (
+            MemoryHistory(config.history_size)
+            if config.memory
+            else SqliteHistory(config.data_dir, config.history_size)
+        )
+    return LocalBackplane(LocalBroker(history, config.history_size))
 
 
 def _peer_name(stream: trio.abc.Stream) -> str:

@@ -49,10 +49,14 @@ class SseTransport:
     expects_pong = False
     last_receive = 0.0
 
-    def __init__(self, stream: trio.abc.Stream) -> None:
+    def __init__(self, stream: trio.abc.Stream, node: str = "") -> None:
         self._stream = stream
         #: The unguessable session id the client POSTs to.
-        self.session_id = secrets.token_urlsafe(24)
+        # ``<node>.<random>``: a POST that reaches another node of a cluster
+        # knows where to relay it.
+        self.session_id = (
+            f"{node}.{secrets.token_urlsafe(24)}" if node else secrets.token_urlsafe(24)
+        )
         self._write_lock = trio.Lock()
         self._inbox_send, self._inbox_recv = trio.open_memory_channel[str](INBOX_FRAMES)
         self._ended = False

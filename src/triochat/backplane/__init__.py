@@ -1,0 +1,101 @@
+"""The backplane: what one node shares with the other nodes of a chat.
+
+`Backplane` is the seam between the hub and the rest of the cluster. Two
+implementations, one conformance suite (tests/test_backplane.py):
+
+- `local.LocalBroker` / `local.LocalBackplane`: in-process. The default
+  server is one node on a private broker (what a single triochat always did);
+  tests attach several hubs to one broker to get a cluster in memory.
+- `redis.RedisBackplane` (``--redis``): Redis Streams for history and ids,
+  one pub/sub channel for fan-out, per-node heartbeats for presence.
+
+What every implementation guarantees:
+
+1. `append` gives each message its id from one sequencer for the whole chat
+   (``<epoch>-<seq>``, seq increasing), stores it durably, and only then
+   returns; a retried say (same name, ref, room and text) gets the first
+   copy's id and is not stored twice.
+2. Every node receives every stored message, once, in seq order, through
+   `take_events` (its own too: a node broadcasts and acks on receipt, so all
+   nodes deliver in the same order). After an outage the gap is filled from
+   the stored log, or a `Reload` says it could not be.
+3. `publish` never blocks; events go to the other nodes in order. While the
+   backplane is down they are dropped: on reconnect each node rewrites its
+   own state and gets everyone else's as a `Resync`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import trio
+
+from ..events import Claim, Draft, Entry, Event, Received
+from ..history import Snapshot
+
+__all__ = ["Backplane"]
+
+
+class Backplane(Protocol):
+    """What a hub needs from the rest of the cluster."""
+
+    #: This node's id, unique in the cluster.
+    node: str
+
+    async def run(self, *, task_status: trio.TaskStatus[Snapshot] = ...) -> None:
+        """Connect, then keep connected until cancelled; ``started(snapshot)`` first."""
+        ...
+
+    def available(self) -> bool:
+        """False while the backplane cannot store: readiness fails, says get `unavailable`."""
+        ...
+
+    async def append(self, drafts: Sequence[Draft]) -> list[str]:
+        """Sequence and store ``drafts`` (see the module docstring); their ids, in order.
+
+        Raises:
+            StorageError: nothing of the batch is known to be stored.
+        """
+        ...
+
+    async def claim(self, name: str, token: str | None) -> Claim:
+        """Take ``name`` for this node (new, or with its ``token``).
+
+        Raises:
+            StorageError: the backplane is unavailable.
+        """
+        ...
+
+    def release(self, name: str) -> None:
+        """This node no longer holds ``name`` (never blocks)."""
+        ...
+
+    def publish(self, event: Event) -> None:
+        """Send ``event`` to the other nodes, in order (never blocks)."""
+        ...
+
+    def take_events(self) -> list[Received]:
+        """Everything received since the last call, in order."""
+        ...
+
+    def on_events(
+        self,
+        wake: Callable[[], None],
+        entries: Callable[[], list[Entry]],
+        users: Callable[[], list[tuple[str, str]]],
+    ) -> None:
+        """Call ``wake`` (which must not block) when events are waiting.
+
+        ``entries`` and ``users`` read this node's entries and (name, token)
+        pairs, for a backplane that must rewrite them after an outage.
+        """
+        ...
+
+    async def catch_up(self) -> None:
+        """Make every message stored so far available to `take_events`."""
+        ...
+
+    def node_alive(self, node: str) -> bool:
+        """Whether ``node`` is (as far as this node knows) still in the cluster."""
+        ...

@@ -1,0 +1,249 @@
+"""The in-process backplane: one `LocalBroker`, any number of attached nodes.
+
+A single triochat is one `LocalBackplane` on a private broker over its
+`History` (SQLite, or memory with ``--memory``). Tests attach several hubs to
+one broker to run a cluster in memory, in virtual time, through the same code
+path the Redis backplane feeds.
+"""
+
+from __future__ import annotations
+
+import collections
+import secrets
+from collections.abc import Callable, Sequence
+from typing import Final
+
+import trio
+
+from ..errors import StorageError
+from ..events import (
+    Claim,
+    Draft,
+    Entry,
+    Event,
+    Handover,
+    MemberState,
+    NodeGone,
+    Received,
+    Resync,
+)
+from ..history import History, Snapshot
+from ..protocol import Message, make_id
+
+__all__ = ["LocalBackplane", "LocalBroker"]
+
+MAX_REFS: Final = 10_000  # (name, ref) pairs remembered for retried says
+
+
+class LocalBroker:
+    """The sequencer, store and fan-out that `LocalBackplane` nodes share."""
+
+    def __init__(self, history: History, history_size: int) -> None:
+        self._history = history
+        self._size = history_size
+        self._nodes: dict[str, LocalBackplane] = {}
+        self._snapshot_lock = trio.Lock()
+        self._loaded = False
+        self._epoch = ""
+        self._next_seq = 1
+        #: Newest messages per room, for nodes that attach later (shared objects).
+        self._rooms: dict[str, list[Message]] = {}
+        self._claims: dict[str, tuple[str, str]] = {}  # name -> (node, token)
+        self._refs: collections.OrderedDict[tuple[str, str], Message] = collections.OrderedDict()
+        self._states: dict[str, set[Entry]] = {}
+        #: Fault injection (tests): every append and claim fails with this.
+        self.fail_with: str | None = None
+        # An in-memory history lets a single node commit without a task hop.
+        append_nowait = getattr(history, "append_nowait", None)
+        self.append_nowait: Callable[[Sequence[Message]], None] | None = append_nowait
+
+    async def attach(self, node: LocalBackplane) -> Snapshot:
+        async with self._snapshot_lock:
+            if not self._loaded:
+                snapshot = await self._history.load()
+                self._epoch, self._next_seq = snapshot.epoch, snapshot.next_seq
+                self._rooms = {room: list(kept) for room, kept in snapshot.rooms.items()}
+                self._loaded = True
+        self._nodes[node.node] = node
+        self._states[node.node] = set()
+        others = {n: sorted(s) for n, s in self._states.items() if n != node.node}
+        node.receive(Resync(others))
+        rooms = {room: list(kept) for room, kept in self._rooms.items()}
+        return Snapshot(epoch=self._epoch, next_seq=self._next_seq, rooms=rooms)
+
+    async def detach(self, node: str) -> None:
+        """``node`` is gone: its entries go; with the last node the history closes."""
+        if self._nodes.pop(node, None) is None:
+            return
+        self._states.pop(node, None)
+        self.fan_out(NodeGone(node), exclude=node)
+        if not self._nodes:
+            await self._history.aclose()
+
+    def alive(self, node: str) -> bool:
+        return node in self._nodes
+
+    def _check(self) -> None:
+        if self.fail_with is not None:
+            raise StorageError(self.fail_with)
+
+    # --- the sequencer ---------------------------------------------------------
+
+    def sequence(self, drafts: Sequence[Draft]) -> tuple[list[str], list[tuple[Message, Draft]]]:
+        """Ids for ``drafts``, and the new messages to store (a retry gets the old id)."""
+        self._check()
+        ids: list[str] = []
+        fresh: list[tuple[Message, Draft]] = []
+        for draft in drafts:
+            key = (draft.name, draft.ref) if draft.ref is not None else None
+            earlier = self._refs.get(key) if key is not None else None
+            if earlier is not None and (earlier.room, earlier.msg) == (draft.room, draft.msg):
+                ids.append(earlier.id)
+                continue
+            message_id = make_id(self._epoch, self._next_seq)
+            self._next_seq += 1
+            ids.append(message_id)
+            fresh.append((Message(draft.room, message_id, draft.name, draft.msg, draft.ts), draft))
+        return ids, fresh
+
+    def stored(self, fresh: Sequence[tuple[Message, Draft]]) -> None:
+        """``fresh`` is durable: remember it, then hand it to every node, in order."""
+        messages = [message for message, _ in fresh]
+        for message, draft in fresh:
+            if draft.ref is not None:
+                self._refs[(draft.name, draft.ref)] = message
+                if len(self._refs) > MAX_REFS:
+                    self._refs.popitem(last=False)
+            kept = self._rooms.setdefault(message.room, [])
+            kept.append(message)
+            if len(kept) > self._size:
+                del kept[: -self._size]
+        for node in self._nodes.values():
+            node.receive_many(messages)
+
+    async def append(self, drafts: Sequence[Draft]) -> list[str]:
+        ids, fresh = self.sequence(drafts)
+        if fresh:
+            await self._history.append([message for message, _ in fresh])
+            self.stored(fresh)
+        return ids
+
+    # --- names -------------------------------------------------------------------
+
+    def claim(self, node: str, name: str, token: str | None) -> Claim:
+        self._check()
+        held = self._claims.get(name)
+        if held is not None:
+            owner, owner_token = held
+            alive = owner in self._nodes and owner != node
+            if token is not None and secrets.compare_digest(token, owner_token):
+                self._claims[name] = (node, owner_token)
+                return Claim("takeover", owner_token, owner if alive else "")
+            if alive:
+                return Claim("taken")
+        new_token = secrets.token_urlsafe(24)
+        self._claims[name] = (node, new_token)
+        return Claim("new", new_token)
+
+    def release(self, node: str, name: str) -> None:
+        held = self._claims.get(name)
+        if held is not None and held[0] == node:
+            del self._claims[name]
+
+    # --- fan-out -----------------------------------------------------------------
+
+    def fan_out(self, event: Event, *, exclude: str) -> None:
+        state = self._states.get(event.node)
+        if isinstance(event, MemberState) and state is not None:
+            state.difference_update(event.remove)
+            state.update(event.add)
+        elif isinstance(event, Handover) and state is not None:
+            state.difference_update((room, event.name) for room in ["", *event.rooms])
+        for name, node in self._nodes.items():
+            if name != exclude:
+                node.receive(event)
+
+
+class LocalBackplane:
+    """One node on a `LocalBroker`."""
+
+    def __init__(self, broker: LocalBroker, node: str | None = None) -> None:
+        self.node = node or secrets.token_hex(4)
+        self._broker = broker
+        self._received: list[Received] = []
+        self._wake: Callable[[], None] | None = None
+        self._attached = False
+        broker_append_nowait = broker.append_nowait
+        #: Set when the broker's history is in memory: `append` without a checkpoint.
+        self.append_nowait: Callable[[Sequence[Draft]], list[str]] | None = (
+            self._append_nowait if broker_append_nowait is not None else None
+        )
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[Snapshot] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        snapshot = await self._broker.attach(self)
+        self._attached = True
+        try:
+            task_status.started(snapshot)
+            await trio.sleep_forever()
+        finally:
+            self._attached = False
+            with trio.CancelScope(shield=True):
+                await self._broker.detach(self.node)
+
+    def available(self) -> bool:
+        return self._broker.fail_with is None
+
+    async def append(self, drafts: Sequence[Draft]) -> list[str]:
+        return await self._broker.append(drafts)
+
+    def _append_nowait(self, drafts: Sequence[Draft]) -> list[str]:
+        broker = self._broker
+        ids, fresh = broker.sequence(drafts)
+        if fresh:
+            assert broker.append_nowait is not None
+            broker.append_nowait([message for message, _ in fresh])
+            broker.stored(fresh)
+        return ids
+
+    async def claim(self, name: str, token: str | None) -> Claim:
+        return self._broker.claim(self.node, name, token)
+
+    def release(self, name: str) -> None:
+        self._broker.release(self.node, name)
+
+    def publish(self, event: Event) -> None:
+        if self._attached:
+            self._broker.fan_out(event, exclude=self.node)
+
+    def take_events(self) -> list[Received]:
+        received, self._received = self._received, []
+        return received
+
+    def on_events(
+        self,
+        wake: Callable[[], None],
+        entries: Callable[[], list[Entry]],
+        users: Callable[[], list[tuple[str, str]]],
+    ) -> None:
+        del entries, users  # the broker never loses them
+        self._wake = wake
+
+    async def catch_up(self) -> None:
+        pass  # the broker hands every message over as it is stored
+
+    def node_alive(self, node: str) -> bool:
+        return self._broker.alive(node)
+
+    # --- called by the broker ----------------------------------------------------
+
+    def receive(self, event: Received) -> None:
+        self._received.append(event)
+        if self._wake is not None:
+            self._wake()
+
+    def receive_many(self, messages: Sequence[Message]) -> None:
+        self._received.extend(messages)
+        if self._wake is not None:
+            self._wake()

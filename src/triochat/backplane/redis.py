@@ -1,0 +1,612 @@
+"""The Redis backplane (``--redis``): one chat over any number of nodes.
+
+::
+
+    RedisBackplane.run             backplane nursery (inside the hub's)
+    ├── _session loop              connect, subscribe, reconcile, then read
+    │                              the channel until the connection fails;
+    │                              back off, and again
+    ├── _heartbeat_loop            this node's key; finds dead nodes
+    └── _publish_loop              this node's events and state, in order
+
+Redis keys (prefix ``triochat:``)::
+
+    epoch, seq                   the sequencer: ids are <epoch>-<seq>, seq global
+    log                          stream of every message (gap filling), entry id <seq>-0
+    room:<room>                  stream of one room's messages, trimmed to --history-size
+    rooms                        set of room names
+    users                        hash name -> "<node> <token>": who holds a name
+    ref:<name>\\0<ref>            the id a say with that ref got (retries), 10 min
+    node:<node>                  heartbeat, expires after 2/3 of --node-timeout
+    nodes                        set of node ids
+    state:<node>                 set of "<room>\\0<name>" entries of that node
+
+Every message is stored and published by one Lua script (`SAY`), so the
+order on the channel is the order of ``seq``, and a node that sees a gap
+fills it from ``log`` before going on.
+
+Outage: commands fail fast (no retries in coredis); says and first joins
+get `unavailable`; `/readyz` is 503. The session loop reconnects with
+backoff, resubscribes, fills the gap, rewrites this node's state and
+reads every other node's (`Resync`). The end of a subscription (coredis can
+end one quietly when Redis restarts) is treated the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable, Sequence
+from typing import Any, Final
+
+import coredis
+import coredis.exceptions
+import coredis.retry
+import msgspec
+import trio
+
+from ..config import Config
+from ..errors import StorageError
+from ..events import (
+    Claim,
+    Draft,
+    Entry,
+    Event,
+    Handover,
+    MemberState,
+    NodeGone,
+    Received,
+    Reload,
+    Resync,
+)
+from ..history import Snapshot
+from ..protocol import Message, encode
+
+__all__ = ["RedisBackplane"]
+
+LOGGER = logging.getLogger("triochat.redis")
+
+PREFIX: Final = "triochat:"
+CHANNEL: Final = PREFIX + "events"
+LOG_SIZE: Final = 100_000  # messages kept in `log` for filling gaps after an outage
+REF_TTL: Final = 600  # seconds a say's ref is remembered for retries
+COMMAND_TIMEOUT: Final = 2.0
+BACKOFF: Final = (0.1, 5.0)  # seconds: first and longest pause between reconnects
+MAX_RECEIVED: Final = 10_000  # received but not yet taken by the hub: the reader waits
+ID_PLACEHOLDER: Final = b'"id":"\\u0000"'
+
+#: Stores and publishes a batch of says, in order; returns their ids.
+#: KEYS: epoch, seq, log, rooms. ARGV: prefix, a new epoch (used if there is
+#: none), history size, log size, ref ttl, then 6 per draft: room, name, ref
+#: ("" for none), msg, and the message JSON before and after its id.
+SAY: Final = """
+local epoch = redis.call('GET', KEYS[1])
+if not epoch then
+  epoch = ARGV[2]
+  redis.call('SET', KEYS[1], epoch)
+end
+local prefix = ARGV[1]
+local ids = {}
+local i = 6
+while i + 5 <= #ARGV do
+  local room, name, ref, msg = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local refkey = false
+  local known = false
+  if ref ~= '' then
+    refkey = prefix .. 'ref:' .. name .. '\\0' .. ref
+    local old = redis.call('GET', refkey)
+    if old then
+      local sep = string.find(old, '\\0', 1, true)
+      if string.sub(old, sep + 1) == room .. '\\0' .. msg then
+        known = string.sub(old, 1, sep - 1)
+      end
+    end
+  end
+  if known then
+    ids[#ids + 1] = known
+  else
+    local seq = redis.call('INCR', KEYS[2])
+    local id = epoch .. '-' .. seq
+    local json = ARGV[i + 4] .. id .. ARGV[i + 5]
+    local entry = seq .. '-0'
+    redis.call('XADD', prefix .. 'room:' .. room, 'MAXLEN', ARGV[3], entry, 'm', json)
+    redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], entry, 'm', json)
+    redis.call('SADD', KEYS[4], room)
+    redis.call('PUBLISH', prefix .. 'events', 'm' .. json)
+    if refkey then
+      redis.call('SET', refkey, id .. '\\0' .. room .. '\\0' .. msg, 'EX', ARGV[5])
+    end
+    ids[#ids + 1] = id
+  end
+  i = i + 6
+end
+return ids
+"""
+
+#: KEYS: users. ARGV: prefix, name, token ("" for none), node, new token.
+CLAIM: Final = """
+local cur = redis.call('HGET', KEYS[1], ARGV[2])
+if cur then
+  local sep = string.find(cur, ' ', 1, true)
+  local owner, token = string.sub(cur, 1, sep - 1), string.sub(cur, sep + 1)
+  local alive = owner ~= ARGV[4] and redis.call('EXISTS', ARGV[1] .. 'node:' .. owner) == 1
+  if ARGV[3] ~= '' and ARGV[3] == token then
+    redis.call('HSET', KEYS[1], ARGV[2], ARGV[4] .. ' ' .. token)
+    if alive then return {'takeover', token, owner} end
+    return {'takeover', token, ''}
+  end
+  if alive then return {'taken', '', ''} end
+end
+redis.call('HSET', KEYS[1], ARGV[2], ARGV[4] .. ' ' .. ARGV[5])
+return {'new', ARGV[5], ''}
+"""
+
+#: This node's changes, in order. KEYS: users, state:<node>. ARGV: node, then
+#: ops of 2: ("+", entry) ("-", entry) ("p", payload) ("r", name) ("u", "name token").
+OPS: Final = """
+local i = 2
+while i + 1 <= #ARGV do
+  local op, arg = ARGV[i], ARGV[i + 1]
+  if op == '+' then
+    redis.call('SADD', KEYS[2], arg)
+  elseif op == '-' then
+    redis.call('SREM', KEYS[2], arg)
+  elseif op == 'p' then
+    redis.call('PUBLISH', KEYS[3], arg)
+  elseif op == 'r' then
+    local cur = redis.call('HGET', KEYS[1], arg)
+    if cur and string.sub(cur, 1, #ARGV[1] + 1) == ARGV[1] .. ' ' then
+      redis.call('HDEL', KEYS[1], arg)
+    end
+  elseif op == 'u' then
+    local sep = string.find(arg, ' ', 1, true)
+    local name = string.sub(arg, 1, sep - 1)
+    local cur = redis.call('HGET', KEYS[1], name)
+    if not cur or string.sub(cur, 1, #ARGV[1] + 1) == ARGV[1] .. ' ' then
+      redis.call('HSET', KEYS[1], name, ARGV[1] .. ' ' .. string.sub(arg, sep + 1))
+    end
+  end
+  i = i + 2
+end
+return 1
+"""
+
+_EVENTS: Final = msgspec.json.Decoder(Event)
+_MESSAGE: Final = msgspec.json.Decoder(Message)
+_ENCODER: Final = msgspec.json.Encoder()
+
+#: What a connection failure looks like from coredis and trio.
+FAILURES: Final = (
+    coredis.exceptions.RedisError,
+    OSError,
+    trio.TooSlowError,
+    trio.BrokenResourceError,
+)
+
+
+def _entry_key(entry: Entry) -> str:
+    return f"{entry[0]}\0{entry[1]}"
+
+
+def _entry_of(member: bytes) -> Entry:
+    room, _, name = member.decode().partition("\0")
+    return room, name
+
+
+def _seq_of(message_id: str) -> int:
+    return int(message_id.rpartition("-")[2])
+
+
+class _Reconnect(Exception):
+    """Internal: the session must start again (failure, or a quiet end)."""
+
+
+class RedisBackplane:
+    """One node of a chat whose shared state lives in Redis."""
+
+    def __init__(self, config: Config, node: str | None = None) -> None:
+        if config.redis is None:
+            raise ValueError("RedisBackplane needs config.redis")
+        self.node = node or secrets.token_hex(4)
+        self._config = config
+        self._url = config.redis
+        self._history_size = config.history_size
+        self._redis: coredis.Redis[bytes] | None = None
+        self._available = False
+        self._received: list[Received] = []
+        self._room_for_more = trio.Event()
+        self._wake: Callable[[], None] | None = None
+        self._own_entries: Callable[[], list[Entry]] = list
+        self._own_users: Callable[[], list[tuple[str, str]]] = list
+        self._epoch = ""
+        self._last_seq = 0
+        self._alive: set[str] = set()
+        #: This node's changes waiting for `_publish_loop`: (op, argument).
+        self._ops: list[tuple[str, str]] = []
+        self._ops_waiting = trio.Event()
+        self._session_scope: trio.CancelScope | None = None
+        self._say: Any = None
+        self._claim: Any = None
+        self._apply_ops: Any = None
+        self._down_logged = False
+
+    # --- Backplane -------------------------------------------------------------
+
+    def available(self) -> bool:
+        return self._available
+
+    def on_events(
+        self,
+        wake: Callable[[], None],
+        entries: Callable[[], list[Entry]],
+        users: Callable[[], list[tuple[str, str]]],
+    ) -> None:
+        self._wake = wake
+        self._own_entries = entries
+        self._own_users = users
+
+    def node_alive(self, node: str) -> bool:
+        return node == self.node or node in self._alive
+
+    def take_events(self) -> list[Received]:
+        received, self._received = self._received, []
+        self._room_for_more.set()
+        return received
+
+    async def append(self, drafts: Sequence[Draft]) -> list[str]:
+        if not self._available or self._say is None:
+            raise StorageError("Redis is unavailable")
+        args: list[str | bytes | int] = [
+            PREFIX,
+            secrets.token_hex(4),
+            self._history_size,
+            LOG_SIZE,
+            REF_TTL,
+        ]
+        for draft in drafts:
+            head, tail = encode(Message(draft.room, "\0", draft.name, draft.msg, draft.ts)).split(
+                ID_PLACEHOLDER, 1
+            )
+            args += [
+                draft.room,
+                draft.name,
+                draft.ref or "",
+                draft.msg,
+                head + b'"id":"',
+                b'"' + tail,
+            ]
+        keys = [PREFIX + "epoch", PREFIX + "seq", PREFIX + "log", PREFIX + "rooms"]
+        try:
+            with trio.fail_after(COMMAND_TIMEOUT):
+                ids = await self._say(keys=keys, args=args)
+        except FAILURES as exc:
+            self._failed(exc)
+            raise StorageError(f"Redis: {exc}") from exc
+        return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
+
+    async def claim(self, name: str, token: str | None) -> Claim:
+        if not self._available or self._claim is None:
+            raise StorageError("Redis is unavailable")
+        args = [PREFIX, name, token or "", self.node, secrets.token_urlsafe(24)]
+        try:
+            with trio.fail_after(COMMAND_TIMEOUT):
+                status, got, previous = await self._claim(keys=[PREFIX + "users"], args=args)
+        except FAILURES as exc:
+            self._failed(exc)
+            raise StorageError(f"Redis: {exc}") from exc
+        return Claim(status.decode(), got.decode(), previous.decode())
+
+    def release(self, name: str) -> None:
+        self._queue("r", name)
+
+    def publish(self, event: Event) -> None:
+        if isinstance(event, MemberState) and event.node == self.node:
+            for entry in event.remove:
+                self._queue("-", _entry_key(entry))
+            for entry in event.add:
+                self._queue("+", _entry_key(entry))
+        elif isinstance(event, Handover) and event.node == self.node:
+            for room in ["", *event.rooms]:
+                self._queue("-", _entry_key((room, event.name)))
+        self._queue("p", "e" + _ENCODER.encode(event).decode())
+
+    async def catch_up(self) -> None:
+        if self._available:
+            try:
+                await self._fill_gap(None)
+            except FAILURES as exc:
+                self._failed(exc)
+
+    # --- running -----------------------------------------------------------------
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[Snapshot] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Connect (or fail with StorageError within the handshake timeout), then serve."""
+        policy = coredis.retry.NoRetryPolicy()
+        redis: coredis.Redis[bytes] = coredis.Redis.from_url(
+            self._url,
+            retry_policy=policy,
+            connect_timeout=COMMAND_TIMEOUT,
+            stream_timeout=COMMAND_TIMEOUT,
+        )
+        self._redis = redis
+        self._say = redis.register_script(SAY)
+        self._claim = redis.register_script(CLAIM)
+        self._apply_ops = redis.register_script(OPS)
+        try:
+            async with redis:
+                snapshot = await self._first_snapshot()
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._heartbeat_loop)
+                        nursery.start_soon(self._publish_loop)
+                        await nursery.start(self._session_loop)
+                        task_status.started(snapshot)
+                finally:
+                    with trio.CancelScope(shield=True), trio.move_on_after(COMMAND_TIMEOUT):
+                        await self._goodbye()
+        finally:
+            self._available = False
+
+    async def _goodbye(self) -> None:
+        """Stopped (drained): leave at once rather than after the node timeout."""
+        if not self._available:
+            return
+        self._available = False
+        redis = self._redis
+        assert redis is not None
+        try:
+            await redis.delete([PREFIX + "node:" + self.node, PREFIX + "state:" + self.node])
+            await redis.srem(PREFIX + "nodes", [self.node])
+            gone = b"e" + _ENCODER.encode(NodeGone(self.node))
+            await redis.publish(CHANNEL, gone)
+        except FAILURES as exc:
+            LOGGER.warning("could not say goodbye to the cluster: %s", exc)
+        else:
+            LOGGER.info("node %s left the chat", self.node)
+
+    async def _first_snapshot(self) -> Snapshot:
+        try:
+            with trio.fail_after(self._config.handshake_timeout):
+                epoch = await self._ensure_epoch()
+                snapshot = await self._load_snapshot(epoch)
+        except (*FAILURES, trio.TooSlowError) as exc:
+            raise StorageError(f"cannot reach Redis at {self._url}: {exc}") from exc
+        self._epoch = snapshot.epoch
+        self._last_seq = snapshot.next_seq - 1
+        LOGGER.info("node %s joined the chat on %s", self.node, self._url)
+        return snapshot
+
+    async def _ensure_epoch(self) -> str:
+        assert self._redis is not None
+        await self._redis.set(
+            PREFIX + "epoch", secrets.token_hex(4), condition=coredis.PureToken.NX
+        )
+        epoch = await self._redis.get(PREFIX + "epoch")
+        return (epoch or b"").decode()
+
+    async def _load_snapshot(self, epoch: str) -> Snapshot:
+        redis = self._redis
+        assert redis is not None
+        seq = int(await redis.get(PREFIX + "seq") or 0)
+        rooms: dict[str, list[Message]] = {}
+        for room_bytes in sorted(await redis.smembers(PREFIX + "rooms")):
+            room = room_bytes.decode()
+            entries = await redis.xrevrange(
+                PREFIX + "room:" + room, "+", "-", count=self._history_size
+            )
+            kept = [_MESSAGE.decode(e.field_values[b"m"]) for e in reversed(entries)]
+            if kept:
+                rooms[room] = kept
+        return Snapshot(epoch=epoch, next_seq=seq + 1, rooms=rooms)
+
+    async def _session_loop(self, *, task_status: trio.TaskStatus[None]) -> None:
+        """Subscribe and read; on any failure (or a quiet end) back off and again."""
+        backoff = 0.0
+        pending: list[trio.TaskStatus[None]] = [task_status]  # until the first session is up
+
+        def ready() -> None:
+            if pending:
+                pending.pop().started()
+
+        while True:
+            with trio.CancelScope() as scope:
+                self._session_scope = scope
+                try:
+                    await self._session(ready)
+                except* FAILURES as group:
+                    self._failed(group.exceptions[0])
+                except* _Reconnect as group:
+                    self._failed(group.exceptions[0])
+            self._available = False
+            backoff = min(max(backoff * 2, BACKOFF[0]), BACKOFF[1])
+            await trio.sleep(backoff * (0.5 + secrets.randbelow(1000) / 2000))
+            if self._available:
+                backoff = 0.0
+
+    async def _session(self, ready: Callable[[], None]) -> None:
+        redis = self._redis
+        assert redis is not None
+        policy = coredis.retry.NoRetryPolicy()
+        async with redis.pubsub(channels=[CHANNEL], retry_policy=policy) as pubsub:
+            # Subscribed first, then reconciled: nothing published in between is missed.
+            with trio.fail_after(self._config.handshake_timeout):
+                await self._reconcile()
+            if self._down_logged:
+                LOGGER.warning("Redis is back: node %s reconciled", self.node)
+                self._down_logged = False
+            self._available = True
+            ready()
+            while True:
+                message = await pubsub.get_message(timeout=1.0)
+                if message is None:
+                    if not pubsub.subscribed:
+                        raise _Reconnect("the subscription ended")
+                    continue
+                if message["type"] != "message":
+                    continue
+                data = message["data"]
+                if isinstance(data, bytes):
+                    try:
+                        await self._on_channel(data)
+                    except (msgspec.DecodeError, ValueError):
+                        LOGGER.exception("ignored a foreign publish on %s", CHANNEL)
+
+    async def _reconcile(self) -> None:
+        """After (re)subscribing: fill the gap, rewrite our state, read everyone else's."""
+        redis = self._redis
+        assert redis is not None
+        for script in (SAY, CLAIM, OPS):
+            await redis.script_load(script)  # (a restarted Redis has forgotten them)
+        epoch = await self._ensure_epoch()
+        if epoch != self._epoch:
+            # Redis lost the history (a new epoch): start again from what it has.
+            snapshot = await self._load_snapshot(epoch)
+            self._epoch, self._last_seq = epoch, snapshot.next_seq - 1
+            self._deliver(Reload(snapshot))
+        else:
+            await self._fill_gap(None)
+        await self._beat()
+        ops: list[tuple[str, str]] = [
+            ("u", f"{name} {token}") for name, token in self._own_users()
+        ]
+        ops += [("+", _entry_key(entry)) for entry in self._own_entries()]
+        state_key = PREFIX + "state:" + self.node
+        await redis.delete([state_key])
+        if ops:
+            await self._run_ops(ops)
+        states: dict[str, list[Entry]] = {}
+        for node in await self._live_nodes():
+            if node != self.node:
+                members = await redis.smembers(PREFIX + "state:" + node)
+                states[node] = sorted(_entry_of(m) for m in members)
+        self._deliver(Resync(states))
+
+    async def _on_channel(self, data: bytes) -> None:
+        if data[:1] == b"m":
+            message = _MESSAGE.decode(data[1:])
+            epoch, _, digits = message.id.rpartition("-")
+            if epoch != self._epoch:
+                raise _Reconnect("the history has a new epoch")
+            seq = int(digits)
+            if seq <= self._last_seq:
+                return
+            if seq > self._last_seq + 1:
+                await self._fill_gap(seq)
+            self._last_seq = seq
+            await self._deliver_waiting(message)
+        elif data[:1] == b"e":
+            event = _EVENTS.decode(data[1:])
+            if event.node != self.node or not isinstance(event, MemberState | Handover | NodeGone):
+                await self._deliver_waiting(event)
+
+    async def _fill_gap(self, before: int | None) -> None:
+        """Deliver the stored messages after the last one seen (and before ``before``)."""
+        redis = self._redis
+        assert redis is not None
+        start = self._last_seq + 1
+        end = f"{before - 1}-0" if before is not None else "+"
+        if before is not None and before - 1 < start:
+            return
+        entries = await redis.xrange(PREFIX + "log", f"{start}-0", end)
+        messages = [_MESSAGE.decode(entry.field_values[b"m"]) for entry in entries]
+        if messages and _seq_of(messages[0].id) > start:
+            # The log was trimmed past what we saw: reload the rooms as stored.
+            snapshot = await self._load_snapshot(self._epoch)
+            self._last_seq = snapshot.next_seq - 1
+            self._deliver(Reload(snapshot))
+            return
+        for message in messages:
+            seq = _seq_of(message.id)
+            if seq > self._last_seq:
+                self._last_seq = seq
+                self._deliver(message)
+
+    async def _heartbeat_loop(self) -> None:
+        period = self._config.node_timeout / 4
+        while True:
+            await trio.sleep(period)
+            if not self._available:
+                continue
+            try:
+                with trio.fail_after(COMMAND_TIMEOUT):
+                    await self._beat()
+                    await self._live_nodes()
+            except FAILURES as exc:
+                self._failed(exc)
+
+    async def _beat(self) -> None:
+        redis = self._redis
+        assert redis is not None
+        ttl_ms = int(self._config.node_timeout * 2000 / 3)
+        await redis.set(PREFIX + "node:" + self.node, b"1", px=ttl_ms)
+        await redis.sadd(PREFIX + "nodes", [self.node])
+
+    async def _live_nodes(self) -> set[str]:
+        """The nodes whose heartbeat is current; the others are gone for good."""
+        redis = self._redis
+        assert redis is not None
+        known = {n.decode() for n in await redis.smembers(PREFIX + "nodes")}
+        alive = {self.node}
+        for node in sorted(known - {self.node}):
+            if await redis.exists([PREFIX + "node:" + node]):
+                alive.add(node)
+            else:
+                await redis.srem(PREFIX + "nodes", [node])
+                await redis.delete([PREFIX + "state:" + node])
+                LOGGER.warning("node %s missed its heartbeats: its users leave", node)
+                self._deliver(NodeGone(node))
+        for node in self._alive - alive:
+            self._deliver(NodeGone(node))  # gone before we noticed (another node cleaned up)
+        self._alive = alive - {self.node}
+        return alive
+
+    async def _publish_loop(self) -> None:
+        while True:
+            await self._ops_waiting.wait()
+            self._ops_waiting = trio.Event()
+            ops, self._ops = self._ops, []
+            if not self._available:
+                continue  # rewritten in full by `_reconcile` after the outage
+            try:
+                with trio.fail_after(COMMAND_TIMEOUT):
+                    await self._run_ops(ops)
+            except FAILURES as exc:
+                self._failed(exc)
+
+    async def _run_ops(self, ops: list[tuple[str, str]]) -> None:
+        args = [self.node]
+        for op, argument in ops:
+            args += [op, argument]
+        keys = [PREFIX + "users", PREFIX + "state:" + self.node, CHANNEL]
+        await self._apply_ops(keys=keys, args=args)
+
+    # --- helpers -------------------------------------------------------------------
+
+    def _queue(self, op: str, argument: str) -> None:
+        if not self._available:
+            return  # dropped: `_reconcile` rewrites this node's state after the outage
+        self._ops.append((op, argument))
+        self._ops_waiting.set()
+
+    def _deliver(self, received: Received) -> None:
+        self._received.append(received)
+        if self._wake is not None:
+            self._wake()
+
+    async def _deliver_waiting(self, received: Received) -> None:
+        """`_deliver`, but wait while the hub is far behind (bounded, never dropped)."""
+        while len(self._received) >= MAX_RECEIVED:
+            self._room_for_more = trio.Event()
+            await self._room_for_more.wait()
+        self._deliver(received)
+
+    def _failed(self, exc: BaseException) -> None:
+        """A command failed: unavailable until the session loop has reconnected."""
+        self._available = False
+        if not self._down_logged:
+            LOGGER.warning("Redis unavailable (%s): reconnecting", exc or type(exc).__name__)
+            self._down_logged = True
+        if self._session_scope is not None:
+            self._session_scope.cancel()

@@ -1,0 +1,146 @@
+"""What the nodes of one chat tell each other, sans-I/O (no trio).
+
+The events travel between nodes (JSON over Redis, or in memory); `Resync`
+and `Reload` come from a node's own backplane only. See `backplane` for who
+sends what and what is guaranteed.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from .history import Snapshot
+from .protocol import Message
+
+__all__ = [
+    "Claim",
+    "Draft",
+    "Entry",
+    "Event",
+    "Handover",
+    "Kick",
+    "MemberState",
+    "NodeGone",
+    "Received",
+    "Reload",
+    "Resync",
+    "SsePost",
+    "SsePostResult",
+    "TypingEvent",
+    "WhisperEvent",
+]
+
+#: (room, name): a member of room; ("", name): a connected user (whisperable).
+Entry = tuple[str, str]
+
+
+class Draft(msgspec.Struct, frozen=True):
+    """A say on its way to the sequencer: a `Message` without its id yet."""
+
+    room: str
+    name: str
+    msg: str
+    ts: int
+    ref: str | None = None
+
+
+class Claim(msgspec.Struct, frozen=True):
+    """The sequencer's answer to a node that wants to speak as ``name``.
+
+    ``status``: "new" (the name was free; ``token`` is the new one), "takeover"
+    (the token matched; ``previous`` is the node that held the name, "" if
+    none or dead), or "taken".
+    """
+
+    status: str
+    token: str = ""
+    previous: str = ""
+
+
+# --- events between nodes (JSON over Redis; tagged) ---------------------------
+
+
+class MemberState(msgspec.Struct, frozen=True, tag="state"):
+    """``node``'s entries changed: users that joined/left rooms, came and went."""
+
+    node: str
+    add: list[Entry] = []
+    remove: list[Entry] = []
+
+
+class NodeGone(msgspec.Struct, frozen=True, tag="gone"):
+    """``node`` stopped (drained) or missed its heartbeats: drop all its entries."""
+
+    node: str
+
+
+class TypingEvent(msgspec.Struct, frozen=True, tag="typing"):
+    node: str
+    room: str
+    name: str
+
+
+class WhisperEvent(msgspec.Struct, frozen=True, tag="whisper"):
+    """A whisper frame (JSON) for user ``to``, whose connection is on ``node``."""
+
+    node: str
+    to: str
+    frame: str
+
+
+class Kick(msgspec.Struct, frozen=True, tag="kick"):
+    """``by`` took ``name`` over with its token: ``node`` closes the old connection."""
+
+    node: str
+    name: str
+    by: str
+
+
+class Handover(msgspec.Struct, frozen=True, tag="handover"):
+    """``node`` hands ``name``'s rooms to ``to``, which holds them for the grace period."""
+
+    node: str
+    to: str
+    name: str
+    rooms: list[str]
+
+
+class SsePost(msgspec.Struct, frozen=True, tag="sse_post"):
+    """A ``POST /sse/<session>`` that reached ``sender``; the stream is on ``node``."""
+
+    node: str
+    session: str
+    body: str
+    sender: str
+    request: int
+
+
+class SsePostResult(msgspec.Struct, frozen=True, tag="sse_result"):
+    node: str
+    request: int
+    status: int
+    code: str
+    message: str
+
+
+Event = (
+    MemberState | NodeGone | TypingEvent | WhisperEvent | Kick | Handover | SsePost | SsePostResult
+)
+
+
+# --- what the backplane tells its own node only --------------------------------
+
+
+class Resync(msgspec.Struct, frozen=True):
+    """Every other live node's entries, after (re)connecting: replaces what is known."""
+
+    states: dict[str, list[Entry]]
+
+
+class Reload(msgspec.Struct, frozen=True):
+    """A gap in the message log could not be filled: history is replaced."""
+
+    snapshot: Snapshot
+
+
+Received = Message | Event | Resync | Reload

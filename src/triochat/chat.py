@@ -384,11 +384,6 @@ class ChatState:
             return None
         return name
 
-    def is_ahead(self, message_id: str) -> bool:
-        """Whether ``message_id`` is a message of this chat not seen here yet."""
-        seq = self._seq_of(message_id)
-        return seq is not None and seq > self._last_seq
-
     def refuse(
         self, client: Client, code: str, message: str, ref: str | None, *, classic: bool = False
     ) -> None:

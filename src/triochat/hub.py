@@ -129,7 +129,8 @@ class Hub:
                 task_status.started()
                 await self._dispatch_loop()
                 self._store_send.close()  # the store loop flushes, then ends
-            outer.cancel_scope.cancel()  # leaves the cluster (closes the history)
+            await backplane.leave()
+            outer.cancel_scope.cancel()
 
     def stop(self) -> None:
         """End `run` once the frames already queued are applied and stored."""
@@ -178,8 +179,11 @@ class Hub:
             return  # the dispatcher is busy (it pumps every step) or gone
         self._wake_sent = True
 
-    def _pump(self, chat: ChatState) -> None:
-        """Apply what the backplane received, then send what the chat publishes."""
+    def _pump(self, chat: ChatState) -> bool:
+        """Apply what the backplane received, then send what the chat publishes.
+
+        Returns whether anything was published.
+        """
         self._wake_sent = False
         backplane = self._backplane
         received = backplane.take_events()
@@ -187,7 +191,8 @@ class Hub:
             now = trio.current_time()
             for item in received:
                 self._receive(chat, item, now)
-        if chat.to_publish:
+        published = bool(chat.to_publish)
+        if published:
             events, chat.to_publish = chat.to_publish, []
             for event in events:
                 backplane.publish(event)
@@ -195,6 +200,7 @@ class Hub:
             names, chat.to_release = chat.to_release, []
             for name in names:
                 backplane.release(name)
+        return published
 
     def _receive(self, chat: ChatState, item: Received, now: float) -> None:
         if isinstance(item, SsePost | SsePostResult):
@@ -242,17 +248,24 @@ class Hub:
                     item = None
             chat.expire(now)
             self._queue_says(chat)
-            self._pump(chat)
+            if self._pump(chat):
+                # What this step changed is seen on every node before its clients hear of it.
+                with trio.move_on_after(self._config.handshake_timeout):
+                    await self._backplane.flush()
             self._flush()
 
     async def _before(self, chat: ChatState, client: Client, frame: ClientFrame) -> None:
         """What a frame needs from the cluster before the chat can apply it.
 
-        Usually nothing: a first join asks for its name (`Backplane.claim`), and
-        a join whose ``since`` this node has not seen yet (the client comes from
-        a faster node) waits until the backplane caught up.
+        Usually nothing. A join first catches up with the cluster (so its
+        member list and its `since` recovery include everything published
+        before it), and a first join asks for its name (`Backplane.claim`).
         """
         self._claim = None
+        if isinstance(frame, Join):
+            with trio.move_on_after(self._config.handshake_timeout):
+                await self._backplane.catch_up()
+            self._pump(chat)
         name = chat.needs_claim(client, frame)
         if name is not None:
             token = frame.token if isinstance(frame, Join) else None
@@ -260,10 +273,6 @@ class Hub:
                 self._claim = (name, await self._backplane.claim(name, token))
             except StorageError:
                 self._claim = (name, Claim("unavailable"))
-        if isinstance(frame, Join) and frame.since is not None and chat.is_ahead(frame.since):
-            with trio.move_on_after(self._config.handshake_timeout):
-                await self._backplane.catch_up()
-            self._pump(chat)
 
     def _apply(self, chat: ChatState, item: Inbound, now: float, wall_ms: int) -> None:
         if isinstance(item, trio.Event):

@@ -93,7 +93,18 @@ class Backplane(Protocol):
         ...
 
     async def catch_up(self) -> None:
-        """Make every message stored so far available to `take_events`."""
+        """Return once everything the other nodes published before this call is
+        available to `take_events` (a join's member list and history are then
+        as fresh as the cluster's)."""
+        ...
+
+    async def flush(self) -> None:
+        """Return once every event published so far has reached the other nodes
+        (or the backplane is down): a client told "joined" is seen everywhere."""
+        ...
+
+    async def leave(self) -> None:
+        """Stopping in order: the other nodes drop this node's users at once."""
         ...
 
     def node_alive(self, node: str) -> bool:

@@ -231,7 +231,14 @@ class LocalBackplane:
         self._wake = wake
 
     async def catch_up(self) -> None:
-        pass  # the broker hands every message over as it is stored
+        pass  # the broker hands everything over as it is published
+
+    async def flush(self) -> None:
+        pass
+
+    async def leave(self) -> None:
+        self._attached = False
+        await self._broker.detach(self.node)
 
     def node_alive(self, node: str) -> bool:
         return self._broker.alive(node)

@@ -34,11 +34,13 @@ end one quietly when Redis restarts) is treated the same way.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import secrets
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
+import anyio
 import coredis
 import coredis.exceptions
 import coredis.retry
@@ -181,6 +183,8 @@ FAILURES: Final = (
     OSError,
     trio.TooSlowError,
     trio.BrokenResourceError,
+    anyio.ClosedResourceError,  # coredis, when its connection dies under it
+    anyio.BrokenResourceError,
 )
 
 
@@ -224,6 +228,11 @@ class RedisBackplane:
         #: This node's changes waiting for `_publish_loop`: (op, argument).
         self._ops: list[tuple[str, str]] = []
         self._ops_waiting = trio.Event()
+        self._ops_queued = 0  # ops ever queued / ever sent (or dropped): for `flush`
+        self._ops_sent = 0
+        self._ops_progress = trio.Event()
+        self._barrier_ids = itertools.count(1)
+        self._barriers: dict[int, trio.Event] = {}
         self._session_scope: trio.CancelScope | None = None
         self._say: Any = None
         self._claim: Any = None
@@ -311,11 +320,27 @@ class RedisBackplane:
         self._queue("p", "e" + _ENCODER.encode(event).decode())
 
     async def catch_up(self) -> None:
-        if self._available:
-            try:
-                await self._fill_gap(None)
-            except FAILURES as exc:
-                self._failed(exc)
+        """A barrier: publish a marker and wait until it comes back on the channel."""
+        if not self._available:
+            return
+        number = next(self._barrier_ids)
+        done = self._barriers[number] = trio.Event()
+        try:
+            self._queue("p", f"s{self.node} {number}")
+            with trio.move_on_after(COMMAND_TIMEOUT):
+                await done.wait()
+        finally:
+            del self._barriers[number]
+
+    async def flush(self) -> None:
+        target = self._ops_queued
+        while self._available and self._ops_sent < target:
+            await self._ops_progress.wait()
+
+    async def leave(self) -> None:
+        with trio.move_on_after(COMMAND_TIMEOUT):
+            await self.flush()
+            await self._goodbye()
 
     # --- running -----------------------------------------------------------------
 
@@ -337,15 +362,11 @@ class RedisBackplane:
         try:
             async with redis:
                 snapshot = await self._first_snapshot()
-                try:
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(self._heartbeat_loop)
-                        nursery.start_soon(self._publish_loop)
-                        await nursery.start(self._session_loop)
-                        task_status.started(snapshot)
-                finally:
-                    with trio.CancelScope(shield=True), trio.move_on_after(COMMAND_TIMEOUT):
-                        await self._goodbye()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._heartbeat_loop)
+                    nursery.start_soon(self._publish_loop)
+                    await nursery.start(self._session_loop)
+                    task_status.started(snapshot)
         finally:
             self._available = False
 
@@ -496,6 +517,11 @@ class RedisBackplane:
                 await self._fill_gap(seq)
             self._last_seq = seq
             await self._deliver_waiting(message)
+        elif data[:1] == b"s":
+            node, _, number = data[1:].decode().partition(" ")
+            barrier = self._barriers.get(int(number)) if node == self.node else None
+            if barrier is not None:
+                barrier.set()
         elif data[:1] == b"e":
             event = _EVENTS.decode(data[1:])
             if event.node != self.node or not isinstance(event, MemberState | Handover | NodeGone):
@@ -567,13 +593,16 @@ class RedisBackplane:
             await self._ops_waiting.wait()
             self._ops_waiting = trio.Event()
             ops, self._ops = self._ops, []
-            if not self._available:
-                continue  # rewritten in full by `_reconcile` after the outage
             try:
-                with trio.fail_after(COMMAND_TIMEOUT):
-                    await self._run_ops(ops)
+                if self._available:  # else `_reconcile` rewrites it all after the outage
+                    with trio.fail_after(COMMAND_TIMEOUT):
+                        await self._run_ops(ops)
             except FAILURES as exc:
                 self._failed(exc)
+            finally:
+                self._ops_sent += len(ops)
+                self._ops_progress.set()
+                self._ops_progress = trio.Event()
 
     async def _run_ops(self, ops: list[tuple[str, str]]) -> None:
         args = [self.node]
@@ -588,6 +617,7 @@ class RedisBackplane:
         if not self._available:
             return  # dropped: `_reconcile` rewrites this node's state after the outage
         self._ops.append((op, argument))
+        self._ops_queued += 1
         self._ops_waiting.set()
 
     def _deliver(self, received: Received) -> None:

@@ -102,6 +102,13 @@ async def frames_until(
     return frames
 
 
+async def readiness_becomes(server: Server, status: int, *, within: float) -> None:
+    """Poll /readyz (as a load balancer does) until it answers ``status``."""
+    with trio.fail_after(within):
+        while (await fetch(server, "GET", "/readyz")).status != status:  # noqa: ASYNC110
+            await trio.sleep(0.05)
+
+
 def of_type(frames: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [f for f in frames if f["type"] == kind]
 
@@ -126,7 +133,8 @@ async def test_backplane_messages_reach_every_node_in_one_order(cluster: Cluster
     order_bob = [m["id"] for m in of_type(seen_by_bob, "message")]
     assert order_alice == order_bob
     seqs = [int(i.rpartition("-")[2]) for i in order_alice]
-    assert seqs == sorted(seqs) and len(set(seqs)) == 40
+    assert seqs == sorted(seqs)
+    assert len(set(seqs)) == 40
     for frames, name in ((seen_by_alice, "alice"), (seen_by_bob, "bob")):
         position = {f["id"]: n for n, f in enumerate(frames) if f["type"] == "message"}
         own = {f["msg"]: f["id"] for f in of_type(frames, "message") if f["name"] == name}
@@ -170,7 +178,8 @@ async def test_backplane_whisper_reaches_a_user_on_the_other_node(cluster: Clust
         copy = await alice.expect("whisper", to="bob", msg="psst")
         ack = await alice.expect("ack", ref="w1")
         got = await bob.expect("whisper", msg="psst")
-        assert got["from"] == "alice" and got["id"] == copy["id"] == ack["id"]
+        assert got["from"] == "alice"
+        assert got["id"] == copy["id"] == ack["id"]
         await alice.send({"type": "whisper", "to": "nobody", "msg": "x", "ref": "w2"})
         await alice.expect("error", code="no_such_user", ref="w2")
 
@@ -287,7 +296,9 @@ async def test_backplane_sse_post_to_the_other_node_reaches_the_stream(cluster: 
         await stream.expect("ack", ref="s")
         gone = f"{one.hub.backplane.node}.nope"
         status, body = await _post(two, gone)
-        assert status == 404 and body is not None and body["code"] == "no_such_session"
+        assert status == 404
+        assert body is not None
+        assert body["code"] == "no_such_session"
     finally:
         await stream.aclose()
 
@@ -307,17 +318,12 @@ async def test_backplane_outage_refuses_says_then_recovers(cluster: Cluster) -> 
         await bob.join(name="bob")
         await alice.expect("presence", event="join", name="bob")
         cluster.break_backplane()
-        with trio.fail_after(10):
-            while (await fetch(one, "GET", "/readyz")).status != 503:
-                await trio.sleep(0.05)
+        await readiness_becomes(one, 503, within=10)
         await alice.say("lost?", ref="x")
         await alice.expect("error", code="unavailable", ref="x")
         cluster.mend_backplane()
-        with trio.fail_after(20):
-            while (await fetch(one, "GET", "/readyz")).status != 200:
-                await trio.sleep(0.05)
-            while (await fetch(two, "GET", "/readyz")).status != 200:
-                await trio.sleep(0.05)
+        await readiness_becomes(one, 200, within=20)
+        await readiness_becomes(two, 200, within=20)
         await alice.say("back", ref="y")
         await alice.expect("message", msg="back")
         await alice.expect("ack", ref="y")

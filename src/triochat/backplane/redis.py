@@ -635,8 +635,10 @@ class RedisBackplane:
     def _failed(self, exc: BaseException) -> None:
         """A command failed: unavailable until the session loop has reconnected."""
         self._available = False
+        while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+            exc = exc.exceptions[0]  # name the cause, not the nursery that carried it
         if not self._down_logged:
-            LOGGER.warning("Redis unavailable (%s): reconnecting", exc or type(exc).__name__)
+            LOGGER.warning("Redis unavailable (%s: %s): reconnecting", type(exc).__name__, exc)
             self._down_logged = True
         if self._session_scope is not None:
             self._session_scope.cancel()

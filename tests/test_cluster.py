@@ -1,0 +1,158 @@
+"""A cluster of real processes on a real redis-server (PROTOCOL.md §8), and its faults.
+
+The conformance suite (tests/test_backplane.py) shows two nodes form one
+chat; these tests kill things: a node process with SIGKILL, and the
+redis-server itself in the middle of traffic.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import ExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from triochat import Config, Server
+
+from .chatclient import ChatClient, open_client
+from .conftest import client_of
+from .redisserver import RedisServer, redis_server
+from .server_process import run_server
+
+NODE_TIMEOUT = 2.0
+
+
+async def test_cluster_killed_node_users_leave_within_node_timeout(tmp_path: Path) -> None:
+    """kill -9 of a node process: its users leave the other node's member lists
+    within --node-timeout (their connections die with the process; nobody says goodbye)."""
+    with ExitStack() as stack:
+        redis = stack.enter_context(redis_server(tmp_path / "redis"))
+        args = ("--redis", redis.url, "--node-timeout", str(NODE_TIMEOUT))
+        doomed = stack.enter_context(run_server(*args))
+        survivor = stack.enter_context(run_server(*args))
+        with trio.fail_after(30):
+            async with (
+                open_client(f"ws://127.0.0.1:{survivor.port}/ws") as bob,
+                open_client(f"ws://127.0.0.1:{doomed.port}/ws") as alice,
+            ):
+                await bob.join(name="bob")
+                await alice.join(name="alice", room="lobby")
+                await bob.expect("presence", event="join", name="alice")
+                killed_at = time.monotonic()
+                doomed.kill()
+                with trio.fail_after(NODE_TIMEOUT + 1.0):  # +1 s: scheduling slack
+                    await bob.expect("presence", event="leave", name="alice")
+                took = time.monotonic() - killed_at
+                async with open_client(f"ws://127.0.0.1:{survivor.port}/ws") as alice_again:
+                    joined = await alice_again.join(name="alice")
+                    assert joined["members"] == ["alice", "bob"]
+    assert took <= NODE_TIMEOUT + 1.0
+
+
+@asynccontextmanager
+async def two_nodes(redis: RedisServer) -> AsyncIterator[tuple[Server, Server]]:
+    async with trio.open_nursery() as nursery:
+        nodes = []
+        for _ in range(2):
+            config = Config(
+                port=0, redis=redis.url, node_timeout=NODE_TIMEOUT, history_size=2000, rate=0
+            )
+            nodes.append(await nursery.start(Server(config).run))
+        yield nodes[0], nodes[1]
+        for node in nodes:
+            node.drain()
+
+
+async def say_until_acked(client: ChatClient, text: str, ref: str) -> str:
+    """Say ``text`` until it is acked, again with the same ref after each `unavailable`
+    (what the page does): the id it was acked with."""
+    while True:
+        await client.say(text, ref=ref)
+        while True:
+            frame = await client.recv()
+            if frame.get("ref") != ref:
+                continue
+            if frame["type"] == "ack":
+                return str(frame["id"])
+            assert frame["type"] == "error", frame
+            assert frame["code"] == "unavailable", frame
+            break
+        await trio.sleep(0.05)
+
+
+async def collect_messages(client: ChatClient, into: list[dict[str, Any]], stop: trio.Event) -> None:
+    while not stop.is_set():
+        with trio.move_on_after(0.2):
+            frame = await client.recv()
+            if frame["type"] == "message":
+                into.append(frame)
+
+
+async def test_fault_redis_killed_and_restarted_mid_traffic_loses_and_duplicates_nothing(
+    tmp_path: Path,
+) -> None:
+    """Fault scenario 7. redis-server is killed (SIGKILL) and restarted while two nodes
+    carry traffic. Guarantee: every acked message is stored and reaches a member on
+    each node exactly once, in the same order on both; says during the outage get
+    `unavailable` (never a false ack); both nodes recover by themselves."""
+    per_sender = 60
+    with redis_server(tmp_path / "redis") as redis:
+        with trio.fail_after(60):
+            async with two_nodes(redis) as (one, two):
+                async with (
+                    client_of(one) as alice,
+                    client_of(two) as bob,
+                    client_of(one) as watch_one,
+                    client_of(two) as watch_two,
+                ):
+                    for client, name in (
+                        (watch_one, "w1"),
+                        (watch_two, "w2"),
+                        (alice, "alice"),
+                        (bob, "bob"),
+                    ):
+                        await client.join(name=name)
+                    seen_one: list[dict[str, Any]] = []
+                    seen_two: list[dict[str, Any]] = []
+                    acked: dict[str, str] = {}
+                    stop = trio.Event()
+                    refused_before = one.stats.storage_failures + two.stats.storage_failures
+
+                    async def sender(client: ChatClient, name: str) -> None:
+                        for i in range(per_sender):
+                            text = f"{name}-{i}"
+                            acked[text] = await say_until_acked(client, text, f"{name}{i}")
+                            if i == per_sender // 3 and name == "alice":
+                                redis.kill()  # mid-traffic, between two of alice's says
+                                await trio.sleep(0.5)
+                                redis.start()
+                            await trio.sleep(0.005)
+
+                    async with trio.open_nursery() as watchers:
+                        watchers.start_soon(collect_messages, watch_one, seen_one, stop)
+                        watchers.start_soon(collect_messages, watch_two, seen_two, stop)
+                        async with trio.open_nursery() as senders:
+                            senders.start_soon(sender, alice, "alice")
+                            senders.start_soon(sender, bob, "bob")
+                        with trio.fail_after(10):
+                            while min(len(seen_one), len(seen_two)) < len(acked):  # noqa: ASYNC110
+                                await trio.sleep(0.05)
+                        await trio.sleep(0.3)  # a duplicate would arrive now
+                        stop.set()
+                    refused = one.stats.storage_failures + two.stats.storage_failures
+                    await watch_one.send({"type": "history", "room": "lobby", "limit": 200})
+                    stored = (await watch_one.expect("history"))["messages"]
+                    ready = one.ready() and two.ready()
+
+    assert len(acked) == 2 * per_sender
+    for seen in (seen_one, seen_two):
+        ids = [m["id"] for m in seen]
+        assert len(ids) == len(set(ids)), "a message was delivered twice"
+        assert {m["msg"]: m["id"] for m in seen} == acked, "an acked message is missing"
+    assert [m["id"] for m in seen_one] == [m["id"] for m in seen_two]
+    assert {m["msg"]: m["id"] for m in stored} == acked
+    assert refused > refused_before, "the outage was never seen: the test proved nothing"
+    assert ready

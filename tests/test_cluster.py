@@ -83,7 +83,9 @@ async def say_until_acked(client: ChatClient, text: str, ref: str) -> str:
         await trio.sleep(0.05)
 
 
-async def collect_messages(client: ChatClient, into: list[dict[str, Any]], stop: trio.Event) -> None:
+async def collect_messages(
+    client: ChatClient, into: list[dict[str, Any]], stop: trio.Event
+) -> None:
     while not stop.is_set():
         with trio.move_on_after(0.2):
             frame = await client.recv()

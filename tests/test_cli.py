@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 
@@ -97,6 +98,8 @@ def test_cli_environment_sets_and_command_line_wins():
         ([], {"TRIOCHAT_RATE": "fast"}),
         (["--log-level", "loud"], {}),
         (["--port", "70000"], {}),
+        (["--redis", "http://127.0.0.1:6379"], {}),
+        ([], {"TRIOCHAT_REDIS": "localhost:6379"}),
     ],
 )
 def test_cli_invalid_values_are_config_errors(argv, env):
@@ -112,6 +115,24 @@ def test_cli_invalid_value_exits_2_with_message():
     )
     assert result.returncode == 2
     assert "max_rooms" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_unreachable_redis_fails_the_start_with_exit_1():
+    """--redis to a port where nothing listens: one ERROR line naming Redis, exit 1,
+    no traceback, within the handshake timeout (never a node serving without it)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed again: nothing listens there
+    result = subprocess.run(
+        [sys.executable, "-m", "triochat", "--port", "0", "--handshake-timeout", "2"]
+        + ["--redis", f"redis://127.0.0.1:{port}/0"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1
+    assert "cannot reach Redis" in result.stderr
     assert "Traceback" not in result.stderr
 
 

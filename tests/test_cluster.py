@@ -52,6 +52,43 @@ async def test_cluster_killed_node_users_leave_within_node_timeout(tmp_path: Pat
     assert took <= NODE_TIMEOUT + 1.0
 
 
+async def test_cluster_drained_node_users_move_to_another_node_without_flicker(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM on a node: its clients get 1001 and reconnect to another node with their
+    token; as after any disconnect their users are held for the grace period, so the
+    other members see no leave/join, and a user who does not come back leaves after it."""
+    grace = 1.0
+    with ExitStack() as stack:
+        redis = stack.enter_context(redis_server(tmp_path / "redis"))
+        args = ("--redis", redis.url, "--node-timeout", str(NODE_TIMEOUT))
+        args += ("--presence-grace", str(grace))
+        drained = stack.enter_context(run_server(*args))
+        survivor = stack.enter_context(run_server(*args))
+        with trio.fail_after(30):
+            async with (
+                open_client(f"ws://127.0.0.1:{survivor.port}/ws") as bob,
+                open_client(f"ws://127.0.0.1:{drained.port}/ws") as alice,
+                open_client(f"ws://127.0.0.1:{drained.port}/ws") as carol,
+            ):
+                await bob.join(name="bob")
+                joined = await alice.join(name="alice")
+                await carol.join(name="carol")
+                await bob.expect("presence", event="join", name="alice")
+                await bob.expect("presence", event="join", name="carol")
+                drained.proc.terminate()
+                assert (await alice.closed())[0] == 1001
+                async with open_client(f"ws://127.0.0.1:{survivor.port}/ws") as alice2:
+                    again = await alice2.join(name="alice", token=joined["token"])
+                    assert again["members"] == ["alice", "bob", "carol"]
+                    # carol did not come back: she leaves once the grace period is over;
+                    # alice, who did, never left.
+                    await bob.expect("presence", event="leave", name="carol")
+                    await alice2.say("moved", ref="m")
+                    await bob.expect("message", name="alice", msg="moved")
+                    assert drained.proc.wait(timeout=10) == 0
+
+
 @asynccontextmanager
 async def two_nodes(redis: RedisServer) -> AsyncIterator[tuple[Server, Server]]:
     async with trio.open_nursery() as nursery:

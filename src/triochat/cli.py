@@ -143,11 +143,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     try:
         trio.run(serve_until_signalled, config)
-    except StorageError as exc:
-        logging.getLogger("triochat").error("%s", exc)
+    except (StorageError, OSError, BaseExceptionGroup) as exc:
+        failure = _startup_failure(exc)
+        if failure is None:
+            raise
+        if isinstance(failure, StorageError):
+            logging.getLogger("triochat").error("%s", failure)
+        else:
+            logging.getLogger("triochat").error(
+                "cannot listen on %s:%s: %s", config.host, config.port, failure
+            )
         raise SystemExit(1) from None
-    except OSError as exc:
-        logging.getLogger("triochat").error(
-            "cannot listen on %s:%s: %s", config.host, config.port, exc
-        )
-        raise SystemExit(1) from None
+
+
+def _startup_failure(exc: BaseException) -> StorageError | OSError | None:
+    """The one StorageError or OSError a failed start-up raised, out of its nurseries."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc if isinstance(exc, StorageError | OSError) else None

@@ -74,5 +74,9 @@ class Config:
         for name, value in not_negative.items():
             if value < 0:
                 raise ConfigError(f"{name} must not be negative, got {value}")
+        if self.redis is not None and not self.redis.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ConfigError(f"redis must be a redis://host:port/db URL, got {self.redis!r}")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be 0-65535, got {self.port}")

@@ -164,10 +164,14 @@ class Hub:
             connection.flush_nowait()
 
     async def settle(self) -> None:
-        """Return once every frame queued so far is applied and its says stored."""
+        """Return once every frame queued so far is applied, its says stored and acked."""
         done = trio.Event()
         await self._inbound_send.send(done)
         await done.wait()
+        # Stored says are acked when their message comes back from the backplane.
+        await self._backplane.catch_up()
+        self._pump(self.chat)
+        self._flush()
 
     def _wake(self) -> None:
         """The backplane has events: make the dispatcher take them (never blocks)."""

@@ -101,6 +101,7 @@ class Server:
             "rooms": lambda: float(len(self.hub.chat.rooms)),
             "users": lambda: float(len(self.hub.chat.users)),
             "draining": lambda: float(self._draining),
+            "backplane_available": lambda: float(self.hub.available()),
         }
         return render_metrics(self.stats, gauges)
 

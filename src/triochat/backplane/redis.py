@@ -371,17 +371,26 @@ class RedisBackplane:
             self._available = False
 
     async def _goodbye(self) -> None:
-        """Stopped (drained): leave at once rather than after the node timeout."""
+        """Stopped (drained): leave after the presence grace period, not the node timeout.
+
+        The users stay in everyone's member lists for the grace period, as after
+        any disconnect: a client that reconnects to another node in time shows
+        no leave/join; the others leave when the heartbeat runs out.
+        """
         if not self._available:
             return
         self._available = False
         redis = self._redis
         assert redis is not None
+        grace_ms = int(self._config.presence_grace * 1000)
         try:
-            await redis.delete([PREFIX + "node:" + self.node, PREFIX + "state:" + self.node])
-            await redis.srem(PREFIX + "nodes", [self.node])
-            gone = b"e" + _ENCODER.encode(NodeGone(self.node))
-            await redis.publish(CHANNEL, gone)
+            if grace_ms > 0:
+                await redis.set(PREFIX + "node:" + self.node, b"0", px=grace_ms)
+            else:
+                await redis.delete([PREFIX + "node:" + self.node, PREFIX + "state:" + self.node])
+                await redis.srem(PREFIX + "nodes", [self.node])
+                gone = b"e" + _ENCODER.encode(NodeGone(self.node))
+                await redis.publish(CHANNEL, gone)
         except FAILURES as exc:
             LOGGER.warning("could not say goodbye to the cluster: %s", exc)
         else:
@@ -412,12 +421,14 @@ class RedisBackplane:
         assert redis is not None
         seq = int(await redis.get(PREFIX + "seq") or 0)
         rooms: dict[str, list[Message]] = {}
+        # Messages stored after `seq` was read come through the gap fill, in order.
         for room_bytes in sorted(await redis.smembers(PREFIX + "rooms")):
             room = room_bytes.decode()
             entries = await redis.xrevrange(
                 PREFIX + "room:" + room, "+", "-", count=self._history_size
             )
             kept = [_MESSAGE.decode(e.field_values[b"m"]) for e in reversed(entries)]
+            kept = [m for m in kept if _seq_of(m.id) <= seq]
             if kept:
                 rooms[room] = kept
         return Snapshot(epoch=epoch, next_seq=seq + 1, rooms=rooms)
@@ -557,9 +568,14 @@ class RedisBackplane:
                 continue
             try:
                 with trio.fail_after(COMMAND_TIMEOUT):
+                    assert self._redis is not None
+                    if not await self._redis.exists([PREFIX + "node:" + self.node]):
+                        # Our heartbeat ran out (a stalled process?): the others
+                        # dropped our users. Reconnect, which rewrites them.
+                        raise _Reconnect("this node's heartbeat had expired")
                     await self._beat()
                     await self._live_nodes()
-            except FAILURES as exc:
+            except (*FAILURES, _Reconnect) as exc:
                 self._failed(exc)
 
     async def _beat(self) -> None:

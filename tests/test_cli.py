@@ -125,8 +125,10 @@ def test_cli_unreachable_redis_fails_the_start_with_exit_1():
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]  # closed again: nothing listens there
     result = subprocess.run(
-        [sys.executable, "-m", "triochat", "--port", "0", "--handshake-timeout", "2"]
-        + ["--redis", f"redis://127.0.0.1:{port}/0"],
+        [
+            *(sys.executable, "-m", "triochat", "--port", "0", "--handshake-timeout", "2"),
+            *("--redis", f"redis://127.0.0.1:{port}/0"),
+        ],
         capture_output=True,
         text=True,
         timeout=30,

@@ -83,6 +83,7 @@ class Hub:
         )
         self._storage_down = False
         self._wake_sent = False
+        self._quiet = False  # our own synchronous append: no wake-up needed
         #: From `_before`, for the next `_apply`: the name asked for, and the answer.
         self._claim: tuple[str, Claim] | None = None
         #: Receives SSE POSTs relayed from other nodes (set by the server).
@@ -175,7 +176,7 @@ class Hub:
 
     def _wake(self) -> None:
         """The backplane has events: make the dispatcher take them (never blocks)."""
-        if self._wake_sent:
+        if self._wake_sent or self._quiet:
             return
         try:
             self._inbound_send.send_nowait(_WAKE)
@@ -188,7 +189,6 @@ class Hub:
 
         Returns whether anything was published.
         """
-        self._wake_sent = False
         backplane = self._backplane
         received = backplane.take_events()
         if received:
@@ -287,7 +287,8 @@ class Hub:
                 item.set()  # the store is overloaded: settle as far as it can
             return
         if isinstance(item, _Wake):
-            return  # the pump runs at the start and the end of every step
+            self._wake_sent = False  # the pump runs at the end of this step
+            return
         client, frame = item
         claimed, self._claim = self._claim, None
         claim = claimed[1] if claimed is not None else None
@@ -321,13 +322,17 @@ class Hub:
         pending, chat.to_store = chat.to_store, []
         append_nowait = self._append_nowait
         if append_nowait is not None:
-            # An in-memory store: commit in this step, with no task hop.
+            # An in-memory store: commit in this step, with no task hop (and
+            # no wake-up: the pump at the end of this step applies them).
+            self._quiet = True
             try:
                 ids = append_nowait([say.draft for say in pending])
             except StorageError as exc:
                 self._stored(chat, pending, exc)
             else:
                 self._stored(chat, pending, ids)
+            finally:
+                self._quiet = False
             return
         for index, say in enumerate(pending):
             try:

@@ -2,10 +2,13 @@
 //
 //   node benchmarks/loadgen.mjs '<json config>'
 //
-// The config names a scenario (saturation, latency, memory, churn), the
-// server's URL and pid (its CPU and RSS are read from /proc around the
+// The config names a scenario (saturation, latency, memory, churn, cluster),
+// the server's URL and pid (its CPU and RSS are read from /proc around the
 // measured window, so the window is exactly the load generator's) and the
-// scenario's numbers. Progress goes to stderr; the result is one JSON line on
+// scenario's numbers. For several server processes (cluster mode), `urls` and
+// `serverPids` list them all: clients are spread over the URLs round-robin
+// (client i on urls[i % urls.length]) and "server CPU" is the sum over the
+// pids; `sidePids` ({name: pid}, e.g. redis-server) are measured separately. Progress goes to stderr; the result is one JSON line on
 // stdout. The clients (rawws.mjs) locate frames by their headers and never
 // copy, decode or JSON-parse them on the hot path: the type is read from the
 // byte after `{"type":"`, and the latency scenario reads only the send
@@ -19,7 +22,11 @@ import { performance } from "node:perf_hooks";
 import { CLOSED, OPEN, RawWs } from "./rawws.mjs";
 
 const cfg = JSON.parse(process.argv[2] ?? "{}");
-const SERVER_PID = cfg.serverPid;
+const SERVER_PIDS = cfg.serverPids ?? [cfg.serverPid];
+const SERVER_PID = SERVER_PIDS[0]; // RSS: the memory and churn scenarios have one server
+const SIDE_PIDS = cfg.sidePids ?? {}; // other processes of the system under test
+const URLS = cfg.urls ?? [cfg.url];
+const urlOf = (i) => URLS[i % URLS.length];
 const CLK_TCK = cfg.clkTck ?? 100;
 const TAG = Math.random().toString(36).slice(2, 6); // names unique per run (grace periods)
 const WS_OPTIONS = { handshakeTimeoutMs: 10_000, closeTimeoutMs: 5_000 };
@@ -43,10 +50,19 @@ const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 const nowMs = () => performance.now();
 const nowUs = () => Math.floor(Number(process.hrtime.bigint()) / 1000); // CLOCK_MONOTONIC
 
-function serverCpuS() {
-  const stat = readFileSync(`/proc/${SERVER_PID}/stat`, "utf8");
+function cpuOfS(pid) {
+  const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
   const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
   return (Number(fields[11]) + Number(fields[12])) / CLK_TCK; // utime + stime
+}
+
+/** CPU time of every server process, summed. */
+function serverCpuS() {
+  return SERVER_PIDS.reduce((sum, pid) => sum + cpuOfS(pid), 0);
+}
+
+function sideCpuS() {
+  return Object.values(SIDE_PIDS).reduce((sum, pid) => sum + cpuOfS(pid), 0);
 }
 
 function serverRssKiB() {
@@ -69,9 +85,14 @@ function selfCpuS() {
 
 /** A snapshot of the clocks a measured window needs. */
 function snapshot() {
+  const servers = SERVER_PIDS.map(cpuOfS);
+  const side = Object.fromEntries(Object.entries(SIDE_PIDS).map(([k, pid]) => [k, cpuOfS(pid)]));
   return {
     wall: nowMs() / 1000,
-    server: serverCpuS(),
+    server: servers.reduce((x, y) => x + y, 0),
+    servers,
+    side,
+    sideTotal: Object.values(side).reduce((x, y) => x + y, 0),
     self: selfCpuS(),
     machine: machineBusyS(),
   };
@@ -79,7 +100,8 @@ function snapshot() {
 
 function windowOf(a, b) {
   const wall = b.wall - a.wall;
-  return {
+  const side = b.sideTotal - a.sideTotal;
+  const w = {
     wallS: wall,
     serverCpuS: b.server - a.server,
     serverCpuPct: (100 * (b.server - a.server)) / wall,
@@ -88,18 +110,28 @@ function windowOf(a, b) {
     // as ksoftirqd): noise when it is more than a few percent.
     otherCpuPct: Math.max(
       0,
-      (100 * (b.machine - a.machine - (b.server - a.server) - (b.self - a.self))) / wall,
+      (100 * (b.machine - a.machine - (b.server - a.server) - (b.self - a.self) - side)) / wall,
     ),
   };
+  if (SERVER_PIDS.length > 1) {
+    w.serversCpuS = b.servers.map((cpu, i) => cpu - a.servers[i]);
+    w.serversCpuPct = w.serversCpuS.map((cpu) => (100 * cpu) / wall);
+  }
+  for (const key of Object.keys(b.side)) {
+    w.sideCpuS = { ...w.sideCpuS, [key]: b.side[key] - a.side[key] };
+    w.sideCpuPct = { ...w.sideCpuPct, [key]: (100 * (b.side[key] - a.side[key])) / wall };
+  }
+  return w;
 }
 
-/** Wait until the server used under `pct`% of a core over `stepMs` (setup done). */
+/** Wait until the server (all its processes, side ones included) used under
+ * `pct`% of a core over `stepMs` (setup done). */
 async function waitServerIdle(timeoutMs = 60_000, pct = 5, stepMs = 250) {
   const end = nowMs() + timeoutMs;
-  let last = serverCpuS();
+  let last = serverCpuS() + sideCpuS();
   while (nowMs() < end) {
     await sleep(stepMs);
-    const cpu = serverCpuS();
+    const cpu = serverCpuS() + sideCpuS();
     if ((100 * (cpu - last)) / (stepMs / 1000) < pct) return true;
     last = cpu;
   }
@@ -187,6 +219,9 @@ function openAndJoin(url, name, room, onFrame, problems, timeoutMs = 15_000) {
     const t0 = nowMs();
     const ws = new RawWs(url, WS_OPTIONS);
     ws.expectedClose = false;
+    ws.delivered = 0; // message frames (saturation and cluster count them)
+    ws.probe = false;
+    ws.node = 0;
     let joined = false;
     const timer = setTimeout(() => {
       if (!joined) {
@@ -234,13 +269,15 @@ function openAndJoin(url, name, room, onFrame, problems, timeoutMs = 15_000) {
   });
 }
 
+/** `url`: one URL, or a function of the client's index. */
 async function openMany(url, n, limit, nameOf, roomOf, onFrame, problems) {
   const conns = new Array(n);
   let failed = 0;
   const joinMs = [];
   await pool(n, limit, async (i) => {
     try {
-      const c = await openAndJoin(url, nameOf(i), roomOf(i), onFrame, problems);
+      const where = typeof url === "function" ? url(i) : url;
+      const c = await openAndJoin(where, nameOf(i), roomOf(i), onFrame, problems);
       conns[i] = c.ws;
       joinMs.push(c.joinMs);
     } catch (err) {
@@ -270,27 +307,59 @@ async function closeAll(conns, timeoutMs = 5_000) {
   for (const ws of conns) if (ws && ws.readyState !== CLOSED) ws.terminate();
 }
 
-// --- scenario 1: saturation ----------------------------------------------------
+// --- scenario 1: saturation (and 5: cluster) ---------------------------------------
 
-async function saturation() {
-  const { url, clients, senders, inflight, warmupS, durationS, msgChars } = cfg;
+/**
+ * A closed loop: `senders` clients each keep `inflight` says in flight, all
+ * `clients` in one room. With `probes` (the cluster scenario) the clients are
+ * spread over every URL, each sender puts its send time and number at the
+ * start of `msg`, and one receiver per URL (a probe) computes end-to-end
+ * latencies from them: split by whether the sender is on the probe's node.
+ * Then, if `pacedRate` > 0, a paced phase: `pacedRate` says per second in
+ * all (the senders in turn) for `pacedS` seconds, the same latencies measured
+ * without the closed loop's queues.
+ */
+async function saturation({ probes = false } = {}) {
+  const { clients, senders, inflight, warmupS, durationS, msgChars } = cfg;
   const problems = new Problems();
   const room = "sat";
+  const nodes = URLS.length;
   let delivered = 0;
   let errorFrames = 0;
+  // Where probes and acks record: `closed` during the measured window,
+  // `paced` during the paced phase, nowhere (null) otherwise.
+  const closed = { same: [], cross: [], ack: [] };
+  const paced = { same: [], cross: [], ack: [] };
+  let sink = null;
+  const KEY = Buffer.from('"msg":"t');
+  const probe = (buf, start, end, ws) => {
+    const at = nowUs();
+    let i = buf.indexOf(KEY, start);
+    if (i < 0 || i >= end) return;
+    i += KEY.length;
+    let ts = 0;
+    for (let c = buf[i]; c >= 48 && c <= 57; c = buf[++i]) ts = ts * 10 + (c - 48);
+    if (buf[i] !== 115) return; // "s"
+    let from = 0;
+    for (let c = buf[++i]; c >= 48 && c <= 57; c = buf[++i]) from = from * 10 + (c - 48);
+    (from % nodes === ws.node ? sink.same : sink.cross).push((at - ts) / 1000);
+  };
   const onFrame = (buf, start, end, ws) => {
     const t = frameType(buf, start, end);
-    if (t === T_MESSAGE) delivered++;
-    else if (t === T_ACK) ws.onAck?.();
+    if (t === T_MESSAGE) {
+      delivered++;
+      ws.delivered++;
+      if (ws.probe && sink) probe(buf, start, end, ws);
+    } else if (t === T_ACK) ws.onAck?.();
     else if (t === T_ERROR) {
       errorFrames++;
       problems.add("error frame", excerpt(buf, start, end));
     }
   };
-  log(`opening ${clients} clients`);
+  log(`opening ${clients} clients on ${nodes} server(s)`);
   const tOpen = nowMs();
   const { conns, failed } = await openMany(
-    url,
+    urlOf,
     clients,
     50,
     (i) => `${TAG}u${i}`,
@@ -299,49 +368,99 @@ async function saturation() {
     problems,
   );
   if (failed) return { ok: false, error: `${failed} clients failed to join`, problems };
+  const probeIdx = [];
+  if (probes) {
+    // The first receiver (not a sender) on each node.
+    for (let k = 0; k < nodes; k++) {
+      let i = senders;
+      while (i < clients && i % nodes !== k) i++;
+      if (i < clients) {
+        conns[i].probe = true;
+        conns[i].node = k;
+        probeIdx.push(i);
+      }
+    }
+  }
   const idle = await waitServerIdle(180_000); // the joins' presence frames are all out
   const setupS = (nowMs() - tOpen) / 1000;
+  /** Messages received by the clients of each node so far. */
+  const byNode = () => {
+    const counts = new Array(nodes).fill(0);
+    conns.forEach((ws, i) => {
+      counts[i % nodes] += ws.delivered;
+    });
+    return counts;
+  };
 
   const payload = "x".repeat(msgChars);
   let running = true;
   let sent = 0;
   let acked = 0;
   let outstanding = 0;
-  const ackMs = []; // say -> ack round trips in the measured window
-  let measuring = false;
+  const sendFns = [];
   for (let s = 0; s < senders; s++) {
     const ws = conns[s];
     let seq = 0;
     const sentAt = []; // acks come back in send order
-    const send = () => {
-      sentAt.push(nowMs());
-      ws.send(`{"type":"say","room":"${room}","msg":"${payload}","ref":"${s}-${seq++}"}`);
-      sent++;
-      outstanding++;
-    };
+    const send = probes
+      ? () => {
+          sentAt.push(nowMs());
+          const head = `t${nowUs()}s${s}|`; // the clock the probes read
+          const msg = head + payload.slice(Math.min(head.length, msgChars));
+          ws.send(`{"type":"say","room":"${room}","msg":"${msg}","ref":"${s}-${seq++}"}`);
+          sent++;
+          outstanding++;
+        }
+      : () => {
+          sentAt.push(nowMs());
+          ws.send(`{"type":"say","room":"${room}","msg":"${payload}","ref":"${s}-${seq++}"}`);
+          sent++;
+          outstanding++;
+        };
     ws.onAck = () => {
       const t = sentAt.shift();
-      if (measuring) ackMs.push(nowMs() - t);
+      if (sink) sink.ack.push(nowMs() - t); // say -> ack round trip
       acked++;
       outstanding--;
       if (running) send();
     };
+    sendFns.push(send);
     for (let k = 0; k < inflight; k++) send();
   }
   log("warming up");
   await sleep(warmupS * 1000);
   const a = snapshot();
   const d0 = delivered;
+  const n0 = byNode();
   const acked0 = acked;
-  measuring = true;
+  sink = closed;
   await sleep(durationS * 1000);
-  measuring = false;
+  sink = null;
   const b = snapshot();
   const d1 = delivered;
+  const n1 = byNode();
   const acked1 = acked;
   running = false;
   const drained = await waitUntil(() => outstanding === 0, 10_000);
   await waitUntil(() => delivered >= acked * clients, 5_000);
+  const pacedRate = probes ? (cfg.pacedRate ?? 0) : 0;
+  const pacedS = cfg.pacedS ?? 0;
+  let pacedSent = 0;
+  if (pacedRate > 0 && pacedS > 0) {
+    log(`paced: ${pacedRate} says/s for ${pacedS} s`);
+    const total = Math.round(pacedRate * pacedS);
+    const periodMs = 1000 / pacedRate;
+    const t0 = nowMs();
+    sink = paced;
+    while (pacedSent < total) {
+      const wait = t0 + pacedSent * periodMs - nowMs();
+      if (wait > 0) await sleep(wait);
+      sendFns[pacedSent % senders]();
+      pacedSent++;
+    }
+    await waitUntil(() => outstanding === 0 && delivered >= acked * clients, 5_000);
+    sink = null;
+  }
   const w = windowOf(a, b);
   const perS = (d1 - d0) / w.wallS;
   const result = {
@@ -355,7 +474,7 @@ async function saturation() {
     deliveredPerS: perS,
     acceptedPerS: (acked1 - acked0) / w.wallS,
     serverCpuUsPerDelivered: (w.serverCpuS * 1e6) / (d1 - d0),
-    ackMs: summarise(ackMs),
+    ackMs: summarise(closed.ack),
     sent,
     acked,
     delivered,
@@ -365,6 +484,37 @@ async function saturation() {
     errorFrames,
     problems,
   };
+  if (probes) {
+    const all = [...closed.same, ...closed.cross];
+    const pacedAll = [...paced.same, ...paced.cross];
+    Object.assign(result, {
+      nodes,
+      clientsByNode: Array.from({ length: nodes }, (_, k) =>
+        conns.reduce((sum, _ws, i) => sum + (i % nodes === k ? 1 : 0), 0),
+      ),
+      sendersByNode: Array.from({ length: nodes }, (_, k) =>
+        Array.from({ length: senders }, (_x, s) => s).filter((s) => s % nodes === k).length,
+      ),
+      deliveredPerSByNode: n1.map((d, k) => (d - n0[k]) / w.wallS),
+      probeClients: probeIdx,
+      // End-to-end: the sender's send() to a probe's receipt, in the window.
+      e2eMs: summarise(all),
+      e2eSameNodeMs: summarise(closed.same),
+      e2eCrossNodeMs: summarise(closed.cross),
+      e2eSamples: all.length,
+      pacedRate,
+      pacedS,
+      pacedSent,
+      pacedE2eMs: summarise(pacedAll),
+      pacedE2eSameNodeMs: summarise(paced.same),
+      pacedE2eCrossNodeMs: summarise(paced.cross),
+      pacedE2eSamples: pacedAll.length,
+      pacedAckMs: summarise(paced.ack),
+    });
+    for (const [key, cpu] of Object.entries(w.sideCpuS ?? {})) {
+      result[`${key}CpuUsPerDelivered`] = (cpu * 1e6) / (d1 - d0);
+    }
+  }
   await closeAll(conns);
   return result;
 }
@@ -667,7 +817,13 @@ async function churn() {
 
 // --- main ------------------------------------------------------------------------
 
-const SCENARIOS = { saturation, latency, memory, churn };
+const SCENARIOS = {
+  saturation: () => saturation(),
+  latency,
+  memory,
+  churn,
+  cluster: () => saturation({ probes: true }),
+};
 
 async function main() {
   const run = SCENARIOS[cfg.scenario];

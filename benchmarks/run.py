@@ -1,9 +1,10 @@
 """Benchmarks: triochat against a reference `websockets` server, in one run.
 
     python benchmarks/run.py                 # every scenario, full size (about 6-8 min)
-    python benchmarks/run.py --quick         # every scenario, small numbers (under a minute)
+    python benchmarks/run.py --quick         # every scenario, small numbers (about a minute)
     python benchmarks/run.py --only saturation,latency
     python benchmarks/run.py --json /tmp/bench.json --profile /tmp/profile
+    python benchmarks/run.py --only cluster  # one node vs two nodes + Redis
 
 For each scenario, each server (triochat, then `peer_websockets.py`) is
 started fresh on a free loopback port, pinned to CPU 0; the load generator
@@ -13,6 +14,12 @@ edges of its measured window. Then the server is stopped (SIGTERM, then
 SIGKILL) and the next one starts. The table compares the two: ratio is
 triochat / peer. Needs Python with triochat and websockets importable (the
 dev venv) and Node.js 18+ (no npm packages).
+
+The cluster scenario is triochat only: the saturation load against one node,
+one node with ``--redis``, and two nodes with ``--redis`` (the same clients,
+half on each node's port), each with a fresh ``redis-server`` of its own
+(needs ``redis-server`` on PATH). The nodes share CPU 0; redis-server runs
+on CPU 1 with the load generator. Its table's ratios are two nodes / one.
 
 Not part of the test suite. Every child process is killed at the end,
 every wait is bounded, everything is on 127.0.0.1.
@@ -46,7 +53,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 LOOPBACK = "127.0.0.1"
-SCENARIOS = ("saturation", "latency", "memory", "churn")
+SCENARIOS = ("saturation", "latency", "memory", "churn", "cluster")
 NOFILE = 65536
 NOISY = 10  # % of a core used by other processes during a window: flagged
 
@@ -71,20 +78,46 @@ FULL: dict[str, dict[str, Any]] = {
     },
     "memory": {"conns": 10_000, "roomSize": 100, "settleS": 3, "holdS": 10},
     "churn": {"rate": 200, "warmupS": 6, "durationS": 30, "settleS": 7},
+    # The saturation load (same clients, senders and in-flight window), with
+    # one latency probe client per node; then a paced phase (pacedRate says/s
+    # in all for pacedS s) for latency without the closed loop's queues.
+    "cluster": {
+        "clients": 200,
+        "senders": 4,
+        "inflight": 32,
+        "warmupS": 3,
+        "durationS": 10,
+        "msgChars": 40,
+        "pacedRate": 200,
+        "pacedS": 5,
+    },
 }
 QUICK: dict[str, dict[str, Any]] = {
     "saturation": {**FULL["saturation"], "clients": 50, "warmupS": 1, "durationS": 2},
     "latency": {**FULL["latency"], "clients": 100, "warmupS": 1, "durationS": 3, "drainS": 2},
     "memory": {"conns": 1000, "roomSize": 100, "settleS": 1, "holdS": 1},
     "churn": {"rate": 100, "warmupS": 1, "durationS": 3, "settleS": 1},
+    "cluster": {**FULL["cluster"], "clients": 50, "warmupS": 1, "durationS": 2, "pacedS": 2},
 }
+
+# The cluster scenario's runs: key, label, triochat nodes, with Redis.
+CLUSTER_RUNS = (
+    ("single", "1 node", 1, False),
+    ("redis1", "1 node + Redis", 1, True),
+    ("redis2", "2 nodes + Redis", 2, True),
+)
+# redis-server as the cluster runs it: no RDB snapshots, an append-only file
+# fsynced once a second (Redis' usual durable setting; PUBLISH is not written
+# to it, whatever the cluster stores is).
+REDIS_OPTIONS = ("--save", "", "--appendonly", "yes", "--appendfsync", "everysec")
 
 
 def deadline_s(scenario: str, p: dict[str, Any]) -> float:
     """Longest the load generator may take for ``scenario`` (its watchdog)."""
     n = {key: float(value) for key, value in p.items()}
-    if scenario == "saturation":
-        return n["warmupS"] + n["durationS"] + 300  # setup + up to 180 s waiting for idle
+    if scenario in ("saturation", "cluster"):
+        # setup + up to 180 s waiting for idle (+ the cluster's paced phase)
+        return n["warmupS"] + n["durationS"] + n.get("pacedS", 0) + 300
     if scenario == "latency":
         return n["warmupS"] + n["durationS"] + n["drainS"] + 360
     if scenario == "memory":
@@ -133,13 +166,19 @@ class ServerSpec:
     argv: Callable[[int], list[str]]
 
 
+def triochat_argv(args: argparse.Namespace, port: int, redis_url: str | None = None) -> list[str]:
+    argv = [sys.executable, "-m", "triochat", "--host", LOOPBACK, "--port", str(port)]
+    argv += ["--memory", "--rate", "0", "--max-conns-per-ip", "0", "--log-level", "WARNING"]
+    if args.outbox_frames:
+        argv += ["--outbox-frames", str(args.outbox_frames)]
+    if redis_url:
+        argv += ["--redis", redis_url]
+    return argv + list(args.triochat_arg)
+
+
 def server_specs(args: argparse.Namespace) -> list[ServerSpec]:
     def triochat(port: int) -> list[str]:
-        argv = [sys.executable, "-m", "triochat", "--host", LOOPBACK, "--port", str(port)]
-        argv += ["--memory", "--rate", "0", "--max-conns-per-ip", "0", "--log-level", "WARNING"]
-        if args.outbox_frames:
-            argv += ["--outbox-frames", str(args.outbox_frames)]
-        return argv + list(args.triochat_arg)
+        return triochat_argv(args, port)
 
     def peer(port: int) -> list[str]:
         return [sys.executable, str(HERE / "peer_websockets.py"), "--port", str(port)]
@@ -181,7 +220,10 @@ class Server:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.spec.label} exited at start: {self.stderr_tail()}")
+                raise RuntimeError(
+                    f"{self.spec.label} exited at start (status {self.proc.returncode}): "
+                    f"{self.stderr_tail()}"
+                )
             try:
                 with socket.create_connection((LOOPBACK, self.port), timeout=1.0):
                     return
@@ -203,7 +245,8 @@ class Server:
         self._stderr.close()
 
     def stderr_tail(self, lines: int = 3) -> str:
-        self._stderr.flush()
+        if not self._stderr.closed:
+            self._stderr.flush()
         text = self.stderr_path.read_text(errors="replace").strip().splitlines()
         return " | ".join(text[-lines:])
 
@@ -217,17 +260,31 @@ def server_rss_kib(pid: int) -> int:
 
 
 def run_loadgen(
-    scenario: str, params: dict[str, Any], server: Server, cpu: int | None, verbose: bool
+    scenario: str,
+    params: dict[str, Any],
+    server: Server | list[Server],
+    cpu: int | None,
+    verbose: bool,
+    side: dict[str, Server] | None = None,
 ) -> dict[str, Any]:
+    """Run the load generator against ``server`` (or several: clients spread
+    over them round-robin, their CPU summed); ``side`` processes' CPU is
+    measured separately."""
+    servers = server if isinstance(server, list) else [server]
     cfg = {
         "scenario": scenario,
-        "url": server.url,
-        "serverPid": server.pid,
+        "url": servers[0].url,
+        "serverPid": servers[0].pid,
         "clkTck": os.sysconf("SC_CLK_TCK"),
         "deadlineS": deadline_s(scenario, params),
         "verbose": verbose,
         **params,
     }
+    if len(servers) > 1:
+        cfg["urls"] = [s.url for s in servers]
+        cfg["serverPids"] = [s.pid for s in servers]
+    if side:
+        cfg["sidePids"] = {name: s.pid for name, s in side.items()}
     argv = pinned(["node", str(HERE / "loadgen.mjs"), json.dumps(cfg)], cpu)
     proc = subprocess.Popen(
         argv,
@@ -551,13 +608,313 @@ def build_rows(results: dict[str, dict[str, dict[str, Any]]]) -> tuple[list[Row]
     return rows, notes
 
 
+# --- the cluster scenario ---------------------------------------------------------
+
+
+def redis_spec(args: argparse.Namespace, workdir: Path) -> ServerSpec:
+    def argv(port: int) -> list[str]:
+        data = workdir / f"redis-{port}"
+        data.mkdir(exist_ok=True)
+        return [
+            args.redis_server,
+            "--port",
+            str(port),
+            "--bind",
+            LOOPBACK,
+            "--dir",
+            str(data),
+            *REDIS_OPTIONS,
+            "--daemonize",
+            "no",
+            "--loglevel",
+            "warning",
+        ]
+
+    return ServerSpec("redis", "redis-server", argv)
+
+
+def redis_ping(port: int, timeout: float = 10.0) -> None:
+    """Wait until redis-server on ``port`` answers PING (bounded)."""
+    end = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < end:
+        try:
+            with socket.create_connection((LOOPBACK, port), timeout=1.0) as sock:
+                sock.sendall(b"PING\r\n")
+                last = sock.recv(64).decode(errors="replace").strip()
+                if last == "+PONG":
+                    return
+        except OSError as exc:
+            last = str(exc)
+        time.sleep(0.05)
+    raise RuntimeError(f"redis-server does not answer PING within {timeout:g} s: {last}")
+
+
+def redis_version(redis_server: str) -> str:
+    path = shutil.which(redis_server)
+    if not path:
+        return "not found"
+    out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10).stdout
+    match = re.search(r"v=(\S+)", out)
+    return match.group(1) if match else out.strip()
+
+
+def run_cluster(
+    args: argparse.Namespace,
+    params: dict[str, Any],
+    workdir: Path,
+    key: str,
+    nodes: int,
+    with_redis: bool,
+    notes: list[str],
+) -> dict[str, Any]:
+    """One run of the cluster scenario: a fresh redis-server (if ``with_redis``)
+    and ``nodes`` fresh triochat nodes, then the load generator; everything
+    stopped (bounded) before returning."""
+    where = f"cluster/{key}"
+    redis: Server | None = None
+    servers: list[Server] = []
+    try:
+        redis_url = None
+        if with_redis:
+            if not shutil.which(args.redis_server):
+                return {"ok": False, "error": f"{args.redis_server} not found on PATH"}
+            redis = Server(redis_spec(args, workdir), args.loadgen_cpu, workdir)
+            redis.wait_ready()
+            redis_ping(redis.port)
+            redis_url = f"redis://{LOOPBACK}:{redis.port}/0"
+        for k in range(nodes):
+
+            def argv(port: int, url: str | None = redis_url) -> list[str]:
+                return triochat_argv(args, port, url)
+
+            spec = ServerSpec(f"{key}-node{k + 1}", f"triochat node {k + 1}", argv)
+            servers.append(Server(spec, args.server_cpu, workdir))
+        for server in servers:
+            server.wait_ready()
+        if redis is not None and redis.proc.poll() is not None:
+            raise RuntimeError(f"redis-server exited at start: {redis.stderr_tail()}")
+        side = {"redis": redis} if redis is not None else None
+        result = run_loadgen("cluster", params, servers, args.loadgen_cpu, args.verbose, side)
+        result["rssAtEndKiB"] = [
+            server_rss_kib(s.pid) if s.proc.poll() is None else None for s in servers
+        ]
+        for s in [*servers, *([redis] if redis else [])]:
+            if s.proc.poll() is not None:
+                notes.append(f"{where}: {s.spec.label} DIED during the run")
+        if redis is not None and redis.proc.poll() is None:
+            result["redisRssAtEndKiB"] = server_rss_kib(redis.pid)
+    except RuntimeError as exc:
+        result = {"ok": False, "error": str(exc)}
+    finally:
+        # Nodes first (they may talk to Redis while they drain), then Redis.
+        exited = {id(s) for s in servers if s.proc.poll() is not None}
+        for server in servers:
+            server.stop()
+        if redis is not None:
+            redis.stop()
+    for server in servers:
+        if server.exit_note and id(server) not in exited:  # else: reported as failed or died
+            notes.append(f"{where}: {server.spec.label}: {server.exit_note}")
+        # A node that failed to start: its stderr is in the FAILED note already.
+        if server.stderr_lines() and (result.get("ok") or id(server) not in exited):
+            notes.append(
+                f"{where}: {server.spec.label} wrote {server.stderr_lines()} lines, "
+                f"last: {server.stderr_tail()[:300]}"
+            )
+    if redis is not None and redis.exit_note:
+        notes.append(f"{where}: redis-server: {redis.exit_note}")
+    return result
+
+
+def build_cluster_rows(
+    results: dict[str, dict[str, Any]],
+) -> tuple[list[list[str]], list[str]]:
+    """The cluster table (one column per run, ratios 2 nodes / 1 node) and notes."""
+    rows: list[list[str]] = []
+    notes: list[str] = []
+    runs = [results.get(key, {}) for key, *_ in CLUSTER_RUNS]
+
+    def num(res: dict[str, Any], *path: str) -> float:
+        value = get(res, *path) if res.get("ok") else math.nan
+        return math.nan if value is None else value
+
+    def show(value: float, fmt: str) -> str:
+        return "n/a" if math.isnan(value) else fmt.format(value)
+
+    def ratio(a: float, b: float) -> str:
+        if math.isnan(a) or math.isnan(b) or b == 0:
+            return ""
+        return f"{a / b:.2f}x"
+
+    def row(metric: str, values: list[float], fmt: str, with_ratio: bool = True) -> None:
+        cells = ["cluster", metric, *(show(v, fmt) for v in values)]
+        if with_ratio:
+            cells += [ratio(values[2], values[1]), ratio(values[2], values[0])]
+        else:
+            cells += ["", ""]
+        rows.append(cells)
+
+    def by_node(res: dict[str, Any], path: tuple[str, ...], fmt: str, one: float) -> str:
+        """The per-node list at ``path`` as "a + b", else ``one`` (a single node)."""
+        values: Any = res if res.get("ok") else None
+        for key in path:
+            values = values.get(key) if isinstance(values, dict) else None
+        if isinstance(values, list) and values:
+            return " + ".join(fmt.format(v) for v in values)
+        return show(one, fmt)
+
+    def text_row(metric: str, cells: list[str]) -> None:
+        rows.append(["cluster", metric, *cells, "", ""])
+
+    for (key, label, _nodes, _redis), res in zip(CLUSTER_RUNS, runs, strict=True):
+        if not res:
+            continue
+        problems = res.get("problems") or {}
+        if not res.get("ok"):
+            notes.append(f"cluster/{key} ({label}): FAILED: {res.get('error')}")
+        if problems.get("count"):
+            notes.append(
+                f"cluster/{key}: {problems['count']} client problems {problems['kinds']}; "
+                f"e.g. {problems['examples'][:2]}"
+            )
+        if not res.get("ok"):
+            continue
+        if res.get("idle") is False:
+            notes.append(
+                f"cluster/{key}: the servers were still busy after joining (180 s): "
+                "the window started anyway"
+            )
+        missing = res.get("missingDeliveries") or 0
+        if missing:
+            notes.append(
+                f"cluster/{key}: {missing:,} deliveries of acked messages MISSING "
+                f"({100 * missing / max(1, res['acked'] * res['clients']):.1f}%)"
+            )
+        loadgen = num(res, "window", "loadgenCpuPct")
+        redis_cpu = num(res, "window", "sideCpuPct", "redis")
+        shared = loadgen + (0 if math.isnan(redis_cpu) else redis_cpu)
+        if shared > 90:
+            notes.append(
+                f"cluster/{key}: the load generator's CPU was {shared:.0f}% busy (load "
+                "generator plus redis-server): the numbers may be a lower bound"
+            )
+        other = num(res, "window", "otherCpuPct")
+        if other > NOISY:
+            notes.append(
+                f"cluster/{key}: the machine was BUSY with other work ({other:.0f}% of a core) "
+                "during the window: its numbers are not reliable"
+            )
+
+    text_row(
+        "clients (senders) per node",
+        [
+            " + ".join(
+                f"{c} ({s})"
+                for c, s in zip(
+                    res.get("clientsByNode") or [res.get("clients", "?")],
+                    res.get("sendersByNode") or [res.get("senders", "?")],
+                    strict=False,
+                )
+            )
+            if res.get("ok")
+            else "n/a"
+            for res in runs
+        ],
+    )
+    row("delivered msgs/s", [num(r, "deliveredPerS") for r in runs], "{:,.0f}")
+    text_row(
+        "delivered msgs/s, by node",
+        [by_node(r, ("deliveredPerSByNode",), "{:,.0f}", num(r, "deliveredPerS")) for r in runs],
+    )
+    for key, label in (
+        ("e2eMs", "end-to-end latency"),
+        ("e2eSameNodeMs", "  sender on the same node"),
+        ("e2eCrossNodeMs", "  sender on the other node"),
+    ):
+        for pct in ("p50", "p99"):
+            values = [num(r, key, pct) for r in runs]
+            if key == "e2eCrossNodeMs" and math.isnan(values[2]):
+                continue
+            row(f"{label} {pct}, ms", values, "{:.2f}")
+    for pct in ("p50", "p99"):
+        row(f"say -> ack {pct}, ms", [num(r, "ackMs", pct) for r in runs], "{:.2f}")
+    paced = next((r.get("pacedRate") for r in runs if r.get("ok") and r.get("pacedRate")), 0)
+    if paced:
+        for key, label in (
+            ("pacedE2eMs", f"at {paced:g} msgs/s: end-to-end latency"),
+            ("pacedE2eSameNodeMs", "  sender on the same node"),
+            ("pacedE2eCrossNodeMs", "  sender on the other node"),
+        ):
+            for pct in ("p50", "p99"):
+                values = [num(r, key, pct) for r in runs]
+                if key == "pacedE2eCrossNodeMs" and math.isnan(values[2]):
+                    continue
+                row(f"{label} {pct}, ms", values, "{:.2f}")
+    triochat_us = [num(r, "serverCpuUsPerDelivered") for r in runs]
+    redis_us = [num(r, "redisCpuUsPerDelivered") for r in runs]
+    redis_us[0] = 0.0 if runs[0].get("ok") else math.nan
+    row("triochat CPU µs / delivered msg (all nodes)", triochat_us, "{:.2f}")
+    row("redis-server CPU µs / delivered msg", redis_us, "{:.2f}")
+    row(
+        "total CPU µs / delivered msg",
+        [t + r for t, r in zip(triochat_us, redis_us, strict=True)],
+        "{:.2f}",
+    )
+    row(
+        "triochat CPU, % of a core (all nodes)",
+        [num(r, "window", "serverCpuPct") for r in runs],
+        "{:.0f}",
+        with_ratio=False,
+    )
+    text_row(
+        "triochat CPU, % of a core, by node",
+        [
+            by_node(r, ("window", "serversCpuPct"), "{:.0f}", num(r, "window", "serverCpuPct"))
+            for r in runs
+        ],
+    )
+    redis_pct = [num(r, "window", "sideCpuPct", "redis") for r in runs]
+    redis_pct[0] = 0.0 if runs[0].get("ok") else math.nan
+    row("redis-server CPU, % of a core", redis_pct, "{:.0f}", with_ratio=False)
+    row(
+        "acked but not delivered",
+        [num(r, "missingDeliveries") for r in runs],
+        "{:,.0f}",
+        with_ratio=False,
+    )
+    row("join all, until servers idle, s", [num(r, "setupS") for r in runs], "{:.1f}")
+    row(
+        "load generator CPU, % of a core",
+        [num(r, "window", "loadgenCpuPct") for r in runs],
+        "{:.0f}",
+        with_ratio=False,
+    )
+    row(
+        "other processes' CPU, % (noise)",
+        [num(r, "window", "otherCpuPct") for r in runs],
+        "{:.0f}",
+        with_ratio=False,
+    )
+    return rows, notes
+
+
 def _mib(kib: float | None) -> float | None:
     return None if kib is None else kib / 1024
 
 
-def render(rows: list[Row]) -> str:
-    header = ["scenario", "metric", "triochat", "websockets peer", "ratio", "target", "met?"]
-    table = [header, *(row.cells() for row in rows)]
+MAIN_HEADER = ["scenario", "metric", "triochat", "websockets peer", "ratio", "target", "met?"]
+CLUSTER_HEADER = [
+    "scenario",
+    "metric",
+    *(label for _key, label, *_ in CLUSTER_RUNS),
+    "2 nodes / 1 node + Redis",
+    "2 nodes / 1 node",
+]
+
+
+def render(rows: list[Row] | list[list[str]], header: list[str] = MAIN_HEADER) -> str:
+    table = [header, *(row.cells() if isinstance(row, Row) else row for row in rows)]
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:
@@ -636,14 +993,20 @@ def print_top(raw: Path, top: int = 10) -> None:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small numbers, under a minute")
+    parser.add_argument("--quick", action="store_true", help="small numbers, about a minute")
     parser.add_argument("--only", default=",".join(SCENARIOS), help="comma-separated scenarios")
     parser.add_argument("--servers", default="triochat,peer", help="triochat,peer or one of them")
     parser.add_argument("--saturation-seconds", type=float, help="measured window")
-    parser.add_argument("--inflight", type=int, help="says in flight per sender (default 32)")
+    parser.add_argument(
+        "--inflight", type=int, help="says in flight per sender (default 32; saturation, cluster)"
+    )
     parser.add_argument("--latency-seconds", type=float, help="measured window")
     parser.add_argument("--memory-conns", type=int, help="idle connections (default 10000)")
     parser.add_argument("--churn-seconds", type=float, help="measured window")
+    parser.add_argument("--cluster-seconds", type=float, help="measured window")
+    parser.add_argument(
+        "--redis-server", default="redis-server", help="redis-server binary (cluster scenario)"
+    )
     parser.add_argument(
         "--outbox-frames", type=int, help="triochat --outbox-frames (default: its own)"
     )
@@ -672,6 +1035,8 @@ def parse_args() -> argparse.Namespace:
     overrides = (
         ("saturation", "durationS", args.saturation_seconds),
         ("saturation", "inflight", args.inflight),
+        ("cluster", "inflight", args.inflight),
+        ("cluster", "durationS", args.cluster_seconds),
         ("latency", "durationS", args.latency_seconds),
         ("memory", "conns", args.memory_conns),
         ("churn", "durationS", args.churn_seconds),
@@ -721,6 +1086,20 @@ def main() -> int:
     triochat_argv = " ".join(specs[0].argv(0)[1:]) if specs and specs[0].key == "triochat" else ""
     if triochat_argv:
         info.append(f"triochat: python {triochat_argv.replace('--port 0', '--port <free>')}")
+    if "cluster" in args.scenarios:
+        redis_argv = " ".join(repr(a) if a == "" else a for a in REDIS_OPTIONS)
+        info.append(
+            f"cluster: redis-server {redis_version(args.redis_server)} --port <free> "
+            f"--bind {LOOPBACK} {redis_argv} (fresh for each run, in a temp dir); nodes: "
+            f"triochat as above + --redis redis://{LOOPBACK}:<port>/0, clients round-robin "
+            "over the nodes' ports"
+        )
+        if args.server_cpu is not None:
+            info.append(
+                f"cluster pinning: every triochat node on CPU {args.server_cpu} (the same one "
+                f"core for 1 and 2 nodes); redis-server and the load generator on CPU "
+                f"{args.loadgen_cpu}"
+            )
     for line in info:
         print(line)
     results: dict[str, dict[str, dict[str, Any]]] = {}
@@ -732,6 +1111,21 @@ def main() -> int:
         for scenario in args.scenarios:
             params = args.sizes[scenario]
             results[scenario] = {}
+            if scenario == "cluster":
+                for key, label, nodes, with_redis in CLUSTER_RUNS:
+                    if args.wait_quiet > 0:
+                        busy = wait_quiet(args.wait_quiet)
+                        if busy >= NOISY:
+                            print(
+                                f"    machine still busy ({busy:.0f}% of a core)", file=sys.stderr
+                            )
+                    t0 = time.monotonic()
+                    print(f"... cluster / {label}: {json.dumps(params)}", file=sys.stderr)
+                    results[scenario][key] = run_cluster(
+                        args, params, workdir, key, nodes, with_redis, server_notes
+                    )
+                    print(f"    done in {time.monotonic() - t0:.1f} s", file=sys.stderr)
+                continue
             for spec in specs:
                 if args.wait_quiet > 0:
                     busy = wait_quiet(args.wait_quiet)
@@ -767,9 +1161,15 @@ def main() -> int:
             server_notes.append(
                 "triochat's source (src/) CHANGED during the run: the rows may mix versions"
             )
-        rows, notes = build_rows(results)
-        print()
-        print(render(rows))
+        rows, notes = build_rows({k: v for k, v in results.items() if k != "cluster"})
+        if rows:
+            print()
+            print(render(rows))
+        if "cluster" in results:
+            cluster_rows, cluster_notes = build_cluster_rows(results["cluster"])
+            notes += cluster_notes
+            print()
+            print(render(cluster_rows, CLUSTER_HEADER))
         print()
         for note in [*notes, *server_notes]:
             print(f"note: {note}")

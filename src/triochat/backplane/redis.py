@@ -89,6 +89,7 @@ if not epoch then
 end
 local prefix = ARGV[1]
 local ids = {}
+local published = {}
 local i = 6
 while i + 5 <= #ARGV do
   local room, name, ref, msg = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
@@ -114,13 +115,17 @@ while i + 5 <= #ARGV do
     redis.call('XADD', prefix .. 'room:' .. room, 'MAXLEN', ARGV[3], entry, 'm', json)
     redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], entry, 'm', json)
     redis.call('SADD', KEYS[4], room)
-    redis.call('PUBLISH', prefix .. 'events', 'm' .. json)
+    published[#published + 1] = json
     if refkey then
       redis.call('SET', refkey, id .. '\\0' .. room .. '\\0' .. msg, 'EX', ARGV[5])
     end
     ids[#ids + 1] = id
   end
   i = i + 6
+end
+if #published > 0 then
+  -- One publish per batch: every node takes the whole batch in one step.
+  redis.call('PUBLISH', prefix .. 'events', 'm' .. table.concat(published, '\\n'))
 end
 return ids
 """
@@ -238,6 +243,7 @@ class RedisBackplane:
         self._claim: Any = None
         self._apply_ops: Any = None
         self._down_logged = False
+        self._stopping = False
 
     # --- Backplane -------------------------------------------------------------
 
@@ -338,6 +344,7 @@ class RedisBackplane:
             await self._ops_progress.wait()
 
     async def leave(self) -> None:
+        self._stopping = True
         with trio.move_on_after(COMMAND_TIMEOUT):
             await self.flush()
             await self._goodbye()
@@ -517,17 +524,9 @@ class RedisBackplane:
 
     async def _on_channel(self, data: bytes) -> None:
         if data[:1] == b"m":
-            message = _MESSAGE.decode(data[1:])
-            epoch, _, digits = message.id.rpartition("-")
-            if epoch != self._epoch:
-                raise _Reconnect("the history has a new epoch")
-            seq = int(digits)
-            if seq <= self._last_seq:
-                return
-            if seq > self._last_seq + 1:
-                await self._fill_gap(seq)
-            self._last_seq = seq
-            await self._deliver_waiting(message)
+            # A stored batch: messages in seq order, one JSON per line.
+            for line in data[1:].split(b"\n"):
+                await self._on_message(_MESSAGE.decode(line))
         elif data[:1] == b"s":
             node, _, number = data[1:].decode().partition(" ")
             barrier = self._barriers.get(int(number)) if node == self.node else None
@@ -537,6 +536,18 @@ class RedisBackplane:
             event = _EVENTS.decode(data[1:])
             if event.node != self.node or not isinstance(event, MemberState | Handover | NodeGone):
                 await self._deliver_waiting(event)
+
+    async def _on_message(self, message: Message) -> None:
+        epoch, _, digits = message.id.rpartition("-")
+        if epoch != self._epoch:
+            raise _Reconnect("the history has a new epoch")
+        seq = int(digits)
+        if seq <= self._last_seq:
+            return
+        if seq > self._last_seq + 1:
+            await self._fill_gap(seq)
+        self._last_seq = seq
+        await self._deliver_waiting(message)
 
     async def _fill_gap(self, before: int | None) -> None:
         """Deliver the stored messages after the last one seen (and before ``before``)."""
@@ -597,7 +608,7 @@ class RedisBackplane:
             else:
                 await redis.srem(PREFIX + "nodes", [node])
                 await redis.delete([PREFIX + "state:" + node])
-                LOGGER.warning("node %s missed its heartbeats: its users leave", node)
+                LOGGER.info("node %s is gone (its heartbeat expired): its users leave", node)
                 self._deliver(NodeGone(node))
         for node in self._alive - alive:
             self._deliver(NodeGone(node))  # gone before we noticed (another node cleaned up)
@@ -651,6 +662,8 @@ class RedisBackplane:
     def _failed(self, exc: BaseException) -> None:
         """A command failed: unavailable until the session loop has reconnected."""
         self._available = False
+        if self._stopping:
+            return  # coredis tearing its connections down under a cancelled scope
         while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
             exc = exc.exceptions[0]  # name the cause, not the nursery that carried it
         if not self._down_logged:

@@ -109,8 +109,11 @@ class LocalBroker:
     def stored(self, fresh: Sequence[tuple[Message, Draft]]) -> None:
         """``fresh`` is durable: remember it, then hand it to every node, in order."""
         messages = [message for message, _ in fresh]
+        # A node remembers its own users' refs (ChatState); the broker needs
+        # them only for a retry that moves to another node.
+        shared = len(self._nodes) > 1
         for message, draft in fresh:
-            if draft.ref is not None:
+            if shared and draft.ref is not None:
                 self._refs[(draft.name, draft.ref)] = message
                 if len(self._refs) > MAX_REFS:
                     self._refs.popitem(last=False)

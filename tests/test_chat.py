@@ -8,6 +8,7 @@ import pytest
 
 from triochat.chat import ChatState, Client, PendingSay
 from triochat.errors import ClientProtocolError
+from triochat.events import NodeGone
 from triochat.protocol import Message, decode_client_frame
 from triochat.ratelimit import RateLimiter
 
@@ -98,8 +99,10 @@ class Chat:
         history: dict[str, list[Message]] | None = None,
         rate: float = 0,
         burst: int = 20,
+        node: str = "",
     ) -> None:
         self.state = ChatState(
+            node=node,
             epoch=epoch,
             next_seq=next_seq,
             history_size=history_size,
@@ -1390,3 +1393,65 @@ def test_say_retry_by_another_user_is_not_deduplicated(chat):
     alice.send(type_="say", room="lobby", msg="hi", ref="1")
     bob.send(type_="say", room="lobby", msg="hi", ref="1")
     assert len(chat.commit()) == 2
+
+
+# --- two nodes, events carried by hand (the backplane's part) -------------------------------
+
+
+def carry(source: Chat, target: Chat) -> None:
+    """Deliver what ``source`` published to ``target``, as a backplane does."""
+    events, source.state.to_publish = source.state.to_publish, []
+    for event in events:
+        target.state.apply(event, target.now)
+
+
+def test_cluster_members_on_another_node_are_listed_and_announced():
+    """A member joining on another node shows in `joined.members` and as presence."""
+    one, two = Chat(node="n1"), Chat(node="n2")
+    bob = two.connect()
+    bob.join(name="bob")
+    carry(two, one)
+    alice = one.connect()
+    assert alice.join(name="alice")["members"] == ["alice", "bob"]
+    carry(one, two)
+    assert bob.one() == {"type": "presence", "room": "lobby", "event": "join", "name": "alice"}
+
+
+def test_cluster_join_then_leave_in_one_step_is_not_a_member_elsewhere():
+    """Changes published in one step keep their order: join+leave nets to absent."""
+    one, two = Chat(node="n1"), Chat(node="n2")
+    watcher = two.connect()
+    watcher.join(name="watcher")
+    carry(two, one)
+    alice = one.connect()
+    alice.join(name="alice")
+    alice.send(type_="leave", room="lobby")
+    carry(one, two)
+    assert watcher.types() == ["presence", "presence"]  # join, then leave
+    assert two.connect().join(name="zed")["members"] == ["watcher", "zed"]
+
+
+def test_cluster_leave_then_rejoin_in_one_step_stays_a_member_elsewhere():
+    one, two = Chat(node="n1"), Chat(node="n2")
+    alice = one.connect()
+    alice.join(name="alice")
+    carry(one, two)
+    alice.send(type_="leave", room="lobby")
+    alice.send(type_="join", room="lobby")
+    assert alice.types() == ["left", "joined"]
+    carry(one, two)
+    assert two.connect().join(name="zed")["members"] == ["alice", "zed"]
+
+
+def test_cluster_node_gone_removes_its_members_once():
+    """NodeGone drops every entry of that node, with one leave per member."""
+    one, two = Chat(node="n1"), Chat(node="n2")
+    for name in ("alice", "carol"):
+        one.connect().join(name=name)
+    carry(one, two)
+    bob = two.connect()
+    bob.join(name="bob")
+    two.state.apply(NodeGone("n1"), two.now)
+    assert [f["name"] for f in bob.take()] == ["alice", "carol"]
+    two.state.apply(NodeGone("n1"), two.now)
+    assert bob.take() == []

@@ -743,15 +743,21 @@ class ChatState:
 
     def _changed(self, *, add: Entry | None = None, remove: Entry | None = None) -> None:
         """Publish a change of this node's entries (merged with the one just before)."""
-        adds = [add] if add is not None else []
-        removes = [remove] if remove is not None else []
         last = self.to_publish[-1] if self.to_publish else None
-        if isinstance(last, MemberState):
-            self.to_publish[-1] = MemberState(
-                self.node, [*last.add, *adds], [*last.remove, *removes]
-            )
-        else:
-            self.to_publish.append(MemberState(self.node, adds, removes))
+        # A receiver applies removes before adds: an entry that was just added
+        # (or removed) must go into a new event to keep its order.
+        if (
+            not isinstance(last, MemberState)
+            or (add is not None and add in last.remove)
+            or (remove is not None and remove in last.add)
+        ):
+            last = MemberState(self.node, [], [])
+            self.to_publish.append(last)
+        # (Its lists are ours until the hub publishes it.)
+        if add is not None:
+            last.add.append(add)
+        if remove is not None:
+            last.remove.append(remove)
 
     def _remote_add(self, node: str, entry: Entry) -> None:
         entries = self._remote.setdefault(node, set())

@@ -767,6 +767,20 @@ def build_cluster_rows(
     def text_row(metric: str, cells: list[str]) -> None:
         rows.append(["cluster", metric, *cells, "", ""])
 
+    def latency_rows(prefix: str, label: str) -> None:
+        """p50/p99 rows of ``{prefix}Ms`` and its same-node and cross-node splits
+        (the cross-node ones only when the third run has them)."""
+        for key, name in (
+            (f"{prefix}Ms", label),
+            (f"{prefix}SameNodeMs", "  sender on the same node"),
+            (f"{prefix}CrossNodeMs", "  sender on the other node"),
+        ):
+            for pct in ("p50", "p99"):
+                values = [num(r, key, pct) for r in runs]
+                if key == f"{prefix}CrossNodeMs" and math.isnan(values[2]):
+                    continue
+                row(f"{name} {pct}, ms", values, "{:.2f}")
+
     for (key, label, _nodes, _redis), res in zip(CLUSTER_RUNS, runs, strict=True):
         if not res:
             continue
@@ -827,30 +841,12 @@ def build_cluster_rows(
         "delivered msgs/s, by node",
         [by_node(r, ("deliveredPerSByNode",), "{:,.0f}", num(r, "deliveredPerS")) for r in runs],
     )
-    for key, label in (
-        ("e2eMs", "end-to-end latency"),
-        ("e2eSameNodeMs", "  sender on the same node"),
-        ("e2eCrossNodeMs", "  sender on the other node"),
-    ):
-        for pct in ("p50", "p99"):
-            values = [num(r, key, pct) for r in runs]
-            if key == "e2eCrossNodeMs" and math.isnan(values[2]):
-                continue
-            row(f"{label} {pct}, ms", values, "{:.2f}")
+    latency_rows("e2e", "end-to-end latency")
     for pct in ("p50", "p99"):
         row(f"say -> ack {pct}, ms", [num(r, "ackMs", pct) for r in runs], "{:.2f}")
     paced = next((r.get("pacedRate") for r in runs if r.get("ok") and r.get("pacedRate")), 0)
     if paced:
-        for key, label in (
-            ("pacedE2eMs", f"at {paced:g} msgs/s: end-to-end latency"),
-            ("pacedE2eSameNodeMs", "  sender on the same node"),
-            ("pacedE2eCrossNodeMs", "  sender on the other node"),
-        ):
-            for pct in ("p50", "p99"):
-                values = [num(r, key, pct) for r in runs]
-                if key == "pacedE2eCrossNodeMs" and math.isnan(values[2]):
-                    continue
-                row(f"{label} {pct}, ms", values, "{:.2f}")
+        latency_rows("pacedE2e", f"at {paced:g} msgs/s: end-to-end latency")
     triochat_us = [num(r, "serverCpuUsPerDelivered") for r in runs]
     redis_us = [num(r, "redisCpuUsPerDelivered") for r in runs]
     redis_us[0] = 0.0 if runs[0].get("ok") else math.nan

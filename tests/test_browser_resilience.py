@@ -14,11 +14,7 @@ are only used, short, to show that something does *not* happen.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import socket
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -27,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from .nginxserver import running_nginx
+from .redisserver import free_port
 from .server_process import run_server
 from .tcpproxy import TcpProxy
 from .test_browser import DESKTOP, TIMEOUT, browser, join, say  # noqa: F401 (fixture reused)
@@ -45,7 +43,6 @@ pytestmark = pytest.mark.browser
 
 RECONNECT = 20_000  # ms: a reconnect may wait out a few backoff steps (0.5, 1, 2, 4 s, jittered)
 GRACE = "1"  # --presence-grace, seconds
-NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 # What Chromium logs when a connection fails: expected here, so not a page error.
 NETWORK_NOISE = re.compile(
     r"WebSocket connection to .* failed|WebSocket is closed before|Failed to load resource|"
@@ -343,70 +340,20 @@ def test_long_gap_is_announced_and_filled_from_history(open_page: OpenPage) -> N
 def nginx_without_upgrade(tmp_path: Path, upstream_port: int) -> Iterator[str]:
     """nginx on a free port proxying to the server, without the Upgrade/Connection
     headers (so WebSockets fail, like behind many corporate proxies); its URL."""
-    if not os.path.exists(NGINX):
-        problem = f"{NGINX} is missing (Debian package 'nginx')"
-        if os.environ.get("TRIOCHAT_REQUIRE_BROWSER") == "1":
-            pytest.fail(f"TRIOCHAT_REQUIRE_BROWSER=1 but {problem}", pytrace=False)
-        pytest.skip(problem)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    prefix = tmp_path / "nginx"
-    prefix.mkdir()
-    temp = {name: prefix / name for name in ("body", "proxy", "fastcgi", "uwsgi", "scgi")}
-    conf = prefix / "nginx.conf"
-    conf.write_text(
-        f"""
-worker_processes 1;
-master_process off;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log info;
-events {{ worker_connections 128; }}
-http {{
-    access_log {prefix}/access.log;
-    client_body_temp_path {temp["body"]};
-    proxy_temp_path {temp["proxy"]};
-    fastcgi_temp_path {temp["fastcgi"]};
-    uwsgi_temp_path {temp["uwsgi"]};
-    scgi_temp_path {temp["scgi"]};
-    server {{
-        listen 127.0.0.1:{port};
-        location / {{
-            proxy_pass http://127.0.0.1:{upstream_port};
-            proxy_http_version 1.1;
-            proxy_buffering off;
-            proxy_set_header Host $http_host;
+    port = free_port()
+    server = f"""
+        server {{
+            listen 127.0.0.1:{port};
+            location / {{
+                proxy_pass http://127.0.0.1:{upstream_port};
+                proxy_http_version 1.1;
+                proxy_buffering off;
+                proxy_set_header Host $http_host;
+            }}
         }}
-    }}
-}}
-"""
-    )
-    proc = subprocess.Popen(
-        [NGINX, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log"),
-         "-g", "daemon off;"],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            log = prefix / "error.log"
-            errors = log.read_text() if log.exists() else ""
-            assert proc.poll() is None, f"nginx exited ({proc.returncode}):\n{errors}"
-            assert time.monotonic() < deadline, f"nginx is not listening on {port}:\n{errors}"
-            time.sleep(0.05)
+    """
+    with running_nginx(tmp_path / "nginx", server, [port]):
         yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def test_page_falls_back_to_sse_behind_nginx_without_websockets(

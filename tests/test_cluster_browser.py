@@ -20,11 +20,7 @@ or redis-server, like the other browser tests.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import socket
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -36,10 +32,11 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from .nginxserver import NGINX, require, running_nginx
 from .redisserver import REDIS_SERVER, free_port, redis_server
 from .server_process import ServerProcess, run_server
 from .test_browser import TIMEOUT, browser  # noqa: F401 (fixture reused)
-from .test_browser_resilience import NGINX, OpenPage, open_page, status, texts  # noqa: F401
+from .test_browser_resilience import OpenPage, open_page, status, texts  # noqa: F401
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page
@@ -56,16 +53,6 @@ EXAMPLE_NODES = ("127.0.0.1:8181", "127.0.0.1:8182")  # the nodes deploy/nginx.c
 LISTEN_80 = re.compile(r"^(\s*)listen 80;$", re.MULTILINE)
 PROXY_PASS = re.compile(r"proxy_pass http://\w+;")
 ROOM = "cluster"
-START_DEADLINE = 10.0  # seconds for nginx to listen
-
-
-def require(executable: str, package: str) -> None:
-    """Skip without ``executable``, or fail when TRIOCHAT_REQUIRE_BROWSER=1 (CI)."""
-    if shutil.which(executable) is None:
-        problem = f"{executable} is missing (Debian package {package!r})"
-        if os.environ.get("TRIOCHAT_REQUIRE_BROWSER") == "1":
-            pytest.fail(f"TRIOCHAT_REQUIRE_BROWSER=1 but {problem}", pytrace=False)
-        pytest.skip(problem)
 
 
 def block_end(text: str, start: int) -> int:
@@ -142,65 +129,18 @@ def nginx_in_front(tmp_path: Path, nodes: list[ServerProcess]) -> Iterator[Front
     (prefix / "triochat.conf").write_text(
         render_deploy_conf([node.port for node in nodes], front, pinned)
     )
-    temp = {name: prefix / name for name in ("body", "proxy", "fastcgi", "uwsgi", "scgi")}
-    main = prefix / "nginx.conf"
-    main.write_text(
-        f"""
-worker_processes 1;
-master_process off;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log info;
-events {{ worker_connections 256; }}
-http {{
-    log_format upstream '$request_method $uri $status $upstream_addr';
-    access_log {prefix}/access.log upstream;
-    client_body_temp_path {temp["body"]};
-    proxy_temp_path {temp["proxy"]};
-    fastcgi_temp_path {temp["fastcgi"]};
-    uwsgi_temp_path {temp["uwsgi"]};
-    scgi_temp_path {temp["scgi"]};
     # deploy/nginx.conf is an http-context snippet, as in Debian's conf.d/.
-    include {prefix}/triochat.conf;
-}}
-"""
-    )
-    command = [NGINX, "-p", str(prefix), "-c", str(main), "-e", str(prefix / "error.log")]
-    check = subprocess.run(
-        [*command, "-t"], capture_output=True, text=True, timeout=30, check=False
-    )
-    assert check.returncode == 0, f"nginx -t refused the rendered config:\n{check.stderr}"
-    proc = subprocess.Popen(
-        [*command, "-g", "daemon off;"],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + START_DEADLINE
-        for port in (front, *pinned):
-            while not _accepts(port):
-                log = prefix / "error.log"
-                errors = log.read_text() if log.exists() else ""
-                assert proc.poll() is None, f"nginx exited ({proc.returncode}):\n{errors}"
-                assert time.monotonic() < deadline, f"nginx is not listening on {port}:\n{errors}"
-                time.sleep(0.05)
+    with running_nginx(
+        prefix,
+        f"include {prefix}/triochat.conf;",
+        [front, *pinned],
+        log_format="$request_method $uri $status $upstream_addr",
+    ):
         yield Fronts(
             balanced=f"http://127.0.0.1:{front}",
             pinned=[f"http://127.0.0.1:{port}" for port in pinned],
             access_log=prefix / "access.log",
         )
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _accepts(port: int) -> bool:
-    with socket.socket() as probe:
-        return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 def http_get(url: str) -> tuple[int, str]:

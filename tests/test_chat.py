@@ -8,7 +8,8 @@ import pytest
 
 from triochat.chat import ChatState, Client, PendingSay
 from triochat.errors import ClientProtocolError
-from triochat.events import NodeGone
+from triochat.events import NodeGone, Reload
+from triochat.history import Snapshot
 from triochat.protocol import Message, decode_client_frame
 from triochat.ratelimit import RateLimiter
 
@@ -1455,3 +1456,41 @@ def test_cluster_node_gone_removes_its_members_once():
     assert [f["name"] for f in bob.take()] == ["alice", "carol"]
     two.state.apply(NodeGone("n1"), two.now)
     assert bob.take() == []
+
+
+def test_reload_delivers_what_the_gap_held_in_order():
+    """A `Reload` (the backplane could not fill a gap) delivers the stored messages this
+    node had not seen, in seq order across rooms, and keeps them as history."""
+    chat = Chat(epoch="e1")
+    alice = chat.connect()
+    alice.join(name="alice")
+    alice.join(room="side")
+    seen = say_all(chat, alice, 1)
+    stored = {
+        "lobby": [
+            Message("lobby", seen[0]["id"], "alice", "m0", 1),
+            Message("lobby", "e1-3", "bob", "x", 2),
+        ],
+        "side": [Message("side", "e1-2", "bob", "y", 2)],
+    }
+    chat.state.apply(Reload(Snapshot(epoch="e1", next_seq=4, rooms=stored)), chat.now)
+    assert [(f["room"], f["msg"]) for f in alice.take()] == [("side", "y"), ("lobby", "x")]
+    alice.send(type_="history", room="lobby")
+    assert [m["msg"] for m in alice.one()["messages"]] == ["m0", "x"]
+
+
+def test_reload_with_a_new_epoch_refuses_says_stored_under_the_old_one():
+    """The store lost everything (new epoch): says stored but not yet back are answered
+    `unavailable` (never acked), the old history is gone, an old `since` is not recovered."""
+    chat = Chat(epoch="e1")
+    alice = chat.connect()
+    alice.join(name="alice")
+    old = say_all(chat, alice, 2)
+    alice.send(type_="say", room="lobby", msg="in flight", ref="f")
+    pending = chat.pending()
+    chat.state.stored(pending, ["e1-3"])
+    chat.state.apply(Reload(Snapshot(epoch="e2", next_seq=1, rooms={})), chat.now)
+    error = alice.one()
+    assert (error["type"], error["code"], error["ref"]) == ("error", "unavailable", "f")
+    joined = chat.connect().join(name="bob", since=old[1]["id"])
+    assert (joined["history"], joined["recovered"]) == ([], False)

@@ -7,6 +7,7 @@ redis-server itself in the middle of traffic.
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import AsyncIterator
 from contextlib import ExitStack, asynccontextmanager
@@ -195,3 +196,35 @@ async def test_fault_redis_killed_and_restarted_mid_traffic_loses_and_duplicates
     assert {m["msg"]: m["id"] for m in stored} == acked
     assert refused > refused_before, "the outage was never seen: the test proved nothing"
     assert ready
+
+
+async def test_cluster_redis_that_lost_its_data_starts_a_new_epoch(tmp_path: Path) -> None:
+    """redis-server restarted *without* its data (no persistence): the nodes notice the
+    new epoch and start over from what Redis has. Old ids are never reused: a `since`
+    from before answers `recovered: false`; new says are stored and delivered."""
+    with redis_server(tmp_path / "redis") as redis:
+        with trio.fail_after(30):
+            async with two_nodes(redis) as (one, two):
+                async with client_of(one) as alice, client_of(two) as bob:
+                    joined = await alice.join(name="alice")
+                    await bob.join(name="bob")
+                    await alice.expect("presence", event="join", name="bob")
+                    await alice.say("before", ref="b")
+                    old = await alice.expect("message", msg="before")
+                    await alice.expect("ack", ref="b")
+                    await bob.expect("message", msg="before")
+                    redis.kill()
+                    for leftover in redis.directory.glob("appendonly*"):
+                        shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+                    redis.start()
+                    new_id = await say_until_acked(alice, "after", "a")
+                    assert new_id.rpartition("-")[0] != old["id"].rpartition("-")[0]
+                    got = await bob.recv()
+                    while got["type"] != "message":
+                        got = await bob.recv()
+                    assert (got["msg"], got["id"]) == ("after", new_id)
+                async with client_of(two) as back:
+                    rejoined = await back.join(name="carol", since=old["id"])
+                    assert rejoined["recovered"] is False
+                    assert [m["msg"] for m in rejoined["history"]] == ["after"]
+                    del joined

@@ -721,18 +721,25 @@ class ChatState:
         return int(digits)
 
     def _reload(self, reload: Reload) -> None:
-        """A gap could not be filled: take the stored history as it is now."""
+        """The backplane could not fill a gap (or its store lost everything and
+        started a new epoch): deliver what is stored and new here, in order."""
         snapshot = reload.snapshot
         if snapshot.epoch != self._epoch:
             self._epoch = snapshot.epoch
             self._last_seq = 0
-        for room in self.rooms.values():
-            room.messages = []
-            room.seqs = []
-        self._load_history(snapshot.rooms)
+            for room in list(self.rooms.values()):
+                room.messages = []
+                room.seqs = []
+                self._forget_if_empty(room)
+            # Says stored under the old epoch were lost with it: not acked, say so.
+            lost = [pending for waiting in self._awaiting.values() for pending in waiting]
+            self._awaiting = {}
+            self.store_failed(lost, "the history was lost (new epoch): send it again")
+        fresh = [m for kept in snapshot.rooms.values() for m in kept]
+        fresh.sort(key=lambda message: self._seq_of(message.id) or 0)
+        for message in fresh:
+            self._message(message)  # (skips what is here already)
         self._last_seq = max(self._last_seq, snapshot.next_seq - 1)
-        for room in list(self.rooms.values()):
-            self._forget_if_empty(room)
         for message_id in list(self._awaiting):
             seq = self._seq_of(message_id)
             if seq is not None and seq <= self._last_seq:

@@ -653,8 +653,12 @@ class RedisBackplane:
             self._wake()
 
     async def _deliver_waiting(self, received: Received) -> None:
-        """`_deliver`, but wait while the hub is far behind (bounded, never dropped)."""
-        while len(self._received) >= MAX_RECEIVED:
+        """`_deliver`, but wait while the hub is far behind (bounded, never dropped).
+
+        Not while the hub waits for a `catch_up` barrier: it takes nothing until
+        the barrier's marker, further down the channel, has come back.
+        """
+        while len(self._received) >= MAX_RECEIVED and not self._barriers:
             self._room_for_more = trio.Event()
             await self._room_for_more.wait()
         self._deliver(received)

@@ -207,8 +207,8 @@ async def test_cluster_redis_that_lost_its_data_starts_a_new_epoch(tmp_path: Pat
             async with two_nodes(redis) as (one, two):
                 async with client_of(one) as alice, client_of(two) as bob:
                     joined = await alice.join(name="alice")
-                    await bob.join(name="bob")
-                    await alice.expect("presence", event="join", name="bob")
+                    await bob.join(name="bob smith")
+                    await alice.expect("presence", event="join", name="bob smith")
                     await alice.say("before", ref="b")
                     old = await alice.expect("message", msg="before")
                     await alice.expect("ack", ref="b")
@@ -223,6 +223,12 @@ async def test_cluster_redis_that_lost_its_data_starts_a_new_epoch(tmp_path: Pat
                     while got["type"] != "message":
                         got = await bob.recv()
                     assert (got["msg"], got["id"]) == ("after", new_id)
+                    # The nodes wrote their users back: names are still taken.
+                    async with client_of(one) as impostor:
+                        await impostor.send(
+                            {"type": "join", "room": "lobby", "name": "bob smith", "ref": "j"}
+                        )
+                        await impostor.expect("error", code="name_taken", ref="j")
                 async with client_of(two) as back:
                     rejoined = await back.join(name="carol", since=old["id"])
                     assert rejoined["recovered"] is False

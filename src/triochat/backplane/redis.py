@@ -166,11 +166,11 @@ while i + 1 <= #ARGV do
       redis.call('HDEL', KEYS[1], arg)
     end
   elseif op == 'u' then
-    local sep = string.find(arg, ' ', 1, true)
-    local name = string.sub(arg, 1, sep - 1)
+    -- "<name> <token>": a name may hold spaces, a token never does.
+    local name, token = string.match(arg, '^(.*) (%S+)$')
     local cur = redis.call('HGET', KEYS[1], name)
     if not cur or string.sub(cur, 1, #ARGV[1] + 1) == ARGV[1] .. ' ' then
-      redis.call('HSET', KEYS[1], name, ARGV[1] .. ' ' .. string.sub(arg, sep + 1))
+      redis.call('HSET', KEYS[1], name, ARGV[1] .. ' ' .. token)
     end
   end
   i = i + 2

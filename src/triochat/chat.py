@@ -687,9 +687,7 @@ class ChatState:
         """A stored message, in the chat's one order: keep it, broadcast it, ack it."""
         seq = self._seq_of(message.id)
         if seq is None:
-            seq = self._new_epoch(message.id)
-            if seq is None:
-                return  # not an id of ours at all
+            return  # another epoch's: a backplane sends a `Reload` before those
         if seq <= self._last_seq:
             return  # already here (a gap fill and a live copy may overlap)
         self._last_seq = seq
@@ -706,19 +704,6 @@ class ChatState:
             listener.peer.deliver(out)
         for pending in self._awaiting.pop(message.id, ()):
             self._answer(pending)
-
-    def _new_epoch(self, message_id: str) -> int | None:
-        """The store lost its history and started a new epoch: so does the chat."""
-        epoch, _, digits = message_id.rpartition("-")
-        if not epoch or not digits.isdigit() or not digits.isascii():
-            return None
-        self._epoch = epoch
-        self._last_seq = 0
-        for room in list(self.rooms.values()):
-            room.messages = []
-            room.seqs = []
-            self._forget_if_empty(room)
-        return int(digits)
 
     def _reload(self, reload: Reload) -> None:
         """The backplane could not fill a gap (or its store lost everything and

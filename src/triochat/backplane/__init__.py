@@ -18,7 +18,9 @@ What every implementation guarantees:
 2. Every node receives every stored message, once, in seq order, through
    `take_events` (its own too: a node broadcasts and acks on receipt, so all
    nodes deliver in the same order). After an outage the gap is filled from
-   the stored log, or a `Reload` says it could not be.
+   the stored log, or a `Reload` carries what is stored. A store that lost
+   its data starts a new epoch: a `Reload` with it comes before any of its
+   messages.
 3. `publish` never blocks; events go to the other nodes in order. While the
    backplane is down they are dropped: on reconnect each node rewrites its
    own state and gets everyone else's as a `Resync`.

@@ -321,6 +321,9 @@ async def test_backplane_outage_refuses_says_then_recovers(cluster: Cluster) -> 
         await readiness_becomes(one, 503, within=10)
         await alice.say("lost?", ref="x")
         await alice.expect("error", code="unavailable", ref="x")
+        # A whisper for another node cannot get there: refused, not acked.
+        await alice.send({"type": "whisper", "to": "bob", "msg": "psst", "ref": "w"})
+        await alice.expect("error", code="unavailable", ref="w")
         cluster.mend_backplane()
         await readiness_becomes(one, 200, within=20)
         await readiness_becomes(two, 200, within=20)

@@ -242,6 +242,9 @@ class ChatState:
         self._remote: dict[str, set[Entry]] = {}
         #: Users connected on other nodes: name -> nodes.
         self._remote_online: dict[str, set[str]] = {}
+        #: Whether events reach the other nodes now (set by the hub each step):
+        #: a whisper for another node is refused, not acked, while they do not.
+        self.backplane_up = True
         self._load_history(history or {})
 
     def _load_history(self, history: dict[str, list[Message]]) -> None:
@@ -587,6 +590,10 @@ class ChatState:
         )
         if target_client is not None:
             target_client.peer.deliver(out)
+        elif not self.backplane_up:
+            raise _Refused(
+                ErrorCode.UNAVAILABLE, f"{to} is on another node, out of reach: try again"
+            )
         else:
             node = min(nodes)  # one node holds a connected user; min() is deterministic
             self.to_publish.append(WhisperEvent(node, to, out.json.decode()))

@@ -239,6 +239,7 @@ class Hub:
             if scope.cancelled_caught:
                 item = None
             self._pump(chat)
+            chat.backplane_up = self._backplane.available()
             now = trio.current_time()
             wall_ms = time.time_ns() // 1_000_000
             # Apply everything already queued before the next checkpoint.

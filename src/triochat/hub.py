@@ -43,7 +43,7 @@ __all__ = ["Hub"]
 LOGGER = logging.getLogger("triochat.hub")
 
 STORE_QUEUE: Final = 4096  # says accepted but not yet stored; full = `unavailable`
-STORE_BATCH: Final = 512  # most says per History.append (one transaction)
+STORE_BATCH: Final = 512  # most says per Backplane.append (one transaction or script call)
 
 
 class _Wake:

@@ -3,7 +3,7 @@
 ::
 
     Server.run                     root nursery
-    ├── Hub.run                    the broadcaster and its store loop
+    ├── Hub.run                    the broadcaster, its store loop and the backplane
     └── handler nursery            cancelled last, after the drain
         ├── _accept_loop           one per listener; EMFILE backs off
         └── _handle_stream         one per TCP connection: HTTP, or a chat

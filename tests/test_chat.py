@@ -8,7 +8,7 @@ import pytest
 
 from triochat.chat import ChatState, Client, PendingSay
 from triochat.errors import ClientProtocolError
-from triochat.events import NodeGone, Reload
+from triochat.events import NodeGone, NodeState, Reload
 from triochat.history import Snapshot
 from triochat.protocol import Message, decode_client_frame
 from triochat.ratelimit import RateLimiter
@@ -1494,3 +1494,18 @@ def test_reload_with_a_new_epoch_refuses_says_stored_under_the_old_one():
     assert (error["type"], error["code"], error["ref"]) == ("error", "unavailable", "f")
     joined = chat.connect().join(name="bob", since=old[1]["id"])
     assert (joined["history"], joined["recovered"]) == ([], False)
+
+
+def test_cluster_node_state_replaces_what_is_known_of_that_node():
+    """`NodeState` (a node wrote its entries again after an outage) replaces that node's
+    entries: a leave for each one gone, a join for each one new, nothing for the rest."""
+    one, two = Chat(node="n1"), Chat(node="n2")
+    for name in ("alice", "carol"):
+        one.connect().join(name=name)
+    carry(one, two)
+    bob = two.connect()
+    bob.join(name="bob")
+    entries = [("", "carol"), ("lobby", "carol"), ("", "dave"), ("lobby", "dave")]
+    two.state.apply(NodeState("n1", entries), two.now)
+    frames = [(f["event"], f["name"]) for f in bob.take()]
+    assert frames == [("leave", "alice"), ("join", "dave")]

@@ -229,8 +229,15 @@ async def test_cluster_redis_that_lost_its_data_starts_a_new_epoch(tmp_path: Pat
                             {"type": "join", "room": "lobby", "name": "bob smith", "ref": "j"}
                         )
                         await impostor.expect("error", code="name_taken", ref="j")
+                    # Both nodes wrote their members back and each learned the other's,
+                    # whichever of them reconciled first.
+                    async with client_of(one) as dave, client_of(two) as erin:
+                        everyone = ["alice", "bob smith", "dave", "erin"]
+                        assert (await dave.join(name="dave"))["members"] == everyone[:3]
+                        assert (await erin.join(name="erin"))["members"] == everyone
                 async with client_of(two) as back:
                     rejoined = await back.join(name="carol", since=old["id"])
                     assert rejoined["recovered"] is False
                     assert [m["msg"] for m in rejoined["history"]] == ["after"]
+
                     del joined

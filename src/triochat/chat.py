@@ -38,6 +38,7 @@ from .events import (
     Kick,
     MemberState,
     NodeGone,
+    NodeState,
     Received,
     Reload,
     Resync,
@@ -682,6 +683,8 @@ class ChatState:
                 self._kicked(received.name, received.by)
         elif isinstance(received, Handover):
             self._handed_over(received, now)
+        elif isinstance(received, NodeState):
+            self._replace_node(received.node, received.entries)
         elif isinstance(received, NodeGone):
             self._node_gone(received.node)
         elif isinstance(received, Resync):
@@ -812,13 +815,17 @@ class ChatState:
             if node not in states:
                 self._node_gone(node)
         for node, entries in states.items():
-            if node == self.node:
-                continue
-            now_held = {(room, name) for room, name in entries}
-            for entry in sorted(self._remote.get(node, set()) - now_held):
-                self._remote_remove(node, entry)
-            for entry in sorted(now_held):
-                self._remote_add(node, entry)
+            self._replace_node(node, entries)
+
+    def _replace_node(self, node: str, entries: list[Entry]) -> None:
+        """``node`` holds exactly ``entries`` now; presence frames for what changed."""
+        if node == self.node:
+            return
+        now_held = {(room, name) for room, name in entries}
+        for entry in sorted(self._remote.get(node, set()) - now_held):
+            self._remote_remove(node, entry)
+        for entry in sorted(now_held):
+            self._remote_add(node, entry)
 
     def own_entries(self) -> list[Entry]:
         """This node's entries, for the backplane to rewrite after an outage."""

@@ -21,6 +21,7 @@ __all__ = [
     "Kick",
     "MemberState",
     "NodeGone",
+    "NodeState",
     "Received",
     "Reload",
     "Resync",
@@ -66,6 +67,13 @@ class MemberState(msgspec.Struct, frozen=True, tag="state"):
     node: str
     add: list[Entry] = []
     remove: list[Entry] = []
+
+
+class NodeState(msgspec.Struct, frozen=True, tag="node_state"):
+    """``node`` wrote all its entries again (after an outage): they replace what is known."""
+
+    node: str
+    entries: list[Entry]
 
 
 class NodeGone(msgspec.Struct, frozen=True, tag="gone"):
@@ -124,7 +132,15 @@ class SsePostResult(msgspec.Struct, frozen=True, tag="sse_result"):
 
 
 Event = (
-    MemberState | NodeGone | TypingEvent | WhisperEvent | Kick | Handover | SsePost | SsePostResult
+    MemberState
+    | NodeState
+    | NodeGone
+    | TypingEvent
+    | WhisperEvent
+    | Kick
+    | Handover
+    | SsePost
+    | SsePostResult
 )
 
 

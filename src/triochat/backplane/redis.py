@@ -57,6 +57,7 @@ from ..events import (
     Handover,
     MemberState,
     NodeGone,
+    NodeState,
     Received,
     Reload,
     Resync,
@@ -507,14 +508,15 @@ class RedisBackplane:
         else:
             await self._fill_gap(None)
         await self._beat()
+        entries = self._own_entries()
         ops: list[tuple[str, str]] = [
             ("u", f"{name} {token}") for name, token in self._own_users()
         ]
-        ops += [("+", _entry_key(entry)) for entry in self._own_entries()]
-        state_key = PREFIX + "state:" + self.node
-        await redis.delete([state_key])
-        if ops:
-            await self._run_ops(ops)
+        ops += [("+", _entry_key(entry)) for entry in entries]
+        # Tell the nodes already subscribed; those that reconcile later read the set.
+        ops.append(("p", "e" + _ENCODER.encode(NodeState(self.node, entries)).decode()))
+        await redis.delete([PREFIX + "state:" + self.node])
+        await self._run_ops(ops)
         states: dict[str, list[Entry]] = {}
         for node in await self._live_nodes():
             if node != self.node:
@@ -534,7 +536,8 @@ class RedisBackplane:
                 barrier.set()
         elif data[:1] == b"e":
             event = _EVENTS.decode(data[1:])
-            if event.node != self.node or not isinstance(event, MemberState | Handover | NodeGone):
+            own = MemberState | NodeState | Handover | NodeGone
+            if event.node != self.node or not isinstance(event, own):
                 await self._deliver_waiting(event)
 
     async def _on_message(self, message: Message) -> None:

@@ -23,7 +23,8 @@ What every implementation guarantees:
    messages.
 3. `publish` never blocks; events go to the other nodes in order. While the
    backplane is down they are dropped: on reconnect each node rewrites its
-   own state and gets everyone else's as a `Resync`.
+   own state, publishes it (`NodeState`) and gets everyone else's as a
+   `Resync`.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ is the deploy file's, and each page's node is known. Each node's
 ``triochat_connections`` gauge shows that the pages really are on different
 nodes. The deploy file's own server block (least_conn over both nodes) is
 served too, for an SSE page whose POSTs land on the other node than its
-stream: no sticky sessions needed.
+stream: no sticky sessions needed. Through that balanced block too, a page
+whose node is SIGKILLed fails over to the other node and misses nothing.
 
 Skips, or fails under TRIOCHAT_REQUIRE_BROWSER=1, without Chromium, nginx
 or redis-server, like the other browser tests.
@@ -20,6 +21,7 @@ or redis-server, like the other browser tests.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import urllib.error
@@ -28,7 +30,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -36,7 +38,19 @@ from .nginxserver import NGINX, require, running_nginx
 from .redisserver import REDIS_SERVER, free_port, redis_server
 from .server_process import ServerProcess, run_server
 from .test_browser import TIMEOUT, browser  # noqa: F401 (fixture reused)
-from .test_browser_resilience import OpenPage, open_page, status, texts  # noqa: F401
+from .test_browser_resilience import (  # noqa: F401 (the open_page fixture is reused)
+    CONNECTED,
+    GRACE,
+    OFFLINE,
+    RECONNECT,
+    OpenPage,
+    join_room,
+    observer,
+    open_page,
+    record_sent,
+    status,
+    texts,
+)
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page
@@ -44,6 +58,7 @@ if TYPE_CHECKING:
 # Without Playwright the `browser` fixture skips (or fails) before `expect` is needed.
 with suppress(ImportError):
     from playwright.sync_api import expect
+    from websockets.sync.client import connect
 
 pytestmark = pytest.mark.browser
 
@@ -53,6 +68,11 @@ EXAMPLE_NODES = ("127.0.0.1:8181", "127.0.0.1:8182")  # the nodes deploy/nginx.c
 LISTEN_80 = re.compile(r"^(\s*)listen 80;$", re.MULTILINE)
 PROXY_PASS = re.compile(r"proxy_pass http://\w+;")
 ROOM = "cluster"
+# --node-timeout of the failover test, seconds. A node's heartbeat lives 2/3 of it
+# and is renewed every 1/4, so a SIGKILLed node's users are dropped 3.3-7.3 s after
+# the kill: well after the page is back (about 1 s, a few on a loaded machine), so
+# its takeover shows no flicker.
+NODE_TIMEOUT = 8.0
 
 
 def block_end(text: str, start: int) -> int:
@@ -195,9 +215,10 @@ class Cluster:
     fronts: Fronts
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    """Redis, two nodes on it, and nginx with deploy/nginx.conf in front of them."""
+@contextmanager
+def running_cluster(tmp_path: Path, *node_args: str) -> Iterator[Cluster]:
+    """Redis, two nodes on it (each also given ``node_args``), and nginx with
+    deploy/nginx.conf in front of them."""
     require(NGINX, "nginx")
     require(REDIS_SERVER, "redis-server")
     with ExitStack() as stack:
@@ -205,12 +226,24 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         nodes = [
             stack.enter_context(
                 run_server(
-                    "--redis", redis.url, "--data-dir", str(tmp_path / f"node{n}"), memory=False
+                    "--redis",
+                    redis.url,
+                    "--data-dir",
+                    str(tmp_path / f"node{n}"),
+                    *node_args,
+                    memory=False,
                 )
             )
             for n in (1, 2)
         ]
         yield Cluster(nodes, stack.enter_context(nginx_in_front(tmp_path, nodes)))
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """Redis, two nodes on it, and nginx with deploy/nginx.conf in front of them."""
+    with running_cluster(tmp_path) as running:
+        yield running
 
 
 def converse(alice: Page, bob: Page) -> None:
@@ -295,3 +328,137 @@ def test_sse_posts_through_the_balancer_reach_the_other_node(
     posts = fronts.upstreams(re.compile(r"POST /sse/\S+ 204"))
     assert len(posts) >= 5, posts  # bob's join and his four messages, at least
     assert any(port != stream_node.port for port in posts), (stream_node.port, posts)
+
+
+def record_received(page: Page) -> list[dict[str, Any]]:
+    """Every frame the page receives over a WebSocket from now on."""
+    received: list[dict[str, Any]] = []
+
+    def on_websocket(ws: Any) -> None:
+        ws.on("framereceived", lambda payload: received.append(json.loads(payload)))
+
+    page.on("websocket", on_websocket)
+    return received
+
+
+def node_with_the_connection(nodes: list[ServerProcess]) -> int:
+    """The index of the one node that holds a chat connection, once exactly one does."""
+    deadline = time.monotonic() + TIMEOUT / 1000
+    while sorted(seen := [chat_connections(node) for node in nodes]) != [0.0, 1.0]:
+        assert time.monotonic() < deadline, f"chat connections per node: {seen}"
+        time.sleep(0.05)
+    return seen.index(1.0)
+
+
+def node_id(node: ServerProcess) -> str:
+    """The cluster id the node logged when it joined the chat."""
+    match = re.search(r"node (\S+) joined the chat", node.output_text())
+    assert match, node.output_text()
+    return match.group(1)
+
+
+def wait_for_output(node: ServerProcess, text: str, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while text not in node.output_text():
+        tail = node.output_text()[-3000:]
+        assert time.monotonic() < deadline, f"{text!r} not logged within {seconds} s:\n{tail}"
+        time.sleep(0.05)
+
+
+def test_page_fails_over_to_the_other_node_and_misses_nothing(
+    open_page: OpenPage,  # noqa: F811 (the imported fixture)
+    tmp_path: Path,
+) -> None:
+    """alice's page reaches a node through the deploy file's own server block; that node
+    is SIGKILLed. While her page is offline bob, on the other node, says three things.
+    The page reconnects by itself through nginx, which tries the dead node first and
+    passes the handshake on to the live one (proxy_next_upstream), takes its name back
+    with its token, and shows bob's messages once each, in order; nobody sees alice
+    leave or twice, not even once the dead node's heartbeat has run out; and what she
+    says next reaches bob."""
+    args = ("--node-timeout", str(NODE_TIMEOUT), "--presence-grace", GRACE)
+    with running_cluster(tmp_path, *args) as cluster:
+        nodes, fronts = cluster.nodes, cluster.fronts
+        page = open_page(fronts.balanced + "/")
+        # The page's timers run on a clock the test can pause (it flows normally until then).
+        page.clock.install()
+        page.reload()
+        received = record_received(page)
+        join_room(page, "alice")
+        token = page.evaluate("JSON.parse(sessionStorage.getItem('triochat')).token")
+        assert isinstance(token, str)
+        assert token
+        landed = node_with_the_connection(nodes)
+        doomed, survivor = nodes[landed], nodes[1 - landed]
+        doomed_id = node_id(doomed)
+        balanced_ws = fronts.balanced.replace("http://", "ws://") + "/ws"
+
+        # An idle connection through the balancer lands on the other node (least_conn), so
+        # once the page's connection is gone, nginx tries the dead node first for it.
+        with connect(balanced_ws, open_timeout=5), observer(survivor.port, "bob") as bob:
+            wait_for_connections([doomed, survivor], [1.0, 2.0])
+            assert bob.joined["members"] == ["alice", "bob"]
+            expect(page.locator("#members li")).to_have_text(["alice", "bob"], timeout=TIMEOUT)
+            before = "before the failover"
+            before_id = bob.say(before)
+            texts(page).to_have_text([before], timeout=TIMEOUT)
+            sent = record_sent(page)
+
+            # Pause the page's timers, so its reconnect waits until bob has spoken.
+            page.clock.pause_at(page.evaluate("Date.now()") / 1000 + 0.5)
+            doomed.kill()
+            status(page).to_have_text(OFFLINE, timeout=TIMEOUT)
+            missed = [f"while alice was away {n}" for n in range(1, 4)]
+            missed_ids = [bob.say(text) for text in missed]
+            page.clock.resume()  # the page's own retry timer reconnects it
+            resumed = time.monotonic()
+
+            texts(page).to_have_text([before, *missed], timeout=RECONNECT)
+            status(page).to_have_text(CONNECTED, timeout=TIMEOUT)
+            reconnected_after = time.monotonic() - resumed
+            expect(page.locator("#retry")).to_be_hidden()
+            wait_for_connections([survivor], [3.0])  # + the page, through nginx
+            # nginx tried the dead node first and passed the handshake on.
+            refused = re.compile(
+                r"connect\(\) failed .* while connecting to upstream, .*"
+                rf'request: "GET /ws HTTP/1\.1", upstream: "http://127\.0\.0\.1:{doomed.port}/ws"'
+            )
+            errors = (fronts.access_log.parent / "error.log").read_text()
+            assert refused.search(errors), errors
+            # It rejoined as alice, with its token and the last id it had seen; the
+            # other node's `joined` replayed exactly what it missed.
+            joins = [frame for frame in sent if frame["type"] == "join"]
+            assert len(joins) == 1, joins
+            assert joins[0]["name"] == "alice"
+            assert joins[0]["token"] == token
+            assert joins[0]["since"] == before_id
+            rejoined = [frame for frame in received if frame["type"] == "joined"][-1]
+            assert rejoined["name"] == "alice"
+            assert rejoined["token"] == token
+            assert rejoined["recovered"] is True
+            assert [m["id"] for m in rejoined["history"]] == missed_ids
+            assert rejoined["members"] == ["alice", "bob"]
+
+            # The dead node's heartbeat runs out: the survivor drops that node's users,
+            # but alice is the survivor's own now.
+            wait_for_output(survivor, f"node {doomed_id} is gone", NODE_TIMEOUT + TIMEOUT / 1000)
+            with observer(survivor.port, "carol") as carol:
+                assert carol.joined["members"] == ["alice", "bob", "carol"]
+                carol.send({"type": "leave", "room": "lobby"})
+                carol.wait_for(lambda f: f["type"] == "left")
+            expect(page.locator("#members li")).to_have_text(["alice", "bob"], timeout=TIMEOUT)
+            expect(page.locator("#members li.me")).to_have_text(["alice"])
+
+            back = "back on the other node"
+            send(page, back)
+            bob.wait_for(lambda f: f["type"] == "message" and f["msg"] == back)
+            texts(page).to_have_text([before, *missed, back], timeout=TIMEOUT)
+            expect(page.locator("#messages .msg.pending")).to_have_count(0, timeout=TIMEOUT)
+            expect(page.locator("#messages .gap")).to_have_count(0)
+            bob.listen(0.5)  # a duplicate, or a late presence change, would come right behind
+            assert bob.said("alice") == [back]
+            # alice neither left nor joined again: she was back well before the dead
+            # node's heartbeat ran out, so taking her name over showed no flicker.
+            assert bob.presence("alice") == [], (bob.presence("alice"), reconnected_after)
+            assert bob.presence("carol") == ["join", "leave"]
+            assert bob.closed is None

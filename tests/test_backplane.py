@@ -184,6 +184,23 @@ async def test_backplane_whisper_reaches_a_user_on_the_other_node(cluster: Clust
         await alice.expect("error", code="no_such_user", ref="w2")
 
 
+async def test_backplane_classic_clients_span_nodes(cluster: Cluster) -> None:
+    """A 2012-style client on `/` of one node hears lobby messages said on the other,
+    and its classic `{name, msg}` frames reach members there."""
+    one, two = await cluster.node(), await cluster.node()
+    async with client_of(one, "/") as classic, client_of(two) as bob:
+        await bob.join(name="bob")
+        await bob.say("hi from two", ref="b")
+        await bob.expect("message", msg="hi from two")
+        await bob.expect("ack", ref="b")
+        heard = await classic.expect("message", msg="hi from two")
+        assert heard["name"] == "bob"
+        await classic.send({"name": "carl", "msg": "hi from one"})
+        await bob.expect("presence", event="join", name="carl")
+        got = await bob.expect("message", msg="hi from one")
+        assert got["name"] == "carl"
+
+
 async def test_backplane_name_is_unique_across_nodes(cluster: Cluster) -> None:
     one, two = await cluster.node(), await cluster.node()
     async with client_of(one) as alice, client_of(two) as impostor:

@@ -252,12 +252,18 @@ class Hub:
                 except (trio.WouldBlock, trio.EndOfChannel):
                     item = None
             chat.expire(now)
+            # What this step changed (joins, leaves) is published before its says go
+            # to the store, so every node sees a member join before it speaks, and
+            # is seen on every node before this node's clients hear of it.
+            await self._publish(chat)
             self._queue_says(chat)
-            if self._pump(chat):
-                # What this step changed is seen on every node before its clients hear of it.
-                with trio.move_on_after(self._config.handshake_timeout):
-                    await self._backplane.flush()
+            await self._publish(chat)  # (an in-memory append hands its messages back at once)
             self._flush()
+
+    async def _publish(self, chat: ChatState) -> None:
+        if self._pump(chat):
+            with trio.move_on_after(self._config.handshake_timeout):
+                await self._backplane.flush()
 
     async def _before(self, chat: ChatState, client: Client, frame: ClientFrame) -> None:
         """What a frame needs from the cluster before the chat can apply it.

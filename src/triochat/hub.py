@@ -171,7 +171,7 @@ class Hub:
         await done.wait()
         # Stored says are acked when their message comes back from the backplane.
         await self._backplane.catch_up()
-        self._pump(self.chat)
+        await self._publish(self.chat)
         self._flush()
 
     def _wake(self) -> None:
@@ -386,10 +386,9 @@ class Hub:
     ) -> None:
         """The store's verdict on a batch: ack each when it comes back, or refuse it."""
         if isinstance(result, StorageError):
-            exc = result
             self._stats.storage_failures += 1
             if not self._storage_down:  # log once per outage, not per batch
-                LOGGER.warning("history unavailable: %s", exc)
+                LOGGER.warning("history unavailable: %s", result)
                 self._storage_down = True
             chat.store_failed(batch, "the message could not be stored: try again")
             return

@@ -54,8 +54,14 @@ class LocalBroker:
         #: Fault injection (tests): every append and claim fails with this.
         self.fail_with: str | None = None
         # An in-memory history lets a single node commit without a task hop.
-        append_nowait = getattr(history, "append_nowait", None)
-        self.append_nowait: Callable[[Sequence[Message]], None] | None = append_nowait
+        self._store_nowait: Callable[[Sequence[Message]], None] | None = getattr(
+            history, "append_nowait", None
+        )
+
+    @property
+    def can_append_nowait(self) -> bool:
+        """Whether `append_nowait` may be used (the history is in memory)."""
+        return self._store_nowait is not None
 
     async def attach(self, node: LocalBackplane) -> Snapshot:
         async with self._snapshot_lock:
@@ -131,6 +137,15 @@ class LocalBroker:
             self.stored(fresh)
         return ids
 
+    def append_nowait(self, drafts: Sequence[Draft]) -> list[str]:
+        """`append` without a checkpoint (check `can_append_nowait` first)."""
+        ids, fresh = self.sequence(drafts)
+        if fresh:
+            assert self._store_nowait is not None
+            self._store_nowait([message for message, _ in fresh])
+            self.stored(fresh)
+        return ids
+
     # --- names -------------------------------------------------------------------
 
     def claim(self, node: str, name: str, token: str | None) -> Claim:
@@ -176,10 +191,9 @@ class LocalBackplane:
         self._received: list[Received] = []
         self._wake: Callable[[], None] | None = None
         self._attached = False
-        broker_append_nowait = broker.append_nowait
         #: Set when the broker's history is in memory: `append` without a checkpoint.
         self.append_nowait: Callable[[Sequence[Draft]], list[str]] | None = (
-            self._append_nowait if broker_append_nowait is not None else None
+            broker.append_nowait if broker.can_append_nowait else None
         )
 
     async def run(
@@ -191,24 +205,14 @@ class LocalBackplane:
             task_status.started(snapshot)
             await trio.sleep_forever()
         finally:
-            self._attached = False
             with trio.CancelScope(shield=True):
-                await self._broker.detach(self.node)
+                await self.leave()  # (a no-op when the hub already left)
 
     def available(self) -> bool:
         return self._broker.fail_with is None
 
     async def append(self, drafts: Sequence[Draft]) -> list[str]:
         return await self._broker.append(drafts)
-
-    def _append_nowait(self, drafts: Sequence[Draft]) -> list[str]:
-        broker = self._broker
-        ids, fresh = broker.sequence(drafts)
-        if fresh:
-            assert broker.append_nowait is not None
-            broker.append_nowait([message for message, _ in fresh])
-            broker.stored(fresh)
-        return ids
 
     async def claim(self, name: str, token: str | None) -> Claim:
         return self._broker.claim(self.node, name, token)

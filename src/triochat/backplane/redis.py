@@ -270,8 +270,6 @@ class RedisBackplane:
         return received
 
     async def append(self, drafts: Sequence[Draft]) -> list[str]:
-        if not self._available or self._say is None:
-            raise StorageError("Redis is unavailable")
         args: list[str | bytes | int] = [
             PREFIX,
             secrets.token_hex(4),
@@ -292,25 +290,24 @@ class RedisBackplane:
                 b'"' + tail,
             ]
         keys = [PREFIX + "epoch", PREFIX + "seq", PREFIX + "log", PREFIX + "rooms"]
-        try:
-            with trio.fail_after(COMMAND_TIMEOUT):
-                ids = await self._say(keys=keys, args=args)
-        except FAILURES as exc:
-            self._failed(exc)
-            raise StorageError(f"Redis: {exc}") from exc
+        ids = await self._call(self._say, keys, args)
         return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
 
     async def claim(self, name: str, token: str | None) -> Claim:
-        if not self._available or self._claim is None:
-            raise StorageError("Redis is unavailable")
         args = [PREFIX, name, token or "", self.node, secrets.token_urlsafe(24)]
+        status, got, previous = await self._call(self._claim, [PREFIX + "users"], args)
+        return Claim(status.decode(), got.decode(), previous.decode())
+
+    async def _call(self, script: Any, keys: list[str], args: Sequence[object]) -> Any:
+        """Run one of our scripts for a client's frame; StorageError when Redis is not there."""
+        if not self._available or script is None:
+            raise StorageError("Redis is unavailable")
         try:
             with trio.fail_after(COMMAND_TIMEOUT):
-                status, got, previous = await self._claim(keys=[PREFIX + "users"], args=args)
+                return await script(keys=keys, args=args)
         except FAILURES as exc:
             self._failed(exc)
             raise StorageError(f"Redis: {exc}") from exc
-        return Claim(status.decode(), got.decode(), previous.decode())
 
     def release(self, name: str) -> None:
         self._queue("r", name)

@@ -15,6 +15,11 @@ SIGKILL) and the next one starts. The table compares the two: ratio is
 triochat / peer. Needs Python with triochat and websockets importable (the
 dev venv) and Node.js 18+ (no npm packages).
 
+The memory scenario also runs a third server, `floor_trio_websocket.py`: the
+same protocol subset on bare trio + trio-websocket, the least an idle joined
+connection can cost with trio-websocket underneath. Its figures get a small
+table of their own (triochat, bare trio-websocket, peer; triochat - bare).
+
 The cluster scenario is triochat only: the saturation load against one node,
 one node with ``--redis``, and two nodes with ``--redis`` (the same clients,
 half on each node's port), each with a fresh ``redis-server`` of its own
@@ -56,6 +61,7 @@ LOOPBACK = "127.0.0.1"
 SCENARIOS = ("saturation", "latency", "memory", "churn", "cluster")
 NOFILE = 65536
 NOISY = 10  # % of a core used by other processes during a window: flagged
+MEMORY_ONLY = frozenset({"floor"})  # servers that run in the memory scenario only
 
 # --- scenario sizes -------------------------------------------------------------
 
@@ -183,9 +189,14 @@ def server_specs(args: argparse.Namespace) -> list[ServerSpec]:
     def peer(port: int) -> list[str]:
         return [sys.executable, str(HERE / "peer_websockets.py"), "--port", str(port)]
 
+    def floor(port: int) -> list[str]:
+        argv = [sys.executable, str(HERE / "floor_trio_websocket.py"), "--port", str(port)]
+        return argv + list(args.floor_arg)
+
     return [
         ServerSpec("triochat", "triochat", triochat),
         ServerSpec("peer", "websockets peer", peer),
+        ServerSpec("floor", "bare trio-websocket floor", floor),
     ]
 
 
@@ -473,6 +484,51 @@ def ratio_ok(trio: float | None, peer: float | None, pred: Callable[[float], boo
     return pred(trio / peer)
 
 
+def build_floor_rows(memory: dict[str, dict[str, Any]]) -> tuple[list[list[str]], list[str]]:
+    """The memory floor table: triochat, bare trio-websocket and the peer side
+    by side, with how far triochat is above the floor; and its notes."""
+    rows: list[list[str]] = []
+    notes: list[str] = []
+    fl = memory.get("floor", {})
+    if not fl:
+        return rows, notes
+    tr, pr = memory.get("triochat", {}), memory.get("peer", {})
+    if not fl.get("ok"):
+        notes.append(f"memory/floor: FAILED: {fl.get('error')}")
+    problems = fl.get("problems") or {}
+    if problems.get("count"):
+        notes.append(
+            f"memory/floor: {problems['count']} client problems {problems['kinds']}; "
+            f"e.g. {problems['examples'][:2]}"
+        )
+
+    def show(value: float | None, fmt: str) -> str:
+        return "n/a" if value is None or math.isnan(value) else fmt.format(value)
+
+    def row(metric: str, key: str, fmt: str, scale: float = 1.0, above: bool = True) -> None:
+        t, f, p = (get(res, key) for res in (tr, fl, pr))
+        t, f, p = (None if v is None else v / scale for v in (t, f, p))
+        diff = ""
+        if above and t is not None and f is not None and not math.isnan(t + f):
+            diff = fmt.format(t - f)
+            diff = diff if diff.startswith("-") else f"+{diff}"
+        rows.append(["memory", metric, show(t, fmt), show(f, fmt), show(p, fmt), diff])
+
+    row("RSS per idle joined conn, KiB", "kibPerConn", "{:.1f}")
+    row("connections held", "held", "{:,.0f}", above=False)
+    row("server RSS held, MiB", "rssHeldKiB", "{:.1f}", scale=1024)
+    row("server RSS at baseline, MiB", "rssBaseKiB", "{:.1f}", scale=1024)
+    row("connect+join rate, conns/s", "connectsPerS", "{:,.0f}", above=False)
+    floor_kib = get(fl, "kibPerConn")
+    if floor_kib is not None and not math.isnan(floor_kib):
+        verdict = "above" if floor_kib > 12 else "below"
+        notes.append(
+            f"memory: bare trio-websocket (floor_trio_websocket.py) needs {floor_kib:.1f} KiB "
+            f"per idle joined connection, {verdict} the 12 KiB target"
+        )
+    return rows, notes
+
+
 def build_rows(results: dict[str, dict[str, dict[str, Any]]]) -> tuple[list[Row], list[str]]:
     rows: list[Row] = []
     notes: list[str] = []
@@ -497,6 +553,8 @@ def build_rows(results: dict[str, dict[str, dict[str, Any]]]) -> tuple[list[Row]
 
     for scenario, pair in results.items():
         tr, pr = pair.get("triochat", {}), pair.get("peer", {})
+        if not tr and not pr:
+            continue  # only the floor ran: its own table
         for who, res in (("triochat", tr), ("peer", pr)):
             if res and not res.get("ok"):
                 notes.append(f"{scenario}/{who}: FAILED: {res.get('error')}")
@@ -900,6 +958,14 @@ def _mib(kib: float | None) -> float | None:
 
 
 MAIN_HEADER = ["scenario", "metric", "triochat", "websockets peer", "ratio", "target", "met?"]
+FLOOR_HEADER = [
+    "scenario",
+    "metric",
+    "triochat",
+    "bare trio-websocket",
+    "websockets peer",
+    "triochat - bare",
+]
 CLUSTER_HEADER = [
     "scenario",
     "metric",
@@ -991,7 +1057,11 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small numbers, about a minute")
     parser.add_argument("--only", default=",".join(SCENARIOS), help="comma-separated scenarios")
-    parser.add_argument("--servers", default="triochat,peer", help="triochat,peer or one of them")
+    parser.add_argument(
+        "--servers",
+        default="triochat,peer,floor",
+        help="any of triochat, peer, floor (bare trio-websocket: the memory scenario only)",
+    )
     parser.add_argument("--saturation-seconds", type=float, help="measured window")
     parser.add_argument(
         "--inflight", type=int, help="says in flight per sender (default 32; saturation, cluster)"
@@ -1008,6 +1078,12 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--triochat-arg", action="append", default=[], help="extra triochat option"
+    )
+    parser.add_argument(
+        "--floor-arg",
+        action="append",
+        default=[],
+        help="extra floor_trio_websocket.py option (e.g. --floor-arg=--message-queue-size=4)",
     )
     parser.add_argument("--no-pin", action="store_true", help="do not pin to CPUs 0 and 1")
     parser.add_argument("--json", help="write every raw result to this file")
@@ -1027,6 +1103,9 @@ def parse_args() -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
     args.server_keys = [s.strip() for s in args.servers.split(",") if s.strip()]
+    unknown = set(args.server_keys) - {"triochat", "peer", "floor"}
+    if unknown:
+        parser.error(f"unknown server(s): {', '.join(sorted(unknown))}")
     sizes = {name: dict(p) for name, p in (QUICK if args.quick else FULL).items()}
     overrides = (
         ("saturation", "durationS", args.saturation_seconds),
@@ -1082,6 +1161,10 @@ def main() -> int:
     triochat_argv = " ".join(specs[0].argv(0)[1:]) if specs and specs[0].key == "triochat" else ""
     if triochat_argv:
         info.append(f"triochat: python {triochat_argv.replace('--port 0', '--port <free>')}")
+    floor = next((s for s in specs if s.key == "floor"), None)
+    if floor is not None and "memory" in args.scenarios:
+        floor_argv = " ".join(floor.argv(0)[1:]).replace(str(HERE.parent) + "/", "")
+        info.append(f"memory floor: python {floor_argv.replace('--port 0', '--port <free>')}")
     if "cluster" in args.scenarios:
         redis_argv = " ".join(repr(a) if a == "" else a for a in REDIS_OPTIONS)
         info.append(
@@ -1123,6 +1206,8 @@ def main() -> int:
                     print(f"    done in {time.monotonic() - t0:.1f} s", file=sys.stderr)
                 continue
             for spec in specs:
+                if spec.key in MEMORY_ONLY and scenario != "memory":
+                    continue
                 if args.wait_quiet > 0:
                     busy = wait_quiet(args.wait_quiet)
                     if busy >= NOISY:
@@ -1161,6 +1246,11 @@ def main() -> int:
         if rows:
             print()
             print(render(rows))
+        floor_rows, floor_notes = build_floor_rows(results.get("memory", {}))
+        notes += floor_notes
+        if floor_rows:
+            print()
+            print(render(floor_rows, FLOOR_HEADER))
         if "cluster" in results:
             cluster_rows, cluster_notes = build_cluster_rows(results["cluster"])
             notes += cluster_notes

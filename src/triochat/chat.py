@@ -22,7 +22,6 @@ Rules of this module:
 from __future__ import annotations
 
 import bisect
-import collections
 import heapq
 import itertools
 import secrets
@@ -123,8 +122,9 @@ class User:
         self.rooms: set[str] = set()
         #: When held rooms are released; None while nothing is held.
         self.deadline: float | None = None
-        #: The user's recent says by `ref`, so a retry is never stored twice.
-        self.refs: collections.OrderedDict[str, PendingSay] = collections.OrderedDict()
+        #: The user's recent says by `ref`, oldest first, so a retry is never
+        #: stored twice (a plain dict: an empty one costs less than an OrderedDict).
+        self.refs: dict[str, PendingSay] = {}
 
 
 class Room:
@@ -550,10 +550,11 @@ class ChatState:
                 return
         pending = PendingSay(client, Draft(room, client.name, text, wall_ms, ref), user)
         if ref is not None:
-            user.refs[ref] = pending
-            user.refs.move_to_end(ref)
-            if len(user.refs) > MAX_REFS_PER_USER:
-                user.refs.popitem(last=False)
+            refs = user.refs
+            refs.pop(ref, None)  # re-inserted: now the newest
+            refs[ref] = pending
+            if len(refs) > MAX_REFS_PER_USER:
+                del refs[next(iter(refs))]
         self.to_store.append(pending)
 
     def _typing(self, client: Client, frame: Typing, now: float) -> None:

@@ -2,25 +2,29 @@
 
 ::
 
-    Connection.run                 connection nursery
-    ├── _read_loop                 transport -> decode -> hub inbound
-    └── _write_loop (in run)       outbox -> one write per batch; pings; then the close
+    Connection.run(nursery)        the connection's task: read loop and keepalive
+    └── _write (in nursery)        started only when the hub could not write at
+                                   once (full socket, partial write, SSE), for a
+                                   ping, or to close; returns when nothing is left
 
-The writer also keeps the connection alive: every ``ping_interval`` it sends
-a ping (a comment on SSE, every 15 s), busy or not, and a peer that has sent
-nothing at all within ``ping_timeout`` after it is gone. No keepalive task:
-one task less per connection is memory and scheduling saved.
+The hub writes each step's frames itself when the socket takes them
+(`flush_nowait`), so an idle or keeping-up connection has one task of its
+own: the reader. Every ``ping_interval`` of silence the reader has a ping
+sent (a comment on SSE, every 15 s), and a peer that has sent nothing at all
+within ``ping_timeout`` after it is gone; while a write is pending, the
+write's own bound watches the peer instead.
 
 Rules:
 
-1. Whoever ends first cancels the nursery; the others stop with it.
+1. The connection ends by cancelling the nursery it was given (`_end`):
+   whoever ends it first, the reader or the writer, stops the other.
 2. Only the writer closes: `close_soon` records the close code (first one
-   wins) and wakes it. From then on everything left (a pending write, the
+   wins) and starts it. From then on everything left (a pending write, the
    queued frames unless it is a slow consumer, the close frame) must finish
    within ``close_timeout`` (the drain's own timeout while draining); then
    the TCP connection is aborted.
-3. Nothing escapes `run`: a bug closes this connection with 1011 and is
-   logged with a traceback; other connections never notice.
+3. Nothing but that cancellation escapes `run`: a bug closes this connection
+   with 1011 and is logged with a traceback; other connections never notice.
 """
 
 from __future__ import annotations
@@ -70,12 +74,11 @@ class Transport(Protocol):
         """Write ``frames`` with one write. Raises TransportClosed."""
         ...
 
-    def can_send_nowait(self) -> bool:
-        """True when `send_nowait` may be called now."""
-        ...
+    def send_nowait(self, frames: list[OutFrame]) -> bytes | None:
+        """Write as much as the socket takes now; the rest, for `send_rest`.
 
-    def send_nowait(self, frames: list[OutFrame]) -> bytes:
-        """Write as much as the socket takes now; the rest, for `send_rest`."""
+        None (nothing written) when it cannot write now: the writer task then does.
+        """
         ...
 
     async def send_rest(self, data: bytes) -> None:
@@ -108,6 +111,26 @@ class Transport(Protocol):
 class Connection:
     """A chat connection; it is the `Peer` the chat state delivers to."""
 
+    __slots__ = (
+        "_broken",
+        "_close_deadline",
+        "_config",
+        "_hub",
+        "_listener",
+        "_lost",
+        "_nursery",
+        "_ping_due",
+        "_send_scope",
+        "_stats",
+        "_transport",
+        "_unsent",
+        "_writing",
+        "close_code",
+        "close_request",
+        "end_reason",
+        "outbox",
+    )
+
     def __init__(
         self,
         transport: Transport,
@@ -135,17 +158,23 @@ class Connection:
         #: The tail of a frame batch the hub could only half write; the writer sends it.
         self._unsent = b""
         self._lost: TransportClosed | None = None  # the hub's direct write found the peer gone
+        self._ping_due = False  # the reader asks the writer for a ping
+        self._writing = False  # the writer task is running
+        #: Where the writer starts, and whose cancellation ends the connection
+        #: (set while `run` runs).
+        self._nursery: trio.Nursery | None = None
 
     # --- Peer (sync, never blocks) ---------------------------------------------
 
     def deliver(self, frame: OutFrame) -> None:
         if self.close_request is not None:
             return
-        if not self.outbox.put_nowait(frame):
+        queued = self.outbox.put_nowait(frame)
+        if queued == 1:
+            self._hub.mark_dirty(self)  # the hub calls flush_nowait after this step
+        elif not queued:
             self._stats.slow_consumers += 1
             self.close_soon(CloseCode.TRY_AGAIN_LATER, "slow consumer", flush=False)
-        elif len(self.outbox) == 1:
-            self._hub.mark_dirty(self)  # the hub calls flush_nowait after this step
 
     def flush_nowait(self) -> None:
         """Send what is queued right now, from the hub, if the socket takes it.
@@ -155,23 +184,24 @@ class Connection:
         the writer task. Otherwise (a busy or full socket, a partial write,
         SSE, a close in progress) the writer is woken and does it.
         """
-        transport = self._transport
-        if self.close_request is not None or not self.outbox or not transport.can_send_nowait():
-            self.outbox.wake()
-            return
-        frames = self.outbox.take_all()
-        try:
-            rest = transport.send_nowait(frames)
-        except TransportClosed as exc:
-            self._lost = exc
-            self.outbox.wake()
-            return
-        stats = self._stats
-        stats.frames_sent += len(frames)
-        stats.writes += 1
-        if rest:
-            self._unsent = rest
-            self.outbox.wake()
+        outbox = self.outbox
+        if self.close_request is None:
+            frames = outbox.peek()
+            if frames:
+                try:
+                    rest = self._transport.send_nowait(frames)
+                except TransportClosed as exc:
+                    self._lost = exc
+                else:
+                    if rest is not None:
+                        stats = self._stats
+                        stats.frames_sent += len(frames)
+                        stats.writes += 1
+                        outbox.clear()
+                        if not rest:
+                            return
+                        self._unsent = rest
+        self._want_writer()
 
     def close_soon(
         self, code: int, reason: str, *, flush: bool = True, timeout: float | None = None
@@ -194,58 +224,91 @@ class Connection:
             self.outbox.clear()
         if self._send_scope is not None:
             self._send_scope.deadline = min(self._send_scope.deadline, self._close_deadline)
-        self.outbox.wake()
+        self._want_writer()
+
+    def _want_writer(self) -> None:
+        """Have the writer run: started unless it is running (or the connection is over)."""
+        if not self._writing and self._nursery is not None:
+            self._writing = True
+            self._nursery.start_soon(self._write)
 
     # --- the tasks ---------------------------------------------------------------
 
-    async def run(self) -> None:
-        """Serve the connection until it ends; never raises (but Cancelled)."""
+    async def run(self, nursery: trio.Nursery) -> None:
+        """Serve the connection until it ends, then cancel ``nursery``.
+
+        ``nursery`` (the caller's, holding nothing that should outlive the
+        connection) runs the writer when it is needed. Returns, or raises
+        Cancelled once ``nursery`` is cancelled; never anything else.
+        """
         client = self._hub.connect(self, listener=self._listener)
+        self._nursery = nursery
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._guard, self._read_loop, client, nursery.cancel_scope)
-                await self._guard(self._write_loop, None, nursery.cancel_scope)
+            if self.close_request is not None:
+                self._want_writer()  # asked to close before it started (a drain)
+            await self._read(client)
         finally:
+            self._nursery = None  # the hub may still flush it: no writer any more
             self._hub.disconnect(client)
             with trio.CancelScope(shield=True):
                 await self._transport.abort()
 
-    async def _guard(self, loop: _Loop, client: Client | None, scope: trio.CancelScope) -> None:
-        """Run one loop; whatever ends it ends the connection."""
+    def _end(self) -> None:
+        """End the connection: cancel the nursery (the reader, the writer)."""
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    async def _read(self, client: Client) -> None:
+        """Run the read loop; however it ends, end the connection."""
         try:
-            await loop(client)
+            await self._read_loop(client)
         except TransportClosed as exc:
-            if self.close_request is None:
-                self.end_reason = exc.reason
-                self.close_code = exc.code
-            elif loop != self._write_loop:
+            if self.close_request is not None:
                 # We are closing (which also ends trio-websocket's reads): the
                 # writer sends the close frame and ends the connection.
                 await trio.sleep_forever()
-            else:  # the close we asked for, cut short: it still says why
-                self.close_code, self.end_reason = self.close_request
+            self.end_reason = exc.reason
+            self.close_code = exc.code
         except Exception:
             LOGGER.exception("bug in a connection task; closing it with 1011")
             self.end_reason = "internal error"
             self.close_soon(CloseCode.INTERNAL_ERROR, "internal error")
-            if loop != self._write_loop:
-                return  # the writer sends the 1011
-            await self._close_now()
-        scope.cancel()
+            await trio.sleep_forever()  # the writer sends the 1011
+        self._end()
 
-    async def _read_loop(self, client: Client | None) -> None:
-        assert client is not None
+    async def _read_loop(self, client: Client) -> None:
         transport = self._transport
         hub = self._hub
         stats = self._stats
-        max_bytes = self._config.max_frame_bytes
-        max_chars = self._config.max_msg_chars
+        config = self._config
+        max_bytes = config.max_frame_bytes
+        max_chars = config.max_msg_chars
+        interval = transport.heartbeat or config.ping_interval
+        ping_sent: float | None = None  # an unanswered ping went out then
+        next_ping = trio.current_time() + interval
         while True:
-            try:
-                text = await transport.receive()
-            except BinaryFrameError:
-                self.close_soon(CloseCode.UNSUPPORTED_DATA, "binary frames are not accepted")
-                await trio.sleep_forever()  # the writer's close ends the connection
+            text: str | None = None
+            deadline = next_ping if ping_sent is None else ping_sent + config.ping_timeout
+            with trio.move_on_at(deadline):
+                try:
+                    text = await transport.receive()
+                except BinaryFrameError:
+                    self.close_soon(CloseCode.UNSUPPORTED_DATA, "binary frames are not accepted")
+                    await trio.sleep_forever()  # the writer's close ends the connection
+            if text is None:  # silence until the deadline
+                now = trio.current_time()
+                if ping_sent is None:
+                    # A pending write is bounded on its own (`_bounded_send`).
+                    if not self._writing:
+                        self._ping_due = True
+                        self._want_writer()
+                        ping_sent = now if transport.expects_pong else None
+                    next_ping = now + interval
+                elif transport.last_receive >= ping_sent:
+                    ping_sent = None  # any bytes, the pong included, prove the peer is there
+                else:
+                    raise TransportClosed(f"no pong within {config.ping_timeout:g} s")
+                continue
             stats.frames_received += 1
             # A code point is 1-4 bytes: encode only when the size could be over.
             if len(text) * 4 > max_bytes and len(text.encode()) > max_bytes:
@@ -257,29 +320,34 @@ class Connection:
                 item = exc
             await hub.submit(client, item)  # type: ignore[arg-type]
 
-    async def _write_loop(self, _: Client | None) -> None:
+    async def _write(self) -> None:
+        """The writer: what the hub could not write, a ping, the close; then return.
+
+        A write that fails ends the connection; a bug closes it with 1011.
+        """
+        try:
+            await self._write_pending()
+        except TransportClosed as exc:
+            if self.close_request is None:
+                self.end_reason = exc.reason
+                self.close_code = exc.code
+            else:  # the close we asked for, cut short: it still says why
+                self.close_code, self.end_reason = self.close_request
+            self._end()
+        except Exception:
+            LOGGER.exception("bug in a connection task; closing it with 1011")
+            self.end_reason = "internal error"
+            self.close_soon(CloseCode.INTERNAL_ERROR, "internal error")
+            await self._close_now()
+            self._end()
+        finally:
+            self._writing = False
+
+    async def _write_pending(self) -> None:
         outbox = self.outbox
         transport = self._transport
         stats = self._stats
-        config = self._config
-        interval = transport.heartbeat or config.ping_interval
-        ping_sent: float | None = None  # an unanswered ping went out then
-        next_ping = trio.current_time() + interval
         while True:
-            deadline = next_ping if ping_sent is None else ping_sent + config.ping_timeout
-            with trio.move_on_at(deadline) as idle:
-                await outbox.wait()
-            if idle.cancelled_caught:
-                now = trio.current_time()
-                if ping_sent is None:
-                    await self._bounded_send(transport.ping())
-                    ping_sent = now if transport.expects_pong else None
-                    next_ping = now + interval
-                elif transport.last_receive >= ping_sent:
-                    ping_sent = None  # any bytes, the pong included, prove the peer is there
-                else:
-                    raise TransportClosed(f"no pong within {config.ping_timeout:g} s")
-                continue
             if self._lost is not None:
                 raise self._lost
             if self._unsent:
@@ -290,9 +358,15 @@ class Connection:
                 await self._bounded_send(transport.send(frames))
                 stats.frames_sent += len(frames)
                 stats.writes += 1
-            if self.close_request is not None and not outbox:
+            elif self._ping_due:
+                self._ping_due = False
+                await self._bounded_send(transport.ping())
+            elif self.close_request is not None:
                 await self._close_now()
+                self._end()
                 return
+            else:
+                return  # nothing left: the hub writes directly again
 
     async def _bounded_send(self, sending: Awaitable[None]) -> None:
         """Await one write, cut off when the peer stops reading for too long.
@@ -321,7 +395,3 @@ class Connection:
         if not self._broken:
             with trio.move_on_at(self._close_deadline):
                 await self._transport.close(code, reason)
-
-
-class _Loop(Protocol):
-    async def __call__(self, client: Client | None, /) -> None: ...

@@ -1,7 +1,7 @@
 """Outbound frames, encoded once and framed once per transport.
 
 A broadcast to N members builds one `OutFrame`; every recipient's writer
-takes the same bytes (`ws` or `sse`), so the per-delivery cost is a deque
+takes the same bytes (`ws` or `sse`), so the per-delivery cost is a list
 append, not a JSON encode or a WebSocket frame build.
 """
 
@@ -38,28 +38,23 @@ def websocket_text_frame(payload: bytes) -> bytes:
 
 
 class OutFrame:
-    """One server frame: its JSON, and lazily its WebSocket and SSE framings."""
+    """One server frame: its JSON, its WebSocket framing, and lazily its SSE one."""
 
-    __slots__ = ("_opcode", "_sse", "_ws", "event_id", "json")
+    __slots__ = ("_sse", "event_id", "json", "ws")
 
     def __init__(self, json: bytes, event_id: str | None = None, *, binary: bool = False) -> None:
         #: The payload: a server frame's JSON (or raw bytes when ``binary``).
         self.json = json
         #: The message id, sent as the SSE ``id:`` field where there is one.
         self.event_id = event_id
-        self._opcode = OPCODE_BINARY if binary else OPCODE_TEXT
-        self._ws: bytes | None = None
+        #: The WebSocket frame, built at once: a plain attribute is the cheapest
+        #: read on the fan-out path, and nearly every frame goes out over WebSocket.
+        self.ws = websocket_frame(json, OPCODE_BINARY if binary else OPCODE_TEXT)
         self._sse: bytes | None = None
 
     @classmethod
     def of(cls, frame: ServerFrame, event_id: str | None = None) -> OutFrame:
         return cls(encode(frame), event_id)
-
-    @property
-    def ws(self) -> bytes:
-        if self._ws is None:
-            self._ws = websocket_frame(self.json, self._opcode)
-        return self._ws
 
     @property
     def sse(self) -> bytes:

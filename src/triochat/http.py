@@ -30,7 +30,7 @@ from .config import Config
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Stats
 
-__all__ = ["FrontContext", "StaticFiles", "handle_http"]
+__all__ = ["FrontContext", "StaticFiles", "Upgrade", "handle_http"]
 
 LOGGER = logging.getLogger("triochat.http")
 
@@ -78,10 +78,6 @@ class FrontContext(Protocol):
 
     def release_ip_slot(self, ip: str) -> None: ...
 
-    async def serve_websocket(self, stream: trio.abc.Stream, prefix: bytes, path: str) -> None:
-        """Run a vetted WebSocket connection to its end."""
-        ...
-
     async def serve_sse(self, stream: trio.abc.Stream) -> None:
         """Run a vetted ``GET /sse`` stream to its end (the front wrote nothing yet)."""
         ...
@@ -104,6 +100,19 @@ class StaticFiles:
                 if kind.startswith("text/") or kind == "application/javascript":
                     kind += "; charset=utf-8"
                 self.files[name] = (entry.read_bytes(), kind)
+
+
+class Upgrade:
+    """A vetted WebSocket upgrade, for the caller to run (it holds an IP slot)."""
+
+    __slots__ = ("ip", "path", "prefix")
+
+    def __init__(self, prefix: bytes, path: str, ip: str) -> None:
+        #: The request head as received plus what followed (replayed to trio-websocket).
+        self.prefix = prefix
+        self.path = path
+        #: The slot taken for this address: release it with `release_ip_slot`.
+        self.ip = ip
 
 
 class _Request:
@@ -132,9 +141,13 @@ def _peer_ip(stream: trio.abc.Stream) -> str:
     return str(address[0]) if isinstance(address, tuple) else str(address)
 
 
-async def handle_http(stream: trio.abc.Stream, ctx: FrontContext, static: StaticFiles) -> None:
+async def handle_http(
+    stream: trio.abc.Stream, ctx: FrontContext, static: StaticFiles
+) -> Upgrade | None:
     """Serve one accepted connection: requests until it closes or upgrades.
 
+    Returns the vetted WebSocket upgrade, for the caller to run: the front's
+    frames and parser are then gone, not kept for the hours a chat may last.
     Resource handling: the caller closes ``stream`` afterwards.
     """
     config = ctx.config
@@ -148,38 +161,39 @@ async def handle_http(stream: trio.abc.Stream, ctx: FrontContext, static: Static
         except trio.TooSlowError:
             if conn.their_state is h11.SEND_BODY or conn.trailing_data[0]:
                 await _send_raw(stream, 408, "the request took too long")
-            return
+            return None
         if not isinstance(event, h11.Request):
-            return  # the client closed the connection
+            return None  # the client closed the connection
         request = _Request(event)
         ctx.stats.http_requests += 1
         if "websocket" in request.headers.get("upgrade", "").lower():
             prefix = await _vet_upgrade(stream, conn, request, ctx)
-            path = request.path
-            # A chat may last for hours: let the parser's state go first.
-            del conn, event, request
-            if prefix is not None:
-                await _serve_upgrade(stream, prefix, path, ctx)
-            return
+            if prefix is None:
+                return None
+            ip = _peer_ip(stream)
+            if not ctx.take_ip_slot(ip):
+                await _send_raw(stream, 429, "too many connections from your address")
+                return None
+            return Upgrade(prefix, request.path, ip)
         if request.path == "/sse" and request.method == "GET":
             await _open_sse(stream, request, ctx)
-            return
+            return None
         if request.path.startswith("/sse/"):
             if not await _answering_protocol_errors(stream, _post_sse(stream, conn, request, ctx)):
-                return
+                return None
         elif not await _respond(stream, conn, request, ctx, static):
-            return
+            return None
         try:
             with trio.move_on_after(config.handshake_timeout) as body_scope:
                 finished = await _finish_request(stream, conn)
         except (h11.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
-            return  # answered already; a broken body only ends the connection
+            return None  # answered already; a broken body only ends the connection
         if body_scope.cancelled_caught or not finished:
-            return
+            return None
         try:
             conn.start_next_cycle()
         except h11.LocalProtocolError:
-            return
+            return None
 
 
 async def _answering_protocol_errors(stream: trio.abc.Stream, step: Awaitable[_T]) -> _T | None:
@@ -376,19 +390,6 @@ async def _vet_upgrade(
         await _send_raw(stream, 503, "the server is shutting down")
         return None
     return _replay_bytes(conn, request)
-
-
-async def _serve_upgrade(
-    stream: trio.abc.Stream, prefix: bytes, path: str, ctx: FrontContext
-) -> None:
-    ip = _peer_ip(stream)
-    if not ctx.take_ip_slot(ip):
-        await _send_raw(stream, 429, "too many connections from your address")
-        return
-    try:
-        await ctx.serve_websocket(stream, prefix, path)
-    finally:
-        ctx.release_ip_slot(ip)
 
 
 def _json_error(code: str, message: str) -> bytes:

@@ -6,8 +6,8 @@
     ├── Hub.run                    the broadcaster, its store loop and the backplane
     └── handler nursery            cancelled last, after the drain
         ├── _accept_loop           one per listener; EMFILE backs off
-        └── _handle_stream         one per TCP connection: HTTP, or a chat
-            └── connection nursery (trio-websocket's reader + Connection.run)
+        └── _handle_stream         one per TCP connection: HTTP, or a chat (Connection.run)
+            └── connection nursery (trio-websocket's reader; the writer when needed)
 
 Shutdown (`drain`): /readyz turns 503 and new chats get 503; every chat
 connection flushes what is queued for it and closes with 1001, bounded by
@@ -41,7 +41,7 @@ from .hub import Hub
 from .metrics import Stats, render_metrics
 from .protocol import CloseCode
 from .transports.sse import SseTransport
-from .transports.websocket import ReplayStream, accept_websocket, closing_races_tolerated
+from .transports.websocket import ClosingRace, ReplayStream, accept_websocket
 
 __all__ = ["Server", "serve", "serve_until_signalled"]
 
@@ -213,25 +213,33 @@ class Server:
 
     async def _handle_stream(self, stream: trio.abc.Stream) -> None:
         try:
-            await handle_http(stream, self, self._static)
+            upgrade = await handle_http(stream, self, self._static)
+            if upgrade is not None:
+                try:
+                    await self._serve_websocket(stream, upgrade.prefix, upgrade.path)
+                finally:
+                    self.release_ip_slot(upgrade.ip)
         except Exception:
-            LOGGER.exception("bug in the HTTP front")
+            LOGGER.exception("bug serving a connection")
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def serve_websocket(self, stream: trio.abc.Stream, prefix: bytes, path: str) -> None:
-        """Run one chat connection over WebSocket (called by the front)."""
+    async def _serve_websocket(self, stream: trio.abc.Stream, prefix: bytes, path: str) -> None:
+        """Run one chat connection over WebSocket (an upgrade the front vetted)."""
         peer = _peer_name(stream)
         replay = ReplayStream(stream, prefix)
-        with closing_races_tolerated():
-            async with trio.open_nursery() as nursery:  # owns trio-websocket's reader task
+        try:
+            # trio-websocket's reader task, and our writer when it is needed.
+            async with trio.open_nursery() as nursery:
                 try:
                     transport = await accept_websocket(nursery, replay, self.config)
                 except TransportClosed as exc:
                     LOGGER.info("handshake from %s failed: %s", peer, exc.reason)
                 else:
-                    await self._run_connection(transport, peer, f"ws{path}", path == "/")
+                    await self._run_connection(transport, nursery, peer, f"ws{path}", path == "/")
                 nursery.cancel_scope.cancel()
+        except* ClosingRace as group:
+            LOGGER.debug("peer sent a frame while we were closing: %r", group.exceptions[0])
 
     async def serve_sse(self, stream: trio.abc.Stream) -> None:
         """Run one chat connection over Server-Sent Events (called by the front)."""
@@ -241,7 +249,7 @@ class Server:
             await transport.start()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(transport.watch_peer)
-                await self._run_connection(transport, _peer_name(stream), "sse", False)
+                await self._run_connection(transport, nursery, _peer_name(stream), "sse", False)
                 nursery.cancel_scope.cancel()
         except TransportClosed:
             pass  # gone before the session event got through
@@ -312,7 +320,7 @@ class Server:
         self.hub.backplane.publish(result)
 
     async def _run_connection(
-        self, transport: Transport, peer: str, kind: str, listener: bool
+        self, transport: Transport, nursery: trio.Nursery, peer: str, kind: str, listener: bool
     ) -> None:
         started = trio.current_time()
         connection = Connection(transport, self.hub, self.config, self.stats, listener=listener)
@@ -322,7 +330,7 @@ class Server:
         if self._draining:
             connection.close_soon(CloseCode.GOING_AWAY, "going away")
         try:
-            await connection.run()
+            await connection.run(nursery)
         finally:
             self.connections.discard(connection)
             if self._draining and not self.connections:

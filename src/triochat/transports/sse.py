@@ -109,11 +109,8 @@ class SseTransport:
         data = frames[0].sse if len(frames) == 1 else b"".join([frame.sse for frame in frames])
         await self._write(data)
 
-    def can_send_nowait(self) -> bool:
-        return False  # the fallback transport always writes from its task
-
-    def send_nowait(self, frames: list[OutFrame]) -> bytes:
-        raise NotImplementedError  # never called: can_send_nowait() is False
+    def send_nowait(self, frames: list[OutFrame]) -> None:
+        return None  # the fallback transport always writes from its task
 
     async def send_rest(self, data: bytes) -> None:
         raise NotImplementedError

@@ -9,9 +9,7 @@ batches, goes through one lock in that stream, so frames never interleave.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
-from collections.abc import Iterator
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
@@ -21,9 +19,7 @@ from ..config import Config
 from ..connection import BinaryFrameError, TransportClosed
 from ..frames import OutFrame
 
-__all__ = ["ReplayStream", "WebSocketTransport", "accept_websocket", "closing_races_tolerated"]
-
-LOGGER = logging.getLogger("triochat.websocket")
+__all__ = ["ClosingRace", "ReplayStream", "WebSocketTransport", "accept_websocket"]
 
 PING_FRAME = b"\x89\x00"  # FIN + opcode 9 (ping), no payload, unmasked
 
@@ -31,6 +27,12 @@ PING_FRAME = b"\x89\x00"  # FIN + opcode 9 (ping), no payload, unmasked
 # while its queue is full; ours drains it at once, so a few frames suffice.
 LIBRARY_QUEUE = 4
 CLOSE_FRAME_BYTE = 0x88  # the first byte of a close frame: FIN + opcode 8
+
+#: trio-websocket's known closing race: its reader answers a ping that
+#: arrives after our close frame went out, wsproto refuses to send that pong,
+#: and the reader task raises this. The connection was closing anyway: catch
+#: it (``except*``) around the nursery that runs the reader.
+ClosingRace = LocalProtocolError
 
 
 class ReplayStream(trio.abc.Stream):
@@ -49,14 +51,18 @@ class ReplayStream(trio.abc.Stream):
        a protocol error can still be flushed, bounded by the caller.
     """
 
+    __slots__ = ("_busy", "_close_sent", "_fd", "_prefix", "_stream", "_waiting", "last_receive")
+
     def __init__(self, stream: trio.abc.Stream, prefix: bytes) -> None:
         self._stream = stream
         self._prefix = prefix
         # The write gate: a flag and a parking lot rather than a trio.Lock,
         # because `write_nowait` (called by the hub, not by a writing task)
-        # may have to keep it for the writer to finish a partial write.
+        # may have to keep it for the writer to finish a partial write. The
+        # lot is made when two writers first meet (rare: an idle connection
+        # saves it).
         self._busy = False
-        self._waiting = trio.lowlevel.ParkingLot()
+        self._waiting: trio.lowlevel.ParkingLot | None = None
         self._close_sent = False
         socket = getattr(stream, "socket", None)
         self._fd: int = socket.fileno() if socket is not None else -1
@@ -75,6 +81,8 @@ class ReplayStream(trio.abc.Stream):
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         while self._busy:
+            if self._waiting is None:
+                self._waiting = trio.lowlevel.ParkingLot()
             await self._waiting.park()
         self._busy = True
         await self.send_reserved(data)
@@ -89,22 +97,23 @@ class ReplayStream(trio.abc.Stream):
                 self._close_sent = True
         finally:
             self._busy = False
-            self._waiting.unpark()
+            if self._waiting is not None:
+                self._waiting.unpark()
 
-    def can_write_nowait(self) -> bool:
-        """True when `write_nowait` may write: a real socket, nobody else writing."""
-        return self._fd >= 0 and not self._busy and not self._close_sent
+    def write_nowait(self, data: bytes) -> int | None:
+        """Write what the socket takes now, without waiting.
 
-    def write_nowait(self, data: bytes) -> int:
-        """Write what the socket takes now, without waiting (check `can_write_nowait`).
-
-        Returns how many bytes went. When that is less than ``len(data)`` the
-        gate stays taken, so nothing can come between the two halves of a
-        frame: the caller must finish with `send_reserved`.
+        Returns how many bytes went, or None when nothing may be written now
+        (no real socket, another write in progress, a close frame sent). When
+        fewer than ``len(data)`` went, the gate stays taken, so nothing can come
+        between the two halves of a frame: the caller must finish with
+        `send_reserved`.
 
         Raises:
             trio.BrokenResourceError: the peer is gone.
         """
+        if self._busy or self._close_sent or self._fd < 0:
+            return None
         try:
             written = os.write(self._fd, data)
         except BlockingIOError:
@@ -124,6 +133,9 @@ class ReplayStream(trio.abc.Stream):
 
     async def close_now(self) -> None:
         """Drop the TCP connection (the connection's end)."""
+        # No direct write after this: the descriptor's number may soon belong
+        # to a new connection, and the hub can still flush a step's frames.
+        self._fd = -1
         await trio.aclose_forcefully(self._stream)
 
 
@@ -152,6 +164,8 @@ async def accept_websocket(
 class WebSocketTransport:
     """The `Transport` of a WebSocket connection."""
 
+    __slots__ = ("_stream", "_ws")
+
     heartbeat: float | None = None  # the configured ping interval
     expects_pong = True
 
@@ -164,17 +178,13 @@ class WebSocketTransport:
         return self._stream.last_receive
 
     async def receive(self) -> str:
-        message = await self.receive_message()
+        try:
+            message = await self._ws.get_message()
+        except ConnectionClosed as exc:
+            raise _closed(exc) from None
         if isinstance(message, bytes):
             raise BinaryFrameError
         return message
-
-    async def receive_message(self) -> str | bytes:
-        """The next whole message, text or binary. Raises TransportClosed."""
-        try:
-            return await self._ws.get_message()
-        except ConnectionClosed as exc:
-            raise _closed(exc) from None
 
     async def send(self, frames: list[OutFrame]) -> None:
         data = frames[0].ws if len(frames) == 1 else b"".join([frame.ws for frame in frames])
@@ -183,12 +193,10 @@ class WebSocketTransport:
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise TransportClosed("connection lost") from exc
 
-    def can_send_nowait(self) -> bool:
-        return self._stream.can_write_nowait()
-
-    def send_nowait(self, frames: list[OutFrame]) -> bytes:
+    def send_nowait(self, frames: list[OutFrame]) -> bytes | None:
         """Write ``frames`` as far as the socket takes them now; the unsent rest.
 
+        None when nothing may be written now (see `ReplayStream.write_nowait`).
         A non-empty rest must be finished with `send_rest` before anything
         else is written (the write gate stays taken until then).
         """
@@ -197,7 +205,7 @@ class WebSocketTransport:
             written = self._stream.write_nowait(data)
         except trio.BrokenResourceError as exc:
             raise TransportClosed("connection lost") from exc
-        return data[written:]
+        return None if written is None else data[written:]
 
     async def send_rest(self, data: bytes) -> None:
         try:
@@ -228,17 +236,3 @@ def _closed(exc: ConnectionClosed) -> TransportClosed:
         return TransportClosed("closed")
     text = f"closed ({reason.code}{' ' + reason.reason if reason.reason else ''})"
     return TransportClosed(text, reason.code)
-
-
-@contextlib.contextmanager
-def closing_races_tolerated() -> Iterator[None]:
-    """Treat trio-websocket's known closing race as the end of the connection.
-
-    Its reader answers a ping that arrives after our close frame went out;
-    wsproto refuses to send that pong (LocalProtocolError) and the reader
-    task raises. The connection was closing anyway: log it at DEBUG.
-    """
-    try:
-        yield
-    except* LocalProtocolError as group:
-        LOGGER.debug("peer sent a frame while we were closing: %r", group.exceptions[0])

@@ -4,15 +4,16 @@ Only the conformance run starts it (``conformance/run.sh``). Every piece a
 chat connection goes through is the real one: the h11 front
 (`triochat.http.handle_http`), the `ReplayStream` wrapper with its write
 lock, trio-websocket's handshake via `accept_websocket`, and the coalescing
-writer of `triochat.connection` (an `Outbox` drained by one task that sends
-everything queued with one write of pre-built `OutFrame`s). Only the chat
+writes of `triochat.connection` (an `Outbox` of pre-built `OutFrame`s, written
+at once when the socket takes them, else by a writer task with one write of
+everything queued). Only the chat
 logic is swapped for an echo: each message comes back as one frame of the
 same type.
 
 ::
 
     serve                          root nursery
-    └── serve_tcp handlers         one per TCP connection: handle_http
+    └── serve_tcp handlers         one per TCP connection: handle_http, then
         └── EchoFront.serve_websocket   connection nursery
             ├── trio-websocket's reader (pongs, close replies)
             ├── _read_loop         receive_message -> OutFrame -> outbox
@@ -38,14 +39,14 @@ import trio
 from triochat.config import Config
 from triochat.connection import TransportClosed
 from triochat.frames import OutFrame
-from triochat.http import StaticFiles, handle_http
+from triochat.http import StaticFiles, Upgrade, handle_http
 from triochat.metrics import Stats
 from triochat.outbox import Outbox
 from triochat.transports.websocket import (
+    ClosingRace,
     ReplayStream,
     WebSocketTransport,
     accept_websocket,
-    closing_races_tolerated,
 )
 
 __all__ = ["EchoFront", "main", "serve"]
@@ -92,10 +93,10 @@ class EchoFront:
     async def post_sse(self, session_id: str, body: bytes) -> tuple[int, str, str]:
         return 404, "not_found", "no SSE on the echo endpoint"
 
-    async def serve_websocket(self, stream: trio.abc.Stream, prefix: bytes, path: str) -> None:
+    async def serve_websocket(self, stream: trio.abc.Stream, upgrade: Upgrade) -> None:
         """Echo every message of one vetted WebSocket connection until it ends."""
-        replay = ReplayStream(stream, prefix)
-        with closing_races_tolerated():
+        replay = ReplayStream(stream, upgrade.prefix)
+        try:
             async with trio.open_nursery() as nursery:  # owns trio-websocket's reader
                 try:
                     transport = await accept_websocket(nursery, replay, self.config)
@@ -109,6 +110,8 @@ class EchoFront:
                     nursery.cancel_scope.cancel()
                     with trio.CancelScope(shield=True):
                         await transport.abort()
+        except* ClosingRace:
+            pass  # a ping that arrived after our close frame: closing anyway
 
 
 class _EchoConnection:
@@ -132,6 +135,8 @@ class _EchoConnection:
         self._reader_done = False
         #: The tail of a partial direct write; the writer finishes it first.
         self._unsent = b""
+        #: Set to have the writer look again (replaced each time it does).
+        self._wakeup = trio.Event()
 
     async def run(self) -> None:
         """Until the peer is gone (trio-websocket answers its close itself)."""
@@ -142,7 +147,7 @@ class _EchoConnection:
             except TransportClosed as exc:
                 LOGGER.debug("reader ended: %s", exc.reason)
             self._reader_done = True
-            self._outbox.wake()
+            self._wakeup.set()
             nursery.cancel_scope.deadline = trio.current_time() + self._close_timeout
 
     async def _read_loop(self) -> None:
@@ -154,7 +159,7 @@ class _EchoConnection:
                 frame = OutFrame(message, binary=True)
             while not self._outbox.put_nowait(frame):
                 # Full: wait for the writer rather than drop (an echo loses nothing).
-                self._outbox.wake()
+                self._wakeup.set()
                 self._room = trio.Event()
                 await self._room.wait()
             self._flush_nowait()
@@ -162,24 +167,31 @@ class _EchoConnection:
     def _flush_nowait(self) -> None:
         """The chat's hot path (`Connection.flush_nowait`): write now if the
         socket takes it, else (busy, full, or a partial write) wake the writer."""
-        transport = self._transport
-        if self._unsent or not transport.can_send_nowait():
-            self._outbox.wake()
+        if self._unsent:
+            self._wakeup.set()
             return
-        frames = self._outbox.take_all()
-        self._room.set()
+        frames = self._outbox.peek()
         try:
-            self._unsent = transport.send_nowait(frames)
+            rest = self._transport.send_nowait(frames)
         except TransportClosed:
             self._reader_done = True
-        if self._unsent or self._reader_done:
-            self._outbox.wake()
+            self._wakeup.set()
+            return
+        if rest is None:  # another write is in progress: the writer does it
+            self._wakeup.set()
+            return
+        self._outbox.clear()
+        self._room.set()
+        if rest:
+            self._unsent = rest
+            self._wakeup.set()
 
     async def _write_loop(self, scope: trio.CancelScope) -> None:
         """The chat's writer: everything queued goes out with one write."""
         try:
             while True:
-                await self._outbox.wait()
+                await self._wakeup.wait()
+                self._wakeup = trio.Event()
                 if self._unsent:
                     rest, self._unsent = self._unsent, b""
                     await self._transport.send_rest(rest)
@@ -187,7 +199,8 @@ class _EchoConnection:
                 self._room.set()
                 if frames:
                     await self._transport.send(frames)
-                if self._reader_done and not self._outbox:
+                    self._wakeup.set()  # more may have been queued meanwhile
+                if self._reader_done and not self._outbox and not self._unsent:
                     break
         except TransportClosed as exc:
             LOGGER.debug("writer ended: %s", exc.reason)
@@ -217,7 +230,9 @@ async def serve(
 
     async def handle(stream: trio.SocketStream) -> None:
         try:
-            await handle_http(stream, front, static)
+            upgrade = await handle_http(stream, front, static)
+            if upgrade is not None:
+                await front.serve_websocket(stream, upgrade)
         except Exception:
             LOGGER.exception("bug in the echo app")
         finally:

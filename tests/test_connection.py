@@ -6,6 +6,7 @@ timeouts pass instantly and deterministically.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import logging
@@ -69,6 +70,57 @@ async def test_connection_slow_consumer_that_wakes_gets_close_1013(autojump_cloc
             await trio.testing.wait_all_tasks_blocked()
             code, reason = await slow.closed()  # reads again, within close_timeout
             assert (code, reason) == (1013, "slow consumer")
+
+
+def _server_tasks() -> collections.Counter[str]:
+    """The running tasks of this `trio.run` by name, for the server's own ones."""
+    names: collections.Counter[str] = collections.Counter()
+
+    def visit(task: trio.lowlevel.Task) -> None:
+        names[task.name] += 1
+        for nursery in task.child_nurseries:
+            for child in nursery.child_tasks:
+                visit(child)
+
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    visit(root)
+    return names
+
+
+def _connection_tasks(tasks: collections.Counter[str]) -> dict[str, int]:
+    return {name: n for name, n in tasks.items() if name.startswith("triochat.connection.")}
+
+
+async def test_connection_idle_holds_one_task_of_its_own_and_a_writer_only_while_needed(
+    autojump_clock,
+):
+    """An idle joined connection keeps its reader task only (memory: #6); a writer task
+    runs while frames wait for a peer that does not read, and is gone once they are out."""
+    handler = "triochat.server.Server._handle_stream"  # the connection's reader runs here
+    writer = "triochat.connection.Connection._write"
+    async with memory_server(rate=0) as net, net.client() as alice:
+        async with net.client(lockstep=True) as slow:
+            await alice.join("lobby", "alice")
+            await slow.join("lobby", "slow")
+            await alice.expect("presence", name="slow", event="join")
+            for i in range(5):
+                await alice.say(f"m{i}")
+            await _read_messages(alice, 5)
+            await trio.testing.wait_all_tasks_blocked()
+            # slow's client reads no more: its messages wait in a writer task.
+            tasks = _server_tasks()
+            assert (tasks[handler], tasks[writer]) == (2, 1)
+            assert await _read_messages(slow, 5) == [f"m{i}" for i in range(5)]
+            await trio.testing.wait_all_tasks_blocked()
+            tasks = _server_tasks()
+            assert tasks[handler] == 2
+            assert not _connection_tasks(tasks), "both idle: their readers only"
+            await trio.sleep(3600)  # an hour of pings and pongs changes nothing
+            tasks = _server_tasks()
+            assert tasks[handler] == 2
+            assert not _connection_tasks(tasks)
+            assert len(net.server.connections) == 2
 
 
 async def test_connection_half_open_peer_closed_after_ping_timeout(autojump_clock):
@@ -232,3 +284,24 @@ async def test_connection_accept_emfile_backs_off_and_recovers(autojump_clock, c
             await alice.join("lobby", "alice")
     backoff_lines = [r for r in caplog.records if "backing off" in r.getMessage()]
     assert len(backoff_lines) == 1
+
+
+async def test_connection_no_direct_write_after_the_socket_is_closed():
+    """Once a connection's socket is closed, the hub's direct write is refused.
+
+    The descriptor's number may belong to a new connection by the time the
+    hub flushes a step that still holds the old one: writing there would hand
+    one client's frames to another.
+    """
+    from triochat.transports.websocket import ReplayStream
+
+    ours, theirs = trio.socket.socketpair()
+    stream = ReplayStream(trio.SocketStream(ours), b"")
+    assert stream.write_nowait(b"\x81\x02hi") == 4
+    assert await theirs.recv(16) == b"\x81\x02hi"
+    await stream.close_now()
+    reused, other_end = trio.socket.socketpair()  # likely takes the freed number
+    with reused, other_end, theirs:
+        assert stream.write_nowait(b"\x81\x02hi") is None
+        with trio.move_on_after(0.05):
+            assert await other_end.recv(16) == b"", "nothing reaches the new socket"

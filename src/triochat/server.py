@@ -36,7 +36,7 @@ from .events import SsePost, SsePostResult
 from .history import History
 from .history.memory import MemoryHistory
 from .history.sqlite import SqliteHistory
-from .http import StaticFiles, handle_http
+from .http import StaticFiles, Upgrade, handle_http
 from .hub import Hub
 from .metrics import Stats, render_metrics
 from .protocol import CloseCode
@@ -216,7 +216,7 @@ class Server:
             upgrade = await handle_http(stream, self, self._static)
             if upgrade is not None:
                 try:
-                    await self._serve_websocket(stream, upgrade.prefix, upgrade.path)
+                    await self._serve_websocket(stream, upgrade)
                 finally:
                     self.release_ip_slot(upgrade.ip)
         except Exception:
@@ -224,10 +224,12 @@ class Server:
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def _serve_websocket(self, stream: trio.abc.Stream, prefix: bytes, path: str) -> None:
+    async def _serve_websocket(self, stream: trio.abc.Stream, upgrade: Upgrade) -> None:
         """Run one chat connection over WebSocket (an upgrade the front vetted)."""
         peer = _peer_name(stream)
-        replay = ReplayStream(stream, prefix)
+        path = upgrade.path
+        replay = ReplayStream(stream, upgrade.prefix)
+        upgrade.prefix = b""  # replayed from here: not kept for the chat's life
         try:
             # trio-websocket's reader task, and our writer when it is needed.
             async with trio.open_nursery() as nursery:

@@ -1,8 +1,9 @@
 """Benchmarks: triochat against a reference `websockets` server, in one run.
 
-    python benchmarks/run.py                 # every scenario, full size (about 6-8 min)
+    python benchmarks/run.py                 # every scenario, full size (about 12-14 min)
     python benchmarks/run.py --quick         # every scenario, small numbers (about a minute)
     python benchmarks/run.py --only saturation,latency
+    python benchmarks/run.py --only latency --latency-rounds 5
     python benchmarks/run.py --json /tmp/bench.json --profile /tmp/profile
     python benchmarks/run.py --only cluster  # one node vs two nodes + Redis
 
@@ -14,6 +15,16 @@ edges of its measured window. Then the server is stopped (SIGTERM, then
 SIGKILL) and the next one starts. The table compares the two: ratio is
 triochat / peer. Needs Python with triochat and websockets importable (the
 dev venv) and Node.js 18+ (no npm packages).
+
+The latency scenario runs the servers alternately ``--latency-rounds`` times
+(default 5, 1 with --quick): triochat, peer, triochat, peer, ..., each fresh
+and each after the usual wait for a quiet machine, because one sample per
+server is within the noise. Its rows in the main table are, per server and
+metric, the median over the rounds (for "not delivered" the highest), and
+the ratio and target are computed on those medians. A "latency rounds" table
+shows every round (p50, p99 and max of both servers, that round's p99 ratio
+and the other-CPU noise of each window), and --json keeps every round's raw
+result under results.latency.rounds, next to the medians.
 
 The memory scenario also runs a third server, `floor_trio_websocket.py`: the
 same protocol subset on bare trio + trio-websocket, the least an idle joined
@@ -47,12 +58,13 @@ import resource
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -321,6 +333,74 @@ def run_loadgen(
     return result
 
 
+def quiet_first(args: argparse.Namespace) -> None:
+    """Wait (at most ``--wait-quiet`` s) for the machine to be idle before a run."""
+    if args.wait_quiet > 0:
+        busy = wait_quiet(args.wait_quiet)
+        if busy >= NOISY:
+            print(f"    machine still busy ({busy:.0f}% of a core)", file=sys.stderr)
+
+
+def run_server(
+    args: argparse.Namespace,
+    scenario: str,
+    params: dict[str, Any],
+    spec: ServerSpec,
+    workdir: Path,
+    where: str,
+    notes: list[str],
+) -> dict[str, Any]:
+    """One run: a quiet machine, a fresh ``spec`` server, the load generator
+    against it, the server stopped (bounded). ``where`` names the run in the
+    progress line and in ``notes`` (the server's exit and output)."""
+    quiet_first(args)
+    t0 = time.monotonic()
+    print(f"... {where} / {spec.label}: {json.dumps(params)}", file=sys.stderr)
+    server = Server(spec, args.server_cpu, workdir)
+    try:
+        server.wait_ready()
+        result = run_loadgen(scenario, params, server, args.loadgen_cpu, args.verbose)
+        if server.proc.poll() is None:
+            result["rssAtEndKiB"] = server_rss_kib(server.pid)
+        else:
+            notes.append(f"{where}/{spec.key}: the server DIED during the run")
+    except RuntimeError as exc:
+        result = {"ok": False, "error": str(exc)}
+    finally:
+        server.stop()
+    if server.exit_note:
+        notes.append(f"{where}/{spec.key}: {server.exit_note}")
+    if server.stderr_lines():
+        notes.append(
+            f"{where}/{spec.key}: server wrote {server.stderr_lines()} lines, "
+            f"last: {server.stderr_tail()[:300]}"
+        )
+    print(f"    done in {time.monotonic() - t0:.1f} s", file=sys.stderr)
+    return result
+
+
+def run_latency(
+    args: argparse.Namespace,
+    params: dict[str, Any],
+    specs: list[ServerSpec],
+    workdir: Path,
+    notes: list[str],
+) -> dict[str, Any]:
+    """The latency scenario: the servers alternately, ``--latency-rounds`` times.
+    Returns each server's medians (`latency_medians`) and, under "rounds",
+    every round's raw results."""
+    specs = [s for s in specs if s.key not in MEMORY_ONLY]
+    count = args.latency_rounds
+    rounds: list[dict[str, dict[str, Any]]] = []
+    for index in range(1, count + 1):
+        where = round_where(index, count)
+        rounds.append(
+            {s.key: run_server(args, "latency", params, s, workdir, where, notes) for s in specs}
+        )
+    medians = {s.key: latency_medians([pair[s.key] for pair in rounds]) for s in specs}
+    return {**medians, "rounds": rounds}
+
+
 # --- setup ----------------------------------------------------------------------
 
 
@@ -484,6 +564,178 @@ def ratio_ok(trio: float | None, peer: float | None, pred: Callable[[float], boo
     return pred(trio / peer)
 
 
+def run_notes(where: str, runs: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
+    """Notes on each server's run: failed, still busy after joining, client problems."""
+    notes: list[str] = []
+    for who, res in runs:
+        if res and not res.get("ok"):
+            notes.append(f"{where}/{who}: FAILED: {res.get('error')}")
+        problems = res.get("problems") or {}
+        if res and res.get("ok") and res.get("idle") is False:
+            notes.append(
+                f"{where}/{who}: the server was still busy after joining "
+                "(180 s): the window started anyway"
+            )
+        if problems.get("count"):
+            notes.append(
+                f"{where}/{who}: {problems['count']} client problems {problems['kinds']}; "
+                f"e.g. {problems['examples'][:2]}"
+            )
+    return notes
+
+
+def window_notes(where: str, runs: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
+    """Notes on each server's measured window: load generator saturated, machine busy."""
+    notes: list[str] = []
+    for who, res in runs:
+        value = get(res, "window", "loadgenCpuPct")
+        if value is not None and not math.isnan(value) and value > 90:
+            notes.append(
+                f"{where}: LOAD GENERATOR SATURATED ({value:.0f}% of a core) in the "
+                f"{who} run: that server's numbers are a lower bound"
+            )
+    for who, res in runs:
+        value = get(res, "window", "otherCpuPct")
+        if value is not None and not math.isnan(value) and value > NOISY:
+            notes.append(
+                f"{where}: the machine was BUSY with other work ({value:.0f}% of a core) "
+                f"during the {who} window: its numbers are not reliable"
+            )
+    return notes
+
+
+# --- the latency rounds -----------------------------------------------------------
+
+# Metrics of a latency run summed up over the rounds by their median (top
+# level, then under "window"); "lossPct" by its maximum.
+LATENCY_MEDIANS = ("p50Ms", "p99Ms", "maxMs", "serverCpuUsPerDelivered", "setupS")
+LATENCY_WINDOW_MEDIANS = ("serverCpuPct", "loadgenCpuPct", "otherCpuPct")
+
+
+def _ranked(values: list[float | None]) -> list[float]:
+    """``values`` without NaN (a failed run), None (infinitely late) as infinity."""
+    return [math.inf if v is None else v for v in values if v is None or not math.isnan(v)]
+
+
+def median_of(values: list[float | None]) -> float | None:
+    """The median of ``values`` (None: infinitely late; NaN if none is known)."""
+    ranked = _ranked(values)
+    if not ranked:
+        return math.nan
+    middle = statistics.median(ranked)
+    return None if math.isinf(middle) else middle
+
+
+def max_of(values: list[float | None]) -> float | None:
+    """The highest of ``values`` (None: infinitely late; NaN if none is known)."""
+    ranked = _ranked(values)
+    if not ranked:
+        return math.nan
+    return None if math.isinf(max(ranked)) else max(ranked)
+
+
+def latency_medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One server's latency rounds as one result: each metric's median over the
+    rounds that did not fail (the highest "not delivered"); ``medianOf`` is the
+    number of rounds, ``roundsOk`` how many of them count."""
+    done = [r for r in runs if r.get("ok")]
+    result: dict[str, Any] = {"ok": bool(done), "medianOf": len(runs), "roundsOk": len(done)}
+    if not done:
+        result["error"] = "every round failed"
+        return result
+    result["drainS"] = done[0].get("drainS")
+    for key in LATENCY_MEDIANS:
+        result[key] = median_of([get(r, key) for r in done])
+    result["lossPct"] = max_of([get(r, "lossPct") for r in done])
+    result["window"] = {
+        key: median_of([get(r, "window", key) for r in done]) for key in LATENCY_WINDOW_MEDIANS
+    }
+    return result
+
+
+def round_where(index: int, rounds: int) -> str:
+    """How notes and progress lines name latency round ``index`` (from 1) of ``rounds``."""
+    return f"latency round {index}" if rounds > 1 else "latency"
+
+
+def latency_round_notes(rounds: list[dict[str, dict[str, Any]]]) -> list[str]:
+    """The notes of every latency round (failed, client problems, load generator
+    saturated, machine busy), each round's of its own."""
+    notes: list[str] = []
+    for index, pair in enumerate(rounds, 1):
+        where = round_where(index, len(rounds))
+        runs = [(who, pair[who]) for who in ("triochat", "peer") if who in pair]
+        notes += run_notes(where, runs) + window_notes(where, runs)
+    return notes
+
+
+def p99_ratio(pair: dict[str, dict[str, Any]]) -> float:
+    """triochat's p99 latency / the peer's in one round: infinite if triochat's
+    is (not delivered), NaN if either failed or the peer's is infinite."""
+    tr, pr = pair.get("triochat", {}), pair.get("peer", {})
+    t = get(tr, "p99Ms") if tr.get("ok") else math.nan
+    p = get(pr, "p99Ms") if pr.get("ok") else math.nan
+    if p is None or math.isnan(p) or p == 0 or (t is not None and math.isnan(t)):
+        return math.nan
+    return math.inf if t is None else t / p
+
+
+def show_ratio(ratio: float) -> str:
+    if math.isnan(ratio):
+        return "n/a"
+    return "∞" if math.isinf(ratio) else f"{ratio:.2f}x"
+
+
+LATENCY_ROUNDS_HEADER = [
+    "scenario",
+    "round",
+    "triochat p50, ms",
+    "triochat p99, ms",
+    "triochat max, ms",
+    "peer p50, ms",
+    "peer p99, ms",
+    "peer max, ms",
+    "p99 ratio",
+    "noise, % (triochat)",
+    "noise, % (peer)",
+]
+
+
+def build_latency_round_rows(
+    rounds: list[dict[str, dict[str, Any]]],
+) -> tuple[list[list[str]], list[str]]:
+    """The latency rounds table (one row per round) and its note: the p99 ratio
+    of each round and their median."""
+
+    def show(res: dict[str, Any], *path: str, fmt: str = "{:.2f}") -> str:
+        value = get(res, *path) if res.get("ok") else math.nan
+        if value is None:
+            return "∞"
+        return "n/a" if math.isnan(value) else fmt.format(value)
+
+    rows: list[list[str]] = []
+    ratios = [p99_ratio(pair) for pair in rounds]
+    for index, (pair, ratio) in enumerate(zip(rounds, ratios, strict=True), 1):
+        tr, pr = pair.get("triochat", {}), pair.get("peer", {})
+        rows.append(
+            [
+                "latency",
+                f"{index} of {len(rounds)}",
+                *(show(res, key) for res in (tr, pr) for key in ("p50Ms", "p99Ms", "maxMs")),
+                show_ratio(ratio),
+                show(tr, "window", "otherCpuPct", fmt="{:.0f}"),
+                show(pr, "window", "otherCpuPct", fmt="{:.0f}"),
+            ]
+        )
+    middle = median_of([r for r in ratios if not math.isnan(r)])
+    note = (
+        "latency: p99 ratio (triochat / peer) per round: "
+        f"{', '.join(show_ratio(r) for r in ratios)} "
+        f"(median {show_ratio(math.inf if middle is None else middle)})"
+    )
+    return rows, [note]
+
+
 def build_floor_rows(memory: dict[str, dict[str, Any]]) -> tuple[list[list[str]], list[str]]:
     """The memory floor table: triochat, bare trio-websocket and the peer side
     by side, with how far triochat is above the floor; and its notes."""
@@ -529,46 +781,34 @@ def build_floor_rows(memory: dict[str, dict[str, Any]]) -> tuple[list[list[str]]
     return rows, notes
 
 
-def build_rows(results: dict[str, dict[str, dict[str, Any]]]) -> tuple[list[Row], list[str]]:
+def build_rows(results: dict[str, dict[str, Any]]) -> tuple[list[Row], list[str]]:
+    """The main table and its notes. A scenario with ``rounds`` (latency) has
+    their medians as its "triochat" and "peer" results, and each round's notes."""
     rows: list[Row] = []
     notes: list[str] = []
 
-    def loadgen_row(scenario: str, tr: dict[str, Any], pr: dict[str, Any]) -> None:
+    def loadgen_row(
+        scenario: str, tr: dict[str, Any], pr: dict[str, Any], suffix: str = ""
+    ) -> None:
         t, p = get(tr, "window", "loadgenCpuPct"), get(pr, "window", "loadgenCpuPct")
-        rows.append(Row(scenario, "load generator CPU, % of a core", t, p, "{:.0f}", ratio=False))
-        for who, value in (("triochat", t), ("peer", p)):
-            if value is not None and not math.isnan(value) and value > 90:
-                notes.append(
-                    f"{scenario}: LOAD GENERATOR SATURATED ({value:.0f}% of a core) in the "
-                    f"{who} run: that server's numbers are a lower bound"
-                )
+        rows.append(
+            Row(scenario, f"load generator CPU, % of a core{suffix}", t, p, "{:.0f}", ratio=False)
+        )
         t, p = get(tr, "window", "otherCpuPct"), get(pr, "window", "otherCpuPct")
-        rows.append(Row(scenario, "other processes' CPU, % (noise)", t, p, "{:.0f}", ratio=False))
-        for who, value in (("triochat", t), ("peer", p)):
-            if value is not None and not math.isnan(value) and value > NOISY:
-                notes.append(
-                    f"{scenario}: the machine was BUSY with other work ({value:.0f}% of a core) "
-                    f"during the {who} window: its numbers are not reliable"
-                )
+        rows.append(
+            Row(scenario, f"other processes' CPU, % (noise){suffix}", t, p, "{:.0f}", ratio=False)
+        )
 
     for scenario, pair in results.items():
         tr, pr = pair.get("triochat", {}), pair.get("peer", {})
         if not tr and not pr:
             continue  # only the floor ran: its own table
-        for who, res in (("triochat", tr), ("peer", pr)):
-            if res and not res.get("ok"):
-                notes.append(f"{scenario}/{who}: FAILED: {res.get('error')}")
-            problems = res.get("problems") or {}
-            if res and res.get("ok") and res.get("idle") is False:
-                notes.append(
-                    f"{scenario}/{who}: the server was still busy after joining "
-                    "(180 s): the window started anyway"
-                )
-            if problems.get("count"):
-                notes.append(
-                    f"{scenario}/{who}: {problems['count']} client problems {problems['kinds']}; "
-                    f"e.g. {problems['examples'][:2]}"
-                )
+        rounds = pair.get("rounds")
+        runs = [("triochat", tr), ("peer", pr)]
+        if rounds is None:
+            notes += run_notes(scenario, runs)
+        else:
+            notes += latency_round_notes(rounds)
         if scenario == "saturation":
             t, p = get(tr, "deliveredPerS"), get(pr, "deliveredPerS")
             tput = ratio_ok(t, p, lambda r: r >= 1.5)
@@ -589,6 +829,14 @@ def build_rows(results: dict[str, dict[str, dict[str, Any]]]) -> tuple[list[Row]
             rows.append(Row(scenario, "acked but not delivered", t, p, "{:.0f}", ratio=False))
             loadgen_row(scenario, tr, pr)
         elif scenario == "latency":
+            count = int(tr.get("medianOf") or pr.get("medianOf") or 1)
+            of = f" (median of {count})" if count > 1 else ""
+            for who, res in runs:
+                if res and res.get("roundsOk", count) < count:
+                    notes.append(
+                        f"latency/{who}: the medians are of the {res['roundsOk']} rounds of "
+                        f"{count} that did not fail"
+                    )
             for key, label in (("p50Ms", "p50 latency, ms"), ("p99Ms", "p99 latency, ms")):
                 t, p = get(tr, key), get(pr, key)
                 met = None
@@ -599,22 +847,40 @@ def build_rows(results: dict[str, dict[str, dict[str, Any]]]) -> tuple[list[Row]
                         else (None if p is None or math.isnan(t) else bool(t <= p))
                     )
                 rows.append(
-                    Row(scenario, label, t, p, "{:.2f}", "<= peer" if met is not None else "", met)
+                    Row(
+                        scenario,
+                        label + of,
+                        t,
+                        p,
+                        "{:.2f}",
+                        "<= peer" if met is not None else "",
+                        met,
+                    )
                 )
             t, p = get(tr, "maxMs"), get(pr, "maxMs")
-            rows.append(Row(scenario, "max latency, ms", t, p, "{:.2f}"))
+            rows.append(Row(scenario, f"max latency, ms{of}", t, p, "{:.2f}"))
             drain = get(tr, "drainS") or get(pr, "drainS")
             t, p = get(tr, "lossPct"), get(pr, "lossPct")
+            worst = f" (max of {count})" if count > 1 else ""
             rows.append(
-                Row(scenario, f"not delivered within {drain:g} s, %", t, p, "{:.2f}", ratio=False)
+                Row(
+                    scenario,
+                    f"not delivered within {drain:g} s, %{worst}",
+                    t,
+                    p,
+                    "{:.2f}",
+                    ratio=False,
+                )
             )
             t, p = get(tr, "serverCpuUsPerDelivered"), get(pr, "serverCpuUsPerDelivered")
-            rows.append(Row(scenario, "server CPU µs / delivered msg", t, p, "{:.2f}"))
+            rows.append(Row(scenario, f"server CPU µs / delivered msg{of}", t, p, "{:.2f}"))
             t, p = get(tr, "setupS"), get(pr, "setupS")
-            rows.append(Row(scenario, "join all, until server idle, s", t, p, "{:.1f}"))
+            rows.append(Row(scenario, f"join all, until server idle, s{of}", t, p, "{:.1f}"))
             t, p = get(tr, "window", "serverCpuPct"), get(pr, "window", "serverCpuPct")
-            rows.append(Row(scenario, "server CPU, % of its core", t, p, "{:.0f}", ratio=False))
-            loadgen_row(scenario, tr, pr)
+            rows.append(
+                Row(scenario, f"server CPU, % of its core{of}", t, p, "{:.0f}", ratio=False)
+            )
+            loadgen_row(scenario, tr, pr, of)
         elif scenario == "memory":
             t, p = get(tr, "kibPerConn"), get(pr, "kibPerConn")
             met = None if t is None or math.isnan(t) else t <= 12
@@ -663,6 +929,8 @@ def build_rows(results: dict[str, dict[str, dict[str, Any]]]) -> tuple[list[Row]
             met = None if t is None or math.isnan(t) else t <= 5
             rows.append(Row(scenario, "RSS growth, %", t, p, "{:+.1f}", "<= +5", met, ratio=False))
             loadgen_row(scenario, tr, pr)
+        if rounds is None and scenario != "memory":  # the latency rounds: noted above
+            notes += window_notes(scenario, runs)
     return rows, notes
 
 
@@ -1067,6 +1335,14 @@ def parse_args() -> argparse.Namespace:
         "--inflight", type=int, help="says in flight per sender (default 32; saturation, cluster)"
     )
     parser.add_argument("--latency-seconds", type=float, help="measured window")
+    parser.add_argument(
+        "--latency-rounds",
+        type=int,
+        metavar="N",
+        help="run the latency scenario's servers alternately N times (triochat, peer, "
+        "triochat, ...) and show the medians, and every round in a table of its own "
+        "(default 5, 1 with --quick)",
+    )
     parser.add_argument("--memory-conns", type=int, help="idle connections (default 10000)")
     parser.add_argument("--churn-seconds", type=float, help="measured window")
     parser.add_argument("--cluster-seconds", type=float, help="measured window")
@@ -1122,6 +1398,10 @@ def parse_args() -> argparse.Namespace:
     args.sizes = sizes
     if args.wait_quiet is None:
         args.wait_quiet = 0.0 if args.quick else 30.0
+    if args.latency_rounds is None:
+        args.latency_rounds = 1 if args.quick else 5
+    if args.latency_rounds < 1:
+        parser.error("--latency-rounds must be 1 or more")
     pin = not args.no_pin and (os.cpu_count() or 1) >= 2
     args.server_cpu = 0 if pin else None
     args.loadgen_cpu = 1 if pin else None
@@ -1181,7 +1461,7 @@ def main() -> int:
             )
     for line in info:
         print(line)
-    results: dict[str, dict[str, dict[str, Any]]] = {}
+    results: dict[str, dict[str, Any]] = {}
     server_notes: list[str] = []
     source = source_fingerprint()
     started = time.monotonic()
@@ -1192,12 +1472,7 @@ def main() -> int:
             results[scenario] = {}
             if scenario == "cluster":
                 for key, label, nodes, with_redis in CLUSTER_RUNS:
-                    if args.wait_quiet > 0:
-                        busy = wait_quiet(args.wait_quiet)
-                        if busy >= NOISY:
-                            print(
-                                f"    machine still busy ({busy:.0f}% of a core)", file=sys.stderr
-                            )
+                    quiet_first(args)
                     t0 = time.monotonic()
                     print(f"... cluster / {label}: {json.dumps(params)}", file=sys.stderr)
                     results[scenario][key] = run_cluster(
@@ -1205,38 +1480,15 @@ def main() -> int:
                     )
                     print(f"    done in {time.monotonic() - t0:.1f} s", file=sys.stderr)
                 continue
+            if scenario == "latency":
+                results[scenario] = run_latency(args, params, specs, workdir, server_notes)
+                continue
             for spec in specs:
                 if spec.key in MEMORY_ONLY and scenario != "memory":
                     continue
-                if args.wait_quiet > 0:
-                    busy = wait_quiet(args.wait_quiet)
-                    if busy >= NOISY:
-                        print(f"    machine still busy ({busy:.0f}% of a core)", file=sys.stderr)
-                t0 = time.monotonic()
-                print(f"... {scenario} / {spec.label}: {json.dumps(params)}", file=sys.stderr)
-                server = Server(spec, args.server_cpu, workdir)
-                try:
-                    server.wait_ready()
-                    result = run_loadgen(scenario, params, server, args.loadgen_cpu, args.verbose)
-                    if server.proc.poll() is None:
-                        result["rssAtEndKiB"] = server_rss_kib(server.pid)
-                    else:
-                        server_notes.append(
-                            f"{scenario}/{spec.key}: the server DIED during the run"
-                        )
-                except RuntimeError as exc:
-                    result = {"ok": False, "error": str(exc)}
-                finally:
-                    server.stop()
-                if server.exit_note:
-                    server_notes.append(f"{scenario}/{spec.key}: {server.exit_note}")
-                if server.stderr_lines():
-                    server_notes.append(
-                        f"{scenario}/{spec.key}: server wrote {server.stderr_lines()} lines, "
-                        f"last: {server.stderr_tail()[:300]}"
-                    )
-                results[scenario][spec.key] = result
-                print(f"    done in {time.monotonic() - t0:.1f} s", file=sys.stderr)
+                results[scenario][spec.key] = run_server(
+                    args, scenario, params, spec, workdir, scenario, server_notes
+                )
         profile_pending = bool(args.profile and specs and specs[0].key == "triochat")
         if source_fingerprint() != source:
             server_notes.append(
@@ -1246,6 +1498,12 @@ def main() -> int:
         if rows:
             print()
             print(render(rows))
+        latency_rounds = results.get("latency", {}).get("rounds") or []
+        if len(latency_rounds) > 1:
+            round_rows, round_notes = build_latency_round_rows(latency_rounds)
+            notes += round_notes
+            print()
+            print(render(round_rows, LATENCY_ROUNDS_HEADER))
         floor_rows, floor_notes = build_floor_rows(results.get("memory", {}))
         notes += floor_notes
         if floor_rows:

@@ -4,18 +4,20 @@
 
 One process, pinned to one CPU when it can be: ``--conns`` loopback TCP
 connections; each round sends one message frame (a 95-byte WebSocket text frame:
-2-byte header, 93-byte JSON payload) to every one of them, four ways, in turn:
+2-byte header, 93-byte JSON payload) to every one of them, five ways, in turn:
 
 - ``os.write``: a bare loop of ``os.write(fd, frame)``: one system call per
   recipient (on loopback it also runs the receiving side's TCP stack, so it
   is most of the cost);
 - ``socket.send``: the same with the stdlib socket's ``send``, the floor:
   send(2) skips write(2)'s VFS layer;
-- ``triochat``: the chat's own path for one broadcast: `Connection.deliver`
-  to every member (outbox, dirty list), then the end of the hub step, where
-  each connection's `flush_nowait` writes its frames through
-  `WebSocketTransport.send_nowait` and `ReplayStream.write_nowait` (which
-  uses ``send`` too);
+- ``triochat``: the chat's own path for a broadcast among several in one hub
+  step: `Connection.deliver` to every member (outbox, dirty list), then the
+  end of the step, where each connection's `flush_nowait` writes its frames
+  through `WebSocketTransport.send_nowait` and `ReplayStream.write_nowait`
+  (which uses ``send`` too);
+- ``triochat, lone message``: the path of a step that broadcasts one message
+  (`Hub.write_through`): each `deliver` writes at once, no dirty list;
 - ``websockets broadcast``: the reference peer's path (``peer_websockets.py``):
   `websockets.asyncio.server.broadcast` of the same JSON as a `str` (so the
   same frame on the wire) to ``--conns`` open `ServerConnection` objects of
@@ -26,7 +28,7 @@ connections; each round sends one message frame (a 95-byte WebSocket text frame:
 
 The asyncio side has its own event loop (an `asyncio.Runner`): it runs to
 open the server and its connections, then it is idle while ``trio.run``
-measures all four ways, interleaved, and runs again to close them.
+measures all five ways, interleaved, and runs again to close them.
 `broadcast` needs no running loop: it frames the message and writes it with
 ``transport.write``, which sends right away when the transport's buffer is
 empty (as it is here: every round's bytes are drained), so the loop is not
@@ -72,6 +74,8 @@ class _Step:
 
     def __init__(self) -> None:
         self._dirty: list[Connection] = []
+        #: `Hub.write_through`: a lone message is written as it is delivered.
+        self.write_through = False
 
     def mark_dirty(self, connection: Connection) -> None:
         self._dirty.append(connection)
@@ -211,6 +215,12 @@ async def measure(conns: int, rounds: int, repeats: int, peer: Peer) -> dict[str
             connection.deliver(frame)
         step.flush()
 
+    def by_triochat_lone() -> None:
+        step.write_through = True
+        for connection in connections:
+            connection.deliver(frame)
+        step.write_through = False
+
     def by_websockets() -> None:
         broadcast(peers, text)
 
@@ -218,6 +228,7 @@ async def measure(conns: int, rounds: int, repeats: int, peer: Peer) -> dict[str
         "os.write": (by_write, receivers),
         "socket.send": (by_send, receivers),
         "triochat": (by_triochat, receivers),
+        "triochat, lone message": (by_triochat_lone, receivers),
         "websockets broadcast": (by_websockets, peer.receivers),
     }
     results: dict[str, list[float]] = {name: [] for name in ways}

@@ -305,3 +305,49 @@ async def test_connection_no_direct_write_after_the_socket_is_closed():
         assert stream.write_nowait(b"\x81\x02hi") is None
         with trio.move_on_after(0.05):
             assert await other_end.recv(16) == b"", "nothing reaches the new socket"
+
+
+class _StepHub:
+    """The two things a `Connection` asks of the hub while it delivers."""
+
+    def __init__(self) -> None:
+        self.write_through = False
+        self.dirty: list[object] = []
+
+    def mark_dirty(self, connection: object) -> None:
+        self.dirty.append(connection)
+
+
+async def test_connection_lone_message_is_written_at_once_and_keeps_the_order():
+    """Write-through (a hub step with one message): a member with nothing queued gets it
+    at once; one with frames queued earlier in the step gets it after them, in one write."""
+    from triochat.config import Config
+    from triochat.connection import Connection
+    from triochat.frames import OutFrame
+    from triochat.metrics import Stats
+    from triochat.transports.websocket import ReplayStream, WebSocketTransport
+
+    ours, theirs = trio.socket.socketpair()
+    hub = _StepHub()
+    stream = ReplayStream(trio.SocketStream(ours), b"")
+    connection = Connection(WebSocketTransport(None, stream), hub, Config(), Stats())  # type: ignore[arg-type]
+    first, second, third = (OutFrame(f'"{n}"'.encode()) for n in ("first", "second", "third"))
+
+    async def received() -> bytes:
+        with trio.move_on_after(0.05):
+            return await theirs.recv(1024)
+        return b""
+
+    with theirs:
+        connection.deliver(first)  # queued, as in a busy step
+        assert hub.dirty == [connection]
+        assert await received() == b""
+        hub.write_through = True
+        connection.deliver(second)  # behind `first`: still waits for the step's end
+        assert await received() == b""
+        connection.flush_nowait()  # the end of the step
+        assert await received() == first.ws + second.ws
+        connection.deliver(third)  # nothing queued: written at once
+        assert await received() == third.ws
+        assert hub.dirty == [connection]  # only the first delivery asked for a flush
+        await stream.close_now()

@@ -171,7 +171,11 @@ class Connection:
             return
         queued = self.outbox.put_nowait(frame)
         if queued == 1:
-            self._hub.mark_dirty(self)  # the hub calls flush_nowait after this step
+            hub = self._hub
+            if hub.write_through:
+                self.flush_nowait()  # a lone message: nothing to coalesce it with
+            else:
+                hub.mark_dirty(self)  # the hub calls flush_nowait after this step
         elif not queued:
             self._stats.slow_consumers += 1
             self.close_soon(CloseCode.TRY_AGAIN_LATER, "slow consumer", flush=False)

@@ -35,7 +35,7 @@ from .config import Config
 from .errors import ClientProtocolError, StorageError
 from .events import Claim, Draft, Received, SsePost, SsePostResult
 from .metrics import Stats
-from .protocol import ClientFrame, CloseCode, ErrorCode, Join
+from .protocol import ClientFrame, CloseCode, ErrorCode, Join, Message
 from .ratelimit import RateLimiter
 
 __all__ = ["Hub"]
@@ -77,6 +77,10 @@ class Hub:
         self._chat: ChatState | None = None
         self._wait_scope: trio.CancelScope | None = None
         self._dirty: list[Flushable] = []
+        #: True while the hub delivers a lone message: a connection with
+        #: nothing else queued writes it at once (`Connection.deliver`)
+        #: instead of waiting for the end of the step.
+        self.write_through = False
         # A backplane over an in-memory store may offer a synchronous append.
         self._append_nowait: Callable[[Sequence[Draft]], list[str]] | None = getattr(
             backplane, "append_nowait", None
@@ -193,8 +197,16 @@ class Hub:
         received = backplane.take_events()
         if received:
             now = trio.current_time()
-            for item in received:
-                self._receive(chat, item, now)
+            # A lone message (light load) goes to each member's socket as it is
+            # delivered: the first members need not wait for the whole fan-out
+            # to be queued. Several are queued and flushed at the end of the
+            # step, one write per connection (coalescing, under load).
+            self.write_through = sum(isinstance(item, Message) for item in received) == 1
+            try:
+                for item in received:
+                    self._receive(chat, item, now)
+            finally:
+                self.write_through = False
         published = bool(chat.to_publish)
         if published:
             events, chat.to_publish = chat.to_publish, []

@@ -8,13 +8,8 @@ idle joined connection costs here is what trio-websocket (its reader task
 and handler task, wsproto, h11, trio's socket) costs before any
 application state; `benchmarks/run.py` runs it in the memory scenario only.
 
-It speaks what `peer_websockets.py` speaks, with the same answers:
-
-- ``{"type":"join","room","name"}`` -> ``{"type":"joined","room","name",
-  "members":[...],"history":[],"recovered":true}``
-- ``{"type":"say","room","msg","ref"}`` -> ``message`` to every member,
-  then ``{"type":"ack","ref","id"}`` to the sender
-- ``{"type":"leave","room"}`` -> ``{"type":"left","room"}``
+It speaks what `peer_websockets.py` speaks, with the same answers
+(`subset.py`).
 
 The same 64 KiB message limit and, as trio-websocket has no keepalive of
 its own, the peer's pings (every 20 s, 20 s for the pong) from the handler
@@ -28,12 +23,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import json
 import resource
 import signal
-import time
 
 import trio
+from subset import Chat, Session
 from trio_websocket import (
     ConnectionClosed,
     WebSocketConnection,
@@ -41,27 +35,7 @@ from trio_websocket import (
     serve_websocket,
 )
 
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-
-
-class Room:
-    """Members of one room (connection -> name) and its id counter."""
-
-    __slots__ = ("members", "next_id")
-
-    def __init__(self) -> None:
-        self.members: dict[WebSocketConnection, str] = {}
-        self.next_id = 1
-
-
-ROOMS: dict[str, Room] = {}
-
-
-def _error(code: str, message: str, ref: object = None) -> str:
-    frame: dict[str, object] = {"type": "error", "code": code, "message": message}
-    if isinstance(ref, str):
-        frame["ref"] = ref
-    return _dumps(frame)
+CHAT: Chat[WebSocketConnection] = Chat()
 
 
 async def handler(ping_interval: float, request: WebSocketRequest) -> None:
@@ -70,8 +44,7 @@ async def handler(ping_interval: float, request: WebSocketRequest) -> None:
         ws = await request.accept()
     except ConnectionClosed:
         return  # gone during the handshake
-    name: str | None = None
-    joined: set[str] = set()
+    session = Session()
     try:
         while True:
             if ping_interval:
@@ -90,100 +63,23 @@ async def handler(ping_interval: float, request: WebSocketRequest) -> None:
                 await ws.aclose(1003, "binary frames are not accepted")
                 return
             # A function of its own, so the last frame is not kept while idle.
-            name = await _handle(ws, raw, name, joined)
+            await _answer(ws, raw, session)
+            del raw
     except ConnectionClosed:
         pass
     finally:
-        for room_name in joined:
-            _leave(ws, room_name)
+        CHAT.leave_all(ws, session)
 
 
-async def _handle(
-    ws: WebSocketConnection, raw: str, name: str | None, joined: set[str]
-) -> str | None:
-    """Answer one text frame; returns the connection's name (set by its first join)."""
-    try:
-        frame = json.loads(raw)
-    except ValueError:
-        await ws.send_message(_error("bad_json", "not JSON"))
-        return name
-    if not isinstance(frame, dict):
-        await ws.send_message(_error("bad_frame", "not an object"))
-        return name
-    kind = frame.get("type")
-    room_name = frame.get("room")
-    if kind == "say":
-        msg, ref = frame.get("msg"), frame.get("ref")
-        room = ROOMS.get(room_name) if isinstance(room_name, str) else None
-        if room is None or ws not in room.members:
-            await ws.send_message(_error("not_joined", "join the room first", ref))
-        elif not isinstance(msg, str) or not msg:
-            await ws.send_message(_error("bad_frame", "msg must be a string", ref))
-        else:
-            message_id = str(room.next_id)
-            room.next_id += 1
-            text = _dumps(
-                {
-                    "type": "message",
-                    "room": room_name,
-                    "id": message_id,
-                    "name": name,
-                    "msg": msg,
-                    "ts": time.time_ns() // 1_000_000,
-                }
-            )
-            for member in list(room.members):
-                with contextlib.suppress(ConnectionClosed):
-                    await member.send_message(text)
-            if isinstance(ref, str):
-                await ws.send_message(_dumps({"type": "ack", "ref": ref, "id": message_id}))
-    elif kind == "join":
-        given = frame.get("name")
-        if not isinstance(room_name, str) or not room_name:
-            await ws.send_message(_error("bad_room", "bad room"))
-            return name
-        if name is None:
-            if not isinstance(given, str) or not given.strip():
-                await ws.send_message(_error("bad_name", "a name is required"))
-                return name
-            name = given.strip()
-        room = ROOMS.get(room_name)
-        if room is None:
-            room = ROOMS[room_name] = Room()
-        room.members[ws] = name
-        joined.add(room_name)
-        members = sorted(set(room.members.values()))
-        await ws.send_message(
-            _dumps(
-                {
-                    "type": "joined",
-                    "room": room_name,
-                    "name": name,
-                    "members": members,
-                    "history": [],
-                    "recovered": True,
-                }
-            )
-        )
-    elif kind == "leave":
-        if isinstance(room_name, str) and room_name in joined:
-            _leave(ws, room_name)
-            joined.discard(room_name)
-            await ws.send_message(_dumps({"type": "left", "room": room_name}))
-        else:
-            await ws.send_message(_error("not_joined", "not in that room"))
-    else:
-        await ws.send_message(_error("bad_frame", "unknown type", frame.get("ref")))
-    return name
-
-
-def _leave(ws: WebSocketConnection, room_name: str) -> None:
-    room = ROOMS.get(room_name)
-    if room is None:
-        return
-    room.members.pop(ws, None)
-    if not room.members:
-        del ROOMS[room_name]
+async def _answer(ws: WebSocketConnection, raw: str, session: Session) -> None:
+    """Send what one text frame asks for; a broadcast is one send per member."""
+    for members, text in CHAT.handle(ws, raw, session):
+        if members is None:
+            await ws.send_message(text)
+            continue
+        for member in list(members):
+            with contextlib.suppress(ConnectionClosed):
+                await member.send_message(text)
 
 
 async def main(host: str, port: int, ping_interval: float, message_queue_size: int) -> None:

@@ -245,8 +245,8 @@ class Connection:
         connection) runs the writer when it is needed. Returns, or raises
         Cancelled once ``nursery`` is cancelled; never anything else.
         """
-        client = self._hub.connect(self, listener=self._listener)
         self._nursery = nursery
+        client = self._hub.connect(self, listener=self._listener)
         try:
             if self.close_request is not None:
                 self._want_writer()  # asked to close before it started (a drain)

@@ -1,6 +1,6 @@
 """Benchmarks: triochat against a reference `websockets` server, in one run.
 
-    python benchmarks/run.py                 # every scenario, full size (about 12-14 min)
+    python benchmarks/run.py                 # every scenario, full size (about 9-10 min)
     python benchmarks/run.py --quick         # every scenario, small numbers (about a minute)
     python benchmarks/run.py --only saturation,latency
     python benchmarks/run.py --only latency --latency-rounds 5

@@ -21,6 +21,7 @@ import errno
 import itertools
 import logging
 import signal
+import urllib.parse
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from typing import Final
@@ -28,6 +29,7 @@ from typing import Final
 import msgspec
 import trio
 
+from . import __version__
 from .backplane import Backplane
 from .backplane.local import LocalBackplane, LocalBroker
 from .config import Config
@@ -35,7 +37,7 @@ from .connection import Connection, Transport, TransportClosed
 from .events import SsePost, SsePostResult
 from .history import History
 from .history.memory import MemoryHistory
-from .history.sqlite import SqliteHistory
+from .history.sqlite import DB_FILE, SqliteHistory
 from .http import StaticFiles, Upgrade, handle_http
 from .hub import Hub
 from .metrics import Stats, render_metrics
@@ -154,6 +156,7 @@ class Server:
                         handlers.start_soon(self._accept_loop, listener, handlers)
                     for address in self._addresses():
                         LOGGER.info("listening on http://%s", address)
+                    LOGGER.info("%s", self.startup_summary())
                     task_status.started(self)
                     await self._drain_requested.wait()
                     await self._drain()
@@ -164,6 +167,19 @@ class Server:
                         await trio.aclose_forcefully(listener)
                 self.hub.stop()
         LOGGER.info("stopped")
+
+    def startup_summary(self) -> str:
+        """The start-up line: version, URL, storage, Redis (no password), TLS."""
+        config = self.config
+        urls = ", ".join(f"http://{address}" for address in self._addresses()) or "no socket"
+        if config.redis:
+            storage = "redis"
+        elif config.memory:
+            storage = "memory (lost on restart)"
+        else:
+            storage = f"sqlite {config.data_dir / DB_FILE}"
+        redis = redact_url(config.redis) if config.redis else "off"
+        return f"triochat {__version__} on {urls}; storage: {storage}; redis: {redis}; tls: off"
 
     def _addresses(self) -> list[str]:
         found = []
@@ -363,6 +379,16 @@ def _default_backplane(config: Config, history: History | None) -> Backplane:
             else SqliteHistory(config.data_dir, config.history_size)
         )
     return LocalBackplane(LocalBroker(history, config.history_size))
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its password (for logs): ``redis://user:***@host:port/db``."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def _peer_name(stream: trio.abc.Stream) -> str:

@@ -95,7 +95,12 @@ class EchoFront:
 
     async def serve_websocket(self, stream: trio.abc.Stream, upgrade: Upgrade) -> None:
         """Echo every message of one vetted WebSocket connection until it ends."""
-        replay = ReplayStream(stream, upgrade.prefix)
+        replay = ReplayStream(
+            stream,
+            upgrade.prefix,
+            head_size=upgrade.head_size,
+            max_message_bytes=self.config.max_frame_bytes,
+        )
         try:
             async with trio.open_nursery() as nursery:  # owns trio-websocket's reader
                 try:
@@ -108,7 +113,9 @@ class EchoFront:
                     await _EchoConnection(transport, self.config.close_timeout).run()
                 finally:
                     nursery.cancel_scope.cancel()
-                    with trio.CancelScope(shield=True):
+                    # Bounded: after a close frame the stream lingers for the peer's FIN.
+                    linger = trio.current_time() + self.config.close_timeout
+                    with trio.CancelScope(shield=True, deadline=linger):
                         await transport.abort()
         except* ClosingRace:
             pass  # a ping that arrived after our close frame: closing anyway
@@ -128,7 +135,7 @@ class _EchoConnection:
     def __init__(self, transport: WebSocketTransport, close_timeout: float) -> None:
         self._transport = transport
         self._close_timeout = close_timeout
-        self._outbox = Outbox(OUTBOX_FRAMES)
+        self._outbox = Outbox()
         #: Set by the writer whenever it empties the outbox (the reader's backpressure).
         self._room = trio.Event()
         #: The reader has ended: the writer returns once the outbox is empty.
@@ -157,11 +164,12 @@ class _EchoConnection:
                 frame = OutFrame(message.encode(), binary=False)
             else:
                 frame = OutFrame(message, binary=True)
-            while not self._outbox.put_nowait(frame):
+            while len(self._outbox) >= OUTBOX_FRAMES:
                 # Full: wait for the writer rather than drop (an echo loses nothing).
                 self._wakeup.set()
                 self._room = trio.Event()
                 await self._room.wait()
+            self._outbox.put(frame)
             self._flush_nowait()
 
     def _flush_nowait(self) -> None:

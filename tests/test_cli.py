@@ -23,6 +23,7 @@ SECTION_5_OPTIONS = [
     "--rate",
     "--burst",
     "--outbox-frames",
+    "--outbox-bytes",
     "--max-rooms",
     "--max-conns-per-ip",
     "--history-size",
@@ -61,6 +62,7 @@ def test_cli_defaults_match_protocol():
     assert config.max_msg_chars == 2000
     assert (config.rate, config.burst) == (10, 20)
     assert config.outbox_frames == 256
+    assert config.outbox_bytes == 1 << 20
     assert config.max_rooms == 32
     assert config.max_conns_per_ip == 256
     assert config.history_size == 1000

@@ -313,6 +313,7 @@ class _StepHub:
     def __init__(self) -> None:
         self.write_through = False
         self.dirty: list[object] = []
+        self.step = 0
 
     def mark_dirty(self, connection: object) -> None:
         self.dirty.append(connection)
@@ -351,3 +352,81 @@ async def test_connection_lone_message_is_written_at_once_and_keeps_the_order():
         assert await received() == third.ws
         assert hub.dirty == [connection]  # only the first delivery asked for a flush
         await stream.close_now()
+
+
+class _HeldStream(trio.abc.Stream):
+    """A socket stream whose writes of ``held`` bytes wait for ``release``."""
+
+    def __init__(self, inner: trio.SocketStream, held: bytes) -> None:
+        self.inner = inner
+        self.held = held
+        self.release = trio.Event()
+        self.socket = inner.socket
+
+    async def send_all(self, data) -> None:
+        if bytes(data) == self.held:
+            await self.release.wait()
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes=None):
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_connection_frames_keep_their_order_when_a_pong_hands_over_the_gate():
+    """A pong in flight, the writer parked behind it with frame A, then the hub delivers
+    B the moment the pong is written: the wire carries pong, A, B (#12 defect 1).
+
+    The write gate is handed to the parked writer, never freed in between: on the
+    old gate the hub's direct write took it and B went out before A.
+    """
+    from triochat.config import Config
+    from triochat.connection import Connection
+    from triochat.frames import OutFrame
+    from triochat.metrics import Stats
+    from triochat.transports.websocket import PING_FRAME, ReplayStream, WebSocketTransport
+
+    pong = b"\x8a\x00"
+    assert pong != PING_FRAME
+    ours, theirs = trio.socket.socketpair()
+    held = _HeldStream(trio.SocketStream(ours), pong)
+    stream = ReplayStream(held, b"")
+    hub = _StepHub()
+    connection = Connection(WebSocketTransport(None, stream), hub, Config(), Stats())  # type: ignore[arg-type]
+    first, second = OutFrame(b'"A"'), OutFrame(b'"B"')
+    seq = trio.testing.Sequencer()
+
+    async def pong_then_hub() -> None:
+        async with seq(0):
+            pass
+        await stream.send_all(pong)  # trio-websocket answering a ping: held until seq 2
+        # The pong is written: with no checkpoint in between, the hub delivers B.
+        hub.write_through = True
+        connection.deliver(second)
+
+    async def run_connection(nursery: trio.Nursery) -> None:
+        connection._nursery = nursery  # the writer starts here (as in `Connection.run`)
+        async with seq(1):
+            connection.deliver(first)  # a busy step: queued, flushed at its end
+            connection.flush_nowait()  # the gate is taken by the pong: the writer starts
+            await trio.testing.wait_all_tasks_blocked()  # the writer parks with A
+
+    with theirs, trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pong_then_hub)
+            nursery.start_soon(run_connection, nursery)
+            async with seq(2):
+                held.release.set()
+            await trio.testing.wait_all_tasks_blocked()
+            received = b""
+            with trio.move_on_after(0.2):
+                while len(received) < len(pong + first.ws + second.ws):
+                    received += await theirs.recv(1024)
+            nursery.cancel_scope.cancel()
+        await stream.close_now()
+    assert received == pong + first.ws + second.ws

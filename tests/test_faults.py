@@ -298,7 +298,9 @@ async def test_fault_stalled_reader_among_500_never_delays_the_others(autojump_c
             for i in range(messages):
                 await sender.say(f"m{i}", ref=f"r{i}")
                 await _read_until(sender, "ack")
-                assert len(connection.outbox) <= outbox
+                # Over the bound at the end of one step is a burst; at the end of
+                # the next (one frame per step here) it is a slow consumer.
+                assert len(connection.outbox) <= outbox + 1
         assert trio.current_time() == start, "delivery waited for the stalled reader"
         expected = [f"m{i}" for i in range(messages)]
         assert len(received) == members + listeners

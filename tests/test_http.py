@@ -532,3 +532,106 @@ async def test_http_permessage_deflate_declined():
             first, payload = await read_ws_frame(conn)
     assert first == 0x81  # FIN, no RSV1 (not compressed), text
     assert json.loads(payload)["type"] == "joined"
+
+
+def _upgrade_head(request_line: str, *headers: str) -> bytes:
+    lines = [request_line, "Host: 127.0.0.1", *headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+_KEY_8_BYTES = base64.b64encode(b"01234567").decode()
+_VALID = ("Upgrade: websocket", "Connection: Upgrade", f"Sec-WebSocket-Key: {WS_KEY}")
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        (_upgrade_head("GET /ws HTTP/1.0", *_VALID, "Sec-WebSocket-Version: 13"), 400),
+        (_upgrade_head("POST /ws HTTP/1.1", *_VALID, "Sec-WebSocket-Version: 13"), 400),
+        (
+            _upgrade_head(
+                "GET /ws HTTP/1.1",
+                "Upgrade: websocket",
+                "Connection: Upgrade",
+                f"Sec-WebSocket-Key: {_KEY_8_BYTES}",
+                "Sec-WebSocket-Version: 13",
+            ),
+            400,
+        ),
+        (
+            _upgrade_head(
+                "GET /ws HTTP/1.1",
+                *_VALID,
+                f"Sec-WebSocket-Key: {WS_KEY}",
+                "Sec-WebSocket-Version: 13",
+            ),
+            400,
+        ),
+        (
+            _upgrade_head(
+                "GET /ws HTTP/1.1",
+                "Upgrade: websocket",
+                "Connection: Upgrade",
+                "Sec-WebSocket-Key: not base64!",
+                "Sec-WebSocket-Version: 13",
+            ),
+            400,
+        ),
+        (
+            _upgrade_head(
+                "GET /ws HTTP/1.1",
+                "Upgrade: websocketx",
+                "Connection: Upgrade",
+                f"Sec-WebSocket-Key: {WS_KEY}",
+                "Sec-WebSocket-Version: 13",
+            ),
+            400,
+        ),
+        (
+            _upgrade_head(
+                "GET /ws HTTP/1.1",
+                "Upgrade: websocket",
+                "Connection: keep-alive",
+                f"Sec-WebSocket-Key: {WS_KEY}",
+                "Sec-WebSocket-Version: 13",
+            ),
+            400,
+        ),
+        (_upgrade_head("GET /ws HTTP/1.1", *_VALID, "Sec-WebSocket-Version: 8"), 426),
+        (_upgrade_head("GET /ws HTTP/1.1", *_VALID), 426),
+        (
+            _upgrade_head(
+                "GET /ws HTTP/1.1",
+                "Upgrade: WebSocket",
+                "Connection: keep-alive, Upgrade",
+                f"Sec-WebSocket-Key: {WS_KEY}",
+                "Sec-WebSocket-Version: 13",
+            ),
+            101,
+        ),
+    ],
+    ids=[
+        "http-1.0",
+        "post",
+        "key-8-bytes",
+        "key-twice",
+        "key-not-base64",
+        "upgrade-websocketx",
+        "connection-without-upgrade",
+        "version-8",
+        "no-version",
+        "tokens-in-other-case",
+    ],
+)
+async def test_http_handshake_checked_as_rfc6455_4_2_1(head, status):
+    """An upgrade that breaks RFC 6455 4.2.1 gets 400 (426 with Sec-WebSocket-Version: 13
+    for the version) and the connection closes; a valid one in any case gets 101 (#13)."""
+    with trio.fail_after(10):
+        async with running_server() as server, open_tcp(server) as conn:
+            await conn.send(head)
+            response = await conn.response()
+            if status != 101:
+                await conn.eof()
+    assert response.status == status
+    if status == 426:
+        assert response.headers["sec-websocket-version"] == "13"

@@ -1026,3 +1026,27 @@ async def test_protocol_drain_close_code_1001(server):
             server.drain()
             code, _ = await alice.closed()
     assert code == 1001
+
+
+async def test_e2e_overlong_ids_are_unknown_ids_not_bugs(caplog):
+    """A `since` or `before` of the server's epoch and thousands of digits (over Python's
+    4300-digit int() limit) is an unknown id: no `internal`, no 1011, nothing above INFO
+    in the log, and nobody sees a join for a client that was refused (#18)."""
+    caplog.set_level(logging.INFO, logger="triochat")
+    with trio.fail_after(10):
+        async with running_server() as server, client_of(server) as alice:
+            await alice.join("lobby", "alice")
+            first = await say_and_see(alice, "first")
+            overlong = first["id"].rpartition("-")[0] + "-" + "9" * 5000
+            async with client_of(server) as bob:
+                joined = await bob.join("lobby", "bob", since=overlong)
+                assert joined["recovered"] is False
+                await alice.expect("presence", event="join", name="bob")
+                await bob.send({"type": "history", "room": "lobby", "before": overlong})
+                error = await bob.expect("error")
+                assert error["code"] == "bad_frame"
+                await bob.send({"type": "join", "room": "second", "since": overlong})
+                again = await bob.expect("joined", room="second")
+                assert again["recovered"] is False
+                await say_and_see(bob, "still here")
+    assert not [r for r in caplog.records if r.levelno > logging.INFO]

@@ -33,7 +33,18 @@ _OPTIONS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--max-msg-chars", "max_msg_chars", int, "longest `msg`; over it: error too_long"),
     ("--rate", "rate", float, "say/typing/whisper per second per connection (0 = off)"),
     ("--burst", "burst", int, "token bucket size of the rate limit"),
-    ("--outbox-frames", "outbox_frames", int, "frames queued per connection; over it: close 1013"),
+    (
+        "--outbox-frames",
+        "outbox_frames",
+        int,
+        "backlog bound per connection in frames; staying over it: close 1013",
+    ),
+    (
+        "--outbox-bytes",
+        "outbox_bytes",
+        int,
+        "backlog bound per connection in bytes; staying over it: close 1013",
+    ),
     ("--max-rooms", "max_rooms", int, "rooms per connection; over it: error bad_room"),
     (
         "--max-conns-per-ip",

@@ -27,7 +27,8 @@ class Config:
     max_msg_chars: int = 2000
     rate: float = 10.0  # say/typing/whisper per second; 0 = off
     burst: int = 20
-    outbox_frames: int = 256
+    outbox_frames: int = 256  # backlog bound per connection, in frames...
+    outbox_bytes: int = 1 << 20  # ...and in bytes (1 MiB, Centrifugo's default)
     max_rooms: int = 32
     max_conns_per_ip: int = 256  # 0 = off
     history_size: int = 1000
@@ -52,6 +53,7 @@ class Config:
             "max_msg_chars": self.max_msg_chars,
             "burst": self.burst,
             "outbox_frames": self.outbox_frames,
+            "outbox_bytes": self.outbox_bytes,
             "max_rooms": self.max_rooms,
             "history_size": self.history_size,
             "ping_interval": self.ping_interval,

@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Awaitable
-from typing import Protocol
+from typing import Final, Protocol
 
 import trio
 
@@ -49,14 +49,25 @@ __all__ = ["BinaryFrameError", "Connection", "Transport", "TransportClosed"]
 
 LOGGER = logging.getLogger("triochat.connection")
 
+#: A backlog this many times the byte bound closes the connection at once,
+#: without waiting for the end of the step (`deliver`).
+HARD_BOUND_FACTOR: Final = 4
+#: Seconds a reader waits at most for its own backlog to go down (`_backlog_low`).
+BACKLOG_PAUSE: Final = 1.0
+
 
 class TransportClosed(Exception):
-    """The peer went away or closed; ``reason`` says how (for the log)."""
+    """The peer went away or closed; ``reason`` says how (for the log).
 
-    def __init__(self, reason: str, code: int | None = None) -> None:
+    ``failed``: the transport failed the connection (a protocol error of the
+    peer's, RFC 6455 7.1.7) and owes the peer a close frame with ``code``.
+    """
+
+    def __init__(self, reason: str, code: int | None = None, *, failed: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.code = code
+        self.failed = failed
 
 
 class BinaryFrameError(Exception):
@@ -115,15 +126,21 @@ class Connection:
         "_broken",
         "_close_deadline",
         "_config",
+        "_drained",
+        "_hard_bound",
         "_hub",
         "_listener",
         "_lost",
         "_nursery",
+        "_over_at",
         "_ping_due",
         "_send_scope",
         "_stats",
+        "_step",
         "_transport",
+        "_unpaused_at",
         "_unsent",
+        "_writes",
         "_writing",
         "close_code",
         "close_request",
@@ -145,7 +162,7 @@ class Connection:
         self._config = config
         self._stats = stats
         self._listener = listener
-        self.outbox = Outbox(config.outbox_frames)
+        self.outbox = Outbox()
         #: (code, reason), set once by `close_soon`.
         self.close_request: tuple[int, str] | None = None
         #: Everything after a close request (flush, close frame) ends by then.
@@ -160,6 +177,17 @@ class Connection:
         self._lost: TransportClosed | None = None  # the hub's direct write found the peer gone
         self._ping_due = False  # the reader asks the writer for a ping
         self._writing = False  # the writer task is running
+        self._step = -1  # the hub step that last marked this connection for its flush
+        self._writes = 0  # writes completed so far: the proof that the peer reads
+        #: ``_writes`` when a step last ended with the backlog over the bound
+        #: (-1: it did not): the slow-consumer rule (`_check_backlog`).
+        self._over_at = -1
+        self._hard_bound = HARD_BOUND_FACTOR * config.outbox_bytes
+        #: Set when the backlog shrinks, for a reader waiting in `_backlog_low`.
+        self._drained: trio.Event | None = None
+        #: ``_writes`` when a wait in `_backlog_low` ran out: until the next
+        #: completed write the reader does not wait, and the step-end rule holds off.
+        self._unpaused_at = -1
         #: Where the writer starts, and whose cancellation ends the connection
         #: (set while `run` runs).
         self._nursery: trio.Nursery | None = None
@@ -169,16 +197,19 @@ class Connection:
     def deliver(self, frame: OutFrame) -> None:
         if self.close_request is not None:
             return
-        queued = self.outbox.put_nowait(frame)
-        if queued == 1:
-            hub = self._hub
-            if hub.write_through:
-                self.flush_nowait()  # a lone message: nothing to coalesce it with
-            else:
-                hub.mark_dirty(self)  # the hub calls flush_nowait after this step
-        elif not queued:
-            self._stats.slow_consumers += 1
-            self.close_soon(CloseCode.TRY_AGAIN_LATER, "slow consumer", flush=False)
+        outbox = self.outbox
+        queued = outbox.put(frame)
+        hub = self._hub
+        if queued == 1 and hub.write_through:
+            self.flush_nowait()  # a lone message: nothing to coalesce it with
+            return
+        if self._step != hub.step:
+            self._step = hub.step
+            hub.mark_dirty(self)  # the hub calls flush_nowait after this step
+        if outbox.size > self._hard_bound:
+            # Megabytes piling up on one client (its own `history` requests,
+            # say): memory says no without waiting for the step's end.
+            self._slow_consumer()
 
     def flush_nowait(self) -> None:
         """Send what is queued right now, from the hub, if the socket takes it.
@@ -186,26 +217,87 @@ class Connection:
         The hot path: most of the time the socket's buffer has room, so the
         frames queued during one hub step go out in one write without waking
         the writer task. Otherwise (a busy or full socket, a partial write,
-        SSE, a close in progress) the writer is woken and does it.
+        SSE, a close in progress) the writer is woken and does it, and the
+        backlog left is judged (`_check_backlog`).
         """
+        if self.close_request is not None:
+            self._want_writer()
+            return
         outbox = self.outbox
-        if self.close_request is None:
-            frames = outbox.peek()
-            if frames:
-                try:
-                    rest = self._transport.send_nowait(frames)
-                except TransportClosed as exc:
-                    self._lost = exc
-                else:
-                    if rest is not None:
-                        stats = self._stats
-                        stats.frames_sent += len(frames)
-                        stats.writes += 1
-                        outbox.clear()
-                        if not rest:
-                            return
-                        self._unsent = rest
+        frames = outbox.peek()
+        if frames:
+            try:
+                rest = self._transport.send_nowait(frames)
+            except TransportClosed as exc:
+                self._lost = exc
+            else:
+                if rest is not None:
+                    stats = self._stats
+                    stats.frames_sent += len(frames)
+                    stats.writes += 1
+                    outbox.clear()
+                    self._written()
+                    if not rest:
+                        return
+                    self._unsent = rest
         self._want_writer()
+        self._check_backlog()
+
+    def _over_bound(self, fraction: int = 1) -> bool:
+        """Whether the backlog is over either bound / ``fraction``.
+
+        The backlog is the outbox: what waits behind the write in progress
+        (if any), which is already the socket's.
+        """
+        config = self._config
+        outbox = self.outbox
+        return (
+            len(outbox) > config.outbox_frames // fraction
+            or outbox.size > config.outbox_bytes // fraction
+        )
+
+    def _check_backlog(self) -> None:
+        """The slow-consumer rule (docs/protocol.md section 9), at the end of a hub step.
+
+        A backlog over the bound at the end of a step is allowed once: a burst
+        (one step's fan-out) may take a reading client over it. Over the bound
+        again at the end of a later step with no write completed in between,
+        the client is not reading: close 1013, dropping what is queued. Not
+        while we read it without waiting for its backlog (`_backlog_low` gave
+        up): it may be stuck writing to us, and only the hard bound applies.
+        """
+        if not self._over_bound():
+            self._over_at = -1
+        elif self._unpaused_at == self._writes:
+            return
+        elif self._over_at == self._writes:
+            self._slow_consumer()
+        else:
+            self._over_at = self._writes
+
+    async def _backlog_low(self) -> None:
+        """Wait until this connection's own backlog is at most half the bound.
+
+        The reader waits here before it takes the client's next frame, so a
+        client that sends faster than it reads is slowed by its own backlog,
+        not closed. At most ``BACKLOG_PAUSE`` seconds, though: some clients
+        cannot read while a write of theirs is blocked (the `websockets`
+        library's sync client holds one lock across both), and they would
+        deadlock with a server that stopped reading them. Once a wait runs
+        out, the reader reads on without waiting until a write to the client
+        completes again (``_unpaused_at``).
+        """
+        with trio.move_on_after(BACKLOG_PAUSE) as scope:
+            while self._over_bound(2):
+                if self._drained is None:
+                    self._drained = trio.Event()
+                await self._drained.wait()
+        if scope.cancelled_caught:
+            self._unpaused_at = self._writes
+
+    def _slow_consumer(self) -> None:
+        self._stats.slow_consumers += 1
+        self.close_soon(CloseCode.TRY_AGAIN_LATER, "slow consumer", flush=False)
 
     def close_soon(
         self, code: int, reason: str, *, flush: bool = True, timeout: float | None = None
@@ -254,7 +346,10 @@ class Connection:
         finally:
             self._nursery = None  # the hub may still flush it: no writer any more
             self._hub.disconnect(client)
-            with trio.CancelScope(shield=True):
+            # Shielded (the nursery may be cancelled already) but bounded: a
+            # WebSocket lingers there for the peer's FIN after our close frame.
+            linger = min(self._close_deadline, trio.current_time() + self._config.close_timeout)
+            with trio.CancelScope(shield=True, deadline=linger):
                 await self._transport.abort()
 
     def _end(self) -> None:
@@ -267,6 +362,10 @@ class Connection:
         try:
             await self._read_loop(client)
         except TransportClosed as exc:
+            if exc.failed and exc.code is not None:
+                # The peer broke the protocol: the writer sends the close frame
+                # with its code (after what is queued, bounded by close_timeout).
+                self.close_soon(exc.code, exc.reason)
             if self.close_request is not None:
                 # We are closing (which also ends trio-websocket's reads): the
                 # writer sends the close frame and ends the connection.
@@ -322,6 +421,8 @@ class Connection:
                 item: object = decode_client_frame(text, max_msg_chars=max_chars)
             except ClientProtocolError as exc:
                 item = exc
+            if self._unpaused_at != self._writes and self._over_bound(2):
+                await self._backlog_low()
             await hub.submit(client, item)  # type: ignore[arg-type]
 
     async def _write(self) -> None:
@@ -357,11 +458,13 @@ class Connection:
             if self._unsent:
                 rest, self._unsent = self._unsent, b""
                 await self._bounded_send(transport.send_rest(rest))
+                self._written()
             frames = outbox.take_all()
             if frames:
                 await self._bounded_send(transport.send(frames))
                 stats.frames_sent += len(frames)
                 stats.writes += 1
+                self._written()
             elif self._ping_due:
                 self._ping_due = False
                 await self._bounded_send(transport.ping())
@@ -371,6 +474,13 @@ class Connection:
                 return
             else:
                 return  # nothing left: the hub writes directly again
+
+    def _written(self) -> None:
+        """A write completed: the peer reads (the slow-consumer rule); wake a waiting reader."""
+        self._writes += 1
+        drained, self._drained = self._drained, None
+        if drained is not None:
+            drained.set()
 
     async def _bounded_send(self, sending: Awaitable[None]) -> None:
         """Await one write, cut off when the peer stops reading for too long.

@@ -9,12 +9,14 @@ already read. Rules:
    a slow one 408. The connection is never left hanging: the whole head must
    arrive within ``handshake_timeout``.
 2. An upgrade is vetted before any chat state is touched: path (404),
-   method (405), headers (400/426), Origin (403), draining (503), per-IP
-   limit (429).
+   the handshake of RFC 6455 4.2.1 (400; 426 for the version), Origin
+   (403), draining (503), per-IP limit (429).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import importlib.resources
 import json
@@ -105,20 +107,23 @@ class StaticFiles:
 class Upgrade:
     """A vetted WebSocket upgrade, for the caller to run (it holds an IP slot)."""
 
-    __slots__ = ("ip", "path", "prefix")
+    __slots__ = ("head_size", "ip", "path", "prefix")
 
-    def __init__(self, prefix: bytes, path: str, ip: str) -> None:
+    def __init__(self, prefix: bytes, path: str, ip: str, head_size: int) -> None:
         #: The request head as received plus what followed (replayed to trio-websocket).
         self.prefix = prefix
+        #: How many bytes of ``prefix`` are the head (the rest are frames).
+        self.head_size = head_size
         self.path = path
         #: The slot taken for this address: release it with `release_ip_slot`.
         self.ip = ip
 
 
 class _Request:
-    __slots__ = ("headers", "method", "path", "target")
+    __slots__ = ("event", "headers", "method", "path", "target")
 
     def __init__(self, event: h11.Request) -> None:
+        self.event = event
         self.method = event.method.decode("ascii", "replace")
         self.target = event.target
         self.path = event.target.split(b"?", 1)[0].decode("ascii", "replace")
@@ -167,14 +172,14 @@ async def handle_http(
         request = _Request(event)
         ctx.stats.http_requests += 1
         if "websocket" in request.headers.get("upgrade", "").lower():
-            prefix = await _vet_upgrade(stream, conn, request, ctx)
-            if prefix is None:
+            if not await _vet_upgrade(stream, request, ctx):
                 return None
             ip = _peer_ip(stream)
             if not ctx.take_ip_slot(ip):
                 await _send_raw(stream, 429, "too many connections from your address")
                 return None
-            return Upgrade(prefix, request.path, ip)
+            head = _head_as_received(request.event)
+            return Upgrade(head + conn.trailing_data[0], request.path, ip, len(head))
         if request.path == "/sse" and request.method == "GET":
             await _open_sse(stream, request, ctx)
             return None
@@ -362,34 +367,59 @@ def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...
     return origin in (f"http://{host}", f"https://{host}")
 
 
-async def _vet_upgrade(
-    stream: trio.abc.Stream, conn: h11.Connection, request: _Request, ctx: FrontContext
-) -> bytes | None:
-    """The bytes to replay to the WebSocket layer, or None after answering a refusal."""
+def _tokens(value: str) -> list[str]:
+    """A comma-separated header's tokens, lower case (``Connection: keep-alive, Upgrade``)."""
+    return [token.strip().lower() for token in value.split(",")]
+
+
+def _handshake_error(request: _Request) -> str | None:
+    """What breaks RFC 6455 4.2.1 in an upgrade request (answered 400), or None."""
+    event = request.event
+    if request.method != "GET":
+        return "a WebSocket upgrade is a GET"
+    if event.http_version < b"1.1":
+        return "a WebSocket upgrade needs HTTP/1.1"
+    if "websocket" not in _tokens(request.headers.get("upgrade", "")):
+        return "Upgrade must be websocket"
+    if "upgrade" not in _tokens(request.headers.get("connection", "")):
+        return "Connection must include upgrade"
+    keys = [value for name, value in event.headers if name == b"sec-websocket-key"]
+    if len(keys) != 1:
+        return "exactly one Sec-WebSocket-Key is needed"
+    try:
+        key = base64.b64decode(keys[0].strip(), validate=True)
+    except binascii.Error:
+        key = b""
+    if len(key) != 16:
+        return "Sec-WebSocket-Key must be 16 bytes in base64"
+    return None
+
+
+async def _vet_upgrade(stream: trio.abc.Stream, request: _Request, ctx: FrontContext) -> bool:
+    """Whether a WebSocket upgrade may go ahead; False after answering a refusal.
+
+    The checks and their answers are docs/protocol.md section 1.1, in order.
+    """
     headers = request.headers
     if request.path not in ("/ws", "/"):
         await _send_raw(stream, 404, "no WebSocket endpoint here")
-        return None
-    if request.method != "GET":
-        await _send_raw(stream, 405, "a WebSocket upgrade is a GET", extra="allow: GET\r\n")
-        return None
-    if "upgrade" not in headers.get("connection", "").lower() or not headers.get(
-        "sec-websocket-key"
-    ):
-        await _send_raw(stream, 400, "incomplete WebSocket handshake")
-        return None
+        return False
+    problem = _handshake_error(request)
+    if problem is not None:
+        await _send_raw(stream, 400, problem)
+        return False
     if headers.get("sec-websocket-version", "").strip() != "13":
         await _send_raw(
             stream, 426, "WebSocket version 13 only", extra="sec-websocket-version: 13\r\n"
         )
-        return None
+        return False
     if not origin_allowed(headers.get("origin"), headers.get("host"), ctx.config.allow_origins):
         await _send_raw(stream, 403, "origin not allowed")
-        return None
+        return False
     if ctx.draining:
         await _send_raw(stream, 503, "the server is shutting down")
-        return None
-    return _replay_bytes(conn, request)
+        return False
+    return True
 
 
 def _json_error(code: str, message: str) -> bytes:
@@ -481,9 +511,9 @@ async def _read_body(stream: trio.abc.Stream, conn: h11.Connection, limit: int) 
             raise h11.RemoteProtocolError("the request body ended early", error_status_hint=400)
 
 
-def _replay_bytes(conn: h11.Connection, request: _Request) -> bytes:
-    """The request head as received (for wsproto to parse again) plus what followed."""
-    lines = [request.method.encode() + b" " + request.target + b" HTTP/1.1"]
-    for name, value in request.headers.items():
-        lines.append(name.encode() + b": " + value.encode("latin-1"))
-    return b"\r\n".join(lines) + b"\r\n\r\n" + conn.trailing_data[0]
+def _head_as_received(event: h11.Request) -> bytes:
+    """The request head as received, for wsproto to parse again: every header
+    line in its order and spelling, repeats kept (never joined)."""
+    lines = [b"%s %s HTTP/%s" % (event.method, event.target, event.http_version)]
+    lines.extend(name + b": " + value for name, value in event.headers.raw_items())
+    return b"\r\n".join(lines) + b"\r\n\r\n"

@@ -77,6 +77,9 @@ class Hub:
         self._chat: ChatState | None = None
         self._wait_scope: trio.CancelScope | None = None
         self._dirty: list[Flushable] = []
+        #: Counts the hub's steps (each ends with `_flush`): a connection marks
+        #: itself dirty once per step.
+        self.step = 0
         #: True while the hub delivers a lone message: a connection with
         #: nothing else queued writes it at once (`Connection.deliver`)
         #: instead of waiting for the end of the step.
@@ -164,6 +167,7 @@ class Hub:
 
     def _flush(self) -> None:
         """End of a step: hand every frame queued during it to its socket."""
+        self.step += 1
         dirty, self._dirty = self._dirty, []
         for connection in dirty:
             connection.flush_nowait()

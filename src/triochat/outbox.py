@@ -1,12 +1,12 @@
-"""One connection's bounded outbound queue.
+"""One connection's outbound queue, counted in frames and bytes.
 
-The hub puts without ever waiting (`put_nowait` returns 0 when full, and
-the connection then closes itself as a slow consumer); whoever sends takes
-everything queued at once and sends it with one write: the hub itself when
-the socket takes it at once (`Connection.flush_nowait`), else the
-connection's writer task. A plain list costs less per delivery and per idle
-connection than a memory channel, and the bound is the same: ``capacity``
-frames.
+The hub puts without ever waiting; whoever sends takes everything queued at
+once and sends it with one write: the hub itself when the socket takes it
+at once (`Connection.flush_nowait`), else the connection's writer task. The
+queue itself has no capacity: the slow-consumer rule that bounds it
+(`Connection`, docs/protocol.md section 9) judges a connection by its
+backlog over time, not by one burst. A plain list costs less per delivery
+and per idle connection than a memory channel.
 """
 
 from __future__ import annotations
@@ -17,31 +17,27 @@ __all__ = ["Outbox"]
 
 
 class Outbox:
-    """At most ``capacity`` frames, oldest first."""
+    """Frames waiting to be written, oldest first, and their size."""
 
-    __slots__ = ("_capacity", "_frames")
+    __slots__ = ("_frames", "size")
 
-    def __init__(self, capacity: int) -> None:
-        self._capacity = capacity
+    def __init__(self) -> None:
         # A list, not a deque: the writer always takes everything at once, and
         # an empty list is a tenth of an empty deque's size.
         self._frames: list[OutFrame] = []
+        #: Bytes queued, as framed for WebSocket (the SSE framing is a few
+        #: bytes longer per frame).
+        self.size = 0
 
     def __len__(self) -> int:
         return len(self._frames)
 
-    def put_nowait(self, frame: OutFrame) -> int:
-        """Queue ``frame``; how many are queued now, or 0 (nothing queued) when full.
-
-        One call answers both questions a delivery asks: did it fit, and is it
-        the first frame since the last write (then the connection needs a flush).
-        """
+    def put(self, frame: OutFrame) -> int:
+        """Queue ``frame``; how many are queued now (1: the first since the last write)."""
         frames = self._frames
-        queued = len(frames)
-        if queued >= self._capacity:
-            return 0
         frames.append(frame)
-        return queued + 1
+        self.size += len(frame.ws)
+        return len(frames)
 
     def peek(self) -> list[OutFrame]:
         """The queued frames, oldest first, in place: for a synchronous write.
@@ -54,7 +50,9 @@ class Outbox:
         """Every queued frame, oldest first; the outbox is then empty."""
         frames = self._frames
         self._frames = []
+        self.size = 0
         return frames
 
     def clear(self) -> None:
         self._frames.clear()
+        self.size = 0

@@ -266,10 +266,24 @@ def make_id(epoch: str, seq: int) -> str:
     return f"{epoch}-{seq}"
 
 
+#: Digits of the largest sequence number (a signed 64-bit counter, as Redis's INCR).
+MAX_SEQ_DIGITS: Final = 19
+
+
 def seq_of(epoch: str, message_id: str) -> int | None:
-    """The sequence number inside one of ``epoch``'s ids; None for any other id."""
+    """The sequence number inside one of ``epoch``'s ids; None for any other id.
+
+    Ids come back from clients (``since``, ``before``): more digits than a
+    sequence number ever has is an id never issued, not an ``int()`` to try
+    (Python refuses over 4300 digits).
+    """
     head, _, digits = message_id.rpartition("-")
-    if head != epoch or not digits.isdigit() or not digits.isascii():
+    if (
+        head != epoch
+        or len(digits) > MAX_SEQ_DIGITS
+        or not digits.isdigit()
+        or not digits.isascii()
+    ):
         return None
     return int(digits)
 

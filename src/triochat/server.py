@@ -244,7 +244,12 @@ class Server:
         """Run one chat connection over WebSocket (an upgrade the front vetted)."""
         peer = _peer_name(stream)
         path = upgrade.path
-        replay = ReplayStream(stream, upgrade.prefix)
+        replay = ReplayStream(
+            stream,
+            upgrade.prefix,
+            head_size=upgrade.head_size,
+            max_message_bytes=self.config.max_frame_bytes,
+        )
         upgrade.prefix = b""  # replayed from here: not kept for the chat's life
         try:
             # trio-websocket's reader task, and our writer when it is needed.

@@ -4,12 +4,22 @@ The front has already read the request head, so trio-websocket gets a
 `ReplayStream` that first returns those bytes. Every write to the socket,
 trio-websocket's (handshake, pongs, close) and the writer's pre-framed
 batches, goes through one lock in that stream, so frames never interleave.
+
+Failing a connection (RFC 6455 7.1.7, docs/protocol.md section 11): when
+wsproto finds a protocol error (1002, or 1007 for invalid UTF-8)
+trio-websocket records the code but sends no close frame, and a frame header
+that announces more than ``--max-frame-bytes`` is only noticed by it once
+that many bytes have arrived. So the stream reads every client frame header
+as it goes by (`FrameSizeGuard`: over the limit ends the read at once, 1009),
+`receive` reports such ends as `TransportClosed` with ``failed`` set, and
+`close` then writes the close frame itself.
 """
 
 from __future__ import annotations
 
 import contextlib
 import socket
+import struct
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
@@ -18,8 +28,17 @@ from wsproto.utilities import LocalProtocolError
 from ..config import Config
 from ..connection import BinaryFrameError, TransportClosed
 from ..frames import OutFrame
+from ..protocol import CloseCode
 
-__all__ = ["ClosingRace", "ReplayStream", "WebSocketTransport", "accept_websocket"]
+__all__ = [
+    "ClosingRace",
+    "FrameSizeGuard",
+    "ReplayStream",
+    "WebSocketTransport",
+    "accept_websocket",
+    "close_frame",
+    "log_safe",
+]
 
 PING_FRAME = b"\x89\x00"  # FIN + opcode 9 (ping), no payload, unmasked
 
@@ -27,12 +46,90 @@ PING_FRAME = b"\x89\x00"  # FIN + opcode 9 (ping), no payload, unmasked
 # while its queue is full; ours drains it at once, so a few frames suffice.
 LIBRARY_QUEUE = 4
 CLOSE_FRAME_BYTE = 0x88  # the first byte of a close frame: FIN + opcode 8
+ABNORMAL_CLOSURE = 1006  # trio-websocket's code for a TCP connection lost without a close
+MAX_CLOSE_REASON = 123  # bytes: a control frame's payload is at most 125 (RFC 6455 5.5)
 
 #: trio-websocket's known closing race: its reader answers a ping that
 #: arrives after our close frame went out, wsproto refuses to send that pong,
 #: and the reader task raises this. The connection was closing anyway: catch
 #: it (``except*``) around the nursery that runs the reader.
 ClosingRace = LocalProtocolError
+
+
+def log_safe(text: str, limit: int = 80) -> str:
+    """A peer's text for a log line: quoted, cut to ``limit``, every character
+    outside printable ASCII escaped (no newline, ANSI escape or bidi control
+    reaches the log raw)."""
+    shown = [
+        c if " " <= c <= "~" and c != "\\" else c.encode("unicode_escape").decode("ascii")
+        for c in text[:limit]
+    ]
+    return '"' + "".join(shown) + ('..."' if len(text) > limit else '"')
+
+
+def close_frame(code: int, reason: str) -> bytes:
+    """A close frame (RFC 6455 5.5.1) with ``reason`` cut to fit, on a character boundary."""
+    data = reason.encode()[:MAX_CLOSE_REASON].decode("utf-8", "ignore").encode()
+    payload = struct.pack("!H", code) + data
+    return bytes((CLOSE_FRAME_BYTE, len(payload))) + payload
+
+
+class FrameSizeGuard:
+    """Reads client frame headers as the bytes go by; sans-I/O.
+
+    A data message (its fragments added up) over ``limit`` payload bytes is
+    refused at the header that takes it over, before its payload arrives.
+    Everything else about the frames is wsproto's to check.
+    """
+
+    __slots__ = ("_header", "_limit", "_message", "_skip")
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._skip = 0  # payload bytes of the current frame still to pass
+        self._header = b""  # a header split over two reads, so far
+        self._message = 0  # payload bytes of the current data message so far
+
+    def feed(self, data: bytes | bytearray) -> int | None:
+        """Where in ``data`` the header of a message over the limit starts, or None.
+
+        0 when that header started in an earlier read. After a non-None
+        answer the guard is spent: feed it nothing more.
+        """
+        size = len(data)
+        index = 0
+        while index < size:
+            skip = self._skip
+            if skip:
+                step = min(skip, size - index)
+                self._skip = skip - step
+                index += step
+                continue
+            carried = self._header
+            start = index - len(carried)  # where this header began, in ``data``
+            end = max(start + 2, index)
+            header = carried + data[index:end]
+            if len(header) < 2:
+                self._header = bytes(header)
+                return None
+            length = header[1] & 0x7F
+            extended = 2 if length == 126 else 8 if length == 127 else 0
+            needed = 2 + extended + (4 if header[1] & 0x80 else 0)
+            header += data[end : max(start + needed, end)]
+            if len(header) < needed:
+                self._header = bytes(header)
+                return None
+            self._header = b""
+            index = start + needed
+            if extended:
+                length = int.from_bytes(header[2 : 2 + extended], "big")
+            opcode = header[0] & 0x0F
+            if opcode < 8:  # a data frame: text, binary or a continuation
+                self._message = length if opcode else self._message + length
+                if self._message > self._limit:
+                    return max(start, 0)
+            self._skip = length
+        return None
 
 
 class ReplayStream(trio.abc.Stream):
@@ -55,15 +152,37 @@ class ReplayStream(trio.abc.Stream):
         "_busy",
         "_close_sent",
         "_direct",
+        "_guard",
+        "_head_left",
         "_prefix",
+        "_receiving",
         "_stream",
         "_waiting",
+        "failure",
         "last_receive",
     )
 
-    def __init__(self, stream: trio.abc.Stream, prefix: bytes) -> None:
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        prefix: bytes,
+        *,
+        head_size: int | None = None,
+        max_message_bytes: int | None = None,
+    ) -> None:
+        """Args:
+        prefix: the bytes already read: the request head, then perhaps frames.
+        head_size: how many bytes of ``prefix`` are the request head (all by default).
+        max_message_bytes: refuse a client message over this at its header
+            (`FrameSizeGuard`); None: no guard.
+        """
         self._stream = stream
         self._prefix = prefix
+        self._head_left = len(prefix) if head_size is None else head_size
+        self._guard = None if max_message_bytes is None else FrameSizeGuard(max_message_bytes)
+        #: Why the stream stopped reading on its own (code, reason), or None.
+        self.failure: tuple[int, str] | None = None
+        self._receiving = False  # trio-websocket's reader is in `receive_some`
         # The write gate: a flag and a parking lot rather than a trio.Lock,
         # because `write_nowait` (called by the hub, not by a writing task)
         # may have to keep it for the writer to finish a partial write. The
@@ -79,25 +198,66 @@ class ReplayStream(trio.abc.Stream):
         self.last_receive = trio.current_time()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self.failure is not None:
+            await trio.lowlevel.checkpoint()
+            raise trio.BrokenResourceError(self.failure[1])
         if self._prefix:
             size = len(self._prefix) if max_bytes is None else max_bytes
             replayed, self._prefix = self._prefix[:size], self._prefix[size:]
             await trio.lowlevel.checkpoint()
-            return replayed
-        data = await self._stream.receive_some(max_bytes)
+            return self._screen(replayed)
+        self._receiving = True
+        try:
+            data = await self._stream.receive_some(max_bytes)
+        finally:
+            self._receiving = False
         self.last_receive = trio.current_time()
-        return data
+        return self._screen(data)
+
+    def _screen(self, data: bytes | bytearray) -> bytes | bytearray:
+        """``data`` up to the header of a message over the limit (then `failure` is set)."""
+        guard = self._guard
+        if guard is None:
+            return data
+        head = self._head_left
+        if head:  # the request head is not frames
+            if len(data) <= head:
+                self._head_left = head - len(data)
+                return data
+            self._head_left = 0
+        found = guard.feed(data[head:] if head else data)
+        if found is None:
+            return data
+        self._guard = None
+        self.failure = (CloseCode.MESSAGE_TOO_BIG, "message too big")
+        if found + head == 0:
+            raise trio.BrokenResourceError("message too big")
+        return data[: found + head]
+
+    @property
+    def close_sent(self) -> bool:
+        """Whether a close frame went out (trio-websocket's or ours)."""
+        return self._close_sent
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        while self._busy:
+        if self._busy:
             if self._waiting is None:
                 self._waiting = trio.lowlevel.ParkingLot()
+            # Woken only by `send_reserved`, which hands the gate over without
+            # freeing it: nobody (the hub's `write_nowait` included) can write
+            # between the writer before us and us.
             await self._waiting.park()
-        self._busy = True
+        else:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            self._busy = True
         await self.send_reserved(data)
 
     async def send_reserved(self, data: bytes | bytearray | memoryview) -> None:
-        """Write while holding the gate (taken by `send_all` or `write_nowait`), then free it."""
+        """Write while holding the gate (taken by `send_all` or `write_nowait`), then pass it on.
+
+        The gate goes to the longest-waiting `send_all` if there is one (it
+        stays taken: a hand-off, as in `trio.Lock`), else it is freed.
+        """
         try:
             if self._close_sent:
                 raise trio.ClosedResourceError("a close frame was sent")
@@ -105,9 +265,11 @@ class ReplayStream(trio.abc.Stream):
             if data and data[0] == CLOSE_FRAME_BYTE:
                 self._close_sent = True
         finally:
-            self._busy = False
-            if self._waiting is not None:
-                self._waiting.unpark()
+            waiting = self._waiting
+            if waiting:  # a ParkingLot is true while someone is parked in it
+                waiting.unpark()
+            else:
+                self._busy = False
 
     def write_nowait(self, data: bytes) -> int | None:
         """Write what the socket takes now, without waiting.
@@ -142,11 +304,29 @@ class ReplayStream(trio.abc.Stream):
         await trio.lowlevel.checkpoint()
 
     async def close_now(self) -> None:
-        """Drop the TCP connection (the connection's end)."""
+        """Close the TCP connection (the connection's end), lingering after a close frame.
+
+        After our close frame the peer may still be sending (the rest of a
+        message we refused, say). Closing a socket with unread data resets the
+        connection, and a reset discards what we sent that the peer has not
+        read yet, our close frame included. So once trio-websocket's reader has
+        stopped, we send FIN and read (and drop) until the peer closes too,
+        bounded by the caller's cancel scope; then close.
+
+        Cancellation: the socket is closed, then Cancelled propagates.
+        """
         # No direct write after this: the descriptor's number may soon belong
         # to a new connection, and the hub can still flush a step's frames.
         self._direct = None
-        await trio.aclose_forcefully(self._stream)
+        stream = self._stream
+        try:
+            if self._close_sent and not self._receiving and isinstance(stream, trio.SocketStream):
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await stream.send_eof()
+                    while await stream.receive_some(65536):
+                        pass
+        finally:
+            await trio.aclose_forcefully(stream)
 
 
 def _stdlib_socket(trio_socket: object) -> socket.socket | None:
@@ -205,7 +385,7 @@ class WebSocketTransport:
         try:
             message = await self._ws.get_message()
         except ConnectionClosed as exc:
-            raise _closed(exc) from None
+            raise self._closed(exc) from None
         if isinstance(message, bytes):
             raise BinaryFrameError
         return message
@@ -215,7 +395,32 @@ class WebSocketTransport:
         try:
             return await self._ws.get_message()
         except ConnectionClosed as exc:
-            raise _closed(exc) from None
+            raise self._closed(exc) from None
+
+    def _closed(self, exc: ConnectionClosed) -> TransportClosed:
+        """How the reading ended: a close received, the TCP connection lost, or a failure.
+
+        A failure (``failed``: our close frame is owed) is a message over the
+        limit (the stream's guard), or a code trio-websocket recorded without
+        any close frame on the wire: wsproto failed the connection.
+        """
+        stream = self._stream
+        reason = exc.reason
+        failure = stream.failure
+        if (
+            failure is None
+            and reason is not None
+            and reason.code != ABNORMAL_CLOSURE
+            and not stream.close_sent
+        ):
+            failure = (reason.code, reason.reason or "protocol error")
+        if failure is not None:
+            return TransportClosed(failure[1], failure[0], failed=True)
+        if reason is None:
+            return TransportClosed("closed")
+        # The peer's reason goes into the log: escaped and cut, never raw.
+        said = f" {log_safe(reason.reason)}" if reason.reason else ""
+        return TransportClosed(f"closed ({reason.code}{said})", reason.code)
 
     async def send(self, frames: list[OutFrame]) -> None:
         data = frames[0].ws if len(frames) == 1 else b"".join([frame.ws for frame in frames])
@@ -255,15 +460,11 @@ class WebSocketTransport:
 
     async def close(self, code: int, reason: str) -> None:
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await self._ws.aclose(code, reason)
+            if self._ws.closed is None:
+                await self._ws.aclose(code, reason)  # the closing handshake
+            elif not self._stream.close_sent:
+                # trio-websocket gave up without a close frame (a failure): ours.
+                await self._stream.send_all(close_frame(code, reason))
 
     async def abort(self) -> None:
         await self._stream.close_now()
-
-
-def _closed(exc: ConnectionClosed) -> TransportClosed:
-    reason = exc.reason
-    if reason is None:
-        return TransportClosed("closed")
-    text = f"closed ({reason.code}{' ' + reason.reason if reason.reason else ''})"
-    return TransportClosed(text, reason.code)

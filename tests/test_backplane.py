@@ -184,6 +184,33 @@ async def test_backplane_whisper_reaches_a_user_on_the_other_node(cluster: Clust
         await alice.expect("error", code="no_such_user", ref="w2")
 
 
+async def test_backplane_whisper_to_a_user_in_grace_on_another_node_is_never_acked(
+    cluster: Cluster,
+) -> None:
+    """A whisper for a user whose connection just ended on another node (still in its
+    grace period, so still listed there) is answered no_such_user, never acked and
+    dropped; once the user is back, whispers are acked after they were delivered (#12)."""
+    one, two = await cluster.node(), await cluster.node(presence_grace=30)
+    async with client_of(one) as alice:
+        await alice.join(name="alice")
+        async with client_of(two) as bob:
+            joined = await bob.join(name="bob")
+            await alice.expect("presence", event="join", name="bob")
+        # bob's connection is gone; node two holds his name for 30 s.
+        await trio.sleep(0.2)
+        await alice.send({"type": "whisper", "to": "bob", "msg": "lost?", "ref": "w1"})
+        answer = await alice.recv()
+        assert answer["type"] == "error", answer
+        assert (answer["code"], answer["ref"]) == ("no_such_user", "w1")
+        async with client_of(two) as bob:
+            await bob.join(name="bob", token=joined["token"])
+            await alice.send({"type": "whisper", "to": "bob", "msg": "back", "ref": "w2"})
+            copy = await alice.expect("whisper", to="bob", msg="back")
+            ack = await alice.expect("ack", ref="w2")
+            got = await bob.expect("whisper", msg="back")
+            assert got["id"] == copy["id"] == ack["id"]
+
+
 async def test_backplane_classic_clients_span_nodes(cluster: Cluster) -> None:
     """A 2012-style client on `/` of one node hears lobby messages said on the other,
     and its classic `{name, msg}` frames reach members there."""

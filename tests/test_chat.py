@@ -8,7 +8,7 @@ import pytest
 
 from triochat.chat import ChatState, Client, PendingSay
 from triochat.errors import ClientProtocolError
-from triochat.events import NodeGone, NodeState, Reload
+from triochat.events import MemberState, NodeGone, NodeState, Reload, WhisperEvent, WhisperResult
 from triochat.history import Snapshot
 from triochat.protocol import Message, decode_client_frame
 from triochat.ratelimit import RateLimiter
@@ -1509,3 +1509,83 @@ def test_cluster_node_state_replaces_what_is_known_of_that_node():
     two.state.apply(NodeState("n1", entries), two.now)
     frames = [(f["event"], f["name"]) for f in bob.take()]
     assert frames == [("leave", "alice"), ("join", "dave")]
+
+
+# --- whispers across nodes (#12) -------------------------------------------------------
+
+
+def _remote_bob(chat: Chat) -> None:
+    """Node B says: bob is connected there (and what this node published so far is sent)."""
+    chat.state.apply(MemberState("B", add=[("", "bob"), ("lobby", "bob")], remove=[]), chat.now)
+    chat.state.to_publish.clear()
+
+
+def test_whisper_to_another_node_is_acked_only_when_that_node_delivered_it():
+    """The sender's copy and ack wait for the home node's answer; a `delivered` answer
+    brings both, in that order, with the whisper's id."""
+    chat = Chat(node="A")
+    alice = chat.connect()
+    alice.join(name="alice")
+    _remote_bob(chat)
+    alice.take()
+    alice.send(type_="whisper", to="bob", msg="psst", ref="w1")
+    assert alice.take() == []
+    (event,) = chat.state.to_publish
+    chat.state.to_publish.clear()
+    assert isinstance(event, WhisperEvent)
+    assert (event.node, event.to, event.sender) == ("B", "bob", "A")
+    chat.state.apply(WhisperResult("A", event.request, delivered=True), chat.now)
+    copy, ack = alice.take()
+    assert (copy["type"], copy["msg"], ack["type"], ack["ref"]) == ("whisper", "psst", "ack", "w1")
+    assert ack["id"] == copy["id"]
+
+
+def test_whisper_to_another_node_not_delivered_there_is_no_such_user():
+    """The home node found no live connection (the user is in its grace period): the
+    sender gets no_such_user, and no copy or ack."""
+    chat = Chat(node="A")
+    alice = chat.connect()
+    alice.join(name="alice")
+    _remote_bob(chat)
+    alice.take()
+    alice.send(type_="whisper", to="bob", msg="psst", ref="w1")
+    (event,) = chat.state.to_publish
+    chat.state.apply(WhisperResult("A", event.request, delivered=False), chat.now)
+    error = alice.error()
+    assert (error["code"], error["ref"]) == ("no_such_user", "w1")
+
+
+def test_whisper_to_another_node_with_no_answer_is_unavailable_after_the_timeout():
+    """No answer within the backplane timeout: `unavailable` (it may not have been
+    delivered), never an ack; a late answer changes nothing."""
+    chat = Chat(node="A")
+    alice = chat.connect()
+    alice.join(name="alice")
+    _remote_bob(chat)
+    alice.take()
+    alice.send(type_="whisper", to="bob", msg="psst", ref="w1")
+    (event,) = chat.state.to_publish
+    assert chat.state.next_deadline() == chat.now + 5.0
+    chat.advance(4.9)
+    assert alice.take() == []
+    chat.advance(0.2)
+    error = alice.error()
+    assert (error["code"], error["ref"]) == ("unavailable", "w1")
+    chat.state.apply(WhisperResult("A", event.request, delivered=True), chat.now)
+    assert alice.take() == []
+
+
+def test_whisper_event_is_answered_by_the_home_node():
+    """Node B delivers a whisper for its connected user and answers delivered; for a
+    user in its grace period it delivers nothing and answers not delivered."""
+    chat = Chat(node="B")
+    bob = chat.connect()
+    bob.join(name="bob")
+    bob.take()
+    frame = '{"type":"whisper","id":"x-w1.1","from":"alice","to":"bob","name":"alice","msg":"hi","ts":1}'
+    chat.state.apply(WhisperEvent("B", "bob", frame, "A", 7), chat.now)
+    assert bob.one()["msg"] == "hi"
+    assert chat.state.to_publish[-1] == WhisperResult("A", 7, delivered=True)
+    bob.disconnect()
+    chat.state.apply(WhisperEvent("B", "bob", frame, "A", 8), chat.now)
+    assert chat.state.to_publish[-1] == WhisperResult("A", 8, delivered=False)

@@ -39,6 +39,7 @@ SECTION_5_OPTIONS = [
     "--close-timeout",
     "--redis",
     "--node-timeout",
+    "--backplane-timeout",
     "--log-level",
 ]
 

@@ -43,6 +43,7 @@ from .events import (
     Resync,
     TypingEvent,
     WhisperEvent,
+    WhisperResult,
 )
 from .frames import OutFrame
 from .protocol import (
@@ -146,6 +147,21 @@ class Room:
         self.seqs: list[int] = []  # parallel to messages, for bisect
 
 
+class _RemoteWhisper:
+    """A whisper sent to the node of its user, waiting for that node's answer."""
+
+    __slots__ = ("client", "frame", "id", "ref", "to")
+
+    def __init__(
+        self, client: Client, whisper_id: str, frame: OutFrame, ref: str | None, to: str
+    ) -> None:
+        self.client = client
+        self.id = whisper_id
+        self.frame = frame  # the sender's copy, delivered once the whisper was
+        self.ref = ref
+        self.to = to
+
+
 class PendingSay:
     """A `say` on its way to the store; ``client`` gets the ack or the error."""
 
@@ -213,14 +229,20 @@ class ChatState:
         presence_grace: float,
         history: dict[str, list[Message]] | None = None,
         node: str = "",
+        remote_timeout: float = 5.0,
     ) -> None:
         self.node = node
+        self._remote_timeout = remote_timeout
         self._epoch = epoch
         self._last_seq = next_seq - 1
         # Whispers are not stored: a per-process prefix keeps their ids unique
         # across restarts that keep the (stored) epoch.
         self._whisper_prefix = f"{epoch}-w{secrets.token_hex(3)}."
         self._whisper_ids = itertools.count(1)
+        #: Whispers sent to another node, waiting for its `WhisperResult`.
+        self._whispers_out: dict[int, _RemoteWhisper] = {}
+        self._whisper_deadlines: list[tuple[float, int]] = []
+        self._whisper_requests = itertools.count(1)
         #: Frames dropped by the rate limit (a metric).
         self.rate_limited = 0
         self._history_size = history_size
@@ -308,11 +330,25 @@ class ChatState:
         heapq.heappush(self._deadlines, (user.deadline, next(self._tiebreak), user))
 
     def next_deadline(self) -> float:
-        """When `expire` must next run (``inf`` when nothing is held)."""
-        return self._deadlines[0][0] if self._deadlines else float("inf")
+        """When `expire` must next run (``inf`` when nothing is held or awaited)."""
+        held = self._deadlines[0][0] if self._deadlines else float("inf")
+        awaited = self._whisper_deadlines[0][0] if self._whisper_deadlines else float("inf")
+        return min(held, awaited)
 
     def expire(self, now: float) -> None:
-        """Release every membership whose grace period has ended."""
+        """Release every membership whose grace period has ended; answer every
+        whisper whose node did not answer in time."""
+        waiting = self._whisper_deadlines
+        while waiting and waiting[0][0] <= now:
+            _, request = heapq.heappop(waiting)
+            whisper = self._whispers_out.pop(request, None)
+            if whisper is not None and not whisper.client.gone:
+                _error(
+                    whisper.client,
+                    ErrorCode.UNAVAILABLE,
+                    f"no answer from the node of {whisper.to}: it may not have been delivered",
+                    whisper.ref,
+                )
         deadlines = self._deadlines
         while deadlines and deadlines[0][0] <= now:
             deadline, _, user = heapq.heappop(deadlines)
@@ -590,19 +626,39 @@ class ChatState:
         out = OutFrame.of(
             WhisperFrame(whisper_id, client.name, to, client.name, frame.msg, wall_ms)
         )
-        if target_client is not None:
-            target_client.peer.deliver(out)
-        elif not self.backplane_up:
-            raise _Refused(
-                ErrorCode.UNAVAILABLE, f"{to} is on another node, out of reach: try again"
-            )
-        else:
+        if target_client is None:
+            if not self.backplane_up:
+                raise _Refused(
+                    ErrorCode.UNAVAILABLE, f"{to} is on another node, out of reach: try again"
+                )
+            # The user's node delivers it, if the user is still connected there
+            # (it may be in its grace period), and answers: the sender's copy
+            # and ack wait for that answer (`_whisper_result`).
             node = min(nodes)  # one node holds a connected user; min() is deterministic
-            self.to_publish.append(WhisperEvent(node, to, out.json.decode()))
+            request = next(self._whisper_requests)
+            deadline = now + self._remote_timeout
+            self._whispers_out[request] = _RemoteWhisper(client, whisper_id, out, frame.ref, to)
+            heapq.heappush(self._whisper_deadlines, (deadline, request))
+            self.to_publish.append(WhisperEvent(node, to, out.json.decode(), self.node, request))
+            return
+        target_client.peer.deliver(out)
         if target_client is not client:
             client.peer.deliver(out)
         if frame.ref is not None and not client.classic:
             client.peer.deliver(OutFrame.of(AckFrame(frame.ref, whisper_id)))
+
+    def _whisper_result(self, result: WhisperResult) -> None:
+        """The answer to a whisper this node sent to another: copy and ack, or no_such_user."""
+        whisper = self._whispers_out.pop(result.request, None)
+        if whisper is None or whisper.client.gone:
+            return  # answered already (timed out), or nobody to tell
+        client = whisper.client
+        if not result.delivered:
+            _error(client, ErrorCode.NO_SUCH_USER, f"nobody is called {whisper.to}", whisper.ref)
+            return
+        client.peer.deliver(whisper.frame)
+        if whisper.ref is not None and not client.classic:
+            client.peer.deliver(OutFrame.of(AckFrame(whisper.ref, whisper.id)))
 
     def _history(self, client: Client, frame: HistoryRequest) -> None:
         self._check_room(client, frame.room)
@@ -676,9 +732,18 @@ class ChatState:
             if room is not None and received.node != self.node:
                 self._to_typed(room, TypingFrame(room.name, received.name))
         elif isinstance(received, WhisperEvent):
-            user = self.users.get(received.to) if received.node == self.node else None
-            if user is not None and user.client is not None:
-                user.client.peer.deliver(OutFrame(received.frame.encode()))
+            if received.node == self.node:
+                user = self.users.get(received.to)
+                target = user.client if user is not None else None
+                if target is not None:
+                    target.peer.deliver(OutFrame(received.frame.encode()))
+                if received.request:
+                    self.to_publish.append(
+                        WhisperResult(received.sender, received.request, target is not None)
+                    )
+        elif isinstance(received, WhisperResult):
+            if received.node == self.node:
+                self._whisper_result(received)
         elif isinstance(received, Kick):
             if received.node == self.node:
                 self._kicked(received.name, received.by)

@@ -62,6 +62,12 @@ _OPTIONS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--max-header-bytes", "max_header_bytes", int, "largest HTTP request head; over it: 431"),
     ("--redis", "redis", str, "redis://host:port/db: form one chat with the other nodes on it"),
     ("--node-timeout", "node_timeout", float, "seconds before a silent cluster node is gone"),
+    (
+        "--backplane-timeout",
+        "backplane_timeout",
+        float,
+        "seconds a wait on the cluster (claim, catch-up, another node's answer) may take",
+    ),
     ("--log-level", "log_level", str, "DEBUG, INFO, WARNING or ERROR"),
 ]
 

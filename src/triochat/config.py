@@ -43,6 +43,10 @@ class Config:
 
     redis: str | None = None
     node_timeout: float = 30.0
+    # A wait on the rest of the cluster: a join's catch-up and name claim, a
+    # flush of what a step published, another node's answer to a relayed SSE
+    # POST or a whisper, reaching Redis at start-up.
+    backplane_timeout: float = 5.0
     log_level: str = "INFO"
 
     inbound_buffer: int = 64  # frames from all clients waiting for the hub
@@ -62,6 +66,7 @@ class Config:
             "handshake_timeout": self.handshake_timeout,
             "max_header_bytes": self.max_header_bytes,
             "node_timeout": self.node_timeout,
+            "backplane_timeout": self.backplane_timeout,
             "inbound_buffer": self.inbound_buffer,
         }
         for name, value in positive.items():

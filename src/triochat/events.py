@@ -29,6 +29,7 @@ __all__ = [
     "SsePostResult",
     "TypingEvent",
     "WhisperEvent",
+    "WhisperResult",
 ]
 
 #: (room, name): a member of room; ("", name): a connected user (whisperable).
@@ -89,11 +90,25 @@ class TypingEvent(msgspec.Struct, frozen=True, tag="typing"):
 
 
 class WhisperEvent(msgspec.Struct, frozen=True, tag="whisper"):
-    """A whisper frame (JSON) for user ``to``, whose connection is on ``node``."""
+    """A whisper frame (JSON) for user ``to``, whose connection is on ``node``.
+
+    ``node`` answers ``sender`` with a `WhisperResult` for ``request``: the
+    sender's ack waits for it (a whisper is acked only once delivered).
+    """
 
     node: str
     to: str
     frame: str
+    sender: str = ""
+    request: int = 0
+
+
+class WhisperResult(msgspec.Struct, frozen=True, tag="whisper_result"):
+    """``node``'s whisper ``request`` reached its user (``delivered``), or nobody."""
+
+    node: str
+    request: int
+    delivered: bool
 
 
 class Kick(msgspec.Struct, frozen=True, tag="kick"):
@@ -137,6 +152,7 @@ Event = (
     | NodeGone
     | TypingEvent
     | WhisperEvent
+    | WhisperResult
     | Kick
     | Handover
     | SsePost

@@ -129,6 +129,7 @@ class Hub:
                 max_rooms=config.max_rooms,
                 presence_grace=config.presence_grace,
                 node=backplane.node,
+                remote_timeout=config.backplane_timeout,
             )
             backplane.on_events(self._wake, self._chat.own_entries, self._chat.own_users)
             self._pump(self._chat)
@@ -278,7 +279,7 @@ class Hub:
 
     async def _publish(self, chat: ChatState) -> None:
         if self._pump(chat):
-            with trio.move_on_after(self._config.handshake_timeout):
+            with trio.move_on_after(self._config.backplane_timeout):
                 await self._backplane.flush()
 
     async def _before(self, chat: ChatState, client: Client, frame: ClientFrame) -> None:
@@ -290,7 +291,7 @@ class Hub:
         """
         self._claim = None
         if isinstance(frame, Join):
-            with trio.move_on_after(self._config.handshake_timeout):
+            with trio.move_on_after(self._config.backplane_timeout):
                 await self._backplane.catch_up()
             self._pump(chat)
         name = chat.needs_claim(client, frame)

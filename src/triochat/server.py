@@ -314,7 +314,7 @@ class Server:
         backplane = self.hub.backplane
         try:
             backplane.publish(SsePost(node, session_id, text, backplane.node, request))
-            with trio.move_on_after(self.config.handshake_timeout):
+            with trio.move_on_after(self.config.backplane_timeout):
                 await done.wait()
         finally:
             del self._relay_waiting[request]

@@ -403,7 +403,7 @@ class RedisBackplane:
 
     async def _first_snapshot(self) -> Snapshot:
         try:
-            with trio.fail_after(self._config.handshake_timeout):
+            with trio.fail_after(self._config.backplane_timeout):
                 epoch = await self._ensure_epoch()
                 snapshot = await self._load_snapshot(epoch)
         except (*FAILURES, trio.TooSlowError) as exc:
@@ -468,7 +468,7 @@ class RedisBackplane:
         policy = coredis.retry.NoRetryPolicy()
         async with redis.pubsub(channels=[CHANNEL], retry_policy=policy) as pubsub:
             # Subscribed first, then reconciled: nothing published in between is missed.
-            with trio.fail_after(self._config.handshake_timeout):
+            with trio.fail_after(self._config.backplane_timeout):
                 await self._reconcile()
             if self._down_logged:
                 LOGGER.warning("Redis is back: node %s reconciled", self.node)

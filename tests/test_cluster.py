@@ -241,3 +241,53 @@ async def test_cluster_redis_that_lost_its_data_starts_a_new_epoch(tmp_path: Pat
                     assert [m["msg"] for m in rejoined["history"]] == ["after"]
 
                     del joined
+
+
+async def test_cluster_slow_redis_holds_up_only_the_join_that_waits_for_it(
+    tmp_path: Path,
+) -> None:
+    """Redis answers a node 1 s late (a proxy holds its replies): a new client's join on
+    that node waits for it, but meanwhile another client's `history` (from the node's
+    cache), its pings and a whisper between two clients of the node are answered at
+    once; the join completes when Redis answers (#12 defect 2)."""
+    from .tcpproxy import TcpProxy
+
+    with ExitStack() as stack:
+        redis = stack.enter_context(redis_server(tmp_path / "redis"))
+        proxy = stack.enter_context(TcpProxy(redis.port))
+        config = Config(
+            port=0, memory=True, redis=f"redis://127.0.0.1:{proxy.port}/0", node_timeout=10
+        )
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                server: Server = await nursery.start(Server(config).run)
+                async with client_of(server) as carol, client_of(server) as erin:
+                    await carol.join(name="carol")
+                    await erin.join(name="erin")
+                    await carol.expect("presence", event="join", name="erin")
+                    await carol.say("before", ref="b")
+                    await carol.expect("message", msg="before")
+                    await carol.expect("ack", ref="b")
+                    proxy.hold_replies()
+                    held_at = trio.current_time()
+                    async with client_of(server) as alice:
+                        await alice.send({"type": "join", "room": "lobby", "name": "alice"})
+                        with trio.fail_after(0.3):
+                            await carol.send({"type": "history", "room": "lobby", "ref": "h"})
+                            history = await carol.expect("history", room="lobby")
+                            await carol.ws.ping(b"still there?")
+                            await carol.send(
+                                {"type": "whisper", "to": "erin", "msg": "psst", "ref": "w"}
+                            )
+                            while (frame := await erin.recv())["type"] != "whisper":
+                                pass
+                        assert frame["msg"] == "psst"
+                        assert [m["msg"] for m in history["messages"]] == ["before"]
+                        with trio.move_on_after(0.3):
+                            frame = await alice.recv()
+                            raise AssertionError(f"the join did not wait for Redis: {frame}")
+                        await trio.sleep(max(0.0, held_at + 1.0 - trio.current_time()))
+                        proxy.release_replies()
+                        joined = await alice.expect("joined", room="lobby")
+                        assert joined["members"] == ["alice", "carol", "erin"]
+                server.drain()

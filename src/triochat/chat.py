@@ -81,11 +81,17 @@ CLASSIC_ROOM: Final = "lobby"
 
 
 class Peer(Protocol):
-    """What the chat state needs of a connection. Neither method blocks."""
+    """What the chat state (and the hub) needs of a connection. No method blocks."""
 
     def deliver(self, frame: OutFrame) -> None: ...
 
     def close_soon(self, code: int, reason: str) -> None: ...
+
+    def hold(self) -> None:
+        """Keep delivered frames queued, unwritten, until `release` (used by the hub)."""
+        ...
+
+    def release(self) -> None: ...
 
 
 class Client:

@@ -128,6 +128,7 @@ class Connection:
         "_config",
         "_drained",
         "_hard_bound",
+        "_held",
         "_hub",
         "_listener",
         "_lost",
@@ -183,6 +184,7 @@ class Connection:
         #: (-1: it did not): the slow-consumer rule (`_check_backlog`).
         self._over_at = -1
         self._hard_bound = HARD_BOUND_FACTOR * config.outbox_bytes
+        self._held = False  # `hold`: frames are queued, not written, until `release`
         #: Set when the backlog shrinks, for a reader waiting in `_backlog_low`.
         self._drained: trio.Event | None = None
         #: ``_writes`` when a wait in `_backlog_low` ran out: until the next
@@ -223,6 +225,8 @@ class Connection:
         if self.close_request is not None:
             self._want_writer()
             return
+        if self._held:
+            return  # `release` flushes
         outbox = self.outbox
         frames = outbox.peek()
         if frames:
@@ -242,6 +246,17 @@ class Connection:
                     self._unsent = rest
         self._want_writer()
         self._check_backlog()
+
+    def hold(self) -> None:
+        """Queue what is delivered without writing it, until `release` (the hub holds
+        a joining client's `joined` until the cluster has seen the join)."""
+        self._held = True
+
+    def release(self) -> None:
+        """Write what `hold` kept back. Never blocks."""
+        self._held = False
+        if self.outbox:
+            self.flush_nowait()
 
     def _over_bound(self, fraction: int = 1) -> bool:
         """Whether the backlog is over either bound / ``fraction``.
@@ -459,7 +474,7 @@ class Connection:
                 rest, self._unsent = self._unsent, b""
                 await self._bounded_send(transport.send_rest(rest))
                 self._written()
-            frames = outbox.take_all()
+            frames = outbox.take_all() if not self._held or self.close_request else []
             if frames:
                 await self._bounded_send(transport.send(frames))
                 stats.frames_sent += len(frames)

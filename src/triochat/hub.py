@@ -6,22 +6,31 @@
     ├── Backplane.run          the rest of the cluster (or just the history)
     ├── _dispatch_loop         inbound channel -> ChatState (frames, grace timers,
     │                          what the backplane received)
-    └── _store_loop            says -> Backplane.append -> ChatState.stored
+    ├── _store_loop            says -> Backplane.flush, Backplane.append -> ChatState.stored
+    └── _resolve               one per join that waits for the cluster (Redis):
+                               catch-up and name claim, answer sent back inbound
 
 Rules:
 
 1. The hub never awaits a client: frames leave through ``Peer.deliver``,
-   which queues without waiting (and closes a full connection with 1013).
-2. Connections register and unregister with sync calls (`connect`,
+   which may write to a socket without blocking but never waits (only a
+   connection's own writer task awaits a write).
+2. The hub never awaits the cluster either: a join that needs it (catch-up,
+   a name claim) is parked and resolved beside the hub (`_resolve`), and only
+   that client's later frames wait behind it; the store loop flushes what was
+   published before it appends. (An in-process backplane, whose waits never
+   wait, is asked inline: `Backplane.immediate`.)
+3. Connections register and unregister with sync calls (`connect`,
    `disconnect`), so a cancelled connection can't tear the state; their
    frames come through the bounded inbound channel, in order.
-3. A message is broadcast and acked only after `Backplane.append` returned
+4. A message is broadcast and acked only after `Backplane.append` returned
    and the message came back from the backplane: nothing acked is ever lost,
    and every member on every node sees the one order of the sequencer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -42,8 +51,12 @@ __all__ = ["Hub"]
 
 LOGGER = logging.getLogger("triochat.hub")
 
+WAITING: Final = "too many frames while your join waits for the cluster: try again"
 STORE_QUEUE: Final = 4096  # says accepted but not yet stored; full = `unavailable`
 STORE_BATCH: Final = 512  # most says per Backplane.append (one transaction or script call)
+#: Frames a client may send while its join waits for the cluster; more are
+#: refused with `unavailable` (the client's reader is not held up meanwhile).
+PARKED_FRAMES: Final = 64
 
 
 class _Wake:
@@ -51,7 +64,24 @@ class _Wake:
 
 
 _WAKE: Final = _Wake()
-Inbound = tuple[Client, ClientFrame | ClientProtocolError] | trio.Event | _Wake
+ClientItem = ClientFrame | ClientProtocolError
+
+
+class _Resolved:
+    """Inbound: the cluster's answer for a parked frame (`Hub._resolve`)."""
+
+    __slots__ = ("claimed", "client", "frame")
+
+    def __init__(
+        self, client: Client, frame: ClientFrame, claimed: tuple[str, Claim] | None
+    ) -> None:
+        self.client = client
+        self.frame = frame
+        #: The name asked for and the answer, if the frame binds a name.
+        self.claimed = claimed
+
+
+Inbound = tuple[Client, ClientItem] | trio.Event | _Wake | _Resolved
 #: Where SSE POSTs routed between nodes go (the server's business).
 RelayHandler = Callable[[SsePost | SsePostResult], None]
 
@@ -91,8 +121,13 @@ class Hub:
         self._storage_down = False
         self._wake_sent = False
         self._quiet = False  # our own synchronous append: no wake-up needed
-        #: From `_before`, for the next `_apply`: the name asked for, and the answer.
-        self._claim: tuple[str, Claim] | None = None
+        #: Clients whose join waits for the cluster (`_park`), and their frames
+        #: that came after it, in order.
+        self._parked: dict[Client, list[ClientItem]] = {}
+        #: Where `_resolve` tasks run (set while `run` runs).
+        self._nursery: trio.Nursery | None = None
+        #: Clients of this step whose frames wait for the publish (`_release_when_published`).
+        self._held: list[Client] = []
         #: Receives SSE POSTs relayed from other nodes (set by the server).
         self.relay: RelayHandler | None = None
 
@@ -134,6 +169,7 @@ class Hub:
             backplane.on_events(self._wake, self._chat.own_entries, self._chat.own_users)
             self._pump(self._chat)
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 nursery.start_soon(self._store_loop)
                 task_status.started()
                 await self._dispatch_loop()
@@ -180,8 +216,10 @@ class Hub:
         await done.wait()
         # Stored says are acked when their message comes back from the backplane.
         await self._backplane.catch_up()
-        await self._publish(self.chat)
+        self._pump(self.chat)
         self._flush()
+        with trio.move_on_after(self._config.backplane_timeout):
+            await self._backplane.flush()
 
     def _wake(self) -> None:
         """The backplane has events: make the dispatcher take them (never blocks)."""
@@ -261,60 +299,133 @@ class Hub:
             wall_ms = time.time_ns() // 1_000_000
             # Apply everything already queued before the next checkpoint.
             while item is not None:
-                if isinstance(item, tuple) and not isinstance(item[1], ClientProtocolError):
-                    await self._before(chat, item[0], item[1])
-                self._apply(chat, item, now, wall_ms)
+                await self._take(chat, item, now, wall_ms)
                 try:
                     item = receive.receive_nowait()
                 except (trio.WouldBlock, trio.EndOfChannel):
                     item = None
             chat.expire(now)
-            # What this step changed (joins, leaves) is published before its says go
-            # to the store, so every node sees a member join before it speaks, and
-            # is seen on every node before this node's clients hear of it.
-            await self._publish(chat)
+            # What this step changed (joins, leaves) is published before its says
+            # are stored: the store loop flushes what was published before it
+            # appends, so every node sees a member join before it speaks. The
+            # hub itself never waits for the backplane.
+            self._pump(chat)
             self._queue_says(chat)
-            await self._publish(chat)  # (an in-memory append hands its messages back at once)
+            self._pump(chat)  # (an in-memory append hands its messages back at once)
             self._flush()
+            if self._held:
+                held, self._held = self._held, []
+                assert self._nursery is not None
+                self._nursery.start_soon(self._release_when_published, held)
 
-    async def _publish(self, chat: ChatState) -> None:
-        if self._pump(chat):
+    async def _take(self, chat: ChatState, item: Inbound, now: float, wall_ms: int) -> None:
+        """Apply one inbound item; a frame that needs the cluster first is parked.
+
+        Awaits only on a backplane that never waits (`Backplane.immediate`).
+        """
+        if isinstance(item, _Resolved):
+            # Its answer (`joined`) is written once the cluster has seen the join:
+            # a client told "joined" can be reached from every node.
+            client = item.client
+            client.peer.hold()
+            self._apply_frame(chat, client, item.frame, now, wall_ms, item.claimed)
+            self._unpark(chat, client, now, wall_ms)
+            self._held.append(client)
+        elif isinstance(item, tuple):
+            client, frame = item
+            parked = self._parked.get(client)
+            if parked is not None:  # behind its join, in order
+                if len(parked) < PARKED_FRAMES:
+                    parked.append(frame)
+                elif not isinstance(frame, ClientProtocolError):
+                    chat.refuse(client, ErrorCode.UNAVAILABLE, WAITING, frame.ref)
+            elif isinstance(frame, ClientProtocolError) or not self._needs_cluster(
+                chat, client, frame
+            ):
+                self._apply_frame(chat, client, frame, now, wall_ms, None)
+            elif self._backplane.immediate:
+                claimed = await self._ask_cluster(chat, client, frame)
+                self._pump(chat)  # what the catch-up brought comes first
+                self._apply_frame(chat, client, frame, now, wall_ms, claimed)
+            else:
+                self._park(chat, client, frame)
+        else:
+            self._apply_marker(chat, item)
+
+    def _needs_cluster(self, chat: ChatState, client: Client, frame: ClientFrame) -> bool:
+        """A join catches up with the cluster first (so its member list and its
+        `since` recovery include everything published before it), and a first
+        join asks for its name (`Backplane.claim`)."""
+        return isinstance(frame, Join) or chat.needs_claim(client, frame) is not None
+
+    def _park(self, chat: ChatState, client: Client, frame: ClientFrame) -> None:
+        """Ask the cluster beside the hub; ``client``'s later frames wait behind ``frame``."""
+        self._parked[client] = []
+        assert self._nursery is not None
+        self._nursery.start_soon(self._resolve, chat, client, frame)
+
+    def _unpark(self, chat: ChatState, client: Client, now: float, wall_ms: int) -> None:
+        """Apply the frames that waited behind a resolved one, until one needs the cluster."""
+        waiting = self._parked.pop(client, [])
+        for index, frame in enumerate(waiting):
+            if not isinstance(frame, ClientProtocolError) and self._needs_cluster(
+                chat, client, frame
+            ):
+                self._park(chat, client, frame)
+                self._parked[client].extend(waiting[index + 1 :])
+                return
+            self._apply_frame(chat, client, frame, now, wall_ms, None)
+
+    async def _release_when_published(self, held: list[Client]) -> None:
+        """Write the held clients' frames once what was published so far is out."""
+        try:
             with trio.move_on_after(self._config.backplane_timeout):
                 await self._backplane.flush()
+        finally:
+            for client in held:
+                client.peer.release()
 
-    async def _before(self, chat: ChatState, client: Client, frame: ClientFrame) -> None:
-        """What a frame needs from the cluster before the chat can apply it.
+    async def _resolve(self, chat: ChatState, client: Client, frame: ClientFrame) -> None:
+        """A parked frame's cluster requests, beside the hub; the answer goes back inbound."""
+        claimed = await self._ask_cluster(chat, client, frame)
+        with contextlib.suppress(trio.ClosedResourceError):  # the hub is stopping
+            await self._inbound_send.send(_Resolved(client, frame, claimed))
 
-        Usually nothing. A join first catches up with the cluster (so its
-        member list and its `since` recovery include everything published
-        before it), and a first join asks for its name (`Backplane.claim`).
-        """
-        self._claim = None
+    async def _ask_cluster(
+        self, chat: ChatState, client: Client, frame: ClientFrame
+    ) -> tuple[str, Claim] | None:
+        """Catch up (for a join), then claim the name ``frame`` binds, if any."""
         if isinstance(frame, Join):
             with trio.move_on_after(self._config.backplane_timeout):
                 await self._backplane.catch_up()
-            self._pump(chat)
         name = chat.needs_claim(client, frame)
-        if name is not None:
-            token = frame.token if isinstance(frame, Join) else None
-            try:
-                self._claim = (name, await self._backplane.claim(name, token))
-            except StorageError:
-                self._claim = (name, Claim("unavailable"))
+        if name is None:
+            return None
+        token = frame.token if isinstance(frame, Join) else None
+        try:
+            return name, await self._backplane.claim(name, token)
+        except StorageError:
+            return name, Claim("unavailable")
 
-    def _apply(self, chat: ChatState, item: Inbound, now: float, wall_ms: int) -> None:
+    def _apply_marker(self, chat: ChatState, item: trio.Event | _Wake) -> None:
         if isinstance(item, trio.Event):
             self._queue_says(chat)  # says before the barrier go first
             try:
                 self._store_send.send_nowait(item)
             except trio.WouldBlock:
                 item.set()  # the store is overloaded: settle as far as it can
-            return
-        if isinstance(item, _Wake):
+        else:
             self._wake_sent = False  # the pump runs at the end of this step
-            return
-        client, frame = item
-        claimed, self._claim = self._claim, None
+
+    def _apply_frame(
+        self,
+        chat: ChatState,
+        client: Client,
+        frame: ClientItem,
+        now: float,
+        wall_ms: int,
+        claimed: tuple[str, Claim] | None,
+    ) -> None:
         claim = claimed[1] if claimed is not None else None
         try:
             if isinstance(frame, ClientProtocolError):
@@ -383,6 +494,10 @@ class Hub:
                     barrier = item
                     break
                 batch.append(item)
+            # Everything the hub published before these says (their senders'
+            # joins) reaches the other nodes first.
+            with trio.move_on_after(self._config.backplane_timeout):
+                await self._backplane.flush()
             await self._store(chat, batch)
             self._pump(chat)
             self._flush()

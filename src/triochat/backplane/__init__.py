@@ -45,6 +45,10 @@ class Backplane(Protocol):
 
     #: This node's id, unique in the cluster.
     node: str
+    #: True when `catch_up`, `claim` and `flush` never wait (an in-process
+    #: broker): the hub awaits them in its own step. False (Redis): the hub
+    #: never waits for them, they run beside it (a join waits, not the node).
+    immediate: bool
 
     async def run(self, *, task_status: trio.TaskStatus[Snapshot] = ...) -> None:
         """Connect, then keep connected until cancelled; ``started(snapshot)`` first."""

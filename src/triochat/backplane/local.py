@@ -185,6 +185,8 @@ class LocalBroker:
 class LocalBackplane:
     """One node on a `LocalBroker`."""
 
+    immediate = True  # the broker answers in the same step: nothing to wait for
+
     def __init__(self, broker: LocalBroker, node: str | None = None) -> None:
         self.node = node or secrets.token_hex(4)
         self._broker = broker

@@ -214,6 +214,8 @@ class _Reconnect(Exception):
 class RedisBackplane:
     """One node of a chat whose shared state lives in Redis."""
 
+    immediate = False  # every claim and catch-up is a round trip to Redis
+
     def __init__(self, config: Config, node: str | None = None) -> None:
         if config.redis is None:
             raise ValueError("RedisBackplane needs config.redis")

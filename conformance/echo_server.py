@@ -1,14 +1,15 @@
-"""An echo endpoint for the Autobahn|Testsuite, built from triochat's own transport.
+"""An echo endpoint for the Autobahn|Testsuite, built from triochat's own connection code.
 
 Only the conformance run starts it (``conformance/run.sh``). Every piece a
 chat connection goes through is the real one: the h11 front
-(`triochat.http.handle_http`), the `ReplayStream` wrapper with its write
-lock, trio-websocket's handshake via `accept_websocket`, and the coalescing
-writes of `triochat.connection` (an `Outbox` of pre-built `OutFrame`s, written
-at once when the socket takes them, else by a writer task with one write of
-everything queued). Only the chat
-logic is swapped for an echo: each message comes back as one frame of the
-same type.
+(`triochat.http.handle_http`), the `ReplayStream` wrapper (write gate, frame
+size guard, lingering close), trio-websocket's handshake via
+`accept_websocket`, and `triochat.connection.Connection` itself: its read
+loop and keepalive, its outbox with the hub's direct writes and the writer
+task, its slow-consumer rule and its close sequence (a failure's close
+frame included). Only the chat logic is swapped for an echo (`EchoApp`, the
+`App` a connection talks to): each message comes back as one frame of the
+same type, written at once.
 
 ::
 
@@ -16,9 +17,8 @@ same type.
     └── serve_tcp handlers         one per TCP connection: handle_http, then
         └── EchoFront.serve_websocket   connection nursery
             ├── trio-websocket's reader (pongs, close replies)
-            ├── _read_loop         receive_message -> OutFrame -> outbox
-            └── _write_loop        outbox -> take_all -> one send; after the
-                                   reader ends, flushes (close_timeout)
+            ├── Connection.run     read loop -> EchoApp.receive -> deliver
+            └── Connection._write  started when the socket does not take it at once
 
 Run it with ``python conformance/echo_server.py --port 9001``.
 """
@@ -32,30 +32,27 @@ import sys
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from typing import Final
+from typing import Final, cast
 
 import trio
 
 from triochat.config import Config
-from triochat.connection import TransportClosed
+from triochat.connection import Connection, TransportClosed
 from triochat.frames import OutFrame
 from triochat.http import StaticFiles, Upgrade, handle_http
 from triochat.metrics import Stats
-from triochat.outbox import Outbox
 from triochat.transports.websocket import (
     ClosingRace,
     ReplayStream,
-    WebSocketTransport,
     accept_websocket,
 )
 
-__all__ = ["EchoFront", "main", "serve"]
+__all__ = ["EchoApp", "EchoFront", "main", "serve"]
 
 LOGGER = logging.getLogger("triochat.conformance")
 
 # Autobahn's largest case (9.1.6 / 9.2.6) is one 16 MiB message.
 MAX_MESSAGE_BYTES: Final = 16 * 1024 * 1024
-OUTBOX_FRAMES: Final = 256  # the chat's default; the reader waits when it is full
 
 
 class EchoFront:
@@ -64,6 +61,7 @@ class EchoFront:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.stats = Stats()
+        self.app = EchoApp()
 
     @property
     def draining(self) -> bool:
@@ -94,7 +92,8 @@ class EchoFront:
         return 404, "not_found", "no SSE on the echo endpoint"
 
     async def serve_websocket(self, stream: trio.abc.Stream, upgrade: Upgrade) -> None:
-        """Echo every message of one vetted WebSocket connection until it ends."""
+        """Echo every message of one vetted WebSocket connection until it ends
+        (what the chat's `Server._serve_websocket` does, with `EchoApp`)."""
         replay = ReplayStream(
             stream,
             upgrade.prefix,
@@ -102,117 +101,40 @@ class EchoFront:
             max_message_bytes=self.config.max_frame_bytes,
         )
         try:
-            async with trio.open_nursery() as nursery:  # owns trio-websocket's reader
+            async with trio.open_nursery() as nursery:  # trio-websocket's reader, our writer
                 try:
                     transport = await accept_websocket(nursery, replay, self.config)
                 except TransportClosed as exc:
                     LOGGER.info("handshake failed: %s", exc.reason)
-                    nursery.cancel_scope.cancel()
-                    return
-                try:
-                    await _EchoConnection(transport, self.config.close_timeout).run()
-                finally:
-                    nursery.cancel_scope.cancel()
-                    # Bounded: after a close frame the stream lingers for the peer's FIN.
-                    linger = trio.current_time() + self.config.close_timeout
-                    with trio.CancelScope(shield=True, deadline=linger):
-                        await transport.abort()
+                else:
+                    await Connection(transport, self.app, self.config, self.stats).run(nursery)
+                nursery.cancel_scope.cancel()
         except* ClosingRace:
             pass  # a ping that arrived after our close frame: closing anyway
 
 
-class _EchoConnection:
-    """A reader and the chat's coalescing writer around one `Outbox`.
+class EchoApp:
+    """The `triochat.connection.App` of the echo: each message comes straight back."""
 
-    One difference from the chat's `Connection`: when the reader ends (the
-    peer closed, or trio-websocket failed the connection on a protocol
-    error), the writer still sends what is queued, bounded by
-    ``close_timeout``, since an echo owes the peer every message received
-    before the end. Whether those bytes can still go out is the stream
-    wrapper's decision (see docs/reliability.md).
-    """
+    write_through = True  # nothing to coalesce: each echo is written at once
+    step = 0
 
-    def __init__(self, transport: WebSocketTransport, close_timeout: float) -> None:
-        self._transport = transport
-        self._close_timeout = close_timeout
-        self._outbox = Outbox()
-        #: Set by the writer whenever it empties the outbox (the reader's backpressure).
-        self._room = trio.Event()
-        #: The reader has ended: the writer returns once the outbox is empty.
-        self._reader_done = False
-        #: The tail of a partial direct write; the writer finishes it first.
-        self._unsent = b""
-        #: Set to have the writer look again (replaced each time it does).
-        self._wakeup = trio.Event()
+    def mark_dirty(self, connection: Connection) -> None:
+        connection.flush_nowait()
 
-    async def run(self) -> None:
-        """Until the peer is gone (trio-websocket answers its close itself)."""
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._write_loop, nursery.cancel_scope)
-            try:
-                await self._read_loop()
-            except TransportClosed as exc:
-                LOGGER.debug("reader ended: %s", exc.reason)
-            self._reader_done = True
-            self._wakeup.set()
-            nursery.cancel_scope.deadline = trio.current_time() + self._close_timeout
+    def connect(self, peer: Connection, *, listener: bool) -> object:
+        return peer
 
-    async def _read_loop(self) -> None:
-        while True:
-            message = await self._transport.receive_message()
-            if isinstance(message, str):
-                frame = OutFrame(message.encode(), binary=False)
-            else:
-                frame = OutFrame(message, binary=True)
-            while len(self._outbox) >= OUTBOX_FRAMES:
-                # Full: wait for the writer rather than drop (an echo loses nothing).
-                self._wakeup.set()
-                self._room = trio.Event()
-                await self._room.wait()
-            self._outbox.put(frame)
-            self._flush_nowait()
+    def disconnect(self, client: object) -> None:
+        pass
 
-    def _flush_nowait(self) -> None:
-        """The chat's hot path (`Connection.flush_nowait`): write now if the
-        socket takes it, else (busy, full, or a partial write) wake the writer."""
-        if self._unsent:
-            self._wakeup.set()
-            return
-        frames = self._outbox.peek()
-        try:
-            rest = self._transport.send_nowait(frames)
-        except TransportClosed:
-            self._reader_done = True
-            self._wakeup.set()
-            return
-        if rest is None:  # another write is in progress: the writer does it
-            self._wakeup.set()
-            return
-        self._outbox.clear()
-        self._room.set()
-        if rest:
-            self._unsent = rest
-            self._wakeup.set()
-
-    async def _write_loop(self, scope: trio.CancelScope) -> None:
-        """The chat's writer: everything queued goes out with one write."""
-        try:
-            while True:
-                await self._wakeup.wait()
-                self._wakeup = trio.Event()
-                if self._unsent:
-                    rest, self._unsent = self._unsent, b""
-                    await self._transport.send_rest(rest)
-                frames = self._outbox.take_all()
-                self._room.set()
-                if frames:
-                    await self._transport.send(frames)
-                    self._wakeup.set()  # more may have been queued meanwhile
-                if self._reader_done and not self._outbox and not self._unsent:
-                    break
-        except TransportClosed as exc:
-            LOGGER.debug("writer ended: %s", exc.reason)
-        scope.cancel()
+    async def receive(self, client: object, message: str | bytes) -> None:
+        if isinstance(message, str):
+            frame = OutFrame(message.encode(), binary=False)
+        else:
+            frame = OutFrame(message, binary=True)
+        cast("Connection", client).deliver(frame)
+        await trio.lowlevel.checkpoint()
 
 
 async def serve(
@@ -232,6 +154,9 @@ async def serve(
         allow_origins=("*",),
         max_frame_bytes=MAX_MESSAGE_BYTES,
         max_conns_per_ip=0,
+        # Autobahn's cases echo messages of up to 16 MiB: a backlog bound that
+        # holds a few of them (the chat's default is 1 MiB).
+        outbox_bytes=4 * MAX_MESSAGE_BYTES,
     )
     front = EchoFront(config)
     static = StaticFiles()

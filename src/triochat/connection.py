@@ -1,4 +1,7 @@
-"""One chat connection, whatever its transport: reader, writer, keepalive.
+"""One connection, whatever its transport: reader, writer, keepalive.
+
+It talks to an `App` (the chat's `Hub`; the conformance run's echo), which
+gets each message (`App.receive`) and delivers frames back (`deliver`).
 
 ::
 
@@ -25,6 +28,10 @@ Rules:
    the TCP connection is aborted.
 3. Nothing but that cancellation escapes `run`: a bug closes this connection
    with 1011 and is logged with a traceback; other connections never notice.
+4. The app may write without blocking (`deliver`, `flush_nowait`, on a
+   transport with a `DirectWrite`); only the writer task awaits a write.
+5. A failure of the transport (a protocol error of the peer's) is closed with
+   its code, after what is queued (docs/protocol.md section 11).
 """
 
 from __future__ import annotations
@@ -32,20 +39,17 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Awaitable
-from typing import Final, Protocol
+from typing import Final, Protocol, runtime_checkable
 
 import trio
 
-from .chat import Client
 from .config import Config
-from .errors import ClientProtocolError
 from .frames import OutFrame
-from .hub import Hub
 from .metrics import Stats
 from .outbox import Outbox
-from .protocol import CloseCode, decode_client_frame
+from .protocol import CloseCode
 
-__all__ = ["BinaryFrameError", "Connection", "Transport", "TransportClosed"]
+__all__ = ["App", "Connection", "DirectWrite", "Transport", "TransportClosed"]
 
 LOGGER = logging.getLogger("triochat.connection")
 
@@ -54,6 +58,10 @@ LOGGER = logging.getLogger("triochat.connection")
 HARD_BOUND_FACTOR: Final = 4
 #: Seconds a reader waits at most for its own backlog to go down (`_backlog_low`).
 BACKLOG_PAUSE: Final = 1.0
+
+
+def _utf8(message: str | bytes) -> bytes:
+    return message.encode() if isinstance(message, str) else message
 
 
 class TransportClosed(Exception):
@@ -70,30 +78,15 @@ class TransportClosed(Exception):
         self.failed = failed
 
 
-class BinaryFrameError(Exception):
-    """The peer sent a binary frame (closed with 1003)."""
-
-
 class Transport(Protocol):
     """What a connection needs of WebSocket or SSE."""
 
-    async def receive(self) -> str:
-        """The next text frame. Raises TransportClosed, BinaryFrameError."""
+    async def receive_message(self) -> str | bytes:
+        """The next whole message (text, or binary on WebSocket). Raises TransportClosed."""
         ...
 
     async def send(self, frames: list[OutFrame]) -> None:
         """Write ``frames`` with one write. Raises TransportClosed."""
-        ...
-
-    def send_nowait(self, frames: list[OutFrame]) -> bytes | None:
-        """Write as much as the socket takes now; the rest, for `send_rest`.
-
-        None (nothing written) when it cannot write now: the writer task then does.
-        """
-        ...
-
-    async def send_rest(self, data: bytes) -> None:
-        """Finish a partial `send_nowait`. Raises TransportClosed."""
         ...
 
     #: Seconds between keepalives (None: the configured ping interval).
@@ -115,7 +108,49 @@ class Transport(Protocol):
         ...
 
     async def abort(self) -> None:
-        """Drop the underlying connection now."""
+        """Drop the underlying connection now (the caller bounds any lingering)."""
+        ...
+
+
+@runtime_checkable
+class DirectWrite(Protocol):
+    """A transport the hub may write to without a task (a socket): the hot path."""
+
+    def send_nowait(self, frames: list[OutFrame]) -> bytes | None:
+        """Write as much as the socket takes now; the rest, for `send_rest`.
+
+        None (nothing written) when it cannot write now: the writer task then does.
+        """
+        ...
+
+    async def send_rest(self, data: bytes) -> None:
+        """Finish a partial `send_nowait`. Raises TransportClosed."""
+        ...
+
+
+class App(Protocol):
+    """What a connection needs of the application behind it (the chat's hub; the
+    conformance run's echo). The client token is the app's own business."""
+
+    #: True while a lone message is delivered: write it at once (`Connection.deliver`).
+    write_through: bool
+    #: The app's step counter: a connection asks once per step to be flushed.
+    step: int
+
+    def mark_dirty(self, connection: Connection) -> None:
+        """``connection`` got frames in this step: call its `flush_nowait` at the end."""
+        ...
+
+    def connect(self, peer: Connection, *, listener: bool) -> object:
+        """Register a connection; the token its frames are submitted with."""
+        ...
+
+    def disconnect(self, client: object) -> None:
+        """Unregister (sync: safe in ``finally``)."""
+        ...
+
+    async def receive(self, client: object, message: str | bytes) -> None:
+        """Take one message from the client; may wait (backpressure on its reader)."""
         ...
 
 
@@ -126,6 +161,7 @@ class Connection:
         "_broken",
         "_close_deadline",
         "_config",
+        "_direct",
         "_drained",
         "_hard_bound",
         "_held",
@@ -152,13 +188,15 @@ class Connection:
     def __init__(
         self,
         transport: Transport,
-        hub: Hub,
+        hub: App,
         config: Config,
         stats: Stats,
         *,
         listener: bool = False,
     ) -> None:
         self._transport = transport
+        #: The transport's direct write (the hub's hot path), if it has one.
+        self._direct = transport if isinstance(transport, DirectWrite) else None
         self._hub = hub
         self._config = config
         self._stats = stats
@@ -229,9 +267,10 @@ class Connection:
             return  # `release` flushes
         outbox = self.outbox
         frames = outbox.peek()
-        if frames:
+        direct = self._direct
+        if frames and direct is not None:
             try:
-                rest = self._transport.send_nowait(frames)
+                rest = direct.send_nowait(frames)
             except TransportClosed as exc:
                 self._lost = exc
             else:
@@ -372,7 +411,7 @@ class Connection:
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
-    async def _read(self, client: Client) -> None:
+    async def _read(self, client: object) -> None:
         """Run the read loop; however it ends, end the connection."""
         try:
             await self._read_loop(client)
@@ -394,26 +433,21 @@ class Connection:
             await trio.sleep_forever()  # the writer sends the 1011
         self._end()
 
-    async def _read_loop(self, client: Client) -> None:
+    async def _read_loop(self, client: object) -> None:
         transport = self._transport
-        hub = self._hub
+        app = self._hub
         stats = self._stats
         config = self._config
         max_bytes = config.max_frame_bytes
-        max_chars = config.max_msg_chars
         interval = transport.heartbeat or config.ping_interval
         ping_sent: float | None = None  # an unanswered ping went out then
         next_ping = trio.current_time() + interval
         while True:
-            text: str | None = None
+            message: str | bytes | None = None
             deadline = next_ping if ping_sent is None else ping_sent + config.ping_timeout
             with trio.move_on_at(deadline):
-                try:
-                    text = await transport.receive()
-                except BinaryFrameError:
-                    self.close_soon(CloseCode.UNSUPPORTED_DATA, "binary frames are not accepted")
-                    await trio.sleep_forever()  # the writer's close ends the connection
-            if text is None:  # silence until the deadline
+                message = await transport.receive_message()
+            if message is None:  # silence until the deadline
                 now = trio.current_time()
                 if ping_sent is None:
                     # A pending write is bounded on its own (`_bounded_send`).
@@ -429,16 +463,15 @@ class Connection:
                 continue
             stats.frames_received += 1
             # A code point is 1-4 bytes: encode only when the size could be over.
-            if len(text) * 4 > max_bytes and len(text.encode()) > max_bytes:
+            # (WebSocket's stream refuses a bigger message at its header already.)
+            if len(message) * 4 > max_bytes and len(_utf8(message)) > max_bytes:
                 self.close_soon(CloseCode.MESSAGE_TOO_BIG, "frame too big")
                 await trio.sleep_forever()
-            try:
-                item: object = decode_client_frame(text, max_msg_chars=max_chars)
-            except ClientProtocolError as exc:
-                item = exc
             if self._unpaused_at != self._writes and self._over_bound(2):
                 await self._backlog_low()
-            await hub.submit(client, item)  # type: ignore[arg-type]
+            await app.receive(client, message)
+            if self.close_request is not None:
+                await trio.sleep_forever()  # the app closes it: the writer ends the connection
 
     async def _write(self) -> None:
         """The writer: what the hub could not write, a ping, the close; then return.
@@ -472,7 +505,8 @@ class Connection:
                 raise self._lost
             if self._unsent:
                 rest, self._unsent = self._unsent, b""
-                await self._bounded_send(transport.send_rest(rest))
+                assert self._direct is not None  # only a direct write leaves a rest
+                await self._bounded_send(self._direct.send_rest(rest))
                 self._written()
             frames = outbox.take_all() if not self._held or self.close_request else []
             if frames:

@@ -34,7 +34,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Final, Protocol
+from typing import Final, Protocol, cast
 
 import trio
 
@@ -44,7 +44,7 @@ from .config import Config
 from .errors import ClientProtocolError, StorageError
 from .events import Claim, Draft, Received, SsePost, SsePostResult
 from .metrics import Stats
-from .protocol import ClientFrame, CloseCode, ErrorCode, Join, Message
+from .protocol import ClientFrame, CloseCode, ErrorCode, Join, Message, decode_client_frame
 from .ratelimit import RateLimiter
 
 __all__ = ["Hub"]
@@ -190,10 +190,11 @@ class Hub:
         self.chat.connect(client)
         return client
 
-    def disconnect(self, client: Client) -> None:
-        """Unregister a connection. Never awaits; safe to call from ``finally``."""
+    def disconnect(self, client: object) -> None:
+        """Unregister a connection (``client``: what `connect` gave it). Never awaits;
+        safe to call from ``finally``."""
         chat = self.chat
-        chat.disconnect(client, trio.current_time())
+        chat.disconnect(cast("Client", client), trio.current_time())
         scope = self._wait_scope
         if scope is not None and chat.next_deadline() < scope.deadline:
             scope.deadline = chat.next_deadline()  # wake the dispatcher in time
@@ -271,12 +272,26 @@ class Hub:
         except Exception:
             LOGGER.exception("bug while applying %s from the backplane", type(item).__name__)
 
-    async def submit(self, client: Client, item: ClientFrame | ClientProtocolError) -> None:
-        """Queue one frame (or its decoding error) for the hub; waits when full.
+    async def receive(self, client: object, message: str | bytes) -> None:
+        """One message of a connection (``client``: what `connect` gave it).
 
-        A flooding client waits here, which slows only its own reader.
+        Runs in the connection's task: the frame is decoded there, then queued
+        for the hub, waiting while the queue is full (a flooding client slows
+        only its own reader). A binary message closes the connection with 1003
+        (docs/protocol.md section 2).
         """
-        await self._inbound_send.send((client, item))
+        chat_client = cast("Client", client)
+        if isinstance(message, bytes):
+            chat_client.peer.close_soon(
+                CloseCode.UNSUPPORTED_DATA, "binary frames are not accepted"
+            )
+            return
+        item: ClientItem
+        try:
+            item = decode_client_frame(message, max_msg_chars=self._config.max_msg_chars)
+        except ClientProtocolError as exc:
+            item = exc
+        await self._inbound_send.send((chat_client, item))
 
     # --- the tasks ---------------------------------------------------------------
 

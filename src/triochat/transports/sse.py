@@ -99,7 +99,7 @@ class SseTransport:
 
     # --- Transport -------------------------------------------------------------
 
-    async def receive(self) -> str:
+    async def receive_message(self) -> str:
         try:
             return await self._inbox_recv.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):
@@ -108,12 +108,6 @@ class SseTransport:
     async def send(self, frames: list[OutFrame]) -> None:
         data = frames[0].sse if len(frames) == 1 else b"".join([frame.sse for frame in frames])
         await self._write(data)
-
-    def send_nowait(self, frames: list[OutFrame]) -> None:
-        return None  # the fallback transport always writes from its task
-
-    async def send_rest(self, data: bytes) -> None:
-        raise NotImplementedError
 
     async def ping(self) -> None:
         await self._write(b": keepalive\n\n")

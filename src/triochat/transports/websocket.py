@@ -26,7 +26,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_st
 from wsproto.utilities import LocalProtocolError
 
 from ..config import Config
-from ..connection import BinaryFrameError, TransportClosed
+from ..connection import TransportClosed
 from ..frames import OutFrame
 from ..protocol import CloseCode
 
@@ -378,17 +378,6 @@ class WebSocketTransport:
     @property
     def last_receive(self) -> float:
         return self._stream.last_receive
-
-    async def receive(self) -> str:
-        # Not `receive_message` plus a check: one coroutine frame less held by
-        # every idle connection.
-        try:
-            message = await self._ws.get_message()
-        except ConnectionClosed as exc:
-            raise self._closed(exc) from None
-        if isinstance(message, bytes):
-            raise BinaryFrameError
-        return message
 
     async def receive_message(self) -> str | bytes:
         """The next whole message, text or binary. Raises TransportClosed."""

@@ -612,3 +612,18 @@ def test_out_frame_ws_parses_as_its_json():
     assert frame.data == out.json == encode(message)
     assert json.loads(frame.data)["msg"] == "m" * 70000
     assert out.ws is out.ws
+
+
+def test_outframe_holds_its_payload_once():
+    """A queued frame keeps its WebSocket framing only; the JSON is read from its tail
+    (a history reply of a megabyte is held once, not twice: #18)."""
+    import gc
+
+    from triochat.frames import OutFrame
+
+    payload = b'{"type":"history","messages":"' + b"y" * 100_000 + b'"}'
+    frame = OutFrame(payload, "e-1")
+    held = [ref for ref in gc.get_referents(frame) if isinstance(ref, bytes)]
+    assert held == [frame.ws]
+    assert frame.json == payload
+    assert frame.sse == b"id: e-1\ndata: " + payload + b"\n\n"

@@ -38,19 +38,27 @@ def websocket_text_frame(payload: bytes) -> bytes:
 
 
 class OutFrame:
-    """One server frame: its JSON, its WebSocket framing, and lazily its SSE one."""
+    """One server frame: its WebSocket framing, and lazily its SSE one.
 
-    __slots__ = ("_sse", "event_id", "json", "ws")
+    Only the WebSocket framing is kept: the JSON is its tail (`json`), so a
+    queued frame (a history reply of a megabyte, say) is held once, not twice.
+    """
+
+    __slots__ = ("_sse", "_start", "event_id", "ws")
 
     def __init__(self, json: bytes, event_id: str | None = None, *, binary: bool = False) -> None:
-        #: The payload: a server frame's JSON (or raw bytes when ``binary``).
-        self.json = json
         #: The message id, sent as the SSE ``id:`` field where there is one.
         self.event_id = event_id
         #: The WebSocket frame, built at once: a plain attribute is the cheapest
         #: read on the fan-out path, and nearly every frame goes out over WebSocket.
         self.ws = websocket_frame(json, OPCODE_BINARY if binary else OPCODE_TEXT)
+        self._start = len(self.ws) - len(json)  # where the payload starts in ``ws``
         self._sse: bytes | None = None
+
+    @property
+    def json(self) -> bytes:
+        """The payload: a server frame's JSON (or raw bytes when ``binary``); a copy."""
+        return self.ws[self._start :]
 
     @classmethod
     def of(cls, frame: ServerFrame, event_id: str | None = None) -> OutFrame:
@@ -61,7 +69,7 @@ class OutFrame:
         if self._sse is None:
             # JSON from msgspec never contains a raw newline, so one data line.
             head = b"id: " + self.event_id.encode() + b"\n" if self.event_id else b""
-            self._sse = head + b"data: " + self.json + b"\n\n"
+            self._sse = head + b"data: " + self.ws[self._start :] + b"\n\n"
         return self._sse
 
     def __repr__(self) -> str:

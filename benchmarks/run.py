@@ -186,7 +186,8 @@ class ServerSpec:
 
 def triochat_argv(args: argparse.Namespace, port: int, redis_url: str | None = None) -> list[str]:
     argv = [sys.executable, "-m", "triochat", "--host", LOOPBACK, "--port", str(port)]
-    argv += ["--memory", "--rate", "0", "--max-conns-per-ip", "0", "--log-level", "WARNING"]
+    argv += ["--memory", "--rate", "0", "--max-conns-per-ip", "0", "--max-pending-per-ip", "0"]
+    argv += ["--log-level", "WARNING"]
     if args.outbox_frames:
         argv += ["--outbox-frames", str(args.outbox_frames)]
     if redis_url:

@@ -26,12 +26,15 @@ SECTION_5_OPTIONS = [
     "--outbox-bytes",
     "--max-rooms",
     "--max-conns-per-ip",
+    "--max-pending-per-ip",
+    "--max-pending",
     "--history-size",
     "--host",
     "--port",
     "--data-dir",
     "--memory",
     "--allow-origin",
+    "--allow-host",
     "--ping-interval",
     "--ping-timeout",
     "--presence-grace",
@@ -66,6 +69,8 @@ def test_cli_defaults_match_protocol():
     assert config.outbox_bytes == 1 << 20
     assert config.max_rooms == 32
     assert config.max_conns_per_ip == 256
+    assert (config.max_pending_per_ip, config.max_pending) == (32, 1024)
+    assert config.allow_hosts == ()
     assert config.history_size == 1000
     assert (config.ping_interval, config.ping_timeout) == (20, 20)
     assert config.presence_grace == 5
@@ -93,6 +98,21 @@ def test_cli_environment_sets_and_command_line_wins():
     assert config.allow_origins == ("*", "null")
 
 
+def test_cli_allow_host_repeatable_and_from_environment():
+    """--allow-host repeats; TRIOCHAT_ALLOW_HOST is comma-separated; the command line wins (#18)."""
+    env = {
+        "TRIOCHAT_ALLOW_HOST": " chat.example.com, Other.Example ,",
+        "TRIOCHAT_MAX_PENDING": "9",
+    }
+    config = config_from_args([], env)
+    assert config.allow_hosts == ("chat.example.com", "Other.Example")
+    assert config.max_pending == 9
+    config = config_from_args(["--allow-host", "a.example", "--allow-host", "*"], env)
+    assert config.allow_hosts == ("a.example", "*")
+    config = config_from_args(["--max-pending-per-ip", "0", "--max-pending", "0"], {})
+    assert (config.max_pending_per_ip, config.max_pending) == (0, 0)
+
+
 @pytest.mark.parametrize(
     ("argv", "env"),
     [
@@ -102,6 +122,11 @@ def test_cli_environment_sets_and_command_line_wins():
         (["--log-level", "loud"], {}),
         (["--port", "70000"], {}),
         (["--redis", "http://127.0.0.1:6379"], {}),
+        (["--max-pending-per-ip", "-1"], {}),
+        (["--max-pending", "-1"], {}),
+        (["--allow-host", "chat.example.com:443"], {}),
+        (["--allow-host", "https://chat.example.com"], {}),
+        ([], {"TRIOCHAT_ALLOW_HOST": "[::1]"}),
         ([], {"TRIOCHAT_REDIS": "localhost:6379"}),
     ],
 )
@@ -197,3 +222,36 @@ async def test_cli_memory_restart_forgets_history_and_never_reuses_ids():
                 await alice.say("after", ref="r")
                 new = await alice.expect("message", msg="after")
                 assert new["id"] != old["id"]
+
+
+def test_cli_history_with_a_newer_schema_exits_1_untouched(tmp_path):
+    """A history file from a newer triochat (user_version past ours): one ERROR line saying
+    so, exit 1, no traceback, no server, and the file keeps its version and rows (#11)."""
+    import sqlite3
+
+    from triochat.history.sqlite import DB_FILE, SCHEMA_VERSION
+
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    path = data_dir / DB_FILE
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    db.execute("CREATE TABLE messages (seq INTEGER PRIMARY KEY, room, id, name, msg, ts)")
+    db.execute("INSERT INTO meta VALUES ('epoch', '0badc0de')")
+    db.execute("INSERT INTO messages VALUES (1, 'lobby', '0badc0de-1', 'alice', 'hi', 1)")
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.close()
+    before = path.read_bytes()
+    result = subprocess.run(
+        [sys.executable, "-m", "triochat", "--port", "0", "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, result.stderr
+    assert f"schema version {SCHEMA_VERSION + 1}, newer than this triochat" in errors[0]
+    assert "Traceback" not in result.stderr
+    assert "listening on" not in result.stderr
+    assert path.read_bytes() == before

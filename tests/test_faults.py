@@ -755,9 +755,9 @@ async def test_fault_sigkill_under_load_loses_no_acked_message(tmp_path):
 @pytest.mark.parametrize(
     "request_bytes",
     [
-        b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nab",
-        b"PUT /readyz HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
-        b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabcGARBAGE\x00 \r\n\r\n",
+        b"POST /healthz HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\n\r\nab",
+        b"PUT /readyz HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"GET / HTTP/1.1\r\nHost: localhost\r\nContent-Length: 3\r\n\r\nabcGARBAGE\x00 \r\n\r\n",
     ],
     ids=["truncated-body", "bad-chunk", "garbage-after-body"],
 )
@@ -952,7 +952,7 @@ def test_fault_http_front_answers_any_bytes_with_a_status_or_a_close(fuzz_server
     reply, took = _exchange(fuzz_server.port, data)
     assert not reply or _STATUS_LINE.match(reply), reply[:200]
     assert took <= FUZZ_HANDSHAKE_TIMEOUT + 0.5
-    health, _ = _exchange(fuzz_server.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    health, _ = _exchange(fuzz_server.port, b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
     assert health.startswith(b"HTTP/1.1 200 "), health[:200]
     assert fuzz_server.proc.poll() is None
 

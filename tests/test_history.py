@@ -11,8 +11,9 @@ import trio
 
 from triochat.errors import StorageError
 from triochat.history import History, Snapshot
+from triochat.history import sqlite as sqlite_history
 from triochat.history.memory import MemoryHistory
-from triochat.history.sqlite import DB_FILE, SqliteHistory
+from triochat.history.sqlite import BACKUP_MARK, DB_FILE, SCHEMA_VERSION, SqliteHistory
 from triochat.protocol import Message, make_id
 
 
@@ -283,3 +284,141 @@ async def test_sqlite_history_append_after_aclose_storage_error(sqlite_stores):
     await store.aclose()
     with pytest.raises(StorageError):
         await store.append([msg(snapshot.epoch, 1)])
+
+
+# --- SqliteHistory: schema versions (#11) -------------------------------------------------
+
+# The layout of triochat 0.1.0, exactly as it was created before the schema
+# version was kept (user_version 0). Frozen here: it is what files in the
+# field hold, whatever the code's own schema becomes.
+FIRST_LAYOUT_SQL = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS messages (
+    seq  INTEGER PRIMARY KEY,
+    room TEXT NOT NULL,
+    id   TEXT NOT NULL,
+    name TEXT NOT NULL,
+    msg  TEXT NOT NULL,
+    ts   INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_by_room ON messages (room, seq);
+"""
+
+
+def make_first_layout_file(data_dir: Path, epoch: str, messages: list[Message]) -> Path:
+    """A history file as triochat 0.1.0 left it: WAL, user_version 0, those rows."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / DB_FILE
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode = WAL")
+        db.executescript(FIRST_LAYOUT_SQL)
+        db.execute("INSERT INTO meta VALUES ('epoch', ?)", (epoch,))
+        db.executemany(
+            "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?)",
+            [(int(m.id.rpartition("-")[2]), m.room, m.id, m.name, m.msg, m.ts) for m in messages],
+        )
+        assert db.execute("PRAGMA user_version").fetchone() == (0,)
+    finally:
+        db.close()
+    return path
+
+
+def user_version(path: Path) -> int:
+    db = sqlite3.connect(path)
+    try:
+        return int(db.execute("PRAGMA user_version").fetchone()[0])
+    finally:
+        db.close()
+
+
+async def test_sqlite_history_new_file_is_stamped_with_the_schema_version(sqlite_stores):
+    """A new history file carries PRAGMA user_version = SCHEMA_VERSION (1) (#11)."""
+    store, _ = await sqlite_stores.open()
+    await store.aclose()
+    assert SCHEMA_VERSION == 1
+    assert user_version(sqlite_stores.data_dir / DB_FILE) == SCHEMA_VERSION
+
+
+async def test_sqlite_history_unversioned_first_layout_is_kept_and_stamped(sqlite_stores):
+    """A 0.1.0 file (user_version 0, today's tables) is version 1: every message and the
+    epoch survive, ids go on after them, and the file is stamped 1 (#11)."""
+    epoch = "0badc0de"
+    old = [msg(epoch, 1), msg(epoch, 2, "dev"), msg(epoch, 3), msg(epoch, 7, "dev"), msg(epoch, 9)]
+    path = make_first_layout_file(sqlite_stores.data_dir, epoch, old)
+    store, snapshot = await sqlite_stores.open()
+    assert snapshot.epoch == epoch
+    assert snapshot.next_seq == 10
+    assert snapshot.rooms == {"lobby": [old[0], old[2], old[4]], "dev": [old[1], old[3]]}
+    await store.append([msg(epoch, 10)])
+    await store.aclose()
+    assert user_version(path) == SCHEMA_VERSION
+    _, reloaded = await sqlite_stores.open()
+    assert seqs(reloaded.rooms["lobby"]) == [1, 3, 9, 10]
+
+
+async def test_sqlite_history_newer_schema_is_refused_untouched(sqlite_stores):
+    """A file whose version is newer than the code knows fails load with a StorageError
+    naming both versions, and the file is left byte for byte as it was (#11)."""
+    path = make_first_layout_file(sqlite_stores.data_dir, "0badc0de", [msg("0badc0de", 1)])
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.execute("PRAGMA journal_mode = DELETE")  # everything in the one file, to compare
+    db.close()
+    before = path.read_bytes()
+    with pytest.raises(StorageError, match=r"schema version 2, newer than this triochat") as info:
+        await sqlite_stores.new().load()
+    assert "up to 1" in str(info.value)
+    assert path.read_bytes() == before
+    assert user_version(path) == SCHEMA_VERSION + 1
+
+
+async def test_sqlite_history_migration_runs_in_one_transaction(sqlite_stores, monkeypatch):
+    """A later step that fails leaves the file at its old version with nothing of the
+    step applied; a good step then migrates it forward, data intact (#11)."""
+    epoch = "0badc0de"
+    path = make_first_layout_file(sqlite_stores.data_dir, epoch, [msg(epoch, 1), msg(epoch, 2)])
+    store, _ = await sqlite_stores.open()  # stamps version 1
+    await store.aclose()
+    first = sqlite_history._MIGRATIONS[0]
+    broken = ("CREATE TABLE extra (x)", "INSERT INTO no_such_table VALUES (1)")
+    monkeypatch.setattr(sqlite_history, "_MIGRATIONS", (first, broken))
+    with pytest.raises(StorageError, match="from schema version 1 to 2: no such table"):
+        await sqlite_stores.new().load()
+    assert user_version(path) == 1
+    db = sqlite3.connect(path)
+    tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master")}
+    db.close()
+    assert "extra" not in tables
+    good = ("CREATE TABLE extra (x)", "CREATE INDEX extra_x ON extra (x)")
+    monkeypatch.setattr(sqlite_history, "_MIGRATIONS", (first, good))
+    _, snapshot = await sqlite_stores.open()
+    assert snapshot.epoch == epoch
+    assert seqs(snapshot.rooms["lobby"]) == [1, 2]
+    assert user_version(path) == 2
+
+
+async def test_sqlite_history_backup_starts_a_new_epoch_once(sqlite_stores):
+    """A file marked as a backup (by `triochat backup`) starts a new epoch on its first
+    load, its messages renamed into it in order, so no id the source server gave out
+    after the copy is reused; later loads keep that epoch (#11)."""
+    store, snapshot = await sqlite_stores.open()
+    old_epoch = snapshot.epoch
+    await store.append([msg(old_epoch, 1), msg(old_epoch, 2, "dev"), msg(old_epoch, 3)])
+    await store.aclose()
+    path = sqlite_stores.data_dir / DB_FILE
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("INSERT INTO meta VALUES (?, '2026-12-01T00:00:00+00:00')", (BACKUP_MARK,))
+    db.close()
+    store, restored = await sqlite_stores.open()
+    epoch = restored.epoch
+    assert epoch != old_epoch
+    assert restored.next_seq == 4
+    assert restored.rooms == {
+        "lobby": [msg(epoch, 1), msg(epoch, 3)],
+        "dev": [msg(epoch, 2, "dev")],
+    }
+    await store.append([msg(epoch, 4)])
+    _, again = await sqlite_stores.reload(store)
+    assert again.epoch == epoch
+    assert seqs(again.rooms["lobby"]) == [1, 3, 4]

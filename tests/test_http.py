@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import logging
 import os
 import struct
 from collections.abc import AsyncIterator
@@ -635,3 +636,284 @@ async def test_http_handshake_checked_as_rfc6455_4_2_1(head, status):
     assert response.status == status
     if status == 426:
         assert response.headers["sec-websocket-version"] == "13"
+
+
+# --- hostile clients (#18) ---------------------------------------------------------
+
+
+def _raw_request(method: str, target: str, host: str, *extra: str) -> bytes:
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {host}", *extra]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+@asynccontextmanager
+async def open_tcp_from(server: Server, local_address: str) -> AsyncIterator[RawConn]:
+    """A connection from another loopback address (Linux routes all of 127/8 to lo)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port, local_address=local_address)
+    async with stream:
+        yield RawConn(stream)
+
+
+async def _pending_reaches(server: Server, count: int) -> None:
+    """Wait (up to 2 s) until the server counts ``count`` sockets that are not chats yet.
+
+    Polled: the server accepts (or notices a close) in its own time, and
+    nothing a test can await says so.
+    """
+    for _ in range(400):
+        if server.pending.total == count:
+            return
+        await trio.sleep(0.005)
+    assert server.pending.total == count
+
+
+async def _closed_at_once(conn: RawConn) -> bytes:
+    """What the server wrote before closing; fails unless it closes within 1 s."""
+    with trio.fail_after(1):
+        return await conn.eof()
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "localhost",
+        "LocalHost:{port}",
+        "localhost.:{port}",
+        "127.0.0.1",
+        "127.0.0.1:{port}",
+        "10.1.2.3:80",
+        "[::1]",
+        "[::1]:{port}",
+        "[2001:DB8::1]:8443",
+    ],
+)
+async def test_http_host_localhost_and_ip_literals_allowed_by_default(host):
+    """Without --allow-host, localhost and IP literals are served, with any port or none (#18)."""
+    with trio.fail_after(10):
+        async with running_server() as server, open_tcp(server) as conn:
+            await conn.send(_raw_request("GET", "/healthz", host.format(port=server.port)))
+            response = await conn.response()
+    assert response.status == 200
+
+
+_ROUTES = [
+    ("GET", "/", ()),
+    ("HEAD", "/", ()),
+    ("GET", "/static/app.js", ()),
+    ("GET", "/static/index.html", ()),
+    ("GET", "/healthz", ()),
+    ("GET", "/readyz", ()),
+    ("GET", "/metrics", ()),
+    ("GET", "/nope", ()),
+    ("GET", "/sse", ("Accept: text/event-stream",)),
+    ("POST", "/sse/abc", ("Content-Type: application/json", "Content-Length: 2")),
+    ("GET", "/ws", ()),
+    ("GET", "/ws", (*_VALID, "Sec-WebSocket-Version: 13")),
+    ("GET", "/", (*_VALID, "Sec-WebSocket-Version: 13")),
+]
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "evil.example",
+        "evil.example:{port}",
+        "127.0.0.1.evil.example:{port}",
+        "localhost.evil.example",
+        "localhostx",
+        "::1",
+        "[::1",
+        "[not-an-ip]:{port}",
+        "127.0.0.1:{port}:80",
+        "localhost:http",
+        "999.1.1.1",
+    ],
+)
+@pytest.mark.parametrize(("method", "target", "extra"), _ROUTES)
+async def test_http_foreign_host_421_on_every_route(host, method, target, extra):
+    """A Host that is not localhost, an IP literal or allowed gets 421 and a close on every
+    route, page, static, health, metrics, SSE and WebSocket alike: DNS rebinding (#18)."""
+    with trio.fail_after(10):
+        async with running_server() as server, open_tcp(server) as conn:
+            head = _raw_request(method, target, host.format(port=server.port), *extra)
+            body = b"{}" if method == "POST" else b""
+            # A pipelined second request must not be answered.
+            await conn.send(head + body + request_bytes(server, "GET", "/healthz"))
+            response = await conn.response(head=method == "HEAD")
+            rest = await _closed_at_once(conn)
+            assert not server.connections
+            assert not server.hub.chat.clients
+    assert response.status == 421
+    assert response.headers["connection"] == "close"
+    assert rest == b""
+
+
+@pytest.mark.parametrize(
+    ("allowed", "host", "status"),
+    [
+        (("chat.example.com",), "chat.example.com", 200),
+        (("chat.example.com",), "Chat.Example.COM:8443", 200),
+        (("chat.example.com",), "chat.example.com.:80", 200),
+        (("Chat.Example.com.",), "chat.example.com", 200),
+        (("chat.example.com",), "localhost:{port}", 200),
+        (("chat.example.com",), "127.0.0.1:{port}", 200),
+        (("chat.example.com",), "www.chat.example.com", 421),
+        (("chat.example.com",), "example.com", 421),
+        (("a.example", "b.example"), "b.example", 200),
+        (("*",), "anything.example:1234", 200),
+    ],
+)
+async def test_http_allow_host_adds_names(allowed, host, status):
+    """--allow-host adds exact names (any port, any case, a trailing dot ignored); `*` any (#18)."""
+    with trio.fail_after(10):
+        async with running_server(allow_hosts=allowed) as server, open_tcp(server) as conn:
+            await conn.send(_raw_request("GET", "/healthz", host.format(port=server.port)))
+            response = await conn.response()
+    assert response.status == status
+
+
+async def test_http_allowed_host_chat_still_opens():
+    """A WebSocket upgrade naming an --allow-host name (and a matching Origin) is a chat (#18)."""
+    with trio.fail_after(10):
+        async with running_server(allow_hosts=("chat.example.com",)) as server:
+            status = await handshake_status(
+                server, host="chat.example.com", origin="https://chat.example.com"
+            )
+    assert status == 101
+
+
+def _csp_directives(policy: str) -> dict[str, list[str]]:
+    directives = {}
+    for part in policy.split(";"):
+        name, *values = part.split()
+        directives[name] = values
+    return directives
+
+
+@pytest.mark.parametrize(("method", "path"), [("GET", "/"), ("GET", "/static/index.html")])
+async def test_http_every_html_response_has_csp_and_frame_deny(method, path):
+    """The page, at / or /static/index.html, comes with the same CSP (connect-src 'self' only,
+    frame-ancestors 'none') and X-Frame-Options: DENY: it can not be framed (#18)."""
+    with trio.fail_after(10):
+        async with running_server() as server, open_tcp(server) as conn:
+            await conn.send(request_bytes(server, method, path))
+            response = await conn.response()
+            await conn.send(request_bytes(server, "HEAD", path))
+            head = await conn.response(head=True)
+    assert response.headers["content-type"].startswith("text/html")
+    for answer in (response, head):
+        directives = _csp_directives(answer.headers["content-security-policy"])
+        assert directives["connect-src"] == ["'self'"]
+        assert directives["frame-ancestors"] == ["'none'"]
+        assert directives["default-src"] == ["'self'"]
+        assert answer.headers["x-frame-options"] == "DENY"
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [
+        ("Transfer-Encoding: chunked", "Content-Length: 5"),
+        ("Content-Length: 5", "Transfer-Encoding: chunked"),
+    ],
+    ids=["te-first", "cl-first"],
+)
+@pytest.mark.parametrize(("method", "path"), [("POST", "/healthz"), ("GET", "/")])
+async def test_http_transfer_encoding_with_content_length_400_and_closed(method, path, framing):
+    """Both Transfer-Encoding and Content-Length: 400 and a close, nothing pipelined after it
+    is answered (RFC 9112 6.1, request smuggling) (#18)."""
+    with trio.fail_after(10):
+        async with running_server() as server, open_tcp(server) as conn:
+            head = _raw_request(method, path, f"127.0.0.1:{server.port}", *framing)
+            smuggled = request_bytes(server, "GET", "/nope")
+            await conn.send(head + b"0\r\n\r\n" + smuggled)
+            response = await conn.response()
+            rest = await _closed_at_once(conn)
+    assert response.status == 400
+    assert rest == b""
+
+
+async def test_http_silent_sockets_capped_per_address():
+    """Silent sockets from one address beyond --max-pending-per-ip are closed at once; other
+    addresses are served meanwhile; a freed slot admits again (#18)."""
+    with trio.fail_after(10):
+        async with running_server(max_pending_per_ip=3, handshake_timeout=5) as server:
+            async with AsyncExitStack() as stack:
+                for _ in range(3):
+                    await stack.enter_async_context(open_tcp(server))
+                await _pending_reaches(server, 3)
+                async with open_tcp(server) as fourth:
+                    await fourth.send(request_bytes(server, "GET", "/healthz"))
+                    assert await _closed_at_once(fourth) == b""
+                assert server.stats.pending_refused == 1
+                metrics = server.metrics().decode()
+                assert "triochat_pending_sockets 3.0" in metrics
+                assert "triochat_pending_refused_total 1.0" in metrics
+                async with open_tcp_from(server, "127.0.0.2") as other:
+                    await other.send(request_bytes(server, "GET", "/healthz"))
+                    assert (await other.response()).status == 200
+            await _pending_reaches(server, 0)  # the silent ones closed: their slots are free
+            assert (await fetch(server, "GET", "/healthz")).status == 200
+
+
+async def test_http_silent_sockets_capped_overall(caplog):
+    """Beyond --max-pending sockets in all, a new connection from any address is closed at
+    once; one WARNING per episode; served again once under the cap (#18)."""
+    with trio.fail_after(10):
+        async with running_server(
+            max_pending=3, max_pending_per_ip=0, handshake_timeout=5
+        ) as server:
+            async with AsyncExitStack() as stack:
+                for address in ("127.0.0.1", "127.0.0.2", "127.0.0.3"):
+                    await stack.enter_async_context(open_tcp_from(server, address))
+                await _pending_reaches(server, 3)
+                for address in ("127.0.0.4", "127.0.0.5"):
+                    async with open_tcp_from(server, address) as refused:
+                        assert await _closed_at_once(refused) == b""
+            await _pending_reaches(server, 0)
+            assert (await fetch(server, "GET", "/healthz")).status == 200
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert "--max-pending" in warnings[0]
+
+
+async def test_http_keep_alive_idle_counts_as_pending_chats_do_not():
+    """A keep-alive connection between requests still counts against the pending caps; a
+    WebSocket chat or an SSE stream no longer does (#18)."""
+    with trio.fail_after(10):
+        async with running_server(max_pending_per_ip=1, handshake_timeout=5) as server:
+            async with open_tcp(server) as idle:
+                await idle.send(request_bytes(server, "GET", "/healthz"))
+                assert (await idle.response()).status == 200
+                await _pending_reaches(server, 1)
+                async with open_tcp(server) as refused:
+                    assert await _closed_at_once(refused) == b""
+            await _pending_reaches(server, 0)
+            async with open_handshake(server) as (response, _):
+                assert response.status == 101
+                await _pending_reaches(server, 0)
+                async with open_tcp(server) as sse:
+                    await sse.send(request_bytes(server, "GET", "/sse"))
+                    assert (await sse.response(head=True)).status == 200
+                    await _pending_reaches(server, 0)
+                    assert (await fetch(server, "GET", "/healthz")).status == 200
+
+
+async def test_http_refused_upgrade_closes_at_once_and_frees_its_slot():
+    """An upgrade the front refuses (Upgrade: websocketx, 400) is closed right after the
+    answer, not after the handshake timeout, and its pending slot is free again (#18)."""
+    head = _upgrade_head(
+        "GET /ws HTTP/1.1",
+        "Upgrade: websocketx",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Key: {WS_KEY}",
+        "Sec-WebSocket-Version: 13",
+    )
+    with trio.fail_after(10):
+        async with running_server(max_pending_per_ip=1, handshake_timeout=30) as server:
+            async with open_tcp(server) as conn:
+                await conn.send(head)
+                response = await conn.response()
+                assert await _closed_at_once(conn) == b""
+            assert response.status == 400
+            assert server.pending.total == 0
+            assert (await fetch(server, "GET", "/healthz")).status == 200

@@ -1050,3 +1050,69 @@ async def test_e2e_overlong_ids_are_unknown_ids_not_bugs(caplog):
                 assert again["recovered"] is False
                 await say_and_see(bob, "still here")
     assert not [r for r in caplog.records if r.levelno > logging.INFO]
+
+
+async def test_e2e_join_leave_churn_is_rate_limited_and_members_see_little(caplog):
+    """One connection looping leave/join in a room (#18): after the membership burst it
+    gets `rate_limited`, so a member sees at most the burst plus 2 changes a second of
+    presence frames, not thousands; an empty say bucket never stops a join."""
+    with trio.fail_after(20):
+        async with running_server(rate=SLOW_RATE, burst=1) as server:
+            async with client_of(server) as member, client_of(server) as churner:
+                await member.join("lobby", "member")
+                await churner.join("lobby", "churner")
+                await churner.say("uses the only say token")
+                await churner.send({"type": "say", "room": "lobby", "msg": "x", "ref": "s"})
+                for i in range(100):
+                    ref = f"c{i}"
+                    kind = "leave" if i % 2 == 0 else "join"
+                    await churner.send({"type": kind, "room": "lobby", "ref": ref})
+                # The says' bucket is empty, and still the first joins went through.
+                answers = []
+                while len(answers) < 101:
+                    frame = await churner.recv()
+                    if frame["type"] in ("left", "joined", "error"):
+                        answers.append(frame)
+                refused = [f for f in answers[1:] if f["type"] == "error"]
+                assert (answers[0]["type"], answers[0]["code"]) == ("error", "rate_limited")
+                assert answers[0]["ref"] == "s"
+                changes = [f for f in answers[1:] if f["type"] in ("left", "joined")]
+                # The burst of 32 less the first join, and what 2 a second adds meanwhile.
+                assert 31 <= len(changes) <= 40
+                assert len(refused) == 100 - len(changes)
+                # (a leave after a refused join is `not_joined`)
+                assert {f["code"] for f in refused} == {"rate_limited", "not_joined"}
+                seen = []
+                with trio.move_on_after(0.5):
+                    while True:
+                        frame = await member.recv()
+                        if frame["type"] == "presence":
+                            seen.append(frame)
+                assert len(seen) <= len(changes) + 1  # and the churner's first join
+    assert not [r for r in caplog.records if r.levelno > logging.INFO]
+
+
+async def test_e2e_flood_of_refused_frames_is_closed_1008():
+    """A client that sends nothing but invalid JSON is answered `bad_json` 99 times, then
+    the 100th refusal within 60 s closes it with 1008 (#18), even with --rate 0."""
+    with trio.fail_after(20):
+        async with running_server(rate=0) as server, client_of(server) as flooder:
+            for _ in range(150):
+                try:
+                    await flooder.send("{not json")
+                except Exception:
+                    break
+            errors = 0
+            code = None
+            try:
+                while True:
+                    frame = await flooder.recv()
+                    assert frame["type"] == "error"
+                    errors += 1
+            except Exception:
+                code = flooder.ws.closed.code if flooder.ws.closed else None
+            assert errors == 100
+            assert code == 1008
+            async with client_of(server) as fresh:
+                await fresh.join("lobby", "fresh")
+                await say_and_see(fresh, "still served")

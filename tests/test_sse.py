@@ -52,7 +52,9 @@ async def test_sse_post_errors_are_4xx_json():
             assert status == 403
             assert body["code"]
             stream = await connect()
-            await stream.send_all(f"GET /sse/{sse.session} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            await stream.send_all(
+                f"GET /sse/{sse.session} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode()
+            )
             assert b" 405 " in await stream.receive_some(1000)
             await stream.aclose()
             await sse.aclose()
@@ -215,7 +217,7 @@ async def test_sse_client_vanishing_mid_post_leaves_nothing_behind(caplog):
             for cut in (b"", b'{"type": "say", "ro'):
                 stream = await connect()
                 await stream.send_all(
-                    f"POST /sse/{sse.session} HTTP/1.1\r\nHost: x\r\n"
+                    f"POST /sse/{sse.session} HTTP/1.1\r\nHost: localhost\r\n"
                     "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n".encode()
                     + cut
                 )

@@ -395,7 +395,7 @@ class ChatState:
             elif isinstance(frame, Typing):
                 self._typing(client, frame, now)
             elif isinstance(frame, Leave):
-                self._leave(client, frame)
+                self._leave(client, frame, now)
             elif isinstance(frame, Whisper):
                 self._whisper(client, frame, now, wall_ms)
             elif isinstance(frame, HistoryRequest):
@@ -403,9 +403,7 @@ class ChatState:
             else:
                 self._classic(client, frame, now, wall_ms, claim)
         except _Refused as refused:
-            _error(client, refused.code, refused.message, frame.ref)
-            if refused.close_code is not None:
-                client.peer.close_soon(refused.close_code, "rate limit abuse")
+            self._refused(client, refused.code, refused.message, frame.ref, now)
 
     def needs_claim(self, client: Client, frame: ClientFrame) -> str | None:
         """The name ``frame`` would take that only the cluster can grant, if any.
@@ -431,7 +429,14 @@ class ChatState:
         return name
 
     def refuse(
-        self, client: Client, code: str, message: str, ref: str | None, *, classic: bool = False
+        self,
+        client: Client,
+        code: str,
+        message: str,
+        ref: str | None,
+        *,
+        classic: bool = False,
+        now: float | None = None,
     ) -> None:
         """Answer a frame that failed decoding (as a first frame it decides the mode).
 
@@ -442,7 +447,17 @@ class ChatState:
             return
         if client.mode is None:
             self._decide_mode(client, ClassicFrame("", "") if classic else None)
+        self._refused(client, code, message, ref, now)
+
+    def _refused(
+        self, client: Client, code: str, message: str, ref: str | None, now: float | None
+    ) -> None:
+        """Answer a refused frame; the 100th refusal within 60 s closes with 1008
+        (docs/protocol.md section 9): a client that only sends what is refused
+        (bad JSON, rate-limited says, ...) is not answered forever."""
         _error(client, code, message, ref)
+        if now is not None and client.limiter.record_drop(now):
+            client.peer.close_soon(CloseCode.POLICY_VIOLATION, "too many refused frames")
 
     def _decide_mode(self, client: Client, frame: ClientFrame | None) -> None:
         # A classic `/` listener stays in lobby's listeners: it becomes a
@@ -485,16 +500,17 @@ class ChatState:
             raise _Refused(ErrorCode.BAD_ROOM, f"at most {self._max_rooms} rooms per connection")
 
     def _check_rate(self, client: Client, now: float) -> None:
-        limiter = client.limiter
-        if limiter.allow(now):
+        if client.limiter.allow(now):
             return
         self.rate_limited += 1
-        abuse = limiter.record_drop(now)
-        raise _Refused(
-            ErrorCode.RATE_LIMITED,
-            "slow down: too many messages",
-            CloseCode.POLICY_VIOLATION if abuse else None,
-        )
+        raise _Refused(ErrorCode.RATE_LIMITED, "slow down: too many messages")
+
+    def _check_membership_rate(self, client: Client, now: float) -> None:
+        """Joins and leaves that change a membership draw on a bucket of their own."""
+        if client.limiter.allow_membership(now):
+            return
+        self.rate_limited += 1
+        raise _Refused(ErrorCode.RATE_LIMITED, "slow down: too many joins and leaves")
 
     def _check_joined(self, client: Client, room: str) -> Room:
         if room not in client.rooms:
@@ -506,6 +522,8 @@ class ChatState:
     def _join(self, client: Client, frame: Join, now: float, claim: Claim | None) -> None:
         name = self._check_name(client, frame.name)
         self._check_room(client, frame.room, joining=True)
+        if frame.room not in client.rooms:
+            self._check_membership_rate(client, now)
         user = self._bind(client, name, frame.token, now, claim)
         room = self._room(frame.room)
         if frame.room not in client.rooms:
@@ -608,9 +626,10 @@ class ChatState:
         if self._remote:
             self.to_publish.append(TypingEvent(self.node, room.name, client.name))
 
-    def _leave(self, client: Client, frame: Leave) -> None:
+    def _leave(self, client: Client, frame: Leave, now: float) -> None:
         self._check_room(client, frame.room)
         room = self._check_joined(client, frame.room)
+        self._check_membership_rate(client, now)
         client.rooms.discard(room.name)
         self._unsubscribe(room, client)
         if client.user is not None:

@@ -3,6 +3,8 @@
 Every option can also come from the environment as ``TRIOCHAT_`` + the
 option's name in upper snake case (``--max-frame-bytes`` ->
 ``TRIOCHAT_MAX_FRAME_BYTES``); the command line wins.
+
+``triochat backup --data-dir DIR OUT`` is the one subcommand (backup.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 import trio
 
 from . import __version__
+from .backup import backup_main
 from .config import Config
 from .errors import ConfigError, StorageError
 from .server import serve_until_signalled
@@ -53,6 +56,18 @@ _OPTIONS: list[tuple[str, str, Callable[[str], Any], str]] = [
         "chat connections per IP (0 = off); over it: 429",
     ),
     ("--history-size", "history_size", int, "messages kept per room"),
+    (
+        "--max-pending-per-ip",
+        "max_pending_per_ip",
+        int,
+        "sockets per IP not yet a chat (0 = off); over it a new one is closed at once",
+    ),
+    (
+        "--max-pending",
+        "max_pending",
+        int,
+        "sockets in all not yet a chat (0 = off); over it a new one is closed at once",
+    ),
     ("--ping-interval", "ping_interval", float, "seconds between pings"),
     ("--ping-timeout", "ping_timeout", float, "seconds to wait for a pong before closing"),
     ("--presence-grace", "presence_grace", float, "seconds a lost user keeps its name and rooms"),
@@ -83,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="A real-time chat server for the browser: the page and the "
         "WebSocket on one port. Every option can also be set with the environment "
         "variable shown; the command line wins.",
+        epilog="`triochat backup --data-dir DIR OUT` copies the history of a running "
+        "server to OUT (see `triochat backup --help`).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     defaults = Config()
@@ -108,6 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ORIGIN",
         help="an extra Origin allowed to open chats (repeatable; `*` any, `null`) "
         "[env TRIOCHAT_ALLOW_ORIGIN, comma-separated]",
+    )
+    parser.add_argument(
+        "--allow-host",
+        dest="allow_hosts",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="a host name requests may name besides localhost and IP addresses "
+        "(repeatable; `*` any; others get 421) [env TRIOCHAT_ALLOW_HOST, comma-separated]",
     )
     parser.add_argument("--version", action="version", version=f"triochat {__version__}")
     return parser
@@ -140,16 +166,29 @@ def config_from_args(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
         origins = [entry.strip() for entry in raw_origins.split(",") if entry.strip()]
     values = vars(args)
     values["allow_origins"] = tuple(origins)
+    values["allow_hosts"] = tuple(_listed(args.allow_hosts, environ, "TRIOCHAT_ALLOW_HOST"))
     values["log_level"] = str(values["log_level"]).upper()
     if values["log_level"] not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ConfigError(f"unknown log level {values['log_level']}")
     return Config(**values)
 
 
+def _listed(given: list[str] | None, environ: Mapping[str, str], env: str) -> list[str]:
+    """A repeatable option's values, or else its comma-separated variable's."""
+    if given is not None:
+        return given
+    return [entry.strip() for entry in environ.get(env, "").split(",") if entry.strip()]
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``triochat`` and ``python -m triochat``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["backup"]:
+        # Dispatched by hand, not an argparse subparser: `triochat` with
+        # options only must parse exactly as it always has.
+        raise SystemExit(backup_main(args[1:], os.environ))
     try:
-        config = config_from_args(sys.argv[1:] if argv is None else argv, os.environ)
+        config = config_from_args(args, os.environ)
     except ConfigError as exc:
         print(f"triochat: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

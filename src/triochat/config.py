@@ -32,6 +32,13 @@ class Config:
     max_rooms: int = 32
     max_conns_per_ip: int = 256  # 0 = off
     history_size: int = 1000
+    # Hostile clients (#18, docs/protocol.md §1 and §9). Host names a request may
+    # name besides localhost and IP literals (DNS rebinding); `*` allows any.
+    allow_hosts: tuple[str, ...] = ()
+    # Sockets not yet a chat (request head, body or keep-alive idle), per client
+    # address and overall: over either, a new connection is closed at accept. 0 = off.
+    max_pending_per_ip: int = 32
+    max_pending: int = 1024
 
     ping_interval: float = 20.0
     ping_timeout: float = 20.0
@@ -75,6 +82,8 @@ class Config:
         not_negative = {
             "rate": self.rate,
             "max_conns_per_ip": self.max_conns_per_ip,
+            "max_pending_per_ip": self.max_pending_per_ip,
+            "max_pending": self.max_pending,
             "presence_grace": self.presence_grace,
             "drain_timeout": self.drain_timeout,
         }
@@ -85,5 +94,9 @@ class Config:
             ("redis://", "rediss://", "unix://")
         ):
             raise ConfigError(f"redis must be a redis://host:port/db URL, got {self.redis!r}")
+        for host in self.allow_hosts:
+            # A name, never host:port or a URL: ports are not compared (§1).
+            if host != "*" and (not host or any(c in host for c in ":/[]@ \t,")):
+                raise ConfigError(f"allow_hosts takes host names or *, got {host!r}")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be 0-65535, got {self.port}")

@@ -11,6 +11,12 @@ already read. Rules:
 2. An upgrade is vetted before any chat state is touched: path (404),
    the handshake of RFC 6455 4.2.1 (400; 426 for the version), Origin
    (403), draining (503), per-IP limit (429).
+3. Hostile clients (#18, docs/protocol.md §1): before anything else, a
+   request must name an allowed ``Host`` (421 otherwise: DNS rebinding) and
+   must not carry both ``Transfer-Encoding`` and ``Content-Length`` (400:
+   request smuggling, RFC 9112 6.1). Every HTML response carries the page's
+   CSP and ``X-Frame-Options: DENY``. A socket counts in `PendingSockets`
+   until it becomes a chat or closes.
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import functools
 import importlib.resources
+import ipaddress
 import json
 import logging
 import mimetypes
@@ -32,7 +40,15 @@ from .config import Config
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Stats
 
-__all__ = ["FrontContext", "StaticFiles", "Upgrade", "handle_http"]
+__all__ = [
+    "FrontContext",
+    "PendingSockets",
+    "StaticFiles",
+    "Upgrade",
+    "handle_http",
+    "host_allowed",
+    "peer_ip",
+]
 
 LOGGER = logging.getLogger("triochat.http")
 
@@ -41,10 +57,15 @@ _T = TypeVar("_T")
 RECEIVE_BYTES: Final = 16384
 MAX_BODY_BYTES: Final = 65536  # a body we must read past before the next request
 GET_HEAD: Final = "GET, HEAD"
+# Sent with every HTML response (docs/protocol.md §1). connect-src 'self' covers
+# ws:/wss: to the page's own host and port (CSP Level 3; Chromium checked by
+# tests/test_browser.py), so the page can reach its own server and no other.
 PAGE_CSP: Final = (
-    "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; "
+    "default-src 'self'; connect-src 'self'; img-src 'self' data:; "
     "style-src 'self'; script-src 'self'; frame-ancestors 'none'; base-uri 'none'"
 )
+HTML_HEADERS: Final = (("content-security-policy", PAGE_CSP), ("x-frame-options", "DENY"))
+UNKNOWN_PEER: Final = "?"  # a stream with no peer address (in memory, or already reset)
 REASONS: Final = {
     200: b"OK",
     204: b"No Content",
@@ -54,6 +75,7 @@ REASONS: Final = {
     405: b"Method Not Allowed",
     408: b"Request Timeout",
     413: b"Content Too Large",
+    421: b"Misdirected Request",
     426: b"Upgrade Required",
     429: b"Too Many Requests",
     431: b"Request Header Fields Too Large",
@@ -104,6 +126,55 @@ class StaticFiles:
                 self.files[name] = (entry.read_bytes(), kind)
 
 
+class PendingSockets:
+    """Sockets that are not a chat yet, counted per client address and overall.
+
+    Each costs a file descriptor for up to ``handshake_timeout`` (a head, a
+    body or a keep-alive pause on its way), so without a cap one address
+    could open silent sockets until accept() fails for everyone (#18). The
+    accept loop takes a slot before anything else; the front releases it
+    when the socket becomes a chat or closes (docs/protocol.md §9).
+
+    Rule: ``take`` and ``release`` never await and are O(1): they run on the
+    accept path of every connection and in ``finally``.
+    """
+
+    __slots__ = ("_per_ip", "per_ip_limit", "total", "total_limit")
+
+    def __init__(self, per_ip_limit: int, total_limit: int) -> None:
+        self.per_ip_limit = per_ip_limit  # 0 = off
+        self.total_limit = total_limit  # 0 = off
+        #: Sockets counted now (the ``triochat_pending_sockets`` gauge).
+        self.total = 0
+        self._per_ip: dict[str, int] = {}
+
+    def take(self, ip: str) -> bool:
+        """Count one more socket from ``ip``; False (nothing counted) when over a cap.
+
+        A socket with no known address is counted overall only: lumping all
+        of those under one key would let them refuse each other.
+        """
+        if self.total_limit and self.total >= self.total_limit:
+            return False
+        if ip != UNKNOWN_PEER:
+            held = self._per_ip.get(ip, 0)
+            if self.per_ip_limit and held >= self.per_ip_limit:
+                return False
+            self._per_ip[ip] = held + 1
+        self.total += 1
+        return True
+
+    def release(self, ip: str) -> None:
+        """Uncount one socket taken for ``ip`` (exactly once per successful `take`)."""
+        self.total -= 1
+        if ip != UNKNOWN_PEER:
+            held = self._per_ip[ip] - 1
+            if held:
+                self._per_ip[ip] = held
+            else:
+                del self._per_ip[ip]  # the dict holds only addresses with sockets now
+
+
 class Upgrade:
     """A vetted WebSocket upgrade, for the caller to run (it holds an IP slot)."""
 
@@ -135,70 +206,103 @@ class _Request:
             self.headers[key] = f"{self.headers[key]}, {text}" if key in self.headers else text
 
 
-def _peer_ip(stream: trio.abc.Stream) -> str:
+def peer_ip(stream: trio.abc.Stream) -> str:
+    """The client's address, or `UNKNOWN_PEER` when the stream has none."""
     socket = getattr(stream, "socket", None)
     if socket is None:
-        return "?"
+        return UNKNOWN_PEER
     try:
         address = socket.getpeername()
     except OSError:
-        return "?"
+        return UNKNOWN_PEER
     return str(address[0]) if isinstance(address, tuple) else str(address)
 
 
 async def handle_http(
-    stream: trio.abc.Stream, ctx: FrontContext, static: StaticFiles
+    stream: trio.abc.Stream,
+    ctx: FrontContext,
+    static: StaticFiles,
+    *,
+    ip: str | None = None,
+    pending: PendingSockets | None = None,
 ) -> Upgrade | None:
     """Serve one accepted connection: requests until it closes or upgrades.
 
     Returns the vetted WebSocket upgrade, for the caller to run: the front's
     frames and parser are then gone, not kept for the hours a chat may last.
+
+    Args:
+        ip: the client's address, when the caller already has it (`peer_ip`).
+        pending: where the caller (the accept loop) counted this socket
+            under ``ip``; released here once the socket is a chat or done.
+
     Resource handling: the caller closes ``stream`` afterwards.
     """
-    config = ctx.config
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=config.max_header_bytes)
-    while True:
-        try:
-            with trio.fail_after(config.handshake_timeout):
-                event = await _answering_protocol_errors(
-                    stream, _next_event(conn, stream, head_limit=config.max_header_bytes)
+    counted = pending is not None
+    if ip is None:
+        ip = peer_ip(stream)
+    try:
+        config = ctx.config
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=config.max_header_bytes)
+        while True:
+            try:
+                with trio.fail_after(config.handshake_timeout):
+                    event = await _answering_protocol_errors(
+                        stream, _next_event(conn, stream, head_limit=config.max_header_bytes)
+                    )
+            except trio.TooSlowError:
+                if conn.their_state is h11.SEND_BODY or conn.trailing_data[0]:
+                    await _send_raw(stream, 408, "the request took too long")
+                return None
+            if not isinstance(event, h11.Request):
+                return None  # the client closed the connection
+            request = _Request(event)
+            # First of all (§1): a name we do not serve is a DNS-rebinding page.
+            if not host_allowed(request.headers.get("host"), config.allow_hosts):
+                ctx.stats.hosts_refused += 1
+                await _send_raw(
+                    stream,
+                    421,
+                    "this server does not answer for that host name",
+                    head=request.method == "HEAD",
                 )
-        except trio.TooSlowError:
-            if conn.their_state is h11.SEND_BODY or conn.trailing_data[0]:
-                await _send_raw(stream, 408, "the request took too long")
-            return None
-        if not isinstance(event, h11.Request):
-            return None  # the client closed the connection
-        request = _Request(event)
-        ctx.stats.http_requests += 1
-        if "websocket" in request.headers.get("upgrade", "").lower():
-            if not await _vet_upgrade(stream, request, ctx):
                 return None
-            ip = _peer_ip(stream)
-            if not ctx.take_ip_slot(ip):
-                await _send_raw(stream, 429, "too many connections from your address")
+            ctx.stats.http_requests += 1
+            if "websocket" in request.headers.get("upgrade", "").lower():
+                if not await _vet_upgrade(stream, request, ctx):
+                    return None
+                if not ctx.take_ip_slot(ip):
+                    await _send_raw(stream, 429, "too many connections from your address")
+                    return None
+                head = _head_as_received(request.event)
+                return Upgrade(head + conn.trailing_data[0], request.path, ip, len(head))
+            if request.path == "/sse" and request.method == "GET":
+                if pending is not None and counted:
+                    counted = False  # a stream for hours: a chat now, counted per IP
+                    pending.release(ip)
+                await _open_sse(stream, request, ctx, ip)
                 return None
-            head = _head_as_received(request.event)
-            return Upgrade(head + conn.trailing_data[0], request.path, ip, len(head))
-        if request.path == "/sse" and request.method == "GET":
-            await _open_sse(stream, request, ctx)
-            return None
-        if request.path.startswith("/sse/"):
-            if not await _answering_protocol_errors(stream, _post_sse(stream, conn, request, ctx)):
+            if request.path.startswith("/sse/"):
+                if not await _answering_protocol_errors(
+                    stream, _post_sse(stream, conn, request, ctx)
+                ):
+                    return None
+            elif not await _respond(stream, conn, request, ctx, static):
                 return None
-        elif not await _respond(stream, conn, request, ctx, static):
-            return None
-        try:
-            with trio.move_on_after(config.handshake_timeout) as body_scope:
-                finished = await _finish_request(stream, conn)
-        except (h11.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
-            return None  # answered already; a broken body only ends the connection
-        if body_scope.cancelled_caught or not finished:
-            return None
-        try:
-            conn.start_next_cycle()
-        except h11.LocalProtocolError:
-            return None
+            try:
+                with trio.move_on_after(config.handshake_timeout) as body_scope:
+                    finished = await _finish_request(stream, conn)
+            except (h11.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
+                return None  # answered already; a broken body only ends the connection
+            if body_scope.cancelled_caught or not finished:
+                return None
+            try:
+                conn.start_next_cycle()
+            except h11.LocalProtocolError:
+                return None
+    finally:
+        if pending is not None and counted:
+            pending.release(ip)
 
 
 async def _answering_protocol_errors(stream: trio.abc.Stream, step: Awaitable[_T]) -> _T | None:
@@ -222,7 +326,11 @@ async def _next_event(
     """The next h11 event; with ``head_limit``, refuse a longer request head.
 
     (h11's own limit only applies while the head is incomplete, so a head
-    that arrives complete in one large read could pass it.)
+    that arrives complete in one large read could pass it.) A request with
+    both ``Transfer-Encoding`` and ``Content-Length`` is refused with 400:
+    h11 would frame it by the first, a proxy in front of us might by the
+    second, and the difference is a smuggled request (RFC 9112 6.1 allows
+    either answer; closing after it is required).
     """
     while True:
         event = conn.next_event()
@@ -230,10 +338,21 @@ async def _next_event(
             data = await stream.receive_some(RECEIVE_BYTES)
             conn.receive_data(bytes(data))  # b"" means the peer closed
             continue
-        if head_limit is not None and isinstance(event, h11.Request):
-            size = len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers)
-            if size > head_limit:
+        if isinstance(event, h11.Request):
+            size = len(event.target)
+            framing = 0  # bit 1: Content-Length seen, bit 2: Transfer-Encoding
+            for name, value in event.headers:  # names come lower case from h11
+                size += len(name) + len(value) + 4
+                if name == b"content-length":
+                    framing |= 1
+                elif name == b"transfer-encoding":
+                    framing |= 2
+            if head_limit is not None and size > head_limit:
                 raise h11.RemoteProtocolError("request head too large", error_status_hint=431)
+            if framing == 3:
+                raise h11.RemoteProtocolError(
+                    "both Transfer-Encoding and Content-Length", error_status_hint=400
+                )
         return event  # type: ignore[return-value]
 
 
@@ -275,7 +394,7 @@ def _route(path: str, ctx: FrontContext, static: StaticFiles) -> _Route | None:
     text = "text/plain; charset=utf-8"
     if path == "/" and "index.html" in static.files:
         body, kind = static.files["index.html"]
-        return lambda: (200, body, kind, [("content-security-policy", PAGE_CSP)])
+        return lambda: (200, body, kind, [])
     if path.startswith("/static/"):
         found = static.files.get(path[len("/static/") :])
         if found is None:
@@ -322,6 +441,8 @@ async def _send(
     ]
     if allow is not None:
         headers.append(("allow", allow))
+    if content_type.startswith("text/html"):
+        headers.extend(HTML_HEADERS)  # every HTML response, whatever its route (§1)
     headers.extend(extra or [])
     try:
         data = conn.send(
@@ -337,18 +458,71 @@ async def _send(
 
 
 async def _send_raw(
-    stream: trio.abc.Stream, status: int, message: str, *, extra: str = ""
+    stream: trio.abc.Stream, status: int, message: str, *, extra: str = "", head: bool = False
 ) -> None:
-    """A complete response written without h11, then the connection closes."""
+    """A complete response written without h11, then the connection closes.
+
+    ``head``: it answers a HEAD request, so the body is left out (its length
+    is still given, RFC 9110 9.3.2).
+    """
     body = (message + "\n").encode()
-    head = (
+    response = (
         f"HTTP/1.1 {status} {REASONS.get(status, b'').decode()}\r\n"
         f"content-type: text/plain; charset=utf-8\r\ncontent-length: {len(body)}\r\n"
         "cache-control: no-cache\r\nx-content-type-options: nosniff\r\n"
         f"connection: close\r\n{extra}\r\n"
     ).encode()
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-        await stream.send_all(head + body)
+        await stream.send_all(response if head else response + body)
+
+
+@functools.lru_cache(maxsize=8)
+def _allowed_names(allowed: tuple[str, ...]) -> frozenset[str]:
+    """``--allow-host`` entries as compared: lower case, no trailing dot (cached:
+    the tuple is the config's, the same object on every request)."""
+    names = (entry.strip().lower().removesuffix(".") for entry in allowed)
+    return frozenset(name for name in names if name)
+
+
+def host_allowed(host: str | None, allowed: tuple[str, ...]) -> bool:
+    """Whether a request's ``Host`` is one this server answers for (§1, DNS rebinding).
+
+    Allowed: ``localhost`` and any IP literal (IPv4, or IPv6 in brackets),
+    the names in ``allowed`` (``*``: any), each with any port or none,
+    ignoring case and one trailing dot. No ``Host`` at all only reaches
+    here on HTTP/1.0 (h11 answers 400 on HTTP/1.1): allowed, since a
+    browser, which a rebinding attack needs, always sends one.
+    """
+    if host is None:
+        return True
+    names = _allowed_names(allowed)
+    if "*" in names:
+        return True
+    host = host.strip().lower()
+    if host.startswith("["):
+        literal, bracket, port = host[1:].partition("]")
+        if not bracket or (port and not (port[0] == ":" and _is_port(port[1:]))):
+            return False
+        try:
+            ipaddress.IPv6Address(literal)
+        except ValueError:
+            return False
+        return True
+    name, colon, port = host.partition(":")
+    if colon and not _is_port(port):
+        return False  # a second colon, an empty or a non-numeric port
+    name = name.removesuffix(".")
+    if name == "localhost" or name in names:
+        return True
+    try:
+        ipaddress.IPv4Address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_port(text: str) -> bool:
+    return text.isascii() and text.isdigit()  # isdigit alone takes "²" (latin-1)
 
 
 def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...]) -> bool:
@@ -439,7 +613,9 @@ async def _send_raw_json(stream: trio.abc.Stream, status: int, code: str, messag
         await stream.send_all(head + body)
 
 
-async def _open_sse(stream: trio.abc.Stream, request: _Request, ctx: FrontContext) -> None:
+async def _open_sse(
+    stream: trio.abc.Stream, request: _Request, ctx: FrontContext, ip: str
+) -> None:
     """``GET /sse``: vet it like a WebSocket upgrade, then hand the stream over."""
     headers = request.headers
     if not origin_allowed(headers.get("origin"), headers.get("host"), ctx.config.allow_origins):
@@ -448,7 +624,6 @@ async def _open_sse(stream: trio.abc.Stream, request: _Request, ctx: FrontContex
     if ctx.draining:
         await _send_raw_json(stream, 503, "unavailable", "the server is shutting down")
         return
-    ip = _peer_ip(stream)
     if not ctx.take_ip_slot(ip):
         await _send_raw_json(stream, 429, "too_many", "too many connections from your address")
         return

@@ -444,7 +444,9 @@ class Hub:
         claim = claimed[1] if claimed is not None else None
         try:
             if isinstance(frame, ClientProtocolError):
-                chat.refuse(client, frame.code, frame.message, frame.ref, classic=frame.classic)
+                chat.refuse(
+                    client, frame.code, frame.message, frame.ref, classic=frame.classic, now=now
+                )
             elif claim is not None and claim.status == "unavailable":
                 chat.refuse(
                     client, ErrorCode.UNAVAILABLE, "the chat is unavailable: try again", frame.ref

@@ -26,8 +26,10 @@ class Stats:
         "connections_opened",
         "frames_received",
         "frames_sent",
+        "hosts_refused",
         "http_requests",
         "messages_stored",
+        "pending_refused",
         "rate_limited",
         "slow_consumers",
         "storage_failures",
@@ -44,6 +46,8 @@ class Stats:
         self.rate_limited = 0
         self.storage_failures = 0
         self.http_requests = 0
+        self.hosts_refused = 0  # 421: a Host this server does not answer for (#18)
+        self.pending_refused = 0  # closed at accept: too many sockets not yet chats (#18)
         self.closes_by_code: dict[int, int] = {}
 
 
@@ -64,6 +68,11 @@ class _StatsCollector(Collector):
             "rate_limited": (s.rate_limited, "Frames dropped by the rate limit."),
             "storage_failures": (s.storage_failures, "History batches that failed to commit."),
             "http_requests": (s.http_requests, "Plain HTTP requests answered."),
+            "hosts_refused": (s.hosts_refused, "Requests refused with 421 for their Host."),
+            "pending_refused": (
+                s.pending_refused,
+                "Connections closed at accept: too many sockets not yet chats.",
+            ),
         }
         for name, (value, doc) in counters.items():
             yield CounterMetricFamily(f"triochat_{name}", doc, value=value)

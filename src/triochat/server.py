@@ -5,7 +5,8 @@
     Server.run                     root nursery
     ├── Hub.run                    the broadcaster, its store loop and the backplane
     └── handler nursery            cancelled last, after the drain
-        ├── _accept_loop           one per listener; EMFILE backs off
+        ├── _accept_loop           one per listener; EMFILE backs off; too many
+        │                          sockets not yet chats (PendingSockets): closed at once
         └── _handle_stream         one per TCP connection: HTTP, or a chat (Connection.run)
             └── connection nursery (trio-websocket's reader; the writer when needed)
 
@@ -38,7 +39,7 @@ from .events import SsePost, SsePostResult
 from .history import History
 from .history.memory import MemoryHistory
 from .history.sqlite import DB_FILE, SqliteHistory
-from .http import StaticFiles, Upgrade, handle_http
+from .http import PendingSockets, StaticFiles, Upgrade, handle_http, peer_ip
 from .hub import Hub
 from .metrics import Stats, render_metrics
 from .protocol import CloseCode
@@ -77,6 +78,9 @@ class Server:
         self.listeners: list[trio.abc.Listener[trio.abc.Stream]] = []
         self.connections: set[Connection] = set()
         self._per_ip: Counter[str] = Counter()
+        #: Sockets accepted that are not chats yet (docs/protocol.md §9, #18).
+        self.pending = PendingSockets(config.max_pending_per_ip, config.max_pending)
+        self._refusing_all = False  # the overall cap is refusing: logged once per episode
         self._draining = False
         self._drain_requested = trio.Event()
         self._chats_closed = trio.Event()
@@ -104,6 +108,7 @@ class Server:
             "users": lambda: float(len(self.hub.chat.users)),
             "draining": lambda: float(self._draining),
             "backplane_available": lambda: float(self.hub.available()),
+            "pending_sockets": lambda: float(self.pending.total),
         }
         return render_metrics(self.stats, gauges)
 
@@ -225,11 +230,41 @@ class Server:
             if backoff:
                 LOGGER.warning("accepting connections again")
                 backoff = 0.0
-            nursery.start_soon(self._handle_stream, stream)
+            ip = peer_ip(stream)
+            if not self.pending.take(ip):
+                self._refuse(stream, ip, nursery)
+                continue
+            if self._refusing_all:
+                LOGGER.info("accepting connections again (pending sockets under the cap)")
+                self._refusing_all = False
+            nursery.start_soon(self._handle_stream, stream, ip)
 
-    async def _handle_stream(self, stream: trio.abc.Stream) -> None:
+    def _refuse(self, stream: trio.abc.Stream, ip: str, nursery: trio.Nursery) -> None:
+        """Close a connection over a `PendingSockets` cap at once, without a task.
+
+        No answer is written: it would cost a task or a write per refused
+        socket, in a flood, and the client has sent nothing to answer yet.
+        """
+        self.stats.pending_refused += 1
+        pending = self.pending
+        if pending.total_limit and pending.total >= pending.total_limit:
+            if not self._refusing_all:  # the server's state, not one client's: once
+                LOGGER.warning(
+                    "%d sockets are not chats yet (--max-pending): closing new connections",
+                    pending.total,
+                )
+                self._refusing_all = True
+        else:
+            LOGGER.debug("closed a connection from %s: over --max-pending-per-ip", ip)
+        socket = getattr(stream, "socket", None)
+        if isinstance(socket, trio.socket.SocketType):
+            socket.close()  # synchronous: nothing else holds this fresh socket
+        else:
+            nursery.start_soon(trio.aclose_forcefully, stream)
+
+    async def _handle_stream(self, stream: trio.abc.Stream, ip: str) -> None:
         try:
-            upgrade = await handle_http(stream, self, self._static)
+            upgrade = await handle_http(stream, self, self._static, ip=ip, pending=self.pending)
             if upgrade is not None:
                 try:
                     await self._serve_websocket(stream, upgrade)

@@ -8,6 +8,7 @@ loop), hence ``check_same_thread=False``.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import sqlite3
 from collections.abc import Sequence
@@ -16,26 +17,54 @@ from typing import Final
 
 import trio
 
+from .. import __version__
 from ..errors import StorageError
 from ..protocol import Message, seq_of
 from . import Snapshot
 
-__all__ = ["SqliteHistory"]
+__all__ = ["BACKUP_MARK", "DB_FILE", "SCHEMA_VERSION", "SqliteHistory"]
+
+LOGGER = logging.getLogger("triochat.history.sqlite")
 
 DB_FILE: Final = "history.sqlite3"
 
-_SCHEMA: Final = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS messages (
-    seq  INTEGER PRIMARY KEY,
-    room TEXT NOT NULL,
-    id   TEXT NOT NULL,
-    name TEXT NOT NULL,
-    msg  TEXT NOT NULL,
-    ts   INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS messages_by_room ON messages (room, seq);
-"""
+# Schema versions, kept in the file's `PRAGMA user_version`.
+#
+# Rule 1: _MIGRATIONS[v] takes a file from version v to v + 1; the layout
+#   this code reads and writes is version len(_MIGRATIONS). A released step is
+#   never edited: a change of layout appends a step.
+# Rule 2: every step a start needs runs in one transaction with the new
+#   user_version, so a failed or interrupted migration leaves the file as it
+#   was (SQLite's DDL is transactional).
+# Rule 3: a file newer than this code is refused, untouched: an older server
+#   cannot know what a newer layout means (docs/operations.md, "Upgrades").
+#
+# Plain statements, not one script: `executescript` would commit the
+# transaction that rule 2 needs.
+_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
+    # 0 -> 1: the first layout. IF NOT EXISTS because files written before
+    # the version was kept have these tables at user_version 0: they are
+    # version 1 and only get stamped.
+    (
+        "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        """CREATE TABLE IF NOT EXISTS messages (
+            seq  INTEGER PRIMARY KEY,
+            room TEXT NOT NULL,
+            id   TEXT NOT NULL,
+            name TEXT NOT NULL,
+            msg  TEXT NOT NULL,
+            ts   INTEGER NOT NULL
+        )""",
+        "CREATE INDEX IF NOT EXISTS messages_by_room ON messages (room, seq)",
+    ),
+)
+
+#: The schema version this code reads and writes.
+SCHEMA_VERSION: Final = len(_MIGRATIONS)
+
+#: The `meta` key `triochat backup` puts in its copy (the time it was taken):
+#: the first start on that file begins a new epoch (`SqliteHistory._epoch_of`).
+BACKUP_MARK: Final = "backup_taken"
 
 _TRIM: Final = """
 DELETE FROM messages WHERE room = ?1 AND seq < (
@@ -65,30 +94,102 @@ class SqliteHistory:
         return await trio.to_thread.run_sync(self._load)
 
     def _load(self) -> Snapshot:
+        db: sqlite3.Connection | None = None
         try:
             self._data_dir.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
-            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA busy_timeout = 2000")
             # FULL: a committed (hence acked) batch survives a power cut too.
             db.execute("PRAGMA synchronous = FULL")
-            db.execute("PRAGMA busy_timeout = 2000")
-            db.executescript(_SCHEMA)
-            row = db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
-            if row is None:
-                # A new (or lost) store: a new epoch, so no old id is reused.
-                epoch = secrets.token_hex(4)
-                db.execute("INSERT INTO meta VALUES ('epoch', ?)", (epoch,))
-            else:
-                epoch = row[0]
+            epoch = self._migrate(db)
+            # After the version check, so a refused (newer) file is not touched.
+            db.execute("PRAGMA journal_mode = WAL")
             (max_seq,) = db.execute("SELECT coalesce(max(seq), 0) FROM messages").fetchone()
             rooms: dict[str, list[Message]] = {}
             for room, message_id, name, msg, ts in db.execute(_LOAD, (self._size,)):
                 rooms.setdefault(room, []).append(Message(room, message_id, name, msg, ts))
-        except (sqlite3.Error, OSError) as exc:
+        except (sqlite3.Error, OSError, StorageError) as exc:
+            if db is not None:
+                db.close()
+            if isinstance(exc, StorageError):
+                raise
             raise StorageError(f"cannot open history at {self._path}: {exc}") from exc
         self._db = db
         self._epoch = epoch
         return Snapshot(epoch=epoch, next_seq=max_seq + 1, rooms=rooms)
+
+    def _migrate(self, db: sqlite3.Connection) -> str:
+        """Bring the file to `SCHEMA_VERSION` (rules above) and return its epoch.
+
+        Raises:
+            StorageError: the file is newer than this code, or a step failed;
+                either way the transaction was rolled back: nothing changed.
+            sqlite3.Error: the file could not be read or locked.
+        """
+        # IMMEDIATE: the version read and the steps it decides on cannot
+        # interleave with another process migrating the same file.
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            (version,) = db.execute("PRAGMA user_version").fetchone()
+            target = len(_MIGRATIONS)
+            if version > target:
+                raise StorageError(
+                    f"history at {self._path} has schema version {version}, newer than "
+                    f"this triochat ({__version__}) knows (up to {target}): it was written "
+                    "by a newer triochat. Run that version again, or restore a backup "
+                    "taken before the upgrade; the file was not changed"
+                )
+            try:
+                for step in _MIGRATIONS[version:]:
+                    for statement in step:
+                        db.execute(statement)
+            except sqlite3.Error as exc:
+                raise StorageError(
+                    f"cannot migrate history at {self._path} from schema version {version} "
+                    f"to {target}: {exc}; the file was not changed"
+                ) from exc
+            if version != target:
+                # A pragma takes no parameters; target is an int of ours.
+                db.execute(f"PRAGMA user_version = {int(target)}")
+            epoch = self._epoch_of(db)
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return epoch
+
+    def _epoch_of(self, db: sqlite3.Connection) -> str:
+        """The store's epoch: the stored one, or a new one for a new store or a
+        restored backup. Runs inside `_migrate`'s transaction."""
+        rows = dict(
+            db.execute("SELECT key, value FROM meta WHERE key IN ('epoch', ?)", (BACKUP_MARK,))
+        )
+        old = rows.get("epoch")
+        if old is not None and BACKUP_MARK not in rows:
+            return str(old)
+        # A new (or lost) store: a new epoch, so no old id is reused.
+        epoch = secrets.token_hex(4)
+        while epoch == old:
+            epoch = secrets.token_hex(4)
+        db.execute("INSERT OR REPLACE INTO meta VALUES ('epoch', ?)", (epoch,))
+        if BACKUP_MARK in rows:
+            # A backup's first start. The server it was copied from may have
+            # handed out ids past the copy's newest; going on from there would
+            # give them again to other messages (and a client's `since` would
+            # "recover" the wrong ones). So a new epoch, with the kept messages
+            # renamed into it: a client that saw the old ids gets
+            # `recovered: false`, as after any loss of history.
+            db.execute("UPDATE messages SET id = ? || '-' || seq", (epoch,))
+            db.execute("DELETE FROM meta WHERE key = ?", (BACKUP_MARK,))
+            LOGGER.info(
+                "history at %s is a backup taken %s: new epoch %s (was %s)",
+                self._path,
+                rows[BACKUP_MARK],
+                epoch,
+                old,
+            )
+        return epoch
 
     async def append(self, batch: Sequence[Message]) -> None:
         await trio.to_thread.run_sync(self._append, batch)

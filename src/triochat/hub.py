@@ -6,7 +6,8 @@
     ├── Backplane.run          the rest of the cluster (or just the history)
     ├── _dispatch_loop         inbound channel -> ChatState (frames, grace timers,
     │                          what the backplane received)
-    ├── _store_loop            says -> Backplane.flush, Backplane.append -> ChatState.stored
+    ├── _store_loop            says -> Backplane.flush, Backplane.append -> the verdict
+    │                          back inbound (the dispatcher alone touches ChatState)
     └── _resolve               one per join that waits for the cluster (Redis):
                                catch-up and name claim, answer sent back inbound
 
@@ -15,15 +16,20 @@ Rules:
 1. The hub never awaits a client: frames leave through ``Peer.deliver``,
    which may write to a socket without blocking but never waits (only a
    connection's own writer task awaits a write).
-2. The hub never awaits the cluster either: a join that needs it (catch-up,
+2. One task, the dispatcher, applies frames, store verdicts and what the
+   backplane brings to the chat state, and flushes the connections: the store
+   loop, `_resolve` and `settle` post their results inbound, so which task
+   broadcasts does not depend on the storage (connections register and
+   unregister themselves with sync calls, rule 4).
+3. The hub never awaits the cluster either: a join that needs it (catch-up,
    a name claim) is parked and resolved beside the hub (`_resolve`), and only
    that client's later frames wait behind it; the store loop flushes what was
    published before it appends. (An in-process backplane, whose waits never
    wait, is asked inline: `Backplane.immediate`.)
-3. Connections register and unregister with sync calls (`connect`,
+4. Connections register and unregister with sync calls (`connect`,
    `disconnect`), so a cancelled connection can't tear the state; their
    frames come through the bounded inbound channel, in order.
-4. A message is broadcast and acked only after `Backplane.append` returned
+5. A message is broadcast and acked only after `Backplane.append` returned
    and the message came back from the backplane: nothing acked is ever lost,
    and every member on every node sees the one order of the sequencer.
 """
@@ -33,7 +39,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Final, Protocol, cast
 
 import trio
@@ -42,7 +48,7 @@ from .backplane import Backplane
 from .chat import ChatState, Client, Peer, PendingSay
 from .config import Config
 from .errors import ClientProtocolError, StorageError
-from .events import Claim, Draft, Received, SsePost, SsePostResult
+from .events import Claim, Received, SsePost, SsePostResult
 from .metrics import Stats
 from .protocol import ClientFrame, CloseCode, ErrorCode, Join, Message, decode_client_frame
 from .ratelimit import RateLimiter
@@ -81,7 +87,26 @@ class _Resolved:
         self.claimed = claimed
 
 
-Inbound = tuple[Client, ClientItem] | trio.Event | _Wake | _Resolved
+class _Stored:
+    """Inbound: the store's verdict on a batch of says (`Hub._store_loop`)."""
+
+    __slots__ = ("batch", "result")
+
+    def __init__(self, batch: list[PendingSay], result: list[str] | StorageError) -> None:
+        self.batch = batch
+        self.result = result
+
+
+class _StepDone:
+    """Inbound: set ``done`` once the step that takes this has pumped and flushed."""
+
+    __slots__ = ("done",)
+
+    def __init__(self, done: trio.Event) -> None:
+        self.done = done
+
+
+Inbound = tuple[Client, ClientItem] | trio.Event | _Wake | _Resolved | _Stored | _StepDone
 #: Where SSE POSTs routed between nodes go (the server's business).
 RelayHandler = Callable[[SsePost | SsePostResult], None]
 
@@ -115,9 +140,7 @@ class Hub:
         #: instead of waiting for the end of the step.
         self.write_through = False
         # A backplane over an in-memory store may offer a synchronous append.
-        self._append_nowait: Callable[[Sequence[Draft]], list[str]] | None = getattr(
-            backplane, "append_nowait", None
-        )
+        self._append_nowait = backplane.append_nowait
         self._storage_down = False
         self._wake_sent = False
         self._quiet = False  # our own synchronous append: no wake-up needed
@@ -128,6 +151,8 @@ class Hub:
         self._nursery: trio.Nursery | None = None
         #: Clients of this step whose frames wait for the publish (`_release_when_published`).
         self._held: list[Client] = []
+        #: Set at the end of this step (`_StepDone`): barriers of `settle`.
+        self._step_done: list[trio.Event] = []
         #: Receives SSE POSTs relayed from other nodes (set by the server).
         self.relay: RelayHandler | None = None
 
@@ -215,10 +240,12 @@ class Hub:
         done = trio.Event()
         await self._inbound_send.send(done)
         await done.wait()
-        # Stored says are acked when their message comes back from the backplane.
+        # Stored says are acked when their message comes back from the backplane:
+        # the dispatcher applies what the catch-up brought, in a step of its own.
         await self._backplane.catch_up()
-        self._pump(self.chat)
-        self._flush()
+        applied = trio.Event()
+        await self._inbound_send.send(_StepDone(applied))
+        await applied.wait()
         with trio.move_on_after(self._config.backplane_timeout):
             await self._backplane.flush()
 
@@ -328,6 +355,10 @@ class Hub:
             self._queue_says(chat)
             self._pump(chat)  # (an in-memory append hands its messages back at once)
             self._flush()
+            if self._step_done:
+                done, self._step_done = self._step_done, []
+                for event in done:
+                    event.set()
             if self._held:
                 held, self._held = self._held, []
                 assert self._nursery is not None
@@ -364,6 +395,10 @@ class Hub:
                 self._apply_frame(chat, client, frame, now, wall_ms, claimed)
             else:
                 self._park(chat, client, frame)
+        elif isinstance(item, _Stored):
+            self._stored(chat, item.batch, item.result)
+        elif isinstance(item, _StepDone):
+            self._step_done.append(item.done)
         else:
             self._apply_marker(chat, item)
 
@@ -494,12 +529,13 @@ class Hub:
                 return
 
     async def _store_loop(self) -> None:
-        chat = self.chat
+        """Store the says the dispatcher queued, a batch at a time; the verdicts go
+        back inbound, so the dispatcher alone applies them (acks, refusals)."""
         receive = self._store_recv
         barrier: trio.Event | None = None
         async for first in receive:
             if isinstance(first, trio.Event):
-                first.set()
+                await self._post(_StepDone(first))
                 continue
             batch = [first]
             while len(batch) < STORE_BATCH:
@@ -515,20 +551,27 @@ class Hub:
             # joins) reaches the other nodes first.
             with trio.move_on_after(self._config.backplane_timeout):
                 await self._backplane.flush()
-            await self._store(chat, batch)
-            self._pump(chat)
-            self._flush()
+            result: list[str] | StorageError
+            try:
+                result = await self._backplane.append([say.draft for say in batch])
+            except StorageError as exc:
+                result = exc
+            await self._post(_Stored(batch, result))
             if barrier is not None:
-                barrier.set()
+                await self._post(_StepDone(barrier))
                 barrier = None
 
-    async def _store(self, chat: ChatState, batch: list[PendingSay]) -> None:
+    async def _post(self, item: _Stored | _StepDone) -> None:
+        """Hand a store result to the dispatcher (or, once it has stopped, apply it here)."""
         try:
-            ids = await self._backplane.append([say.draft for say in batch])
-        except StorageError as exc:
-            self._stored(chat, batch, exc)
-        else:
-            self._stored(chat, batch, ids)
+            await self._inbound_send.send(item)
+        except trio.ClosedResourceError:
+            # Stopping: the dispatcher has returned, so nothing else applies to
+            # the chat state; store what is left as before (no one waits for acks).
+            if isinstance(item, _Stored):
+                self._stored(self.chat, item.batch, item.result)
+            else:
+                item.done.set()
 
     def _stored(
         self, chat: ChatState, batch: list[PendingSay], result: list[str] | StorageError

@@ -58,6 +58,12 @@ class Backplane(Protocol):
         """False while the backplane cannot store: readiness fails, says get `unavailable`."""
         ...
 
+    @property
+    def append_nowait(self) -> Callable[[Sequence[Draft]], list[str]] | None:
+        """`append` without a checkpoint when the store is in memory (the hub then
+        stores in its own step); None otherwise (Redis, SQLite)."""
+        ...
+
     async def append(self, drafts: Sequence[Draft]) -> list[str]:
         """Sequence and store ``drafts`` (see the module docstring); their ids, in order.
 

@@ -54,9 +54,7 @@ class LocalBroker:
         #: Fault injection (tests): every append and claim fails with this.
         self.fail_with: str | None = None
         # An in-memory history lets a single node commit without a task hop.
-        self._store_nowait: Callable[[Sequence[Message]], None] | None = getattr(
-            history, "append_nowait", None
-        )
+        self._store_nowait = history.append_nowait
 
     @property
     def can_append_nowait(self) -> bool:

@@ -215,6 +215,7 @@ class RedisBackplane:
     """One node of a chat whose shared state lives in Redis."""
 
     immediate = False  # every claim and catch-up is a round trip to Redis
+    append_nowait = None  # every append is a script call to Redis
 
     def __init__(self, config: Config, node: str | None = None) -> None:
         if config.redis is None:

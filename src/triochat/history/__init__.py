@@ -7,7 +7,7 @@ conformance suite (tests/test_history.py) runs over both.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import msgspec
@@ -44,8 +44,11 @@ class History(Protocol):
         """
         ...
 
-    # A store in memory may also offer ``append_nowait(batch)``, the same as
-    # `append` but synchronous: the hub then commits without a task hop.
+    @property
+    def append_nowait(self) -> Callable[[Sequence[Message]], None] | None:
+        """`append` without a checkpoint, for a store in memory (the hub then
+        commits in its own step, with no task hop); None for a store on disk."""
+        ...
 
     async def aclose(self) -> None:
         """Flush and close; safe to call twice."""

@@ -83,6 +83,8 @@ SELECT room, id, name, msg, ts FROM (
 class SqliteHistory:
     """Stores messages in ``<data_dir>/history.sqlite3``, newest N per room."""
 
+    append_nowait = None  # every commit runs in a worker thread (`append`)
+
     def __init__(self, data_dir: Path, history_size: int) -> None:
         self._path = data_dir / DB_FILE
         self._data_dir = data_dir

@@ -1589,3 +1589,110 @@ def test_whisper_event_is_answered_by_the_home_node():
     bob.disconnect()
     chat.state.apply(WhisperEvent("B", "bob", frame, "A", 8), chat.now)
     assert chat.state.to_publish[-1] == WhisperResult("A", 8, delivered=False)
+
+
+# --- every check before any state changes (#18) -----------------------------------------
+
+
+def _observable(chat: Chat) -> tuple:
+    """Everything of the chat state another client or node could observe."""
+    state = chat.state
+    rooms = {
+        name: (
+            sorted(room.members),
+            sorted(room.remote),
+            len(room.typed),
+            len(room.listeners),
+            [m.id for m in room.messages],
+        )
+        for name, room in state.rooms.items()
+        if room.members or room.remote or room.typed or room.listeners or room.messages
+    }
+    users = {
+        name: (sorted(u.rooms), u.client is not None, u.token) for name, u in state.users.items()
+    }
+    # (A connection's first frame decides its own mode even when refused, §7.)
+    clients = sorted((c.name or "", tuple(sorted(c.rooms))) for c in state.clients)
+    return (
+        rooms,
+        users,
+        clients,
+        list(state.to_publish),
+        len(state.to_store),
+        list(state.to_release),
+    )
+
+
+REFUSED_FRAMES = [
+    ("join", "carol", {"type_": "join", "room": "lobby", "name": ""}, "bad_name"),
+    ("join", "carol", {"type_": "join", "room": "lobby"}, "bad_name"),
+    ("join", "alice", {"type_": "join", "room": "Not A Room"}, "bad_room"),
+    ("join", "alice", {"type_": "join", "room": "third"}, "bad_room"),  # over max_rooms=2
+    ("join", "alice", {"type_": "join", "room": "lobby", "name": "bob"}, "bad_name"),
+    ("join", "carol", {"type_": "join", "room": "lobby", "name": "alice"}, "name_taken"),
+    (
+        "join",
+        "carol",
+        {"type_": "join", "room": "lobby", "name": "bob", "token": "x"},
+        "name_taken",
+    ),
+    ("say", "alice", {"type_": "say", "room": "nowhere", "msg": "hi"}, "not_joined"),
+    ("say", "carol", {"type_": "say", "room": "lobby", "msg": "hi"}, "not_joined"),
+    ("say", "alice", {"type_": "say", "room": "lobby", "msg": "x" * 2001}, "too_long"),
+    ("leave", "alice", {"type_": "leave", "room": "nowhere"}, "not_joined"),
+    ("leave", "alice", {"type_": "leave", "room": "Bad"}, "bad_room"),
+    ("typing", "alice", {"type_": "typing", "room": "nowhere"}, "not_joined"),
+    ("whisper", "alice", {"type_": "whisper", "to": "nobody", "msg": "x"}, "no_such_user"),
+    ("whisper", "carol", {"type_": "whisper", "to": "bob", "msg": "x"}, "not_joined"),
+    ("history", "alice", {"type_": "history", "room": "nowhere"}, "not_joined"),
+    ("history", "alice", {"type_": "history", "room": "lobby", "before": "e1-999"}, "bad_frame"),
+    ("classic", "dave", {"name": "alice", "msg": "hi"}, "name_taken"),
+    ("unknown", "alice", {"type_": "shout", "room": "lobby"}, "bad_frame"),
+]
+
+
+@pytest.mark.parametrize(
+    ("kind", "sender", "frame", "code"),
+    REFUSED_FRAMES,
+    ids=[f"{kind}-{code}-{i}" for i, (kind, _, _, code) in enumerate(REFUSED_FRAMES)],
+)
+def test_refused_frame_leaves_the_state_untouched(kind, sender, frame, code):
+    """A frame that fails a check is answered with its error and changes nothing anyone
+    could observe: rooms, members, users, connections, what is published or stored."""
+    chat = Chat(max_rooms=2)
+    conns = {name: chat.connect() for name in ("alice", "bob", "carol")}
+    conns["dave"] = chat.connect(listener=True)
+    conns["alice"].join(name="alice")
+    conns["alice"].join("second")
+    conns["bob"].join(name="bob")
+    say_all(chat, conns["alice"], 2)
+    chat.state.to_publish.clear()
+    for conn in conns.values():
+        conn.take()
+    before = _observable(chat)
+    conns[sender].send(**frame)
+    error = conns[sender].error()
+    assert error["code"] == code
+    assert _observable(chat) == before
+    for name, conn in conns.items():
+        if name != sender:
+            assert conn.take() == [], name
+
+
+def test_refused_membership_change_leaves_the_state_untouched():
+    """A join or leave refused by the membership bucket changes nothing."""
+    chat = Chat(rate=1, burst=5)
+    alice, bob = chat.connect(), chat.connect()
+    alice.join(name="alice")
+    bob.join(name="bob")
+    for i in range(31):  # the membership burst of 32, less alice's first join
+        alice.send(type_="join" if i % 2 else "leave", room="lobby")
+    alice.send(type_="leave", room="lobby")  # the 32nd change: bucket empty
+    for conn in (alice, bob):
+        conn.take()
+    chat.state.to_publish.clear()
+    before = _observable(chat)
+    alice.send(type_="join", room="lobby")
+    assert alice.error()["code"] == "rate_limited"
+    assert _observable(chat) == before
+    assert bob.take() == []

@@ -1588,7 +1588,9 @@ def test_whisper_event_is_answered_by_the_home_node():
     assert chat.state.to_publish[-1] == WhisperResult("A", 7, delivered=True)
     bob.disconnect()
     chat.state.apply(WhisperEvent("B", "bob", frame, "A", 8), chat.now)
-    assert chat.state.to_publish[-1] == WhisperResult("A", 8, delivered=False)
+    assert chat.state.to_publish[-1] == WhisperResult(
+        "A", 8, delivered=False, refused="no_such_user"
+    )
 
 
 # --- every check before any state changes (#18) -----------------------------------------
@@ -1696,3 +1698,50 @@ def test_refused_membership_change_leaves_the_state_untouched():
     assert alice.error()["code"] == "rate_limited"
     assert _observable(chat) == before
     assert bob.take() == []
+
+
+def test_whispers_one_user_receives_are_bounded_whoever_sends_them():
+    """A crowd of senders, each within its own rate limit, cannot bury one user: past
+    the recipient's bound (burst 20, then 10/s) senders get `rate_limited` (#18)."""
+    chat = Chat(rate=10, burst=20)
+    bob = chat.connect()
+    bob.join(name="bob")
+    senders = [chat.connect() for _ in range(30)]
+    for i, sender in enumerate(senders):
+        sender.join(name=f"s{i}")
+    bob.take()
+    for sender in senders:
+        sender.take()
+        sender.send(type_="whisper", to="bob", msg="hi", ref="w")
+    answers = [sender.take()[-1] for sender in senders]
+    assert [a["type"] for a in answers] == ["ack"] * 20 + ["error"] * 10
+    assert {a["code"] for a in answers[20:]} == {"rate_limited"}
+    assert sum(f["type"] == "whisper" for f in bob.take()) == 20
+    chat.advance(1.0)
+    senders[0].send(type_="whisper", to="bob", msg="later", ref="w2")
+    assert senders[0].take()[-1]["type"] == "ack"
+
+
+def test_whisper_event_for_a_buried_user_is_refused_rate_limited():
+    """Across nodes the home node applies the same bound and answers `rate_limited`."""
+    chat = Chat(node="B")
+    bob = chat.connect()
+    bob.join(name="bob")
+    frame = '{"type":"whisper","id":"x-w1.1","from":"a","to":"bob","name":"a","msg":"hi","ts":1}'
+    for request in range(1, 22):
+        chat.state.apply(WhisperEvent("B", "bob", frame, "A", request), chat.now)
+    assert chat.state.to_publish[-1] == WhisperResult(
+        "A", 21, delivered=False, refused="rate_limited"
+    )
+    alice_side = Chat(node="A")
+    alice = alice_side.connect()
+    alice.join(name="alice")
+    _remote_bob(alice_side)
+    alice.take()
+    alice.send(type_="whisper", to="bob", msg="psst", ref="w1")
+    (event,) = alice_side.state.to_publish
+    alice_side.state.apply(
+        WhisperResult("A", event.request, delivered=False, refused="rate_limited"),
+        alice_side.now,
+    )
+    assert (alice.error()["code"]) == "rate_limited"

@@ -7,6 +7,7 @@ protocol orders frames (a later frame arrives first), else with a short
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import struct
@@ -1116,3 +1117,32 @@ async def test_e2e_flood_of_refused_frames_is_closed_1008():
             async with client_of(server) as fresh:
                 await fresh.join("lobby", "fresh")
                 await say_and_see(fresh, "still served")
+
+
+async def test_e2e_a_crowd_whispering_one_user_is_bounded():
+    """30 connections, each within its own rate limit, whisper one user at once (#18):
+    the user receives 20 (the burst of its own bound), the rest get `rate_limited`, and
+    the user is never closed as a slow consumer."""
+    with trio.fail_after(20):
+        async with running_server() as server, client_of(server) as bob:
+            await bob.join("lobby", "bob")
+            async with contextlib.AsyncExitStack() as stack:
+                crowd = [await stack.enter_async_context(client_of(server)) for _ in range(30)]
+                for i, sender in enumerate(crowd):
+                    await sender.join(f"room{i}", f"s{i}")
+                for sender in crowd:
+                    await sender.send({"type": "whisper", "to": "bob", "msg": "hi", "ref": "w"})
+                answers = []
+                for sender in crowd:
+                    while (frame := await sender.recv())["type"] not in ("ack", "error"):
+                        pass
+                    answers.append(frame)
+            assert sorted(a["type"] for a in answers) == ["ack"] * 20 + ["error"] * 10
+            assert {a["code"] for a in answers if a["type"] == "error"} == {"rate_limited"}
+            got = 0
+            with trio.move_on_after(0.3):
+                while True:
+                    if (await bob.recv())["type"] == "whisper":
+                        got += 1
+            assert got == 20
+            assert server.stats.slow_consumers == 0

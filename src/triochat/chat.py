@@ -70,7 +70,7 @@ from .protocol import (
     seq_of,
 )
 from .protocol import CloseCode as CloseCode
-from .ratelimit import RateLimiter
+from .ratelimit import WHISPERS_IN_BURST, WHISPERS_IN_RATE, RateLimiter
 
 __all__ = ["ChatState", "Client", "Peer", "PendingSay"]
 
@@ -119,12 +119,14 @@ class Client:
 class User:
     """A name held by somebody: connected, or within the presence grace period."""
 
-    __slots__ = ("client", "deadline", "name", "refs", "rooms", "token")
+    __slots__ = ("client", "deadline", "name", "refs", "rooms", "token", "whispers_in")
 
     def __init__(self, name: str, client: Client, token: str | None = None) -> None:
         self.name = name
         self.token = token or secrets.token_urlsafe(24)
         self.client: Client | None = client
+        #: The bound on whispers this user receives (made on the first one).
+        self.whispers_in: RateLimiter | None = None
         #: Rooms the user is a member of (live through ``client``, or held).
         self.rooms: set[str] = set()
         #: When held rooms are released; None while nothing is held.
@@ -194,6 +196,14 @@ def _error(client: Client, code: str, message: str, ref: str | None = None) -> N
     else:
         frame = ErrorFrame(code=code, message=message, ref=ref)
     client.peer.deliver(OutFrame.of(frame))
+
+
+def _may_whisper_to(user: User, now: float) -> bool:
+    """Take one token of the bound on whispers ``user`` receives (docs/protocol.md §9)."""
+    bucket = user.whispers_in
+    if bucket is None:
+        bucket = user.whispers_in = RateLimiter(WHISPERS_IN_RATE, WHISPERS_IN_BURST, now)
+    return bucket.allow(now)
 
 
 def _answer_to(pending: PendingSay) -> list[Client]:
@@ -647,6 +657,8 @@ class ChatState:
         nodes = self._remote_online.get(to, ()) if to is not None else ()
         if to is None or (target_client is None and not nodes):
             raise _Refused(ErrorCode.NO_SUCH_USER, f"nobody is called {frame.to}")
+        if target is not None and target_client is not None and not _may_whisper_to(target, now):
+            raise _Refused(ErrorCode.RATE_LIMITED, f"{to} gets too many whispers: try again")
         whisper_id = f"{self._whisper_prefix}{next(self._whisper_ids)}"
         out = OutFrame.of(
             WhisperFrame(whisper_id, client.name, to, client.name, frame.msg, wall_ms)
@@ -679,7 +691,13 @@ class ChatState:
             return  # answered already (timed out), or nobody to tell
         client = whisper.client
         if not result.delivered:
-            _error(client, ErrorCode.NO_SUCH_USER, f"nobody is called {whisper.to}", whisper.ref)
+            if result.refused == ErrorCode.RATE_LIMITED:
+                message = f"{whisper.to} gets too many whispers: try again"
+                _error(client, ErrorCode.RATE_LIMITED, message, whisper.ref)
+            else:
+                _error(
+                    client, ErrorCode.NO_SUCH_USER, f"nobody is called {whisper.to}", whisper.ref
+                )
             return
         client.peer.deliver(whisper.frame)
         if whisper.ref is not None and not client.classic:
@@ -760,11 +778,16 @@ class ChatState:
             if received.node == self.node:
                 user = self.users.get(received.to)
                 target = user.client if user is not None else None
-                if target is not None:
+                refused = ""
+                if user is None or target is None:
+                    refused = ErrorCode.NO_SUCH_USER
+                elif not _may_whisper_to(user, now):
+                    refused = ErrorCode.RATE_LIMITED
+                else:
                     target.peer.deliver(OutFrame(received.frame.encode()))
                 if received.request:
                     self.to_publish.append(
-                        WhisperResult(received.sender, received.request, target is not None)
+                        WhisperResult(received.sender, received.request, not refused, refused)
                     )
         elif isinstance(received, WhisperResult):
             if received.node == self.node:

@@ -104,11 +104,13 @@ class WhisperEvent(msgspec.Struct, frozen=True, tag="whisper"):
 
 
 class WhisperResult(msgspec.Struct, frozen=True, tag="whisper_result"):
-    """``node``'s whisper ``request`` reached its user (``delivered``), or nobody."""
+    """``node``'s whisper ``request`` reached its user (``delivered``), or not:
+    ``refused`` is then the error code for the sender (``no_such_user`` by default)."""
 
     node: str
     request: int
     delivered: bool
+    refused: str = ""
 
 
 class Kick(msgspec.Struct, frozen=True, tag="kick"):

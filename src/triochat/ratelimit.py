@@ -5,7 +5,15 @@ from __future__ import annotations
 import collections
 from typing import Final
 
-__all__ = ["ABUSE_DROPS", "ABUSE_WINDOW", "JOIN_BURST", "JOIN_RATE", "RateLimiter"]
+__all__ = [
+    "ABUSE_DROPS",
+    "ABUSE_WINDOW",
+    "JOIN_BURST",
+    "JOIN_RATE",
+    "WHISPERS_IN_BURST",
+    "WHISPERS_IN_RATE",
+    "RateLimiter",
+]
 
 ABUSE_DROPS: Final = 100  # the 100th drop (or refused frame) ...
 ABUSE_WINDOW: Final = 60.0  # ... within any 60 seconds closes the connection (1008)
@@ -14,6 +22,10 @@ ABUSE_WINDOW: Final = 60.0  # ... within any 60 seconds closes the connection (1
 #: fits the burst, a join/leave loop gets 2 a second.
 JOIN_RATE: Final = 2.0  # per second
 JOIN_BURST: Final = 32  # the default --max-rooms
+#: Whispers one user receives, from everybody together: a crowd, each sender
+#: within its own limit, cannot bury a recipient.
+WHISPERS_IN_RATE: Final = 10.0  # per second
+WHISPERS_IN_BURST: Final = 20
 
 
 class RateLimiter:

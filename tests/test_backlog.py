@@ -91,6 +91,21 @@ def _flood(port: int, texts: list[str]) -> list[str]:
     return seen
 
 
+async def _flood_while_reading(
+    server: Server, reader: ChatClient | SseStream
+) -> dict[str, list[str]]:
+    """`_flood` in a thread while ``reader`` reads at full speed: what each got."""
+    results: dict[str, list[str]] = {}
+    async with trio.open_nursery() as nursery:
+
+        async def collect() -> None:
+            results["reader"] = await _read_all(reader, SAYS, "flooder")
+
+        nursery.start_soon(collect)
+        results["flooder"] = await trio.to_thread.run_sync(_flood, server.port, _texts())
+    return results
+
+
 async def test_backlog_flooder_that_reads_and_a_full_speed_reader_get_everything():
     """With --rate 0 --outbox-frames 16, a client flooding 1000 says of 6 KB while its
     library reads everything, and a member reading at full speed, both get every message
@@ -101,16 +116,8 @@ async def test_backlog_flooder_that_reads_and_a_full_speed_reader_get_everything
             client_of(server, timeout=30) as reader,
         ):
             await reader.join("lobby", "reader")
-            texts = _texts()
-            results: dict[str, list[str]] = {}
-            async with trio.open_nursery() as nursery:
-
-                async def collect() -> None:
-                    results["reader"] = await _read_all(reader, SAYS, "flooder")
-
-                nursery.start_soon(collect)
-                results["flooder"] = await trio.to_thread.run_sync(_flood, server.port, texts)
-            assert results == {"flooder": texts, "reader": texts}
+            results = await _flood_while_reading(server, reader)
+            assert results == {"flooder": _texts(), "reader": _texts()}
             assert server.stats.slow_consumers == 0
 
 
@@ -122,16 +129,8 @@ async def test_backlog_full_speed_sse_reader_gets_everything():
             status, _ = await sse.post({"type": "join", "room": "lobby", "name": "sse"})
             assert status == 204
             await sse.expect("joined", room="lobby")
-            texts = _texts()
-            results: dict[str, list[str]] = {}
-            async with trio.open_nursery() as nursery:
-
-                async def collect() -> None:
-                    results["sse"] = await _read_all(sse, SAYS, "flooder")
-
-                nursery.start_soon(collect)
-                results["flooder"] = await trio.to_thread.run_sync(_flood, server.port, texts)
-            assert results == {"flooder": texts, "sse": texts}
+            results = await _flood_while_reading(server, sse)
+            assert results == {"flooder": _texts(), "reader": _texts()}
             assert server.stats.slow_consumers == 0
             await sse.aclose()
 

@@ -1520,18 +1520,24 @@ def _remote_bob(chat: Chat) -> None:
     chat.state.to_publish.clear()
 
 
-def test_whisper_to_another_node_is_acked_only_when_that_node_delivered_it():
-    """The sender's copy and ack wait for the home node's answer; a `delivered` answer
-    brings both, in that order, with the whisper's id."""
-    chat = Chat(node="A")
+def _alice_whispers_remote_bob(chat: Chat) -> tuple[Conn, WhisperEvent]:
+    """alice (on this node) whispers bob, who is connected on node B; the event sent."""
     alice = chat.connect()
     alice.join(name="alice")
     _remote_bob(chat)
     alice.take()
     alice.send(type_="whisper", to="bob", msg="psst", ref="w1")
+    events = [e for e in chat.state.to_publish if isinstance(e, WhisperEvent)]
+    assert len(events) == 1
+    return alice, events[0]
+
+
+def test_whisper_to_another_node_is_acked_only_when_that_node_delivered_it():
+    """The sender's copy and ack wait for the home node's answer; a `delivered` answer
+    brings both, in that order, with the whisper's id."""
+    chat = Chat(node="A")
+    alice, event = _alice_whispers_remote_bob(chat)
     assert alice.take() == []
-    (event,) = chat.state.to_publish
-    chat.state.to_publish.clear()
     assert isinstance(event, WhisperEvent)
     assert (event.node, event.to, event.sender) == ("B", "bob", "A")
     chat.state.apply(WhisperResult("A", event.request, delivered=True), chat.now)
@@ -1544,12 +1550,7 @@ def test_whisper_to_another_node_not_delivered_there_is_no_such_user():
     """The home node found no live connection (the user is in its grace period): the
     sender gets no_such_user, and no copy or ack."""
     chat = Chat(node="A")
-    alice = chat.connect()
-    alice.join(name="alice")
-    _remote_bob(chat)
-    alice.take()
-    alice.send(type_="whisper", to="bob", msg="psst", ref="w1")
-    (event,) = chat.state.to_publish
+    alice, event = _alice_whispers_remote_bob(chat)
     chat.state.apply(WhisperResult("A", event.request, delivered=False), chat.now)
     error = alice.error()
     assert (error["code"], error["ref"]) == ("no_such_user", "w1")
@@ -1559,12 +1560,7 @@ def test_whisper_to_another_node_with_no_answer_is_unavailable_after_the_timeout
     """No answer within the backplane timeout: `unavailable` (it may not have been
     delivered), never an ack; a late answer changes nothing."""
     chat = Chat(node="A")
-    alice = chat.connect()
-    alice.join(name="alice")
-    _remote_bob(chat)
-    alice.take()
-    alice.send(type_="whisper", to="bob", msg="psst", ref="w1")
-    (event,) = chat.state.to_publish
+    alice, event = _alice_whispers_remote_bob(chat)
     assert chat.state.next_deadline() == chat.now + 5.0
     chat.advance(4.9)
     assert alice.take() == []
@@ -1734,12 +1730,7 @@ def test_whisper_event_for_a_buried_user_is_refused_rate_limited():
         "A", 21, delivered=False, refused="rate_limited"
     )
     alice_side = Chat(node="A")
-    alice = alice_side.connect()
-    alice.join(name="alice")
-    _remote_bob(alice_side)
-    alice.take()
-    alice.send(type_="whisper", to="bob", msg="psst", ref="w1")
-    (event,) = alice_side.state.to_publish
+    alice, event = _alice_whispers_remote_bob(alice_side)
     alice_side.state.apply(
         WhisperResult("A", event.request, delivered=False, refused="rate_limited"),
         alice_side.now,

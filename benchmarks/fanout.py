@@ -12,7 +12,7 @@ connections; each round sends one message frame (a 95-byte WebSocket text frame:
 - ``socket.send``: the same with the stdlib socket's ``send``, the floor:
   send(2) skips write(2)'s VFS layer;
 - ``triochat``: the chat's own path for a broadcast among several in one hub
-  step: `Connection.deliver` to every member (outbox, dirty list), then the
+  step: `Outbound.deliver` to every member (outbox, dirty list), then the
   end of the step, where each connection's `flush_nowait` writes its frames
   through `WebSocketTransport.send_nowait` and `ReplayStream.write_nowait`
   (which uses ``send`` too);
@@ -61,9 +61,9 @@ import trio
 from websockets.asyncio.server import Server, ServerConnection, broadcast, serve
 
 from triochat.config import Config
-from triochat.connection import Connection
 from triochat.frames import OutFrame
 from triochat.metrics import Stats
+from triochat.outbound import Outbound
 from triochat.transports.websocket import ReplayStream, WebSocketTransport
 
 MESSAGE = b'{"type":"message","room":"lobby","name":"x","msg":"' + b"y" * 40 + b'"}'
@@ -73,14 +73,17 @@ class _Step:
     """The hub's part of a step: who got frames, flushed at the end (`Hub._flush`)."""
 
     def __init__(self) -> None:
-        self._dirty: list[Connection] = []
+        self._dirty: list[Outbound] = []
         #: `Hub.write_through`: a lone message is written as it is delivered.
         self.write_through = False
+        #: `Hub.step`: each connection asks once per step to be flushed.
+        self.step = 0
 
-    def mark_dirty(self, connection: Connection) -> None:
+    def mark_dirty(self, connection: Outbound) -> None:
         self._dirty.append(connection)
 
     def flush(self) -> None:
+        self.step += 1
         dirty, self._dirty = self._dirty, []
         for connection in dirty:
             connection.flush_nowait()
@@ -194,7 +197,7 @@ async def measure(conns: int, rounds: int, repeats: int, peer: Peer) -> dict[str
     for sock in senders:
         stream = ReplayStream(trio.SocketStream(trio.socket.from_stdlib_socket(sock)), b"")
         transport = WebSocketTransport(None, stream)  # type: ignore[arg-type]  # sends only
-        connections.append(Connection(transport, step, config, stats))  # type: ignore[arg-type]
+        connections.append(Outbound(transport, step, config, stats))
     frame = OutFrame(MESSAGE)
     data = frame.ws
     fds = [sock.fileno() for sock in senders]

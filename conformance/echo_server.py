@@ -5,11 +5,11 @@ chat connection goes through is the real one: the h11 front
 (`triochat.http.handle_http`), the `ReplayStream` wrapper (write gate, frame
 size guard, lingering close), trio-websocket's handshake via
 `accept_websocket`, and `triochat.connection.Connection` itself: its read
-loop and keepalive, its outbox with the hub's direct writes and the writer
-task, its slow-consumer rule and its close sequence (a failure's close
-frame included). Only the chat logic is swapped for an echo (`EchoApp`, the
-`App` a connection talks to): each message comes back as one frame of the
-same type, written at once.
+loop and keepalive, and its `Outbound` (the outbox, the direct writes, the
+writer task, the slow-consumer rule and the close sequence, a failure's
+close frame included). Only the chat logic is swapped for an echo
+(`EchoApp`, the `App` a connection talks to): each message comes back as
+one frame of the same type, written at once.
 
 ::
 
@@ -18,7 +18,7 @@ same type, written at once.
         └── EchoFront.serve_websocket   connection nursery
             ├── trio-websocket's reader (pongs, close replies)
             ├── Connection.run     read loop -> EchoApp.receive -> deliver
-            └── Connection._write  started when the socket does not take it at once
+            └── Outbound._write    started when the socket does not take it at once
 
 Run it with ``python conformance/echo_server.py --port 9001``.
 """
@@ -41,6 +41,7 @@ from triochat.connection import Connection, TransportClosed
 from triochat.frames import OutFrame
 from triochat.http import StaticFiles, Upgrade, handle_http
 from triochat.metrics import Stats
+from triochat.outbound import Outbound
 from triochat.transports.websocket import (
     ClosingRace,
     ReplayStream,
@@ -119,10 +120,10 @@ class EchoApp:
     write_through = True  # nothing to coalesce: each echo is written at once
     step = 0
 
-    def mark_dirty(self, connection: Connection) -> None:
-        connection.flush_nowait()
+    def mark_dirty(self, outbound: Outbound) -> None:
+        outbound.flush_nowait()
 
-    def connect(self, peer: Connection, *, listener: bool) -> object:
+    def connect(self, peer: Outbound, *, listener: bool) -> object:
         return peer
 
     def disconnect(self, client: object) -> None:
@@ -133,7 +134,7 @@ class EchoApp:
             frame = OutFrame(message.encode(), binary=False)
         else:
             frame = OutFrame(message, binary=True)
-        cast("Connection", client).deliver(frame)
+        cast("Outbound", client).deliver(frame)
         await trio.lowlevel.checkpoint()
 
 

@@ -186,7 +186,7 @@ async def test_backlog_never_reading_client_asking_for_history_is_closed_within_
             held: list[int] = []
 
             def watch() -> None:
-                held.append(max(c.outbox.size for c in server.connections))
+                held.append(max(c.outbound.outbox.size for c in server.connections))
 
             join = b'{"type":"join","room":"lobby","name":"hog"}'
             async with never_reading_client(server, join) as hog:

@@ -89,7 +89,8 @@ def _server_tasks() -> collections.Counter[str]:
 
 
 def _connection_tasks(tasks: collections.Counter[str]) -> dict[str, int]:
-    return {name: n for name, n in tasks.items() if name.startswith("triochat.connection.")}
+    own = ("triochat.connection.", "triochat.outbound.")
+    return {name: n for name, n in tasks.items() if name.startswith(own)}
 
 
 async def test_connection_idle_holds_one_task_of_its_own_and_a_writer_only_while_needed(
@@ -98,7 +99,7 @@ async def test_connection_idle_holds_one_task_of_its_own_and_a_writer_only_while
     """An idle joined connection keeps its reader task only (memory: #6); a writer task
     runs while frames wait for a peer that does not read, and is gone once they are out."""
     handler = "triochat.server.Server._handle_stream"  # the connection's reader runs here
-    writer = "triochat.connection.Connection._write"
+    writer = "triochat.outbound.Outbound._write"
     async with memory_server(rate=0) as net, net.client() as alice:
         async with net.client(lockstep=True) as slow:
             await alice.join("lobby", "alice")
@@ -340,17 +341,18 @@ async def test_connection_lone_message_is_written_at_once_and_keeps_the_order():
         return b""
 
     with theirs:
-        connection.deliver(first)  # queued, as in a busy step
-        assert hub.dirty == [connection]
+        out = connection.outbound
+        out.deliver(first)  # queued, as in a busy step
+        assert hub.dirty == [out]
         assert await received() == b""
         hub.write_through = True
-        connection.deliver(second)  # behind `first`: still waits for the step's end
+        out.deliver(second)  # behind `first`: still waits for the step's end
         assert await received() == b""
-        connection.flush_nowait()  # the end of the step
+        out.flush_nowait()  # the end of the step
         assert await received() == first.ws + second.ws
-        connection.deliver(third)  # nothing queued: written at once
+        out.deliver(third)  # nothing queued: written at once
         assert await received() == third.ws
-        assert hub.dirty == [connection]  # only the first delivery asked for a flush
+        assert hub.dirty == [out]  # only the first delivery asked for a flush
         await stream.close_now()
 
 
@@ -407,13 +409,13 @@ async def test_connection_frames_keep_their_order_when_a_pong_hands_over_the_gat
         await stream.send_all(pong)  # trio-websocket answering a ping: held until seq 2
         # The pong is written: with no checkpoint in between, the hub delivers B.
         hub.write_through = True
-        connection.deliver(second)
+        connection.outbound.deliver(second)
 
     async def run_connection(nursery: trio.Nursery) -> None:
-        connection._nursery = nursery  # the writer starts here (as in `Connection.run`)
+        connection.outbound.start(nursery)  # the writer starts here (as in `Connection.run`)
         async with seq(1):
-            connection.deliver(first)  # a busy step: queued, flushed at its end
-            connection.flush_nowait()  # the gate is taken by the pong: the writer starts
+            connection.outbound.deliver(first)  # a busy step: queued, flushed at its end
+            connection.outbound.flush_nowait()  # the gate is taken by the pong: the writer starts
             await trio.testing.wait_all_tasks_blocked()  # the writer parks with A
 
     with theirs, trio.fail_after(5):

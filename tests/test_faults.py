@@ -179,7 +179,9 @@ async def test_fault_peer_that_stops_reading_mid_stream_is_closed_after_ping_tim
             await observer.expect("message", msg=f"m{i}")
             assert trio.current_time() == sent, "the stuck peer delayed someone else"
         await trio.testing.wait_all_tasks_blocked()
-        assert 0 < len(connection.outbox) <= 64, "frames are queued for it, within the bound"
+        assert 0 < len(connection.outbound.outbox) <= 64, (
+            "frames are queued for it, within the bound"
+        )
         await observer.expect("presence", event="leave", name="stuck")
         assert trio.current_time() - stopped <= 20 + 20 + GRACE + 0.1
         assert connection not in net.server.connections
@@ -300,7 +302,7 @@ async def test_fault_stalled_reader_among_500_never_delays_the_others(autojump_c
                 await _read_until(sender, "ack")
                 # Over the bound at the end of one step is a burst; at the end of
                 # the next (one frame per step here) it is a slow consumer.
-                assert len(connection.outbox) <= outbox + 1
+                assert len(connection.outbound.outbox) <= outbox + 1
         assert trio.current_time() == start, "delivery waited for the stalled reader"
         expected = [f"m{i}" for i in range(messages)]
         assert len(received) == members + listeners
@@ -309,7 +311,7 @@ async def test_fault_stalled_reader_among_500_never_delays_the_others(autojump_c
         await trio.sleep(5 + 0.1)  # close_timeout: its blocked write is given up
         assert connection not in net.server.connections
         assert net.server.stats.closes_by_code == {1013: 1}
-        assert len(connection.outbox) == 0
+        assert len(connection.outbound.outbox) == 0
         del connection
         assert len(live_instances(Connection)) == members + listeners + 1
         await stalled.aclose()

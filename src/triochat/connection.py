@@ -1,148 +1,64 @@
-"""One connection, whatever its transport: reader, writer, keepalive.
+"""One connection, whatever its transport: the reader and its keepalive.
 
 It talks to an `App` (the chat's `Hub`; the conformance run's echo), which
-gets each message (`App.receive`) and delivers frames back (`deliver`).
+gets each message (`App.receive`) and delivers frames back through the
+connection's `Outbound` (outbound.py: the outbox, the app's direct writes,
+the writer task, the slow-consumer rule and the close sequence).
 
 ::
 
     Connection.run(nursery)        the connection's task: read loop and keepalive
-    └── _write (in nursery)        started only when the hub could not write at
-                                   once (full socket, partial write, SSE), for a
-                                   ping, or to close; returns when nothing is left
+    └── Outbound._write            (in nursery) started only when needed
 
-The hub writes each step's frames itself when the socket takes them
-(`flush_nowait`), so an idle or keeping-up connection has one task of its
-own: the reader. Every ``ping_interval`` of silence the reader has a ping
-sent (a comment on SSE, every 15 s), and a peer that has sent nothing at all
-within ``ping_timeout`` after it is gone; while a write is pending, the
-write's own bound watches the peer instead.
+The app writes each step's frames itself when the socket takes them, so an
+idle or keeping-up connection has one task of its own: the reader. Every
+``ping_interval`` of silence the reader has a ping sent (a comment on SSE,
+every 15 s), and a peer that has sent nothing at all within
+``ping_timeout`` after it is gone; while a write is pending, the write's own
+bound watches the peer instead.
 
 Rules:
 
-1. The connection ends by cancelling the nursery it was given (`_end`):
-   whoever ends it first, the reader or the writer, stops the other.
-2. Only the writer closes: `close_soon` records the close code (first one
-   wins) and starts it. From then on everything left (a pending write, the
-   queued frames unless it is a slow consumer, the close frame) must finish
-   within ``close_timeout`` (the drain's own timeout while draining); then
-   the TCP connection is aborted.
-3. Nothing but that cancellation escapes `run`: a bug closes this connection
+1. The connection ends by cancelling the nursery it was given
+   (`Outbound.end`): whoever ends it first, the reader or the writer, stops
+   the other.
+2. Nothing but that cancellation escapes `run`: a bug closes this connection
    with 1011 and is logged with a traceback; other connections never notice.
-4. The app may write without blocking (`deliver`, `flush_nowait`, on a
-   transport with a `DirectWrite`); only the writer task awaits a write.
-5. A failure of the transport (a protocol error of the peer's) is closed with
+3. A failure of the transport (a protocol error of the peer's) is closed with
    its code, after what is queued (docs/protocol.md section 11).
 """
 
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Awaitable
-from typing import Final, Protocol, runtime_checkable
+from typing import Protocol
 
 import trio
 
 from .config import Config
-from .frames import OutFrame
 from .metrics import Stats
-from .outbox import Outbox
+from .outbound import Outbound, StepPolicy
 from .protocol import CloseCode
+from .transports import DirectWrite as DirectWrite
+from .transports import Transport as Transport
+from .transports import TransportClosed as TransportClosed
 
 __all__ = ["App", "Connection", "DirectWrite", "Transport", "TransportClosed"]
 
 LOGGER = logging.getLogger("triochat.connection")
-
-#: A backlog this many times the byte bound closes the connection at once,
-#: without waiting for the end of the step (`deliver`).
-HARD_BOUND_FACTOR: Final = 4
-#: Seconds a reader waits at most for its own backlog to go down (`_backlog_low`).
-BACKLOG_PAUSE: Final = 1.0
 
 
 def _utf8(message: str | bytes) -> bytes:
     return message.encode() if isinstance(message, str) else message
 
 
-class TransportClosed(Exception):
-    """The peer went away or closed; ``reason`` says how (for the log).
-
-    ``failed``: the transport failed the connection (a protocol error of the
-    peer's, RFC 6455 7.1.7) and owes the peer a close frame with ``code``.
-    """
-
-    def __init__(self, reason: str, code: int | None = None, *, failed: bool = False) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.code = code
-        self.failed = failed
-
-
-class Transport(Protocol):
-    """What a connection needs of WebSocket or SSE."""
-
-    async def receive_message(self) -> str | bytes:
-        """The next whole message (text, or binary on WebSocket). Raises TransportClosed."""
-        ...
-
-    async def send(self, frames: list[OutFrame]) -> None:
-        """Write ``frames`` with one write. Raises TransportClosed."""
-        ...
-
-    #: Seconds between keepalives (None: the configured ping interval).
-    heartbeat: float | None
-    #: True when the peer answers a ping (WebSocket); False for SSE.
-    expects_pong: bool
-
-    @property
-    def last_receive(self) -> float:
-        """When bytes last arrived from the peer (trio clock)."""
-        ...
-
-    async def ping(self) -> None:
-        """Send a keepalive (a ping frame, or an SSE comment). Raises TransportClosed."""
-        ...
-
-    async def close(self, code: int, reason: str) -> None:
-        """The closing handshake (the caller bounds its time)."""
-        ...
-
-    async def abort(self) -> None:
-        """Drop the underlying connection now (the caller bounds any lingering)."""
-        ...
-
-
-@runtime_checkable
-class DirectWrite(Protocol):
-    """A transport the hub may write to without a task (a socket): the hot path."""
-
-    def send_nowait(self, frames: list[OutFrame]) -> bytes | None:
-        """Write as much as the socket takes now; the rest, for `send_rest`.
-
-        None (nothing written) when it cannot write now: the writer task then does.
-        """
-        ...
-
-    async def send_rest(self, data: bytes) -> None:
-        """Finish a partial `send_nowait`. Raises TransportClosed."""
-        ...
-
-
-class App(Protocol):
+class App(StepPolicy, Protocol):
     """What a connection needs of the application behind it (the chat's hub; the
     conformance run's echo). The client token is the app's own business."""
 
-    #: True while a lone message is delivered: write it at once (`Connection.deliver`).
-    write_through: bool
-    #: The app's step counter: a connection asks once per step to be flushed.
-    step: int
-
-    def mark_dirty(self, connection: Connection) -> None:
-        """``connection`` got frames in this step: call its `flush_nowait` at the end."""
-        ...
-
-    def connect(self, peer: Connection, *, listener: bool) -> object:
-        """Register a connection; the token its frames are submitted with."""
+    def connect(self, peer: Outbound, *, listener: bool) -> object:
+        """Register a connection (``peer`` is where its frames go); the token its
+        messages are given with."""
         ...
 
     def disconnect(self, client: object) -> None:
@@ -155,35 +71,9 @@ class App(Protocol):
 
 
 class Connection:
-    """A chat connection; it is the `Peer` the chat state delivers to."""
+    """A connection: its reader, and its `Outbound` (the `Peer` the app delivers to)."""
 
-    __slots__ = (
-        "_broken",
-        "_close_deadline",
-        "_config",
-        "_direct",
-        "_drained",
-        "_hard_bound",
-        "_held",
-        "_hub",
-        "_listener",
-        "_lost",
-        "_nursery",
-        "_over_at",
-        "_ping_due",
-        "_send_scope",
-        "_stats",
-        "_step",
-        "_transport",
-        "_unpaused_at",
-        "_unsent",
-        "_writes",
-        "_writing",
-        "close_code",
-        "close_request",
-        "end_reason",
-        "outbox",
-    )
+    __slots__ = ("_config", "_hub", "_listener", "_stats", "_transport", "outbound")
 
     def __init__(
         self,
@@ -195,194 +85,24 @@ class Connection:
         listener: bool = False,
     ) -> None:
         self._transport = transport
-        #: The transport's direct write (the hub's hot path), if it has one.
-        self._direct = transport if isinstance(transport, DirectWrite) else None
         self._hub = hub
         self._config = config
         self._stats = stats
         self._listener = listener
-        self.outbox = Outbox()
-        #: (code, reason), set once by `close_soon`.
-        self.close_request: tuple[int, str] | None = None
-        #: Everything after a close request (flush, close frame) ends by then.
-        self._close_deadline = math.inf
-        #: How the connection ended, for the log line.
-        self.end_reason = "closed"
-        self.close_code: int | None = None
-        self._send_scope: trio.CancelScope | None = None
-        self._broken = False  # a write was cut short: no close frame possible
-        #: The tail of a frame batch the hub could only half write; the writer sends it.
-        self._unsent = b""
-        self._lost: TransportClosed | None = None  # the hub's direct write found the peer gone
-        self._ping_due = False  # the reader asks the writer for a ping
-        self._writing = False  # the writer task is running
-        self._step = -1  # the hub step that last marked this connection for its flush
-        self._writes = 0  # writes completed so far: the proof that the peer reads
-        #: ``_writes`` when a step last ended with the backlog over the bound
-        #: (-1: it did not): the slow-consumer rule (`_check_backlog`).
-        self._over_at = -1
-        self._hard_bound = HARD_BOUND_FACTOR * config.outbox_bytes
-        self._held = False  # `hold`: frames are queued, not written, until `release`
-        #: Set when the backlog shrinks, for a reader waiting in `_backlog_low`.
-        self._drained: trio.Event | None = None
-        #: ``_writes`` when a wait in `_backlog_low` ran out: until the next
-        #: completed write the reader does not wait, and the step-end rule holds off.
-        self._unpaused_at = -1
-        #: Where the writer starts, and whose cancellation ends the connection
-        #: (set while `run` runs).
-        self._nursery: trio.Nursery | None = None
+        self.outbound = Outbound(transport, hub, config, stats)
 
-    # --- Peer (sync, never blocks) ---------------------------------------------
+    # What the server asks of a connection (drain, the close log line).
 
-    def deliver(self, frame: OutFrame) -> None:
-        if self.close_request is not None:
-            return
-        outbox = self.outbox
-        queued = outbox.put(frame)
-        hub = self._hub
-        if queued == 1 and hub.write_through:
-            self.flush_nowait()  # a lone message: nothing to coalesce it with
-            return
-        if self._step != hub.step:
-            self._step = hub.step
-            hub.mark_dirty(self)  # the hub calls flush_nowait after this step
-        if outbox.size > self._hard_bound:
-            # Megabytes piling up on one client (its own `history` requests,
-            # say): memory says no without waiting for the step's end.
-            self._slow_consumer()
+    def close_soon(self, code: int, reason: str, *, timeout: float | None = None) -> None:
+        self.outbound.close_soon(code, reason, timeout=timeout)
 
-    def flush_nowait(self) -> None:
-        """Send what is queued right now, from the hub, if the socket takes it.
+    @property
+    def end_reason(self) -> str:
+        return self.outbound.end_reason
 
-        The hot path: most of the time the socket's buffer has room, so the
-        frames queued during one hub step go out in one write without waking
-        the writer task. Otherwise (a busy or full socket, a partial write,
-        SSE, a close in progress) the writer is woken and does it, and the
-        backlog left is judged (`_check_backlog`).
-        """
-        if self.close_request is not None:
-            self._want_writer()
-            return
-        if self._held:
-            return  # `release` flushes
-        outbox = self.outbox
-        frames = outbox.peek()
-        direct = self._direct
-        if frames and direct is not None:
-            try:
-                rest = direct.send_nowait(frames)
-            except TransportClosed as exc:
-                self._lost = exc
-            else:
-                if rest is not None:
-                    stats = self._stats
-                    stats.frames_sent += len(frames)
-                    stats.writes += 1
-                    outbox.clear()
-                    self._written()
-                    if not rest:
-                        return
-                    self._unsent = rest
-        self._want_writer()
-        self._check_backlog()
-
-    def hold(self) -> None:
-        """Queue what is delivered without writing it, until `release` (the hub holds
-        a joining client's `joined` until the cluster has seen the join)."""
-        self._held = True
-
-    def release(self) -> None:
-        """Write what `hold` kept back. Never blocks."""
-        self._held = False
-        if self.outbox:
-            self.flush_nowait()
-
-    def _over_bound(self, fraction: int = 1) -> bool:
-        """Whether the backlog is over either bound / ``fraction``.
-
-        The backlog is the outbox: what waits behind the write in progress
-        (if any), which is already the socket's.
-        """
-        config = self._config
-        outbox = self.outbox
-        return (
-            len(outbox) > config.outbox_frames // fraction
-            or outbox.size > config.outbox_bytes // fraction
-        )
-
-    def _check_backlog(self) -> None:
-        """The slow-consumer rule (docs/protocol.md section 9), at the end of a hub step.
-
-        A backlog over the bound at the end of a step is allowed once: a burst
-        (one step's fan-out) may take a reading client over it. Over the bound
-        again at the end of a later step with no write completed in between,
-        the client is not reading: close 1013, dropping what is queued. Not
-        while we read it without waiting for its backlog (`_backlog_low` gave
-        up): it may be stuck writing to us, and only the hard bound applies.
-        """
-        if not self._over_bound():
-            self._over_at = -1
-        elif self._unpaused_at == self._writes:
-            return
-        elif self._over_at == self._writes:
-            self._slow_consumer()
-        else:
-            self._over_at = self._writes
-
-    async def _backlog_low(self) -> None:
-        """Wait until this connection's own backlog is at most half the bound.
-
-        The reader waits here before it takes the client's next frame, so a
-        client that sends faster than it reads is slowed by its own backlog,
-        not closed. At most ``BACKLOG_PAUSE`` seconds, though: some clients
-        cannot read while a write of theirs is blocked (the `websockets`
-        library's sync client holds one lock across both), and they would
-        deadlock with a server that stopped reading them. Once a wait runs
-        out, the reader reads on without waiting until a write to the client
-        completes again (``_unpaused_at``).
-        """
-        with trio.move_on_after(BACKLOG_PAUSE) as scope:
-            while self._over_bound(2):
-                if self._drained is None:
-                    self._drained = trio.Event()
-                await self._drained.wait()
-        if scope.cancelled_caught:
-            self._unpaused_at = self._writes
-
-    def _slow_consumer(self) -> None:
-        self._stats.slow_consumers += 1
-        self.close_soon(CloseCode.TRY_AGAIN_LATER, "slow consumer", flush=False)
-
-    def close_soon(
-        self, code: int, reason: str, *, flush: bool = True, timeout: float | None = None
-    ) -> None:
-        """Ask the writer to close with ``code``; the first request wins.
-
-        Args:
-            flush: send the frames already queued first (not for a slow
-                consumer: its queue is what is wrong).
-            timeout: seconds for the rest (pending write, flush, close frame)
-                before the TCP connection is aborted; ``close_timeout`` by default.
-        """
-        if self.close_request is not None:
-            return
-        self.close_request = (code, reason)
-        if timeout is None:
-            timeout = self._config.close_timeout
-        self._close_deadline = trio.current_time() + timeout
-        if not flush:
-            self.outbox.clear()
-        if self._send_scope is not None:
-            self._send_scope.deadline = min(self._send_scope.deadline, self._close_deadline)
-        self._want_writer()
-
-    def _want_writer(self) -> None:
-        """Have the writer run: started unless it is running (or the connection is over)."""
-        if not self._writing and self._nursery is not None:
-            self._writing = True
-            self._nursery.start_soon(self._write)
-
-    # --- the tasks ---------------------------------------------------------------
+    @property
+    def close_code(self) -> int | None:
+        return self.outbound.close_code
 
     async def run(self, nursery: trio.Nursery) -> None:
         """Serve the connection until it ends, then cancel ``nursery``.
@@ -391,49 +111,44 @@ class Connection:
         connection) runs the writer when it is needed. Returns, or raises
         Cancelled once ``nursery`` is cancelled; never anything else.
         """
-        self._nursery = nursery
-        client = self._hub.connect(self, listener=self._listener)
+        out = self.outbound
+        out.start(nursery)
+        client = self._hub.connect(out, listener=self._listener)
         try:
-            if self.close_request is not None:
-                self._want_writer()  # asked to close before it started (a drain)
             await self._read(client)
         finally:
-            self._nursery = None  # the hub may still flush it: no writer any more
+            out.stop()  # the hub may still flush it: no writer any more
             self._hub.disconnect(client)
             # Shielded (the nursery may be cancelled already) but bounded: a
             # WebSocket lingers there for the peer's FIN after our close frame.
-            linger = min(self._close_deadline, trio.current_time() + self._config.close_timeout)
-            with trio.CancelScope(shield=True, deadline=linger):
+            with trio.CancelScope(shield=True, deadline=out.linger_deadline):
                 await self._transport.abort()
-
-    def _end(self) -> None:
-        """End the connection: cancel the nursery (the reader, the writer)."""
-        if self._nursery is not None:
-            self._nursery.cancel_scope.cancel()
 
     async def _read(self, client: object) -> None:
         """Run the read loop; however it ends, end the connection."""
+        out = self.outbound
         try:
             await self._read_loop(client)
         except TransportClosed as exc:
             if exc.failed and exc.code is not None:
                 # The peer broke the protocol: the writer sends the close frame
                 # with its code (after what is queued, bounded by close_timeout).
-                self.close_soon(exc.code, exc.reason)
-            if self.close_request is not None:
+                out.close_soon(exc.code, exc.reason)
+            if out.close_request is not None:
                 # We are closing (which also ends trio-websocket's reads): the
                 # writer sends the close frame and ends the connection.
                 await trio.sleep_forever()
-            self.end_reason = exc.reason
-            self.close_code = exc.code
+            out.end_reason = exc.reason
+            out.close_code = exc.code
         except Exception:
             LOGGER.exception("bug in a connection task; closing it with 1011")
-            self.end_reason = "internal error"
-            self.close_soon(CloseCode.INTERNAL_ERROR, "internal error")
+            out.end_reason = "internal error"
+            out.close_soon(CloseCode.INTERNAL_ERROR, "internal error")
             await trio.sleep_forever()  # the writer sends the 1011
-        self._end()
+        out.end()
 
     async def _read_loop(self, client: object) -> None:
+        out = self.outbound
         transport = self._transport
         app = self._hub
         stats = self._stats
@@ -451,9 +166,8 @@ class Connection:
                 now = trio.current_time()
                 if ping_sent is None:
                     # A pending write is bounded on its own (`_bounded_send`).
-                    if not self._writing:
-                        self._ping_due = True
-                        self._want_writer()
+                    if not out.writing:
+                        out.ping_soon()
                         ping_sent = now if transport.expects_pong else None
                     next_ping = now + interval
                 elif transport.last_receive >= ping_sent:
@@ -465,96 +179,10 @@ class Connection:
             # A code point is 1-4 bytes: encode only when the size could be over.
             # (WebSocket's stream refuses a bigger message at its header already.)
             if len(message) * 4 > max_bytes and len(_utf8(message)) > max_bytes:
-                self.close_soon(CloseCode.MESSAGE_TOO_BIG, "frame too big")
+                out.close_soon(CloseCode.MESSAGE_TOO_BIG, "frame too big")
                 await trio.sleep_forever()
-            if self._unpaused_at != self._writes and self._over_bound(2):
-                await self._backlog_low()
+            if out.backlog_high():
+                await out.backlog_low()
             await app.receive(client, message)
-            if self.close_request is not None:
+            if out.close_request is not None:
                 await trio.sleep_forever()  # the app closes it: the writer ends the connection
-
-    async def _write(self) -> None:
-        """The writer: what the hub could not write, a ping, the close; then return.
-
-        A write that fails ends the connection; a bug closes it with 1011.
-        """
-        try:
-            await self._write_pending()
-        except TransportClosed as exc:
-            if self.close_request is None:
-                self.end_reason = exc.reason
-                self.close_code = exc.code
-            else:  # the close we asked for, cut short: it still says why
-                self.close_code, self.end_reason = self.close_request
-            self._end()
-        except Exception:
-            LOGGER.exception("bug in a connection task; closing it with 1011")
-            self.end_reason = "internal error"
-            self.close_soon(CloseCode.INTERNAL_ERROR, "internal error")
-            await self._close_now()
-            self._end()
-        finally:
-            self._writing = False
-
-    async def _write_pending(self) -> None:
-        outbox = self.outbox
-        transport = self._transport
-        stats = self._stats
-        while True:
-            if self._lost is not None:
-                raise self._lost
-            if self._unsent:
-                rest, self._unsent = self._unsent, b""
-                assert self._direct is not None  # only a direct write leaves a rest
-                await self._bounded_send(self._direct.send_rest(rest))
-                self._written()
-            frames = outbox.take_all() if not self._held or self.close_request else []
-            if frames:
-                await self._bounded_send(transport.send(frames))
-                stats.frames_sent += len(frames)
-                stats.writes += 1
-                self._written()
-            elif self._ping_due:
-                self._ping_due = False
-                await self._bounded_send(transport.ping())
-            elif self.close_request is not None:
-                await self._close_now()
-                self._end()
-                return
-            else:
-                return  # nothing left: the hub writes directly again
-
-    def _written(self) -> None:
-        """A write completed: the peer reads (the slow-consumer rule); wake a waiting reader."""
-        self._writes += 1
-        drained, self._drained = self._drained, None
-        if drained is not None:
-            drained.set()
-
-    async def _bounded_send(self, sending: Awaitable[None]) -> None:
-        """Await one write, cut off when the peer stops reading for too long.
-
-        A write that cannot finish within a ping interval plus timeout (a
-        frozen peer whose buffers are full), or by the close deadline once a
-        close is requested, is cancelled: the stream is then broken and the
-        connection ends without a close frame.
-        """
-        config = self._config
-        stuck = trio.current_time() + config.ping_interval + config.ping_timeout
-        with trio.CancelScope(deadline=min(stuck, self._close_deadline)) as scope:
-            self._send_scope = scope
-            await sending
-        self._send_scope = None
-        # Read after the block: the scope sets cancelled_caught on its way out.
-        self._broken = scope.cancelled_caught
-        if self._broken:
-            raise TransportClosed("the peer stopped reading")
-
-    async def _close_now(self) -> None:
-        """Send the requested close frame (bounded), then end the connection."""
-        code, reason = self.close_request or (CloseCode.INTERNAL_ERROR, "internal error")
-        self.end_reason = reason
-        self.close_code = code
-        if not self._broken:
-            with trio.move_on_at(self._close_deadline):
-                await self._transport.close(code, reason)

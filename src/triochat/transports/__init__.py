@@ -1,0 +1,77 @@
+"""The transports a connection runs over (WebSocket, SSE), and what each provides.
+
+`Transport` is what every transport does; `DirectWrite` is the optional
+capability of one over a socket: the hub's direct, task-free write.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from ..frames import OutFrame
+
+__all__ = ["DirectWrite", "Transport", "TransportClosed"]
+
+
+class TransportClosed(Exception):
+    """The peer went away or closed; ``reason`` says how (for the log).
+
+    ``failed``: the transport failed the connection (a protocol error of the
+    peer's, RFC 6455 7.1.7) and owes the peer a close frame with ``code``.
+    """
+
+    def __init__(self, reason: str, code: int | None = None, *, failed: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
+        self.failed = failed
+
+
+class Transport(Protocol):
+    """What a connection needs of WebSocket or SSE."""
+
+    async def receive_message(self) -> str | bytes:
+        """The next whole message (text, or binary on WebSocket). Raises TransportClosed."""
+        ...
+
+    async def send(self, frames: list[OutFrame]) -> None:
+        """Write ``frames`` with one write. Raises TransportClosed."""
+        ...
+
+    #: Seconds between keepalives (None: the configured ping interval).
+    heartbeat: float | None
+    #: True when the peer answers a ping (WebSocket); False for SSE.
+    expects_pong: bool
+
+    @property
+    def last_receive(self) -> float:
+        """When bytes last arrived from the peer (trio clock)."""
+        ...
+
+    async def ping(self) -> None:
+        """Send a keepalive (a ping frame, or an SSE comment). Raises TransportClosed."""
+        ...
+
+    async def close(self, code: int, reason: str) -> None:
+        """The closing handshake (the caller bounds its time)."""
+        ...
+
+    async def abort(self) -> None:
+        """Drop the underlying connection now (the caller bounds any lingering)."""
+        ...
+
+
+@runtime_checkable
+class DirectWrite(Protocol):
+    """A transport the hub may write to without a task (a socket): the hot path."""
+
+    def send_nowait(self, frames: list[OutFrame]) -> bytes | None:
+        """Write as much as the socket takes now; the rest, for `send_rest`.
+
+        None (nothing written) when it cannot write now: the writer task then does.
+        """
+        ...
+
+    async def send_rest(self, data: bytes) -> None:
+        """Finish a partial `send_nowait`. Raises TransportClosed."""
+        ...

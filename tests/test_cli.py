@@ -35,6 +35,7 @@ SECTION_5_OPTIONS = [
     "--memory",
     "--allow-origin",
     "--allow-host",
+    "--trusted-proxy",
     "--ping-interval",
     "--ping-timeout",
     "--presence-grace",
@@ -71,6 +72,7 @@ def test_cli_defaults_match_protocol():
     assert config.max_conns_per_ip == 256
     assert (config.max_pending_per_ip, config.max_pending) == (32, 1024)
     assert config.allow_hosts == ()
+    assert config.trusted_proxies == ()
     assert config.history_size == 1000
     assert (config.ping_interval, config.ping_timeout) == (20, 20)
     assert config.presence_grace == 5
@@ -111,6 +113,47 @@ def test_cli_allow_host_repeatable_and_from_environment():
     assert config.allow_hosts == ("a.example", "*")
     config = config_from_args(["--max-pending-per-ip", "0", "--max-pending", "0"], {})
     assert (config.max_pending_per_ip, config.max_pending) == (0, 0)
+
+
+def test_cli_trusted_proxy_repeatable_and_from_environment():
+    """--trusted-proxy repeats; TRIOCHAT_TRUSTED_PROXY is comma-separated; the command
+    line wins; networks, bare addresses and host bits are taken as given (#11 §3)."""
+    env = {"TRIOCHAT_TRUSTED_PROXY": " 10.0.0.0/8, ::1 ,,192.0.2.7/24"}
+    assert config_from_args([], env).trusted_proxies == ("10.0.0.0/8", "::1", "192.0.2.7/24")
+    config = config_from_args(
+        ["--trusted-proxy", "127.0.0.1/32", "--trusted-proxy", "fd00::/8"], env
+    )
+    assert config.trusted_proxies == ("127.0.0.1/32", "fd00::/8")
+    assert config_from_args(["--trusted-proxy", "127.0.0.1"], {}).trusted_proxies == ("127.0.0.1",)
+
+
+@pytest.mark.parametrize(
+    ("argv", "env"),
+    [
+        (["--trusted-proxy", "localhost"], {}),
+        (["--trusted-proxy", "10.0.0.0/33"], {}),
+        (["--trusted-proxy", "127.0.0.1/32", "--trusted-proxy", "nginx"], {}),
+        ([], {"TRIOCHAT_TRUSTED_PROXY": "127.0.0.1/32, 10.0.0.0/8/8"}),
+        ([], {"TRIOCHAT_TRUSTED_PROXY": "[::1]"}),
+    ],
+)
+def test_cli_trusted_proxy_bad_value_is_a_config_error(argv, env):
+    """A --trusted-proxy entry that is no IP network or address is refused at start-up
+    (ConfigError: exit 2) (#11 §3)."""
+    with pytest.raises(ConfigError, match="trusted_proxies"):
+        config_from_args(argv, env)
+
+
+def test_cli_trusted_proxy_bad_value_exits_2_with_message():
+    """The process reports a bad --trusted-proxy on stderr and exits 2, no traceback (#11 §3)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "triochat", "--trusted-proxy", "nginx.internal"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert "nginx.internal" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize(

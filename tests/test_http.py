@@ -917,3 +917,161 @@ async def test_http_refused_upgrade_closes_at_once_and_frees_its_slot():
             assert response.status == 400
             assert server.pending.total == 0
             assert (await fetch(server, "GET", "/healthz")).status == 200
+
+
+# --- behind a proxy (#11 §3) -------------------------------------------------------
+
+LOCAL_PROXY = ("127.0.0.1/32",)
+
+
+def _header(name: str, value: str) -> tuple[tuple[str, str], ...]:
+    return ((name, value),)
+
+
+async def _statuses(server: Server, *extras: tuple[tuple[str, str], ...]) -> list[int]:
+    """One handshake per ``extras`` (its extra headers), all held open together."""
+    async with AsyncExitStack() as stack:
+        statuses = []
+        for extra in extras:
+            response, _ = await stack.enter_async_context(open_handshake(server, extra=extra))
+            statuses.append(response.status)
+        return statuses
+
+
+async def test_http_trusted_proxy_x_forwarded_for_counts_per_client():
+    """From a --trusted-proxy peer, X-Forwarded-For names the client --max-conns-per-ip
+    counts: two forwarded clients get two chats each, a third from either gets 429, and
+    the proxy's own address keeps its own slots (#11 §3)."""
+    a = _header("X-Forwarded-For", "203.0.113.7")
+    b = _header("X-Forwarded-For", "198.51.100.23")
+    with trio.fail_after(10):
+        async with running_server(max_conns_per_ip=2, trusted_proxies=LOCAL_PROXY) as server:
+            assert await _statuses(server, a, a, b, b, a, b, ()) == [
+                *(101, 101, 101, 101),
+                *(429, 429),
+                101,
+            ]
+
+
+async def test_http_trusted_proxy_forwarded_header_counts_per_client():
+    """RFC 7239 Forwarded (quoted IPv6 with a port) names the client as well, the port
+    and the spelling aside; with both headers, Forwarded is believed (#11 §3)."""
+    first = _header("Forwarded", 'for="[2001:db8::1]:4711"')
+    same_client = _header("Forwarded", 'for="[2001:DB8:0::1]:9";proto=https')
+    chain = _header("Forwarded", 'for=192.0.2.60;proto=http, for="[2001:db8::2]"')
+    both = (("Forwarded", 'for="[2001:db8::2]"'), ("X-Forwarded-For", "198.51.100.1"))
+    with trio.fail_after(10):
+        async with running_server(max_conns_per_ip=2, trusted_proxies=LOCAL_PROXY) as server:
+            assert await _statuses(server, first, first, same_client, chain, both, both) == [
+                *(101, 101, 429),
+                *(101, 101, 429),
+            ]
+
+
+@pytest.mark.parametrize("trusted", [(), ("10.0.0.0/8",), ("127.0.0.2/32", "::1/128")])
+async def test_http_untrusted_peer_forwarding_headers_ignored(trusted):
+    """From a peer that is no --trusted-proxy (none by default), X-Forwarded-For and
+    Forwarded change nothing: every chat counts against 127.0.0.1 (#11 §3)."""
+    with trio.fail_after(10):
+        async with running_server(max_conns_per_ip=2, trusted_proxies=trusted) as server:
+            assert await _statuses(
+                server,
+                _header("X-Forwarded-For", "203.0.113.7"),
+                _header("X-Forwarded-For", "198.51.100.23"),
+                _header("X-Forwarded-For", "192.0.2.1"),
+                _header("Forwarded", "for=192.0.2.2"),
+            ) == [101, 101, 429, 429]
+
+
+async def test_http_forwarding_headers_believed_from_trusted_address_only():
+    """With 127.0.0.2 trusted, a header from 127.0.0.1 is ignored and the same header
+    from 127.0.0.2 names the client (here 127.0.0.1, whose slot is taken) (#11 §3)."""
+    names_local = (("X-Forwarded-For", "127.0.0.1"),)
+    with trio.fail_after(10):
+        async with running_server(max_conns_per_ip=1, trusted_proxies=("127.0.0.2",)) as server:
+            async with open_tcp_from(server, "127.0.0.1") as local:
+                await local.send(
+                    handshake_bytes(server, extra=_header("X-Forwarded-For", "1.2.3.4"))
+                )
+                assert (await local.response()).status == 101
+                async with open_tcp_from(server, "127.0.0.2") as proxied:
+                    await proxied.send(handshake_bytes(server, extra=names_local))
+                    assert (await proxied.response()).status == 429
+                async with open_tcp_from(server, "127.0.0.2") as proxied:
+                    await proxied.send(handshake_bytes(server))
+                    assert (await proxied.response()).status == 101
+
+
+async def test_http_trusted_proxy_chain_right_most_untrusted_hop():
+    """X-Forwarded-For `198.51.100.9, 10.0.0.5` with 127.0.0.1/32 and 10.0.0.0/8 trusted
+    is 198.51.100.9, whatever the client put further left; a chain of trusted hops only
+    is its left-most (#11 §3)."""
+    with trio.fail_after(10):
+        async with running_server(
+            max_conns_per_ip=1, trusted_proxies=("127.0.0.1/32", "10.0.0.0/8")
+        ) as server:
+            assert await _statuses(
+                server,
+                _header("X-Forwarded-For", "198.51.100.9, 10.0.0.5"),
+                _header("X-Forwarded-For", "198.51.100.9"),
+                _header("X-Forwarded-For", "203.0.113.50, 198.51.100.9, 10.0.0.5"),
+                _header("X-Forwarded-For", "10.0.0.9, 10.0.0.5"),
+                _header("X-Forwarded-For", "10.0.0.9"),
+            ) == [101, 429, 429, 101, 429]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        _header("X-Forwarded-For", "not-an-address"),
+        _header("X-Forwarded-For", "203.0.113.7, [2001:db8::1"),
+        _header("X-Forwarded-For", "203.0.113.7:port"),
+        _header("X-Forwarded-For", "\xff\xfe"),
+        _header("X-Forwarded-For", ""),
+        _header("Forwarded", 'for="[2001:db8::1'),
+        _header("Forwarded", "for=[2001:db8::1]"),
+        _header("Forwarded", "for=203.0.113.7;for=198.51.100.9"),
+        _header("Forwarded", "for=unknown"),
+        _header("Forwarded", "for=_hidden"),
+        (("Forwarded", "for=?"), ("X-Forwarded-For", "203.0.113.7")),
+    ],
+)
+async def test_http_trusted_proxy_malformed_headers_fall_back_to_peer(extra):
+    """A forwarding header from a trusted proxy that names no address counts the chat
+    against the TCP peer (a good one, meanwhile, its client): no 500, no crash, HTTP
+    still served (#11 §3)."""
+    good = _header("X-Forwarded-For", "198.51.100.77")
+    with trio.fail_after(10):
+        async with running_server(max_conns_per_ip=1, trusted_proxies=LOCAL_PROXY) as server:
+            assert await _statuses(server, extra, (), good) == [101, 429, 101]
+            assert (await fetch(server, "GET", "/healthz", extra)).status == 200
+
+
+async def test_http_trusted_proxy_client_named_in_log_and_sse_slot(caplog):
+    """The open and close lines of a WebSocket chat and of an SSE stream name the
+    forwarded client (and the proxy it came through); an SSE stream holds its client's
+    slot, not the proxy's (#11 §3)."""
+    caplog.set_level(logging.INFO, logger="triochat.server")
+    ws_client = _header("X-Forwarded-For", "203.0.113.7")
+    sse_client = _header("Forwarded", 'for="[2001:db8::5]:443"')
+    with trio.fail_after(10):
+        async with running_server(max_conns_per_ip=1, trusted_proxies=LOCAL_PROXY) as server:
+            async with open_handshake(server, extra=ws_client) as (response, conn):
+                assert response.status == 101
+                await conn.send(ws_frame(struct.pack("!H", 1000), opcode=0x8))
+                await assert_close_frame(conn, 1000)
+                await conn.eof()
+            async with open_tcp(server) as sse:
+                await sse.send(request_bytes(server, "GET", "/sse", sse_client))
+                assert (await sse.response(head=True)).status == 200
+                while b"session" not in sse.buffer:
+                    assert await sse._more()
+                assert await handshake_status(server, extra=sse_client) == 429
+                assert await _statuses(server, (), ws_client) == [101, 101]
+    lines = [r.getMessage() for r in caplog.records if r.name == "triochat.server"]
+    for event, kind in (("open", "ws/ws"), ("close", "ws/ws"), ("open", "sse"), ("close", "sse")):
+        client = "203.0.113.7" if kind == "ws/ws" else "2001:db8::5"
+        assert any(
+            line.startswith(f"{event} {client} via 127.0.0.1:") and f" {kind}" in line
+            for line in lines
+        ), (event, kind, lines)

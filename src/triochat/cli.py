@@ -135,6 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="a host name requests may name besides localhost and IP addresses "
         "(repeatable; `*` any; others get 421) [env TRIOCHAT_ALLOW_HOST, comma-separated]",
     )
+    parser.add_argument(
+        "--trusted-proxy",
+        dest="trusted_proxies",
+        action="append",
+        default=None,
+        metavar="CIDR",
+        help="a proxy network whose X-Forwarded-For / Forwarded name the client for "
+        "the per-address limits and the log (repeatable; default none: the headers "
+        "are ignored) [env TRIOCHAT_TRUSTED_PROXY, comma-separated]",
+    )
     parser.add_argument("--version", action="version", version=f"triochat {__version__}")
     return parser
 
@@ -167,6 +177,9 @@ def config_from_args(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
     values = vars(args)
     values["allow_origins"] = tuple(origins)
     values["allow_hosts"] = tuple(_listed(args.allow_hosts, environ, "TRIOCHAT_ALLOW_HOST"))
+    values["trusted_proxies"] = tuple(
+        _listed(args.trusted_proxies, environ, "TRIOCHAT_TRUSTED_PROXY")
+    )
     values["log_level"] = str(values["log_level"]).upper()
     if values["log_level"] not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ConfigError(f"unknown log level {values['log_level']}")

@@ -6,6 +6,7 @@ Times are in seconds (floats), sizes in bytes or characters as named.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from pathlib import Path
 
 from .errors import ConfigError
@@ -39,6 +40,10 @@ class Config:
     # address and overall: over either, a new connection is closed at accept. 0 = off.
     max_pending_per_ip: int = 32
     max_pending: int = 1024
+    # Behind a proxy (#11 §3, docs/protocol.md §1): networks whose X-Forwarded-For
+    # and Forwarded headers name the client, for --max-conns-per-ip and the log.
+    # None by default: any client can send those headers.
+    trusted_proxies: tuple[str, ...] = ()
 
     ping_interval: float = 20.0
     ping_timeout: float = 20.0
@@ -98,5 +103,12 @@ class Config:
             # A name, never host:port or a URL: ports are not compared (§1).
             if host != "*" and (not host or any(c in host for c in ":/[]@ \t,")):
                 raise ConfigError(f"allow_hosts takes host names or *, got {host!r}")
+        for entry in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(entry, strict=False)  # forwarded.parse_networks' reading
+            except ValueError:
+                raise ConfigError(
+                    f"trusted_proxies takes IP networks or addresses, got {entry!r}"
+                ) from None
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be 0-65535, got {self.port}")

@@ -17,6 +17,11 @@ already read. Rules:
    request smuggling, RFC 9112 6.1). Every HTML response carries the page's
    CSP and ``X-Frame-Options: DENY``. A socket counts in `PendingSockets`
    until it becomes a chat or closes.
+4. Behind a proxy (#11 §3): a chat's slot under ``--max-conns-per-ip`` and
+   its log lines go by the client address `forwarded.client_address` finds,
+   which is the TCP peer's unless that is a ``--trusted-proxy``. Pending
+   sockets stay counted by the TCP peer: they are counted at accept, before
+   any header is read.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import contextvars
 import functools
 import importlib.resources
 import ipaddress
@@ -37,10 +43,12 @@ import h11
 import trio
 
 from .config import Config
+from .forwarded import client_address, trusted_networks
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Stats
 
 __all__ = [
+    "SSE_CLIENT",
     "FrontContext",
     "PendingSockets",
     "StaticFiles",
@@ -66,6 +74,11 @@ PAGE_CSP: Final = (
 )
 HTML_HEADERS: Final = (("content-security-policy", PAGE_CSP), ("x-frame-options", "DENY"))
 UNKNOWN_PEER: Final = "?"  # a stream with no peer address (in memory, or already reset)
+#: The client address of the ``GET /sse`` that `FrontContext.serve_sse` is
+#: serving (set around that call, in its task), for its log lines. A context
+#: variable, not an argument: ``serve_sse(stream)`` is a seam other fronts
+#: implement too (conformance/echo_server.py), and only the chat logs a client.
+SSE_CLIENT: Final = contextvars.ContextVar[str | None]("triochat_sse_client", default=None)
 REASONS: Final = {
     200: b"OK",
     204: b"No Content",
@@ -186,7 +199,8 @@ class Upgrade:
         #: How many bytes of ``prefix`` are the head (the rest are frames).
         self.head_size = head_size
         self.path = path
-        #: The slot taken for this address: release it with `release_ip_slot`.
+        #: The client address (behind a trusted proxy the forwarded one, not the
+        #: TCP peer's) whose slot was taken: release it with `release_ip_slot`.
         self.ip = ip
 
 
@@ -232,9 +246,11 @@ async def handle_http(
     frames and parser are then gone, not kept for the hours a chat may last.
 
     Args:
-        ip: the client's address, when the caller already has it (`peer_ip`).
+        ip: the TCP peer's address, when the caller already has it (`peer_ip`).
         pending: where the caller (the accept loop) counted this socket
             under ``ip``; released here once the socket is a chat or done.
+            (Always the TCP peer's: behind a proxy, the client address a
+            request's headers give goes only into the chat slot, `Upgrade.ip`.)
 
     Resource handling: the caller closes ``stream`` afterwards.
     """
@@ -271,16 +287,17 @@ async def handle_http(
             if "websocket" in request.headers.get("upgrade", "").lower():
                 if not await _vet_upgrade(stream, request, ctx):
                     return None
-                if not ctx.take_ip_slot(ip):
+                client = _client_ip(ip, request, config)
+                if not ctx.take_ip_slot(client):
                     await _send_raw(stream, 429, "too many connections from your address")
                     return None
                 head = _head_as_received(request.event)
-                return Upgrade(head + conn.trailing_data[0], request.path, ip, len(head))
+                return Upgrade(head + conn.trailing_data[0], request.path, client, len(head))
             if request.path == "/sse" and request.method == "GET":
                 if pending is not None and counted:
                     counted = False  # a stream for hours: a chat now, counted per IP
                     pending.release(ip)
-                await _open_sse(stream, request, ctx, ip)
+                await _open_sse(stream, request, ctx, _client_ip(ip, request, config))
                 return None
             if request.path.startswith("/sse/"):
                 if not await _answering_protocol_errors(
@@ -303,6 +320,22 @@ async def handle_http(
     finally:
         if pending is not None and counted:
             pending.release(ip)
+
+
+def _client_ip(peer: str, request: _Request, config: Config) -> str:
+    """The address a chat from ``peer`` counts under (rule 4): ``peer`` itself
+    unless it is a ``--trusted-proxy``. Without that option (the default)
+    nothing is parsed, not even ``peer``."""
+    trusted = config.trusted_proxies
+    if not trusted:
+        return peer
+    headers = request.headers
+    return client_address(
+        peer,
+        trusted_networks(trusted),
+        forwarded=headers.get("forwarded"),
+        x_forwarded_for=headers.get("x-forwarded-for"),
+    )
 
 
 async def _answering_protocol_errors(stream: trio.abc.Stream, step: Awaitable[_T]) -> _T | None:
@@ -616,7 +649,10 @@ async def _send_raw_json(stream: trio.abc.Stream, status: int, code: str, messag
 async def _open_sse(
     stream: trio.abc.Stream, request: _Request, ctx: FrontContext, ip: str
 ) -> None:
-    """``GET /sse``: vet it like a WebSocket upgrade, then hand the stream over."""
+    """``GET /sse``: vet it like a WebSocket upgrade, then hand the stream over.
+
+    ``ip`` is the client address (rule 4), whose slot the stream holds.
+    """
     headers = request.headers
     if not origin_allowed(headers.get("origin"), headers.get("host"), ctx.config.allow_origins):
         await _send_raw_json(stream, 403, "forbidden", "origin not allowed")
@@ -627,9 +663,11 @@ async def _open_sse(
     if not ctx.take_ip_slot(ip):
         await _send_raw_json(stream, 429, "too_many", "too many connections from your address")
         return
+    named = SSE_CLIENT.set(ip)
     try:
         await ctx.serve_sse(stream)
     finally:
+        SSE_CLIENT.reset(named)
         ctx.release_ip_slot(ip)
 
 

@@ -39,7 +39,15 @@ from .events import SsePost, SsePostResult
 from .history import History
 from .history.memory import MemoryHistory
 from .history.sqlite import DB_FILE, SqliteHistory
-from .http import PendingSockets, StaticFiles, Upgrade, handle_http, peer_ip
+from .http import (
+    SSE_CLIENT,
+    UNKNOWN_PEER,
+    PendingSockets,
+    StaticFiles,
+    Upgrade,
+    handle_http,
+    peer_ip,
+)
 from .hub import Hub
 from .metrics import Stats, render_metrics
 from .protocol import CloseCode
@@ -277,7 +285,7 @@ class Server:
 
     async def _serve_websocket(self, stream: trio.abc.Stream, upgrade: Upgrade) -> None:
         """Run one chat connection over WebSocket (an upgrade the front vetted)."""
-        peer = _peer_name(stream)
+        peer = _peer_name(stream, upgrade.ip)
         path = upgrade.path
         replay = ReplayStream(
             stream,
@@ -307,7 +315,8 @@ class Server:
             await transport.start()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(transport.watch_peer)
-                await self._run_connection(transport, nursery, _peer_name(stream), "sse", False)
+                peer = _peer_name(stream, SSE_CLIENT.get())
+                await self._run_connection(transport, nursery, peer, "sse", False)
                 nursery.cancel_scope.cancel()
         except TransportClosed:
             pass  # gone before the session event got through
@@ -431,7 +440,10 @@ def redact_url(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
-def _peer_name(stream: trio.abc.Stream) -> str:
+def _peer_name(stream: trio.abc.Stream, client: str | None = None) -> str:
+    """Who a chat is, for its log lines: the TCP peer's ``host:port``; behind a
+    trusted proxy, ``client via host:port`` (``client``: the address the front
+    counted it under, `Upgrade.ip`; the same as the peer's host otherwise)."""
     socket = getattr(stream, "socket", None)
     try:
         address = socket.getpeername() if socket is not None else None
@@ -439,8 +451,12 @@ def _peer_name(stream: trio.abc.Stream) -> str:
         address = None
     if isinstance(address, tuple):
         host, port = address[:2]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return "unknown peer"
+        name = f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    else:
+        host, name = UNKNOWN_PEER, "unknown peer"
+    if client is None or client in (str(host), UNKNOWN_PEER):
+        return name
+    return f"{client} via {name}"
 
 
 async def serve(

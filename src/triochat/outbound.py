@@ -180,16 +180,19 @@ class Outbound:
         outbox = self.outbox
         queued = outbox.put(frame)
         hub = self._hub
-        if queued == 1 and hub.write_through:
-            self.flush_nowait()  # a lone message: nothing to coalesce it with
+        if queued == 1:
+            if hub.write_through:
+                self.flush_nowait()  # a lone message: nothing to coalesce it with
+                return
+        elif outbox.size > self._hard_bound:
+            # Megabytes piling up on one client (its own `history` requests,
+            # say): memory says no without waiting for the step's end. (One
+            # frame alone may be bigger: it is allowed.)
+            self._slow_consumer()
             return
         if self._step != hub.step:
             self._step = hub.step
             hub.mark_dirty(self)  # the hub calls flush_nowait after this step
-        if outbox.size > self._hard_bound:
-            # Megabytes piling up on one client (its own `history` requests,
-            # say): memory says no without waiting for the step's end.
-            self._slow_consumer()
 
     def flush_nowait(self) -> None:
         """Send what is queued right now, from the hub, if the socket takes it.
@@ -219,7 +222,9 @@ class Outbound:
                     stats.frames_sent += len(frames)
                     stats.writes += 1
                     outbox.clear()
-                    self._written()
+                    self._writes += 1  # (`_written`, inlined: the hot path)
+                    if self._drained is not None:
+                        self._written(counted=True)
                     if not rest:
                         return
                     self._unsent = rest
@@ -375,9 +380,10 @@ class Outbound:
             else:
                 return  # nothing left: the hub writes directly again
 
-    def _written(self) -> None:
+    def _written(self, *, counted: bool = False) -> None:
         """A write completed: the peer reads (the slow-consumer rule); wake a waiting reader."""
-        self._writes += 1
+        if not counted:
+            self._writes += 1
         drained, self._drained = self._drained, None
         if drained is not None:
             drained.set()

@@ -535,7 +535,8 @@ def test_protocol_module_does_not_import_trio():
 
 
 def test_sans_io_modules_do_not_import_trio():
-    """protocol, frames, chat, events and ratelimit import no trio (the package __init__ aside)."""
+    """protocol, frames, chat, events, ratelimit and forwarded import no trio (the package
+    __init__ aside)."""
     code = (
         "import sys, types, importlib.util\n"
         "spec = importlib.util.find_spec('triochat')\n"
@@ -543,7 +544,7 @@ def test_sans_io_modules_do_not_import_trio():
         "pkg.__path__ = list(spec.submodule_search_locations)\n"
         "sys.modules['triochat'] = pkg\n"
         "import triochat.protocol, triochat.frames, triochat.chat, triochat.ratelimit\n"
-        "import triochat.events\n"
+        "import triochat.events, triochat.forwarded\n"
         "assert 'trio' not in sys.modules, 'trio imported'\n"
     )
     result = subprocess.run(

@@ -136,7 +136,7 @@ class Hub:
         #: itself dirty once per step.
         self.step = 0
         #: True while the hub delivers a lone message: a connection with
-        #: nothing else queued writes it at once (`Connection.deliver`)
+        #: nothing else queued writes it at once (`Outbound.deliver`)
         #: instead of waiting for the end of the step.
         self.write_through = False
         # A backplane over an in-memory store may offer a synchronous append.

@@ -224,7 +224,7 @@ class Outbound:
                     outbox.clear()
                     self._writes += 1  # (`_written`, inlined: the hot path)
                     if self._drained is not None:
-                        self._written(counted=True)
+                        self._wake_reader()
                     if not rest:
                         return
                     self._unsent = rest
@@ -380,10 +380,13 @@ class Outbound:
             else:
                 return  # nothing left: the hub writes directly again
 
-    def _written(self, *, counted: bool = False) -> None:
+    def _written(self) -> None:
         """A write completed: the peer reads (the slow-consumer rule); wake a waiting reader."""
-        if not counted:
-            self._writes += 1
+        self._writes += 1
+        self._wake_reader()
+
+    def _wake_reader(self) -> None:
+        """Wake a reader waiting in `backlog_low` (it checks the backlog again)."""
         drained, self._drained = self._drained, None
         if drained is not None:
             drained.set()

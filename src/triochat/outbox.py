@@ -2,9 +2,9 @@
 
 The hub puts without ever waiting; whoever sends takes everything queued at
 once and sends it with one write: the hub itself when the socket takes it
-at once (`Connection.flush_nowait`), else the connection's writer task. The
+at once (`Outbound.flush_nowait`), else the connection's writer task. The
 queue itself has no capacity: the slow-consumer rule that bounds it
-(`Connection`, docs/protocol.md section 9) judges a connection by its
+(`Outbound`, docs/protocol.md section 9) judges a connection by its
 backlog over time, not by one burst. A plain list costs less per delivery
 and per idle connection than a memory channel.
 """

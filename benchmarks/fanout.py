@@ -17,7 +17,7 @@ connections; each round sends one message frame (a 95-byte WebSocket text frame:
   through `WebSocketTransport.send_nowait` and `ReplayStream.write_nowait`
   (which uses ``send`` too);
 - ``triochat, lone message``: the path of a step that broadcasts one message
-  (`Hub.write_through`): each `deliver` writes at once, no dirty list;
+  (`FlushSchedule.write_through`): each `deliver` writes at once, no dirty list;
 - ``websockets broadcast``: the reference peer's path (``peer_websockets.py``):
   `websockets.asyncio.server.broadcast` of the same JSON as a `str` (so the
   same frame on the wire) to ``--conns`` open `ServerConnection` objects of
@@ -64,29 +64,10 @@ from triochat.config import Config
 from triochat.frames import OutFrame
 from triochat.metrics import Stats
 from triochat.outbound import Outbound
+from triochat.outbox import FlushSchedule
 from triochat.transports.websocket import ReplayStream, WebSocketTransport
 
 MESSAGE = b'{"type":"message","room":"lobby","name":"x","msg":"' + b"y" * 40 + b'"}'
-
-
-class _Step:
-    """The hub's part of a step: who got frames, flushed at the end (`Hub._flush`)."""
-
-    def __init__(self) -> None:
-        self._dirty: list[Outbound] = []
-        #: `Hub.write_through`: a lone message is written as it is delivered.
-        self.write_through = False
-        #: `Hub.step`: each connection asks once per step to be flushed.
-        self.step = 0
-
-    def mark_dirty(self, connection: Outbound) -> None:
-        self._dirty.append(connection)
-
-    def flush(self) -> None:
-        self.step += 1
-        dirty, self._dirty = self._dirty, []
-        for connection in dirty:
-            connection.flush_nowait()
 
 
 @dataclass
@@ -191,7 +172,7 @@ async def measure(conns: int, rounds: int, repeats: int, peer: Peer) -> dict[str
     for sock in senders:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as trio does
-    step = _Step()
+    step = FlushSchedule()  # the hub's step policy (`Hub.schedule`)
     config, stats = Config(), Stats()
     connections = []
     for sock in senders:
@@ -216,7 +197,7 @@ async def measure(conns: int, rounds: int, repeats: int, peer: Peer) -> dict[str
     def by_triochat() -> None:
         for connection in connections:
             connection.deliver(frame)
-        step.flush()
+        step.end_step()
 
     def by_triochat_lone() -> None:
         step.write_through = True

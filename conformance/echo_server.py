@@ -42,6 +42,7 @@ from triochat.frames import OutFrame
 from triochat.http import StaticFiles, Upgrade, handle_http
 from triochat.metrics import Stats
 from triochat.outbound import Outbound
+from triochat.outbox import FlushSchedule
 from triochat.transports.websocket import (
     ClosingRace,
     ReplayStream,
@@ -117,13 +118,12 @@ class EchoFront:
 class EchoApp:
     """The `triochat.connection.App` of the echo: each message comes straight back."""
 
-    write_through = True  # nothing to coalesce: each echo is written at once
-    step = 0
+    def __init__(self) -> None:
+        # Nothing to coalesce: each echo is written as it is delivered
+        # (each `receive` is a step of its own).
+        self.schedule = FlushSchedule(write_through=True)
 
-    def mark_dirty(self, outbound: Outbound) -> None:
-        outbound.flush_nowait()
-
-    def connect(self, peer: Outbound, *, listener: bool) -> object:
+    def connect(self, peer: Outbound, *, listener: bool, address: str = "") -> object:
         return peer
 
     def disconnect(self, client: object) -> None:
@@ -135,6 +135,7 @@ class EchoApp:
         else:
             frame = OutFrame(message, binary=True)
         cast("Outbound", client).deliver(frame)
+        self.schedule.end_step()
         await trio.lowlevel.checkpoint()
 
 

@@ -1,9 +1,10 @@
 // triochat browser page: speaks the typed protocol (docs/protocol.md) over a
-// WebSocket on /ws, or over Server-Sent Events (GET /sse + POST /sse/<id>) when
+// WebSocket on /ws, or over Server-Sent Events (GET /sse + POST /sse) when
 // WebSockets do not get through. It survives bad networks: it reconnects with
 // backoff, rejoins with the resume token and the last id seen, and sends what
 // was typed while offline exactly once.
-// All user-supplied text is rendered with textContent, never as HTML.
+// All user-supplied text is rendered with textContent, never as HTML, each
+// span bidi-isolated with its explicit bidi controls shown as escapes (#18).
 'use strict';
 
 (() => {
@@ -23,6 +24,14 @@
   const RATE_RETRY_MS = 1500; // a rate-limited say is sent again after this long
   const GAP_PAGES = 4; // `history` pages fetched to fill a gap after recovered: false
   const SEEN_MAX = 5000; // message ids remembered per room, for de-duplication
+  const PRESENCE_MERGE_MS = 10000; // presence notices this close together share one line
+  const PRESENCE_LINES_MAX = 50; // presence lines kept in the log (oldest dropped first)
+  const PRESENCE_RENDER_MS = 30; // a burst of presence frames is rendered once
+  // Explicit bidi controls: embeddings and overrides (U+202A-E), isolates
+  // (U+2066-9), marks (U+200E/F, U+061C). In user text they could reorder
+  // what surrounds them ("pay to \u202Eelgoog.evil" reads "live.google"), so
+  // they are shown as visible escapes instead (#18).
+  const BIDI_CONTROLS = /[\u202A-\u202E\u2066-\u2069\u200E\u200F\u061C]/g;
   const STORE_KEY = 'triochat';
 
   const params = new URLSearchParams(location.search);
@@ -61,6 +70,8 @@
     tokens: SEND_BURST, tokensAt: 0,
     seenWhispers: new Set(),
     lastTypingSent: 0,
+    notice: null,      // the presence line still taking notices, see onPresence()
+    presenceTimer: null,
     // reconnecting
     kind: FORCED || 'ws', // transport for the next attempt
     sseFallback: false,   // SSE worked where WebSockets did not: stay on it
@@ -146,8 +157,10 @@
     };
   }
 
-  // GET /sse streams the server's frames; each client frame is a POST to
-  // /sse/<session>. POSTs are chained, so frames arrive in the order sent.
+  // GET /sse streams the server's frames; each client frame is a POST to /sse
+  // naming the session in a header, never in the URL: the id is a bearer
+  // secret, and proxies log paths (#18). POSTs are chained, so frames arrive
+  // in the order sent.
   // EventSource would reconnect by itself on errors: it is closed instead, and
   // the page's own backoff opens a new session.
   function makeEventSource(h) {
@@ -183,15 +196,14 @@
       },
       send(frame) {
         if (done || session === null) return false;
-        const url = '/sse/' + encodeURIComponent(session);
         const body = JSON.stringify(frame);
         chain = chain.then(async () => {
           if (done) return;
           let res;
           try {
-            res = await fetch(url, {
+            res = await fetch('/sse', {
               method: 'POST', body, cache: 'no-store', credentials: 'same-origin',
-              headers: { 'content-type': 'application/json' },
+              headers: { 'content-type': 'application/json', 'x-triochat-session': session },
             });
           } catch {
             finish(1006, 'could not send');
@@ -373,7 +385,10 @@
     const ref = nextRef();
     const frame = { type: 'join', room, name: state.name || state.wantedName, ref };
     const r = state.rooms.get(room);
-    if (state.token) frame.token = state.token;
+    if (state.token) {
+      frame.token = state.token;
+      frame.rotate = true; // a new token each time: a leaked old one is worth nothing
+    }
     if (r && r.lastId !== null) frame.since = r.lastId;
     if (send(frame)) state.joins.set(ref, room);
   }
@@ -392,7 +407,7 @@
     entry.tries = 0;
     entry.boundId = null;
     entry.row = addMessage({
-      name: entry.kind === 'whisper' ? `${state.name} → ${entry.to}` : state.name,
+      name: state.name, to: entry.kind === 'whisper' ? entry.to : undefined,
       text: entry.msg, mine: true, whisper: entry.kind === 'whisper', pending: true,
     });
     state.outbox.push(entry);
@@ -513,7 +528,7 @@
         }
       }
       for (const m of history) onMessage(m);
-      if (first) systemLine(`You joined ${f.room} as ${f.name}.`);
+      if (first) systemLine(['You joined ', userText(f.room), ' as ', userText(f.name), '.']);
       else systemLine('Reconnected.');
       renderMembers();
       setChatEnabled(true);
@@ -548,7 +563,7 @@
       const e = bindable('whisper', (x) => x.to === w.to && x.msg === w.msg);
       if (e) { confirmEntry(e, w.id, w.ts); return; }
     }
-    addMessage({ name: `${w.from} → ${w.to}`, text: w.msg, ts: w.ts, id: w.id, mine, whisper: true });
+    addMessage({ name: w.from, to: w.to, text: w.msg, ts: w.ts, id: w.id, mine, whisper: true });
   }
 
   function onAck(f) {
@@ -594,15 +609,93 @@
     if (label) label.textContent = e.sent ? 'sending…' : 'waiting for the connection';
   }
 
+  // Join/leave churn must not bury the conversation (#18): notices for the
+  // current room that follow each other (no other line between them) within
+  // PRESENCE_MERGE_MS share one line, which sums up each name's net change,
+  // and at most PRESENCE_LINES_MAX presence lines are kept, the oldest
+  // dropped first (messages are never dropped for them). The members list
+  // and the line are rendered once per burst, not once per frame.
   function onPresence(p) {
+    if (p.event !== 'join' && p.event !== 'leave') return;
     const r = roomState(p.room);
-    const set = new Set(r.members);
-    if (p.event === 'join') set.add(p.name);
-    else if (p.event === 'leave') { set.delete(p.name); stopTyping(r, p.name); }
-    r.members = [...set].sort(byCodePoint);
+    if (p.event === 'join') insertSorted(r.members, p.name);
+    else {
+      const i = r.members.indexOf(p.name);
+      if (i >= 0) r.members.splice(i, 1);
+      stopTyping(r, p.name);
+    }
     if (p.room !== state.current) return;
-    systemLine(`${p.name} ${p.event === 'join' ? 'joined' : 'left'}`);
+    const now = Date.now();
+    let n = state.notice;
+    if (!n || !n.row.isConnected || n.room !== p.room || now - n.started > PRESENCE_MERGE_MS) {
+      const row = el('div', 'sys presence');
+      appendLine(row); // ends the line before, if any
+      n = state.notice = { room: p.room, started: now, names: new Map(), row, dirty: false };
+      const lines = ui.messages.querySelectorAll(':scope > .sys.presence');
+      for (let i = 0; i < lines.length - PRESENCE_LINES_MAX; i++) lines[i].remove();
+    }
+    const seen = n.names.get(p.name);
+    if (seen) seen.last = p.event;
+    else n.names.set(p.name, { first: p.event, last: p.event });
+    n.dirty = true;
+    if (!state.presenceTimer) state.presenceTimer = setTimeout(renderPresence, PRESENCE_RENDER_MS);
+  }
+
+  // Sorted by code point, like `joined.members`: a binary search, so a burst
+  // of presence frames costs no full sort each.
+  function insertSorted(list, name) {
+    let lo = 0, hi = list.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1;
+      if (byCodePoint(list[mid], name) < 0) lo = mid + 1; else hi = mid;
+    }
+    if (list[lo] !== name) list.splice(lo, 0, name);
+  }
+
+  function renderPresence() {
+    state.presenceTimer = null;
     renderMembers();
+    if (state.notice) renderNotice(state.notice);
+  }
+
+  function renderNotice(n) {
+    if (!n.dirty || !n.row.isConnected) return;
+    n.dirty = false;
+    n.row.replaceChildren(...noticeParts(n.names));
+  }
+
+  // The presence line takes no more notices: render what it has now, as a
+  // pending render only looks at the line still taking notices.
+  function endNotice() {
+    const n = state.notice;
+    state.notice = null;
+    renderNotice(n);
+  }
+
+  // One name's net change over the line's notices: its first and last event
+  // say whether it was a member before and is one now.
+  const NET = [
+    ['join', 'join', 'joined'], ['leave', 'leave', 'left'],
+    ['join', 'leave', 'joined and left'], ['leave', 'join', 'left and joined again'],
+  ];
+
+  // "alice, bob and 3 others joined; carol left and joined again".
+  function noticeParts(names) {
+    const parts = [];
+    for (const [first, last, verb] of NET) {
+      const who = [];
+      for (const [name, e] of names) if (e.first === first && e.last === last) who.push(name);
+      if (!who.length) continue;
+      if (parts.length) parts.push('; ');
+      const shown = who.length > 3 ? who.slice(0, 2) : who;
+      shown.forEach((name, i) => {
+        if (i) parts.push(i === shown.length - 1 && who.length <= 3 ? ' and ' : ', ');
+        parts.push(userText(name));
+      });
+      if (who.length > 3) parts.push(` and ${who.length - 2} others`);
+      parts.push(` ${verb}`);
+    }
+    return parts;
   }
 
   function onTyping(t) {
@@ -673,7 +766,7 @@
     }
     if (room !== undefined) {
       // A rejoin after a reconnect was refused (say the name was taken meanwhile).
-      systemLine(`Could not rejoin ${room}: ${text}`, true, e.code);
+      systemLine(['Could not rejoin ', userText(room), ': ', userText(text)], true, e.code);
       if (room === state.current) {
         state.stopped = 'refused';
         stopConnecting();
@@ -697,7 +790,8 @@
       dropEntry(entry);
       entry.row.remove();
     }
-    systemLine(entry ? `Not sent (“${entry.msg}”): ${text}` : `Error: ${text}`, true, e.code);
+    const why = userText(text); // server words, but they may quote user input
+    systemLine(entry ? ['Not sent (“', userText(entry.msg), '”): ', why] : ['Error: ', why], true, e.code);
   }
 
   // ---- rendering ---------------------------------------------------------------
@@ -710,8 +804,19 @@
     return node;
   }
 
+  // User text with each explicit bidi control replaced by a visible "[U+202E]".
+  const neutral = (text) => String(text).replace(
+    BIDI_CONTROLS, (c) => `[U+${c.codePointAt(0).toString(16).toUpperCase().padStart(4, '0')}]`);
+
+  // A user-supplied span (name, room, message, …): a <bdi> takes its direction
+  // from its own first strong character and is isolated from its neighbours,
+  // so no name can flip the "… joined" around it (#18).
+  const userText = (text, cls) => el('bdi', cls, neutral(text));
+
   // Confirmed lines go above the pending ones, which stay at the bottom.
   function appendLine(node) {
+    // Any new line ends the presence line that is taking notices.
+    if (state.notice) endNotice();
     const box = ui.messages;
     const atBottom = box.scrollHeight - box.scrollTop - box.clientHeight < 40;
     const firstPending = node.classList.contains('pending')
@@ -729,17 +834,22 @@
     time.title = when.toLocaleString();
   }
 
-  function buildMessage({ name, text, ts, id, mine, whisper, pending }) {
+  function buildMessage({ name, to, text, ts, id, mine, whisper, pending }) {
     const row = el('div', 'msg' + (mine ? ' mine' : '') + (whisper ? ' whisper' : '') +
       (pending ? ' pending' : ''));
     if (typeof id === 'string') row.dataset.id = id;
     const head = el('div', 'msg-head');
-    head.append(el('span', 'msg-name', name));
+    const who = el('span', 'msg-name');
+    who.append(userText(name));
+    if (to !== undefined) who.append(' → ', userText(to)); // a whisper: "from → to"
+    head.append(who);
     if (mine) head.append(el('span', 'msg-me', '(me)'));
     if (whisper) head.append(el('span', 'msg-tag', 'whisper'));
     head.append(el('time', 'msg-time'));
     if (pending) head.append(el('span', 'msg-state'));
-    row.append(head, el('div', 'msg-text', text));
+    const body = el('div', 'msg-text', neutral(text));
+    body.dir = 'auto'; // an RTL message reads right to left, isolated from the page
+    row.append(head, body);
     setRowTime(row, ts);
     return row;
   }
@@ -750,8 +860,10 @@
     return row;
   }
 
+  // `text`: a string of our own, or an array of strings and nodes (userText).
   function systemLine(text, isError = false, code, extraClass) {
-    const row = el('div', 'sys' + (isError ? ' error' : '') + (extraClass ? ` ${extraClass}` : ''), text);
+    const row = el('div', 'sys' + (isError ? ' error' : '') + (extraClass ? ` ${extraClass}` : ''));
+    row.append(...(Array.isArray(text) ? text : [text]));
     if (code) row.dataset.code = code;
     appendLine(row);
     return row;
@@ -760,18 +872,22 @@
   function renderMembers() {
     const r = state.rooms.get(state.current);
     const names = r ? r.members : [];
-    ui.members.replaceChildren(...names.map((n) => el('li', n === state.name ? 'me' : '', n)));
+    ui.members.replaceChildren(...names.map((n) => {
+      const li = el('li', n === state.name ? 'me' : '');
+      li.append(userText(n));
+      return li;
+    }));
     ui.memberCount.textContent = `(${names.length})`;
   }
 
   function renderTyping() {
     const r = state.rooms.get(state.current);
     const names = r ? [...r.typers.keys()] : [];
-    let text = '';
-    if (names.length === 1) text = `${names[0]} is typing…`;
-    else if (names.length === 2) text = `${names[0]} and ${names[1]} are typing…`;
-    else if (names.length > 2) text = `${names.length} people are typing…`;
-    ui.typing.textContent = text;
+    let parts = [];
+    if (names.length === 1) parts = [userText(names[0]), ' is typing…'];
+    else if (names.length === 2) parts = [userText(names[0]), ' and ', userText(names[1]), ' are typing…'];
+    else if (names.length > 2) parts = [`${names.length} people are typing…`];
+    ui.typing.replaceChildren(...parts);
   }
 
   function setChatEnabled(on) {
@@ -784,7 +900,7 @@
     ui.chatView.hidden = false;
     ui.leave.hidden = false;
     ui.roomTitle.hidden = false;
-    ui.roomTitle.textContent = `#${room}`;
+    ui.roomTitle.replaceChildren('#', userText(room));
   }
 
   function showJoin() {
@@ -798,7 +914,7 @@
   }
 
   function showJoinError(text) {
-    ui.joinError.textContent = text;
+    ui.joinError.textContent = neutral(text);
     ui.joinError.hidden = !text;
     ui.join.disabled = false;
   }

@@ -18,7 +18,8 @@ from typing import IO, TYPE_CHECKING
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-LISTENING_RE = re.compile(r"listening on (http://[^\s]+)")
+# (Ends at a quote too: with --log-format json the line is a JSON object.)
+LISTENING_RE = re.compile(r"listening on (https?://[^\s\"]+)")
 START_DEADLINE = 10.0
 STOP_DEADLINE = 15.0
 

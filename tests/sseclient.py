@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import trio
 
 Connect = Callable[[], Awaitable[trio.abc.Stream]]
+#: How a POST names its session: the ``X-Triochat-Session`` header on ``/sse``
+#: (preferred) or the ``/sse/<session>`` path (kept for compatibility).
+Form = Literal["header", "path"]
 
 
 def tcp(port: int) -> Connect:
@@ -113,8 +116,12 @@ async def post(
     *,
     origin: str | None = None,
     timeout: float = 5.0,
+    form: Form = "header",
 ) -> tuple[int, dict[str, Any] | None]:
-    """POST one frame to ``/sse/<session>``: the status and the JSON body, if any."""
+    """POST one frame for ``session`` in ``form``: the status and the JSON body, if any.
+
+    The header form sends no header at all for an empty ``session``.
+    """
     if isinstance(frame, dict):
         body = json.dumps(frame).encode()
     elif isinstance(frame, str):
@@ -122,11 +129,14 @@ async def post(
     else:
         body = frame
     extra = f"Origin: {origin}\r\n" if origin else ""
+    target = f"/sse/{session}" if form == "path" else "/sse"
+    if form == "header" and session:
+        extra += f"X-Triochat-Session: {session}\r\n"
     with trio.fail_after(timeout):
         stream = await connect()
         async with stream:
             await stream.send_all(
-                f"POST /sse/{session} HTTP/1.1\r\nHost: localhost\r\n"
+                f"POST {target} HTTP/1.1\r\nHost: localhost\r\n"
                 f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
                 f"Connection: close\r\n{extra}\r\n".encode()
                 + body

@@ -22,7 +22,7 @@ from triochat.history.memory import MemoryHistory
 from .chatclient import ChatClient
 from .conftest import client_of
 from .redisserver import RedisServer, redis_server
-from .sseclient import SseStream, tcp
+from .sseclient import Form, SseStream, tcp
 from .test_http import fetch
 
 HISTORY = 50
@@ -237,6 +237,59 @@ async def test_backplane_name_is_unique_across_nodes(cluster: Cluster) -> None:
         await impostor.expect("error", code="name_taken", ref="j")
 
 
+async def test_backplane_look_alike_names_are_unique_across_nodes(cluster: Cluster) -> None:
+    """Names are claimed by their keys (#18): "Alice" on one node makes its look-alikes
+    name_taken on the other; once Alice's name is released, a look-alike is free."""
+    one, two = await cluster.node(), await cluster.node()
+    async with client_of(two) as impostor, client_of(two) as bob:
+        await bob.join(name="bob")
+        async with client_of(one) as alice:
+            await alice.join(name="Alice")
+            await bob.expect("presence", event="join", name="Alice")
+            for i, name in enumerate(["\u0430lice", "ALICE", "AIice", "\uff21lice"]):
+                await impostor.send(
+                    {"type": "join", "room": "lobby", "name": name, "ref": f"j{i}"}
+                )
+                await impostor.expect("error", code="name_taken", ref=f"j{i}")
+        # The grace period (0.5 s) ends: the leave and the release go out together.
+        await bob.expect("presence", event="leave", name="Alice")
+        joined = await impostor.join(name="AIice")
+        assert joined["members"] == ["AIice", "bob"]
+
+
+async def test_backplane_token_rotates_on_a_takeover_that_asks_across_nodes(
+    cluster: Cluster,
+) -> None:
+    """A takeover with `rotate` on either node gets a new token, and the one it used no
+    longer works on any node (#18); without `rotate` the token stays (PROTOCOL.md §4)."""
+    one, two = await cluster.node(), await cluster.node()
+    async with client_of(one) as first:
+        token = (await first.join(name="alice"))["token"]
+        async with client_of(two) as second:
+            rotated = (await second.join(name="alice", token=token, rotate=True))["token"]
+            assert rotated != token
+            assert (await first.closed())[0] == 4001
+            for node in (one, two):
+                async with client_of(node) as thief:
+                    await thief.send(
+                        {
+                            "type": "join",
+                            "room": "lobby",
+                            "name": "alice",
+                            "token": token,
+                            "ref": "t",
+                        }
+                    )
+                    await thief.expect("error", code="name_taken", ref="t")
+            async with client_of(two) as third:  # a takeover on the same node rotates too
+                again = (await third.join(name="alice", token=rotated, rotate=True))["token"]
+                assert again not in (token, rotated)
+                assert (await second.closed())[0] == 4001
+                async with client_of(one) as fourth:  # no `rotate`: the token stays
+                    assert (await fourth.join(name="alice", token=again))["token"] == again
+                    assert (await third.closed())[0] == 4001
+
+
 async def test_backplane_since_on_the_other_node_recovers_exactly(cluster: Cluster) -> None:
     """History lives in the backplane: a reconnect to the other node with `since` is exact."""
     one, two = await cluster.node(), await cluster.node()
@@ -323,24 +376,29 @@ async def test_backplane_stopped_node_users_leave_the_others(cluster: Cluster) -
             assert joined["members"] == ["alice", "bob"]
 
 
-async def test_backplane_sse_post_to_the_other_node_reaches_the_stream(cluster: Cluster) -> None:
-    """`POST /sse/<session>` may land on any node: it is relayed to the stream's node."""
+@pytest.mark.parametrize("form", ["header", "path"])
+async def test_backplane_sse_post_to_the_other_node_reaches_the_stream(
+    cluster: Cluster, form: Form
+) -> None:
+    """A POST (session in X-Triochat-Session, or in the path) may land on any node:
+    it is relayed to the stream's node (#18)."""
     one, two = await cluster.node(), await cluster.node()
     stream = await SseStream.open(tcp(one.port))
     try:
         on_two = SseStream(stream.stream, tcp(two.port))
         on_two.session = stream.session
-        status, _ = await on_two.post({"type": "join", "room": "lobby", "name": "sam", "ref": "j"})
+        join = {"type": "join", "room": "lobby", "name": "sam", "ref": "j"}
+        status, _ = await on_two.post(join, form=form)
         assert status == 204
         await stream.expect("joined", room="lobby", name="sam", ref="j")
         status, _ = await on_two.post(
-            {"type": "say", "room": "lobby", "msg": "via two", "ref": "s"}
+            {"type": "say", "room": "lobby", "msg": "via two", "ref": "s"}, form=form
         )
         assert status == 204
         await stream.expect("message", msg="via two")
         await stream.expect("ack", ref="s")
         gone = f"{one.hub.backplane.node}.nope"
-        status, body = await _post(two, gone)
+        status, body = await _post(two, gone, form)
         assert status == 404
         assert body is not None
         assert body["code"] == "no_such_session"
@@ -348,10 +406,13 @@ async def test_backplane_sse_post_to_the_other_node_reaches_the_stream(cluster: 
         await stream.aclose()
 
 
-async def _post(server: Server, session: str) -> tuple[int, dict[str, Any] | None]:
+async def _post(
+    server: Server, session: str, form: Form = "header"
+) -> tuple[int, dict[str, Any] | None]:
     from .sseclient import post
 
-    return await post(tcp(server.port), session, {"type": "say", "room": "lobby", "msg": "x"})
+    frame = {"type": "say", "room": "lobby", "msg": "x"}
+    return await post(tcp(server.port), session, frame, form=form)
 
 
 async def test_backplane_outage_refuses_says_then_recovers(cluster: Cluster) -> None:

@@ -7,11 +7,15 @@ TRIOCHAT_REQUIRE_BROWSER=1 (CI), where they fail.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -19,6 +23,8 @@ from .server_process import ServerProcess, run_server
 
 try:
     from playwright.sync_api import expect, sync_playwright
+    from websockets.sync.client import ClientConnection
+    from websockets.sync.client import connect as ws_connect
 except ImportError as exc:  # pragma: no cover - depends on the machine
     PLAYWRIGHT_IMPORT_ERROR: ImportError | None = exc
 else:
@@ -196,7 +202,9 @@ def test_page_closed_page_leaves_members_after_grace(open_page: OpenPage) -> Non
     members(alice).to_have_text(["alice", "bob"], timeout=TIMEOUT)
     bob.context.close()
     members(alice).to_have_text(["alice"], timeout=TIMEOUT)
-    expect(alice.locator("#messages .sys", has_text="bob left")).to_be_visible(timeout=TIMEOUT)
+    # Merged with his join notice when nothing came between (#18).
+    left = re.compile(r"\bbob (joined and )?left$")
+    expect(alice.locator("#messages .sys", has_text=left)).to_be_visible(timeout=TIMEOUT)
 
 
 def test_page_leave_button_returns_to_join_form(open_page: OpenPage) -> None:
@@ -262,3 +270,238 @@ def test_page_serves_at_root_and_works_on_a_phone(open_page: OpenPage) -> None:
     assert members_box
     assert members_box["y"] >= messages_box["y"] + messages_box["height"]
     assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+
+
+# --- #18: the SSE session out of the URL, bidi isolation, presence churn ------
+
+APP_JS = REPO / "src" / "triochat" / "static" / "app.js"
+#: The page's cap on presence lines, read from app.js so the two cannot drift.
+PRESENCE_LINES_MAX = int(
+    re.search(r"PRESENCE_LINES_MAX = (\d+)", APP_JS.read_text()).group(1)  # type: ignore[union-attr]
+)
+
+
+class RawChat:
+    """A raw WebSocket chat client driven from the test (websockets' sync client)."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self._refs = 0
+
+    def request(self, frame: dict[str, Any], answer: str) -> dict[str, Any]:
+        """Send ``frame`` with a fresh ref and return the ``answer`` frame that echoes it."""
+        self._refs += 1
+        ref = f"raw-{self._refs}"
+        self.ws.send(json.dumps({**frame, "ref": ref}))
+        deadline = time.monotonic() + TIMEOUT / 1000
+        while True:
+            got: dict[str, Any] = json.loads(
+                self.ws.recv(timeout=max(deadline - time.monotonic(), 0.001))
+            )
+            if got.get("ref") == ref:
+                assert got["type"] == answer, got
+                return got
+
+    def join(self, name: str, room: str = "lobby") -> dict[str, Any]:
+        return self.request({"type": "join", "room": room, "name": name}, "joined")
+
+    def leave(self, room: str = "lobby") -> None:
+        self.request({"type": "leave", "room": room}, "left")
+
+    def say(self, text: str, room: str = "lobby") -> None:
+        self.request({"type": "say", "room": room, "msg": text}, "ack")
+
+
+@contextmanager
+def raw_chat(port: int) -> Iterator[RawChat]:
+    # max_queue=None: a client that does not read its frames still reads the
+    # socket, so its close handshake is never stuck behind them.
+    with ws_connect(f"ws://127.0.0.1:{port}/ws", open_timeout=5, max_queue=None) as ws:
+        yield RawChat(ws)
+
+
+def test_page_sse_posts_name_the_session_in_a_header_not_the_url(
+    open_page: OpenPage, server: ServerProcess
+) -> None:
+    """Over SSE the page POSTs to /sse with X-Triochat-Session; no URL carries the id (#18)."""
+    page = open_page()
+    requests: list[Any] = []
+    page.on("request", lambda request: requests.append(request))
+    page.goto(server.base_url + "/?transport=sse")
+    page.fill("#name", "sue")
+    page.click("#join")
+    expect(page.locator("#status")).to_have_text("connected (SSE)", timeout=TIMEOUT)
+    expect(page.locator("#input")).to_be_visible(timeout=TIMEOUT)
+    say(page, "over SSE")
+    expect(page.locator("#messages .msg.mine:not(.pending) .msg-text")).to_have_text(
+        ["over SSE"], timeout=TIMEOUT
+    )
+    posts = [r for r in requests if r.method == "POST"]
+    assert len(posts) >= 2, [r.url for r in requests]  # the join and the say
+    sessions = {r.headers.get("x-triochat-session") for r in posts}
+    assert len(sessions) == 1, sessions
+    session = sessions.pop()
+    assert session
+    assert len(session) >= 20
+    for r in posts:
+        assert (urlsplit(r.url).path, urlsplit(r.url).query) == ("/sse", ""), r.url
+    assert not [r.url for r in requests if session in r.url]
+
+
+#: Displays as "pay to live.google now" where the override is obeyed.
+SPOOF = "pay to \u202eelgoog.evil\u202c now"
+
+# Left edges of the characters of "elgoog.evil" in an element's first text node.
+CHAR_LEFTS = """(el) => {
+  const node = el.firstChild;
+  const start = node.data.indexOf('elgoog.evil');
+  const lefts = [];
+  for (let i = start; i < start + 11; i++) {
+    const range = document.createRange();
+    range.setStart(node, i);
+    range.setEnd(node, i + 1);
+    lefts.push(range.getBoundingClientRect().left);
+  }
+  return lefts;
+}"""
+
+# Left edges of an element's child elements, in document order.
+CHILD_LEFTS = "(el) => [...el.children].map((c) => c.getBoundingClientRect().left)"
+
+
+def test_page_neutralises_bidi_in_user_text(open_page: OpenPage, server: ServerProcess) -> None:
+    """A bidi override in a message shows as a visible escape and does not reorder the
+    text; right-to-left names are isolated, so a list of them keeps its order (#18)."""
+    alice = open_page()
+    join(alice, "alice")
+    rtl = ["שרה", "דוד", "אבי"]  # right-to-left names
+    with raw_chat(server.port) as mallory:
+        mallory.join("mallory")
+        mallory.say(SPOOF)
+        row = alice.locator("#messages .msg").last
+        text = row.locator(".msg-text")
+        expect(text).to_have_text("pay to [U+202E]elgoog.evil[U+202C] now", timeout=TIMEOUT)
+        expect(text).to_have_attribute("dir", "auto")
+        lefts = text.evaluate(CHAR_LEFTS)
+        assert lefts == sorted(lefts), lefts  # laid out in logical order
+        expect(row.locator(".msg-name bdi")).to_have_text("mallory")
+        # Three right-to-left names in one notice: "A, B and C joined".
+        with raw_chat(server.port) as one, raw_chat(server.port) as two:
+            with raw_chat(server.port) as three:
+                for client, name in zip((one, two, three), rtl, strict=True):
+                    client.join(name)
+                notice = alice.locator("#messages .sys.presence").last
+                expect(notice).to_have_text(
+                    f"{rtl[0]}, {rtl[1]} and {rtl[2]} joined", timeout=TIMEOUT
+                )
+                expect(notice.locator("bdi")).to_have_text(rtl)
+                lefts = notice.evaluate(CHILD_LEFTS)
+                assert lefts == sorted(lefts), lefts  # each name where the text puts it
+                expect(alice.locator("#members li bdi")).to_have_count(5, timeout=TIMEOUT)
+                assert (
+                    notice.locator("bdi").first.evaluate("(b) => getComputedStyle(b).unicodeBidi")
+                    == "isolate"
+                )
+    # Controls: without the page's treatment the same text is reordered, so the
+    # checks above measure something.
+    control = alice.context.new_page()
+    control.set_content(
+        "<p id=spoof></p><p id=names><span></span>, <span></span> and <span></span> joined</p>"
+    )
+    control.evaluate("t => { document.getElementById('spoof').textContent = t; }", SPOOF)
+    lefts = control.locator("#spoof").evaluate(CHAR_LEFTS)
+    assert lefts == sorted(lefts, reverse=True), lefts
+    control.evaluate(
+        "names => document.querySelectorAll('#names span').forEach((s, i) => { s.textContent = names[i]; })",
+        rtl,
+    )
+    lefts = control.locator("#names").evaluate(CHILD_LEFTS)
+    assert lefts[0] > lefts[1], lefts
+
+
+def _churn_server() -> Any:
+    """A server with rate limits off, so a test client can churn as fast as it likes,
+    and no presence grace: a leave then settles at once (its wait is the smaller of
+    2 s and the grace), so every leave/join reaches the page instead of being hidden
+    by the server.
+
+    Close the test's page before it stops, or the page's reconnects log errors.
+    """
+    return run_server("--presence-grace", "0", "--rate", "0")
+
+
+def count_presence_frames(page: Page) -> list[int]:
+    """A one-item list counting the presence frames the page receives from now on."""
+    count = [0]
+
+    def on_frame(payload: str | bytes) -> None:
+        if json.loads(payload).get("type") == "presence":
+            count[0] += 1
+
+    page.on("websocket", lambda ws: ws.on("framereceived", on_frame))
+    return count
+
+
+def test_page_merges_presence_churn_and_stays_responsive(open_page: OpenPage) -> None:
+    """A raw client leaves and joins 500 times: the page merges the notices into a few
+    lines (under the cap), keeps the members right and still chats (#18)."""
+    with _churn_server() as srv:
+        page = open_page()
+        received = count_presence_frames(page)
+        page.goto(srv.base_url + "/")
+        join(page, "alice")
+        notices = page.locator("#messages .sys.presence")
+        with raw_chat(srv.port) as carol:
+            carol.join("carol")
+            expect(notices.last).to_have_text("carol joined", timeout=TIMEOUT)
+            carol.say("hi")  # a line between: the churn gets a notice line of its own
+            expect(page.locator("#messages .msg-text").last).to_have_text("hi", timeout=TIMEOUT)
+            for _ in range(500):
+                carol.leave()
+                carol.join("carol")
+            members(page).to_have_text(["alice", "carol"], timeout=TIMEOUT)
+            # One line unless the loop outlasted the page's merge window.
+            expect(notices.last).to_have_text(
+                re.compile(r"^carol (left and joined again|joined)$"), timeout=TIMEOUT
+            )
+            # The page did get the churn (the server settled no leave away).
+            assert received[0] >= 900, received
+            assert 2 <= notices.count() <= min(PRESENCE_LINES_MAX, 4)
+            say(page, "still here")
+            expect(page.locator("#messages .msg.mine:not(.pending) .msg-text")).to_have_text(
+                ["still here"], timeout=TIMEOUT
+            )
+            carol.ws.send(json.dumps({"type": "typing", "room": "lobby"}))
+            expect(page.locator("#typing")).to_have_text("carol is typing…", timeout=TIMEOUT)
+        expect(page.locator("#status")).to_have_text("connected")
+        expect(page.locator("#messages .sys", has_text="Connection lost")).to_have_count(0)
+        page.context.close()  # before its server stops: no reconnect noise
+
+
+def test_page_caps_presence_lines_and_keeps_every_message(open_page: OpenPage) -> None:
+    """A join, then a message, over and over: the oldest presence lines are dropped
+    beyond the cap, and no message ever is (#18)."""
+    loops = PRESENCE_LINES_MAX + 10
+    with _churn_server() as srv, ExitStack() as joiners:
+        page = open_page()
+        page.goto(srv.base_url + "/")
+        join(page, "alice")
+        notices = page.locator("#messages .sys.presence")
+        with raw_chat(srv.port) as carol:
+            carol.join("carol")
+            expect(notices.last).to_have_text("carol joined", timeout=TIMEOUT)
+            for i in range(loops):
+                # A new name each time (staying joined): no server could merge these.
+                joiners.enter_context(raw_chat(srv.port)).join(f"u{i}")
+                carol.say(f"m{i}")  # ends the notice line: the next one starts another
+            expect(page.locator("#messages .msg .msg-text")).to_have_text(
+                [f"m{i}" for i in range(loops)], timeout=TIMEOUT
+            )
+            expect(notices).to_have_count(PRESENCE_LINES_MAX, timeout=TIMEOUT)
+            # "carol joined" and the oldest lines went first.
+            expect(notices).to_have_text(
+                [f"u{i} joined" for i in range(loops - PRESENCE_LINES_MAX, loops)]
+            )
+            first_kept = page.locator("#messages > *").first
+            expect(first_kept).not_to_have_class(re.compile(r"\bpresence\b"))
+            page.context.close()  # before anyone leaves or the server stops

@@ -168,7 +168,8 @@ def record_sent(page: Page) -> list[dict[str, Any]]:
         ws.on("framesent", lambda payload: sent.append(json.loads(payload)))
 
     def on_request(request: Any) -> None:
-        if request.method == "POST" and "/sse/" in request.url:
+        # POST /sse (the page's form) or /sse/<session> (the older one).
+        if request.method == "POST" and re.search(r"^https?://[^/]+/sse(/|$)", request.url):
             sent.append(json.loads(request.post_data))
 
     page.on("websocket", on_websocket)

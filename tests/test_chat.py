@@ -6,9 +6,17 @@ import json
 
 import pytest
 
-from triochat.chat import ChatState, Client, PendingSay
+from triochat.chat import LEAVE_SETTLE, ChatState, Client, PendingSay
 from triochat.errors import ClientProtocolError
-from triochat.events import MemberState, NodeGone, NodeState, Reload, WhisperEvent, WhisperResult
+from triochat.events import (
+    Kick,
+    MemberState,
+    NodeGone,
+    NodeState,
+    Reload,
+    WhisperEvent,
+    WhisperResult,
+)
 from triochat.history import Snapshot
 from triochat.protocol import Message, decode_client_frame
 from triochat.ratelimit import RateLimiter
@@ -361,6 +369,137 @@ def test_join_refused_leaves_connection_unnamed(chat):
     assert other.join(name="bob")["members"] == ["alice", "bob"]
 
 
+# --- look-alike names (#18) -----------------------------------------------------------
+
+LOOK_ALIKE_JOINS = [
+    ("alice", "\u0430lice"),  # Cyrillic a
+    ("alice", "ALICE"),
+    ("alice", "\uff41\uff4c\uff49\uff43\uff45"),  # fullwidth
+    ("alice", "alice\u00a0"),  # NBSP is trimmed: the same name
+    ("\u0430lice", "alice"),
+    ("mary", "rnary"),  # TR39: m looks like rn
+    ("rn", "m"),
+    ("KATE", "\u039a\u0391\u03a4\u0395"),  # Greek capitals (TR39 skeleton)
+    ("Alice", "AIice"),  # capital i for l (TR39 skeleton)
+    ("stra\u00dfe", "STRASSE"),
+]
+
+
+@pytest.mark.parametrize(("held", "other"), LOOK_ALIKE_JOINS, ids=repr)
+def test_join_look_alike_of_present_name_is_name_taken(chat, held, other):
+    """A name equal to a present one after NFKC and case folding, or with the same TR39
+    skeleton, is `name_taken`, and the holder hears nothing of it (#18)."""
+    holder = chat.connect()
+    assert holder.join(name=held)["name"] == held
+    spoofer = chat.connect()
+    spoofer.send(type_="join", room="lobby", name=other, ref="j")
+    error = spoofer.error()
+    assert (error["code"], error["ref"]) == ("name_taken", "j")
+    assert holder.take() == []
+    assert spoofer.join(name="carol")["members"] == sorted([held, "carol"])
+
+
+@pytest.mark.parametrize(("held", "other"), LOOK_ALIKE_JOINS[:3], ids=repr)
+def test_classic_look_alike_is_name_taken(chat, held, other):
+    """A classic frame's look-alike name is `name_taken` too (#18)."""
+    chat.connect().join(name=held)
+    classic = chat.connect(listener=True)
+    classic.send(name=other, msg="hi")
+    assert classic.error()["code"] == "name_taken"
+
+
+def test_join_look_alike_during_grace_is_name_taken_then_free(chat):
+    """A look-alike is refused while the name is held (grace too), and free once released (#18)."""
+    alice = chat.connect()
+    alice.join(name="alice")
+    alice.disconnect()
+    spoofer = chat.connect()
+    spoofer.send(type_="join", room="lobby", name="\u0430lice")
+    assert spoofer.error()["code"] == "name_taken"
+    chat.advance(GRACE + 1)
+    assert spoofer.join(name="\u0430lice")["name"] == "\u0430lice"
+    assert set(chat.state.users) == {"alice"}  # the key of "\u0430lice"
+    assert chat.state.to_release == ["alice"]
+
+
+@pytest.mark.parametrize("name", ["ALICE", "\u0430lice", " Zo\u00eb ", "\u039a\u0391\u03a4\u0395"])
+def test_join_echoes_the_name_as_typed(chat, name):
+    """The trimmed name as typed is bound and echoed in joined, members, presence and
+    messages; only the uniqueness check uses the keys (#18)."""
+    watcher = chat.connect()
+    watcher.join(name="watcher")
+    user = chat.connect()
+    joined = user.join(name=name)
+    shown = name.strip()
+    assert joined["name"] == shown
+    assert joined["members"] == sorted(["watcher", shown])
+    assert watcher.one() == {"type": "presence", "room": "lobby", "event": "join", "name": shown}
+    user.send(type_="say", room="lobby", msg="hi")
+    chat.commit()
+    assert watcher.one()["name"] == shown
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["server", "System", "\u0455ystem", "s\u0435rv\u0435r", "al\u200bice", "\u3164", "\ue000"],
+)
+def test_join_reserved_or_invisible_name_is_bad_name(chat, name):
+    """Reserved names (and look-alikes), invisible and private-use characters are `bad_name` (#18)."""
+    alice = chat.connect()
+    alice.send(type_="join", room="lobby", name=name, ref="n")
+    error = alice.error()
+    assert (error["code"], error["ref"]) == ("bad_name", "n")
+    classic = chat.connect(listener=True)
+    classic.send(name=name, msg="hi")
+    assert classic.error()["code"] == "bad_name"
+
+
+def test_takeover_with_the_token_works_under_another_form_of_the_name(chat):
+    """A token takes the name back whatever form of it is typed; the name as first bound
+    stays (joined echoes it), and later joins may use any form of it (#18)."""
+    alice = chat.connect()
+    token = alice.join(name="Alice")["token"]
+    again = chat.connect()
+    joined = again.join(name="ALICE", token=token)
+    assert (joined["name"], joined["token"]) == ("Alice", token)
+    assert alice.peer.closed[0][0] == 4001
+    assert again.join("dev", name="alice")["name"] == "Alice"
+    again.send(type_="join", room="ops", name="\u0430lice\u00e9", ref="x")
+    assert again.error()["code"] == "bad_name"
+    assert set(chat.state.users) == {"alice"}
+
+
+def test_whisper_to_matches_by_name_key(chat):
+    """`to` matches a user by name key: a whisper to "ALICE" reaches "alice", and the
+    frame names the recipient as bound (#18)."""
+    alice = chat.connect()
+    alice.join(name="alice")
+    bob = chat.connect()
+    bob.join(name="bob")
+    alice.take()
+    for to in ("ALICE", "\u0430lice", "\uff41lice"):
+        bob.send(type_="whisper", to=to, msg="psst", ref="w")
+        frame = alice.one()
+        assert (frame["type"], frame["to"], frame["from"]) == ("whisper", "alice", "bob")
+        assert [f["type"] for f in bob.take()] == ["whisper", "ack"]
+
+
+def test_needs_claim_skips_names_refused_here(chat):
+    """A look-alike of a local user needs no cluster claim: it is refused here (#18)."""
+    alice = chat.connect()
+    alice.join(name="Alice")
+    other = chat.connect()
+    for name in ("alice", "AIice", "\u0430lice"):
+        frame = decode_client_frame(
+            json.dumps({"type": "join", "room": "x", "name": name}), max_msg_chars=10
+        )
+        assert chat.state.needs_claim(other.client, frame) is None
+    frame = decode_client_frame(
+        json.dumps({"type": "join", "room": "x", "name": "bob"}), max_msg_chars=10
+    )
+    assert chat.state.needs_claim(other.client, frame) == "bob"
+
+
 # --- say --------------------------------------------------------------------------------
 
 
@@ -533,8 +672,9 @@ def test_typing_not_joined(chat):
 # --- leave ------------------------------------------------------------------------------
 
 
-def test_leave_answers_left_and_presence(chat):
-    """`leave` answers `left` (ref echoed) and announces `presence` leave at once."""
+def test_leave_answers_left_and_presence_once_it_settles(chat):
+    """`leave` answers `left` (ref echoed) at once; the others get `presence` leave
+    once it has settled (`LEAVE_SETTLE`, docs/protocol.md §6)."""
     alice = chat.connect()
     alice.join(name="alice")
     bob = chat.connect()
@@ -542,7 +682,52 @@ def test_leave_answers_left_and_presence(chat):
     alice.take()
     bob.send(type_="leave", room="lobby", ref="l1")
     assert bob.take() == [{"type": "left", "room": "lobby", "ref": "l1"}]
+    assert alice.take() == []
+    chat.advance(LEAVE_SETTLE - 0.1)
+    assert alice.take() == []
+    chat.advance(0.1)
     assert alice.take() == [{"type": "presence", "room": "lobby", "event": "leave", "name": "bob"}]
+    carol = chat.connect()
+    assert carol.join(name="carol")["members"] == ["alice", "carol"]
+
+
+def test_leave_and_join_again_within_the_settle_time_shows_nothing(chat):
+    """Leave/join churn (#18): a join of the same room before the leave settled shows
+    the others nothing, however often; the member list never lost the user."""
+    alice = chat.connect()
+    alice.join(name="alice")
+    bob = chat.connect()
+    bob.join(name="bob")
+    alice.take()
+    for _ in range(20):
+        bob.send(type_="leave", room="lobby")
+        chat.advance(0.05)
+        bob.send(type_="join", room="lobby")
+        chat.advance(0.05)
+    chat.advance(LEAVE_SETTLE * 2)
+    assert alice.take() == []
+    assert [f["type"] for f in bob.take()] == ["left", "joined"] * 20
+    carol = chat.connect()
+    assert carol.join(name="carol")["members"] == ["alice", "bob", "carol"]
+
+
+def test_leave_never_cuts_a_running_grace_short(chat):
+    """A leave's short wait does not shorten the grace of rooms held by a takeover."""
+    alice = chat.connect()
+    alice.join(name="alice")
+    bob = chat.connect()
+    token = bob.join("lobby", name="bob")["token"]
+    bob.join("dev")
+    alice.take()
+    alice.join("dev")
+    alice.take()
+    again = chat.connect()
+    again.join("lobby", name="bob", token=token)  # takes over: dev is held for the grace
+    again.send(type_="leave", room="lobby")
+    chat.advance(LEAVE_SETTLE)
+    assert alice.take() == []  # neither room is left yet: the grace runs
+    chat.advance(GRACE)
+    assert sorted(f["room"] for f in alice.take() if f["type"] == "presence") == ["dev", "lobby"]
 
 
 def test_leave_stops_delivery(chat):
@@ -559,6 +744,7 @@ def test_leave_stops_delivery(chat):
     assert bob.take() == []
     bob.send(type_="say", room="lobby", msg="hi")
     assert bob.error()["code"] == "not_joined"
+    chat.advance(LEAVE_SETTLE)
     assert chat.connect().join(name="carol")["members"] == ["alice", "carol"]
 
 
@@ -696,7 +882,7 @@ def test_token_takeover_closes_old_with_4001(chat):
     alice2 = chat.connect()
     joined = alice2.join(name="alice", token=token)
     assert [code for code, _ in alice1.peer.closed] == [4001]
-    assert joined["token"] == token
+    assert joined["token"] == token  # PROTOCOL.md §4: the takeover keeps it valid
     assert joined["members"] == ["alice", "bob"]
     assert bob.take() == []
     chat.advance(GRACE + 1)
@@ -722,7 +908,7 @@ def test_token_takeover_moves_delivery(chat):
 
 
 def test_token_stays_valid_after_takeover(chat):
-    """The token keeps working for a second takeover."""
+    """The token keeps working for a second takeover (PROTOCOL.md §4)."""
     alice1 = chat.connect()
     token = alice1.join(name="alice")["token"]
     alice2 = chat.connect()
@@ -730,6 +916,25 @@ def test_token_stays_valid_after_takeover(chat):
     alice3 = chat.connect()
     assert alice3.join(name="alice", token=token)["token"] == token
     assert [code for code, _ in alice2.peer.closed] == [4001]
+
+
+def test_token_rotates_on_a_takeover_that_asks(chat):
+    """`rotate: true` (#18): the takeover gets a new token and the one it used no
+    longer works, so a leaked copy takes the name over no more."""
+    alice1 = chat.connect()
+    token = alice1.join(name="alice")["token"]
+    alice2 = chat.connect()
+    second = alice2.join(name="alice", token=token, rotate=True)["token"]
+    assert second != token
+    thief = chat.connect()
+    thief.send(type_="join", room="lobby", name="alice", token=token, ref="t")
+    assert (thief.error()["code"], alice2.peer.closed) == ("name_taken", [])
+    alice3 = chat.connect()
+    third = alice3.join(name="alice", token=second, rotate=True)["token"]
+    assert third not in (token, second)
+    assert [code for code, _ in alice2.peer.closed] == [4001]
+    # Later joins of the same connection keep its token.
+    assert alice3.join("dev")["token"] == third
 
 
 # --- presence grace -----------------------------------------------------------------------
@@ -815,6 +1020,7 @@ def test_grace_explicit_leave_then_disconnect_no_second_leave(chat):
     """An explicit leave is announced once; the later disconnect announces nothing more."""
     alice, bob, _ = grace_setup(chat)
     alice.send(type_="leave", room="lobby")
+    chat.advance(LEAVE_SETTLE)
     assert bob.types() == ["presence"]
     alice.disconnect()
     chat.advance(GRACE)
@@ -1427,6 +1633,7 @@ def test_cluster_join_then_leave_in_one_step_is_not_a_member_elsewhere():
     alice = one.connect()
     alice.join(name="alice")
     alice.send(type_="leave", room="lobby")
+    one.advance(LEAVE_SETTLE)
     carry(one, two)
     assert watcher.types() == ["presence", "presence"]  # join, then leave
     assert two.connect().join(name="zed")["members"] == ["watcher", "zed"]
@@ -1589,6 +1796,44 @@ def test_whisper_event_is_answered_by_the_home_node():
     )
 
 
+def test_whisper_to_another_node_matches_by_name_key():
+    """A whisper `to` "BOB" for bob, connected on node B, goes to B as to "bob"; B finds
+    its user by key whatever form the event names (#18)."""
+    chat = Chat(node="A")
+    alice = chat.connect()
+    alice.join(name="alice")
+    _remote_bob(chat)
+    alice.take()
+    # Cyrillic capitals: folded to "\u0432\u043e\u0432", no look-alike of "bob".
+    alice.send(type_="whisper", to="\u0412\u041e\u0412", msg="psst", ref="w1")
+    assert alice.error()["code"] == "no_such_user"
+    alice.send(type_="whisper", to="BOB", msg="psst", ref="w2")
+    (event,) = [e for e in chat.state.to_publish if isinstance(e, WhisperEvent)]
+    assert (event.node, event.to) == ("B", "bob")
+    assert json.loads(event.frame)["to"] == "bob"
+    home = Chat(node="B")
+    bob = home.connect()
+    bob.join(name="bob")
+    bob.take()
+    home.state.apply(WhisperEvent("B", "BOB", event.frame, "A", 1), home.now)
+    assert bob.one()["msg"] == "psst"
+
+
+def test_kick_by_another_node_finds_the_user_by_key_and_hands_over_its_entries():
+    """A Kick naming another form of the name still closes the user here, and the
+    Handover names the entries as this node published them (#18)."""
+    chat = Chat(node="A")
+    alice = chat.connect()
+    alice.join(name="Alice")
+    chat.state.to_publish.clear()
+    chat.state.apply(Kick("A", "alice", "B"), chat.now)
+    assert alice.peer.closed[0][0] == 4001
+    assert chat.state.users == {}
+    (handover,) = chat.state.to_publish
+    assert (handover.name, handover.to, handover.rooms) == ("Alice", "B", ["lobby"])
+    assert chat.state.to_release == ["Alice"]
+
+
 # --- every check before any state changes (#18) -----------------------------------------
 
 
@@ -1614,6 +1859,7 @@ def _observable(chat: Chat) -> tuple:
     return (
         rooms,
         users,
+        sorted((key, u.name) for key, u in state._skeletons.items()),
         clients,
         list(state.to_publish),
         len(state.to_store),
@@ -1628,6 +1874,14 @@ REFUSED_FRAMES = [
     ("join", "alice", {"type_": "join", "room": "third"}, "bad_room"),  # over max_rooms=2
     ("join", "alice", {"type_": "join", "room": "lobby", "name": "bob"}, "bad_name"),
     ("join", "carol", {"type_": "join", "room": "lobby", "name": "alice"}, "name_taken"),
+    ("join", "carol", {"type_": "join", "room": "lobby", "name": "\u0430lice"}, "name_taken"),
+    ("join", "carol", {"type_": "join", "room": "lobby", "name": "ALICE"}, "name_taken"),
+    ("join", "carol", {"type_": "join", "room": "lobby", "name": "aIice"}, "name_taken"),
+    ("join", "carol", {"type_": "join", "room": "lobby", "name": "ali\u200bce"}, "bad_name"),
+    ("join", "carol", {"type_": "join", "room": "lobby", "name": "\U000e0041"}, "bad_name"),
+    ("join", "carol", {"type_": "join", "room": "lobby", "name": "\ufdd0"}, "bad_name"),
+    ("join", "carol", {"type_": "join", "room": "lobby", "name": "Server"}, "bad_name"),
+    ("join", "carol", {"type_": "join", "room": "lobby", "name": "\u0301"}, "bad_name"),
     (
         "join",
         "carol",
@@ -1645,6 +1899,8 @@ REFUSED_FRAMES = [
     ("history", "alice", {"type_": "history", "room": "nowhere"}, "not_joined"),
     ("history", "alice", {"type_": "history", "room": "lobby", "before": "e1-999"}, "bad_frame"),
     ("classic", "dave", {"name": "alice", "msg": "hi"}, "name_taken"),
+    ("classic", "dave", {"name": "\u0430lice", "msg": "hi"}, "name_taken"),
+    ("classic", "dave", {"name": "system", "msg": "hi"}, "bad_name"),
     ("unknown", "alice", {"type_": "shout", "room": "lobby"}, "bad_frame"),
 ]
 
@@ -1736,3 +1992,79 @@ def test_whisper_event_for_a_buried_user_is_refused_rate_limited():
         alice_side.now,
     )
     assert (alice.error()["code"]) == "rate_limited"
+
+
+# --- reply budget (#18: history and re-joins are charged by the size of their replies) ---
+
+
+def _big_room(count: int = 200, chars: int = 2000) -> dict[str, list[Message]]:
+    return {
+        "lobby": [
+            Message("lobby", f"e1-{seq}", "writer", "x" * chars, WALL_MS)
+            for seq in range(1, count + 1)
+        ]
+    }
+
+
+def test_history_is_charged_by_reply_size_and_refused_in_debt(chat):
+    """Pages of ~410 KB after a join's ~205 KB replay: the 1 MiB burst lets three
+    through (the last one into debt); then rate_limited until 256 KiB a second has
+    paid the debt off."""
+    big = Chat(rate=10, history=_big_room())
+    alice = big.connect()
+    alice.join(name="alice")  # (its replay of 100 messages is charged too)
+    kinds = []
+    for n in range(4):
+        alice.send(type_="history", room="lobby", limit=200, ref=f"h{n}")
+        frame = alice.one()
+        kinds.append(frame["type"] if frame["type"] != "error" else frame["code"])
+    # 1 MiB - 205 KB (the join) - 3 x 410 KB: the third goes into debt.
+    assert kinds == ["history", "history", "history", "rate_limited"]
+    assert big.state.rate_limited == 1
+    big.advance(1.0)  # 256 KiB back: still in debt
+    alice.send(type_="history", room="lobby", limit=200, ref="soon")
+    assert alice.error()["code"] == "rate_limited"
+    big.advance(1.0)  # out of debt
+    alice.send(type_="history", room="lobby", limit=200, ref="later")
+    assert alice.one()["type"] == "history"
+
+
+def test_join_replay_is_charged_and_a_rejoin_in_debt_is_refused():
+    big = Chat(rate=10, history=_big_room())
+    alice = big.connect()
+    alice.join(name="alice")
+    alice.send(type_="history", room="lobby", limit=200)
+    alice.send(type_="history", room="lobby", limit=200)
+    alice.take()
+    alice.send(type_="join", room="lobby", ref="again")  # a replay of 100 messages
+    assert alice.one()["type"] == "joined"  # (not in debt yet: charged after)
+    alice.send(type_="join", room="dev", ref="j2")
+    error = alice.error()
+    assert (error["code"], error["ref"]) == ("rate_limited", "j2")
+    assert "dev" not in big.state.rooms or not big.state.rooms["dev"].members
+
+
+def test_reply_budget_is_off_with_rate_zero():
+    big = Chat(rate=0, history=_big_room())
+    alice = big.connect()
+    alice.join(name="alice")
+    for _ in range(10):
+        alice.send(type_="history", room="lobby", limit=200)
+        assert alice.one()["type"] == "history"
+
+
+def test_address_budget_is_shared_by_its_connections():
+    """Five connections' worth per address: six connections, each within its own burst,
+    together find the shared bucket empty (#18: a crowd from one address is one budget)."""
+    from triochat.ratelimit import ADDRESS_SCALE
+
+    now = 0.0
+    shared = RateLimiter(10, 20, now, scale=ADDRESS_SCALE)
+    crowd = [RateLimiter(10, 20, now, shared=shared) for _ in range(6)]
+    allowed = sum(limiter.allow(now) for limiter in crowd for _ in range(20))
+    assert allowed == 100
+    alone = RateLimiter(10, 20, now)
+    assert sum(alone.allow(now) for _ in range(20)) == 20
+    # Membership changes too: 32 x 5 per address.
+    joins = sum(limiter.allow_membership(now) for limiter in crowd for _ in range(32))
+    assert joins == 160

@@ -45,6 +45,9 @@ SECTION_5_OPTIONS = [
     "--node-timeout",
     "--backplane-timeout",
     "--log-level",
+    "--log-format",
+    "--metrics-port",
+    "--metrics-host",
 ]
 
 
@@ -98,6 +101,20 @@ def test_cli_environment_sets_and_command_line_wins():
     assert config.port == 9001
     config = config_from_args(["--allow-origin", "*", "--allow-origin", "null"], env)
     assert config.allow_origins == ("*", "null")
+
+
+def test_cli_log_format_and_metrics_listener_options():
+    """--log-format (text by default) and --metrics-port/--metrics-host (off by
+    default) come from the command line or TRIOCHAT_* (#11 §4)."""
+    config = config_from_args([], {})
+    assert (config.log_format, config.metrics_port, config.metrics_host) == ("text", None, None)
+    env = {"TRIOCHAT_LOG_FORMAT": "JSON", "TRIOCHAT_METRICS_PORT": "9100"}
+    config = config_from_args(["--metrics-host", "0.0.0.0"], env)
+    assert (config.log_format, config.metrics_port, config.metrics_host) == (
+        "json",
+        9100,
+        "0.0.0.0",
+    )
 
 
 def test_cli_allow_host_repeatable_and_from_environment():
@@ -171,6 +188,10 @@ def test_cli_trusted_proxy_bad_value_exits_2_with_message():
         (["--allow-host", "https://chat.example.com"], {}),
         ([], {"TRIOCHAT_ALLOW_HOST": "[::1]"}),
         ([], {"TRIOCHAT_REDIS": "localhost:6379"}),
+        (["--log-format", "xml"], {}),
+        ([], {"TRIOCHAT_METRICS_PORT": "70000"}),
+        ([], {"TRIOCHAT_METRICS_PORT": "port"}),
+        (["--port", "9000", "--metrics-port", "9000"], {}),
     ],
 )
 def test_cli_invalid_values_are_config_errors(argv, env):

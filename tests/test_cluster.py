@@ -291,3 +291,39 @@ async def test_cluster_slow_redis_holds_up_only_the_join_that_waits_for_it(
                         joined = await alice.expect("joined", room="lobby")
                         assert joined["members"] == ["alice", "carol", "erin"]
                 server.drain()
+
+
+async def test_cluster_look_alike_of_a_name_on_another_node_is_name_taken(
+    tmp_path: Path,
+) -> None:
+    """Names are claimed in Redis by their keys (#18): with "Alice" on node one, node two
+    answers name_taken to "alice", a Cyrillic "\\u0430lice", "ALICE" and "AIice" (a TR39
+    skeleton match); a whisper to "ALICE" from node two reaches Alice, named as bound; a
+    takeover on node two with the token and another form of the name keeps "Alice"."""
+    with redis_server(tmp_path / "redis") as redis:
+        with trio.fail_after(30):
+            async with two_nodes(redis) as (one, two):
+                async with client_of(one) as alice, client_of(two) as mallory:
+                    joined = await alice.join(name="Alice")
+                    for i, name in enumerate(["alice", "\u0430lice", "ALICE", "AIice"]):
+                        await mallory.send(
+                            {"type": "join", "room": "lobby", "name": name, "ref": f"j{i}"}
+                        )
+                        await mallory.expect("error", code="name_taken", ref=f"j{i}")
+                    await mallory.join(name="mallory")
+                    await alice.expect("presence", event="join", name="mallory")
+                    await mallory.send({"type": "whisper", "to": "ALICE", "msg": "psst"})
+                    whisper = await alice.expect("whisper", msg="psst")
+                    assert (whisper["from"], whisper["to"]) == ("mallory", "Alice")
+                    await mallory.expect("whisper", msg="psst")  # its own copy
+                    async with client_of(two) as again, client_of(one) as eve:
+                        rejoined = await again.join(name="alice", token=joined["token"])
+                        assert rejoined["name"] == "Alice"
+                        assert rejoined["members"] == ["Alice", "mallory"]
+                        assert (await alice.closed())[0] == 4001
+                        # The claim (both keys) moved to node two: node one refuses too.
+                        for i, name in enumerate(["\u0430lice", "AIice"]):
+                            await eve.send(
+                                {"type": "join", "room": "lobby", "name": name, "ref": f"k{i}"}
+                            )
+                            await eve.expect("error", code="name_taken", ref=f"k{i}")

@@ -173,12 +173,13 @@ def http_get(url: str) -> tuple[int, str]:
 
 
 def chat_connections(node: ServerProcess) -> float:
-    """The node's ``triochat_connections`` gauge, read from it directly (not through nginx)."""
+    """The node's ``triochat_connections`` gauge, summed over its ``transport``
+    label, read from it directly (not through nginx)."""
     code, text = http_get(node.base_url + "/metrics")
     assert code == 200, text
-    match = re.search(r"^triochat_connections (\S+)$", text, re.MULTILINE)
-    assert match, f"no triochat_connections gauge in:\n{text}"
-    return float(match.group(1))
+    found = re.findall(r"^triochat_connections\{[^}]*\} (\S+)$", text, re.MULTILINE)
+    assert found, f"no triochat_connections gauge in:\n{text}"
+    return sum(float(value) for value in found)
 
 
 def wait_for_connections(nodes: list[ServerProcess], expected: list[float]) -> None:
@@ -310,8 +311,9 @@ def test_sse_posts_through_the_balancer_reach_the_other_node(
     cluster: Cluster,
 ) -> None:
     """bob chats over SSE through the deploy file's own server block: least_conn sends
-    each POST /sse/<session> to the node that does not hold his stream (it has fewer
-    open connections), and the chat works all the same: no sticky sessions needed."""
+    each POST /sse to the node that does not hold his stream (it has fewer open
+    connections), and the chat works all the same: no sticky sessions needed. The
+    session id travels in a header, so nginx's access log never sees it (#18)."""
     nodes, fronts = cluster.nodes, cluster.fronts
     alice = open_page(fronts.pinned[0] + "/")
     enter(alice, "alice", "ws")
@@ -325,7 +327,8 @@ def test_sse_posts_through_the_balancer_reach_the_other_node(
     counts = [chat_connections(node) for node in nodes]
     assert counts in ([2.0, 0.0], [1.0, 1.0]), counts
     stream_node = nodes[0] if counts == [2.0, 0.0] else nodes[1]
-    posts = fronts.upstreams(re.compile(r"POST /sse/\S+ 204"))
+    posts = fronts.upstreams(re.compile(r"POST /sse 204"))
+    assert not fronts.upstreams(re.compile(r"\S+ /sse/\S+ \d+")), "a session id in a path"
     assert len(posts) >= 5, posts  # bob's join and his four messages, at least
     assert any(port != stream_node.port for port in posts), (stream_node.port, posts)
 
@@ -431,10 +434,13 @@ def test_page_fails_over_to_the_other_node_and_misses_nothing(
             assert len(joins) == 1, joins
             assert joins[0]["name"] == "alice"
             assert joins[0]["token"] == token
+            assert joins[0]["rotate"] is True  # the page asks for a new token each time
             assert joins[0]["since"] == before_id
             rejoined = [frame for frame in received if frame["type"] == "joined"][-1]
             assert rejoined["name"] == "alice"
-            assert rejoined["token"] == token
+            assert rejoined["token"] not in ("", token)
+            stored = page.evaluate("JSON.parse(sessionStorage.getItem('triochat')).token")
+            assert stored == rejoined["token"]  # kept for the next reconnect
             assert rejoined["recovered"] is True
             assert [m["id"] for m in rejoined["history"]] == missed_ids
             assert rejoined["members"] == ["alice", "bob"]
@@ -455,6 +461,12 @@ def test_page_fails_over_to_the_other_node_and_misses_nothing(
             texts(page).to_have_text([before, *missed, back], timeout=TIMEOUT)
             expect(page.locator("#messages .msg.pending")).to_have_count(0, timeout=TIMEOUT)
             expect(page.locator("#messages .gap")).to_have_count(0)
+            # carol's leave is shown once it has settled (2 s, docs/protocol.md §3).
+            bob.wait_for(
+                lambda f: (
+                    f["type"] == "presence" and f["name"] == "carol" and f["event"] == "leave"
+                )
+            )
             bob.listen(0.5)  # a duplicate, or a late presence change, would come right behind
             assert bob.said("alice") == [back]
             # alice neither left nor joined again: she was back well before the dead

@@ -16,6 +16,7 @@ import trio.testing
 from trio_websocket import ConnectionClosed, wrap_client_stream
 
 from triochat.history.memory import MemoryHistory
+from triochat.outbox import Flushable, FlushSchedule
 
 from .chatclient import ChatClient
 from .conftest import memory_server
@@ -308,16 +309,23 @@ async def test_connection_no_direct_write_after_the_socket_is_closed():
             assert await other_end.recv(16) == b"", "nothing reaches the new socket"
 
 
-class _StepHub:
-    """The two things a `Connection` asks of the hub while it delivers."""
+class _RecordingSchedule(FlushSchedule):
+    """The hub's step policy, recording which connections asked to be flushed."""
 
     def __init__(self) -> None:
-        self.write_through = False
-        self.dirty: list[object] = []
-        self.step = 0
+        super().__init__()
+        self.filed: list[object] = []
 
-    def mark_dirty(self, connection: object) -> None:
-        self.dirty.append(connection)
+    def flush_later(self, outbound: Flushable) -> None:
+        self.filed.append(outbound)
+        super().flush_later(outbound)
+
+
+class _StepHub:
+    """All a `Connection` takes from the hub while it delivers: the step policy."""
+
+    def __init__(self) -> None:
+        self.schedule = _RecordingSchedule()
 
 
 async def test_connection_lone_message_is_written_at_once_and_keeps_the_order():
@@ -343,16 +351,16 @@ async def test_connection_lone_message_is_written_at_once_and_keeps_the_order():
     with theirs:
         out = connection.outbound
         out.deliver(first)  # queued, as in a busy step
-        assert hub.dirty == [out]
+        assert hub.schedule.filed == [out]
         assert await received() == b""
-        hub.write_through = True
+        hub.schedule.write_through = True
         out.deliver(second)  # behind `first`: still waits for the step's end
         assert await received() == b""
         out.flush_nowait()  # the end of the step
         assert await received() == first.ws + second.ws
         out.deliver(third)  # nothing queued: written at once
         assert await received() == third.ws
-        assert hub.dirty == [out]  # only the first delivery asked for a flush
+        assert hub.schedule.filed == [out]  # only the first delivery asked for a flush
         await stream.close_now()
 
 
@@ -408,7 +416,7 @@ async def test_connection_frames_keep_their_order_when_a_pong_hands_over_the_gat
             pass
         await stream.send_all(pong)  # trio-websocket answering a ping: held until seq 2
         # The pong is written: with no checkpoint in between, the hub delivers B.
-        hub.write_through = True
+        hub.schedule.write_through = True
         connection.outbound.deliver(second)
 
     async def run_connection(nursery: trio.Nursery) -> None:

@@ -537,22 +537,20 @@ async def test_fault_name_padded_with_unicode_white_space_is_the_same_name(autoj
             assert joined["members"] == ["alice"]
 
 
-async def test_fault_cyrillic_look_alike_is_a_different_name(autojump_clock):
-    """A Cyrillic look-alike ("\\u0430lice") is a valid name distinct from "alice": both can be present, and each gets only its own whispers."""
+async def test_fault_cyrillic_look_alike_is_name_taken(autojump_clock):
+    """A Cyrillic look-alike ("\\u0430lice") of a present "alice" gets name_taken, and a whisper to "ALICE" reaches "alice" (#18)."""
     cyrillic = "\u0430lice"
     async with memory_server() as net, net.client() as alice, net.client() as other:
         await alice.join("lobby", "alice")
-        joined = await other.join("lobby", cyrillic)
-        assert joined["name"] == cyrillic != "alice"
-        assert joined["members"] == ["alice", cyrillic]
-        await alice.expect("presence", event="join", name=cyrillic)
-        await alice.send({"type": "whisper", "to": cyrillic, "msg": "which one?"})
-        whisper = await other.expect("whisper", msg="which one?")
-        assert (whisper["from"], whisper["to"]) == ("alice", cyrillic)
-        await alice.expect("whisper", msg="which one?")  # the sender's copy
-        await other.send({"type": "whisper", "to": "alice", "msg": "not me"})
-        await alice.expect("whisper", to="alice", msg="not me")
-        assert set(net.server.hub.chat.users) == {"alice", cyrillic}
+        await other.send({"type": "join", "room": "lobby", "name": cyrillic, "ref": "j"})
+        await other.expect("error", code="name_taken", ref="j")
+        joined = await other.join("lobby", "bob")
+        assert joined["members"] == ["alice", "bob"]
+        await alice.expect("presence", event="join", name="bob")
+        await other.send({"type": "whisper", "to": "ALICE", "msg": "which one?"})
+        whisper = await alice.expect("whisper", msg="which one?")
+        assert (whisper["from"], whisper["to"]) == ("bob", "alice")
+        assert set(net.server.hub.chat.users) == {"alice", "bob"}
 
 
 # --- storage ---------------------------------------------------------------------------

@@ -25,12 +25,15 @@ from triochat.protocol import (
     Typing,
     Whisper,
     WhisperFrame,
+    confusable_key,
     decode_client_frame,
     encode,
     is_valid_room,
     make_id,
+    name_key,
     normalize_name,
     seq_of,
+    skeleton,
 )
 
 MAX_MSG = 2000
@@ -430,6 +433,189 @@ def test_normalize_name_accepts(raw, bound):
 def test_normalize_name_refuses(raw):
     """Empty, over-long, control, format and line/paragraph separator names are refused."""
     assert normalize_name(raw) is None
+
+
+# --- name rules of #18: invisible, private, unassigned, reserved; keys -----------------
+
+INVISIBLE_EXAMPLES = [
+    "\u034f",  # combining grapheme joiner
+    "\u115f",  # Hangul choseong filler
+    "\u1160",  # Hangul jungseong filler
+    "\u3164",  # Hangul filler
+    "\uffa0",  # halfwidth Hangul filler
+    "\ufe00",  # variation selector-1
+    "\ufe0f",  # variation selector-16
+    "\U000e0100",  # variation selector-17
+    "\U000e01ef",  # variation selector-256
+    "\u180b",  # Mongolian free variation selector one
+    "\u180e",  # Mongolian vowel separator
+    "\u180f",  # Mongolian free variation selector four
+    "\u200b",  # zero width space
+    "\u200c",  # zero width non-joiner
+    "\u200d",  # zero width joiner
+    "\u200e",  # left-to-right mark
+    "\u200f",  # right-to-left mark
+    "\u2060",  # word joiner
+    "\u2064",  # invisible plus
+    "\u206f",  # nominal digit shapes
+    "\ufeff",  # zero width no-break space
+    "\u00ad",  # soft hyphen
+    "\u061c",  # Arabic letter mark
+    "\u17b4",  # Khmer vowel inherent aq
+    "\U0001bca0",  # shorthand format letter overlap
+    "\U0001d173",  # musical symbol begin beam
+    "\U000e0000",  # (reserved, default ignorable)
+    "\U000e0001",  # language tag
+    "\U000e0041",  # tag latin capital letter a
+    "\U000e0fff",  # (reserved, default ignorable)
+    "\u2800",  # braille pattern blank
+]
+PRIVATE_USE_EXAMPLES = ["\ue000", "\uf8ff", "\U000f0000", "\U000ffffd", "\U00100000", "\U0010fffd"]
+UNASSIGNED_EXAMPLES = [
+    "\u0378",  # unassigned in the Greek block
+    "\ufdd0",  # noncharacters U+FDD0-FDEF
+    "\ufdef",
+    "\ufffe",  # noncharacters U+xFFFE/xFFFF
+    "\uffff",
+    "\U0001fffe",
+    "\U0010ffff",
+    "\U000e0080",  # unassigned (and default ignorable)
+]
+
+
+@pytest.mark.parametrize(
+    "char", INVISIBLE_EXAMPLES + PRIVATE_USE_EXAMPLES + UNASSIGNED_EXAMPLES, ids=repr
+)
+@pytest.mark.parametrize("where", ["alone", "inside", "before", "after"])
+def test_normalize_name_refuses_invisible_private_and_unassigned(char, where):
+    """Default-ignorable, blank, private-use, unassigned and noncharacter code points are refused anywhere in a name (#18)."""
+    raw = {
+        "alone": char,
+        "inside": f"ali{char}ce",
+        "before": f"{char}alice",
+        "after": f"alice{char}",
+    }
+    assert normalize_name(raw[where]) is None
+
+
+def test_normalize_name_refuses_surrogates():
+    """A lone surrogate (only a Python caller can pass one: JSON text is UTF-8) is refused (#18)."""
+    assert normalize_name("a\ud800b") is None
+    assert normalize_name("\udfff") is None
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ["\u0301", "\u0301\u0308", "\u0301 \u0308", "\u20dd", "\u0903\u0903", " \u0301 "],
+    ids=repr,
+)
+def test_normalize_name_refuses_only_marks_and_spaces(raw):
+    """A name of combining marks and spaces alone renders as nothing: refused (#18)."""
+    assert normalize_name(raw) is None
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "server",
+        "system",
+        "Server",
+        "SYSTEM",
+        " server ",
+        "\uff53\uff45\uff52\uff56\uff45\uff52",  # fullwidth
+        "\u0455ystem",  # Cyrillic dze for s
+        "s\u0443stem",  # Cyrillic u for y
+        "s\u0435rv\u0435r",  # Cyrillic ie for e
+        "systern",  # TR39: "m" looks like "rn"
+        "\u0405YSTEM",  # Cyrillic capital dze
+    ],
+    ids=repr,
+)
+def test_normalize_name_refuses_reserved_names_and_look_alikes(raw):
+    """The reserved names "server" and "system", or any name with their name key or skeleton, are refused (#18)."""
+    assert normalize_name(raw) is None
+
+
+@pytest.mark.parametrize(
+    ("raw", "bound"),
+    [
+        ("e\u0301", "e\u0301"),  # a letter with a combining mark
+        ("servers", "servers"),
+        ("my server", "my server"),
+        ("sys", "sys"),
+        ("\ud55c\uad6d", "\ud55c\uad6d"),  # Hangul syllables, not fillers
+        ("alice\u00a0", "alice"),  # NBSP is white space: trimmed
+        ("ali\u00a0ce", "ali\u00a0ce"),  # inside, it stays (and folds to a space)
+        ("\u2603", "\u2603"),
+    ],
+    ids=repr,
+)
+def test_normalize_name_still_accepts(raw, bound):
+    """Visible names near the new rules stay valid; the trimmed name is kept as typed (#18)."""
+    assert normalize_name(raw) == bound
+
+
+LOOK_ALIKES = [
+    ("alice", "\u0430lice"),  # Cyrillic a
+    ("alice", "ALICE"),
+    ("alice", "Alice"),
+    ("alice", "\uff41\uff4c\uff49\uff43\uff45"),  # fullwidth
+    ("alice", "\uff21\uff2c\uff29\uff23\uff25"),  # fullwidth capitals
+    ("alice", "\u0430\u04cfice"),  # Cyrillic a and palochka
+    ("ali ce", "ali\u00a0ce"),  # NBSP folds to a space
+    ("mary", "rnary"),  # TR39 maps m to rn
+    ("m", "rn"),
+    ("paypal", "p\u0430yp\u0430l"),
+    ("stra\u00dfe", "STRASSE"),  # case folding: sharp s
+    ("\u00e9", "e\u0301"),  # NFKC: precomposed and combining
+    ("KATE", "\u039a\u0391\u03a4\u0395"),  # Greek capitals: skeleton only
+    ("Alice", "AIice"),  # capital i for l: skeleton only
+    ("l1", "ll"),  # digit one for l
+]
+
+
+@pytest.mark.parametrize(("one", "other"), LOOK_ALIKES, ids=repr)
+def test_look_alike_names_share_a_key(one, other):
+    """Names equal after NFKC and case folding, or with equal TR39 skeletons, share
+    `name_key` or `confusable_key`: the second one gets name_taken (#18)."""
+    assert normalize_name(one) == one
+    assert normalize_name(other) == other
+    assert name_key(one) == name_key(other) or confusable_key(one) == confusable_key(other)
+
+
+@pytest.mark.parametrize(
+    ("one", "other"),
+    [("alice", "bob"), ("alice", "alicia"), ("alice", "alice2"), ("anna", "arma"), ("li", "ll")],
+    ids=repr,
+)
+def test_distinct_names_share_no_key(one, other):
+    """Names that look different keep different keys."""
+    assert name_key(one) != name_key(other)
+    assert confusable_key(one) != confusable_key(other)
+
+
+def test_skeleton_follows_tr39():
+    """skeleton = NFD, map through confusables.txt, NFD (UTS #39 section 4)."""
+    assert skeleton("m") == "rn"
+    assert skeleton("\u0430") == "a"
+    assert skeleton("I") == "l"
+    assert skeleton("0") == "O"
+    assert skeleton("\u00e9") == "e\u0301"
+    assert skeleton("alice") == "alice"
+    assert name_key("ALICE") == "alice"
+    assert confusable_key("ALICE") == "ALlCE"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=40))
+def test_name_rules_never_raise_and_keys_are_stable(raw):
+    """Any text is judged without raising; a valid name's keys are deterministic and
+    those of its NFKC form and its case fold are its name key (#18)."""
+    name = normalize_name(raw)
+    if name is None:
+        return
+    assert name_key(name) == name_key(name.casefold())
+    assert confusable_key(name) == confusable_key(name)
 
 
 @pytest.mark.parametrize(

@@ -390,6 +390,30 @@ async def test_protocol_name_taken(server):
             await say_and_see(alice, "still-mine")
 
 
+async def test_protocol_look_alike_names_are_name_taken(server):
+    """Over a real WebSocket: look-alikes of a present name (NFKC, case folding, TR39
+    skeletons) answer name_taken, reserved and invisible names bad_name; a whisper `to`
+    another form of the name reaches its holder, named as bound (#18)."""
+    with trio.fail_after(10):
+        async with client_of(server) as alice, client_of(server) as mallory:
+            joined = await alice.join("lobby", "Alice")
+            assert joined["name"] == "Alice"
+            spoofs = ["alice", "\u0430lice", "ALICE", "\uff21lice", "AIice", " alice\u00a0"]
+            for i, name in enumerate(spoofs):
+                await mallory.send({"type": "join", "room": "lobby", "name": name, "ref": f"t{i}"})
+                await expect_error(mallory, "name_taken", f"t{i}")
+            for i, name in enumerate(["server", "\u0405ystem", "Al\u200bice", "\u3164", "\ue000"]):
+                await mallory.send({"type": "join", "room": "lobby", "name": name, "ref": f"b{i}"})
+                await expect_error(mallory, "bad_name", f"b{i}")
+            joined = await mallory.join("lobby", "M\u00e4llory")
+            assert joined["name"] == "M\u00e4llory"
+            assert joined["members"] == ["Alice", "M\u00e4llory"]
+            await alice.expect("presence", event="join", name="M\u00e4llory")
+            await mallory.send({"type": "whisper", "to": "ALICE", "msg": "psst", "ref": "w"})
+            whisper = await alice.expect("whisper", msg="psst")
+            assert (whisper["from"], whisper["to"]) == ("M\u00e4llory", "Alice")
+
+
 async def test_protocol_no_such_user(server):
     """A whisper to a name nobody holds answers no_such_user with the ref."""
     with trio.fail_after(10):

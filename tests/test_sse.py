@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import trio
@@ -56,6 +57,78 @@ async def test_sse_post_errors_are_4xx_json():
                 f"GET /sse/{sse.session} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode()
             )
             assert b" 405 " in await stream.receive_some(1000)
+            await stream.aclose()
+            await sse.aclose()
+
+
+async def test_sse_post_session_in_header_or_path_reaches_the_stream():
+    """POST /sse with X-Triochat-Session (preferred) and POST /sse/<session> (kept) both deliver (#18)."""
+    with trio.fail_after(10):
+        async with running_server() as server:
+            sse = await SseStream.open(tcp(server.port))
+            join = {"type": "join", "room": "lobby", "name": "sue", "ref": "j"}
+            assert await sse.post(join, form="header") == (204, None)
+            await sse.expect("joined", name="sue", ref="j")
+            say = {"type": "say", "room": "lobby", "msg": "by path", "ref": "p"}
+            assert await sse.post(say, form="path") == (204, None)
+            await sse.expect("message", msg="by path")
+            await sse.expect("ack", ref="p")
+            say = {"type": "say", "room": "lobby", "msg": "by header", "ref": "h"}
+            assert await sse.post(say, form="header") == (204, None)
+            await sse.expect("message", msg="by header")
+            await sse.expect("ack", ref="h")
+            await sse.aclose()
+
+
+async def test_sse_post_missing_or_unknown_session_is_400_or_404():
+    """POST /sse without the header: 400 no_session; an unknown id in either form: 404 no_such_session (#18)."""
+    with trio.fail_after(10):
+        async with running_server() as server:
+            connect = tcp(server.port)
+            sse = await SseStream.open(connect)
+            frame = {"type": "leave", "room": "x"}
+            status, body = await post(connect, "", frame, form="header")
+            assert status == 400
+            assert body is not None
+            assert body["code"] == "no_session"
+            assert body["message"]
+            for form in ("header", "path"):
+                status, body = await post(connect, "no-such-session", frame, form=form)
+                assert status == 404, form
+                assert body is not None
+                assert body["code"] == "no_such_session"
+            # Refused sessions touched nothing: the real one still works.
+            assert (await sse.post({"type": "join", "room": "lobby", "name": "sue"}))[0] == 204
+            await sse.expect("joined", name="sue")
+            await sse.aclose()
+
+
+async def test_sse_post_header_form_keeps_the_connection_alive():
+    """Header-form POSTs on one keep-alive connection: each answered 204, in order (#18)."""
+    with trio.fail_after(10):
+        async with running_server() as server:
+            sse = await SseStream.open(tcp(server.port))
+            stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+            frames = [{"type": "join", "room": "lobby", "name": "sue"}] + [
+                {"type": "say", "room": "lobby", "msg": f"m{i}"} for i in range(3)
+            ]
+            request = b""
+            for frame in frames:
+                body = json.dumps(frame).encode()
+                request += (
+                    f"POST /sse HTTP/1.1\r\nHost: localhost\r\n"
+                    f"X-Triochat-Session: {sse.session}\r\n"
+                    f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+                ).encode() + body
+            await stream.send_all(request)
+            answers = b""
+            while answers.count(b"HTTP/1.1 204") < len(frames):
+                chunk = await stream.receive_some(65536)
+                assert chunk, answers
+                answers += chunk
+            await sse.expect("joined", name="sue")
+            for i in range(3):
+                await sse.expect("message", msg=f"m{i}")
             await stream.aclose()
             await sse.aclose()
 

@@ -65,7 +65,9 @@ from .protocol import (
     TypingFrame,
     Whisper,
     WhisperFrame,
+    confusable_key,
     is_valid_room,
+    name_key,
     normalize_name,
     seq_of,
 )
@@ -78,6 +80,10 @@ MAX_REFS_PER_USER: Final = 256  # recent say refs remembered per user, for retri
 JOIN_HISTORY: Final = 100  # newest messages in a `joined` without `since`
 MAX_RECOVERY: Final = 200  # most missed messages a `since` replays exactly
 CLASSIC_ROOM: Final = "lobby"
+#: Seconds a `leave` waits before the others are told (docs/protocol.md §6):
+#: a join of the same room within it shows them nothing, so leave/join churn
+#: cannot flood a room with presence frames.
+LEAVE_SETTLE: Final = 2.0
 
 
 class Peer(Protocol):
@@ -115,14 +121,34 @@ class Client:
         #: Disconnected or replaced: its late frames are ignored.
         self.gone = False
 
+    def holds(self, name: str) -> bool:
+        """Whether this connection speaks as ``name`` (compared by `name_key`)."""
+        return self.user is not None and self.user.key == name_key(name)
+
 
 class User:
     """A name held by somebody: connected, or within the presence grace period."""
 
-    __slots__ = ("client", "deadline", "name", "refs", "rooms", "token", "whispers_in")
+    __slots__ = (
+        "client",
+        "deadline",
+        "key",
+        "name",
+        "refs",
+        "rooms",
+        "skeleton",
+        "token",
+        "whispers_in",
+    )
 
     def __init__(self, name: str, client: Client, token: str | None = None) -> None:
+        #: The name as bound (trimmed, as typed): shown in frames, room members
+        #: and cluster entries.
         self.name = name
+        #: Its identity (`name_key`) and TR39 skeleton (`confusable_key`): no
+        #: other user holds either (docs/protocol.md section 2.1).
+        self.key = name_key(name)
+        self.skeleton = confusable_key(name)
         self.token = token or secrets.token_urlsafe(24)
         self.client: Client | None = client
         #: The bound on whispers this user receives (made on the first one).
@@ -173,7 +199,7 @@ class _RemoteWhisper:
 class PendingSay:
     """A `say` on its way to the store; ``client`` gets the ack or the error."""
 
-    __slots__ = ("client", "committed", "draft", "id", "ref", "user", "waiting")
+    __slots__ = ("client", "committed", "draft", "id", "ref", "taken", "user", "waiting")
 
     def __init__(self, client: Client, draft: Draft, user: User | None = None) -> None:
         #: None once answered: a user's remembered refs must not keep a
@@ -188,6 +214,8 @@ class PendingSay:
         self.committed = False
         #: Connections that retried this say (same ref) while it was being stored.
         self.waiting: list[Client] = []
+        #: When the hub took it (its clock; set by the hub, for the say-to-ack metric).
+        self.taken = 0.0
 
 
 def _error(client: Client, code: str, message: str, ref: str | None = None) -> None:
@@ -265,7 +293,10 @@ class ChatState:
         self._max_rooms = max_rooms
         self._grace = presence_grace
         self.rooms: dict[str, Room] = {}
+        #: Every user this node holds, by `name_key` (docs/protocol.md §2.1).
         self.users: dict[str, User] = {}
+        #: The same users by `confusable_key`: a look-alike is `name_taken` too.
+        self._skeletons: dict[str, User] = {}
         self.clients: dict[Client, None] = {}
         self._deadlines: list[tuple[float, int, User]] = []
         self._tiebreak = itertools.count()
@@ -273,14 +304,17 @@ class ChatState:
         self.to_store: list[PendingSay] = []
         #: Stored says whose message has not come back yet, by id.
         self._awaiting: dict[str, list[PendingSay]] = {}
+        #: Says acked since the hub last took this list (it times them: metrics).
+        self.acked: list[PendingSay] = []
         #: Events for the other nodes, in order; the hub publishes them.
         self.to_publish: list[Event] = []
         #: Names this node no longer holds; the hub releases them.
         self.to_release: list[str] = []
         #: Other nodes' entries: (room, name) memberships and ("", name) users.
         self._remote: dict[str, set[Entry]] = {}
-        #: Users connected on other nodes: name -> nodes.
+        #: Users connected on other nodes: name key -> nodes, and the name as bound.
         self._remote_online: dict[str, set[str]] = {}
+        self._remote_names: dict[str, str] = {}
         #: Whether events reach the other nodes now (set by the hub each step):
         #: a whisper for another node is refused, not acked, while they do not.
         self.backplane_up = True
@@ -341,9 +375,18 @@ class ChatState:
         client.rooms = set()
         self._unlisten(client)
 
-    def _hold(self, user: User, now: float) -> None:
-        user.deadline = now + self._grace
-        heapq.heappush(self._deadlines, (user.deadline, next(self._tiebreak), user))
+    def _hold(self, user: User, now: float, delay: float | None = None) -> None:
+        """Keep the memberships ``user``'s connection no longer has until ``delay``
+        (default: the presence grace) has passed; `expire` then ends them."""
+        if delay is None:
+            deadline = now + self._grace
+        else:
+            # A shorter wait (a leave) never cuts short a grace already running.
+            deadline = max(now + delay, user.deadline or 0.0)
+            if deadline == user.deadline:
+                return
+        user.deadline = deadline
+        heapq.heappush(self._deadlines, (deadline, next(self._tiebreak), user))
 
     def next_deadline(self) -> float:
         """When `expire` must next run (``inf`` when nothing is held or awaited)."""
@@ -374,8 +417,8 @@ class ChatState:
             live = user.client.rooms if user.client is not None else set()
             for room_name in sorted(user.rooms - live):
                 self._remove_member(user, self.rooms[room_name])
-            if user.client is None and self.users.get(user.name) is user:
-                del self.users[user.name]
+            if user.client is None and self.users.get(user.key) is user:
+                self._forget_user(user)
                 self.to_release.append(user.name)
 
     # --- frames --------------------------------------------------------------
@@ -409,7 +452,7 @@ class ChatState:
             elif isinstance(frame, Whisper):
                 self._whisper(client, frame, now, wall_ms)
             elif isinstance(frame, HistoryRequest):
-                self._history(client, frame)
+                self._history(client, frame, now)
             else:
                 self._classic(client, frame, now, wall_ms, claim)
         except _Refused as refused:
@@ -434,8 +477,19 @@ class ChatState:
         else:
             return None
         name = normalize_name(requested)
-        if name is None or name in self.users:
+        if name is None:
             return None
+        user = self.users.get(name_key(name))
+        if user is not None:
+            # A takeover of a user here that rotates its token: the cluster
+            # records the new one (§6). Without `rotate` this node decides.
+            if not (isinstance(frame, Join) and frame.rotate and frame.token is not None):
+                return None
+            if not secrets.compare_digest(frame.token, user.token):
+                return None  # taken: refused without asking
+            return name
+        if confusable_key(name) in self._skeletons:
+            return None  # a look-alike of a user here: refused without asking
         return name
 
     def refuse(
@@ -497,9 +551,12 @@ class ChatState:
         if name is None:
             raise _Refused(
                 ErrorCode.BAD_NAME,
-                "a name is 1-32 characters with no control or format characters",
+                "a name is 1-32 visible characters, with no control, format or invisible"
+                " characters, and not a reserved name",
             )
-        if client.name is not None and name != client.name:
+        # "The same name" is the same name key (§2.1): a takeover binds the name
+        # as first bound, which may differ from the one typed in case or form.
+        if client.name is not None and name_key(name) != name_key(client.name):
             raise _Refused(ErrorCode.BAD_NAME, f"this connection is already named {client.name}")
         return name
 
@@ -514,6 +571,14 @@ class ChatState:
             return
         self.rate_limited += 1
         raise _Refused(ErrorCode.RATE_LIMITED, "slow down: too many messages")
+
+    def _check_reply_budget(self, client: Client, now: float) -> None:
+        """Replies that copy history (`history`, a join's replay) draw their size on
+        a bucket of their own (docs/protocol.md §9); one in debt refuses the next."""
+        if client.classic or client.limiter.allow_reply(now):
+            return
+        self.rate_limited += 1
+        raise _Refused(ErrorCode.RATE_LIMITED, "slow down: too much history asked for")
 
     def _check_membership_rate(self, client: Client, now: float) -> None:
         """Joins and leaves that change a membership draw on a bucket of their own."""
@@ -532,9 +597,10 @@ class ChatState:
     def _join(self, client: Client, frame: Join, now: float, claim: Claim | None) -> None:
         name = self._check_name(client, frame.name)
         self._check_room(client, frame.room, joining=True)
+        self._check_reply_budget(client, now)  # (takes nothing: before the bucket that does)
         if frame.room not in client.rooms:
             self._check_membership_rate(client, now)
-        user = self._bind(client, name, frame.token, now, claim)
+        user = self._bind(client, name, frame.token, now, claim, rotate=frame.rotate)
         room = self._room(frame.room)
         if frame.room not in client.rooms:
             client.rooms.add(frame.room)
@@ -553,31 +619,62 @@ class ChatState:
             recovered=recovered,
             ref=frame.ref,
         )
-        client.peer.deliver(OutFrame.of(joined))
+        out = OutFrame.of(joined)
+        client.limiter.charge_reply(len(out.ws))
+        client.peer.deliver(out)
 
     def _bind(
-        self, client: Client, name: str, token: str | None, now: float, claim: Claim | None
+        self,
+        client: Client,
+        name: str,
+        token: str | None,
+        now: float,
+        claim: Claim | None,
+        *,
+        rotate: bool = False,
     ) -> User:
         """The user ``client`` speaks as, taking the name over with its token."""
         if client.user is not None:
             return client.user
-        user = self.users.get(name)
+        # Names are held by key (docs/protocol.md §2.1): "ALICE" and "\u0430lice"
+        # (Cyrillic a) are "alice"; a look-alike of another user's name is taken too.
+        user = self.users.get(name_key(name))
         if user is None:
             if claim is not None and claim.status == "taken":
                 raise _Refused(ErrorCode.NAME_TAKEN, f"{name} is taken")
-            user = self.users[name] = User(name, client, claim.token if claim else None)
+            if claim is not None and claim.status == "takeover" and claim.name:
+                name = claim.name  # taken over from another node: the name as first bound
+            if confusable_key(name) in self._skeletons:
+                raise _Refused(ErrorCode.NAME_TAKEN, f"{name} is taken (too like another name)")
+            user = User(name, client, claim.token if claim else None)
+            self.users[user.key] = user
+            self._skeletons[user.skeleton] = user
             self._changed(add=("", name))
             if claim is not None and claim.previous and claim.previous != self.node:
                 # The name was held on another node: it closes that connection
                 # and hands the user's rooms over (`apply` of Kick/Handover).
                 self.to_publish.append(Kick(claim.previous, name, self.node))
-        elif token is None or not secrets.compare_digest(token, user.token):
+        elif (
+            token is None
+            or not secrets.compare_digest(token, user.token)
+            or (claim is not None and claim.status == "taken")
+        ):
             raise _Refused(ErrorCode.NAME_TAKEN, f"{name} is taken")
         else:
-            self._take_over(user, client, now)
-        client.name = name
+            self._take_over(user, client, now)  # keeps the name as first bound
+            if rotate:
+                # A new token (docs/protocol.md §6): the one used stops working, so
+                # a leaked copy of it takes the name over no more.
+                user.token = claim.token if claim is not None else secrets.token_urlsafe(24)
+        client.name = user.name
         client.user = user
         return user
+
+    def _forget_user(self, user: User) -> None:
+        """``user`` no longer holds its name here (never awaits)."""
+        del self.users[user.key]
+        if self._skeletons.get(user.skeleton) is user:
+            del self._skeletons[user.skeleton]
 
     def _take_over(self, user: User, client: Client, now: float) -> None:
         old = user.client
@@ -643,7 +740,9 @@ class ChatState:
         client.rooms.discard(room.name)
         self._unsubscribe(room, client)
         if client.user is not None:
-            self._remove_member(client.user, room)
+            # Still a member for the others until it settles (a join again
+            # within it shows them nothing); `expire` removes it then.
+            self._hold(client.user, now, min(LEAVE_SETTLE, self._grace))
         if not client.classic:
             client.peer.deliver(OutFrame.of(LeftFrame(room.name, frame.ref)))
 
@@ -651,12 +750,19 @@ class ChatState:
         self._check_rate(client, now)
         if client.name is None:
             raise _Refused(ErrorCode.NOT_JOINED, "join a room first: whispers need a name")
-        to = normalize_name(frame.to)
-        target = self.users.get(to) if to is not None else None
+        # `to` names a user by key (docs/protocol.md §3): "Alice" reaches "alice".
+        typed = normalize_name(frame.to)
+        key = name_key(typed) if typed is not None else None
+        target = self.users.get(key) if key is not None else None
         target_client = target.client if target is not None else None
-        nodes = self._remote_online.get(to, ()) if to is not None else ()
-        if to is None or (target_client is None and not nodes):
+        nodes = self._remote_online.get(key, ()) if key is not None else ()
+        if key is None or (target_client is None and not nodes):
             raise _Refused(ErrorCode.NO_SUCH_USER, f"nobody is called {frame.to}")
+        if target_client is not None:
+            assert target is not None
+            to = target.name
+        else:
+            to = self._remote_names.get(key, typed or "")
         if target is not None and target_client is not None and not _may_whisper_to(target, now):
             raise _Refused(ErrorCode.RATE_LIMITED, f"{to} gets too many whispers: try again")
         whisper_id = f"{self._whisper_prefix}{next(self._whisper_ids)}"
@@ -703,8 +809,9 @@ class ChatState:
         if whisper.ref is not None and not client.classic:
             client.peer.deliver(OutFrame.of(AckFrame(whisper.ref, whisper.id)))
 
-    def _history(self, client: Client, frame: HistoryRequest) -> None:
+    def _history(self, client: Client, frame: HistoryRequest, now: float) -> None:
         self._check_room(client, frame.room)
+        self._check_reply_budget(client, now)
         room = self._check_joined(client, frame.room)
         end = len(room.messages)
         if frame.before is not None:
@@ -715,7 +822,9 @@ class ChatState:
         start = max(0, end - frame.limit)
         reply = HistoryFrame(room.name, room.messages[start:end], start > 0, frame.ref)
         if not client.classic:
-            client.peer.deliver(OutFrame.of(reply))
+            out = OutFrame.of(reply)
+            client.limiter.charge_reply(len(out.ws))
+            client.peer.deliver(out)
 
     def _classic(
         self, client: Client, frame: ClassicFrame, now: float, wall_ms: int, claim: Claim | None
@@ -757,6 +866,7 @@ class ChatState:
             for client in _answer_to(pending):
                 if not client.classic:
                     client.peer.deliver(ack)
+            self.acked.append(pending)
 
     # --- what the backplane brings -------------------------------------------------
 
@@ -776,7 +886,7 @@ class ChatState:
                 self._to_typed(room, TypingFrame(room.name, received.name))
         elif isinstance(received, WhisperEvent):
             if received.node == self.node:
-                user = self.users.get(received.to)
+                user = self.users.get(name_key(received.to))
                 target = user.client if user is not None else None
                 refused = ""
                 if user is None or target is None:
@@ -882,7 +992,9 @@ class ChatState:
         entries.add(entry)
         room_name, name = entry
         if not room_name:
-            self._remote_online.setdefault(name, set()).add(node)
+            key = name_key(name)
+            self._remote_online.setdefault(key, set()).add(node)
+            self._remote_names[key] = name
             return
         room = self._room(room_name)
         nodes = room.remote.get(name)
@@ -899,11 +1011,13 @@ class ChatState:
         entries.discard(entry)
         room_name, name = entry
         if not room_name:
-            online = self._remote_online.get(name)
+            key = name_key(name)
+            online = self._remote_online.get(key)
             if online is not None:
                 online.discard(node)
                 if not online:
-                    del self._remote_online[name]
+                    del self._remote_online[key]
+                    self._remote_names.pop(key, None)
             return
         room = self.rooms.get(room_name)
         nodes = room.remote.get(name) if room is not None else None
@@ -956,9 +1070,15 @@ class ChatState:
 
     def _kicked(self, name: str, by: str) -> None:
         """Node ``by`` took ``name`` over: close it here and hand its rooms over."""
-        user = self.users.pop(name, None)
+        user = self.users.get(name_key(name))
         if user is None:
             return
+        self._forget_user(user)
+        # The entries this node published carry the name as bound here (the
+        # same name, unless a backplane could not tell the new node).
+        name = user.name
+        # Frees what `by`'s claim did not take over (the backplane keeps the rest).
+        self.to_release.append(name)
         old = user.client
         if old is not None:
             old.peer.close_soon(CloseCode.REPLACED, "replaced by a newer connection")
@@ -987,17 +1107,23 @@ class ChatState:
                 self._remote_remove(old, (room_name, name))
             self._remote_remove(old, ("", name))
             return
-        user = self.users.get(name)
+        user = self.users.get(name_key(name))
         if user is None:
             return  # gone again already: the rooms go with the old node's entries
         held = False
         for room_name in handover.rooms:
             room = self._room(room_name)
-            if name not in room.members:
-                room.members[name] = user
+            if user.name not in room.members:
+                room.members[user.name] = user
                 user.rooms.add(room_name)
-                self._changed(add=(room_name, name))
+                self._changed(add=(room_name, user.name))
                 held = True
+                if user.name != name and user.name not in room.remote:
+                    self._to_typed(room, PresenceFrame(room.name, "join", user.name))
+            if user.name != name:
+                # Bound here under another form of the name: the other nodes
+                # took the old form as ours on the handover; it goes.
+                self._changed(remove=(room_name, name))
             self._remote_remove(old, (room_name, name))
         self._remote_remove(old, ("", name))
         if held:

@@ -23,6 +23,7 @@ from . import __version__
 from .backup import backup_main
 from .config import Config
 from .errors import ConfigError, StorageError
+from .logformat import setup_logging
 from .server import serve_until_signalled
 
 __all__ = ["build_parser", "config_from_args", "main"]
@@ -75,6 +76,13 @@ _OPTIONS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--close-timeout", "close_timeout", float, "seconds to wait for a close handshake"),
     ("--handshake-timeout", "handshake_timeout", float, "seconds for a request head / handshake"),
     ("--max-header-bytes", "max_header_bytes", int, "largest HTTP request head; over it: 431"),
+    (
+        "--certfile",
+        "certfile",
+        Path,
+        "TLS certificate chain (PEM): the port then serves https and wss; SIGHUP reloads it",
+    ),
+    ("--keyfile", "keyfile", Path, "the certificate's private key (PEM; default: in --certfile)"),
     ("--redis", "redis", str, "redis://host:port/db: form one chat with the other nodes on it"),
     ("--node-timeout", "node_timeout", float, "seconds before a silent cluster node is gone"),
     (
@@ -84,6 +92,14 @@ _OPTIONS: list[tuple[str, str, Callable[[str], Any], str]] = [
         "seconds a wait on the cluster (claim, catch-up, another node's answer) may take",
     ),
     ("--log-level", "log_level", str, "DEBUG, INFO, WARNING or ERROR"),
+    ("--log-format", "log_format", str, "text, or json: one JSON object per line"),
+    (
+        "--metrics-port",
+        "metrics_port",
+        int,
+        "serve /metrics, /healthz and /readyz on this port only, not on --port",
+    ),
+    ("--metrics-host", "metrics_host", str, "address of --metrics-port (default: --host)"),
 ]
 
 
@@ -183,6 +199,7 @@ def config_from_args(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
     values["log_level"] = str(values["log_level"]).upper()
     if values["log_level"] not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ConfigError(f"unknown log level {values['log_level']}")
+    values["log_format"] = str(values["log_format"]).lower()
     return Config(**values)
 
 
@@ -205,13 +222,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ConfigError as exc:
         print(f"triochat: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    logging.basicConfig(
-        level=config.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(config.log_level, config.log_format, sys.stderr)
     try:
         trio.run(serve_until_signalled, config)
+    except ConfigError as exc:  # found at start-up: the certificate files, say
+        logging.getLogger("triochat").error("%s", exc)
+        raise SystemExit(2) from None
     except (StorageError, OSError, BaseExceptionGroup) as exc:
         failure = _startup_failure(exc)
         if failure is None:

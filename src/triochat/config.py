@@ -52,6 +52,11 @@ class Config:
     close_timeout: float = 5.0
     handshake_timeout: float = 10.0  # whole HTTP request head / WebSocket handshake
     max_header_bytes: int = 16384
+    # TLS on the public port (docs/operations.md, "TLS"): the certificate
+    # chain (PEM) and its key (None: the key is inside certfile). SIGHUP
+    # reloads both.
+    certfile: Path | None = None
+    keyfile: Path | None = None
 
     redis: str | None = None
     node_timeout: float = 30.0
@@ -60,6 +65,12 @@ class Config:
     # POST or a whisper, reaching Redis at start-up.
     backplane_timeout: float = 5.0
     log_level: str = "INFO"
+    # Logs and metrics an operator can use (#11 §4, docs/operations.md).
+    log_format: str = "text"  # or "json": one object per line
+    # With a port, /metrics and the health endpoints are served on their own
+    # listener (at metrics_host, else host) and answer 404 on the public port.
+    metrics_host: str | None = None
+    metrics_port: int | None = None
 
     inbound_buffer: int = 64  # frames from all clients waiting for the hub
 
@@ -112,3 +123,12 @@ class Config:
                 ) from None
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be 0-65535, got {self.port}")
+        if self.keyfile is not None and self.certfile is None:
+            raise ConfigError("keyfile needs a certfile")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"log_format must be text or json, got {self.log_format!r}")
+        if self.metrics_port is not None:
+            if not 0 <= self.metrics_port <= 65535:
+                raise ConfigError(f"metrics_port must be 0-65535, got {self.metrics_port}")
+            if self.metrics_port == self.port != 0 and self.metrics_host in (None, self.host):
+                raise ConfigError(f"metrics_port must differ from port ({self.port})")

@@ -37,7 +37,8 @@ import trio
 
 from .config import Config
 from .metrics import Stats
-from .outbound import Outbound, StepPolicy
+from .outbound import Outbound
+from .outbox import FlushSchedule
 from .protocol import CloseCode
 from .transports import DirectWrite as DirectWrite
 from .transports import Transport as Transport
@@ -52,13 +53,17 @@ def _utf8(message: str | bytes) -> bytes:
     return message.encode() if isinstance(message, str) else message
 
 
-class App(StepPolicy, Protocol):
+class App(Protocol):
     """What a connection needs of the application behind it (the chat's hub; the
     conformance run's echo). The client token is the app's own business."""
 
-    def connect(self, peer: Outbound, *, listener: bool) -> object:
-        """Register a connection (``peer`` is where its frames go); the token its
-        messages are given with."""
+    #: When the app's deliveries are written (its step policy); the connection
+    #: hands it to its `Outbound` and never reads it itself.
+    schedule: FlushSchedule
+
+    def connect(self, peer: Outbound, *, listener: bool, address: str = "") -> object:
+        """Register a connection (``peer`` is where its frames go; ``address``: the
+        client's, "" if unknown); the token its messages are given with."""
         ...
 
     def disconnect(self, client: object) -> None:
@@ -73,7 +78,16 @@ class App(StepPolicy, Protocol):
 class Connection:
     """A connection: its reader, and its `Outbound` (the `Peer` the app delivers to)."""
 
-    __slots__ = ("_config", "_hub", "_listener", "_stats", "_transport", "outbound")
+    __slots__ = (
+        "_address",
+        "_client",
+        "_config",
+        "_hub",
+        "_listener",
+        "_stats",
+        "_transport",
+        "outbound",
+    )
 
     def __init__(
         self,
@@ -83,13 +97,16 @@ class Connection:
         stats: Stats,
         *,
         listener: bool = False,
+        address: str = "",
     ) -> None:
         self._transport = transport
+        self._address = address  # the client's (after a trusted proxy): its shared budget
         self._hub = hub
         self._config = config
         self._stats = stats
         self._listener = listener
-        self.outbound = Outbound(transport, hub, config, stats)
+        self.outbound = Outbound(transport, hub.schedule, config, stats)
+        self._client: object = None  # the app's token for it, once `run` has connected it
 
     # What the server asks of a connection (drain, the close log line).
 
@@ -104,6 +121,16 @@ class Connection:
     def close_code(self) -> int | None:
         return self.outbound.close_code
 
+    @property
+    def user(self) -> str | None:
+        """The name the connection chatted under (for the log), if it took one.
+
+        The chat's token (`chat.Client`) has a ``name``; another app's (the
+        conformance echo's) may not, hence ``getattr``.
+        """
+        name = getattr(self._client, "name", None)
+        return name if isinstance(name, str) else None
+
     async def run(self, nursery: trio.Nursery) -> None:
         """Serve the connection until it ends, then cancel ``nursery``.
 
@@ -113,7 +140,9 @@ class Connection:
         """
         out = self.outbound
         out.start(nursery)
-        client = self._hub.connect(out, listener=self._listener)
+        client = self._client = self._hub.connect(
+            out, listener=self._listener, address=self._address
+        )
         try:
             await self._read(client)
         finally:

@@ -50,13 +50,16 @@ class Claim(msgspec.Struct, frozen=True):
     """The sequencer's answer to a node that wants to speak as ``name``.
 
     ``status``: "new" (the name was free; ``token`` is the new one), "takeover"
-    (the token matched; ``previous`` is the node that held the name, "" if
-    none or dead), or "taken".
+    (the token matched; ``token`` is a new one, the old one no longer works;
+    ``previous`` is the node that held the name, "" if
+    none or dead), or "taken". Names are claimed by their keys (`name_key`):
+    ``name`` is the name as first bound, which a takeover keeps.
     """
 
     status: str
     token: str = ""
     previous: str = ""
+    name: str = ""
 
 
 # --- events between nodes (JSON over Redis; tagged) ---------------------------

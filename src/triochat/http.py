@@ -22,6 +22,12 @@ already read. Rules:
    which is the TCP peer's unless that is a ``--trusted-proxy``. Pending
    sockets stay counted by the TCP peer: they are counted at accept, before
    any header is read.
+5. Operators (#11 §4): every plain request gets one access line on
+   ``triochat.access`` once answered (an SSE stream once it ends; a WebSocket
+   upgrade none: the chat logs its own open and close), with its path
+   without the query and without an SSE session id. With ``--metrics-port``
+   a listener serves a `Routes` set: the public one everything but
+   `OPERATOR_PATHS`, the operator one only those.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import base64
 import binascii
 import contextlib
 import contextvars
+import enum
 import functools
 import importlib.resources
 import ipaddress
@@ -48,9 +55,11 @@ from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Stats
 
 __all__ = [
+    "OPERATOR_PATHS",
     "SSE_CLIENT",
     "FrontContext",
     "PendingSockets",
+    "Routes",
     "StaticFiles",
     "Upgrade",
     "handle_http",
@@ -59,12 +68,18 @@ __all__ = [
 ]
 
 LOGGER = logging.getLogger("triochat.http")
+#: One line per plain request (rule 5): a logger of its own, so that an
+#: operator can route or silence access lines apart from the rest.
+ACCESS_LOGGER = logging.getLogger("triochat.access")
 
 _T = TypeVar("_T")
 
 RECEIVE_BYTES: Final = 16384
 MAX_BODY_BYTES: Final = 65536  # a body we must read past before the next request
 GET_HEAD: Final = "GET, HEAD"
+#: Carries the SSE session id on ``POST /sse`` (docs/protocol.md §13): the id
+#: is a bearer secret, and a path is what proxies and access logs record (#18).
+SSE_SESSION_HEADER: Final = "x-triochat-session"
 # Sent with every HTML response (docs/protocol.md §1). connect-src 'self' covers
 # ws:/wss: to the page's own host and port (CSP Level 3; Chromium checked by
 # tests/test_browser.py), so the page can reach its own server and no other.
@@ -73,6 +88,9 @@ PAGE_CSP: Final = (
     "style-src 'self'; script-src 'self'; frame-ancestors 'none'; base-uri 'none'"
 )
 HTML_HEADERS: Final = (("content-security-policy", PAGE_CSP), ("x-frame-options", "DENY"))
+#: What ``--metrics-port`` moves to a listener of its own (rule 5).
+OPERATOR_PATHS: Final = frozenset({"/metrics", "/healthz", "/readyz"})
+LOGGED_PATH_CHARS: Final = 80  # an access line's path is cut there, like client text
 UNKNOWN_PEER: Final = "?"  # a stream with no peer address (in memory, or already reset)
 #: The client address of the ``GET /sse`` that `FrontContext.serve_sse` is
 #: serving (set around that call, in its task), for its log lines. A context
@@ -122,6 +140,83 @@ class FrontContext(Protocol):
     async def post_sse(self, session_id: str, body: bytes) -> tuple[int, str, str]:
         """Deliver a POSTed frame: (status, error code, message); 204 when taken."""
         ...
+
+
+class Routes(enum.Enum):
+    """Which endpoints one listener serves (rule 5)."""
+
+    ALL = "all"  # one port for everything: no --metrics-port
+    PUBLIC = "public"  # the page and chats; OPERATOR_PATHS answer 404
+    OPERATOR = "operator"  # OPERATOR_PATHS only; everything else, chats too, 404
+
+    @property
+    def chats(self) -> bool:
+        """Whether WebSocket upgrades and SSE are served here."""
+        return self is not Routes.OPERATOR
+
+
+class _Access:
+    """One plain request on its way to its access line (rule 5)."""
+
+    __slots__ = ("request", "sent", "started", "status")
+
+    def __init__(self, request: _Request) -> None:
+        self.request = request
+        self.started = trio.current_time()
+        self.status: int | None = None  # None: nothing was answered
+        self.sent: int | None = None  # body bytes; None: not counted (an SSE stream)
+
+
+#: The request the current task answers, for `_send*` to note status and size
+#: in: the refusals are written from many places that never see the request.
+_ACCESS: Final = contextvars.ContextVar[_Access | None]("triochat_access", default=None)
+
+
+def _answered(status: int, sent: int | None) -> None:
+    access = _ACCESS.get()
+    if access is not None:
+        access.status, access.sent = status, sent
+
+
+def _log_access(access: _Access, ip: str, config: Config) -> None:
+    """Write ``access``'s line: peer, method, path, status, body bytes, duration."""
+    _ACCESS.set(None)
+    if not ACCESS_LOGGER.isEnabledFor(logging.INFO):
+        return
+    request = access.request
+    client = _client_ip(ip, request, config)
+    peer = ip if client == ip else f"{client} via {ip}"
+    path = _logged_path(request.path)
+    millis = round((trio.current_time() - access.started) * 1000, 1)
+    status, sent = access.status, access.sent
+    ACCESS_LOGGER.info(
+        "%s %s %s %s %s %.1f ms",
+        peer,
+        request.method,
+        path,
+        "-" if status is None else status,
+        "-" if sent is None else sent,
+        millis,
+        extra={
+            "peer": peer,
+            "method": request.method,
+            "path": path,
+            "status": status,
+            "bytes": sent,
+            "duration_ms": millis,
+        },
+    )
+
+
+def _logged_path(path: str) -> str:
+    """A path for the access line: the query is cut off already (`_Request`); an
+    SSE session id in it is a bearer secret, and an absolute-form target may
+    carry credentials. h11 admits only visible ASCII: nothing to escape."""
+    if path.startswith("/sse/"):
+        return "/sse/*"
+    if not path.startswith("/"):
+        return "-"
+    return path if len(path) <= LOGGED_PATH_CHARS else path[:LOGGED_PATH_CHARS] + "..."
 
 
 class StaticFiles:
@@ -239,6 +334,7 @@ async def handle_http(
     *,
     ip: str | None = None,
     pending: PendingSockets | None = None,
+    routes: Routes = Routes.ALL,
 ) -> Upgrade | None:
     """Serve one accepted connection: requests until it closes or upgrades.
 
@@ -251,10 +347,12 @@ async def handle_http(
             under ``ip``; released here once the socket is a chat or done.
             (Always the TCP peer's: behind a proxy, the client address a
             request's headers give goes only into the chat slot, `Upgrade.ip`.)
+        routes: what this listener serves (rule 5).
 
     Resource handling: the caller closes ``stream`` afterwards.
     """
     counted = pending is not None
+    access: _Access | None = None  # the request being answered, until its line is out
     if ip is None:
         ip = peer_ip(stream)
     try:
@@ -273,6 +371,8 @@ async def handle_http(
             if not isinstance(event, h11.Request):
                 return None  # the client closed the connection
             request = _Request(event)
+            access = _Access(request)
+            _ACCESS.set(access)
             # First of all (§1): a name we do not serve is a DNS-rebinding page.
             if not host_allowed(request.headers.get("host"), config.allow_hosts):
                 ctx.stats.hosts_refused += 1
@@ -284,7 +384,7 @@ async def handle_http(
                 )
                 return None
             ctx.stats.http_requests += 1
-            if "websocket" in request.headers.get("upgrade", "").lower():
+            if routes.chats and "websocket" in request.headers.get("upgrade", "").lower():
                 if not await _vet_upgrade(stream, request, ctx):
                     return None
                 client = _client_ip(ip, request, config)
@@ -292,19 +392,26 @@ async def handle_http(
                     await _send_raw(stream, 429, "too many connections from your address")
                     return None
                 head = _head_as_received(request.event)
+                access = None  # a chat now: it logs its own open and close lines
+                _ACCESS.set(None)
                 return Upgrade(head + conn.trailing_data[0], request.path, client, len(head))
-            if request.path == "/sse" and request.method == "GET":
+            if routes.chats and request.path == "/sse" and request.method == "GET":
                 if pending is not None and counted:
                     counted = False  # a stream for hours: a chat now, counted per IP
                     pending.release(ip)
                 await _open_sse(stream, request, ctx, _client_ip(ip, request, config))
+                if access.status is None:
+                    access.status = 200  # the stream was served (its bytes are not counted)
                 return None
-            if request.path.startswith("/sse/"):
+            if routes.chats and (
+                request.path.startswith("/sse/")
+                or (request.path == "/sse" and request.method == "POST")
+            ):
                 if not await _answering_protocol_errors(
                     stream, _post_sse(stream, conn, request, ctx)
                 ):
                     return None
-            elif not await _respond(stream, conn, request, ctx, static):
+            elif not await _respond(stream, conn, request, ctx, static, routes):
                 return None
             try:
                 with trio.move_on_after(config.handshake_timeout) as body_scope:
@@ -313,11 +420,15 @@ async def handle_http(
                 return None  # answered already; a broken body only ends the connection
             if body_scope.cancelled_caught or not finished:
                 return None
+            _log_access(access, ip, config)
+            access = None
             try:
                 conn.start_next_cycle()
             except h11.LocalProtocolError:
                 return None
     finally:
+        if access is not None:
+            _log_access(access, ip, ctx.config)
         if pending is not None and counted:
             pending.release(ip)
 
@@ -409,9 +520,10 @@ async def _respond(
     request: _Request,
     ctx: FrontContext,
     static: StaticFiles,
+    routes: Routes = Routes.ALL,
 ) -> bool:
     """Answer a plain request; False when the connection must close."""
-    route = _route(request.path, ctx, static)
+    route = _route(request.path, ctx, static, routes)
     if route is None:
         return await _send(stream, conn, request, 404, b"not found\n")
     if request.method not in ("GET", "HEAD"):
@@ -423,8 +535,12 @@ async def _respond(
 _Route = Callable[[], tuple[int, bytes, str, list[tuple[str, str]]]]
 
 
-def _route(path: str, ctx: FrontContext, static: StaticFiles) -> _Route | None:
+def _route(
+    path: str, ctx: FrontContext, static: StaticFiles, routes: Routes = Routes.ALL
+) -> _Route | None:
     text = "text/plain; charset=utf-8"
+    if (path in OPERATOR_PATHS) != (routes is Routes.OPERATOR) and routes is not Routes.ALL:
+        return None  # served on the other listener (rule 5)
     if path == "/" and "index.html" in static.files:
         body, kind = static.files["index.html"]
         return lambda: (200, body, kind, [])
@@ -477,6 +593,7 @@ async def _send(
     if content_type.startswith("text/html"):
         headers.extend(HTML_HEADERS)  # every HTML response, whatever its route (§1)
     headers.extend(extra or [])
+    _answered(status, 0 if request.method == "HEAD" else len(body))
     try:
         data = conn.send(
             h11.Response(status_code=status, headers=headers, reason=REASONS.get(status, b""))
@@ -505,6 +622,7 @@ async def _send_raw(
         "cache-control: no-cache\r\nx-content-type-options: nosniff\r\n"
         f"connection: close\r\n{extra}\r\n"
     ).encode()
+    _answered(status, 0 if head else len(body))
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
         await stream.send_all(response if head else response + body)
 
@@ -642,6 +760,7 @@ async def _send_raw_json(stream: trio.abc.Stream, status: int, code: str, messag
         "cache-control: no-cache\r\nx-content-type-options: nosniff\r\n"
         "connection: close\r\n\r\n"
     ).encode()
+    _answered(status, len(body))
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
         await stream.send_all(head + body)
 
@@ -674,9 +793,15 @@ async def _open_sse(
 async def _post_sse(
     stream: trio.abc.Stream, conn: h11.Connection, request: _Request, ctx: FrontContext
 ) -> bool:
-    """``POST /sse/<session>``: one client frame. False when the connection must close."""
+    """``POST /sse`` (session id in `SSE_SESSION_HEADER`) or, kept for older
+    clients, ``POST /sse/<session>``: one client frame. False when the
+    connection must close. The path form ignores the header."""
     headers = request.headers
     config = ctx.config
+    in_path = request.path.startswith("/sse/")
+    session = (
+        request.path[len("/sse/") :] if in_path else headers.get(SSE_SESSION_HEADER, "").strip()
+    )
 
     async def answer(status: int, code: str = "", message: str = "") -> bool:
         body = _json_error(code, message) if status != 204 else b""
@@ -690,6 +815,10 @@ async def _post_sse(
     if not origin_allowed(headers.get("origin"), headers.get("host"), config.allow_origins):
         await _send_raw_json(stream, 403, "forbidden", "origin not allowed")
         return False
+    if not session:
+        # A client bug, not a lost session: say what is missing (the body is
+        # left unread; the request loop reads past it).
+        return await answer(400, "no_session", "name the session in X-Triochat-Session")
     limit = config.max_frame_bytes
     declared = headers.get("content-length", "").strip()
     if declared.isdigit() and int(declared) > limit:
@@ -703,7 +832,7 @@ async def _post_sse(
     if body is None:
         await _send_raw_json(stream, 413, "too_big", f"a frame is at most {limit} bytes")
         return False
-    status, code, message = await ctx.post_sse(request.path[len("/sse/") :], body)
+    status, code, message = await ctx.post_sse(session, body)
     return await answer(status, code, message)
 
 

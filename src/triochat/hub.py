@@ -40,7 +40,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from typing import Final, Protocol, cast
+from typing import Final, cast
 
 import trio
 
@@ -50,8 +50,9 @@ from .config import Config
 from .errors import ClientProtocolError, StorageError
 from .events import Claim, Received, SsePost, SsePostResult
 from .metrics import Stats
+from .outbox import FlushSchedule
 from .protocol import ClientFrame, CloseCode, ErrorCode, Join, Message, decode_client_frame
-from .ratelimit import RateLimiter
+from .ratelimit import ADDRESS_SCALE, RateLimiter
 
 __all__ = ["Hub"]
 
@@ -111,8 +112,14 @@ Inbound = tuple[Client, ClientItem] | trio.Event | _Wake | _Resolved | _Stored |
 RelayHandler = Callable[[SsePost | SsePostResult], None]
 
 
-class Flushable(Protocol):
-    def flush_nowait(self) -> None: ...
+class _AddressBudget:
+    """The rate budget one client address's connections share (`Hub.connect`)."""
+
+    __slots__ = ("connections", "limiter")
+
+    def __init__(self, limiter: RateLimiter) -> None:
+        self.limiter = limiter
+        self.connections = 0
 
 
 class Hub:
@@ -131,14 +138,16 @@ class Hub:
         )
         self._chat: ChatState | None = None
         self._wait_scope: trio.CancelScope | None = None
-        self._dirty: list[Flushable] = []
-        #: Counts the hub's steps (each ends with `_flush`): a connection marks
-        #: itself dirty once per step.
-        self.step = 0
-        #: True while the hub delivers a lone message: a connection with
-        #: nothing else queued writes it at once (`Outbound.deliver`)
-        #: instead of waiting for the end of the step.
-        self.write_through = False
+        #: When the current step began (`trio.current_time`): says taken in it are
+        #: stamped with it, for the say-to-ack histogram.
+        self._step_started = 0.0
+        #: The step policy connections are given (`App.schedule`): a lone
+        #: message is written as it is delivered (`write_through`); otherwise
+        #: each connection that got frames is flushed at the end of the step.
+        self.schedule = FlushSchedule()
+        #: Each client address's shared budget and how many connections use it.
+        self._addresses: dict[str, _AddressBudget] = {}
+        self._address_of: dict[Client, str] = {}
         # A backplane over an in-memory store may offer a synchronous append.
         self._append_nowait = backplane.append_nowait
         self._storage_down = False
@@ -208,32 +217,42 @@ class Hub:
 
     # --- called by connections (sync: never checkpoints) ----------------------
 
-    def connect(self, peer: Peer, *, listener: bool) -> Client:
-        """Register a connection; ``listener``: it hears lobby from the start."""
-        limiter = RateLimiter(self._config.rate, self._config.burst, trio.current_time())
+    def connect(self, peer: Peer, *, listener: bool, address: str = "") -> Client:
+        """Register a connection; ``listener``: it hears lobby from the start.
+
+        ``address``: the client's address (after a trusted proxy): its
+        connections share one budget on top of their own (`ADDRESS_SCALE`).
+        """
+        config, now = self._config, trio.current_time()
+        shared = None
+        if address:
+            budget = self._addresses.get(address)
+            if budget is None:
+                shared = RateLimiter(config.rate, config.burst, now, scale=ADDRESS_SCALE)
+                budget = self._addresses[address] = _AddressBudget(shared)
+            budget.connections += 1
+            shared = budget.limiter
+        limiter = RateLimiter(config.rate, config.burst, now, shared=shared)
         client = Client(peer, limiter, listener=listener)
         self.chat.connect(client)
+        if address:
+            self._address_of[client] = address
         return client
 
     def disconnect(self, client: object) -> None:
         """Unregister a connection (``client``: what `connect` gave it). Never awaits;
         safe to call from ``finally``."""
         chat = self.chat
+        address = self._address_of.pop(cast("Client", client), None)
+        if address is not None:
+            budget = self._addresses[address]
+            budget.connections -= 1
+            if not budget.connections:
+                del self._addresses[address]  # (a new connection starts a full one)
         chat.disconnect(cast("Client", client), trio.current_time())
         scope = self._wait_scope
         if scope is not None and chat.next_deadline() < scope.deadline:
             scope.deadline = chat.next_deadline()  # wake the dispatcher in time
-
-    def mark_dirty(self, connection: Flushable) -> None:
-        """``connection`` got its first frame of this step: flush it at the end."""
-        self._dirty.append(connection)
-
-    def _flush(self) -> None:
-        """End of a step: hand every frame queued during it to its socket."""
-        self.step += 1
-        dirty, self._dirty = self._dirty, []
-        for connection in dirty:
-            connection.flush_nowait()
 
     async def settle(self) -> None:
         """Return once every frame queued so far is applied, its says stored and acked."""
@@ -272,12 +291,13 @@ class Hub:
             # delivered: the first members need not wait for the whole fan-out
             # to be queued. Several are queued and flushed at the end of the
             # step, one write per connection (coalescing, under load).
-            self.write_through = sum(isinstance(item, Message) for item in received) == 1
+            schedule = self.schedule
+            schedule.write_through = sum(isinstance(item, Message) for item in received) == 1
             try:
                 for item in received:
                     self._receive(chat, item, now)
             finally:
-                self.write_through = False
+                schedule.write_through = False
         published = bool(chat.to_publish)
         if published:
             events, chat.to_publish = chat.to_publish, []
@@ -335,6 +355,7 @@ class Hub:
             self._wait_scope = None
             if scope.cancelled_caught:
                 item = None
+            started = self._step_started = trio.current_time()
             self._pump(chat)
             chat.backplane_up = self._backplane.available()
             now = trio.current_time()
@@ -354,7 +375,8 @@ class Hub:
             self._pump(chat)
             self._queue_says(chat)
             self._pump(chat)  # (an in-memory append hands its messages back at once)
-            self._flush()
+            self.schedule.end_step()
+            self._observe_step(chat, started)
             if self._step_done:
                 done, self._step_done = self._step_done, []
                 for event in done:
@@ -363,6 +385,18 @@ class Hub:
                 held, self._held = self._held, []
                 assert self._nursery is not None
                 self._nursery.start_soon(self._release_when_published, held)
+
+    def _observe_step(self, chat: ChatState, started: float) -> None:
+        """Time the step that just flushed, and the says acked in it (their acks
+        are in the sockets now). Per step and per ack, never per delivery."""
+        ended = trio.current_time()
+        stats = self._stats
+        stats.hub_step.observe(ended - started)
+        if chat.acked:
+            acked, chat.acked = chat.acked, []
+            say_ack = stats.say_ack
+            for say in acked:
+                say_ack.observe(ended - say.taken)
 
     async def _take(self, chat: ChatState, item: Inbound, now: float, wall_ms: int) -> None:
         """Apply one inbound item; a frame that needs the cluster first is parked.
@@ -452,8 +486,9 @@ class Hub:
         if name is None:
             return None
         token = frame.token if isinstance(frame, Join) else None
+        rotate = isinstance(frame, Join) and frame.rotate
         try:
-            return name, await self._backplane.claim(name, token)
+            return name, await self._backplane.claim(name, token, rotate=rotate)
         except StorageError:
             return name, Claim("unavailable")
 
@@ -499,25 +534,30 @@ class Hub:
 
     def _release_unused(self, client: Client, name: str) -> None:
         """A claimed name the frame did not end up binding goes back."""
-        user = client.user
-        if user is None or user.name != name:
+        if not client.holds(name):  # (by key: a takeover may bind another form of it)
             self._backplane.release(name)
 
     def _queue_says(self, chat: ChatState) -> None:
         if not chat.to_store:
             return
         pending, chat.to_store = chat.to_store, []
+        taken = self._step_started
+        for say in pending:
+            say.taken = taken
         append_nowait = self._append_nowait
         if append_nowait is not None:
             # An in-memory store: commit in this step, with no task hop (and
             # no wake-up: the pump at the end of this step applies them).
             self._quiet = True
             try:
-                ids = append_nowait([say.draft for say in pending])
-            except StorageError as exc:
-                self._stored(chat, pending, exc)
-            else:
-                self._stored(chat, pending, ids)
+                result: list[str] | StorageError
+                began = trio.current_time()
+                try:
+                    result = append_nowait([say.draft for say in pending])
+                except StorageError as exc:
+                    result = exc
+                self._stats.store_commit.observe(trio.current_time() - began)
+                self._stored(chat, pending, result)
             finally:
                 self._quiet = False
             return
@@ -552,10 +592,12 @@ class Hub:
             with trio.move_on_after(self._config.backplane_timeout):
                 await self._backplane.flush()
             result: list[str] | StorageError
+            began = trio.current_time()
             try:
                 result = await self._backplane.append([say.draft for say in batch])
             except StorageError as exc:
                 result = exc
+            self._stats.store_commit.observe(trio.current_time() - began)
             await self._post(_Stored(batch, result))
             if barrier is not None:
                 await self._post(_StepDone(barrier))

@@ -28,18 +28,18 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Awaitable
-from typing import Final, Protocol
+from typing import Final
 
 import trio
 
 from .config import Config
 from .frames import OutFrame
 from .metrics import Stats
-from .outbox import Outbox
+from .outbox import FlushSchedule, Outbox
 from .protocol import CloseCode
 from .transports import DirectWrite, Transport, TransportClosed
 
-__all__ = ["BACKLOG_PAUSE", "HARD_BOUND_FACTOR", "Outbound", "StepPolicy"]
+__all__ = ["BACKLOG_PAUSE", "HARD_BOUND_FACTOR", "Outbound"]
 
 LOGGER = logging.getLogger("triochat.outbound")
 
@@ -48,20 +48,6 @@ LOGGER = logging.getLogger("triochat.outbound")
 HARD_BOUND_FACTOR: Final = 4
 #: Seconds a reader waits at most for its own backlog to go down (`backlog_low`).
 BACKLOG_PAUSE: Final = 1.0
-
-
-class StepPolicy(Protocol):
-    """How the app's steps want deliveries written (the hub's write-through and
-    its end-of-step flush): read by `deliver`, owned by the app."""
-
-    #: True while a lone message is delivered: write it at once.
-    write_through: bool
-    #: The app's step counter: an outbound asks once per step to be flushed.
-    step: int
-
-    def mark_dirty(self, outbound: Outbound) -> None:
-        """``outbound`` got frames in this step: call its `flush_nowait` at the end."""
-        ...
 
 
 class Outbound:
@@ -75,11 +61,11 @@ class Outbound:
         "_drained",
         "_hard_bound",
         "_held",
-        "_hub",
         "_lost",
         "_nursery",
         "_over_at",
         "_ping_due",
+        "_schedule",
         "_send_scope",
         "_stats",
         "_step",
@@ -95,12 +81,13 @@ class Outbound:
     )
 
     def __init__(
-        self, transport: Transport, hub: StepPolicy, config: Config, stats: Stats
+        self, transport: Transport, schedule: FlushSchedule, config: Config, stats: Stats
     ) -> None:
         self._transport = transport
         #: The transport's direct write (the hub's hot path), if it has one.
         self._direct = transport if isinstance(transport, DirectWrite) else None
-        self._hub = hub
+        #: The app's step policy: write at once, or flush at the end of the step.
+        self._schedule = schedule
         self._config = config
         self._stats = stats
         self.outbox = Outbox()
@@ -118,7 +105,7 @@ class Outbound:
         self._lost: TransportClosed | None = None  # the hub's direct write found the peer gone
         self._ping_due = False  # the reader asks the writer for a ping
         self._writing = False  # the writer task is running
-        self._step = -1  # the hub step that last marked this connection for its flush
+        self._step = -1  # the step of `_schedule` that last filed this connection
         self._writes = 0  # writes completed so far: the proof that the peer reads
         #: ``_writes`` when a step last ended with the backlog over the bound
         #: (-1: it did not): the slow-consumer rule (`_check_backlog`).
@@ -179,9 +166,9 @@ class Outbound:
             return
         outbox = self.outbox
         queued = outbox.put(frame)
-        hub = self._hub
+        schedule = self._schedule
         if queued == 1:
-            if hub.write_through:
+            if schedule.write_through:
                 self.flush_nowait()  # a lone message: nothing to coalesce it with
                 return
         elif outbox.size > self._hard_bound:
@@ -190,9 +177,9 @@ class Outbound:
             # frame alone may be bigger: it is allowed.)
             self._slow_consumer()
             return
-        if self._step != hub.step:
-            self._step = hub.step
-            hub.mark_dirty(self)  # the hub calls flush_nowait after this step
+        if self._step != schedule.step:
+            self._step = schedule.step
+            schedule.flush_later(self)  # `flush_nowait` at the end of this step
 
     def flush_nowait(self) -> None:
         """Send what is queued right now, from the hub, if the socket takes it.

@@ -1,4 +1,5 @@
-"""One connection's outbound queue, counted in frames and bytes.
+"""One connection's outbound queue, counted in frames and bytes, and the
+schedule on which an app's step flushes the queues it filled.
 
 The hub puts without ever waiting; whoever sends takes everything queued at
 once and sends it with one write: the hub itself when the socket takes it
@@ -11,9 +12,11 @@ and per idle connection than a memory channel.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from .frames import OutFrame
 
-__all__ = ["Outbox"]
+__all__ = ["FlushSchedule", "Flushable", "Outbox"]
 
 
 class Outbox:
@@ -56,3 +59,39 @@ class Outbox:
     def clear(self) -> None:
         self._frames.clear()
         self.size = 0
+
+
+class Flushable(Protocol):
+    def flush_nowait(self) -> None: ...
+
+
+class FlushSchedule:
+    """When delivered frames are written: as they come (write-through) or at the
+    end of the app's step, one write per connection (coalescing).
+
+    The app owns it and drives it (`write_through`, `end_step`: the hub's step
+    policy); each connection's `Outbound` holds it and files itself once per
+    step (`flush_later`), so a connection never reads or calls the app.
+    """
+
+    __slots__ = ("_due", "step", "write_through")
+
+    def __init__(self, *, write_through: bool = False) -> None:
+        #: True while the app delivers a lone message: a connection with
+        #: nothing else queued writes it at once.
+        self.write_through = write_through
+        #: Counts the steps (each ends with `end_step`): a connection asks once
+        #: per step to be flushed.
+        self.step = 0
+        self._due: list[Flushable] = []
+
+    def flush_later(self, outbound: Flushable) -> None:
+        """``outbound`` got its first frame of this step: flush it at the end."""
+        self._due.append(outbound)
+
+    def end_step(self) -> None:
+        """End of a step: hand every frame queued during it to its socket."""
+        self.step += 1
+        due, self._due = self._due, []
+        for outbound in due:
+            outbound.flush_nowait()

@@ -5,8 +5,10 @@
     Server.run                     root nursery
     ├── Hub.run                    the broadcaster, its store loop and the backplane
     └── handler nursery            cancelled last, after the drain
-        ├── _accept_loop           one per listener; EMFILE backs off; too many
-        │                          sockets not yet chats (PendingSockets): closed at once
+        ├── _accept_loop           one per listener (and per --metrics-port listener,
+        │                          which serves only /metrics and health); EMFILE
+        │                          backs off; too many sockets not yet chats
+        │                          (PendingSockets): closed at once
         └── _handle_stream         one per TCP connection: HTTP, or a chat (Connection.run)
             └── connection nursery (trio-websocket's reader; the writer when needed)
 
@@ -43,14 +45,17 @@ from .http import (
     SSE_CLIENT,
     UNKNOWN_PEER,
     PendingSockets,
+    Routes,
     StaticFiles,
     Upgrade,
     handle_http,
     peer_ip,
 )
 from .hub import Hub
-from .metrics import Stats, render_metrics
+from .logformat import log_context
+from .metrics import Gauge, Stats, open_registry, render_metrics
 from .protocol import CloseCode
+from .tls import Certificate, start_tls
 from .transports.sse import SseTransport
 from .transports.websocket import ClosingRace, ReplayStream, accept_websocket
 
@@ -81,9 +86,17 @@ class Server:
         if backplane is None:
             backplane = _default_backplane(config, history)
         self.hub = Hub(config, backplane, self.stats)
+        #: The public port's TLS certificate (``--certfile``), reloaded on SIGHUP.
+        self.certificate = (
+            Certificate(config.certfile, config.keyfile) if config.certfile is not None else None
+        )
         self.hub.relay = self._relayed
         self._given_listeners = listeners
         self.listeners: list[trio.abc.Listener[trio.abc.Stream]] = []
+        #: The ``--metrics-port`` listeners (/metrics and health only), if any.
+        self.metrics_listeners: list[trio.abc.Listener[trio.abc.Stream]] = []
+        #: Numbers chat connections for the log (the ``conn`` field).
+        self._connection_ids = itertools.count(1)
         self.connections: set[Connection] = set()
         self._per_ip: Counter[str] = Counter()
         #: Sockets accepted that are not chats yet (docs/protocol.md §9, #18).
@@ -98,6 +111,23 @@ class Server:
         self._relay_ids = itertools.count(1)
         self._relay_waiting: dict[int, tuple[trio.Event, list[SsePostResult]]] = {}
         self._relay_nursery: trio.Nursery | None = None
+        gauges: dict[str, Gauge] = {
+            "rooms": ("Rooms that have members or history.", lambda: len(self.hub.chat.rooms)),
+            "users": (
+                "Names held: connected, or within their presence grace.",
+                lambda: len(self.hub.chat.users),
+            ),
+            "draining": ("1 while the server drains (SIGTERM), else 0.", lambda: self._draining),
+            "backplane_available": (
+                "1 while says can be stored (history, or Redis, reachable), else 0.",
+                lambda: self.hub.available(),
+            ),
+            "pending_sockets": (
+                "Accepted sockets that are not chats yet (request, body or keep-alive).",
+                lambda: self.pending.total,
+            ),
+        }
+        self._registry = open_registry(self.stats, gauges, version=__version__)
 
     # --- FrontContext ------------------------------------------------------------
 
@@ -110,15 +140,7 @@ class Server:
 
     def metrics(self) -> bytes:
         self.stats.rate_limited = self.hub.chat.rate_limited
-        gauges = {
-            "connections": lambda: float(len(self.connections)),
-            "rooms": lambda: float(len(self.hub.chat.rooms)),
-            "users": lambda: float(len(self.hub.chat.users)),
-            "draining": lambda: float(self._draining),
-            "backplane_available": lambda: float(self.hub.available()),
-            "pending_sockets": lambda: float(self.pending.total),
-        }
-        return render_metrics(self.stats, gauges)
+        return render_metrics(self._registry)
 
     def take_ip_slot(self, ip: str) -> bool:
         limit = self.config.max_conns_per_ip
@@ -139,6 +161,14 @@ class Server:
         if socket is None:
             raise RuntimeError("the first listener has no socket")
         return int(socket.getsockname()[1])
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The ``--metrics-port`` listener's port (useful with 0); None without one."""
+        if not self.metrics_listeners:
+            return None
+        socket = getattr(self.metrics_listeners[0], "socket", None)
+        return None if socket is None else int(socket.getsockname()[1])
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -164,11 +194,23 @@ class Server:
             else:
                 self.listeners = list(await trio.open_tcp_listeners(config.port, host=config.host))
             try:
+                if config.metrics_port is not None:
+                    self.metrics_listeners = list(
+                        await trio.open_tcp_listeners(
+                            config.metrics_port, host=config.metrics_host or config.host
+                        )
+                    )
+                public = Routes.PUBLIC if config.metrics_port is not None else Routes.ALL
                 async with trio.open_nursery() as handlers:
                     for listener in self.listeners:
-                        handlers.start_soon(self._accept_loop, listener, handlers)
+                        handlers.start_soon(self._accept_loop, listener, handlers, public)
+                    for listener in self.metrics_listeners:
+                        handlers.start_soon(self._accept_loop, listener, handlers, Routes.OPERATOR)
                     for address in self._addresses():
-                        LOGGER.info("listening on http://%s", address)
+                        LOGGER.info("listening on %s://%s", self.scheme, address)
+                    for address in self._addresses(self.metrics_listeners):
+                        # Not "listening on": tests and scripts take that line's URL.
+                        LOGGER.info("metrics and health on http://%s", address)
                     LOGGER.info("%s", self.startup_summary())
                     task_status.started(self)
                     await self._drain_requested.wait()
@@ -176,7 +218,7 @@ class Server:
                     handlers.cancel_scope.cancel()
             finally:
                 with trio.CancelScope(shield=True):
-                    for listener in self.listeners:
+                    for listener in [*self.listeners, *self.metrics_listeners]:
                         await trio.aclose_forcefully(listener)
                 self.hub.stop()
         LOGGER.info("stopped")
@@ -184,7 +226,7 @@ class Server:
     def startup_summary(self) -> str:
         """The start-up line: version, URL, storage, Redis (no password), TLS."""
         config = self.config
-        urls = ", ".join(f"http://{address}" for address in self._addresses()) or "no socket"
+        urls = ", ".join(f"{self.scheme}://{a}" for a in self._addresses()) or "no socket"
         if config.redis:
             storage = "redis"
         elif config.memory:
@@ -192,11 +234,30 @@ class Server:
         else:
             storage = f"sqlite {config.data_dir / DB_FILE}"
         redis = redact_url(config.redis) if config.redis else "off"
-        return f"triochat {__version__} on {urls}; storage: {storage}; redis: {redis}; tls: off"
+        tls = "on" if self.certificate is not None else "off"
+        line = f"triochat {__version__} on {urls}; storage: {storage}; redis: {redis}; tls: {tls}"
+        if config.metrics_port is not None:
+            metrics = ", ".join(f"http://{a}" for a in self._addresses(self.metrics_listeners))
+            line += f"; metrics and health: {metrics or 'no socket'}"
+        return line
 
-    def _addresses(self) -> list[str]:
+    @property
+    def scheme(self) -> str:
+        """How the public port is reached: ``https`` with a certificate, else ``http``."""
+        return "http" if self.certificate is None else "https"
+
+    def reload_certificate(self) -> None:
+        """SIGHUP: new connections use the certificate files as they are now."""
+        if self.certificate is None:
+            LOGGER.info("SIGHUP: no --certfile to reload")
+        else:
+            self.certificate.reload()
+
+    def _addresses(
+        self, listeners: Sequence[trio.abc.Listener[trio.abc.Stream]] | None = None
+    ) -> list[str]:
         found = []
-        for listener in self.listeners:
+        for listener in self.listeners if listeners is None else listeners:
             socket = getattr(listener, "socket", None)
             if socket is None:
                 continue
@@ -221,7 +282,10 @@ class Server:
                 await self._chats_closed.wait()
 
     async def _accept_loop(
-        self, listener: trio.abc.Listener[trio.abc.Stream], nursery: trio.Nursery
+        self,
+        listener: trio.abc.Listener[trio.abc.Stream],
+        nursery: trio.Nursery,
+        routes: Routes = Routes.ALL,
     ) -> None:
         backoff = 0.0
         while True:
@@ -245,7 +309,7 @@ class Server:
             if self._refusing_all:
                 LOGGER.info("accepting connections again (pending sockets under the cap)")
                 self._refusing_all = False
-            nursery.start_soon(self._handle_stream, stream, ip)
+            nursery.start_soon(self._handle_stream, stream, ip, routes)
 
     def _refuse(self, stream: trio.abc.Stream, ip: str, nursery: trio.Nursery) -> None:
         """Close a connection over a `PendingSockets` cap at once, without a task.
@@ -270,9 +334,25 @@ class Server:
         else:
             nursery.start_soon(trio.aclose_forcefully, stream)
 
-    async def _handle_stream(self, stream: trio.abc.Stream, ip: str) -> None:
+    async def _handle_stream(
+        self, stream: trio.abc.Stream, ip: str, routes: Routes = Routes.ALL
+    ) -> None:
         try:
-            upgrade = await handle_http(stream, self, self._static, ip=ip, pending=self.pending)
+            certificate = self.certificate
+            # The public port only: --metrics-port stays plain HTTP (an internal network's).
+            if certificate is not None and routes is not Routes.OPERATOR:
+                tls = None
+                if isinstance(stream, trio.SocketStream):
+                    tls = await start_tls(
+                        stream, certificate.context, self.config.handshake_timeout
+                    )
+                if tls is None:
+                    self.pending.release(ip)
+                    return
+                stream = tls
+            upgrade = await handle_http(
+                stream, self, self._static, ip=ip, pending=self.pending, routes=routes
+            )
             if upgrade is not None:
                 try:
                     await self._serve_websocket(stream, upgrade)
@@ -302,7 +382,9 @@ class Server:
                 except TransportClosed as exc:
                     LOGGER.info("handshake from %s failed: %s", peer, exc.reason)
                 else:
-                    await self._run_connection(transport, nursery, peer, f"ws{path}", path == "/")
+                    await self._run_connection(
+                        transport, nursery, peer, f"ws{path}", path == "/", upgrade.ip
+                    )
                 nursery.cancel_scope.cancel()
         except* ClosingRace as group:
             LOGGER.debug("peer sent a frame while we were closing: %r", group.exceptions[0])
@@ -315,8 +397,9 @@ class Server:
             await transport.start()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(transport.watch_peer)
-                peer = _peer_name(stream, SSE_CLIENT.get())
-                await self._run_connection(transport, nursery, peer, "sse", False)
+                client = SSE_CLIENT.get()
+                peer = _peer_name(stream, client)
+                await self._run_connection(transport, nursery, peer, "sse", False, client or "")
                 nursery.cancel_scope.cancel()
         except TransportClosed:
             pass  # gone before the session event got through
@@ -387,32 +470,50 @@ class Server:
         self.hub.backplane.publish(result)
 
     async def _run_connection(
-        self, transport: Transport, nursery: trio.Nursery, peer: str, kind: str, listener: bool
+        self,
+        transport: Transport,
+        nursery: trio.Nursery,
+        peer: str,
+        kind: str,
+        listener: bool,
+        address: str,
     ) -> None:
         started = trio.current_time()
-        connection = Connection(transport, self.hub, self.config, self.stats, listener=listener)
+        connection = Connection(
+            transport, self.hub, self.config, self.stats, listener=listener, address=address
+        )
+        medium = "sse" if isinstance(transport, SseTransport) else "websocket"
         self.connections.add(connection)
-        self.stats.connections_opened += 1
-        LOGGER.info("open %s %s", peer, kind)
-        if self._draining:
-            connection.close_soon(CloseCode.GOING_AWAY, "going away")
-        try:
-            await connection.run(nursery)
-        finally:
-            self.connections.discard(connection)
-            if self._draining and not self.connections:
-                self._chats_closed.set()
-            code = connection.close_code
-            if code is not None:
-                self.stats.closes_by_code[code] = self.stats.closes_by_code.get(code, 0) + 1
-            LOGGER.info(
-                "close %s %s: %s (code %s) after %.1f s",
-                peer,
-                kind,
-                connection.end_reason,
-                code if code is not None else "none",
-                trio.current_time() - started,
-            )
+        self.stats.opened_one(medium)
+        # Every record of this task and the tasks it starts carries these (JSON logs).
+        with log_context(conn=next(self._connection_ids), peer=peer, transport=medium):
+            LOGGER.info("open %s %s", peer, kind)
+            if self._draining:
+                connection.close_soon(CloseCode.GOING_AWAY, "going away")
+            try:
+                await connection.run(nursery)
+            finally:
+                self.connections.discard(connection)
+                if self._draining and not self.connections:
+                    self._chats_closed.set()
+                code = connection.close_code
+                self.stats.closed_one(medium, code)  # every end, with a code or without
+                duration = round(trio.current_time() - started, 3)
+                # The reason never repeats the code: stated once, here (#11 §4).
+                LOGGER.info(
+                    "close %s %s: %s (code %s) after %.1f s",
+                    peer,
+                    kind,
+                    connection.end_reason,
+                    code if code is not None else "none",
+                    duration,
+                    extra={
+                        "user": connection.user,
+                        "code": code,
+                        "reason": connection.end_reason,
+                        "duration_s": duration,
+                    },
+                )
 
 
 def _default_backplane(config: Config, history: History | None) -> Backplane:
@@ -444,7 +545,10 @@ def _peer_name(stream: trio.abc.Stream, client: str | None = None) -> str:
     """Who a chat is, for its log lines: the TCP peer's ``host:port``; behind a
     trusted proxy, ``client via host:port`` (``client``: the address the front
     counted it under, `Upgrade.ip`; the same as the peer's host otherwise)."""
-    socket = getattr(stream, "socket", None)
+    # Under TLS the socket is the SSLStream's transport's.
+    socket = getattr(stream, "socket", None) or getattr(
+        getattr(stream, "transport_stream", None), "socket", None
+    )
     try:
         address = socket.getpeername() if socket is not None else None
     except OSError:
@@ -467,10 +571,11 @@ async def serve(
 
 
 async def serve_until_signalled(config: Config) -> None:
-    """Run a server; SIGINT or SIGTERM drains it, a second one stops it at once."""
+    """Run a server; SIGINT or SIGTERM drains it, a second one stops it at once;
+    SIGHUP reloads its TLS certificate."""
     server = Server(config)
     async with trio.open_nursery() as nursery:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             nursery.start_soon(_watch_signals, signals, server, nursery.cancel_scope)
             await server.run()
         nursery.cancel_scope.cancel()
@@ -481,6 +586,9 @@ async def _watch_signals(
 ) -> None:
     count = 0
     async for signum in signals:
+        if signum == signal.SIGHUP:
+            server.reload_certificate()
+            continue
         count += 1
         if count == 1:
             LOGGER.info("%s: draining (again to stop now)", signal.Signals(signum).name)

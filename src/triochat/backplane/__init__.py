@@ -72,8 +72,14 @@ class Backplane(Protocol):
         """
         ...
 
-    async def claim(self, name: str, token: str | None) -> Claim:
-        """Take ``name`` for this node (new, or with its ``token``).
+    async def claim(self, name: str, token: str | None, *, rotate: bool = False) -> Claim:
+        """Take ``name`` for this node (new, or with its ``token``; ``rotate``: the
+        takeover gets a new token, and ``token`` stops working).
+
+        A name is held by its `name_key`: "Alice" and "\\u0430lice" are one name. A
+        new name is also "taken" when a user on another live node holds its
+        `confusable_key` (docs/protocol.md section 2.1). A takeover keeps the
+        name as first bound (`Claim.name`).
 
         Raises:
             StorageError: the backplane is unavailable.
@@ -81,7 +87,8 @@ class Backplane(Protocol):
         ...
 
     def release(self, name: str) -> None:
-        """This node no longer holds ``name`` (never blocks)."""
+        """This node no longer holds ``name`` (never blocks): frees its keys if
+        this node holds them (a takeover elsewhere has taken them already)."""
         ...
 
     def publish(self, event: Event) -> None:

@@ -28,7 +28,7 @@ from ..events import (
     Resync,
 )
 from ..history import History, Snapshot
-from ..protocol import Message, make_id
+from ..protocol import Message, confusable_key, make_id, name_key
 
 __all__ = ["LocalBackplane", "LocalBroker"]
 
@@ -48,7 +48,10 @@ class LocalBroker:
         self._next_seq = 1
         #: Newest messages per room, for nodes that attach later (shared objects).
         self._rooms: dict[str, list[Message]] = {}
-        self._claims: dict[str, tuple[str, str]] = {}  # name -> (node, token)
+        #: name key -> (node, token, name as bound); confusable key -> (node, name
+        #: key): names are claimed by their keys (docs/protocol.md section 2.1).
+        self._claims: dict[str, tuple[str, str, str]] = {}
+        self._skeletons: dict[str, tuple[str, str]] = {}
         self._refs: collections.OrderedDict[tuple[str, str], Message] = collections.OrderedDict()
         self._states: dict[str, set[Entry]] = {}
         #: Fault injection (tests): every append and claim fails with this.
@@ -146,25 +149,43 @@ class LocalBroker:
 
     # --- names -------------------------------------------------------------------
 
-    def claim(self, node: str, name: str, token: str | None) -> Claim:
+    def claim(self, node: str, name: str, token: str | None, rotate: bool = False) -> Claim:
+        """The same rules as the Redis backplane's `CLAIM` script."""
         self._check()
-        held = self._claims.get(name)
+        key, skeleton = name_key(name), confusable_key(name)
+        held = self._claims.get(key)
         if held is not None:
-            owner, owner_token = held
+            owner, owner_token, owner_name = held
             alive = owner in self._nodes and owner != node
             if token is not None and secrets.compare_digest(token, owner_token):
-                self._claims[name] = (node, owner_token)
-                return Claim("takeover", owner_token, owner if alive else "")
+                # A takeover keeps the name as first bound (and its skeleton);
+                # asked to rotate, with a new token: the one used stops working.
+                new_token = secrets.token_urlsafe(24) if rotate else owner_token
+                self._claims[key] = (node, new_token, owner_name)
+                self._skeletons[confusable_key(owner_name)] = (node, key)
+                return Claim("takeover", new_token, owner if alive else "", owner_name)
             if alive:
                 return Claim("taken")
+        look_alike = self._skeletons.get(skeleton)
+        free = True
+        if look_alike is not None and look_alike[1] != key:
+            if look_alike[0] in self._nodes and look_alike[0] != node:
+                return Claim("taken")
+            # This node's own users are checked by its ChatState: leave theirs be.
+            free = look_alike[0] != node
         new_token = secrets.token_urlsafe(24)
-        self._claims[name] = (node, new_token)
-        return Claim("new", new_token)
+        self._claims[key] = (node, new_token, name)
+        if free:
+            self._skeletons[skeleton] = (node, key)
+        return Claim("new", new_token, "", name)
 
     def release(self, node: str, name: str) -> None:
-        held = self._claims.get(name)
+        key, skeleton = name_key(name), confusable_key(name)
+        held = self._claims.get(key)
         if held is not None and held[0] == node:
-            del self._claims[name]
+            del self._claims[key]
+        if self._skeletons.get(skeleton) == (node, key):
+            del self._skeletons[skeleton]
 
     # --- fan-out -----------------------------------------------------------------
 
@@ -214,8 +235,8 @@ class LocalBackplane:
     async def append(self, drafts: Sequence[Draft]) -> list[str]:
         return await self._broker.append(drafts)
 
-    async def claim(self, name: str, token: str | None) -> Claim:
-        return self._broker.claim(self.node, name, token)
+    async def claim(self, name: str, token: str | None, *, rotate: bool = False) -> Claim:
+        return self._broker.claim(self.node, name, token, rotate)
 
     def release(self, name: str) -> None:
         self._broker.release(self.node, name)

@@ -15,7 +15,10 @@ Redis keys (prefix ``triochat:``)::
     log                          stream of every message (gap filling), entry id <seq>-0
     room:<room>                  stream of one room's messages, trimmed to --history-size
     rooms                        set of room names
-    users                        hash name -> "<node> <token>": who holds a name
+    users                        hash name key -> "<node> <token> <skeleton>\\0<name>":
+                                 who holds a name (`name_key`, docs/protocol.md §2.1)
+    skeletons                    hash confusable key -> "<node> <name key>": no two
+                                 users share a TR39 skeleton either
     ref:<name>\\0<ref>            the id a say with that ref got (retries), 10 min
     node:<node>                  heartbeat, expires after 2/3 of --node-timeout
     nodes                        set of node ids
@@ -63,7 +66,7 @@ from ..events import (
     Resync,
 )
 from ..history import Snapshot
-from ..protocol import Message, encode
+from ..protocol import Message, confusable_key, encode, name_key
 
 __all__ = ["RedisBackplane"]
 
@@ -131,26 +134,58 @@ end
 return ids
 """
 
-#: KEYS: users. ARGV: prefix, name, token ("" for none), node, new token.
+#: KEYS: users, skeletons. ARGV: prefix, name key, token ("" for none), node,
+#: new token, confusable key, name, "1" to rotate the token on a takeover. A
+#: takeover keeps the name as first bound
+#: (returned last) and its skeleton; a new name must not share the skeleton of
+#: a user held by another live node. A skeleton held by this node under another
+#: key is this node's business (it checks its users itself): left as it is.
 CLAIM: Final = """
+local function alive(owner)
+  return owner ~= ARGV[4] and redis.call('EXISTS', ARGV[1] .. 'node:' .. owner) == 1
+end
 local cur = redis.call('HGET', KEYS[1], ARGV[2])
 if cur then
   local sep = string.find(cur, ' ', 1, true)
-  local owner, token = string.sub(cur, 1, sep - 1), string.sub(cur, sep + 1)
-  local alive = owner ~= ARGV[4] and redis.call('EXISTS', ARGV[1] .. 'node:' .. owner) == 1
-  if ARGV[3] ~= '' and ARGV[3] == token then
-    redis.call('HSET', KEYS[1], ARGV[2], ARGV[4] .. ' ' .. token)
-    if alive then return {'takeover', token, owner} end
-    return {'takeover', token, ''}
+  local owner, rest = string.sub(cur, 1, sep - 1), string.sub(cur, sep + 1)
+  local token, skel, name = rest, ARGV[6], ARGV[7]
+  sep = string.find(rest, ' ', 1, true)
+  if sep then
+    -- "<token> <skeleton>\\0<name>" (a value without them predates skeletons)
+    token, rest = string.sub(rest, 1, sep - 1), string.sub(rest, sep + 1)
+    sep = string.find(rest, '\\0', 1, true)
+    skel, name = string.sub(rest, 1, sep - 1), string.sub(rest, sep + 1)
   end
-  if alive then return {'taken', '', ''} end
+  if ARGV[3] ~= '' and ARGV[3] == token then
+    -- Asked to rotate (ARGV[8]), the takeover gets the new token: the one used stops working.
+    if ARGV[8] == '1' then token = ARGV[5] end
+    redis.call('HSET', KEYS[1], ARGV[2], ARGV[4] .. ' ' .. token .. ' ' .. skel .. '\\0' .. name)
+    redis.call('HSET', KEYS[2], skel, ARGV[4] .. ' ' .. ARGV[2])
+    local previous = ''
+    if alive(owner) then previous = owner end
+    return {'takeover', token, previous, name}
+  end
+  if alive(owner) then return {'taken', '', '', ''} end
 end
-redis.call('HSET', KEYS[1], ARGV[2], ARGV[4] .. ' ' .. ARGV[5])
-return {'new', ARGV[5], ''}
+local held = redis.call('HGET', KEYS[2], ARGV[6])
+local free = true
+if held then
+  local sep = string.find(held, ' ', 1, true)
+  local owner, key = string.sub(held, 1, sep - 1), string.sub(held, sep + 1)
+  if key ~= ARGV[2] then
+    if alive(owner) then return {'taken', '', '', ''} end
+    free = owner ~= ARGV[4]
+  end
+end
+local value = ARGV[4] .. ' ' .. ARGV[5] .. ' ' .. ARGV[6] .. '\\0' .. ARGV[7]
+redis.call('HSET', KEYS[1], ARGV[2], value)
+if free then redis.call('HSET', KEYS[2], ARGV[6], ARGV[4] .. ' ' .. ARGV[2]) end
+return {'new', ARGV[5], '', ARGV[7]}
 """
 
-#: This node's changes, in order. KEYS: users, state:<node>. ARGV: node, then
-#: ops of 2: ("+", entry) ("-", entry) ("p", payload) ("r", name) ("u", "name token").
+#: This node's changes, in order. KEYS: users, state:<node>, channel, skeletons.
+#: ARGV: node, then ops of 2: ("+", entry) ("-", entry) ("p", payload)
+#: ("r", "<name key>\0<skeleton>") ("u", "<name key>\0<skeleton>\0<token>\0<name>").
 OPS: Final = """
 local i = 2
 while i + 1 <= #ARGV do
@@ -162,16 +197,30 @@ while i + 1 <= #ARGV do
   elseif op == 'p' then
     redis.call('PUBLISH', KEYS[3], arg)
   elseif op == 'r' then
-    local cur = redis.call('HGET', KEYS[1], arg)
+    local sep = string.find(arg, '\\0', 1, true)
+    local key, skel = string.sub(arg, 1, sep - 1), string.sub(arg, sep + 1)
+    local cur = redis.call('HGET', KEYS[1], key)
     if cur and string.sub(cur, 1, #ARGV[1] + 1) == ARGV[1] .. ' ' then
-      redis.call('HDEL', KEYS[1], arg)
+      redis.call('HDEL', KEYS[1], key)
+    end
+    if redis.call('HGET', KEYS[4], skel) == ARGV[1] .. ' ' .. key then
+      redis.call('HDEL', KEYS[4], skel)
     end
   elseif op == 'u' then
-    -- "<name> <token>": a name may hold spaces, a token never does.
-    local name, token = string.match(arg, '^(.*) (%S+)$')
-    local cur = redis.call('HGET', KEYS[1], name)
+    local parts, start = {}, 1
+    for _ = 1, 3 do
+      local sep = string.find(arg, '\\0', start, true)
+      parts[#parts + 1] = string.sub(arg, start, sep - 1)
+      start = sep + 1
+    end
+    local key, skel, token, name = parts[1], parts[2], parts[3], string.sub(arg, start)
+    local cur = redis.call('HGET', KEYS[1], key)
     if not cur or string.sub(cur, 1, #ARGV[1] + 1) == ARGV[1] .. ' ' then
-      redis.call('HSET', KEYS[1], name, ARGV[1] .. ' ' .. token)
+      redis.call('HSET', KEYS[1], key, ARGV[1] .. ' ' .. token .. ' ' .. skel .. '\\0' .. name)
+    end
+    cur = redis.call('HGET', KEYS[4], skel)
+    if not cur or string.sub(cur, 1, #ARGV[1] + 1) == ARGV[1] .. ' ' then
+      redis.call('HSET', KEYS[4], skel, ARGV[1] .. ' ' .. key)
     end
   end
   i = i + 2
@@ -296,10 +345,13 @@ class RedisBackplane:
         ids = await self._call(self._say, keys, args)
         return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
 
-    async def claim(self, name: str, token: str | None) -> Claim:
-        args = [PREFIX, name, token or "", self.node, secrets.token_urlsafe(24)]
-        status, got, previous = await self._call(self._claim, [PREFIX + "users"], args)
-        return Claim(status.decode(), got.decode(), previous.decode())
+    async def claim(self, name: str, token: str | None, *, rotate: bool = False) -> Claim:
+        # Claimed by its keys, so look-alikes collide across nodes (docs/protocol.md §2.1).
+        args = [PREFIX, name_key(name), token or "", self.node, secrets.token_urlsafe(24)]
+        args += [confusable_key(name), name, "1" if rotate else ""]
+        keys = [PREFIX + "users", PREFIX + "skeletons"]
+        status, got, previous, held = await self._call(self._claim, keys, args)
+        return Claim(status.decode(), got.decode(), previous.decode(), held.decode())
 
     async def _call(self, script: Any, keys: list[str], args: Sequence[object]) -> Any:
         """Run one of our scripts for a client's frame; StorageError when Redis is not there."""
@@ -313,7 +365,7 @@ class RedisBackplane:
             raise StorageError(f"Redis: {exc}") from exc
 
     def release(self, name: str) -> None:
-        self._queue("r", name)
+        self._queue("r", f"{name_key(name)}\0{confusable_key(name)}")
 
     def publish(self, event: Event) -> None:
         if isinstance(event, MemberState) and event.node == self.node:
@@ -510,7 +562,8 @@ class RedisBackplane:
         await self._beat()
         entries = self._own_entries()
         ops: list[tuple[str, str]] = [
-            ("u", f"{name} {token}") for name, token in self._own_users()
+            ("u", f"{name_key(name)}\0{confusable_key(name)}\0{token}\0{name}")
+            for name, token in self._own_users()
         ]
         ops += [("+", _entry_key(entry)) for entry in entries]
         # Tell the nodes already subscribed; those that reconcile later read the set.
@@ -638,7 +691,7 @@ class RedisBackplane:
         args = [self.node]
         for op, argument in ops:
             args += [op, argument]
-        keys = [PREFIX + "users", PREFIX + "state:" + self.node, CHANNEL]
+        keys = [PREFIX + "users", PREFIX + "state:" + self.node, CHANNEL, PREFIX + "skeletons"]
         await self._apply_ops(keys=keys, args=args)
 
     # --- helpers -------------------------------------------------------------------

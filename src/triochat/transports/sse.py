@@ -3,8 +3,9 @@ proxies break WebSockets.
 
 Server -> client: one long ``GET /sse`` response, one ``data:`` event per
 frame (``id:`` set to the message id where there is one), a comment line as
-heartbeat. Client -> server: each frame is a ``POST /sse/<session>`` whose
-body the front hands to `SseTransport.post`. The chat logic is the same
+heartbeat. Client -> server: each frame is a ``POST /sse`` naming the
+session in an ``X-Triochat-Session`` header (or, the older form, a ``POST
+/sse/<session>``) whose body the front hands to `SseTransport.post`. The chat logic is the same
 `Connection` as on a WebSocket; only the framing differs.
 
 The stream has no close frame, so `close` sends a last named event,

@@ -319,11 +319,18 @@ class ReplayStream(trio.abc.Stream):
         # to a new connection, and the hub can still flush a step's frames.
         self._direct = None
         stream = self._stream
+        # Under TLS the linger happens below the TLS layer: our close frame is
+        # already in TLS records, and what the peer still sends is dropped unread.
+        tcp = stream if isinstance(stream, trio.SocketStream) else None
+        if isinstance(stream, trio.SSLStream) and isinstance(
+            stream.transport_stream, trio.SocketStream
+        ):
+            tcp = stream.transport_stream
         try:
-            if self._close_sent and not self._receiving and isinstance(stream, trio.SocketStream):
+            if self._close_sent and not self._receiving and tcp is not None:
                 with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                    await stream.send_eof()
-                    while await stream.receive_some(65536):
+                    await tcp.send_eof()
+                    while await tcp.receive_some(65536):
                         pass
         finally:
             await trio.aclose_forcefully(stream)
@@ -407,9 +414,15 @@ class WebSocketTransport:
             return TransportClosed(failure[1], failure[0], failed=True)
         if reason is None:
             return TransportClosed("closed")
+        if reason.code == ABNORMAL_CLOSURE:
+            # The TCP connection ended without a close frame: no code was
+            # exchanged (1006 is trio-websocket's word for that, never sent), so
+            # the close line and triochat_closes_total say "none" (#11 §4).
+            return TransportClosed("connection lost")
         # The peer's reason goes into the log: escaped and cut, never raw.
+        # The code is not repeated here: the close line states it once (#11 §4).
         said = f" {log_safe(reason.reason)}" if reason.reason else ""
-        return TransportClosed(f"closed ({reason.code}{said})", reason.code)
+        return TransportClosed(f"closed by the peer{said}", reason.code)
 
     async def send(self, frames: list[OutFrame]) -> None:
         data = frames[0].ws if len(frames) == 1 else b"".join([frame.ws for frame in frames])

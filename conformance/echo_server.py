@@ -39,7 +39,7 @@ import trio
 from triochat.config import Config
 from triochat.connection import Connection, TransportClosed
 from triochat.frames import OutFrame
-from triochat.http import StaticFiles, Upgrade, handle_http
+from triochat.http import SseOpen, StaticFiles, Upgrade, handle_http
 from triochat.metrics import Stats
 from triochat.outbound import Outbound
 from triochat.outbox import FlushSchedule
@@ -81,8 +81,9 @@ class EchoFront:
     def release_ip_slot(self, ip: str) -> None:
         pass
 
-    async def serve_sse(self, stream: trio.abc.Stream) -> None:
+    async def refuse_sse(self, stream: trio.abc.Stream, opened: SseOpen) -> None:
         """No SSE here: the conformance run only speaks WebSocket."""
+        self.release_ip_slot(opened.ip)
         body = b"no SSE on the echo endpoint\n"
         head = (
             f"HTTP/1.1 404 Not Found\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n"
@@ -165,9 +166,11 @@ async def serve(
 
     async def handle(stream: trio.SocketStream) -> None:
         try:
-            upgrade = await handle_http(stream, front, static)
-            if upgrade is not None:
-                await front.serve_websocket(stream, upgrade)
+            start = await handle_http(stream, front, static)
+            if isinstance(start, Upgrade):
+                await front.serve_websocket(stream, start)
+            elif start is not None:
+                await front.refuse_sse(stream, start)
         except Exception:
             LOGGER.exception("bug in the echo app")
         finally:

@@ -228,21 +228,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ConfigError as exc:  # found at start-up: the certificate files, say
         logging.getLogger("triochat").error("%s", exc)
         raise SystemExit(2) from None
-    except (StorageError, OSError, BaseExceptionGroup) as exc:
-        failure = _startup_failure(exc)
-        if failure is None:
-            raise
-        if isinstance(failure, StorageError):
-            logging.getLogger("triochat").error("%s", failure)
-        else:
-            logging.getLogger("triochat").error(
-                "cannot listen on %s:%s: %s", config.host, config.port, failure
-            )
+    except StorageError as exc:
+        logging.getLogger("triochat").error("%s", exc)
         raise SystemExit(1) from None
-
-
-def _startup_failure(exc: BaseException) -> StorageError | OSError | None:
-    """The one StorageError or OSError a failed start-up raised, out of its nurseries."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc if isinstance(exc, StorageError | OSError) else None
+    except OSError as exc:
+        logging.getLogger("triochat").error(
+            "cannot listen on %s:%s: %s", config.host, config.port, exc
+        )
+        raise SystemExit(1) from None

@@ -56,10 +56,10 @@ from .metrics import Stats
 
 __all__ = [
     "OPERATOR_PATHS",
-    "SSE_CLIENT",
     "FrontContext",
     "PendingSockets",
     "Routes",
+    "SseOpen",
     "StaticFiles",
     "Upgrade",
     "handle_http",
@@ -92,11 +92,6 @@ HTML_HEADERS: Final = (("content-security-policy", PAGE_CSP), ("x-frame-options"
 OPERATOR_PATHS: Final = frozenset({"/metrics", "/healthz", "/readyz"})
 LOGGED_PATH_CHARS: Final = 80  # an access line's path is cut there, like client text
 UNKNOWN_PEER: Final = "?"  # a stream with no peer address (in memory, or already reset)
-#: The client address of the ``GET /sse`` that `FrontContext.serve_sse` is
-#: serving (set around that call, in its task), for its log lines. A context
-#: variable, not an argument: ``serve_sse(stream)`` is a seam other fronts
-#: implement too (conformance/echo_server.py), and only the chat logs a client.
-SSE_CLIENT: Final = contextvars.ContextVar[str | None]("triochat_sse_client", default=None)
 REASONS: Final = {
     200: b"OK",
     204: b"No Content",
@@ -132,10 +127,6 @@ class FrontContext(Protocol):
         ...
 
     def release_ip_slot(self, ip: str) -> None: ...
-
-    async def serve_sse(self, stream: trio.abc.Stream) -> None:
-        """Run a vetted ``GET /sse`` stream to its end (the front wrote nothing yet)."""
-        ...
 
     async def post_sse(self, session_id: str, body: bytes) -> tuple[int, str, str]:
         """Deliver a POSTed frame: (status, error code, message); 204 when taken."""
@@ -299,6 +290,29 @@ class Upgrade:
         self.ip = ip
 
 
+class SseOpen:
+    """A vetted ``GET /sse``, for the caller to run like an `Upgrade`: nothing is
+    written yet, and it holds the client address's chat slot ``ip``."""
+
+    __slots__ = ("_access", "_config", "_peer", "ip")
+
+    def __init__(self, ip: str, access: _Access | None, peer: str, config: Config) -> None:
+        #: The client address (behind a trusted proxy the forwarded one) whose
+        #: slot was taken: release it with `release_ip_slot`.
+        self.ip = ip
+        self._access = access
+        self._peer = peer
+        self._config = config
+
+    def finished(self) -> None:
+        """The stream has ended: write its access line (rule 5)."""
+        access, self._access = self._access, None
+        if access is not None:
+            if access.status is None:
+                access.status = 200  # served (the stream's bytes are not counted)
+            _log_access(access, self._peer, self._config)
+
+
 class _Request:
     __slots__ = ("event", "headers", "method", "path", "target")
 
@@ -335,11 +349,12 @@ async def handle_http(
     ip: str | None = None,
     pending: PendingSockets | None = None,
     routes: Routes = Routes.ALL,
-) -> Upgrade | None:
+) -> Upgrade | SseOpen | None:
     """Serve one accepted connection: requests until it closes or upgrades.
 
-    Returns the vetted WebSocket upgrade, for the caller to run: the front's
-    frames and parser are then gone, not kept for the hours a chat may last.
+    Returns the vetted WebSocket upgrade or SSE stream, for the caller to
+    run: the front's frames and parser are then gone, not kept for the hours
+    a chat may last.
 
     Args:
         ip: the TCP peer's address, when the caller already has it (`peer_ip`).
@@ -399,10 +414,13 @@ async def handle_http(
                 if pending is not None and counted:
                     counted = False  # a stream for hours: a chat now, counted per IP
                     pending.release(ip)
-                await _open_sse(stream, request, ctx, _client_ip(ip, request, config))
-                if access.status is None:
-                    access.status = 200  # the stream was served (its bytes are not counted)
-                return None
+                client = _client_ip(ip, request, config)
+                if not await _vet_sse(stream, request, ctx, client):
+                    return None
+                opened = SseOpen(client, access, ip, config)
+                access = None  # its line is written when the stream ends (`finished`)
+                _ACCESS.set(None)
+                return opened
             if routes.chats and (
                 request.path.startswith("/sse/")
                 or (request.path == "/sse" and request.method == "POST")
@@ -765,29 +783,20 @@ async def _send_raw_json(stream: trio.abc.Stream, status: int, code: str, messag
         await stream.send_all(head + body)
 
 
-async def _open_sse(
-    stream: trio.abc.Stream, request: _Request, ctx: FrontContext, ip: str
-) -> None:
-    """``GET /sse``: vet it like a WebSocket upgrade, then hand the stream over.
-
-    ``ip`` is the client address (rule 4), whose slot the stream holds.
-    """
+async def _vet_sse(stream: trio.abc.Stream, request: _Request, ctx: FrontContext, ip: str) -> bool:
+    """``GET /sse``: vet it like a WebSocket upgrade (rule 2); True once it holds
+    the chat slot of ``ip``, the client address (rule 4)."""
     headers = request.headers
     if not origin_allowed(headers.get("origin"), headers.get("host"), ctx.config.allow_origins):
         await _send_raw_json(stream, 403, "forbidden", "origin not allowed")
-        return
+        return False
     if ctx.draining:
         await _send_raw_json(stream, 503, "unavailable", "the server is shutting down")
-        return
+        return False
     if not ctx.take_ip_slot(ip):
         await _send_raw_json(stream, 429, "too_many", "too many connections from your address")
-        return
-    named = SSE_CLIENT.set(ip)
-    try:
-        await ctx.serve_sse(stream)
-    finally:
-        SSE_CLIENT.reset(named)
-        ctx.release_ip_slot(ip)
+        return False
+    return True
 
 
 async def _post_sse(

@@ -49,7 +49,7 @@ from .chat import ChatState, Client, Peer, PendingSay
 from .config import Config
 from .errors import ClientProtocolError, StorageError
 from .events import Claim, Received, SsePost, SsePostResult
-from .metrics import Stats
+from .metrics import Gauge, Stats
 from .outbox import FlushSchedule
 from .protocol import ClientFrame, CloseCode, ErrorCode, Join, Message, decode_client_frame
 from .ratelimit import ADDRESS_SCALE, RateLimiter
@@ -179,6 +179,20 @@ class Hub:
     def available(self) -> bool:
         """False while says cannot be stored (readiness)."""
         return self._backplane.available()
+
+    def gauges(self) -> dict[str, Gauge]:
+        """The hub's gauges for /metrics, read at each scrape."""
+        return {
+            "rooms": ("Rooms that have members or history.", lambda: len(self.chat.rooms)),
+            "users": (
+                "Names held: connected, or within their presence grace.",
+                lambda: len(self.chat.users),
+            ),
+            "backplane_available": (
+                "1 while says can be stored (history, or Redis, reachable), else 0.",
+                self.available,
+            ),
+        }
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Join the backplane, then dispatch until `stop`; flushes the store on the way out.

@@ -64,7 +64,7 @@ MAX_REF_CHARS: Final = 64
 MAX_ROOM_CHARS: Final = 64
 DEFAULT_HISTORY_LIMIT: Final = 50
 MAX_HISTORY_LIMIT: Final = 200
-ROOM_PATTERN: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+ROOM_PATTERN: Final = re.compile(rf"[a-z0-9][a-z0-9_-]{{0,{MAX_ROOM_CHARS - 1}}}")
 # Unicode categories a name may not contain (docs/protocol.md section 2.1):
 # control, format, line/paragraph separators, surrogates, private use, and
 # unassigned (which covers the noncharacters U+FDD0-FDEF and U+xFFFE/xFFFF).
@@ -183,11 +183,11 @@ class ClassicFrame(msgspec.Struct, frozen=True):
     ref: str | None = None
 
 
-ClientFrame = Join | Say | Leave | Typing | Whisper | HistoryRequest | ClassicFrame
+#: Frames with a ``type`` (a tagged union); the classic frame has none.
+TypedClientFrame = Join | Say | Leave | Typing | Whisper | HistoryRequest
+ClientFrame = TypedClientFrame | ClassicFrame
 
-_typed_decoder: Final = msgspec.json.Decoder(
-    Join | Say | Leave | Typing | Whisper | HistoryRequest
-)
+_typed_decoder: Final = msgspec.json.Decoder(TypedClientFrame)
 _classic_decoder: Final = msgspec.json.Decoder(ClassicFrame)
 _any_decoder: Final = msgspec.json.Decoder()
 

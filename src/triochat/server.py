@@ -9,8 +9,19 @@
         │                          which serves only /metrics and health); EMFILE
         │                          backs off; too many sockets not yet chats
         │                          (PendingSockets): closed at once
-        └── _handle_stream         one per TCP connection: HTTP, or a chat (Connection.run)
-            └── connection nursery (trio-websocket's reader; the writer when needed)
+        └── _handle_stream         one per TCP connection (TLS first, with --certfile):
+            │                      the front answers HTTP, or returns a chat to run
+            └── connection nursery _serve_websocket (an `Upgrade`) or _serve_sse (an
+                                   `SseOpen`), alike: a `Connection` held in the
+                                   `ConnectionRegistry` while it runs (trio-websocket's
+                                   reader or the SSE stream's watcher; the writer when
+                                   needed)
+
+What the server holds besides: `ConnectionRegistry` (registry.py: the open
+chats, their slots per address, the drain), `SseSessions` (the SSE streams
+by session id, and the relay of POSTs to another node's stream), the
+`PendingSockets` caps, the TLS `Certificate`, and the metrics registry (the
+hub offers its own gauges).
 
 Shutdown (`drain`): /readyz turns 503 and new chats get 503; every chat
 connection flushes what is queued for it and closes with 1001, bounded by
@@ -20,16 +31,15 @@ listeners close, and `run` returns.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import logging
 import signal
 import urllib.parse
-from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Final
 
-import msgspec
 import trio
 
 from . import __version__
@@ -37,15 +47,15 @@ from .backplane import Backplane
 from .backplane.local import LocalBackplane, LocalBroker
 from .config import Config
 from .connection import Connection, Transport, TransportClosed
-from .events import SsePost, SsePostResult
+from .errors import StorageError
 from .history import History
 from .history.memory import MemoryHistory
 from .history.sqlite import DB_FILE, SqliteHistory
 from .http import (
-    SSE_CLIENT,
     UNKNOWN_PEER,
     PendingSockets,
     Routes,
+    SseOpen,
     StaticFiles,
     Upgrade,
     handle_http,
@@ -55,15 +65,14 @@ from .hub import Hub
 from .logformat import log_context
 from .metrics import Gauge, Stats, open_registry, render_metrics
 from .protocol import CloseCode
+from .registry import ConnectionRegistry
 from .tls import Certificate, start_tls
-from .transports.sse import SseTransport
+from .transports.sse import PostAnswer, SseSessions, SseTransport
 from .transports.websocket import ClosingRace, ReplayStream, accept_websocket
 
 __all__ = ["Server", "serve", "serve_until_signalled"]
 
 LOGGER = logging.getLogger("triochat.server")
-
-_JSON: Final = msgspec.json.Decoder()
 
 # accept() errors that mean "out of resources for now": back off, don't die.
 RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
@@ -90,37 +99,27 @@ class Server:
         self.certificate = (
             Certificate(config.certfile, config.keyfile) if config.certfile is not None else None
         )
-        self.hub.relay = self._relayed
+        #: This node's SSE streams; POSTs for another node's are relayed by the hub.
+        self.sse = SseSessions(backplane, config)
+        self.hub.relay = self.sse.relayed
         self._given_listeners = listeners
         self.listeners: list[trio.abc.Listener[trio.abc.Stream]] = []
         #: The ``--metrics-port`` listeners (/metrics and health only), if any.
         self.metrics_listeners: list[trio.abc.Listener[trio.abc.Stream]] = []
         #: Numbers chat connections for the log (the ``conn`` field).
         self._connection_ids = itertools.count(1)
-        self.connections: set[Connection] = set()
-        self._per_ip: Counter[str] = Counter()
+        #: The chat connections, their slots per address, and the drain.
+        self.chats = ConnectionRegistry(config, self.stats)
         #: Sockets accepted that are not chats yet (docs/protocol.md §9, #18).
         self.pending = PendingSockets(config.max_pending_per_ip, config.max_pending)
         self._refusing_all = False  # the overall cap is refusing: logged once per episode
-        self._draining = False
         self._drain_requested = trio.Event()
-        self._chats_closed = trio.Event()
         self._static = StaticFiles()
-        self._sse_sessions: dict[str, SseTransport] = {}
-        # SSE POSTs relayed to the node that holds the stream, awaiting its answer.
-        self._relay_ids = itertools.count(1)
-        self._relay_waiting: dict[int, tuple[trio.Event, list[SsePostResult]]] = {}
-        self._relay_nursery: trio.Nursery | None = None
         gauges: dict[str, Gauge] = {
-            "rooms": ("Rooms that have members or history.", lambda: len(self.hub.chat.rooms)),
-            "users": (
-                "Names held: connected, or within their presence grace.",
-                lambda: len(self.hub.chat.users),
-            ),
-            "draining": ("1 while the server drains (SIGTERM), else 0.", lambda: self._draining),
-            "backplane_available": (
-                "1 while says can be stored (history, or Redis, reachable), else 0.",
-                lambda: self.hub.available(),
+            **self.hub.gauges(),
+            "draining": (
+                "1 while the server drains (SIGTERM), else 0.",
+                lambda: self.chats.draining,
             ),
             "pending_sockets": (
                 "Accepted sockets that are not chats yet (request, body or keep-alive).",
@@ -133,26 +132,28 @@ class Server:
 
     @property
     def draining(self) -> bool:
-        return self._draining
+        return self.chats.draining
+
+    @property
+    def connections(self) -> set[Connection]:
+        """The open chat connections (`ConnectionRegistry`)."""
+        return self.chats.connections
 
     def ready(self) -> bool:
-        return not self._draining and self.hub.available()
+        return not self.chats.draining and self.hub.available()
 
     def metrics(self) -> bytes:
         self.stats.rate_limited = self.hub.chat.rate_limited
         return render_metrics(self._registry)
 
     def take_ip_slot(self, ip: str) -> bool:
-        limit = self.config.max_conns_per_ip
-        if limit and self._per_ip[ip] >= limit:
-            return False
-        self._per_ip[ip] += 1
-        return True
+        return self.chats.take_ip_slot(ip)
 
     def release_ip_slot(self, ip: str) -> None:
-        self._per_ip[ip] -= 1
-        if self._per_ip[ip] <= 0:
-            del self._per_ip[ip]
+        self.chats.release_ip_slot(ip)
+
+    async def post_sse(self, session_id: str, body: bytes) -> PostAnswer:
+        return await self.sse.post(session_id, body)
 
     @property
     def port(self) -> int:
@@ -185,9 +186,13 @@ class Server:
             StorageError: the history could not be opened.
             OSError: the port could not be bound.
         """
+        with _plain_startup_failures():
+            await self._run(task_status)
+
+    async def _run(self, task_status: trio.TaskStatus[Server]) -> None:
         config = self.config
         async with trio.open_nursery() as root:
-            self._relay_nursery = root
+            self.sse.serve_relays(root)
             await root.start(self.hub.run)
             if self._given_listeners is not None:
                 self.listeners = list(self._given_listeners)
@@ -266,20 +271,13 @@ class Server:
         return found
 
     async def _drain(self) -> None:
-        LOGGER.info("draining %d connections", len(self.connections))
-        self._draining = True
-        timeout = self.config.drain_timeout
-        with trio.move_on_after(timeout) as scope:
+        chats = self.chats
+        LOGGER.info("draining %d connections", len(chats))
+        chats.drain()
+        with trio.move_on_after(self.config.drain_timeout) as scope:
             # Says already received are stored (and acked) before the 1001.
             await self.hub.settle()
-            for connection in list(self.connections):
-                connection.close_soon(
-                    CloseCode.GOING_AWAY,
-                    "going away",
-                    timeout=scope.deadline - trio.current_time(),
-                )
-            if self.connections:
-                await self._chats_closed.wait()
+            await chats.close_all(CloseCode.GOING_AWAY, "going away", deadline=scope.deadline)
 
     async def _accept_loop(
         self,
@@ -350,14 +348,20 @@ class Server:
                     self.pending.release(ip)
                     return
                 stream = tls
-            upgrade = await handle_http(
+            start = await handle_http(
                 stream, self, self._static, ip=ip, pending=self.pending, routes=routes
             )
-            if upgrade is not None:
+            # A chat, over either transport: it holds its address's slot.
+            if start is not None:
                 try:
-                    await self._serve_websocket(stream, upgrade)
+                    if isinstance(start, Upgrade):
+                        await self._serve_websocket(stream, start)
+                    else:
+                        await self._serve_sse(stream, start)
                 finally:
-                    self.release_ip_slot(upgrade.ip)
+                    self.chats.release_ip_slot(start.ip)
+                    if isinstance(start, SseOpen):
+                        start.finished()
         except Exception:
             LOGGER.exception("bug serving a connection")
         finally:
@@ -389,85 +393,18 @@ class Server:
         except* ClosingRace as group:
             LOGGER.debug("peer sent a frame while we were closing: %r", group.exceptions[0])
 
-    async def serve_sse(self, stream: trio.abc.Stream) -> None:
-        """Run one chat connection over Server-Sent Events (called by the front)."""
-        transport = SseTransport(stream, self.hub.backplane.node)
-        self._sse_sessions[transport.session_id] = transport
-        try:
-            await transport.start()
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(transport.watch_peer)
-                client = SSE_CLIENT.get()
-                peer = _peer_name(stream, client)
-                await self._run_connection(transport, nursery, peer, "sse", False, client or "")
-                nursery.cancel_scope.cancel()
-        except TransportClosed:
-            pass  # gone before the session event got through
-        finally:
-            del self._sse_sessions[transport.session_id]
-
-    async def post_sse(self, session_id: str, body: bytes) -> tuple[int, str, str]:
-        transport = self._sse_sessions.get(session_id)
-        node = session_id.partition(".")[0] if "." in session_id else ""
-        backplane = self.hub.backplane
-        remote = (
-            transport is None and node not in ("", backplane.node) and backplane.node_alive(node)
-        )
-        if not remote and (transport is None or transport.ended):
-            return 404, "no_such_session", "unknown or closed session: open a new stream"
-        try:
-            text = body.decode("utf-8")
-            _JSON.decode(text)
-        except (UnicodeDecodeError, msgspec.DecodeError, RecursionError):
-            return 400, "bad_json", "the body is not a JSON value"
-        if remote:
-            return await self._relay_post(node, session_id, text)
-        assert transport is not None
-        return await self._post_local(transport, text)
-
-    async def _post_local(self, transport: SseTransport, text: str) -> tuple[int, str, str]:
-        with trio.move_on_after(self.config.handshake_timeout):
-            if await transport.post(text):
-                return 204, "", ""
-            return 404, "no_such_session", "the session closed: open a new stream"
-        return 503, "unavailable", "the session is not reading: try again"
-
-    async def _relay_post(self, node: str, session_id: str, text: str) -> tuple[int, str, str]:
-        """The stream is on ``node``: relay the POST there and wait for its answer."""
-        request = next(self._relay_ids)
-        done = trio.Event()
-        answer: list[SsePostResult] = []
-        self._relay_waiting[request] = (done, answer)
-        backplane = self.hub.backplane
-        try:
-            backplane.publish(SsePost(node, session_id, text, backplane.node, request))
-            with trio.move_on_after(self.config.backplane_timeout):
-                await done.wait()
-        finally:
-            del self._relay_waiting[request]
-        if not answer:
-            return 503, "unavailable", "the node holding the session did not answer: try again"
-        return answer[0].status, answer[0].code, answer[0].message
-
-    def _relayed(self, event: SsePost | SsePostResult) -> None:
-        """A relayed POST for a stream here, or the answer to one we relayed."""
-        if isinstance(event, SsePostResult):
-            waiting = self._relay_waiting.get(event.request)
-            if waiting is not None:
-                waiting[1].append(event)
-                waiting[0].set()
-            return
-        if self._relay_nursery is not None:
-            self._relay_nursery.start_soon(self._answer_relayed, event)
-
-    async def _answer_relayed(self, post: SsePost) -> None:
-        transport = self._sse_sessions.get(post.session)
-        if transport is None or transport.ended:
-            status, code, message = 404, "no_such_session", "unknown or closed session"
-        else:
-            status, code, message = await self._post_local(transport, post.body)
-        result = SsePostResult(post.sender, post.request, status, code, message)
-        self.hub.backplane.publish(result)
+    async def _serve_sse(self, stream: trio.abc.Stream, opened: SseOpen) -> None:
+        """Run one chat connection over Server-Sent Events (a stream the front vetted)."""
+        with self.sse.session(stream) as transport:
+            try:
+                await transport.start()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(transport.watch_peer)
+                    peer = _peer_name(stream, opened.ip)
+                    await self._run_connection(transport, nursery, peer, "sse", False, opened.ip)
+                    nursery.cancel_scope.cancel()
+            except TransportClosed:
+                pass  # gone before the session event got through
 
     async def _run_connection(
         self,
@@ -483,21 +420,16 @@ class Server:
             transport, self.hub, self.config, self.stats, listener=listener, address=address
         )
         medium = "sse" if isinstance(transport, SseTransport) else "websocket"
-        self.connections.add(connection)
-        self.stats.opened_one(medium)
         # Every record of this task and the tasks it starts carries these (JSON logs).
-        with log_context(conn=next(self._connection_ids), peer=peer, transport=medium):
+        with (
+            log_context(conn=next(self._connection_ids), peer=peer, transport=medium),
+            self.chats.registered(connection, medium),
+        ):
             LOGGER.info("open %s %s", peer, kind)
-            if self._draining:
-                connection.close_soon(CloseCode.GOING_AWAY, "going away")
             try:
                 await connection.run(nursery)
             finally:
-                self.connections.discard(connection)
-                if self._draining and not self.connections:
-                    self._chats_closed.set()
                 code = connection.close_code
-                self.stats.closed_one(medium, code)  # every end, with a code or without
                 duration = round(trio.current_time() - started, 3)
                 # The reason never repeats the code: stated once, here (#11 §4).
                 LOGGER.info(
@@ -572,13 +504,35 @@ async def serve(
 
 async def serve_until_signalled(config: Config) -> None:
     """Run a server; SIGINT or SIGTERM drains it, a second one stops it at once;
-    SIGHUP reloads its TLS certificate."""
+    SIGHUP reloads its TLS certificate.
+
+    Raises:
+        ConfigError: the certificate cannot be loaded.
+        StorageError: the history could not be opened.
+        OSError: the port could not be bound.
+    """
     server = Server(config)
-    async with trio.open_nursery() as nursery:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+    signals_of_interest = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    with _plain_startup_failures(), trio.open_signal_receiver(*signals_of_interest) as signals:
+        async with trio.open_nursery() as nursery:
             nursery.start_soon(_watch_signals, signals, server, nursery.cancel_scope)
             await server.run()
-        nursery.cancel_scope.cancel()
+            nursery.cancel_scope.cancel()
+
+
+@contextlib.contextmanager
+def _plain_startup_failures() -> Iterator[None]:
+    """Re-raise a lone StorageError or OSError out of the nurseries' exception
+    groups as itself, so that callers catch it plainly (a failed start-up)."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        failure: BaseException = group
+        while isinstance(failure, BaseExceptionGroup) and len(failure.exceptions) == 1:
+            failure = failure.exceptions[0]
+        if isinstance(failure, StorageError | OSError):
+            raise failure from None
+        raise
 
 
 async def _watch_signals(

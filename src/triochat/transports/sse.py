@@ -12,20 +12,36 @@ The stream has no close frame, so `close` sends a last named event,
 ``event: close`` with ``{"code": …, "reason": …}`` (ignored by an
 ``onmessage`` handler, read by a client that listens for it), then ends the
 response.
+
+`SseSessions` is a node's registry of its streams: a POST finds its stream
+here, or, when the stream is on another node of a cluster, is relayed there
+through the backplane and waits for that node's answer (docs/protocol.md
+§13, §14).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import secrets
+from collections.abc import Iterator
 
+import msgspec
 import trio
 
+from ..backplane import Backplane
+from ..config import Config
 from ..connection import TransportClosed
+from ..events import SsePost, SsePostResult
 from ..frames import OutFrame
 
-__all__ = ["HEARTBEAT", "SseTransport"]
+__all__ = ["HEARTBEAT", "PostAnswer", "SseSessions", "SseTransport"]
+
+#: How a POST is answered: (HTTP status, error code, message); 204 when taken.
+PostAnswer = tuple[int, str, str]
+
+_JSON = msgspec.json.Decoder()
 
 HEARTBEAT = 15.0  # seconds between comment lines that keep proxies from timing out
 INBOX_FRAMES = 16  # POSTed frames waiting for the connection's reader
@@ -130,3 +146,98 @@ class SseTransport:
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 self._end()
                 raise TransportClosed("event stream lost") from exc
+
+
+class SseSessions:
+    """This node's SSE streams by session id, and the relay of POSTs between nodes."""
+
+    def __init__(self, backplane: Backplane, config: Config) -> None:
+        self._backplane = backplane
+        self._config = config
+        self._sessions: dict[str, SseTransport] = {}
+        #: POSTs relayed to the node that holds their stream, awaiting its answer.
+        self._relay_ids = itertools.count(1)
+        self._waiting: dict[int, tuple[trio.Event, list[SsePostResult]]] = {}
+        #: Where relayed POSTs are answered (set by `serve_relays`).
+        self._nursery: trio.Nursery | None = None
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    @contextlib.contextmanager
+    def session(self, stream: trio.abc.Stream) -> Iterator[SseTransport]:
+        """A new stream's transport, findable by its session id while in use."""
+        transport = SseTransport(stream, self._backplane.node)
+        self._sessions[transport.session_id] = transport
+        try:
+            yield transport
+        finally:
+            del self._sessions[transport.session_id]
+
+    def serve_relays(self, nursery: trio.Nursery) -> None:
+        """Answer POSTs other nodes relay here in ``nursery`` (from now on)."""
+        self._nursery = nursery
+
+    async def post(self, session_id: str, body: bytes) -> PostAnswer:
+        """Deliver a POSTed frame to its stream, here or on the node that holds it."""
+        transport = self._sessions.get(session_id)
+        node = session_id.partition(".")[0] if "." in session_id else ""
+        backplane = self._backplane
+        remote = (
+            transport is None and node not in ("", backplane.node) and backplane.node_alive(node)
+        )
+        if not remote and (transport is None or transport.ended):
+            return 404, "no_such_session", "unknown or closed session: open a new stream"
+        try:
+            text = body.decode("utf-8")
+            _JSON.decode(text)
+        except (UnicodeDecodeError, msgspec.DecodeError, RecursionError):
+            return 400, "bad_json", "the body is not a JSON value"
+        if remote:
+            return await self._relay(node, session_id, text)
+        assert transport is not None
+        return await self._post_local(transport, text)
+
+    async def _post_local(self, transport: SseTransport, text: str) -> PostAnswer:
+        with trio.move_on_after(self._config.handshake_timeout):
+            if await transport.post(text):
+                return 204, "", ""
+            return 404, "no_such_session", "the session closed: open a new stream"
+        return 503, "unavailable", "the session is not reading: try again"
+
+    async def _relay(self, node: str, session_id: str, text: str) -> PostAnswer:
+        """The stream is on ``node``: relay the POST there and wait for its answer."""
+        request = next(self._relay_ids)
+        done = trio.Event()
+        answer: list[SsePostResult] = []
+        self._waiting[request] = (done, answer)
+        backplane = self._backplane
+        try:
+            backplane.publish(SsePost(node, session_id, text, backplane.node, request))
+            with trio.move_on_after(self._config.backplane_timeout):
+                await done.wait()
+        finally:
+            del self._waiting[request]
+        if not answer:
+            return 503, "unavailable", "the node holding the session did not answer: try again"
+        return answer[0].status, answer[0].code, answer[0].message
+
+    def relayed(self, event: SsePost | SsePostResult) -> None:
+        """A relayed POST for a stream here, or the answer to one we relayed (the
+        hub's relay hook: never blocks)."""
+        if isinstance(event, SsePostResult):
+            waiting = self._waiting.get(event.request)
+            if waiting is not None:
+                waiting[1].append(event)
+                waiting[0].set()
+            return
+        if self._nursery is not None:
+            self._nursery.start_soon(self._answer_relayed, event)
+
+    async def _answer_relayed(self, post: SsePost) -> None:
+        transport = self._sessions.get(post.session)
+        if transport is None or transport.ended:
+            status, code, message = 404, "no_such_session", "unknown or closed session"
+        else:
+            status, code, message = await self._post_local(transport, post.body)
+        self._backplane.publish(SsePostResult(post.sender, post.request, status, code, message))

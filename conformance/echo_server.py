@@ -7,9 +7,11 @@ size guard, lingering close), trio-websocket's handshake via
 `accept_websocket`, and `triochat.connection.Connection` itself: its read
 loop and keepalive, and its `Outbound` (the outbox, the direct writes, the
 writer task, the slow-consumer rule and the close sequence, a failure's
-close frame included). Only the chat logic is swapped for an echo
-(`EchoApp`, the `App` a connection talks to): each message comes back as
-one frame of the same type, written at once.
+close frame included). Compression is on, as ``--compression on``: the
+same permessage-deflate negotiation, bounded inflating and compress-once
+framing (`OutFrame.wsz`) as a chat connection. Only the chat logic is
+swapped for an echo (`EchoApp`, the `App` a connection talks to): each
+message comes back as one frame of the same type, written at once.
 
 ::
 
@@ -156,6 +158,8 @@ async def serve(
         memory=True,
         allow_origins=("*",),
         max_frame_bytes=MAX_MESSAGE_BYTES,
+        # Groups 12 and 13 of the suite: permessage-deflate, as --compression on.
+        compression=True,
         max_conns_per_ip=0,
         # Autobahn's cases echo messages of up to 16 MiB: a backlog bound that
         # holds a few of them (the chat's default is 1 MiB).

@@ -1,992 +1,1223 @@
-// triochat browser page: speaks the typed protocol (docs/protocol.md) over a
-// WebSocket on /ws, or over Server-Sent Events (GET /sse + POST /sse) when
-// WebSockets do not get through. It survives bad networks: it reconnects with
-// backoff, rejoins with the resume token and the last id seen, and sends what
-// was typed while offline exactly once.
+// triochat browser page, built on the client module (triochat-client.js, see
+// docs/client.md), which speaks the protocol, reconnects, resumes and queues.
+// This file is the UI: rooms with unread counts, one message list per room
+// (paged back with `history`, grouped by sender, split by day), the composer,
+// the title and notifications, and a resume after a reload.
 // All user-supplied text is rendered with textContent, never as HTML, each
-// span bidi-isolated with its explicit bidi controls shown as escapes (#18).
-'use strict';
+// span bidi-isolated with its explicit bidi controls shown as escapes (#18);
+// only http(s) URLs become links, built as elements, never from markup.
 
-(() => {
-  const ROOM_RE = /^[a-z0-9][a-z0-9_-]{0,63}$/;
-  const BAD_NAME_CHARS = /[\p{Cc}\p{Cf}\p{Zl}\p{Zp}]/u;
-  const MAX_NAME = 32;
-  const MAX_MSG = 2000;
-  const TYPING_SEND_MS = 3000; // send `typing` at most this often
-  const TYPING_SHOW_MS = 4000; // show someone as typing for this long
-  const QUEUE_MAX = 100; // unconfirmed messages kept for (re)sending
-  const BACKOFF_BASE_MS = 500; // reconnect delay: random in [0, min(cap, base * 2^n)]
-  const BACKOFF_CAP_MS = 30000;
-  const SHORT_LIVED_MS = 2000; // a WebSocket that dies this young counts as failed
-  const WS_FAILURES_BEFORE_SSE = 2; // failed WebSockets in a row before trying SSE
-  const SEND_RATE = 8; // frames per second the outbox pump sends at most (server: 10)
-  const SEND_BURST = 10;
-  const RATE_RETRY_MS = 1500; // a rate-limited say is sent again after this long
-  const GAP_PAGES = 4; // `history` pages fetched to fill a gap after recovered: false
-  const SEEN_MAX = 5000; // message ids remembered per room, for de-duplication
-  const PRESENCE_MERGE_MS = 10000; // presence notices this close together share one line
-  const PRESENCE_LINES_MAX = 50; // presence lines kept in the log (oldest dropped first)
-  const PRESENCE_RENDER_MS = 30; // a burst of presence frames is rendered once
-  // Explicit bidi controls: embeddings and overrides (U+202A-E), isolates
-  // (U+2066-9), marks (U+200E/F, U+061C). In user text they could reorder
-  // what surrounds them ("pay to \u202Eelgoog.evil" reads "live.google"), so
-  // they are shown as visible escapes instead (#18).
-  const BIDI_CONTROLS = /[\u202A-\u202E\u2066-\u2069\u200E\u200F\u061C]/g;
-  const STORE_KEY = 'triochat';
+import {
+  ChatError, TriochatClient, charCount, mentions, nameProblem, roomProblem,
+} from './triochat-client.js';
 
-  const params = new URLSearchParams(location.search);
-  const FORCED = ['ws', 'sse'].includes(params.get('transport')) ? params.get('transport') : null;
+const TYPING_SEND_MS = 3000; // send `typing` at most this often
+const TYPING_SHOW_MS = 4000; // show someone as typing for this long
+const PRESENCE_MERGE_MS = 10000; // presence notices this close together share one line
+const PRESENCE_LINES_MAX = 50; // presence lines kept per room (oldest dropped first)
+const PRESENCE_RENDER_MS = 30; // a burst of presence frames is rendered once
+const GROUP_MS = 5 * 60 * 1000; // one sender's messages this close together share a name line
+const OLDER_PAGE = 100; // messages per `history` page when scrolling back
+const LOAD_OLDER_PX = 200; // load older messages this close to the top
+const AT_BOTTOM_PX = 40;
+const COMPOSER_MAX_PX = 200; // the composer grows up to this, then scrolls
+const STORE_KEY = 'triochat'; // sessionStorage (this tab) and localStorage (new tabs)
+const NOTIFY_KEY = 'triochat-notify';
+// Explicit bidi controls: embeddings and overrides (U+202A-E), isolates
+// (U+2066-9), marks (U+200E/F, U+061C). In user text they could reorder
+// what surrounds them ("pay to \u202Eelgoog.evil" reads "live.google"), so
+// they are shown as visible escapes instead (#18).
+const BIDI_CONTROLS = /[\u202A-\u202E\u2066-\u2069\u200E\u200F\u061C]/g;
+// http(s) URLs in message text; never across white space, quotes, angle
+// brackets or bidi controls. Trailing punctuation is trimmed below.
+const URL_RE = /\bhttps?:\/\/[^\s<>"'\u202A-\u202E\u2066-\u2069\u200E\u200F\u061C]+/gi;
 
-  // Refs are unique per page load, so a reload never reuses an old one (the
-  // server treats a say with a known ref as a retry of the first copy).
-  const REF_PREFIX = (() => {
-    const bytes = crypto.getRandomValues(new Uint8Array(6));
-    return Array.from(bytes, (b) => b.toString(36).padStart(2, '0')).join('');
-  })();
+const params = new URLSearchParams(location.search);
+const FORCED = ['ws', 'sse'].includes(params.get('transport')) ? params.get('transport') : null;
 
-  const $ = (id) => document.getElementById(id);
-  const ui = {
-    joinView: $('join-view'), joinForm: $('join-form'), name: $('name'), room: $('room'),
-    joinError: $('join-error'), join: $('join'),
-    chatView: $('chat-view'), roomTitle: $('room-title'), status: $('status'),
-    retry: $('retry'), leave: $('leave'),
-    messages: $('messages'), typing: $('typing'), sayForm: $('say-form'), input: $('input'),
-    send: $('send'), members: $('members'), memberCount: $('member-count'),
+const $ = (id) => document.getElementById(id);
+const ui = {
+  app: $('app'), main: $('main'),
+  joinView: $('join-view'), joinForm: $('join-form'), name: $('name'), room: $('room'),
+  joinError: $('join-error'), join: $('join'),
+  chatView: $('chat-view'), roomTitle: $('room-title'), status: $('status'),
+  retry: $('retry'), leave: $('leave'), announcer: $('announcer'),
+  roomsPane: $('rooms-pane'), rooms: $('rooms'), roomsToggle: $('rooms-toggle'),
+  roomsBadge: $('rooms-toggle-badge'),
+  addRoomForm: $('add-room-form'), newRoom: $('new-room'), addRoomError: $('add-room-error'),
+  notify: $('notify'), notifyNote: $('notify-note'),
+  log: $('log'), pill: $('new-pill'), typing: $('typing'),
+  sayForm: $('say-form'), input: $('input'), send: $('send'), charCount: $('char-count'),
+  membersPane: $('members-pane'), members: $('members'), memberCount: $('member-count'),
+  membersToggle: $('members-toggle'), membersToggleCount: $('members-toggle-count'),
+};
+
+const client = new TriochatClient({ transport: FORCED || 'auto' });
+
+const page = {
+  current: null, // the room shown
+  views: new Map(), // room -> view (see makeView), in the order joined
+  rows: new Map(), // outgoing entry ref -> its row
+  everChatted: false, // a room was joined in this page: errors go to the log, not the form
+  lastTypingSent: 0,
+  countdown: null,
+  offlineSaid: false, // the offline announcement was made for this outage
+  lastAnnounced: '',
+};
+
+// ---- storage: resume after a reload (this tab) or in a new tab -----------------
+function loadStored() {
+  const read = (store) => {
+    try { return JSON.parse(store.getItem(STORE_KEY)) || null; } catch { return null; }
   };
+  let tab = null;
+  let shared = null;
+  try { tab = read(sessionStorage); } catch { /* storage unavailable */ }
+  try { shared = read(localStorage); } catch { /* storage unavailable */ }
+  if (tab && shared && tab.name === shared.name && (shared.savedAt || 0) > (tab.savedAt || 0)) {
+    // Another tab of the same name has rotated the token since: its token is the live one.
+    return { ...tab, token: shared.token };
+  }
+  return tab || shared || {};
+}
 
-  const state = {
-    transport: null,   // the current transport (see openTransport), or null
-    open: false,       // the current transport is open
-    openedAt: 0,
-    name: null,        // the name the server bound (echoed in `joined`)
-    wantedName: null,  // the name typed in the join form
-    token: null,       // resume token from the last `joined`
-    current: null,     // room shown in the chat view
-    rooms: new Map(),  // room -> per-room state, see roomState()
-    refSeq: 0,
-    joins: new Map(),  // ref -> room of `join` frames awaiting `joined`
-    outbox: [],        // says/whispers not yet confirmed, in the order typed
-    pumpTimer: null,
-    tokens: SEND_BURST, tokensAt: 0,
-    seenWhispers: new Set(),
-    lastTypingSent: 0,
-    notice: null,      // the presence line still taking notices, see onPresence()
-    presenceTimer: null,
-    // reconnecting
-    kind: FORCED || 'ws', // transport for the next attempt
-    sseFallback: false,   // SSE worked where WebSockets did not: stay on it
-    wsFailures: 0,        // failed WebSockets in a row
-    attempt: 0,           // failed attempts in a row (backoff exponent)
-    everConnected: false,
-    stopped: null,        // 'replaced' after a 4001: no reconnect
-    retryTimer: null, countdownTimer: null, retryAt: 0,
+function saveStored() {
+  const session = client.session();
+  const record = {
+    ...session,
+    current: page.current,
+    unread: Object.fromEntries([...page.views].map(([r, v]) => [r, v.unread])),
+    mention: Object.fromEntries([...page.views].filter(([, v]) => v.mention).map(([r]) => [r, true])),
+    savedAt: Date.now(),
   };
-
-  // ---- validation (PROTOCOL §2) -------------------------------------------
-  const cpLength = (s) => [...s].length;
-
-  function nameProblem(raw) {
-    const name = raw.trim();
-    if (!name) return 'Please enter a name.';
-    if (cpLength(name) > MAX_NAME) return `The name is too long (at most ${MAX_NAME} characters).`;
-    if (BAD_NAME_CHARS.test(name)) return 'The name contains invisible or control characters.';
-    return null;
+  if (!session.rooms.length) {
+    // Nothing to resume: keep only the name, for the join form.
+    record.token = null;
+    record.current = null;
   }
+  const text = JSON.stringify(record);
+  try { sessionStorage.setItem(STORE_KEY, text); } catch { /* a reload shows the join form */ }
+  try { localStorage.setItem(STORE_KEY, text); } catch { /* a new tab shows the join form */ }
+}
 
-  function roomProblem(room) {
-    if (!room) return 'Please enter a room.';
-    if (!ROOM_RE.test(room)) {
-      return 'Room names are 1-64 characters: lower-case letters, digits, "-" and "_", ' +
-        'starting with a letter or digit.';
-    }
-    return null;
-  }
+// ---- rendering helpers -----------------------------------------------------------
+const pad2 = (n) => String(n).padStart(2, '0');
 
-  // Sort by code point, like the server (`joined.members`).
-  function byCodePoint(a, b) {
-    const x = [...a], y = [...b];
-    for (let i = 0; i < Math.min(x.length, y.length); i++) {
-      const d = x[i].codePointAt(0) - y[i].codePointAt(0);
-      if (d) return d;
-    }
-    return x.length - y.length;
-  }
+function el(tag, cls, text) {
+  const node = document.createElement(tag);
+  if (cls) node.className = cls;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
 
-  function parseFrame(text) {
-    if (typeof text !== 'string') return null;
+// User text with each explicit bidi control replaced by a visible "[U+202E]".
+const neutral = (text) => String(text).replace(
+  BIDI_CONTROLS, (c) => `[U+${c.codePointAt(0).toString(16).toUpperCase().padStart(4, '0')}]`);
+
+// A user-supplied span (name, room, message, …): a <bdi> takes its direction
+// from its own first strong character and is isolated from its neighbours,
+// so no name can flip the "… joined" around it (#18).
+const userText = (text, cls) => el('bdi', cls, neutral(text));
+
+const clock = (ts) => {
+  const when = new Date(ts);
+  return `${pad2(when.getHours())}:${pad2(when.getMinutes())}`;
+};
+
+const dayKey = (ts) => {
+  const d = new Date(ts);
+  return `${d.getFullYear()}-${d.getMonth()}-${d.getDate()}`;
+};
+
+function dayLabel(ts) {
+  const d = new Date(ts);
+  const today = new Date();
+  const yesterday = new Date(today.getFullYear(), today.getMonth(), today.getDate() - 1);
+  if (dayKey(ts) === dayKey(today.getTime())) return 'Today';
+  if (dayKey(ts) === dayKey(yesterday.getTime())) return 'Yesterday';
+  const opts = { weekday: 'long', day: 'numeric', month: 'long' };
+  if (d.getFullYear() !== today.getFullYear()) opts.year = 'numeric';
+  return d.toLocaleDateString(undefined, opts);
+}
+
+// Message text: plain text nodes, and an <a> for each http(s) URL. Nothing
+// else becomes markup; a `javascript:` URL is never matched.
+function messageBody(text) {
+  const parts = [];
+  let at = 0;
+  for (const match of String(text).matchAll(URL_RE)) {
+    let url = match[0];
+    // Punctuation that ends a sentence is not part of the URL; a closing
+    // bracket only when the URL has no opening one.
+    while (/[.,;:!?]$/.test(url) || (/[)\]}]$/.test(url) && !/[([{]/.test(url))) url = url.slice(0, -1);
+    let href = null;
     try {
-      const f = JSON.parse(text);
-      return f && typeof f === 'object' && !Array.isArray(f) ? f : null;
-    } catch { return null; }
+      const parsed = new URL(url);
+      if (parsed.protocol === 'http:' || parsed.protocol === 'https:') href = parsed.href;
+    } catch { /* not a URL after all: stays text */ }
+    if (!href) continue;
+    if (match.index > at) parts.push(neutral(text.slice(at, match.index)));
+    const a = el('a', 'link', url);
+    a.href = href;
+    a.target = '_blank';
+    a.rel = 'noopener noreferrer';
+    parts.push(a);
+    at = match.index + url.length;
   }
+  if (at < text.length) parts.push(neutral(text.slice(at)));
+  return parts;
+}
 
-  // ---- transports: one small interface, two implementations ---------------
-  // makeX(handlers) -> {kind, open(), send(frame) -> bool, close(reason)}
-  // handlers: onopen(), onframe(frame), onclose(code, reason). After close()
-  // no handler is called any more; onclose is called at most once.
+// ---- announcements: polite, once, never a countdown ---------------------------------
+function announce(text) {
+  if (!text || text === page.lastAnnounced) return;
+  page.lastAnnounced = text;
+  ui.announcer.textContent = text;
+}
 
-  function makeWebSocket(h) {
-    let ws = null;
-    let done = false;
-    const finish = (code, reason) => {
-      if (done) return;
-      done = true;
-      h.onclose(code, reason);
-    };
-    return {
-      kind: 'ws',
-      open() {
-        ws = new WebSocket((location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host + '/ws');
-        ws.addEventListener('open', () => { if (!done) h.onopen(); });
-        ws.addEventListener('message', (ev) => {
-          const f = done ? null : parseFrame(ev.data);
-          if (f) h.onframe(f);
-        });
-        ws.addEventListener('close', (ev) => finish(ev.code, ev.reason));
-      },
-      send(frame) {
-        if (done || !ws || ws.readyState !== WebSocket.OPEN) return false;
-        ws.send(JSON.stringify(frame));
-        return true;
-      },
-      close(reason) {
-        if (done) return;
-        done = true;
-        try { ws.close(1000, reason); } catch { /* already closed */ }
-      },
-    };
+// ---- per-room views --------------------------------------------------------------
+function makeView(room, stored = {}) {
+  const list = el('ol', 'messages'); // named by its region, #log ("Messages in #room")
+  const view = {
+    room, list,
+    unread: stored.unread || 0, mention: Boolean(stored.mention),
+    resumed: false, // joined from a stored last id: replayed messages are unread
+    atStart: false, loadingOlder: false, ids: new Set(),
+    atBottom: true, scrollTop: 0, newCount: 0,
+    notice: null, presenceTimer: null, typers: new Map(), gapLine: null, joinedOnce: false,
+  };
+  page.views.set(room, view);
+  return view;
+}
+
+const viewOf = (room) => page.views.get(room);
+const viewOfList = (list) => [...page.views.values()].find((v) => v.list === list);
+const currentView = () => page.views.get(page.current);
+const isCurrent = (view) => view && view.room === page.current && !ui.chatView.hidden;
+
+function nearBottom() {
+  const box = ui.log;
+  return box.scrollHeight - box.scrollTop - box.clientHeight < AT_BOTTOM_PX;
+}
+
+function scrollToBottom() {
+  ui.log.scrollTop = ui.log.scrollHeight;
+  const view = currentView();
+  if (view) {
+    view.newCount = 0;
+    view.atBottom = true;
   }
+  renderPill();
+}
 
-  // GET /sse streams the server's frames; each client frame is a POST to /sse
-  // naming the session in a header, never in the URL: the id is a bearer
-  // secret, and proxies log paths (#18). POSTs are chained, so frames arrive
-  // in the order sent.
-  // EventSource would reconnect by itself on errors: it is closed instead, and
-  // the page's own backoff opens a new session.
-  function makeEventSource(h) {
-    let es = null;
-    let session = null;
-    let done = false;
-    let chain = Promise.resolve();
-    const finish = (code, reason) => {
-      if (done) return;
-      done = true;
-      if (es) es.close();
-      h.onclose(code, reason);
-    };
-    return {
-      kind: 'sse',
-      open() {
-        es = new EventSource('/sse');
-        es.addEventListener('message', (ev) => {
-          const f = done ? null : parseFrame(ev.data);
-          if (!f) return;
-          if (session !== null) { h.onframe(f); return; }
-          if (f.type === 'session' && typeof f.id === 'string') {
-            session = f.id;
-            h.onopen();
-          }
-        });
-        // The server's last word, like a WebSocket close frame.
-        es.addEventListener('close', (ev) => {
-          const info = parseFrame(ev.data) || {};
-          finish(Number.isInteger(info.code) ? info.code : 1006, String(info.reason || ''));
-        });
-        es.addEventListener('error', () => finish(1006, 'event stream lost'));
-      },
-      send(frame) {
-        if (done || session === null) return false;
-        const body = JSON.stringify(frame);
-        chain = chain.then(async () => {
-          if (done) return;
-          let res;
-          try {
-            res = await fetch('/sse', {
-              method: 'POST', body, cache: 'no-store', credentials: 'same-origin',
-              headers: { 'content-type': 'application/json', 'x-triochat-session': session },
-            });
-          } catch {
-            finish(1006, 'could not send');
-            return;
-          }
-          if (res.status !== 204) finish(res.status === 413 ? 1009 : 1006, `send refused (${res.status})`);
-        });
-        return true;
-      },
-      close() {
-        if (done) return;
-        done = true;
-        if (es) es.close();
-      },
-    };
+// Confirmed lines go above the pending ones, which stay at the bottom.
+// `fromOthers`: a message someone else wrote (counts for the new-messages pill).
+function appendLine(view, node, { fromOthers = false } = {}) {
+  if (view.notice && view.notice.row !== node) endNotice(view);
+  const current = isCurrent(view);
+  const stick = current ? nearBottom() : view.atBottom;
+  const firstPending = node.classList.contains('pending')
+    ? null : view.list.querySelector(':scope > .msg.pending');
+  if (firstPending) view.list.insertBefore(node, firstPending);
+  else view.list.append(node);
+  if (node.classList.contains('msg')) relayout(view, node);
+  if (stick) {
+    if (current) scrollToBottom();
+  } else if (fromOthers) {
+    view.newCount += 1;
+    if (current) renderPill();
   }
+}
 
-  // ---- connecting and reconnecting ------------------------------------------
-  function setStatus(kind, text) {
-    ui.status.dataset.state = kind;
-    ui.status.textContent = text;
+// `text`: a string of our own, or an array of strings and nodes (userText).
+function systemLine(view, text, { error = false, code, cls } = {}) {
+  if (!view) return null;
+  const row = el('li', 'sys' + (error ? ' error' : '') + (cls ? ` ${cls}` : ''));
+  row.append(...(Array.isArray(text) ? text : [text]));
+  if (code) row.dataset.code = code;
+  appendLine(view, row);
+  return row;
+}
+
+// The message row: one list item whose accessible name is the whole message
+// ("alice, 10:42: hello"), whatever is shown of its name line when grouped.
+function buildMessage({ name, to, text, ts, id, mine, whisper, pending, room }) {
+  const row = el('li', 'msg' + (mine ? ' mine' : '') + (whisper ? ' whisper' : '') +
+    (pending ? ' pending' : ''));
+  if (typeof id === 'string') row.dataset.id = id;
+  if (room && !whisper) row.dataset.roomMsg = '1';
+  row.dataset.sender = whisper ? `w:${name}>${to}` : `m:${name}`;
+  const head = el('div', 'msg-head');
+  const who = el('span', 'msg-name');
+  who.append(userText(name));
+  if (to !== undefined) who.append(' → ', userText(to)); // a whisper: "from → to"
+  head.append(who);
+  if (mine) head.append(el('span', 'msg-me', '(me)'));
+  if (whisper) head.append(el('span', 'msg-tag', 'whisper'));
+  head.append(el('time', 'msg-time'));
+  if (pending) head.append(el('span', 'msg-state'));
+  const body = el('div', 'msg-text');
+  body.append(...messageBody(text));
+  body.dir = 'auto'; // an RTL message reads right to left, isolated from the page
+  const side = el('time', 'msg-side-time'); // the time of a grouped message, on hover
+  side.setAttribute('aria-hidden', 'true');
+  row.append(side, head, body);
+  row.msgFields = { name, to, text, whisper, mine };
+  setRowTime(row, ts);
+  return row;
+}
+
+function setRowTime(row, ts) {
+  const when = typeof ts === 'number' ? ts : Date.now();
+  row.dataset.ts = String(when);
+  for (const time of row.querySelectorAll('.msg-time, .msg-side-time')) {
+    time.textContent = clock(when);
+    time.dateTime = new Date(when).toISOString();
   }
+  row.querySelector('.msg-time').title = new Date(when).toLocaleString();
+  labelRow(row);
+}
 
-  function connectedText(kind) {
-    if (kind !== 'sse') return 'connected';
-    return FORCED ? 'connected (SSE)' : 'connected (SSE fallback)';
+function labelRow(row) {
+  const f = row.msgFields;
+  if (!f) return;
+  const who = f.whisper ? `Whisper from ${f.name} to ${f.to}` : f.name;
+  const state = row.querySelector('.msg-state')?.textContent;
+  const label = `${who}, ${clock(Number(row.dataset.ts))}: ${f.text}` + (state ? ` (${state})` : '');
+  row.setAttribute('aria-label', neutral(label));
+}
+
+const isMsg = (node) => node && node.classList.contains('msg');
+
+// Day separators and grouping, from `start` (a row of the list) to the end:
+// a separator before the first message of each day, and a message "grouped"
+// (its name line hidden) when the one before it is by the same sender, of the
+// same kind, on the same day and within GROUP_MS.
+function relayout(view, start = null) {
+  const list = view.list;
+  let node = start || list.firstElementChild;
+  // Back up to the message before `start`: its day and sender decide `start`.
+  let prev = null;
+  if (start) {
+    for (let p = start.previousElementSibling; p; p = p.previousElementSibling) {
+      if (isMsg(p)) { prev = p; break; }
+    }
   }
+  const stale = new Set();
+  for (; node; node = node.nextElementSibling) {
+    if (node.classList.contains('day')) { stale.add(node); continue; }
+    if (!isMsg(node)) continue;
+    const ts = Number(node.dataset.ts);
+    const key = dayKey(ts);
+    const newDay = !prev || dayKey(Number(prev.dataset.ts)) !== key;
+    if (newDay) {
+      const before = node.previousElementSibling;
+      if (before && before.classList.contains('day') && before.dataset.day === key) {
+        stale.delete(before);
+      } else {
+        const sep = el('li', 'day');
+        sep.dataset.day = key;
+        sep.append(el('h3', 'day-label', dayLabel(ts)));
+        list.insertBefore(sep, node);
+      }
+    }
+    const grouped = !newDay && prev.nextElementSibling === node &&
+      prev.dataset.sender === node.dataset.sender && ts - Number(prev.dataset.ts) < GROUP_MS &&
+      prev.classList.contains('failed') === node.classList.contains('failed');
+    node.classList.toggle('grouped', grouped);
+    prev = node;
+  }
+  for (const sep of stale) sep.remove();
+}
 
-  const wantConnection = () => state.rooms.size > 0 && !state.stopped;
+function addMessage(view, fields, opts) {
+  const row = buildMessage(fields);
+  appendLine(view, row, opts);
+  if (typeof fields.id === 'string') view.ids.add(fields.id);
+  return row;
+}
 
-  function connect() {
-    clearRetry();
-    if (state.transport) closeTransport('reconnecting');
-    const kind = FORCED || state.kind;
-    const via = kind === 'sse' ? ' (SSE)' : '';
-    setStatus('connecting', state.everConnected ? `reconnecting${via}…` : `connecting${via}…`);
-    const t = (kind === 'sse' ? makeEventSource : makeWebSocket)({
-      onopen: () => { if (state.transport === t) onOpen(t); },
-      onframe: (f) => { if (state.transport === t) handleFrame(f); },
-      onclose: (code, reason) => { if (state.transport === t) onClose(t, code, reason); },
+// ---- rooms: sidebar, switching, unread --------------------------------------------
+function totalUnread() {
+  let n = 0;
+  for (const v of page.views.values()) n += v.unread;
+  return n;
+}
+
+function renderTitle() {
+  const n = totalUnread();
+  document.title = (n ? `(${n}) ` : '') + (page.current ? `#${page.current} · ` : '') + 'triochat';
+  ui.roomsBadge.textContent = String(n);
+  ui.roomsBadge.hidden = n === 0;
+}
+
+function renderRooms() {
+  const items = [];
+  for (const [room, v] of page.views) {
+    const li = el('li');
+    const btn = el('button', 'room-btn');
+    btn.type = 'button';
+    btn.dataset.room = room;
+    const label = el('span', 'room-name');
+    label.append('#', userText(room));
+    btn.append(label);
+    // The name says what the badge and the mark show (room names are plain ASCII).
+    const extra = [];
+    if (v.unread) extra.push(`${v.unread} unread`);
+    if (v.mention) extra.push('mentions you');
+    btn.setAttribute('aria-label', [`#${room}`, ...extra].join(', '));
+    if (v.mention) {
+      const mark = el('span', 'mention', '@');
+      mark.setAttribute('aria-hidden', 'true');
+      btn.append(mark);
+    }
+    if (v.unread) {
+      const badge = el('span', 'unread', v.unread > 99 ? '99+' : String(v.unread));
+      badge.setAttribute('aria-hidden', 'true');
+      btn.append(badge);
+    }
+    if (room === page.current) btn.setAttribute('aria-current', 'page');
+    li.append(btn);
+    items.push(li);
+  }
+  ui.rooms.replaceChildren(...items);
+  renderTitle();
+}
+
+function setUrlRoom(room) {
+  const url = new URL(location.href);
+  if (room) url.searchParams.set('room', room);
+  else url.searchParams.delete('room');
+  if (url.href !== location.href) history.replaceState(null, '', url);
+}
+
+function switchRoom(room, { focus = false } = {}) {
+  const view = viewOf(room);
+  if (!view) return;
+  const old = currentView();
+  if (old && old !== view && !ui.chatView.hidden) {
+    old.atBottom = nearBottom();
+    old.scrollTop = ui.log.scrollTop;
+  }
+  if (old) old.list.removeAttribute('id');
+  page.current = room;
+  view.list.id = 'messages';
+  if (ui.log.firstElementChild !== view.list) ui.log.replaceChildren(view.list);
+  showChat();
+  if (view.atBottom) scrollToBottom();
+  else ui.log.scrollTop = view.scrollTop;
+  view.unread = 0;
+  view.mention = false;
+  ui.roomTitle.replaceChildren('#', userText(room));
+  ui.log.setAttribute('aria-label', `Messages in #${room}`);
+  ui.input.placeholder = `Message #${room}`;
+  setUrlRoom(room);
+  renderRooms();
+  renderMembers();
+  renderTyping();
+  renderPill();
+  setChatEnabled(client.joined(room));
+  closeDrawers();
+  saveStored();
+  maybeLoadOlder(view);
+  if (focus) ui.input.focus();
+}
+
+function removeView(room) {
+  const view = viewOf(room);
+  if (!view) return;
+  for (const t of view.typers.values()) clearTimeout(t);
+  clearTimeout(view.presenceTimer);
+  page.views.delete(room);
+  for (const [ref, row] of page.rows) if (row.closest('ol') === view.list) page.rows.delete(ref);
+  if (page.current === room) {
+    page.current = null;
+    view.list.remove();
+  }
+}
+
+// ---- scrollback: older messages when scrolled to the top -----------------------------
+function oldestId(view) {
+  for (const row of view.list.querySelectorAll(':scope > .msg[data-room-msg][data-id]')) {
+    return row.dataset.id;
+  }
+  return undefined;
+}
+
+function markStart(view, text) {
+  view.atStart = true;
+  if (view.list.querySelector(':scope > .start')) return;
+  const row = el('li', 'sys start', text);
+  view.list.prepend(row);
+}
+
+async function loadOlder(view) {
+  if (view.loadingOlder || view.atStart || !client.joined(view.room)) return;
+  view.loadingOlder = true;
+  const before = oldestId(view);
+  let reply;
+  try {
+    reply = await client.history(view.room, { before, limit: OLDER_PAGE });
+  } catch (err) {
+    view.loadingOlder = false;
+    // The oldest message we show is no longer kept: nothing older is.
+    if (err instanceof ChatError && err.code === 'bad_frame') {
+      markStart(view, 'Older messages are no longer kept.');
+    }
+    return; // offline: tried again once the room is joined again
+  }
+  view.loadingOlder = false;
+  if (viewOf(view.room) !== view) return;
+  const fresh = reply.messages.filter((m) => typeof m.id === 'string' && !view.ids.has(m.id));
+  const current = isCurrent(view);
+  const height = ui.log.scrollHeight;
+  const top = ui.log.scrollTop;
+  const anchor = view.list.querySelector(':scope > .start')?.nextElementSibling ?? view.list.firstElementChild;
+  for (const m of fresh) {
+    const row = buildMessage({
+      name: m.name, text: m.msg, ts: m.ts, id: m.id, mine: m.name === client.name, room: m.room,
     });
-    state.transport = t;
-    state.open = false;
-    t.open();
+    view.list.insertBefore(row, anchor);
+    view.ids.add(m.id);
   }
+  if (!reply.more) markStart(view, `This is the beginning of #${view.room}.`);
+  relayout(view);
+  if (current) ui.log.scrollTop = top + (ui.log.scrollHeight - height); // keep what was in view
+  maybeLoadOlder(view);
+}
 
-  // Close on purpose: no close handler runs for it.
-  function closeTransport(reason) {
-    const t = state.transport;
-    state.transport = null;
-    state.open = false;
-    if (t) t.close(reason);
-    connectionLost();
+// Load older messages while the list is near its top (or does not fill the pane).
+function maybeLoadOlder(view) {
+  if (!isCurrent(view) || view.atStart || view.loadingOlder) return;
+  if (ui.log.scrollTop < LOAD_OLDER_PX) loadOlder(view);
+}
+
+function renderPill() {
+  const view = currentView();
+  const n = view && !ui.chatView.hidden ? view.newCount : 0;
+  ui.pill.hidden = n === 0;
+  if (n) ui.pill.textContent = n === 1 ? '1 new message ↓' : `${n} new messages ↓`;
+}
+
+// ---- presence lines: merged, capped, rendered once per burst ----------------------
+// Join/leave churn must not bury the conversation (#18): notices that follow
+// each other (no other line between them) within PRESENCE_MERGE_MS share one
+// line, which sums up each name's net change, and at most PRESENCE_LINES_MAX
+// presence lines are kept, the oldest dropped first (messages are never
+// dropped for them). The members list and the line are rendered once per burst.
+function onPresence(p) {
+  const view = viewOf(p.room);
+  if (!view) return;
+  if (p.event === 'leave') stopTyping(view, p.name);
+  const now = Date.now();
+  let n = view.notice;
+  if (!n || !n.row.isConnected || now - n.started > PRESENCE_MERGE_MS) {
+    const row = el('li', 'sys presence');
+    appendLine(view, row); // ends the line before, if any
+    n = view.notice = { started: now, names: new Map(), row, dirty: false };
+    const lines = view.list.querySelectorAll(':scope > .sys.presence');
+    for (let i = 0; i < lines.length - PRESENCE_LINES_MAX; i++) lines[i].remove();
   }
-
-  function onOpen(t) {
-    state.open = true;
-    state.openedAt = Date.now();
-    state.everConnected = true;
-    if (t.kind === 'sse' && !FORCED) state.sseFallback = true;
-    setStatus('connected', connectedText(t.kind));
-    for (const room of state.rooms.keys()) sendJoin(room);
+  const seen = n.names.get(p.name);
+  if (seen) seen.last = p.event;
+  else n.names.set(p.name, { first: p.event, last: p.event });
+  n.dirty = true;
+  if (!view.presenceTimer) {
+    view.presenceTimer = setTimeout(() => {
+      view.presenceTimer = null;
+      if (view.room === page.current) renderMembers();
+      if (view.notice) renderNotice(view.notice);
+    }, PRESENCE_RENDER_MS);
   }
+}
 
-  function onClose(t, code, reason) {
-    const lived = state.open ? Date.now() - state.openedAt : -1; // -1: never opened
-    state.transport = null;
-    state.open = false;
-    connectionLost();
-    const why = reason ? `${code} ${reason}` : `${code}`;
-    if (code === 4001) {
-      // Our resume token was used by a newer connection: another tab or window.
-      state.stopped = 'replaced';
+function renderNotice(n) {
+  if (!n || !n.dirty || !n.row.isConnected) return;
+  n.dirty = false;
+  n.row.replaceChildren(...noticeParts(n.names));
+}
+
+// The presence line takes no more notices: render what it has now.
+function endNotice(view) {
+  const n = view.notice;
+  view.notice = null;
+  renderNotice(n);
+}
+
+// One name's net change over the line's notices: its first and last event
+// say whether it was a member before and is one now.
+const NET = [
+  ['join', 'join', 'joined'], ['leave', 'leave', 'left'],
+  ['join', 'leave', 'joined and left'], ['leave', 'join', 'left and joined again'],
+];
+
+// "alice, bob and 3 others joined; carol left and joined again".
+function noticeParts(names) {
+  const parts = [];
+  for (const [first, last, verb] of NET) {
+    const who = [];
+    for (const [name, e] of names) if (e.first === first && e.last === last) who.push(name);
+    if (!who.length) continue;
+    if (parts.length) parts.push('; ');
+    const shown = who.length > 3 ? who.slice(0, 2) : who;
+    shown.forEach((name, i) => {
+      if (i) parts.push(i === shown.length - 1 && who.length <= 3 ? ' and ' : ', ');
+      parts.push(userText(name));
+    });
+    if (who.length > 3) parts.push(` and ${who.length - 2} others`);
+    parts.push(` ${verb}`);
+  }
+  return parts;
+}
+
+// ---- typing ------------------------------------------------------------------------
+function onTyping(t) {
+  const view = viewOf(t.room);
+  if (!view) return;
+  clearTimeout(view.typers.get(t.name));
+  view.typers.set(t.name, setTimeout(() => stopTyping(view, t.name), TYPING_SHOW_MS));
+  if (view.room === page.current) renderTyping();
+}
+
+function stopTyping(view, name) {
+  if (!view.typers.has(name)) return;
+  clearTimeout(view.typers.get(name));
+  view.typers.delete(name);
+  if (view.room === page.current) renderTyping();
+}
+
+function renderTyping() {
+  const view = currentView();
+  const names = view ? [...view.typers.keys()] : [];
+  let parts = [];
+  if (names.length === 1) parts = [userText(names[0]), ' is typing…'];
+  else if (names.length === 2) parts = [userText(names[0]), ' and ', userText(names[1]), ' are typing…'];
+  else if (names.length > 2) parts = [`${names.length} people are typing…`];
+  ui.typing.replaceChildren(...parts);
+}
+
+function renderMembers() {
+  const names = page.current ? client.members(page.current) : [];
+  ui.members.replaceChildren(...names.map((n) => {
+    const li = el('li', n === client.name ? 'me' : '');
+    li.append(userText(n));
+    return li;
+  }));
+  ui.memberCount.textContent = `(${names.length})`;
+  ui.membersToggleCount.textContent = `(${names.length})`;
+}
+
+// ---- attention: unread counts, the title, notifications ------------------------------
+const NOTIFY = typeof Notification === 'function';
+
+function notifyPref() {
+  try { return localStorage.getItem(NOTIFY_KEY) !== 'off'; } catch { return true; }
+}
+
+function notificationsOn() {
+  return NOTIFY && Notification.permission === 'granted' && notifyPref();
+}
+
+function renderNotify() {
+  if (!NOTIFY) {
+    ui.notify.hidden = true;
+    ui.notifyNote.textContent = 'This browser cannot show notifications.';
+    return;
+  }
+  const permission = Notification.permission;
+  ui.notify.disabled = permission === 'denied';
+  ui.notify.setAttribute('aria-pressed', String(notificationsOn()));
+  ui.notify.textContent = notificationsOn() ? 'Notifications: on' : 'Notifications: off';
+  ui.notifyNote.textContent = permission === 'denied'
+    ? 'Notifications are blocked in this browser’s site settings.'
+    : 'When this tab is hidden: mentions of your name and whispers.';
+}
+
+ui.notify.addEventListener('click', async () => {
+  if (!NOTIFY) return;
+  if (Notification.permission === 'default') {
+    let answer = 'default';
+    try { answer = await Notification.requestPermission(); } catch { /* treated as not granted */ }
+    try { localStorage.setItem(NOTIFY_KEY, answer === 'granted' ? 'on' : 'off'); } catch { /* */ }
+  } else if (Notification.permission === 'granted') {
+    try { localStorage.setItem(NOTIFY_KEY, notifyPref() ? 'off' : 'on'); } catch { /* */ }
+  }
+  renderNotify();
+});
+
+function notify(title, body, room) {
+  if (!document.hidden || !notificationsOn()) return;
+  try {
+    const n = new Notification(title, { body: body.slice(0, 200), tag: `triochat-${room || 'whisper'}` });
+    n.addEventListener('click', () => {
+      window.focus();
+      if (room && viewOf(room)) switchRoom(room);
+      n.close();
+    });
+  } catch { /* a browser that refuses: the title still counts */ }
+}
+
+// A message nobody has seen yet in `view`: count it unless the person is looking at it.
+function countUnread(view, mentioned) {
+  if (view.room === page.current && !document.hidden && !ui.chatView.hidden) return;
+  view.unread += 1;
+  if (mentioned) view.mention = true;
+  renderRooms();
+}
+
+document.addEventListener('visibilitychange', () => {
+  if (document.hidden) return;
+  const view = currentView();
+  if (view && (view.unread || view.mention)) {
+    view.unread = 0;
+    view.mention = false;
+    renderRooms();
+    saveStored();
+  }
+});
+
+// ---- the connection's status, in plain words ---------------------------------------
+function setStatus(kind, text) {
+  ui.status.dataset.state = kind;
+  ui.status.textContent = text;
+}
+
+function stopCountdown() {
+  clearInterval(page.countdown);
+  page.countdown = null;
+}
+
+function onStatus(s) {
+  stopCountdown();
+  ui.retry.hidden = true;
+  const sse = s.transport === 'sse';
+  const view = currentView();
+  if (s.lost && s.lost.wasOpen && (s.state === 'offline' || s.state === 'connecting') && page.everChatted) {
+    systemLine(view, `Connection lost: ${s.lost.text}. Reconnecting…`);
+  }
+  switch (s.state) {
+    case 'connecting':
+      setStatus('connecting', (s.reconnecting ? 'reconnecting' : 'connecting') + (sse ? ' (SSE)…' : '…'));
+      break;
+    case 'connected': {
+      let text = 'connected';
+      if (sse) text = s.forced ? 'connected (SSE)' : 'connected (SSE fallback)';
+      setStatus('connected', text);
+      if (page.offlineSaid) announce('Connected again.');
+      page.offlineSaid = false;
+      break;
+    }
+    case 'offline': {
+      const render = () => {
+        const seconds = Math.max(1, Math.ceil((s.retryAt - Date.now()) / 1000));
+        setStatus('disconnected', `can't reach the server, retrying in ${seconds} s`);
+      };
+      render();
+      page.countdown = setInterval(render, 250); // the visible text only: not a live region
+      ui.retry.textContent = 'Retry now';
+      ui.retry.hidden = false;
+      if (!page.offlineSaid) {
+        announce("Can't reach the server. Retrying by itself; you can keep typing.");
+        page.offlineSaid = true;
+      }
+      if (ui.chatView.hidden && !ui.joinView.hidden && page.joining) {
+        showJoinError("Can't reach the server yet. Trying again…");
+      }
+      break;
+    }
+    case 'replaced':
       setStatus('disconnected', 'open in another tab');
-      systemLine('This chat is open in another tab or window, so this one stopped. ' +
-        'Press “Use here” to continue here.', true);
+      systemLine(view, 'This chat is open in another tab or window, so this one stopped. ' +
+        'Press “Use here” to continue here.', { error: true });
+      announce('This chat was opened in another tab, so this one stopped.');
       ui.retry.textContent = 'Use here';
       ui.retry.hidden = false;
       setChatEnabled(false);
-      return;
+      break;
+    case 'stopped':
+    case 'idle':
+    default:
+      setStatus(s.state === 'stopped' ? 'disconnected' : 'idle', 'not connected');
+      if (s.state === 'stopped') setChatEnabled(false);
+      break;
+  }
+}
+
+ui.retry.addEventListener('click', () => {
+  const stored = loadStored();
+  const token = stored.name && client.name && stored.name === client.name ? stored.token : undefined;
+  if (client.status.state === 'replaced') setChatEnabled(Boolean(page.current));
+  client.retryNow({ token });
+});
+
+// ---- the client's events -----------------------------------------------------------
+client.on('status', onStatus);
+client.on('session', saveStored);
+
+client.on('joined', (info) => {
+  const view = viewOf(info.room) || makeView(info.room);
+  page.everChatted = true;
+  page.joining = false;
+  page.resuming = false;
+  // Replayed messages are news after a reconnect, or after a reload (resumed
+  // from a stored last id); on a first join they are the room's recent past.
+  view.countReplays = !info.first || view.resumed;
+  if (info.first) {
+    view.joinedOnce = true;
+    if (!view.resumed) {
+      systemLine(view, ['You joined ', userText(`#${info.room}`), ' as ', userText(info.name), '.']);
     }
-    if (!wantConnection()) { setStatus('idle', 'not connected'); return; }
-    let now = false; // try the other transport at once
-    if (!FORCED && t.kind === 'ws') {
-      state.wsFailures = lived >= 0 && lived >= SHORT_LIVED_MS ? 0 : state.wsFailures + 1;
-      if (state.wsFailures >= WS_FAILURES_BEFORE_SSE) {
-        state.kind = 'sse';
-        now = true;
-      }
-    } else if (!FORCED && t.kind === 'sse' && lived < 0 && !state.sseFallback) {
-      state.kind = 'ws'; // SSE did not get through either: it is the network, not WebSockets
-      state.wsFailures = 0;
-    }
-    if (!ui.chatView.hidden) {
-      if (lived >= 0) systemLine(`Connection lost (${why}). Reconnecting…`);
-    } else {
-      showJoinError(`Could not connect (${why}). Trying again…`);
-    }
-    if (now) connect();
-    else scheduleRetry();
+  } else if (info.gap) {
+    view.gapLine = systemLine(view, 'Some messages from while you were offline could not be ' +
+      'recovered; loading what the server still has…', { cls: 'gap' });
+  } else if (view.room === page.current) {
+    systemLine(view, 'Reconnected.');
   }
-
-  // State that belongs to a connection: gone with it.
-  function connectionLost() {
-    clearTimeout(state.pumpTimer);
-    state.pumpTimer = null;
-    state.joins.clear();
-    for (const r of state.rooms.values()) {
-      r.joined = false;
-      for (const t of r.typers.values()) clearTimeout(t);
-      r.typers.clear();
-    }
-    renderTyping();
-    state.outbox = state.outbox.filter((e) => {
-      if (e.boundId !== null) return false; // stored: only the ack was missing
-      if (e.sent && e.kind === 'whisper') {
-        // Whispers are not stored, so a retry could deliver one twice: say so instead.
-        markFailed(e, 'maybe not delivered (the connection was lost)');
-        return false;
-      }
-      e.sent = false;
-      setRowState(e);
-      return true;
-    });
-  }
-
-  function scheduleRetry() {
-    clearRetry();
-    const ceiling = Math.min(BACKOFF_CAP_MS, BACKOFF_BASE_MS * 2 ** state.attempt);
-    const delay = Math.max(50, Math.random() * ceiling); // full jitter
-    state.attempt = Math.min(state.attempt + 1, 20);
-    state.retryAt = Date.now() + delay;
-    state.retryTimer = setTimeout(connect, delay);
-    state.countdownTimer = setInterval(renderCountdown, 250);
-    ui.retry.textContent = 'Retry now';
-    ui.retry.hidden = false;
-    renderCountdown();
-  }
-
-  function renderCountdown() {
-    const seconds = Math.max(1, Math.ceil((state.retryAt - Date.now()) / 1000));
-    setStatus('disconnected', `offline — retrying in ${seconds} s`);
-  }
-
-  function clearRetry() {
-    clearTimeout(state.retryTimer);
-    clearInterval(state.countdownTimer);
-    state.retryTimer = state.countdownTimer = null;
-    ui.retry.hidden = true;
-  }
-
-  function stopConnecting() {
-    clearRetry();
-    closeTransport('left');
-    setStatus('idle', 'not connected');
-  }
-
-  ui.retry.addEventListener('click', () => {
-    if (state.transport) return; // an attempt is under way already
-    if (state.stopped === 'replaced') {
-      state.stopped = null;
-      state.attempt = 0;
-      setChatEnabled(true);
-    }
-    if (wantConnection()) connect();
-  });
-
-  // The browser says the network is back: do not wait for the timer.
-  window.addEventListener('online', () => { if (state.retryTimer) connect(); });
-
-  // ---- sending ---------------------------------------------------------------
-  function send(frame) {
-    return Boolean(state.transport && state.open && state.transport.send(frame));
-  }
-
-  const nextRef = () => `${REF_PREFIX}-${++state.refSeq}`;
-
-  function sendJoin(room) {
-    const ref = nextRef();
-    const frame = { type: 'join', room, name: state.name || state.wantedName, ref };
-    const r = state.rooms.get(room);
-    if (state.token) {
-      frame.token = state.token;
-      frame.rotate = true; // a new token each time: a leaked old one is worth nothing
-    }
-    if (r && r.lastId !== null) frame.since = r.lastId;
-    if (send(frame)) state.joins.set(ref, room);
-  }
-
-  // Every say and whisper goes through the outbox, so nothing overtakes what
-  // was typed earlier; the pump sends them in order, paced under the server's
-  // rate limit, once the connection is open and the room joined.
-  function enqueue(entry) {
-    if (state.outbox.length >= QUEUE_MAX) {
-      systemLine(`Not sent: ${QUEUE_MAX} messages are already waiting for the connection. ` +
-        'Try again once it is back.', true, 'queue_full');
-      return false;
-    }
-    entry.ref = nextRef();
-    entry.sent = false;
-    entry.tries = 0;
-    entry.boundId = null;
-    entry.row = addMessage({
-      name: state.name, to: entry.kind === 'whisper' ? entry.to : undefined,
-      text: entry.msg, mine: true, whisper: entry.kind === 'whisper', pending: true,
-    });
-    state.outbox.push(entry);
-    setRowState(entry);
-    pump();
-    return true;
-  }
-
-  function pump() {
-    if (state.pumpTimer || !state.open) return;
-    const now = Date.now();
-    state.tokens = Math.min(SEND_BURST, state.tokens + ((now - state.tokensAt) / 1000) * SEND_RATE);
-    state.tokensAt = now;
-    const later = (ms) => {
-      state.pumpTimer = setTimeout(() => { state.pumpTimer = null; pump(); }, ms);
-    };
-    for (const e of state.outbox) {
-      if (e.sent || e.boundId !== null) continue;
-      if (e.kind === 'say' ? !state.rooms.get(e.room)?.joined : !state.name) continue;
-      if (e.holdUntil > now) return later(e.holdUntil - now); // keep the order
-      if (state.tokens < 1) return later(((1 - state.tokens) / SEND_RATE) * 1000);
-      const frame = e.kind === 'say'
-        ? { type: 'say', room: e.room, msg: e.msg, ref: e.ref }
-        : { type: 'whisper', to: e.to, msg: e.msg, ref: e.ref };
-      if (!send(frame)) return;
-      state.tokens -= 1;
-      e.sent = true;
-      e.tries += 1;
-      setRowState(e);
-    }
-  }
-
-  const entryByRef = (ref) => state.outbox.find((e) => e.ref === ref);
-
-  function dropEntry(e) {
-    const i = state.outbox.indexOf(e);
-    if (i >= 0) state.outbox.splice(i, 1);
-  }
-
-  // The first entry, in order, that a frame of ours with this text may be:
-  // one that was sent at least once and is not matched yet.
-  function bindable(kind, match) {
-    return state.outbox.find((e) => e.kind === kind && e.tries > 0 && e.boundId === null && match(e));
-  }
-
-  // ---- incoming frames: the one place they are handled --------------------
-  function handleFrame(f) {
-    switch (f.type) {
-      case 'joined': return onJoined(f);
-      case 'message': return onMessage(f);
-      case 'whisper': return onWhisper(f);
-      case 'presence': return onPresence(f);
-      case 'typing': return onTyping(f);
-      case 'ack': return onAck(f);
-      case 'left': return onLeft(f);
-      case 'history': return onHistory(f);
-      case 'error': return onError(f);
-      default: return; // unknown frames are ignored (forward compatibility)
-    }
-  }
-
-  function roomState(room) {
-    let r = state.rooms.get(room);
-    if (!r) {
-      r = {
-        lastId: null, members: [], typers: new Map(), joined: false, everJoined: false,
-        seen: new Set(), gap: null,
-      };
-      state.rooms.set(room, r);
-    }
-    return r;
-  }
-
-  function markSeen(r, id) {
-    r.seen.add(id);
-    if (r.seen.size > SEEN_MAX) r.seen.delete(r.seen.values().next().value);
-  }
-
-  function saveSession() {
-    try {
-      sessionStorage.setItem(STORE_KEY, JSON.stringify({
-        name: state.name, token: state.token, room: state.current,
-      }));
-    } catch { /* storage unavailable: resuming after a reload just shows a join */ }
-  }
-
-  function loadSession() {
-    try { return JSON.parse(sessionStorage.getItem(STORE_KEY)) || {}; } catch { return {}; }
-  }
-
-  function onJoined(f) {
-    if (f.ref) state.joins.delete(f.ref);
-    if (!state.rooms.has(f.room)) {
-      send({ type: 'leave', room: f.room }); // left while the join was on its way
-      return;
-    }
-    const r = roomState(f.room);
-    const first = !r.everJoined;
-    r.joined = true;
-    r.everJoined = true;
-    state.attempt = 0; // a working connection: the next failure starts the backoff afresh
-    state.name = f.name;
-    if (f.token) state.token = f.token;
-    saveSession();
-    r.members = [...(f.members || [])].sort(byCodePoint);
-    if (f.room === state.current) {
-      showChat(f.room);
-      if (first) ui.messages.replaceChildren();
-      const history = Array.isArray(f.history) ? f.history : [];
-      if (f.recovered === false && !first) {
-        const line = systemLine('Some messages from while you were offline could not be ' +
-          'recovered; loading what the server still has…', false, undefined, 'gap');
-        r.gap = { line, pages: 0 };
-        if (history.length && typeof history[0].id === 'string') {
-          send({ type: 'history', room: f.room, before: history[0].id, limit: 50 });
-        } else {
-          r.gap = null;
-        }
-      }
-      for (const m of history) onMessage(m);
-      if (first) systemLine(['You joined ', userText(f.room), ' as ', userText(f.name), '.']);
-      else systemLine('Reconnected.');
-      renderMembers();
-      setChatEnabled(true);
-      if (first) ui.input.focus();
-    }
-    pump();
-  }
-
-  function onMessage(m) {
-    const r = roomState(m.room);
-    if (typeof m.id === 'string') {
-      r.lastId = m.id;
-      if (r.seen.has(m.id)) return; // already shown (a replay after a reconnect)
-      markSeen(r, m.id);
-    }
-    stopTyping(r, m.name);
-    if (m.name === state.name) {
-      const e = bindable('say', (x) => x.room === m.room && x.msg === m.msg);
-      if (e) { confirmEntry(e, m.id, m.ts); return; }
-    }
-    if (m.room !== state.current) return;
-    addMessage({ name: m.name, text: m.msg, ts: m.ts, id: m.id, mine: m.name === state.name });
-  }
-
-  function onWhisper(w) {
-    if (typeof w.id === 'string') {
-      if (state.seenWhispers.has(w.id)) return;
-      state.seenWhispers.add(w.id);
-    }
-    const mine = w.from === state.name;
-    if (mine) {
-      const e = bindable('whisper', (x) => x.to === w.to && x.msg === w.msg);
-      if (e) { confirmEntry(e, w.id, w.ts); return; }
-    }
-    addMessage({ name: w.from, to: w.to, text: w.msg, ts: w.ts, id: w.id, mine, whisper: true });
-  }
-
-  function onAck(f) {
-    const e = entryByRef(f.ref);
-    if (!e) return;
-    dropEntry(e);
-    if (e.boundId !== null) return; // its message came first: already shown
-    const seen = e.kind === 'say' && state.rooms.get(e.room)?.seen.has(f.id);
-    if (seen) {
-      e.row.remove(); // shown already from a replay: keep one copy
-      return;
-    }
-    if (e.kind === 'say' && typeof f.id === 'string') markSeen(roomState(e.room), f.id);
-    confirmEntry(e, f.id, Date.now());
-  }
-
-  // A pending line becomes the confirmed message: it moves below the messages
-  // confirmed before it, so everyone sees the same order.
-  function confirmEntry(e, id, ts) {
-    e.boundId = typeof id === 'string' ? id : '';
-    const row = e.row;
-    row.classList.remove('pending');
-    if (typeof id === 'string') row.dataset.id = id;
-    delete row.dataset.ref;
-    row.querySelector('.msg-state')?.remove();
-    setRowTime(row, ts);
-    if (row.isConnected) {
-      row.remove();
-      appendLine(row);
-    }
-  }
-
-  function markFailed(e, why) {
-    dropEntry(e);
-    e.row.classList.remove('pending');
-    e.row.classList.add('failed');
-    const label = e.row.querySelector('.msg-state');
-    if (label) label.textContent = why;
-  }
-
-  function setRowState(e) {
-    const label = e.row.querySelector('.msg-state');
-    if (label) label.textContent = e.sent ? 'sending…' : 'waiting for the connection';
-  }
-
-  // Join/leave churn must not bury the conversation (#18): notices for the
-  // current room that follow each other (no other line between them) within
-  // PRESENCE_MERGE_MS share one line, which sums up each name's net change,
-  // and at most PRESENCE_LINES_MAX presence lines are kept, the oldest
-  // dropped first (messages are never dropped for them). The members list
-  // and the line are rendered once per burst, not once per frame.
-  function onPresence(p) {
-    if (p.event !== 'join' && p.event !== 'leave') return;
-    const r = roomState(p.room);
-    if (p.event === 'join') insertSorted(r.members, p.name);
-    else {
-      const i = r.members.indexOf(p.name);
-      if (i >= 0) r.members.splice(i, 1);
-      stopTyping(r, p.name);
-    }
-    if (p.room !== state.current) return;
-    const now = Date.now();
-    let n = state.notice;
-    if (!n || !n.row.isConnected || n.room !== p.room || now - n.started > PRESENCE_MERGE_MS) {
-      const row = el('div', 'sys presence');
-      appendLine(row); // ends the line before, if any
-      n = state.notice = { room: p.room, started: now, names: new Map(), row, dirty: false };
-      const lines = ui.messages.querySelectorAll(':scope > .sys.presence');
-      for (let i = 0; i < lines.length - PRESENCE_LINES_MAX; i++) lines[i].remove();
-    }
-    const seen = n.names.get(p.name);
-    if (seen) seen.last = p.event;
-    else n.names.set(p.name, { first: p.event, last: p.event });
-    n.dirty = true;
-    if (!state.presenceTimer) state.presenceTimer = setTimeout(renderPresence, PRESENCE_RENDER_MS);
-  }
-
-  // Sorted by code point, like `joined.members`: a binary search, so a burst
-  // of presence frames costs no full sort each.
-  function insertSorted(list, name) {
-    let lo = 0, hi = list.length;
-    while (lo < hi) {
-      const mid = (lo + hi) >> 1;
-      if (byCodePoint(list[mid], name) < 0) lo = mid + 1; else hi = mid;
-    }
-    if (list[lo] !== name) list.splice(lo, 0, name);
-  }
-
-  function renderPresence() {
-    state.presenceTimer = null;
+  if (!page.current || ui.chatView.hidden) switchRoom(info.room, { focus: true });
+  if (info.room === page.current) {
     renderMembers();
-    if (state.notice) renderNotice(state.notice);
+    setChatEnabled(true);
   }
+  renderRooms();
+  renderLimits();
+  // After the replayed messages: the list may not fill the pane yet.
+  setTimeout(() => maybeLoadOlder(view), 0);
+});
 
-  function renderNotice(n) {
-    if (!n.dirty || !n.row.isConnected) return;
-    n.dirty = false;
-    n.row.replaceChildren(...noticeParts(n.names));
-  }
-
-  // The presence line takes no more notices: render what it has now, as a
-  // pending render only looks at the line still taking notices.
-  function endNotice() {
-    const n = state.notice;
-    state.notice = null;
-    renderNotice(n);
-  }
-
-  // One name's net change over the line's notices: its first and last event
-  // say whether it was a member before and is one now.
-  const NET = [
-    ['join', 'join', 'joined'], ['leave', 'leave', 'left'],
-    ['join', 'leave', 'joined and left'], ['leave', 'join', 'left and joined again'],
-  ];
-
-  // "alice, bob and 3 others joined; carol left and joined again".
-  function noticeParts(names) {
-    const parts = [];
-    for (const [first, last, verb] of NET) {
-      const who = [];
-      for (const [name, e] of names) if (e.first === first && e.last === last) who.push(name);
-      if (!who.length) continue;
-      if (parts.length) parts.push('; ');
-      const shown = who.length > 3 ? who.slice(0, 2) : who;
-      shown.forEach((name, i) => {
-        if (i) parts.push(i === shown.length - 1 && who.length <= 3 ? ' and ' : ', ');
-        parts.push(userText(name));
-      });
-      if (who.length > 3) parts.push(` and ${who.length - 2} others`);
-      parts.push(` ${verb}`);
-    }
-    return parts;
-  }
-
-  function onTyping(t) {
-    if (t.name === state.name) return;
-    const r = roomState(t.room);
-    clearTimeout(r.typers.get(t.name));
-    r.typers.set(t.name, setTimeout(() => stopTyping(r, t.name), TYPING_SHOW_MS));
-    renderTyping();
-  }
-
-  function stopTyping(r, name) {
-    if (!r.typers.has(name)) return;
-    clearTimeout(r.typers.get(name));
-    r.typers.delete(name);
-    renderTyping();
-  }
-
-  // Older messages after a `recovered: false`: they go right under the gap
-  // line, oldest first; paging stops when it reaches a message already shown.
-  function onHistory(f) {
-    const r = state.rooms.get(f.room);
-    if (!r || !r.gap || !Array.isArray(f.messages)) return;
-    let fresh = [];
-    let overlap = false;
-    for (const m of f.messages) {
-      if (r.seen.has(m.id)) { overlap = true; fresh = []; continue; }
-      fresh.push(m);
-    }
-    let after = r.gap.line;
-    for (const m of fresh) {
-      if (typeof m.id === 'string') markSeen(r, m.id);
-      const row = buildMessage({ name: m.name, text: m.msg, ts: m.ts, id: m.id, mine: m.name === state.name });
-      after.after(row);
-      after = row;
-    }
-    const oldest = f.messages[0];
-    if (!overlap && f.more && oldest && ++r.gap.pages < GAP_PAGES) {
-      send({ type: 'history', room: f.room, before: oldest.id, limit: 50 });
+client.on('message', (m) => {
+  const view = viewOf(m.room);
+  if (!view) return;
+  stopTyping(view, m.name);
+  if (m.local) {
+    const row = page.rows.get(m.local.ref);
+    page.rows.delete(m.local.ref);
+    if (row) {
+      confirmRow(view, row, m.id, m.ts);
       return;
     }
-    r.gap.line.textContent = overlap
-      ? 'You were offline for a while: the messages you missed are shown below.'
-      : 'You were offline for a while: some messages you missed could not be recovered.';
-    r.gap = null;
   }
+  if (typeof m.id === 'string' && view.ids.has(m.id)) return; // shown from a history page
+  addMessage(view, { name: m.name, text: m.msg, ts: m.ts, id: m.id, mine: m.mine, room: m.room },
+    { fromOthers: !m.mine });
+  if (m.mine) return;
+  const mentioned = mentions(m.msg, client.name);
+  if (!m.replay || view.countReplays) countUnread(view, mentioned);
+  if (m.replay) return;
+  if (isCurrent(view) && !document.hidden) announce(`${m.name}: ${m.msg}`);
+  else if (mentioned) announce(`${m.name} mentioned you in #${m.room}`);
+  if (mentioned) notify(`${m.name} in #${m.room}`, m.msg, m.room);
+});
 
-  function onLeft(f) {
-    if (f.room === state.current) return; // already joined again
-    const r = state.rooms.get(f.room);
-    if (r) for (const t of r.typers.values()) clearTimeout(t);
-    state.rooms.delete(f.room);
-    // With no room left the connection has no purpose: close it, so the next
-    // join may pick another name.
-    if (state.rooms.size === 0 && !state.current) stopConnecting();
-  }
-
-  function onError(e) {
-    const text = e.message || e.code || 'unknown error';
-    const room = e.ref ? state.joins.get(e.ref) : undefined;
-    if (room !== undefined) state.joins.delete(e.ref);
-    if (ui.chatView.hidden) {
-      // Errors while joining (bad_name, name_taken, …) belong to the join form.
-      showJoinError(text);
-      state.rooms.clear();
-      state.outbox = [];
-      stopConnecting();
+client.on('whisper', (w) => {
+  const view = currentView();
+  if (!view) return;
+  if (w.local) {
+    const row = page.rows.get(w.local.ref);
+    page.rows.delete(w.local.ref);
+    if (row) {
+      confirmRow(viewOfList(row.parentElement) || view, row, w.id, w.ts);
       return;
     }
-    if (room !== undefined) {
-      // A rejoin after a reconnect was refused (say the name was taken meanwhile).
-      systemLine(['Could not rejoin ', userText(room), ': ', userText(text)], true, e.code);
-      if (room === state.current) {
-        state.stopped = 'refused';
-        stopConnecting();
-        setStatus('disconnected', 'not connected');
-        setChatEnabled(false);
+  }
+  addMessage(view, { name: w.from, to: w.to, text: w.msg, ts: w.ts, id: w.id, mine: w.mine, whisper: true },
+    { fromOthers: !w.mine });
+  if (w.mine) return;
+  countUnread(view, true);
+  announce(`Whisper from ${w.from}: ${w.msg}`);
+  notify(`Whisper from ${w.from}`, w.msg, null);
+});
+
+client.on('presence', (p) => onPresence(p));
+client.on('typing', (t) => onTyping(t));
+
+client.on('gap', (g) => {
+  const view = viewOf(g.room);
+  if (!view || g.state !== 'done') return;
+  const line = view.gapLine;
+  view.gapLine = null;
+  if (!line || !line.isConnected) return;
+  let after = line;
+  for (const m of g.messages) {
+    if (view.ids.has(m.id)) continue;
+    const row = buildMessage({ name: m.name, text: m.msg, ts: m.ts, id: m.id, mine: m.name === client.name, room: m.room });
+    after.after(row);
+    view.ids.add(m.id);
+    after = row;
+  }
+  relayout(view, line);
+  line.textContent = g.complete
+    ? 'You were offline for a while: the messages you missed are shown below.'
+    : 'You were offline for a while: some messages you missed could not be recovered.';
+});
+
+client.on('outgoing', ({ entry }) => {
+  const row = page.rows.get(entry.ref);
+  switch (entry.state) {
+    case 'queued':
+    case 'sending':
+      if (row) setRowState(row, entry);
+      return;
+    case 'sent':
+      if (entry.duplicate && row) { // shown already, from a replay: keep one copy
+        row.remove();
+        page.rows.delete(entry.ref);
       }
       return;
-    }
-    const entry = e.ref ? entryByRef(e.ref) : null;
-    if (entry && (e.code === 'rate_limited' || e.code === 'unavailable') && entry.tries < 5) {
-      // Nothing was stored: send it again in a moment, with the same ref.
-      entry.sent = false;
-      entry.holdUntil = Date.now() + RATE_RETRY_MS;
-      setRowState(entry);
-      clearTimeout(state.pumpTimer);
-      state.pumpTimer = null;
-      pump();
+    case 'uncertain':
+      if (row) {
+        page.rows.delete(entry.ref);
+        row.classList.remove('pending');
+        row.classList.add('failed');
+        row.querySelector('.msg-state').textContent = 'maybe not delivered (the connection was lost)';
+        labelRow(row);
+      }
+      return;
+    case 'cancelled':
+      if (row) row.remove();
+      page.rows.delete(entry.ref);
+      return;
+    case 'failed': {
+      if (row) row.remove();
+      page.rows.delete(entry.ref);
+      const view = entry.kind === 'say' ? viewOf(entry.room) : currentView();
+      const why = userText(entry.error?.message || entry.error?.code || 'unknown error');
+      systemLine(view || currentView(), ['Not sent (“', userText(entry.msg), '”): ', why],
+        { error: true, code: entry.error?.code });
       return;
     }
-    if (entry) {
-      dropEntry(entry);
-      entry.row.remove();
+    default:
+  }
+});
+
+client.on('error', (e) => {
+  if (e.room !== undefined) {
+    const view = viewOf(e.room);
+    if (view && !view.joinedOnce && page.resuming) {
+      // A room of a resume that the server refused: it goes; the others stay.
+      const wasCurrent = page.current === e.room;
+      removeView(e.room);
+      const next = page.views.keys().next().value;
+      if (wasCurrent && next) switchRoom(next);
+      renderRooms();
     }
-    const why = userText(text); // server words, but they may quote user input
-    systemLine(entry ? ['Not sent (“', userText(entry.msg), '”): ', why] : ['Error: ', why], true, e.code);
+    if (!page.everChatted || page.resuming) return; // the join form tells of a first join
+    // A rejoin after a reconnect was refused (say the name was taken meanwhile).
+    systemLine(view || currentView(), ['Could not rejoin ', userText(`#${e.room}`), ': ', userText(e.message)],
+      { error: true, code: e.code });
+    if (e.room === page.current) setChatEnabled(false);
+    return;
   }
+  systemLine(currentView(), ['Error: ', userText(e.message)], { error: true, code: e.code });
+});
 
-  // ---- rendering ---------------------------------------------------------------
-  const pad2 = (n) => String(n).padStart(2, '0');
-
-  function el(tag, cls, text) {
-    const node = document.createElement(tag);
-    if (cls) node.className = cls;
-    if (text !== undefined) node.textContent = text;
-    return node;
+// A pending line becomes the confirmed message: it moves below the messages
+// confirmed before it, so everyone sees the same order.
+function confirmRow(view, row, id, ts) {
+  row.classList.remove('pending');
+  if (typeof id === 'string') {
+    row.dataset.id = id;
+    view.ids.add(id);
   }
-
-  // User text with each explicit bidi control replaced by a visible "[U+202E]".
-  const neutral = (text) => String(text).replace(
-    BIDI_CONTROLS, (c) => `[U+${c.codePointAt(0).toString(16).toUpperCase().padStart(4, '0')}]`);
-
-  // A user-supplied span (name, room, message, …): a <bdi> takes its direction
-  // from its own first strong character and is isolated from its neighbours,
-  // so no name can flip the "… joined" around it (#18).
-  const userText = (text, cls) => el('bdi', cls, neutral(text));
-
-  // Confirmed lines go above the pending ones, which stay at the bottom.
-  function appendLine(node) {
-    // Any new line ends the presence line that is taking notices.
-    if (state.notice) endNotice();
-    const box = ui.messages;
-    const atBottom = box.scrollHeight - box.scrollTop - box.clientHeight < 40;
-    const firstPending = node.classList.contains('pending')
-      ? null : box.querySelector(':scope > .msg.pending');
-    if (firstPending) box.insertBefore(node, firstPending);
-    else box.append(node);
-    if (atBottom) box.scrollTop = box.scrollHeight;
+  row.querySelector('.msg-state')?.remove();
+  setRowTime(row, ts);
+  if (row.isConnected) {
+    const list = row.parentElement;
+    const next = row.nextElementSibling;
+    row.remove();
+    if (next) relayout({ list }, next);
+    appendLine(view, row);
   }
+}
 
-  function setRowTime(row, ts) {
-    const when = new Date(typeof ts === 'number' ? ts : Date.now());
-    const time = row.querySelector('.msg-time');
-    time.textContent = `${pad2(when.getHours())}:${pad2(when.getMinutes())}`;
-    time.dateTime = when.toISOString();
-    time.title = when.toLocaleString();
+function setRowState(row, entry) {
+  const label = row.querySelector('.msg-state');
+  if (label) label.textContent = entry.state === 'sending' ? 'sending…' : 'waiting for the connection';
+  labelRow(row);
+}
+
+// ---- views: the join form and the chat ----------------------------------------------
+function setChatEnabled(on) {
+  ui.input.disabled = !on;
+  ui.send.disabled = !on;
+}
+
+function showChat() {
+  if (!ui.chatView.hidden) return;
+  ui.joinView.hidden = true;
+  ui.chatView.hidden = false;
+  ui.roomsPane.hidden = false;
+  ui.membersPane.hidden = false;
+  ui.leave.hidden = false;
+  ui.roomTitle.hidden = false;
+  document.body.classList.add('in-chat');
+}
+
+function showJoin() {
+  closeDrawers();
+  ui.chatView.hidden = true;
+  ui.roomsPane.hidden = true;
+  ui.membersPane.hidden = true;
+  ui.leave.hidden = true;
+  ui.roomTitle.hidden = true;
+  ui.joinView.hidden = false;
+  document.body.classList.remove('in-chat');
+  ui.typing.textContent = '';
+  ui.join.disabled = false;
+  ui.pill.hidden = true;
+  renderTitle();
+  ui.name.focus();
+}
+
+function showJoinError(text) {
+  ui.joinError.textContent = neutral(text);
+  ui.joinError.hidden = !text;
+  ui.join.disabled = false;
+}
+
+function renderLimits() {
+  ui.input.dataset.max = String(client.limits.msg_chars);
+  renderCharCount();
+}
+
+function renderCharCount() {
+  const max = client.limits.msg_chars;
+  const used = charCount(ui.input.value);
+  // Shown near the limit only; read by screen readers with the field (aria-describedby).
+  ui.charCount.hidden = used < max * 0.8;
+  ui.charCount.textContent = `${used} of ${max} characters`;
+  ui.charCount.classList.toggle('over', used > max);
+}
+
+function growComposer() {
+  if (!ui.input.value) {
+    ui.input.style.height = ''; // back to the stylesheet's one line
+    return;
   }
+  ui.input.style.height = 'auto';
+  ui.input.style.height = `${Math.min(ui.input.scrollHeight + 2, COMPOSER_MAX_PX)}px`;
+}
 
-  function buildMessage({ name, to, text, ts, id, mine, whisper, pending }) {
-    const row = el('div', 'msg' + (mine ? ' mine' : '') + (whisper ? ' whisper' : '') +
-      (pending ? ' pending' : ''));
-    if (typeof id === 'string') row.dataset.id = id;
-    const head = el('div', 'msg-head');
-    const who = el('span', 'msg-name');
-    who.append(userText(name));
-    if (to !== undefined) who.append(' → ', userText(to)); // a whisper: "from → to"
-    head.append(who);
-    if (mine) head.append(el('span', 'msg-me', '(me)'));
-    if (whisper) head.append(el('span', 'msg-tag', 'whisper'));
-    head.append(el('time', 'msg-time'));
-    if (pending) head.append(el('span', 'msg-state'));
-    const body = el('div', 'msg-text', neutral(text));
-    body.dir = 'auto'; // an RTL message reads right to left, isolated from the page
-    row.append(head, body);
-    setRowTime(row, ts);
-    return row;
+// ---- drawers (phone layout): rooms and members behind toggles -------------------------
+function setDrawer(which, open) {
+  const toggle = which === 'rooms' ? ui.roomsToggle : ui.membersToggle;
+  document.body.classList.toggle(`show-${which}`, open);
+  toggle.setAttribute('aria-expanded', String(open));
+}
+
+function closeDrawers() {
+  setDrawer('rooms', false);
+  setDrawer('members', false);
+}
+
+ui.roomsToggle.addEventListener('click', () => {
+  const open = ui.roomsToggle.getAttribute('aria-expanded') !== 'true';
+  setDrawer('members', false);
+  setDrawer('rooms', open);
+  if (open) ui.rooms.querySelector('button')?.focus();
+});
+
+ui.membersToggle.addEventListener('click', () => {
+  const open = ui.membersToggle.getAttribute('aria-expanded') !== 'true';
+  setDrawer('rooms', false);
+  setDrawer('members', open);
+  if (open) ui.membersPane.focus();
+});
+
+document.addEventListener('keydown', (ev) => {
+  if (ev.key !== 'Escape') return;
+  if (document.body.classList.contains('show-rooms')) {
+    closeDrawers();
+    ui.roomsToggle.focus();
+  } else if (document.body.classList.contains('show-members')) {
+    closeDrawers();
+    ui.membersToggle.focus();
   }
+});
 
-  function addMessage(fields) {
-    const row = buildMessage(fields);
-    appendLine(row);
-    return row;
-  }
-
-  // `text`: a string of our own, or an array of strings and nodes (userText).
-  function systemLine(text, isError = false, code, extraClass) {
-    const row = el('div', 'sys' + (isError ? ' error' : '') + (extraClass ? ` ${extraClass}` : ''));
-    row.append(...(Array.isArray(text) ? text : [text]));
-    if (code) row.dataset.code = code;
-    appendLine(row);
-    return row;
-  }
-
-  function renderMembers() {
-    const r = state.rooms.get(state.current);
-    const names = r ? r.members : [];
-    ui.members.replaceChildren(...names.map((n) => {
-      const li = el('li', n === state.name ? 'me' : '');
-      li.append(userText(n));
-      return li;
-    }));
-    ui.memberCount.textContent = `(${names.length})`;
-  }
-
-  function renderTyping() {
-    const r = state.rooms.get(state.current);
-    const names = r ? [...r.typers.keys()] : [];
-    let parts = [];
-    if (names.length === 1) parts = [userText(names[0]), ' is typing…'];
-    else if (names.length === 2) parts = [userText(names[0]), ' and ', userText(names[1]), ' are typing…'];
-    else if (names.length > 2) parts = [`${names.length} people are typing…`];
-    ui.typing.replaceChildren(...parts);
-  }
-
-  function setChatEnabled(on) {
-    ui.input.disabled = !on;
-    ui.send.disabled = !on;
-  }
-
-  function showChat(room) {
-    ui.joinView.hidden = true;
-    ui.chatView.hidden = false;
-    ui.leave.hidden = false;
-    ui.roomTitle.hidden = false;
-    ui.roomTitle.replaceChildren('#', userText(room));
-  }
-
-  function showJoin() {
-    ui.chatView.hidden = true;
-    ui.leave.hidden = true;
-    ui.roomTitle.hidden = true;
-    ui.joinView.hidden = false;
-    ui.typing.textContent = '';
-    ui.join.disabled = false;
-    ui.name.focus();
-  }
-
-  function showJoinError(text) {
-    ui.joinError.textContent = neutral(text);
-    ui.joinError.hidden = !text;
-    ui.join.disabled = false;
-  }
-
-  // ---- user actions --------------------------------------------------------------
-  ui.joinForm.addEventListener('submit', (ev) => {
-    ev.preventDefault();
-    const name = ui.name.value.trim();
-    const room = ui.room.value.trim();
-    const problem = nameProblem(name) || roomProblem(room);
-    if (problem) return showJoinError(problem);
-    showJoinError('');
-    state.current = room;
-    state.stopped = null;
-    roomState(room);
-    ui.join.disabled = true;
-    if (state.open && (!state.name || state.name === name)) {
-      state.wantedName = name;
-      sendJoin(room);
-    } else {
-      closeTransport('new identity');
-      // A reload of this tab takes its name back with the stored token.
-      const saved = loadSession();
-      const token = saved.name === name && typeof saved.token === 'string' ? saved.token : null;
-      Object.assign(state, { name: null, token, wantedName: name, attempt: 0, outbox: [] });
-      for (const r of [...state.rooms.keys()]) if (r !== room) state.rooms.delete(r);
-      connect();
-    }
+// ---- user actions -------------------------------------------------------------------
+function startRoom(room, name) {
+  const view = viewOf(room) || makeView(room);
+  renderRooms();
+  return client.join(room, { name }).catch((err) => {
+    if (!view.joinedOnce) removeView(room);
+    renderRooms();
+    throw err;
   });
+}
 
-  ui.leave.addEventListener('click', () => {
-    const room = state.current;
-    const told = Boolean(room && state.rooms.get(room)?.joined && send({ type: 'leave', room }));
-    state.rooms.delete(room);
-    state.outbox = []; // what was still unsent goes with the room's lines
-    state.current = null;
-    // Told: the server's `left` closes the connection (onLeft). Otherwise stop now.
-    if (state.rooms.size === 0 && !told) stopConnecting();
-    ui.messages.replaceChildren();
+ui.joinForm.addEventListener('submit', (ev) => {
+  ev.preventDefault();
+  const name = ui.name.value.trim();
+  const room = ui.room.value.trim();
+  const problem = nameProblem(name) || roomProblem(room);
+  if (problem) {
+    showJoinError(problem);
+    return;
+  }
+  showJoinError('');
+  ui.join.disabled = true;
+  page.joining = true;
+  startRoom(room, name).catch((err) => {
+    page.joining = false;
+    showJoinError(err.message || String(err));
+  });
+});
+
+ui.addRoomForm.addEventListener('submit', (ev) => {
+  ev.preventDefault();
+  const room = ui.newRoom.value.trim();
+  const problem = roomProblem(room);
+  const say = (text) => {
+    ui.addRoomError.textContent = text;
+    ui.addRoomError.hidden = !text;
+  };
+  if (problem) {
+    say(problem);
+    return;
+  }
+  say('');
+  ui.newRoom.value = '';
+  if (viewOf(room)) {
+    switchRoom(room, { focus: true });
+    return;
+  }
+  startRoom(room).then(() => switchRoom(room, { focus: true })).catch((err) => {
+    if (!(err instanceof ChatError && err.code === 'left')) say(err.message || String(err));
+  });
+});
+
+ui.rooms.addEventListener('click', (ev) => {
+  const btn = ev.target.closest('button[data-room]');
+  if (btn) switchRoom(btn.dataset.room, { focus: true });
+});
+
+ui.leave.addEventListener('click', () => {
+  const room = page.current;
+  if (!room) return;
+  const rooms = [...page.views.keys()];
+  const next = rooms[rooms.indexOf(room) + 1] ?? rooms[rooms.indexOf(room) - 1];
+  removeView(room);
+  for (const [ref, row] of page.rows) if (!row.isConnected) page.rows.delete(ref);
+  client.leave(room);
+  if (next) {
+    switchRoom(next, { focus: true });
+  } else {
+    ui.room.value = room;
     renderMembers();
     showJoin();
-  });
+  }
+  renderRooms();
+  saveStored();
+});
 
-  ui.sayForm.addEventListener('submit', (ev) => {
-    ev.preventDefault();
-    const text = ui.input.value;
-    if (!text.trim() || !state.current) return;
-    const whisper = /^\/w(?:hisper)?\s+(\S+)\s+([\s\S]+)$/.exec(text);
-    if (!whisper && /^\/w(?:hisper)?(\s|$)/.test(text)) {
-      return systemLine('Usage: /w name message', true);
+ui.log.addEventListener('scroll', () => {
+  const view = currentView();
+  if (!view) return;
+  view.atBottom = nearBottom();
+  if (view.atBottom && view.newCount) {
+    view.newCount = 0;
+    renderPill();
+  }
+  maybeLoadOlder(view);
+}, { passive: true });
+
+ui.pill.addEventListener('click', () => {
+  scrollToBottom();
+  ui.input.focus();
+});
+
+ui.sayForm.addEventListener('submit', (ev) => {
+  ev.preventDefault();
+  const view = currentView();
+  const text = ui.input.value;
+  if (!text.trim() || !view) return;
+  const whisper = /^\/w(?:hisper)?\s+(\S+)\s+([\s\S]+)$/.exec(text);
+  if (!whisper && /^\/w(?:hisper)?(\s|$)/.test(text)) {
+    systemLine(view, 'Usage: /w name message', { error: true });
+    return;
+  }
+  const msg = whisper ? whisper[2] : text;
+  let entry;
+  try {
+    entry = whisper ? client.whisper(whisper[1], msg) : client.say(view.room, msg);
+  } catch (err) {
+    systemLine(view, `Not sent: ${err.message}`, { error: true, code: err.code });
+    return;
+  }
+  const row = buildMessage({
+    name: client.name, to: whisper ? entry.to : undefined, text: msg, ts: entry.ts,
+    mine: true, whisper: Boolean(whisper), pending: true,
+  });
+  page.rows.set(entry.ref, row);
+  setRowState(row, entry);
+  appendLine(view, row);
+  scrollToBottom();
+  ui.input.value = '';
+  growComposer();
+  renderCharCount();
+});
+
+ui.input.addEventListener('keydown', (ev) => {
+  // Enter sends; Shift+Enter (and Enter while an input method is composing) adds a line.
+  if (ev.key !== 'Enter' || ev.shiftKey || ev.isComposing || ev.keyCode === 229) return;
+  ev.preventDefault();
+  ui.sayForm.requestSubmit();
+});
+
+ui.input.addEventListener('input', () => {
+  growComposer();
+  renderCharCount();
+  const now = Date.now();
+  const room = page.current;
+  if (!ui.input.value || ui.input.value.startsWith('/') || !room) return;
+  if (now - page.lastTypingSent < TYPING_SEND_MS) return;
+  if (client.typing(room)) page.lastTypingSent = now;
+});
+
+// ---- start: resume what this tab (or the last tab) had, else the join form --------------
+function start() {
+  renderNotify();
+  renderLimits();
+  const stored = loadStored();
+  const linked = params.get('room');
+  const linkRoom = linked && !roomProblem(linked) ? linked : null;
+  if (typeof stored.name === 'string') ui.name.value = stored.name;
+  const rooms = Array.isArray(stored.rooms) ? stored.rooms.filter((r) => r && !roomProblem(r.room)) : [];
+  if (typeof stored.name === 'string' && !nameProblem(stored.name) && rooms.length) {
+    // A reload or a new tab: rejoin every room with the token and the last id
+    // seen, no join form, and nobody sees a leave/join.
+    for (const r of rooms) {
+      const view = makeView(r.room, {
+        unread: stored.unread?.[r.room], mention: stored.mention?.[r.room],
+      });
+      view.resumed = true;
     }
-    const msg = whisper ? whisper[2] : text;
-    if (cpLength(msg) > MAX_MSG) {
-      return systemLine(`The message is too long (at most ${MAX_MSG} characters).`, true);
+    const current = linkRoom && viewOf(linkRoom) ? linkRoom
+      : (viewOf(stored.current) ? stored.current : rooms[0].room);
+    switchRoom(current);
+    setChatEnabled(false);
+    page.everChatted = true;
+    page.resuming = true;
+    client.resume({ name: stored.name, token: stored.token, rooms }).catch(() => {});
+    if (linkRoom && !viewOf(linkRoom)) {
+      startRoom(linkRoom).then(() => switchRoom(linkRoom, { focus: true })).catch(() => {});
     }
-    const ok = whisper
-      ? enqueue({ kind: 'whisper', to: whisper[1], msg })
-      : enqueue({ kind: 'say', room: state.current, msg });
-    if (ok) ui.input.value = '';
-  });
-
-  ui.input.addEventListener('input', () => {
-    const now = Date.now();
-    if (!ui.input.value || ui.input.value.startsWith('/')) return;
-    if (now - state.lastTypingSent < TYPING_SEND_MS || !state.current) return;
-    if (!state.rooms.get(state.current)?.joined) return;
-    state.lastTypingSent = now;
-    send({ type: 'typing', room: state.current });
-  });
-
-  const saved = loadSession();
-  if (typeof saved.name === 'string') ui.name.value = saved.name;
-  if (typeof saved.room === 'string' && saved.room) ui.room.value = saved.room;
+    return;
+  }
+  if (linkRoom) ui.room.value = linkRoom;
+  else if (typeof stored.room === 'string' && !roomProblem(stored.room)) ui.room.value = stored.room;
   showJoin();
-})();
+}
+
+// A resume refused outright (the name is someone else's now): back to the form.
+client.on('status', (s) => {
+  if (s.state !== 'stopped' || !s.error || !page.resuming) return;
+  page.resuming = false;
+  for (const room of [...page.views.keys()]) removeView(room);
+  page.everChatted = false;
+  renderRooms();
+  showJoin();
+  showJoinError(`Could not continue as ${client.wantedName}: ${s.error.message}`);
+});
+
+start();

@@ -20,6 +20,9 @@ What is here, and what each fake stands for:
   it and start it again on the same data (tests/server_process.py does the
   starting).
 - `task_count` and `live_instances` measure what a scenario left behind.
+- `FaultyBroker` and `FaultyMemoryHistory` are the in-process broker and the
+  memory store with a `fail_with` switch: set, every append (and claim)
+  fails with `StorageError`; cleared, they work again.
 
 Everything here is deterministic under ``autojump_clock`` when the streams
 are in memory; nothing sleeps on the real clock.
@@ -36,7 +39,7 @@ import os
 import signal
 import struct
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -44,14 +47,21 @@ import trio
 import trio.testing
 
 from triochat import Server
+from triochat.backplane.local import LocalBroker
+from triochat.errors import StorageError
+from triochat.events import Claim, Draft
 from triochat.history import History
+from triochat.history.memory import MemoryHistory
+from triochat.protocol import Message
 
 from .chatclient import ChatClient, open_memory_client
 from .memnet import ListenerBase, serving, stream_pair
 from .server_process import ServerProcess, run_server
 
 __all__ = [
+    "FaultyBroker",
     "FaultyListener",
+    "FaultyMemoryHistory",
     "FaultyNet",
     "FaultyStream",
     "KillableServer",
@@ -502,6 +512,46 @@ class KillableServer:
             stack.close()
         if current is not None:
             self.outputs.append(current.output_text())
+
+
+# --- a broker and a store that fail on request ---------------------------------------
+
+
+class FaultyBroker(LocalBroker):
+    """A `LocalBroker` whose appends and claims fail while ``fail_with`` is set
+    (and whose nodes are then unavailable, as over a Redis that is down)."""
+
+    def __init__(self, history: History, history_size: int) -> None:
+        super().__init__(history, history_size)
+        self.fail_with: str | None = None
+
+    def _check(self) -> None:
+        if self.fail_with is not None:
+            raise StorageError(self.fail_with)
+
+    def available(self) -> bool:
+        return self.fail_with is None
+
+    def sequence(self, drafts: Sequence[Draft]) -> tuple[list[str], list[tuple[Message, Draft]]]:
+        self._check()
+        return super().sequence(drafts)
+
+    def claim(self, node: str, name: str, token: str | None, rotate: bool = False) -> Claim:
+        self._check()
+        return super().claim(node, name, token, rotate)
+
+
+class FaultyMemoryHistory(MemoryHistory):
+    """A `MemoryHistory` whose appends fail, storing nothing, while ``fail_with`` is set."""
+
+    def __init__(self, history_size: int) -> None:
+        super().__init__(history_size)
+        self.fail_with: str | None = None
+
+    def append_nowait(self, batch: Sequence[Message]) -> None:
+        if self.fail_with is not None:
+            raise StorageError(self.fail_with)
+        super().append_nowait(batch)
 
 
 # --- what a scenario left behind ---------------------------------------------------

@@ -16,11 +16,12 @@ import pytest
 import trio
 
 from triochat import Config, Server
-from triochat.backplane.local import LocalBackplane, LocalBroker
+from triochat.backplane.local import LocalBackplane
 from triochat.history.memory import MemoryHistory
 
 from .chatclient import ChatClient
 from .conftest import client_of
+from .faults import FaultyBroker
 from .redisserver import RedisServer, redis_server
 from .sseclient import Form, SseStream, tcp
 from .test_http import fetch
@@ -35,7 +36,7 @@ class Cluster:
         self.kind = kind
         self.redis = redis
         self._nursery = nursery
-        self._broker = LocalBroker(MemoryHistory(HISTORY), HISTORY)
+        self._broker = FaultyBroker(MemoryHistory(HISTORY), HISTORY)
         self._stopped: dict[Server, trio.Event] = {}
 
     async def node(self, **options: Any) -> Server:

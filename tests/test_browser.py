@@ -48,7 +48,6 @@ CHROMIUM_ARGS = [
 ]
 TIMEOUT = 5_000  # ms, for every expect()
 REPO = Path(__file__).resolve().parent.parent
-SCREENSHOT = REPO / "docs" / "screenshot.png"
 DESKTOP: ViewportSize = {"width": 1000, "height": 700}
 PHONE: ViewportSize = {"width": 375, "height": 667}
 
@@ -109,6 +108,49 @@ def open_page(browser: Browser, server: ServerProcess) -> Iterator[OpenPage]:
     assert not problems, f"the page reported errors: {problems}"
 
 
+OpenAt = Callable[..., "Page"]
+
+
+@pytest.fixture
+def open_at(browser: Browser) -> Iterator[OpenAt]:
+    """Factory: ``open_at(url, viewport=..., context=None, **context_options)`` opens a
+    page at ``url``, in a new browser context or in ``context`` (a second tab).
+
+    Fails the test if any of its pages throws, logs a console error, or has a
+    request fail (an aborted one, as on closing a page, excepted) (#15).
+    """
+    contexts = []
+    problems: list[str] = []
+
+    def factory(
+        url: str, viewport: ViewportSize = DESKTOP, context: Any = None, **options: Any
+    ) -> Page:
+        if context is None:
+            context = browser.new_context(viewport=viewport, **options)
+            contexts.append(context)
+        page = context.new_page()
+        page.on("pageerror", lambda err: problems.append(f"uncaught: {err}"))
+        page.on(
+            "console",
+            lambda msg: problems.append(f"console: {msg.text}") if msg.type == "error" else None,
+        )
+        page.on(
+            "requestfailed",
+            lambda r: (
+                problems.append(f"request failed: {r.method} {r.url} {r.failure}")
+                if r.failure and "ERR_ABORTED" not in r.failure
+                else None
+            ),
+        )
+        page.goto(url)
+        return page
+
+    yield factory
+    for context in contexts:
+        context.close()
+    assert not problems, f"the page reported errors: {problems}"
+
+
 def join(page: Page, name: str, room: str = "lobby") -> None:
     page.fill("#name", name)
     page.fill("#room", room)
@@ -158,8 +200,6 @@ def test_page_two_users_chat_presence_and_typing(open_page: OpenPage) -> None:
 
     bob.locator("#input").press_sequentially("hi alice")
     expect(alice.locator("#typing")).to_have_text("bob is typing…", timeout=TIMEOUT)
-    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-    alice.screenshot(path=str(SCREENSHOT))
 
     bob.press("#input", "Enter")
     reply = alice.locator("#messages .msg").last
@@ -263,12 +303,23 @@ def test_page_serves_at_root_and_works_on_a_phone(open_page: OpenPage) -> None:
         ["hi from my phone"], timeout=TIMEOUT
     )
     members(page).to_have_text(["alice"], timeout=TIMEOUT)
-    # Narrow layout: members sit under the messages, and nothing scrolls sideways.
+    # Narrow layout (#15): the members are behind a toggle (opened and closed by
+    # keyboard), the composer sits at the bottom of the screen under the messages,
+    # and nothing scrolls sideways.
+    expect(page.locator("#members")).to_be_hidden()
+    page.locator("#members-toggle").focus()
+    page.keyboard.press("Enter")
+    expect(page.locator("#members")).to_be_in_viewport(timeout=TIMEOUT)
+    members(page).to_have_text(["alice"])
+    page.keyboard.press("Escape")
+    expect(page.locator("#members")).to_be_hidden()
+    expect(page.locator("#members-toggle")).to_be_focused()
     messages_box = page.locator("#messages").bounding_box()
-    members_box = page.locator("#members").bounding_box()
+    composer_box = page.locator("#input").bounding_box()
     assert messages_box
-    assert members_box
-    assert members_box["y"] >= messages_box["y"] + messages_box["height"]
+    assert composer_box
+    assert composer_box["y"] >= messages_box["y"] + messages_box["height"]
+    assert composer_box["y"] + composer_box["height"] >= PHONE["height"] - 70, composer_box
     assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
 
 

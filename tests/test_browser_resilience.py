@@ -49,7 +49,8 @@ NETWORK_NOISE = re.compile(
     r"net::ERR_|EventSource"
 )
 CONNECTED = re.compile(r"^connected")
-OFFLINE = re.compile(r"^offline — retrying in \d+ s$")
+# The status in plain words (#15): no close codes, a countdown to the next try.
+OFFLINE = re.compile(r"^can't reach the server, retrying in \d+ s$")
 
 OpenPage = Callable[[str], "Page"]
 
@@ -418,3 +419,30 @@ def test_forced_sse_chats_and_a_takeover_stops_it(open_page: OpenPage) -> None:
                 other_tab.say("from the other tab")
                 bob.wait_for(lambda f: f["type"] == "message" and f["msg"] == "from the other tab")
             assert bob.presence("alice") == []  # a takeover shows no presence change
+
+
+def test_memory_restart_replaces_the_loading_notice(open_page: OpenPage) -> None:
+    """A server under --memory restarts with nothing: the rejoin answers `recovered:
+    false` with no history, and the gap notice says what happened instead of "loading
+    what the server still has…" forever (#15)."""
+    with run_server("--presence-grace", GRACE) as first:
+        port = first.port
+        page = open_page(first.base_url + "/")
+        join_room(page, "alice")
+        with observer(port, "bob") as bob:
+            bob.say("before the restart")
+            texts(page).to_have_text(["before the restart"], timeout=TIMEOUT)
+        first.kill()
+        status(page).to_have_text(OFFLINE, timeout=TIMEOUT)
+    with run_server("--presence-grace", GRACE, port=port):
+        status(page).to_have_text(CONNECTED, timeout=RECONNECT)
+        gap = page.locator("#messages .sys.gap")
+        expect(gap).to_have_text(
+            "You were offline for a while: some messages you missed could not be recovered.",
+            timeout=TIMEOUT,
+        )
+        texts(page).to_have_text(["before the restart"])
+        say(page, "after the restart")
+        texts(page).to_have_text(["before the restart", "after the restart"], timeout=TIMEOUT)
+        expect(page.locator("#messages .msg.pending")).to_have_count(0, timeout=TIMEOUT)
+        page.context.close()  # before its server stops: no reconnect noise

@@ -1,4 +1,5 @@
-"""ChatState (PROTOCOL.md §2-5), sans-I/O: frames in through `handle`, out through peers."""
+"""ChatState (PROTOCOL.md §2-5), sans-I/O: frames in through `handle`, out through peers
+and `take_output`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 from triochat.chat import LEAVE_SETTLE, ChatState, Client, PendingSay
 from triochat.errors import ClientProtocolError
 from triochat.events import (
+    Event,
     Kick,
     MemberState,
     NodeGone,
@@ -95,7 +97,12 @@ class Conn:
 
 
 class Chat:
-    """A ChatState with a clock, connections and a hand-driven store."""
+    """A ChatState with a clock, connections and a hand-driven store.
+
+    What the state gives back (`ChatState.take_output`) is gathered here, as the
+    hub does, and read as `to_store`, `to_publish` and `to_release`: the says
+    not yet stored, the events not yet carried to another node, the names released.
+    """
 
     def __init__(
         self,
@@ -126,6 +133,30 @@ class Chat:
         self.burst = burst
         self.now = 1000.0
         self.wall_ms = WALL_MS
+        self._to_store: list[PendingSay] = []
+        self._to_publish: list[Event] = []
+        self._to_release: list[str] = []
+
+    def _gather(self) -> None:
+        output = self.state.take_output()
+        self._to_store.extend(output.says)
+        self._to_publish.extend(output.events)
+        self._to_release.extend(output.released)
+
+    @property
+    def to_store(self) -> list[PendingSay]:
+        self._gather()
+        return self._to_store
+
+    @property
+    def to_publish(self) -> list[Event]:
+        self._gather()
+        return self._to_publish
+
+    @property
+    def to_release(self) -> list[str]:
+        self._gather()
+        return self._to_release
 
     def connect(self, *, listener: bool = False, rate: float | None = None, burst=None) -> Conn:
         peer = FakePeer()
@@ -151,7 +182,7 @@ class Chat:
 
     def pending(self) -> list[PendingSay]:
         """Take the says waiting for the store, as the hub does."""
-        batch, self.state.to_store = self.state.to_store, []
+        batch, self._to_store = self.to_store, []
         return batch
 
     def commit(self) -> list[PendingSay]:
@@ -419,7 +450,7 @@ def test_join_look_alike_during_grace_is_name_taken_then_free(chat):
     chat.advance(GRACE + 1)
     assert spoofer.join(name="\u0430lice")["name"] == "\u0430lice"
     assert set(chat.state.users) == {"alice"}  # the key of "\u0430lice"
-    assert chat.state.to_release == ["alice"]
+    assert chat.to_release == ["alice"]
 
 
 @pytest.mark.parametrize("name", ["ALICE", "\u0430lice", " Zo\u00eb ", "\u039a\u0391\u03a4\u0395"])
@@ -513,7 +544,7 @@ def test_say_waits_for_commit(chat):
     alice.send(type_="say", room="lobby", msg="hello", ref="c-17")
     assert alice.take() == []
     assert bob.take() == []
-    [pending] = chat.state.to_store
+    [pending] = chat.to_store
     assert (pending.draft.msg, pending.ref) == ("hello", "c-17")
 
 
@@ -586,7 +617,7 @@ def test_say_not_joined(chat):
     alice.join("dev", name="alice")
     alice.send(type_="say", room="lobby", msg="hi")
     assert alice.error()["code"] == "not_joined"
-    assert chat.state.to_store == []
+    assert chat.to_store == []
 
 
 def test_say_invalid_room_is_bad_room(chat):
@@ -657,7 +688,7 @@ def test_typing_goes_to_other_members_only(chat):
     assert alice.take() == [{"type": "typing", "room": "lobby", "name": "bob"}]
     assert bob.take() == []
     assert carol.take() == []
-    assert chat.state.to_store == []
+    assert chat.to_store == []
 
 
 def test_typing_not_joined(chat):
@@ -903,7 +934,7 @@ def test_token_takeover_moves_delivery(chat):
     assert alice1.take() == []
     assert [f["type"] for f in alice2.take()] == ["presence", "message"]
     alice1.send(type_="say", room="lobby", msg="late")
-    assert chat.state.to_store == []
+    assert chat.to_store == []
     assert alice1.take() == []
 
 
@@ -1051,7 +1082,7 @@ def test_whisper_to_recipient_and_sender_then_ack(chat):
     }
     assert received == [whisper]
     assert alice.take() == [whisper, {"type": "ack", "ref": "w1", "id": whisper_id}]
-    assert chat.state.to_store == []
+    assert chat.to_store == []
 
 
 def test_whisper_to_self_once(chat):
@@ -1120,7 +1151,7 @@ def test_whisper_ids_are_distinct(chat):
     restarted = ChatState(
         epoch="e1", next_seq=1, history_size=10, max_rooms=4, presence_grace=GRACE
     )
-    assert restarted._whisper_prefix != chat.state._whisper_prefix
+    assert restarted._whispers.prefix != chat.state._whispers.prefix
 
 
 # --- history ------------------------------------------------------------------------------
@@ -1402,7 +1433,7 @@ def test_classic_other_name_is_bad_name(chat):
     chat.pending()
     carl.send(name="mallory", msg="hi")
     assert carl.error()["code"] == "bad_name"
-    assert chat.state.to_store == []
+    assert chat.to_store == []
 
 
 def test_classic_invalid_name_is_bad_name(chat):
@@ -1419,7 +1450,7 @@ def test_classic_name_taken(chat):
     carl = chat.connect()
     carl.send(name="alice", msg="hi")
     assert carl.error()["code"] == "name_taken"
-    assert chat.state.to_store == []
+    assert chat.to_store == []
 
 
 def test_classic_no_ack(chat):
@@ -1607,7 +1638,7 @@ def test_say_retry_by_another_user_is_not_deduplicated(chat):
 
 def carry(source: Chat, target: Chat) -> None:
     """Deliver what ``source`` published to ``target``, as a backplane does."""
-    events, source.state.to_publish = source.state.to_publish, []
+    events, source._to_publish = source.to_publish, []
     for event in events:
         target.state.apply(event, target.now)
 
@@ -1724,7 +1755,7 @@ def test_cluster_node_state_replaces_what_is_known_of_that_node():
 def _remote_bob(chat: Chat) -> None:
     """Node B says: bob is connected there (and what this node published so far is sent)."""
     chat.state.apply(MemberState("B", add=[("", "bob"), ("lobby", "bob")], remove=[]), chat.now)
-    chat.state.to_publish.clear()
+    chat.to_publish.clear()
 
 
 def _alice_whispers_remote_bob(chat: Chat) -> tuple[Conn, WhisperEvent]:
@@ -1734,7 +1765,7 @@ def _alice_whispers_remote_bob(chat: Chat) -> tuple[Conn, WhisperEvent]:
     _remote_bob(chat)
     alice.take()
     alice.send(type_="whisper", to="bob", msg="psst", ref="w1")
-    events = [e for e in chat.state.to_publish if isinstance(e, WhisperEvent)]
+    events = [e for e in chat.to_publish if isinstance(e, WhisperEvent)]
     assert len(events) == 1
     return alice, events[0]
 
@@ -1788,12 +1819,10 @@ def test_whisper_event_is_answered_by_the_home_node():
     frame = '{"type":"whisper","id":"x-w1.1","from":"alice","to":"bob","name":"alice","msg":"hi","ts":1}'
     chat.state.apply(WhisperEvent("B", "bob", frame, "A", 7), chat.now)
     assert bob.one()["msg"] == "hi"
-    assert chat.state.to_publish[-1] == WhisperResult("A", 7, delivered=True)
+    assert chat.to_publish[-1] == WhisperResult("A", 7, delivered=True)
     bob.disconnect()
     chat.state.apply(WhisperEvent("B", "bob", frame, "A", 8), chat.now)
-    assert chat.state.to_publish[-1] == WhisperResult(
-        "A", 8, delivered=False, refused="no_such_user"
-    )
+    assert chat.to_publish[-1] == WhisperResult("A", 8, delivered=False, refused="no_such_user")
 
 
 def test_whisper_to_another_node_matches_by_name_key():
@@ -1808,7 +1837,7 @@ def test_whisper_to_another_node_matches_by_name_key():
     alice.send(type_="whisper", to="\u0412\u041e\u0412", msg="psst", ref="w1")
     assert alice.error()["code"] == "no_such_user"
     alice.send(type_="whisper", to="BOB", msg="psst", ref="w2")
-    (event,) = [e for e in chat.state.to_publish if isinstance(e, WhisperEvent)]
+    (event,) = [e for e in chat.to_publish if isinstance(e, WhisperEvent)]
     assert (event.node, event.to) == ("B", "bob")
     assert json.loads(event.frame)["to"] == "bob"
     home = Chat(node="B")
@@ -1825,13 +1854,13 @@ def test_kick_by_another_node_finds_the_user_by_key_and_hands_over_its_entries()
     chat = Chat(node="A")
     alice = chat.connect()
     alice.join(name="Alice")
-    chat.state.to_publish.clear()
+    chat.to_publish.clear()
     chat.state.apply(Kick("A", "alice", "B"), chat.now)
     assert alice.peer.closed[0][0] == 4001
     assert chat.state.users == {}
-    (handover,) = chat.state.to_publish
+    (handover,) = chat.to_publish
     assert (handover.name, handover.to, handover.rooms) == ("Alice", "B", ["lobby"])
-    assert chat.state.to_release == ["Alice"]
+    assert chat.to_release == ["Alice"]
 
 
 # --- every check before any state changes (#18) -----------------------------------------
@@ -1859,11 +1888,11 @@ def _observable(chat: Chat) -> tuple:
     return (
         rooms,
         users,
-        sorted((key, u.name) for key, u in state._skeletons.items()),
+        sorted((key, u.name) for key, u in state._presence._skeletons.items()),
         clients,
-        list(state.to_publish),
-        len(state.to_store),
-        list(state.to_release),
+        list(chat.to_publish),
+        len(chat.to_store),
+        list(chat.to_release),
     )
 
 
@@ -1920,7 +1949,7 @@ def test_refused_frame_leaves_the_state_untouched(kind, sender, frame, code):
     conns["alice"].join("second")
     conns["bob"].join(name="bob")
     say_all(chat, conns["alice"], 2)
-    chat.state.to_publish.clear()
+    chat.to_publish.clear()
     for conn in conns.values():
         conn.take()
     before = _observable(chat)
@@ -1944,7 +1973,7 @@ def test_refused_membership_change_leaves_the_state_untouched():
     alice.send(type_="leave", room="lobby")  # the 32nd change: bucket empty
     for conn in (alice, bob):
         conn.take()
-    chat.state.to_publish.clear()
+    chat.to_publish.clear()
     before = _observable(chat)
     alice.send(type_="join", room="lobby")
     assert alice.error()["code"] == "rate_limited"
@@ -1982,9 +2011,7 @@ def test_whisper_event_for_a_buried_user_is_refused_rate_limited():
     frame = '{"type":"whisper","id":"x-w1.1","from":"a","to":"bob","name":"a","msg":"hi","ts":1}'
     for request in range(1, 22):
         chat.state.apply(WhisperEvent("B", "bob", frame, "A", request), chat.now)
-    assert chat.state.to_publish[-1] == WhisperResult(
-        "A", 21, delivered=False, refused="rate_limited"
-    )
+    assert chat.to_publish[-1] == WhisperResult("A", 21, delivered=False, refused="rate_limited")
     alice_side = Chat(node="A")
     alice, event = _alice_whispers_remote_bob(alice_side)
     alice_side.state.apply(

@@ -15,11 +15,11 @@ import trio
 import trio.testing
 from trio_websocket import ConnectionClosed, wrap_client_stream
 
-from triochat.history.memory import MemoryHistory
 from triochat.outbox import Flushable, FlushSchedule
 
 from .chatclient import ChatClient
 from .conftest import memory_server
+from .faults import FaultyMemoryHistory
 
 
 async def _read_messages(client: ChatClient, count: int) -> list[str]:
@@ -236,7 +236,7 @@ async def test_connection_drain_closes_with_1001_after_flushing(autojump_clock):
 
 async def test_connection_storage_failure_answers_unavailable(autojump_clock):
     """While the store fails, say answers `unavailable` and acks nothing; it recovers after."""
-    history = MemoryHistory(1000)
+    history = FaultyMemoryHistory(1000)
     async with memory_server(history=history) as net, net.client() as alice:
         await alice.join("lobby", "alice")
         history.fail_with = "disk full"

@@ -16,6 +16,8 @@ from triochat.history.memory import MemoryHistory
 from triochat.history.sqlite import BACKUP_MARK, DB_FILE, SCHEMA_VERSION, SqliteHistory
 from triochat.protocol import Message, make_id
 
+from .faults import FaultyMemoryHistory
+
 
 def msg(epoch: str, seq: int, room: str = "lobby") -> Message:
     return Message(room, make_id(epoch, seq), "alice", f"m{seq}", 1_795_800_000_000 + seq)
@@ -152,12 +154,26 @@ async def test_history_new_store_new_epoch(stores):
     assert first.epoch != second.epoch
 
 
+async def test_history_load_again_reads_what_is_stored(stores):
+    """`load` on an open store reads it again (a node attaching to a broker later)."""
+    store, first = await stores.open(history_size=2)
+    await store.append([msg(first.epoch, 1), msg(first.epoch, 2), msg(first.epoch, 3, "dev")])
+    await store.append([msg(first.epoch, 4)])
+    again = await store.load()
+    assert again.epoch == first.epoch
+    assert again.next_seq == 5
+    assert {room: seqs(kept) for room, kept in again.rooms.items()} == {
+        "lobby": [2, 4],
+        "dev": [3],
+    }
+
+
 # --- MemoryHistory ------------------------------------------------------------------------
 
 
 async def test_memory_history_fail_with_raises_storage_error():
     """With fail_with set, append raises StorageError and stores nothing; clearing it recovers."""
-    store = MemoryHistory(10)
+    store = FaultyMemoryHistory(10)
     epoch = (await store.load()).epoch
     store.fail_with = "disk on fire"
     with pytest.raises(StorageError, match="disk on fire"):

@@ -721,16 +721,20 @@ def test_protocol_module_does_not_import_trio():
 
 
 def test_sans_io_modules_do_not_import_trio():
-    """protocol, frames, chat, events, ratelimit and forwarded import no trio (the package
-    __init__ aside)."""
+    """protocol, frames, chat (and every part of it in triochat.state), events, recent,
+    ratelimit and forwarded import no trio (the package __init__ aside)."""
     code = (
-        "import sys, types, importlib.util\n"
+        "import sys, types, importlib, importlib.util\n"
         "spec = importlib.util.find_spec('triochat')\n"
         "pkg = types.ModuleType('triochat')\n"
         "pkg.__path__ = list(spec.submodule_search_locations)\n"
         "sys.modules['triochat'] = pkg\n"
         "import triochat.protocol, triochat.frames, triochat.chat, triochat.ratelimit\n"
-        "import triochat.events, triochat.forwarded\n"
+        "import triochat.events, triochat.forwarded, triochat.recent\n"
+        "import pkgutil, triochat.state\n"
+        "for part in pkgutil.iter_modules(triochat.state.__path__):\n"
+        "    importlib.import_module('triochat.state.' + part.name)\n"
+        "assert 'triochat.state.says' in sys.modules, 'no parts found'\n"
         "assert 'trio' not in sys.modules, 'trio imported'\n"
     )
     result = subprocess.run(

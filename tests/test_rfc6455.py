@@ -210,6 +210,13 @@ def test_rfc6455_rsv1_after_declined_deflate_offer_closes_1002(chat_server):
         pytest.param({"replace": {"Upgrade": "websocketx"}}, id="upgrade-websocketx"),
         pytest.param({"replace": {"Connection": "keep-alive"}}, id="connection-without-upgrade"),
         pytest.param({"replace": {"Connection": None}}, id="no-connection-header"),
+        pytest.param(
+            {"extra": [("Sec-WebSocket-Extensions", "permessage-deflate; x=\u00e9")]},
+            id="extensions-not-ascii",
+        ),
+        pytest.param(
+            {"extra": [("Sec-WebSocket-Protocol", "chat\u00e9")]}, id="protocol-not-ascii"
+        ),
     ],
 )
 def test_rfc6455_bad_handshake_gets_400(chat_server, request_options):

@@ -4,8 +4,9 @@ For conformance tests against a real server process: the opening handshake
 (any request bytes, malformed ones included), any client frame (any opcode,
 RSV bits, FIN, masked or not, forced 16/64-bit length encodings, a length
 that lies about the payload, raw bytes), and a STRICT parser of what the
-server sends. Every server frame must be unmasked, have RSV bits 0 (no
-extension is ever negotiated here), use the minimal payload-length encoding
+server sends. Every server frame must be unmasked, have RSV bits 0 (RSV1
+is allowed on a data message's first frame where permessage-deflate was
+agreed, RFC 7692: the message is then inflated), use the minimal payload-length encoding
 and a known opcode; control frames must be <= 125 bytes with FIN set; text
 messages must be valid UTF-8 (checked incrementally, frame by frame);
 fragmentation must be well formed; a close frame's payload is empty or a
@@ -30,6 +31,7 @@ import os
 import socket
 import struct
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -276,15 +278,19 @@ def open_websocket(
     host: str = "127.0.0.1",
     timeout: float = DEFAULT_TIMEOUT,
     extra: Iterable[tuple[str, str]] = (),
+    extensions: str | None = None,
 ) -> WsConn:
     """Connect and do a valid opening handshake; the open connection.
 
     Asserts a 101 with ``Upgrade: websocket``, ``Connection: upgrade``, the
-    right ``Sec-WebSocket-Accept``, and no extension or subprotocol selected.
+    right ``Sec-WebSocket-Accept``, no subprotocol selected, and
+    ``Sec-WebSocket-Extensions`` equal to ``extensions`` (None: absent).
     """
     key = new_key()
     request = handshake_request(path, host=f"{host}:{port}", key=key, extra=extra)
-    return upgrade(port, request, key, path=path, host=host, timeout=timeout)
+    return upgrade(
+        port, request, key, path=path, host=host, timeout=timeout, extensions=extensions
+    )
 
 
 def upgrade(
@@ -295,10 +301,12 @@ def upgrade(
     path: str = "/ws",
     host: str = "127.0.0.1",
     timeout: float = DEFAULT_TIMEOUT,
+    extensions: str | None = None,
 ) -> WsConn:
     """Send the handshake ``request`` (made with ``key``); the connection once it got a valid 101.
 
-    See `check_upgrade_response` for what a valid 101 is.
+    See `check_upgrade_response` for what a valid 101 is. With ``extensions``
+    naming permessage-deflate, the connection reads compressed messages.
     """
     sock = socket.create_connection((host, port), timeout=timeout)
     try:
@@ -306,25 +314,29 @@ def upgrade(
         sock.sendall(request)
         buffer = bytearray()
         response = _read_head(sock, buffer, time.monotonic() + timeout)
-        check_upgrade_response(response, key)
+        check_upgrade_response(response, key, extensions=extensions)
     except BaseException:
         sock.close()
         raise
-    conn = WsConn(sock, path=path)
+    deflate = extensions is not None and extensions.startswith("permessage-deflate")
+    conn = WsConn(sock, path=path, deflate=deflate)
     conn.buffer += buffer  # frames the server sent right after the 101, if any
     return conn
 
 
-def check_upgrade_response(response: HttpResponse, key: str) -> None:
-    """Assert ``response`` accepts an opening handshake sent with ``key`` (RFC 6455 4.2.2)."""
+def check_upgrade_response(
+    response: HttpResponse, key: str, *, extensions: str | None = None
+) -> None:
+    """Assert ``response`` accepts an opening handshake sent with ``key`` (RFC 6455 4.2.2),
+    selecting exactly ``extensions`` (None: no extension)."""
     assert response.status == 101, f"expected 101 Switching Protocols, got:\n{response}"
     assert response.tokens("upgrade") == ["websocket"], f"bad Upgrade header:\n{response}"
     assert "upgrade" in response.tokens("connection"), f"bad Connection header:\n{response}"
     assert response.values("sec-websocket-accept") == [accept_for(key)], (
         f"wrong Sec-WebSocket-Accept (want {accept_for(key)!r}):\n{response}"
     )
-    assert response.header("sec-websocket-extensions") is None, (
-        f"an extension was selected though none is supported here:\n{response}"
+    assert response.header("sec-websocket-extensions") == extensions, (
+        f"Sec-WebSocket-Extensions is not {extensions!r}:\n{response}"
     )
     assert response.header("sec-websocket-protocol") is None, (
         f"a subprotocol was selected though none was offered:\n{response}"
@@ -415,7 +427,11 @@ class Frame:
     opcode: int
     payload: bytes
     #: The whole data message this frame completes: (opcode, payload), else None.
+    #: (Inflated, when it was a compressed message.)
     completes: tuple[int, bytes] | None = None
+    #: The RSV bits, and the frame's bytes as they came (header included).
+    rsv: int = 0
+    wire: bytes = b""
 
     @property
     def is_control(self) -> bool:
@@ -461,9 +477,13 @@ class WsConn:
     Use it as a context manager (the socket is closed at the end).
     """
 
-    def __init__(self, sock: socket.socket, *, path: str = "/ws") -> None:
+    def __init__(self, sock: socket.socket, *, path: str = "/ws", deflate: bool = False) -> None:
         self.sock = sock
         self.path = path
+        #: permessage-deflate was agreed (with server_no_context_takeover):
+        #: RSV1 may mark a message compressed, each inflated on its own.
+        self.deflate = deflate
+        self._compressed = False  # the data message in progress has RSV1
         self.buffer = bytearray()
         #: Every server frame so far, in order (for failure messages).
         self.frames: list[Frame] = []
@@ -576,7 +596,7 @@ class WsConn:
                 self._violation(f"64-bit length encoding for a {size}-byte payload (not minimal)")
         if masked:
             self._violation("masked server frame (RFC 6455 5.1: a server MUST NOT mask)")
-        if rsv:
+        if rsv and not (self.deflate and rsv == RSV1):
             self._violation(f"RSV bits {rsv:03b} set, but no extension was negotiated")
         if opcode not in KNOWN_OPCODES:
             self._violation(f"{_opname(opcode)}")
@@ -588,9 +608,11 @@ class WsConn:
         if size > MAX_SERVER_FRAME:
             self._violation(f"a {size}-byte frame (this client reads up to {MAX_SERVER_FRAME})")
         self._need(header + size, deadline, f"a {size}-byte {_opname(opcode)} payload")
+        wire = bytes(self.buffer[: header + size])
         self._take(header)
         payload = self._take(size)
-        frame = Frame(fin, opcode, payload, self._check_semantics(fin, opcode, payload))
+        completes = self._check_semantics(fin, opcode, payload, rsv)
+        frame = Frame(fin, opcode, payload, completes, rsv, wire)
         self.frames.append(frame)
         return frame
 
@@ -602,9 +624,13 @@ class WsConn:
             f"server frame violates RFC 6455: {what}; {where}; earlier frames: {seen}"
         )
 
-    def _check_semantics(self, fin: bool, opcode: int, payload: bytes) -> tuple[int, bytes] | None:
+    def _check_semantics(
+        self, fin: bool, opcode: int, payload: bytes, rsv: int = 0
+    ) -> tuple[int, bytes] | None:
         """Check a frame in its context; the data message it completes, if any."""
-        this = Frame(fin, opcode, payload)
+        this = Frame(fin, opcode, payload, rsv=rsv)
+        if rsv and (opcode >= 0x8 or opcode == OP_CONT):
+            self._violation("RSV1 on a control or continuation frame (RFC 7692 section 6)", this)
         if opcode == OP_CLOSE:
             self.close_received = self._parse_close(this)
             return None
@@ -623,7 +649,8 @@ class WsConn:
             self._fragment_opcode = opcode
             self._fragments = []
             self._utf8 = codecs.getincrementaldecoder("utf-8")("strict")
-        if self._fragment_opcode == OP_TEXT:
+            self._compressed = bool(rsv)
+        if self._fragment_opcode == OP_TEXT and not self._compressed:
             assert self._utf8 is not None
             try:
                 self._utf8.decode(payload, final=fin)
@@ -637,7 +664,26 @@ class WsConn:
         self._fragment_opcode = None
         message = b"".join(self._fragments)
         self._fragments = []
+        if self._compressed:
+            message = self._inflate(message, this)
+            if message_opcode == OP_TEXT:
+                try:
+                    message.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    self._violation(f"text message is not valid UTF-8 ({exc})", this)
         return message_opcode, message
+
+    def _inflate(self, data: bytes, frame: Frame) -> bytes:
+        """A compressed message's payload inflated (RFC 7692 7.2.2), by a fresh
+        inflater: the server agreed to server_no_context_takeover."""
+        inflater = zlib.decompressobj(-15)
+        try:
+            message = inflater.decompress(data + b"\x00\x00\xff\xff")
+        except zlib.error as exc:
+            self._violation(f"compressed message does not inflate ({exc})", frame)
+        if inflater.unused_data:
+            self._violation("data after the end of a compressed message's deflate stream", frame)
+        return message
 
     def _parse_close(self, frame: Frame) -> tuple[int | None, str]:
         payload = frame.payload

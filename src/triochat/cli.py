@@ -28,12 +28,29 @@ from .server import serve_until_signalled
 
 __all__ = ["build_parser", "config_from_args", "main"]
 
+
+def on_off(text: str) -> bool:
+    """``on`` or ``off`` (also 1/0, true/false, yes/no), for switches that take a value."""
+    value = text.strip().lower()
+    if value in ("on", "1", "true", "yes"):
+        return True
+    if value in ("off", "0", "false", "no"):
+        return False
+    raise ValueError(f"expected on or off, got {text!r}")
+
+
 # (option, Config field, type, help). Defaults come from Config itself.
 _OPTIONS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--host", "host", str, "address to listen on"),
     ("--port", "port", int, "port to listen on (0: any free port)"),
     ("--data-dir", "data_dir", Path, "directory of the SQLite history"),
     ("--max-frame-bytes", "max_frame_bytes", int, "largest client frame; over it: close 1009"),
+    (
+        "--compression",
+        "compression",
+        on_off,
+        "on: accept a client's permessage-deflate offer (RFC 7692); off: decline it",
+    ),
     ("--max-msg-chars", "max_msg_chars", int, "longest `msg`; over it: error too_long"),
     ("--rate", "rate", float, "say/typing/whisper per second per connection (0 = off)"),
     ("--burst", "burst", int, "token bucket size of the rate limit"),

@@ -6,6 +6,9 @@
     ├── ClientProtocolError   the client sent something wrong; answer, don't crash
     ├── StorageError          history could not be written or read; say `unavailable`
     └── ConfigError           an option is out of range; exit with a message
+
+The Python client's errors (`ClientError`, `ConnectionEnded` and its kinds,
+`DeliveryUnknown`) subclass `TriochatError` too; they live in `triochat.client`.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import msgspec
 
-from .history import Snapshot
 from .protocol import Message
+from .recent import Snapshot
 
 __all__ = [
     "Claim",

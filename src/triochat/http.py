@@ -735,7 +735,18 @@ def _handshake_error(request: _Request) -> str | None:
         key = b""
     if len(key) != 16:
         return "Sec-WebSocket-Key must be 16 bytes in base64"
+    # wsproto decodes these as ASCII and raises on any other byte (a "bug" in
+    # the log and a dropped connection, with compression on or off).
+    for name, value in event.headers:
+        if name in _ASCII_HEADERS and not value.isascii():
+            return f"{name.decode()} must be ASCII"
     return None
+
+
+#: Upgrade headers wsproto reads as ASCII (`_handshake_error`).
+_ASCII_HEADERS: Final = frozenset(
+    {b"host", b"connection", b"sec-websocket-extensions", b"sec-websocket-protocol"}
+)
 
 
 async def _vet_upgrade(stream: trio.abc.Stream, request: _Request, ctx: FrontContext) -> bool:

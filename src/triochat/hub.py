@@ -160,6 +160,10 @@ class Hub:
         self._nursery: trio.Nursery | None = None
         #: Clients of this step whose frames wait for the publish (`_release_when_published`).
         self._held: list[Client] = []
+        #: What the chat state gave back (`_take_output`) and the hub acts on later
+        #: in the step: says to store (`_queue_says`), acked says to time (`_observe_step`).
+        self._to_store: list[PendingSay] = []
+        self._acked: list[PendingSay] = []
         #: Set at the end of this step (`_StepDone`): barriers of `settle`.
         self._step_done: list[trio.Event] = []
         #: Receives SSE POSTs relayed from other nodes (set by the server).
@@ -312,16 +316,23 @@ class Hub:
                     self._receive(chat, item, now)
             finally:
                 schedule.write_through = False
-        published = bool(chat.to_publish)
-        if published:
-            events, chat.to_publish = chat.to_publish, []
-            for event in events:
-                backplane.publish(event)
-        if chat.to_release:
-            names, chat.to_release = chat.to_release, []
-            for name in names:
-                backplane.release(name)
-        return published
+        return self._take_output(chat)
+
+    def _take_output(self, chat: ChatState) -> bool:
+        """Act on what the chat state gave back (`ChatState.take_output`): publish
+        its events and release its names now; its says wait for `_queue_says`, its
+        acks for `_observe_step`. Returns whether anything was published."""
+        output = chat.take_output()
+        if output.says:
+            self._to_store.extend(output.says)
+        if output.acked:
+            self._acked.extend(output.acked)
+        backplane = self._backplane
+        for event in output.events:
+            backplane.publish(event)
+        for name in output.released:
+            backplane.release(name)
+        return bool(output.events)
 
     def _receive(self, chat: ChatState, item: Received, now: float) -> None:
         if isinstance(item, SsePost | SsePostResult):
@@ -390,7 +401,7 @@ class Hub:
             self._queue_says(chat)
             self._pump(chat)  # (an in-memory append hands its messages back at once)
             self.schedule.end_step()
-            self._observe_step(chat, started)
+            self._observe_step(started)
             if self._step_done:
                 done, self._step_done = self._step_done, []
                 for event in done:
@@ -400,14 +411,14 @@ class Hub:
                 assert self._nursery is not None
                 self._nursery.start_soon(self._release_when_published, held)
 
-    def _observe_step(self, chat: ChatState, started: float) -> None:
+    def _observe_step(self, started: float) -> None:
         """Time the step that just flushed, and the says acked in it (their acks
         are in the sockets now). Per step and per ack, never per delivery."""
         ended = trio.current_time()
         stats = self._stats
         stats.hub_step.observe(ended - started)
-        if chat.acked:
-            acked, chat.acked = chat.acked, []
+        if self._acked:
+            acked, self._acked = self._acked, []
             say_ack = stats.say_ack
             for say in acked:
                 say_ack.observe(ended - say.taken)
@@ -552,9 +563,10 @@ class Hub:
             self._backplane.release(name)
 
     def _queue_says(self, chat: ChatState) -> None:
-        if not chat.to_store:
+        self._take_output(chat)  # (what the step published so far goes first)
+        if not self._to_store:
             return
-        pending, chat.to_store = chat.to_store, []
+        pending, self._to_store = self._to_store, []
         taken = self._step_started
         for say in pending:
             say.taken = taken

@@ -425,7 +425,14 @@ class Server:
             log_context(conn=next(self._connection_ids), peer=peer, transport=medium),
             self.chats.registered(connection, medium),
         ):
-            LOGGER.info("open %s %s", peer, kind)
+            # The compression negotiated, if any (--compression, docs/protocol.md §1.1).
+            compression = getattr(transport, "compression", None)
+            if compression is None:
+                LOGGER.info("open %s %s", peer, kind)
+            else:
+                LOGGER.info(
+                    "open %s %s %s", peer, kind, compression, extra={"compression": compression}
+                )
             try:
                 await connection.run(nursery)
             finally:

@@ -35,7 +35,7 @@ from typing import Protocol
 import trio
 
 from ..events import Claim, Draft, Entry, Event, Received
-from ..history import Snapshot
+from ..recent import Snapshot
 
 __all__ = ["Backplane"]
 

@@ -4,6 +4,13 @@ A single triochat is one `LocalBackplane` on a private broker over its
 `History` (SQLite, or memory with ``--memory``). Tests attach several hubs to
 one broker to run a cluster in memory, in virtual time, through the same code
 path the Redis backplane feeds.
+
+The broker keeps no recent history of its own: a node's one copy is its chat
+state's (`state.log`), and a node that attaches reads the store (`History.load`),
+as a Redis node reads Redis. Only tests' clusters attach a node later, and
+their store is in memory, so the read costs nothing; a single server would
+otherwise hold every room's recent history twice for a second node that never
+comes.
 """
 
 from __future__ import annotations
@@ -15,7 +22,6 @@ from typing import Final
 
 import trio
 
-from ..errors import StorageError
 from ..events import (
     Claim,
     Draft,
@@ -27,8 +33,9 @@ from ..events import (
     Received,
     Resync,
 )
-from ..history import History, Snapshot
+from ..history import History
 from ..protocol import Message, confusable_key, make_id, name_key
+from ..recent import Snapshot
 
 __all__ = ["LocalBackplane", "LocalBroker"]
 
@@ -39,23 +46,19 @@ class LocalBroker:
     """The sequencer, store and fan-out that `LocalBackplane` nodes share."""
 
     def __init__(self, history: History, history_size: int) -> None:
+        del history_size  # (the store keeps the newest messages; the broker none)
         self._history = history
-        self._size = history_size
         self._nodes: dict[str, LocalBackplane] = {}
         self._snapshot_lock = trio.Lock()
         self._loaded = False
         self._epoch = ""
         self._next_seq = 1
-        #: Newest messages per room, for nodes that attach later (shared objects).
-        self._rooms: dict[str, list[Message]] = {}
         #: name key -> (node, token, name as bound); confusable key -> (node, name
         #: key): names are claimed by their keys (docs/protocol.md section 2.1).
         self._claims: dict[str, tuple[str, str, str]] = {}
         self._skeletons: dict[str, tuple[str, str]] = {}
         self._refs: collections.OrderedDict[tuple[str, str], Message] = collections.OrderedDict()
         self._states: dict[str, set[Entry]] = {}
-        #: Fault injection (tests): every append and claim fails with this.
-        self.fail_with: str | None = None
         # An in-memory history lets a single node commit without a task hop.
         self._store_nowait = history.append_nowait
 
@@ -65,18 +68,27 @@ class LocalBroker:
         return self._store_nowait is not None
 
     async def attach(self, node: LocalBackplane) -> Snapshot:
+        """Add ``node``; what the store holds (the first attach opens it).
+
+        Raises:
+            StorageError: the store could not be opened or read.
+        """
         async with self._snapshot_lock:
-            if not self._loaded:
+            # Attached before the store is read: a message stored meanwhile
+            # reaches the node too, and its chat state skips what it has.
+            self._nodes[node.node] = node
+            self._states[node.node] = set()
+            try:
                 snapshot = await self._history.load()
+            except BaseException:
+                del self._nodes[node.node], self._states[node.node]
+                raise
+            if not self._loaded:
                 self._epoch, self._next_seq = snapshot.epoch, snapshot.next_seq
-                self._rooms = {room: list(kept) for room, kept in snapshot.rooms.items()}
                 self._loaded = True
-        self._nodes[node.node] = node
-        self._states[node.node] = set()
         others = {n: sorted(s) for n, s in self._states.items() if n != node.node}
         node.receive(Resync(others))
-        rooms = {room: list(kept) for room, kept in self._rooms.items()}
-        return Snapshot(epoch=self._epoch, next_seq=self._next_seq, rooms=rooms)
+        return snapshot
 
     async def detach(self, node: str) -> None:
         """``node`` is gone: its entries go; with the last node the history closes."""
@@ -90,15 +102,15 @@ class LocalBroker:
     def alive(self, node: str) -> bool:
         return node in self._nodes
 
-    def _check(self) -> None:
-        if self.fail_with is not None:
-            raise StorageError(self.fail_with)
+    def available(self) -> bool:
+        """Whether appends can be stored: in process, always (a failing store
+        answers its append with `StorageError`; tests/faults.py can break it)."""
+        return True
 
     # --- the sequencer ---------------------------------------------------------
 
     def sequence(self, drafts: Sequence[Draft]) -> tuple[list[str], list[tuple[Message, Draft]]]:
         """Ids for ``drafts``, and the new messages to store (a retry gets the old id)."""
-        self._check()
         ids: list[str] = []
         fresh: list[tuple[Message, Draft]] = []
         for draft in drafts:
@@ -124,10 +136,6 @@ class LocalBroker:
                 self._refs[(draft.name, draft.ref)] = message
                 if len(self._refs) > MAX_REFS:
                     self._refs.popitem(last=False)
-            kept = self._rooms.setdefault(message.room, [])
-            kept.append(message)
-            if len(kept) > self._size:
-                del kept[: -self._size]
         for node in self._nodes.values():
             node.receive_many(messages)
 
@@ -151,7 +159,6 @@ class LocalBroker:
 
     def claim(self, node: str, name: str, token: str | None, rotate: bool = False) -> Claim:
         """The same rules as the Redis backplane's `CLAIM` script."""
-        self._check()
         key, skeleton = name_key(name), confusable_key(name)
         held = self._claims.get(key)
         if held is not None:
@@ -230,7 +237,7 @@ class LocalBackplane:
                 await self.leave()  # (a no-op when the hub already left)
 
     def available(self) -> bool:
-        return self._broker.fail_with is None
+        return self._broker.available()
 
     async def append(self, drafts: Sequence[Draft]) -> list[str]:
         return await self._broker.append(drafts)

@@ -65,8 +65,8 @@ from ..events import (
     Reload,
     Resync,
 )
-from ..history import Snapshot
 from ..protocol import Message, confusable_key, encode, name_key
+from ..recent import Snapshot
 
 __all__ = ["RedisBackplane"]
 

@@ -1,8 +1,10 @@
 """Message history stores: where acked messages live.
 
 `History` is the seam; `memory.MemoryHistory` (``--memory``, also the test
-fake) and `sqlite.SqliteHistory` (the default) implement it, and one
-conformance suite (tests/test_history.py) runs over both.
+fake: tests/faults.py makes it fail) and `sqlite.SqliteHistory` (the default)
+implement it, and one conformance suite (tests/test_history.py) runs over both.
+What a store hands over (`Snapshot`) is defined below the chat core, in
+`triochat.recent`, so the core never imports storage.
 """
 
 from __future__ import annotations
@@ -10,30 +12,21 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-import msgspec
-
 from ..protocol import Message
+from ..recent import Snapshot as Snapshot
 
 __all__ = ["History", "Snapshot"]
-
-
-class Snapshot(msgspec.Struct, frozen=True):
-    """What a store holds when the server starts."""
-
-    #: Unique to this store's lifetime: a store that lost its data gets a new
-    #: one, so ids handed out before can never be reused.
-    epoch: str
-    #: The next sequence number to hand out (greater than every stored one).
-    next_seq: int
-    #: The newest ``history_size`` messages of every room, oldest first.
-    rooms: dict[str, list[Message]]
 
 
 class History(Protocol):
     """A durable (or not) log of room messages, trimmed per room."""
 
     async def load(self) -> Snapshot:
-        """Open the store and read what it holds."""
+        """Open the store and read what it holds; once open, read it again.
+
+        Read again when a node attaches to a `LocalBroker` that has one already
+        (tests' in-memory clusters): the broker keeps no copy of its own.
+        """
         ...
 
     async def append(self, batch: Sequence[Message]) -> None:

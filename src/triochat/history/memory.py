@@ -1,13 +1,13 @@
-"""History that lives only in the process (``--memory``); also the test fake."""
+"""History that lives only in the process (``--memory``); the reference store of
+the conformance suite (tests/test_history.py), which tests/faults.py makes fail."""
 
 from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
 
-from ..errors import StorageError
 from ..protocol import Message, seq_of
-from . import Snapshot
+from ..recent import Snapshot, keep_newest
 
 __all__ = ["MemoryHistory"]
 
@@ -16,7 +16,7 @@ class MemoryHistory:
     """Keeps the newest ``history_size`` messages per room in memory.
 
     A new epoch per instance: after a restart no old id is known, and none is
-    reused. ``fail_with`` makes every `append` fail (fault injection).
+    reused. `load` may be called again at any time: it copies what is kept.
     """
 
     def __init__(self, history_size: int) -> None:
@@ -24,8 +24,6 @@ class MemoryHistory:
         self._epoch = secrets.token_hex(4)
         self._rooms: dict[str, list[Message]] = {}
         self._next_seq = 1
-        #: Set to a message to make `append` raise StorageError (tests).
-        self.fail_with: str | None = None
 
     async def load(self) -> Snapshot:
         rooms = {room: list(messages) for room, messages in self._rooms.items()}
@@ -36,16 +34,13 @@ class MemoryHistory:
 
     def append_nowait(self, batch: Sequence[Message]) -> None:
         """`append` without a checkpoint: the hub commits in the same step."""
-        if self.fail_with is not None:
-            raise StorageError(self.fail_with)
         for message in batch:
             seq = seq_of(self._epoch, message.id)
             if seq is not None:
                 self._next_seq = max(self._next_seq, seq + 1)
             kept = self._rooms.setdefault(message.room, [])
             kept.append(message)
-            if len(kept) > self._size:
-                del kept[: -self._size]
+            keep_newest(kept, self._size)
 
     async def aclose(self) -> None:
         pass

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import secrets
 import sqlite3
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
@@ -20,7 +21,7 @@ import trio
 from .. import __version__
 from ..errors import StorageError
 from ..protocol import Message, seq_of
-from . import Snapshot
+from ..recent import Snapshot
 
 __all__ = ["BACKUP_MARK", "DB_FILE", "SCHEMA_VERSION", "SqliteHistory"]
 
@@ -91,11 +92,16 @@ class SqliteHistory:
         self._size = history_size
         self._db: sqlite3.Connection | None = None
         self._epoch = ""
+        # Worker threads take turns on the one connection: a read again (`load`)
+        # must not see a batch that `_append` has not committed yet.
+        self._lock = threading.Lock()
 
     async def load(self) -> Snapshot:
         return await trio.to_thread.run_sync(self._load)
 
     def _load(self) -> Snapshot:
+        if self._db is not None:
+            return self._load_again(self._db)
         db: sqlite3.Connection | None = None
         try:
             self._data_dir.mkdir(parents=True, exist_ok=True)
@@ -106,10 +112,7 @@ class SqliteHistory:
             epoch = self._migrate(db)
             # After the version check, so a refused (newer) file is not touched.
             db.execute("PRAGMA journal_mode = WAL")
-            (max_seq,) = db.execute("SELECT coalesce(max(seq), 0) FROM messages").fetchone()
-            rooms: dict[str, list[Message]] = {}
-            for room, message_id, name, msg, ts in db.execute(_LOAD, (self._size,)):
-                rooms.setdefault(room, []).append(Message(room, message_id, name, msg, ts))
+            snapshot = self._read(db, epoch)
         except (sqlite3.Error, OSError, StorageError) as exc:
             if db is not None:
                 db.close()
@@ -118,6 +121,21 @@ class SqliteHistory:
             raise StorageError(f"cannot open history at {self._path}: {exc}") from exc
         self._db = db
         self._epoch = epoch
+        return snapshot
+
+    def _load_again(self, db: sqlite3.Connection) -> Snapshot:
+        """Read the open store again (`History.load`: a node that attaches later)."""
+        try:
+            with self._lock:
+                return self._read(db, self._epoch)
+        except sqlite3.Error as exc:
+            raise StorageError(f"history read failed: {exc}") from exc
+
+    def _read(self, db: sqlite3.Connection, epoch: str) -> Snapshot:
+        (max_seq,) = db.execute("SELECT coalesce(max(seq), 0) FROM messages").fetchone()
+        rooms: dict[str, list[Message]] = {}
+        for room, message_id, name, msg, ts in db.execute(_LOAD, (self._size,)):
+            rooms.setdefault(room, []).append(Message(room, message_id, name, msg, ts))
         return Snapshot(epoch=epoch, next_seq=max_seq + 1, rooms=rooms)
 
     def _migrate(self, db: sqlite3.Connection) -> str:
@@ -202,16 +220,17 @@ class SqliteHistory:
             raise StorageError("history is closed")
         rows = [(seq_of(self._epoch, m.id), m.room, m.id, m.name, m.msg, m.ts) for m in batch]
         try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                db.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?)", rows)
-                for room in {m.room for m in batch}:
-                    db.execute(_TRIM, (room, self._size - 1))
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
+            with self._lock:
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    db.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?)", rows)
+                    for room in {m.room for m in batch}:
+                        db.execute(_TRIM, (room, self._size - 1))
+                    db.execute("COMMIT")
+                except BaseException:
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
+                    raise
         except sqlite3.Error as exc:
             raise StorageError(f"history write failed: {exc}") from exc
 

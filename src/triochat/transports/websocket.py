@@ -13,25 +13,37 @@ that many bytes have arrived. So the stream reads every client frame header
 as it goes by (`FrameSizeGuard`: over the limit ends the read at once, 1009),
 `receive` reports such ends as `TransportClosed` with ``failed`` set, and
 `close` then writes the close frame itself.
+
+permessage-deflate (RFC 7692, ``--compression on``): trio-websocket's
+`accept` gives wsproto no extensions, so with compression on the handshake
+goes through `_CompressingHandshake`, which adds our `DeflateExtension` to
+the 101 (negotiation and inflating: transports/deflate.py). A connection
+that agreed to it gets a `DeflateWebSocketTransport`, which writes each
+frame's compressed framing (`OutFrame.wsz`, compressed once for all).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import socket
 import struct
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, Event
 from wsproto.utilities import LocalProtocolError
 
 from ..config import Config
 from ..connection import TransportClosed
 from ..frames import OutFrame
 from ..protocol import CloseCode
+from .deflate import DeflateExtension
 
 __all__ = [
     "ClosingRace",
+    "DeflateWebSocketTransport",
     "FrameSizeGuard",
     "ReplayStream",
     "WebSocketTransport",
@@ -348,25 +360,73 @@ def _stdlib_socket(trio_socket: object) -> socket.socket | None:
     return stdlib if isinstance(stdlib, socket.socket) else None
 
 
+class _CompressingHandshake(WSConnection):
+    """wsproto's server side, with `DeflateExtension` added to the 101 response.
+
+    trio-websocket's `WebSocketRequest.accept` sends an `AcceptConnection`
+    without extensions; wsproto negotiates those in the event itself
+    (calling `DeflateExtension.accept` with each offer) and then runs the
+    connection's frames through the agreed ones.
+    """
+
+    def __init__(self, extension: DeflateExtension) -> None:
+        super().__init__(ConnectionType.SERVER)
+        self._extension = extension
+
+    def send(self, event: Event) -> bytes:
+        if isinstance(event, AcceptConnection):
+            event = dataclasses.replace(event, extensions=[self._extension])
+        return super().send(event)
+
+
+async def _wrap_compressing(
+    nursery: trio.Nursery, stream: ReplayStream, config: Config, extension: DeflateExtension
+) -> WebSocketConnection:
+    """`trio_websocket.wrap_server_stream` with `_CompressingHandshake` as its wsproto.
+
+    (The three lines of trio-websocket 0.12's own, which takes no wsproto
+    object: its constructor does, the reader task and request wait are
+    private. tests/test_deflate.py fails if they change.)
+    """
+    connection = WebSocketConnection(
+        stream,
+        _CompressingHandshake(extension),
+        message_queue_size=LIBRARY_QUEUE,
+        max_message_size=config.max_frame_bytes,
+    )
+    nursery.start_soon(connection._reader_task)
+    request = await connection._get_request()
+    return await request.accept()
+
+
 async def accept_websocket(
     nursery: trio.Nursery, stream: ReplayStream, config: Config
 ) -> WebSocketTransport:
     """Complete the handshake the front vetted; its reader runs in ``nursery``.
 
+    With ``config.compression`` a permessage-deflate offer is taken (the
+    first acceptable one), and the transport is a `DeflateWebSocketTransport`.
+
     Raises:
         TransportClosed: the handshake failed or timed out.
     """
+    extension = DeflateExtension(config.max_frame_bytes) if config.compression else None
     try:
         with trio.fail_after(config.handshake_timeout):
-            request = await wrap_server_stream(
-                nursery,
-                stream,
-                message_queue_size=LIBRARY_QUEUE,
-                max_message_size=config.max_frame_bytes,
-            )
-            ws = await request.accept()
+            if extension is None:
+                request = await wrap_server_stream(
+                    nursery,
+                    stream,
+                    message_queue_size=LIBRARY_QUEUE,
+                    max_message_size=config.max_frame_bytes,
+                )
+                ws = await request.accept()
+            else:
+                ws = await _wrap_compressing(nursery, stream, config, extension)
     except (ConnectionClosed, trio.TooSlowError, trio.BrokenResourceError) as exc:
         raise TransportClosed(f"handshake failed: {exc!r}") from exc
+    if extension is not None and extension.agreement is not None:
+        return DeflateWebSocketTransport(ws, stream, extension)
     return WebSocketTransport(ws, stream)
 
 
@@ -377,6 +437,8 @@ class WebSocketTransport:
 
     heartbeat: float | None = None  # the configured ping interval
     expects_pong = True
+    #: The compression negotiated (for the log), or None.
+    compression: str | None = None
 
     def __init__(self, ws: WebSocketConnection, stream: ReplayStream) -> None:
         self._ws = ws
@@ -470,3 +532,64 @@ class WebSocketTransport:
 
     async def abort(self) -> None:
         await self._stream.close_now()
+
+
+class DeflateWebSocketTransport(WebSocketTransport):
+    """A `WebSocketTransport` that agreed to permessage-deflate (RFC 7692).
+
+    It writes each frame's compressed framing, `OutFrame.wsz`: compressed
+    once, shared by every connection that compresses (uncompressed when
+    small, RSV1 clear). With ``server_max_window_bits=N`` under 15, a
+    payload longer than 2^N bytes goes out uncompressed: the shared
+    compression uses a 32 KiB window, and its back-references fit the
+    client's 2^N-byte window only when the payload itself does (RFC 7692
+    7.1.2.1). `send` and `send_nowait` repeat the base class's rather than
+    share a helper with it: the uncompressed path stays exactly as fast.
+    """
+
+    __slots__ = ("_extension", "_window")
+
+    compression = "permessage-deflate"
+
+    def __init__(
+        self, ws: WebSocketConnection, stream: ReplayStream, extension: DeflateExtension
+    ) -> None:
+        super().__init__(ws, stream)
+        self._extension = extension
+        agreement = extension.agreement
+        assert agreement is not None
+        #: Payloads up to this many bytes may go compressed; None: any.
+        self._window: int | None = (
+            None
+            if agreement.server_max_window_bits == 15
+            else 1 << agreement.server_max_window_bits
+        )
+
+    def _wire(self, frames: list[OutFrame]) -> bytes:
+        window = self._window
+        if window is None:
+            return frames[0].wsz if len(frames) == 1 else b"".join([f.wsz for f in frames])
+        return b"".join([f.wsz if f.payload_size <= window else f.ws for f in frames])
+
+    async def send(self, frames: list[OutFrame]) -> None:
+        data = self._wire(frames)
+        try:
+            await self._stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise TransportClosed("connection lost") from exc
+
+    def send_nowait(self, frames: list[OutFrame]) -> bytes | None:
+        data = self._wire(frames)
+        try:
+            written = self._stream.write_nowait(data)
+        except trio.BrokenResourceError as exc:
+            raise TransportClosed("connection lost") from exc
+        return None if written is None else data[written:]
+
+    def _closed(self, exc: ConnectionClosed) -> TransportClosed:
+        failure = self._extension.failure
+        if failure is not None and self._stream.failure is None and not self._stream.close_sent:
+            # Inflating failed (a zip bomb, bad deflate data): wsproto's own
+            # reason says only "error in extension".
+            return TransportClosed(failure[1], failure[0], failed=True)
+        return super()._closed(exc)

@@ -1,0 +1,170 @@
+"""The nouns of the chat state: connections, users, rooms, says on their way.
+
+Plain objects with slots and no behaviour beyond a lookup; the parts beside
+this module (`rooms`, `presence`, ...) change them. `Refused` is how a check
+anywhere says "answer this frame with an error" (docs/protocol.md §5).
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Final, Protocol
+
+from ..events import Draft
+from ..frames import OutFrame
+from ..protocol import ErrorFrame, Message, confusable_key, name_key
+from ..ratelimit import RateLimiter
+
+__all__ = [
+    "CLASSIC_ROOM",
+    "Client",
+    "Peer",
+    "PendingSay",
+    "Refused",
+    "Room",
+    "User",
+    "send_error",
+]
+
+#: The room classic clients and `/` listeners are in (docs/protocol.md §7).
+CLASSIC_ROOM: Final = "lobby"
+
+
+class Peer(Protocol):
+    """What the chat state (and the hub) needs of a connection. No method blocks."""
+
+    def deliver(self, frame: OutFrame) -> None: ...
+
+    def close_soon(self, code: int, reason: str) -> None: ...
+
+    def hold(self) -> None:
+        """Keep delivered frames queued, unwritten, until `release` (used by the hub)."""
+        ...
+
+    def release(self) -> None: ...
+
+
+class Client:
+    """The chat-side state of one connection."""
+
+    __slots__ = ("classic", "gone", "limiter", "listener", "mode", "name", "peer", "rooms", "user")
+
+    def __init__(self, peer: Peer, limiter: RateLimiter, *, listener: bool) -> None:
+        self.peer = peer
+        self.limiter = limiter
+        #: Connected on ``/``: hears lobby messages until its first frame decides.
+        self.listener = listener
+        #: None until the first frame; then "classic" or "typed".
+        self.mode: str | None = None
+        #: Shorthand for ``mode == "classic"``: gets only message/whisper/error.
+        self.classic = False
+        self.name: str | None = None
+        self.user: User | None = None
+        #: Rooms this connection has joined (live memberships).
+        self.rooms: set[str] = set()
+        #: Disconnected or replaced: its late frames are ignored.
+        self.gone = False
+
+    def holds(self, name: str) -> bool:
+        """Whether this connection speaks as ``name`` (compared by `name_key`)."""
+        return self.user is not None and self.user.key == name_key(name)
+
+
+class User:
+    """A name held by somebody: connected, or within the presence grace period."""
+
+    __slots__ = (
+        "client",
+        "deadline",
+        "key",
+        "name",
+        "refs",
+        "rooms",
+        "skeleton",
+        "token",
+        "whispers_in",
+    )
+
+    def __init__(self, name: str, client: Client, token: str | None = None) -> None:
+        #: The name as bound (trimmed, as typed): shown in frames, room members
+        #: and cluster entries.
+        self.name = name
+        #: Its identity (`name_key`) and TR39 skeleton (`confusable_key`): no
+        #: other user holds either (docs/protocol.md section 2.1).
+        self.key = name_key(name)
+        self.skeleton = confusable_key(name)
+        self.token = token or secrets.token_urlsafe(24)
+        self.client: Client | None = client
+        #: The bound on whispers this user receives (made on the first one).
+        self.whispers_in: RateLimiter | None = None
+        #: Rooms the user is a member of (live through ``client``, or held).
+        self.rooms: set[str] = set()
+        #: When held rooms are released; None while nothing is held.
+        self.deadline: float | None = None
+        #: The user's recent says by `ref`, oldest first, so a retry is never
+        #: stored twice (a plain dict: an empty one costs less than an OrderedDict).
+        self.refs: dict[str, PendingSay] = {}
+
+
+class Room:
+    """One room: its members, its subscribers and its kept history."""
+
+    __slots__ = ("listeners", "members", "messages", "name", "remote", "seqs", "typed")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        #: Every member user (live or held), by name.
+        self.members: dict[str, User] = {}
+        #: Members on other nodes: name -> the nodes that hold it (usually one).
+        self.remote: dict[str, set[str]] = {}
+        #: Live typed member connections: get every frame of the room.
+        self.typed: dict[Client, None] = {}
+        #: Classic members and `/` listeners: get `message` frames only.
+        self.listeners: dict[Client, None] = {}
+        #: The node's one copy of the room's recent history (`state.log` keeps it).
+        self.messages: list[Message] = []
+        self.seqs: list[int] = []  # parallel to messages, for bisect
+
+
+class PendingSay:
+    """A `say` on its way to the store; ``client`` gets the ack or the error."""
+
+    __slots__ = ("client", "committed", "draft", "id", "ref", "taken", "user", "waiting")
+
+    def __init__(self, client: Client, draft: Draft, user: User | None = None) -> None:
+        #: None once answered: a user's remembered refs must not keep a
+        #: closed connection (and all it holds) alive.
+        self.client: Client | None = client
+        self.draft = draft
+        self.ref = draft.ref
+        self.user = user
+        #: The id the sequencer gave it (set by `Says.stored`).
+        self.id = ""
+        #: Acked: stored, and broadcast on this node.
+        self.committed = False
+        #: Connections that retried this say (same ref) while it was being stored.
+        self.waiting: list[Client] = []
+        #: When the hub took it (its clock; set by the hub, for the say-to-ack metric).
+        self.taken = 0.0
+
+
+class Refused(Exception):
+    """A check failed: the frame is answered with an error, and nothing changed.
+
+    Every check runs before any state changes (#18), so raising this from
+    anywhere in a frame's handling leaves the chat state as it was.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+
+
+def send_error(client: Client, code: str, message: str, ref: str | None = None) -> None:
+    """Deliver an `error` frame; a classic client's carries ``name`` and ``msg`` (§7)."""
+    if client.classic:
+        frame = ErrorFrame(code=code, message=message, ref=ref, name="server", msg=message)
+    else:
+        frame = ErrorFrame(code=code, message=message, ref=ref)
+    client.peer.deliver(OutFrame.of(frame))

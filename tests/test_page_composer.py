@@ -2,9 +2,9 @@
 Shift+Enter adds a line, and the message length limit taken from the server's
 `joined.limits` (``{"msg_chars": N}``) when it sends one, else the default 2000.
 
-The server does not send `limits` yet; one test adds them to its `joined` frames on
-the way to the page (Playwright's WebSocket routing), so the page's reading of them
-is what is tested.
+One test rewrites `limits` in the server's `joined` frames on the way to the page
+(Playwright's WebSocket routing), so the page's reading of them is what is tested;
+tests/test_protocol_e2e.py checks the server sends them.
 """
 
 from __future__ import annotations

@@ -1170,3 +1170,15 @@ async def test_e2e_a_crowd_whispering_one_user_is_bounded():
                         got += 1
             assert got == 20
             assert server.stats.slow_consumers == 0
+
+
+async def test_protocol_joined_tells_the_servers_limits():
+    """`joined.limits` (an extension, docs/protocol.md §4): clients take the limits
+    from the server, not from constants (#15); the page's composer reads msg_chars."""
+    with trio.fail_after(10):
+        async with (
+            running_server(max_msg_chars=300, max_frame_bytes=4096, max_rooms=3) as server,
+            client_of(server) as alice,
+        ):
+            joined = await alice.join("lobby", "alice")
+            assert joined["limits"] == {"msg_chars": 300, "frame_bytes": 4096, "rooms": 3}

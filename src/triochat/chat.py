@@ -55,6 +55,7 @@ from .protocol import (
     JoinedFrame,
     Leave,
     LeftFrame,
+    Limits,
     Message,
     Say,
     Typing,
@@ -100,8 +101,11 @@ class ChatState:
         history: dict[str, list[Message]] | None = None,
         node: str = "",
         remote_timeout: float = 5.0,
+        limits: Limits | None = None,
     ) -> None:
         self.node = node
+        #: Told to every joiner (`JoinedFrame.limits`), so clients need no constants.
+        self._limits = limits
         # Each part gets the parts it uses; none knows this class (no circle).
         output = self._output = OutputBuffer(node)
         rooms = self._rooms = Rooms(output)
@@ -269,6 +273,7 @@ class ChatState:
             history=history,
             recovered=recovered,
             ref=frame.ref,
+            limits=self._limits,
         )
         out = OutFrame.of(joined)
         client.limiter.charge_reply(len(out.ws))

@@ -51,7 +51,15 @@ from .errors import ClientProtocolError, StorageError
 from .events import Claim, Received, SsePost, SsePostResult
 from .metrics import Gauge, Stats
 from .outbox import FlushSchedule
-from .protocol import ClientFrame, CloseCode, ErrorCode, Join, Message, decode_client_frame
+from .protocol import (
+    ClientFrame,
+    CloseCode,
+    ErrorCode,
+    Join,
+    Limits,
+    Message,
+    decode_client_frame,
+)
 from .ratelimit import ADDRESS_SCALE, RateLimiter
 
 __all__ = ["Hub"]
@@ -217,6 +225,7 @@ class Hub:
                 presence_grace=config.presence_grace,
                 node=backplane.node,
                 remote_timeout=config.backplane_timeout,
+                limits=Limits(config.max_msg_chars, config.max_frame_bytes, config.max_rooms),
             )
             backplane.on_events(self._wake, self._chat.own_entries, self._chat.own_users)
             self._pump(self._chat)

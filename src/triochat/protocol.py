@@ -415,6 +415,17 @@ class Message(msgspec.Struct, frozen=True, tag="message", tag_field="type"):
     ts: int
 
 
+class Limits(msgspec.Struct, frozen=True):
+    """The server's limits a client needs to know (docs/protocol.md §4 `joined`)."""
+
+    #: Longest `msg`, in code points (``--max-msg-chars``).
+    msg_chars: int
+    #: Largest frame, in bytes (``--max-frame-bytes``).
+    frame_bytes: int
+    #: Rooms one connection may be in (``--max-rooms``).
+    rooms: int
+
+
 class JoinedFrame(msgspec.Struct, frozen=True, tag="joined", tag_field="type", omit_defaults=True):
     room: str
     name: str
@@ -423,6 +434,8 @@ class JoinedFrame(msgspec.Struct, frozen=True, tag="joined", tag_field="type", o
     history: list[Message]
     recovered: bool
     ref: str | None = None
+    #: An extension of PROTOCOL.md: the server's limits (absent: the defaults).
+    limits: Limits | None = None
 
 
 class AckFrame(msgspec.Struct, frozen=True, tag="ack", tag_field="type"):

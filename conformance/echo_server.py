@@ -38,6 +38,7 @@ from typing import Final, cast
 
 import trio
 
+from triochat.api import ChatApi
 from triochat.config import Config
 from triochat.connection import Connection, TransportClosed
 from triochat.frames import OutFrame
@@ -73,6 +74,11 @@ class EchoFront:
 
     def ready(self) -> bool:
         return True
+
+    @property
+    def api(self) -> ChatApi | None:
+        """No server API here: /api/ is 404."""
+        return None
 
     def metrics(self) -> bytes:
         return b""

@@ -735,10 +735,27 @@ function onStatus(s) {
       setChatEnabled(false);
       break;
     case 'stopped':
+      setChatEnabled(false);
+      if (s.reason === 'disconnected') {
+        // Close 4009 (docs/protocol.md §16): the page does not come back by
+        // itself, and offers no retry; a reload (or joining a room) is the
+        // person's own choice.
+        setStatus('disconnected', 'disconnected by an operator');
+        systemLine(view, 'An operator disconnected you.', { error: true, code: 'disconnected' });
+        announce('An operator disconnected you.');
+      } else if (s.reason === 'unauthorized' || s.reason === 'expired') {
+        // Only with a connection token (the demo page has none): say why.
+        setStatus('disconnected', 'not signed in');
+        systemLine(view, ['Stopped: ', userText(s.error?.message || 'the sign-in failed')],
+          { error: true, code: s.error?.code });
+        announce('The chat stopped: the sign-in was not accepted.');
+      } else {
+        setStatus('disconnected', 'not connected');
+      }
+      break;
     case 'idle':
     default:
-      setStatus(s.state === 'stopped' ? 'disconnected' : 'idle', 'not connected');
-      if (s.state === 'stopped') setChatEnabled(false);
+      setStatus('idle', 'not connected');
       break;
   }
 }
@@ -825,6 +842,35 @@ client.on('whisper', (w) => {
   countUnread(view, true);
   announce(`Whisper from ${w.from}: ${w.msg}`);
   notify(`Whisper from ${w.from}`, w.msg, null);
+});
+
+// An operator deleted a message (docs/protocol.md §16). Its row goes, text,
+// name and label alike, and a short "Message deleted." line takes its place,
+// as in most chats: the conversation around it still makes sense, and
+// nobody wonders whether they imagined it. Deletions next to each other share
+// one line ("3 messages deleted."), so a cleaned-up flood is not a wall of
+// notices. It is not announced: a screen reader meets the line when reading
+// the log, as a sighted reader does.
+client.on('deleted', ({ room, id }) => {
+  const view = viewOf(room);
+  if (!view) return;
+  view.ids.add(id); // a history page still on its way does not bring it back
+  const row = [...view.list.querySelectorAll(':scope > .msg[data-room-msg][data-id]')]
+    .find((r) => r.dataset.id === id);
+  if (!row) return;
+  const near = [row.previousElementSibling, row.nextElementSibling]
+    .find((n) => n && n.classList.contains('deleted'));
+  if (near) {
+    const n = Number(near.dataset.count) + 1;
+    near.dataset.count = String(n);
+    near.textContent = `${n} messages deleted.`;
+    row.remove();
+  } else {
+    const line = el('li', 'sys deleted', 'Message deleted.');
+    line.dataset.count = '1';
+    row.replaceWith(line);
+  }
+  relayout(view); // the message after it shows its name line again, and days stay right
 });
 
 client.on('presence', (p) => onPresence(p));
@@ -1211,7 +1257,7 @@ function start() {
 
 // A resume refused outright (the name is someone else's now): back to the form.
 client.on('status', (s) => {
-  if (s.state !== 'stopped' || !s.error || !page.resuming) return;
+  if (s.state !== 'stopped' || s.reason !== 'refused' || !s.error || !page.resuming) return;
   page.resuming = false;
   for (const room of [...page.views.keys()]) removeView(room);
   page.everChatted = false;

@@ -14,14 +14,20 @@
 // - an outgoing queue: says and whispers wait while offline and are sent in
 //   order, paced under the server's rate limit, each with a `ref` that stays
 //   the same across retries (the server never stores a retried say twice);
-// - events for a UI (see `on`), and promises for requests with an answer.
+// - events for a UI (see `on`), and promises for requests with an answer;
+// - with a connection token (the `token` option, docs/protocol.md §15): `auth`
+//   first on every connection, nothing else until `authed`, a refresh before
+//   the token's `exp`, and a fresh token after an expiry (close 4003).
 //
 // Rules it keeps (invariants the page relies on):
 // - every message id is reported at most once per room (`message`);
 // - an outgoing entry ends in exactly one of `sent`, `failed`, `uncertain`
 //   (a whisper whose connection dropped before it was confirmed: whispers
 //   are not stored, so it is not sent again) or `cancelled` (its room left);
-// - after `close()` no event is emitted and nothing reconnects.
+// - after `close()` no event is emitted and nothing reconnects;
+// - with a token, no frame but `auth` goes out on a connection before its
+//   first `authed`; a refused token, or a close 4009 (an operator disconnected
+//   the user, §16), stops the client: it never reconnects by itself then.
 
 export const VERSION = '1';
 
@@ -46,6 +52,11 @@ const DEFAULTS = Object.freeze({
   gapPages: 4, // `history` pages fetched to fill a gap after recovered: false
   historyLimit: 50,
   seenMax: 5000, // message ids remembered per room, for de-duplication
+  refresh: true, // with a token function: send a fresh token before `exp`
+  refreshRatio: 0.8, // ... at this share of the token's remaining lifetime,
+  refreshLeadMs: 5000, // ... but at least this long before `exp`,
+  // ... and never before half of it: a token shorter than twice the lead is
+  // refreshed at half its life, not in a tight loop.
   random: Math.random,
 });
 
@@ -54,8 +65,9 @@ export class ChatError extends Error {
   constructor(code, message, frame) {
     super(message || code);
     this.name = 'ChatError';
-    /** The protocol's error code (docs/protocol.md §5), or one of the client's own:
-     *  `offline`, `connection_lost`, `left`, `queue_full`, `closed`. */
+    /** The protocol's error code (docs/protocol.md §5, §15), or one of the client's own:
+     *  `offline`, `connection_lost`, `left`, `queue_full`, `closed`, `expired`,
+     *  `disconnected`, `no_token`. */
     this.code = code;
     this.frame = frame;
   }
@@ -107,6 +119,8 @@ export function describeClose(code) {
     case 1011: return 'the server ran into a problem';
     case 1013: return 'the connection was too slow to keep up';
     case 4001: return 'this chat was opened in another tab or window';
+    case 4003: return 'your sign-in ran out or was not accepted';
+    case 4009: return 'an operator disconnected you';
     default: return 'the network connection was lost';
   }
 }
@@ -136,6 +150,14 @@ function parseFrame(text) {
     return null;
   }
 }
+
+// Stops that `retryNow()` ends (the others: 'closed', and a refused join,
+// which has no room left to join).
+const RESUMABLE_STOPS = new Set(['replaced', 'disconnected', 'unauthorized', 'expired']);
+
+// Per room, the last ids kept to step back to when an operator deletes the
+// newest one (see `_onDeleted`).
+const RECENT_IDS = 50;
 
 const sameName = (a, b) => String(a).normalize('NFKC').toLowerCase() ===
   String(b).normalize('NFKC').toLowerCase();
@@ -321,8 +343,8 @@ function makeEventStream(base, h, env) {
  * A chat connection that joins rooms. See docs/client.md.
  *
  * Events (`client.on(type, listener)`; each listener gets one object):
- * status, joined, message, whisper, presence, typing, left, outgoing, gap,
- * error, session.
+ * status, authed, joined, message, deleted, whisper, presence, typing, left,
+ * outgoing, gap, error, session.
  */
 export class TriochatClient {
   constructor(options = {}) {
@@ -339,8 +361,12 @@ export class TriochatClient {
     this.name = null;
     /** The name the next first join asks for. */
     this.wantedName = typeof opts.name === 'string' ? opts.name : null;
-    /** The resume token of the latest `joined` (rotated on every reconnect). */
-    this.token = typeof opts.token === 'string' ? opts.token : null;
+    /** The resume token of the latest `joined` (rotated on every reconnect). Not
+     *  the connection token: that is the `token` option (see `identity`). */
+    this.token = typeof opts.resumeToken === 'string' ? opts.resumeToken : null;
+    /** Who the server says we are, from the latest `authed`: {user, name, exp}
+     *  (`exp` in Unix seconds), or null (anonymous, or not authenticated yet). */
+    this.identity = null;
     /** The server's limits: `joined.limits` where the server sends them, else DEFAULT_LIMITS. */
     this.limits = { ...DEFAULT_LIMITS };
     /** room -> per-room state (see `_room`), in join order. */
@@ -353,8 +379,15 @@ export class TriochatClient {
     this._refPrefix = refPrefix();
     this._refSeq = 0;
     this._transport = null;
-    this._open = false;
+    this._open = false; // the transport is open
+    this._ready = false; // ... and, with a token, authenticated: joins and says may go
     this._openedAt = 0;
+    // The connection token: a string, or a function returning one (or a
+    // promise of one), called before every connection and for each refresh.
+    this._auth = (typeof opts.token === 'string' && opts.token) || typeof opts.token === 'function'
+      ? opts.token : null;
+    this._authRefs = new Set(); // refs of our `auth` frames on this connection, awaiting `authed`
+    this._refreshTimer = null;
     this._joins = new Map(); // ref -> room, for `join` frames awaiting `joined`
     this._requests = new Map(); // ref -> {resolve, reject}: history and leave
     this._seenWhispers = new Set();
@@ -366,7 +399,10 @@ export class TriochatClient {
     this._wsFailures = 0;
     this._attempt = 0; // failed attempts in a row (the backoff exponent)
     this._everConnected = false;
-    this._stopped = null; // 'replaced', 'closed', or an error code: no reconnect
+    // Why there is no reconnect: 'replaced' (4001), 'closed', 'disconnected'
+    // (4009), 'unauthorized' (a refused token), 'expired' (a string token ran
+    // out), or the error code of a refused join.
+    this._stopped = null;
     this._retryTimer = null;
     this._openTimer = null;
     this._closed = false;
@@ -419,7 +455,8 @@ export class TriochatClient {
   join(room, { name } = {}) {
     const problem = roomProblem(room);
     if (problem) return Promise.reject(new ChatError('bad_room', problem));
-    if (typeof name === 'string' && name.trim()) {
+    // With a token the name is the token's (§15): a `name` here changes nothing.
+    if (!this._auth && typeof name === 'string' && name.trim()) {
       const wanted = name.trim();
       if (this.rooms.size === 0 && (!this.name || !sameName(wanted, this.name))) {
         // A new identity: a connection's name is bound for its lifetime, so it
@@ -433,17 +470,22 @@ export class TriochatClient {
       }
       if (!this.name) this.wantedName = wanted;
     }
-    if (!this.name && !this.wantedName) {
+    if (!this._auth && !this.name && !this.wantedName) {
       return Promise.reject(new ChatError('bad_name', 'A name is needed for the first join.'));
     }
+    // A join is the application asking to chat: it ends any stop but a takeover's.
     this._stopped = this._stopped === 'replaced' ? 'replaced' : null;
     const existing = this.rooms.get(room);
     if (existing?.joined) return Promise.resolve(this._joinedInfo(room, existing, true, true));
     const r = existing || this._room(room);
     const promise = new Promise((resolve, reject) => r.waiters.push({ resolve, reject }));
     if (!existing) {
-      if (this._open) this._sendJoin(room);
+      if (this._ready) this._sendJoin(room);
       else if (!this._transport && !this._stopped) this._connect();
+    } else if (!this._transport && !this._retryTimer && !this._stopped) {
+      // A room kept from a connection that stopped (4009, a refused token):
+      // nothing is on its way to join it, so connect.
+      this._connect();
     }
     this._saveSession();
     return promise;
@@ -456,10 +498,12 @@ export class TriochatClient {
    * is joined; rejects with the first refusal (the other rooms stay).
    */
   resume(session) {
-    if (!session || typeof session.name !== 'string' || !Array.isArray(session.rooms)) {
+    // With a token the name comes from the token, so a session needs none.
+    const named = typeof session?.name === 'string' || (this._auth && session?.name == null);
+    if (!session || !named || !Array.isArray(session.rooms)) {
       return Promise.reject(new ChatError('bad_name', 'Nothing to resume.'));
     }
-    if (!this.name) this.wantedName = session.name;
+    if (!this.name && typeof session.name === 'string') this.wantedName = session.name;
     if (typeof session.token === 'string' && session.token) this.token = session.token;
     const joins = [];
     for (const entry of session.rooms) {
@@ -470,7 +514,7 @@ export class TriochatClient {
       joins.push(new Promise((resolve, reject) => r.waiters.push({ resolve, reject })));
     }
     this._stopped = null;
-    if (this._open) for (const room of this.rooms.keys()) this._sendJoin(room);
+    if (this._ready) for (const room of this.rooms.keys()) this._sendJoin(room);
     else if (!this._transport) this._connect();
     return Promise.all(joins);
   }
@@ -548,22 +592,50 @@ export class TriochatClient {
       }
       this._requests.set(ref, {
         resolve: (f) => resolve({
-          room, messages: Array.isArray(f.messages) ? f.messages : [], more: Boolean(f.more),
+          room, messages: this._notDeleted(room, Array.isArray(f.messages) ? f.messages : []),
+          more: Boolean(f.more),
         }),
         reject,
       });
     });
   }
 
-  /** Reconnect now instead of waiting for the backoff timer; after a takeover (4001), take the chat back. */
+  /**
+   * Reconnect now instead of waiting for the backoff timer; after a takeover
+   * (4001), take the chat back; after a stop for the connection token
+   * (`unauthorized`, `expired`) or an operator's disconnect (4009), connect
+   * again: the person asked for it, so it is not a reconnect "by itself" (§16).
+   * `token` is a resume token (another tab's newer one).
+   */
   retryNow({ token } = {}) {
     if (this._transport || this._closed) return;
     if (typeof token === 'string' && token) this.token = token;
-    if (this._stopped === 'replaced') {
+    if (RESUMABLE_STOPS.has(this._stopped)) {
       this._stopped = null;
       this._attempt = 0;
     }
     if (this._wantConnection()) this._connect();
+  }
+
+  /**
+   * Use another connection token (a string, or a function returning one) from
+   * now on. On an authenticated connection it is sent at once (a refresh,
+   * §15: it must be for the same user; the answer is an `authed` event, a
+   * refusal stops the client); after a stop for the token (`unauthorized`,
+   * `expired`) it connects again with it.
+   */
+  setToken(token) {
+    if (!((typeof token === 'string' && token) || typeof token === 'function')) {
+      throw new ChatError('bad_frame', 'A token is a non-empty string or a function returning one.');
+    }
+    this._auth = token;
+    const t = this._transport;
+    if (t && this._ready) {
+      clearTimeout(this._refreshTimer);
+      this._refresh(t);
+    } else if (!t && (this._stopped === 'unauthorized' || this._stopped === 'expired')) {
+      this.retryNow();
+    }
   }
 
   /** Stop for good: close the connection, cancel timers, emit nothing more. */
@@ -614,12 +686,17 @@ export class TriochatClient {
       onframe: (f) => { if (this._transport === t) this._handleFrame(f); },
       onclose: (code, reason) => { if (this._transport === t) this._onClose(t, code, reason); },
     }, this._env);
+    t.authed = false; // with a token: an `authed` came on this connection
+    // Asked for while the connection opens, so a reconnect gets a fresh one.
+    t.token = this._auth ? this._tokenFor('connect') : null;
     this._transport = t;
     this._open = false;
+    this._ready = false;
     this._setStatus('connecting', { reconnecting: this._everConnected, ...extra });
     clearTimeout(this._openTimer);
+    // Covers opening and, with a token, the `authed` answer.
     this._openTimer = setTimeout(() => {
-      if (this._transport !== t || this._open) return;
+      if (this._transport !== t || this._ready) return;
       t.close('timed out'); // no handler runs for it: fail the attempt here
       this._onClose(t, 1006, 'timed out');
     }, this.options.openTimeoutMs);
@@ -631,8 +708,80 @@ export class TriochatClient {
     const t = this._transport;
     this._transport = null;
     this._open = false;
+    this._ready = false;
     if (t) t.close(reason);
     this._connectionLost();
+  }
+
+  // The token to send now: the option's string, or what its function gives.
+  // Always a promise, which rejects with a ChatError `no_token` for anything
+  // but a non-empty string, and is never left unhandled.
+  _tokenFor(reason) {
+    const source = this._auth;
+    const asked = typeof source === 'function'
+      ? new Promise((resolve) => resolve(source({ reason })))
+      : Promise.resolve(source);
+    const checked = asked.then((token) => {
+      if (typeof token !== 'string' || !token) throw new Error('the token function gave no token');
+      return token;
+    }).catch((err) => {
+      throw new ChatError('no_token', `Could not get a token: ${err?.message || err}`);
+    });
+    checked.catch(() => {}); // each caller handles it
+    return checked;
+  }
+
+  _sendAuth(t, token) {
+    const ref = this._nextRef();
+    if (t.send({ type: 'auth', token, ref })) this._authRefs.add(ref);
+  }
+
+  // Refresh (§15): before `exp`, at `refreshRatio` of the time left but at
+  // least `refreshLeadMs` before it, and never before half of it (so a very
+  // short token is refreshed at half its life, not in a loop). Only with a
+  // token function: a string cannot give a fresh token.
+  _scheduleRefresh(t, exp) {
+    clearTimeout(this._refreshTimer);
+    this._refreshTimer = null;
+    if (typeof this._auth !== 'function' || !this.options.refresh || !Number.isFinite(exp)) return;
+    const left = exp * 1000 - Date.now(); // the server judges `exp` by its clock; ours must do
+    if (left <= 0) return; // over already: the server closes 4003, and the reconnect asks afresh
+    const { refreshRatio, refreshLeadMs } = this.options;
+    const delay = Math.max(left / 2, Math.min(left * refreshRatio, left - refreshLeadMs));
+    this._refreshTimer = setTimeout(() => {
+      this._refreshTimer = null;
+      this._refresh(t);
+    }, delay);
+  }
+
+  _refresh(t) {
+    if (this._transport !== t || !this._ready) return;
+    this._tokenFor('refresh').then((token) => {
+      if (this._transport === t && this._ready) this._sendAuth(t, token);
+    }, (err) => {
+      if (this._transport !== t) return;
+      this._emit('error', { code: err.code, message: err.message, auth: true });
+      // Try again halfway to `exp`; past it the server closes with 4003 and
+      // the reconnect asks for a token again.
+      const left = (this.identity?.exp ?? 0) * 1000 - Date.now();
+      if (left > 2000) {
+        this._refreshTimer = setTimeout(() => {
+          this._refreshTimer = null;
+          this._refresh(t);
+        }, left / 2);
+      }
+    });
+  }
+
+  // Stop for good, until the application asks again (`join`, `retryNow`,
+  // `setToken`): no reconnect. Pending joins reject with `error`'s code.
+  _stop(reason, error, lost) {
+    this._stopped = reason;
+    this._clearRetry();
+    if (this._transport) this._closeTransport(reason);
+    const err = new ChatError(error.code, error.message);
+    for (const r of this.rooms.values()) for (const w of r.waiters.splice(0)) w.reject(err);
+    this._setStatus('stopped', { reason, error, ...(lost ? { lost } : {}) });
   }
 
   _idle() {
@@ -642,26 +791,64 @@ export class TriochatClient {
   }
 
   _onOpen(t) {
-    clearTimeout(this._openTimer);
     this._open = true;
     this._openedAt = Date.now();
-    const again = this._everConnected;
+    t.reconnected = this._everConnected;
     this._everConnected = true;
     if (t.kind === 'sse' && !this.forced) this._sseFallback = true;
-    this._setStatus('connected', { reconnected: again });
+    if (!this._auth) {
+      this._becomeReady(t);
+      return;
+    }
+    // With a token: `auth` first, and nothing else until `authed` (§15).
+    t.token.then((token) => {
+      if (this._transport === t && this._open) this._sendAuth(t, token);
+    }, (err) => {
+      if (this._transport !== t) return;
+      this._emit('error', { code: err.code, message: err.message, auth: true });
+      t.close('no token');
+      this._onClose(t, 1006, 'no token', "couldn't get a sign-in token");
+    });
+  }
+
+  // The connection may carry joins and says: open, and authenticated if need be.
+  _becomeReady(t) {
+    clearTimeout(this._openTimer);
+    this._ready = true;
+    this._setStatus('connected', { reconnected: t.reconnected });
     for (const room of this.rooms.keys()) this._sendJoin(room);
   }
 
-  _onClose(t, code, reason) {
+  _onClose(t, code, reason, text = null) {
     const lived = this._open ? Date.now() - this._openedAt : -1; // -1: never opened
     this._transport = null;
     this._open = false;
+    this._ready = false;
     this._connectionLost();
-    const lost = { code, reason, text: lived >= 0 ? describeClose(code) : "can't reach the server", wasOpen: lived >= 0 };
+    const lost = {
+      code, reason, text: text || (lived >= 0 ? describeClose(code) : "can't reach the server"), wasOpen: lived >= 0,
+    };
     if (code === 4001) {
       // Our resume token was used by a newer connection: another tab or window.
       this._stopped = 'replaced';
       this._setStatus('replaced', { lost });
+      return;
+    }
+    if (code === 4009) {
+      // An operator disconnected this user (§16): never come back by ourselves.
+      this._stop('disconnected', { code: 'disconnected', message: 'An operator disconnected you.' }, lost);
+      return;
+    }
+    if (code === 4003 && !(t.authed && typeof this._auth === 'function')) {
+      // Before any `authed`: the token was refused (or none came in time), and
+      // would be again. After one, with a string: it expired, and a string
+      // cannot give a fresh one. (After one, with a function: reconnect below.)
+      if (t.authed) {
+        this._stop('expired', { code: 'expired', message: 'The sign-in token expired.' }, lost);
+      } else {
+        const why = reason ? ` (${reason})` : '';
+        this._stop('unauthorized', { code: 'unauthorized', message: `The server refused the token${why}.` }, lost);
+      }
       return;
     }
     if (!this._wantConnection()) {
@@ -670,7 +857,9 @@ export class TriochatClient {
     }
     let now = false; // try the other transport at once
     if (!this.forced && t.kind === 'ws') {
-      this._wsFailures = lived >= this.options.shortLivedMs ? 0 : this._wsFailures + 1;
+      // An authenticated WebSocket worked, however short its token's life.
+      const worked = lived >= this.options.shortLivedMs || t.authed;
+      this._wsFailures = worked ? 0 : this._wsFailures + 1;
       if (this._wsFailures >= this.options.wsFailuresBeforeSse) {
         this._kind = 'sse';
         now = true;
@@ -688,6 +877,9 @@ export class TriochatClient {
     clearTimeout(this._openTimer);
     clearTimeout(this._pumpTimer);
     this._pumpTimer = null;
+    clearTimeout(this._refreshTimer);
+    this._refreshTimer = null;
+    this._authRefs.clear();
     this._joins.clear();
     for (const req of this._requests.values()) req.reject(new ChatError('connection_lost', 'The connection was lost.'));
     this._requests.clear();
@@ -727,8 +919,9 @@ export class TriochatClient {
 
   // ---- sending -----------------------------------------------------------------
 
+  // Every frame but `auth` goes through here: nothing before `authed` (§15).
   _send(frame) {
-    return Boolean(this._transport && this._open && this._transport.send(frame));
+    return Boolean(this._transport && this._ready && this._transport.send(frame));
   }
 
   _nextRef() {
@@ -737,9 +930,12 @@ export class TriochatClient {
 
   _sendJoin(room) {
     const ref = this._nextRef();
-    const frame = { type: 'join', room, name: this.name || this.wantedName, ref };
+    const frame = { type: 'join', room, ref };
     const r = this.rooms.get(room);
-    if (this.token) {
+    // Authenticated, the name is the token's and the connection comes back by
+    // authenticating (§15): no name, no resume token.
+    if (!this._auth) frame.name = this.name || this.wantedName;
+    if (this.token && !this._auth) {
       frame.token = this.token;
       frame.rotate = true; // a new token each time: a leaked old one is worth nothing
     }
@@ -771,7 +967,7 @@ export class TriochatClient {
   }
 
   _pump() {
-    if (this._pumpTimer || !this._open) return;
+    if (this._pumpTimer || !this._ready) return;
     const { sendRate, sendBurst } = this.options;
     const now = Date.now();
     this._tokens = Math.min(sendBurst, this._tokens + ((now - this._tokensAt) / 1000) * sendRate);
@@ -823,8 +1019,10 @@ export class TriochatClient {
 
   _handleFrame(f) {
     switch (f.type) {
+      case 'authed': return this._onAuthed(f);
       case 'joined': return this._onJoined(f);
       case 'message': return this._onMessage(f, false);
+      case 'deleted': return this._onDeleted(f);
       case 'whisper': return this._onWhisper(f);
       case 'presence': return this._onPresence(f);
       case 'typing': return this._onTyping(f);
@@ -839,6 +1037,10 @@ export class TriochatClient {
   _room(room) {
     const r = {
       lastId: null, members: [], joined: false, everJoined: false, seen: new Set(), waiters: [],
+      // Ids an operator deleted (§16): never reported, whatever a replay or a
+      // history page in flight still holds. `recent`: the last ids that were
+      // `lastId`, newest last, to step back to when the last one is deleted.
+      deleted: new Set(), recent: [],
     };
     this.rooms.set(room, r);
     return r;
@@ -847,6 +1049,52 @@ export class TriochatClient {
   _markSeen(r, id) {
     r.seen.add(id);
     if (r.seen.size > this.options.seenMax) r.seen.delete(r.seen.values().next().value);
+  }
+
+  _setLastId(r, id) {
+    r.lastId = id;
+    if (r.recent[r.recent.length - 1] === id) return;
+    r.recent.push(id);
+    if (r.recent.length > RECENT_IDS) r.recent.shift();
+  }
+
+  // `messages` without those an operator deleted in `room`.
+  _notDeleted(room, messages) {
+    const r = this.rooms.get(room);
+    return r ? messages.filter((m) => !r.deleted.has(m?.id)) : messages;
+  }
+
+  // `authed` (§15): the first on a connection opens it for everything else;
+  // a later one answers a refresh.
+  _onAuthed(f) {
+    const t = this._transport;
+    if (!t || !(f.ref ? this._authRefs.has(f.ref) : this._authRefs.size)) return; // not ours
+    if (f.ref) this._authRefs.delete(f.ref);
+    else this._authRefs.clear();
+    const first = !t.authed;
+    t.authed = true;
+    const name = typeof f.name === 'string' ? f.name : f.user;
+    this.identity = { user: f.user, name, exp: f.exp };
+    if (typeof name === 'string') this.name = name;
+    this._scheduleRefresh(t, f.exp);
+    this._emit('authed', { ...this.identity, refreshed: !first });
+    if (first) this._becomeReady(t);
+  }
+
+  // `deleted` (§4, §16): an operator deleted a message. It is never reported
+  // again, and if it was the room's last id it is not the next `since` (a
+  // deleted id recovers nothing: the server would answer recovered: false).
+  _onDeleted(f) {
+    const r = this.rooms.get(f.room);
+    if (!r || typeof f.id !== 'string') return;
+    r.deleted.add(f.id);
+    if (r.deleted.size > this.options.seenMax) r.deleted.delete(r.deleted.values().next().value);
+    if (r.lastId === f.id) {
+      r.recent = r.recent.filter((id) => !r.deleted.has(id));
+      r.lastId = r.recent.length ? r.recent[r.recent.length - 1] : null;
+    }
+    this._emit('deleted', { room: f.room, id: f.id });
+    this._saveSession();
   }
 
   _saveSession() {
@@ -923,6 +1171,7 @@ export class TriochatClient {
       before = reply.messages[0].id;
     }
     if (this.rooms.get(room) !== r) return;
+    found = found.filter((m) => !r.deleted.has(m.id)); // deleted while we paged
     for (const m of found) if (typeof m.id === 'string') this._markSeen(r, m.id);
     this._emit('gap', { room, state: 'done', messages: found, complete });
   }
@@ -931,7 +1180,8 @@ export class TriochatClient {
     const r = this.rooms.get(m.room);
     if (!r) return;
     if (typeof m.id === 'string') {
-      r.lastId = m.id;
+      if (r.deleted.has(m.id)) return; // deleted by an operator: a copy that was on its way
+      this._setLastId(r, m.id);
       if (r.seen.has(m.id)) return; // already reported (a replay after a reconnect)
       this._markSeen(r, m.id);
     }
@@ -1035,6 +1285,15 @@ export class TriochatClient {
   _onError(e) {
     const code = typeof e.code === 'string' ? e.code : 'unknown';
     const message = typeof e.message === 'string' ? e.message : code;
+    if (e.ref && this._authRefs.has(e.ref)) {
+      // Our token was refused (§15). The server closes with 4003 (or stays
+      // open, if it takes no tokens at all); either way the same token source
+      // would be refused again, so stop rather than loop.
+      this._authRefs.delete(e.ref);
+      this._emit('error', { code, message, ref: e.ref, auth: true });
+      this._stop('unauthorized', { code, message });
+      return;
+    }
     const room = e.ref ? this._joins.get(e.ref) : undefined;
     if (room !== undefined) {
       this._joins.delete(e.ref);
@@ -1080,7 +1339,7 @@ export class TriochatClient {
       this._stopped = code;
       this._clearRetry();
       this._closeTransport('refused');
-      this._setStatus('stopped', { error: { code, message } });
+      this._setStatus('stopped', { reason: 'refused', error: { code, message } });
     }
   }
 }

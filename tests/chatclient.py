@@ -1,6 +1,6 @@
 """A small chat client for tests: JSON frames over trio-websocket.
 
-Written against PROTOCOL.md, not against the server's code.
+Written against docs/protocol.md, not against the server's code.
 """
 
 from __future__ import annotations

@@ -536,9 +536,11 @@ class FaultyBroker(LocalBroker):
         self._check()
         return super().sequence(drafts)
 
-    def claim(self, node: str, name: str, token: str | None, rotate: bool = False) -> Claim:
+    def claim(
+        self, node: str, name: str, token: str | None, rotate: bool = False, share: bool = False
+    ) -> Claim:
         self._check()
-        return super().claim(node, name, token, rotate)
+        return super().claim(node, name, token, rotate, share)
 
 
 class FaultyMemoryHistory(MemoryHistory):

@@ -1,4 +1,4 @@
-"""A small Server-Sent Events client for tests (PROTOCOL.md §7), on raw TCP."""
+"""A small Server-Sent Events client for tests (docs/protocol.md §13), on raw TCP."""
 
 from __future__ import annotations
 

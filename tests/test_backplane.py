@@ -1,4 +1,4 @@
-"""One conformance suite over both backplanes (PROTOCOL.md §8): nodes form one chat.
+"""One conformance suite over both backplanes (docs/protocol.md §14): nodes form one chat.
 
 Every test runs twice: ``local`` (two servers on one in-process `LocalBroker`)
 and ``redis`` (two servers on a real ``redis-server`` started on a free port).
@@ -262,7 +262,7 @@ async def test_backplane_token_rotates_on_a_takeover_that_asks_across_nodes(
     cluster: Cluster,
 ) -> None:
     """A takeover with `rotate` on either node gets a new token, and the one it used no
-    longer works on any node (#18); without `rotate` the token stays (PROTOCOL.md §4)."""
+    longer works on any node (#18); without `rotate` the token stays (docs/protocol.md §6)."""
     one, two = await cluster.node(), await cluster.node()
     async with client_of(one) as first:
         token = (await first.join(name="alice"))["token"]

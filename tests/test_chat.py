@@ -1,4 +1,4 @@
-"""ChatState (PROTOCOL.md §2-5), sans-I/O: frames in through `handle`, out through peers
+"""ChatState (docs/protocol.md §2-6), sans-I/O: frames in through `handle`, out through peers
 and `take_output`."""
 
 from __future__ import annotations
@@ -913,7 +913,7 @@ def test_token_takeover_closes_old_with_4001(chat):
     alice2 = chat.connect()
     joined = alice2.join(name="alice", token=token)
     assert [code for code, _ in alice1.peer.closed] == [4001]
-    assert joined["token"] == token  # PROTOCOL.md §4: the takeover keeps it valid
+    assert joined["token"] == token  # docs/protocol.md §6: the takeover keeps it valid
     assert joined["members"] == ["alice", "bob"]
     assert bob.take() == []
     chat.advance(GRACE + 1)
@@ -939,7 +939,7 @@ def test_token_takeover_moves_delivery(chat):
 
 
 def test_token_stays_valid_after_takeover(chat):
-    """The token keeps working for a second takeover (PROTOCOL.md §4)."""
+    """The token keeps working for a second takeover (docs/protocol.md §6)."""
     alice1 = chat.connect()
     token = alice1.join(name="alice")["token"]
     alice2 = chat.connect()
@@ -1880,9 +1880,7 @@ def _observable(chat: Chat) -> tuple:
         for name, room in state.rooms.items()
         if room.members or room.remote or room.typed or room.listeners or room.messages
     }
-    users = {
-        name: (sorted(u.rooms), u.client is not None, u.token) for name, u in state.users.items()
-    }
+    users = {name: (sorted(u.rooms), bool(u.clients), u.token) for name, u in state.users.items()}
     # (A connection's first frame decides its own mode even when refused, §7.)
     clients = sorted((c.name or "", tuple(sorted(c.rooms))) for c in state.clients)
     return (

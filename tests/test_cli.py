@@ -52,7 +52,7 @@ SECTION_5_OPTIONS = [
 
 
 def test_cli_help_documents_every_option():
-    """--help names every option of PROTOCOL.md §5 and its environment variable."""
+    """--help names every option of docs/protocol.md §9 and its environment variable."""
     result = subprocess.run(
         [sys.executable, "-m", "triochat", "--help"], capture_output=True, text=True, check=True
     )
@@ -63,7 +63,7 @@ def test_cli_help_documents_every_option():
 
 
 def test_cli_defaults_match_protocol():
-    """With no options and no environment, the limits are PROTOCOL.md's defaults."""
+    """With no options and no environment, the limits are docs/protocol.md §9's defaults."""
     config = config_from_args([], {})
     assert (config.host, config.port) == ("127.0.0.1", 8181)
     assert config.max_frame_bytes == 65536

@@ -795,7 +795,7 @@ async def test_client_authenticate_refreshes_the_token(autojump_clock):
 
 
 def auth_script(tokens: dict[str, str], *, expire_first: bool = False) -> Script:
-    """Accepts ``auth`` with a known token first (PROTOCOL.md §9), then joins."""
+    """Accepts ``auth`` with a known token first (docs/protocol.md §15), then joins."""
 
     async def script(ws: WebSocketConnection, number: int) -> None:
         auth = await recv_frame(ws)

@@ -1,4 +1,4 @@
-"""A cluster of real processes on a real redis-server (PROTOCOL.md §8), and its faults.
+"""A cluster of real processes on a real redis-server (docs/protocol.md §14), and its faults.
 
 The conformance suite (tests/test_backplane.py) shows two nodes form one
 chat; these tests kill things: a node process with SIGKILL, and the

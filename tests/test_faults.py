@@ -524,7 +524,7 @@ async def test_fault_look_alike_name_with_format_or_control_chars_is_bad_name(
 
 @pytest.mark.parametrize("padded", ["\u2028alice", "alice\u2029", "\u3000alice\u00a0", " alice\t"])
 async def test_fault_name_padded_with_unicode_white_space_is_the_same_name(autojump_clock, padded):
-    """Leading/trailing Unicode white space (U+2028 included) is trimmed (PROTOCOL.md §2): the padded name IS "alice", so it is name_taken while alice is here and binds plain "alice" otherwise."""
+    """Leading/trailing Unicode white space (U+2028 included) is trimmed (docs/protocol.md §2.1): the padded name IS "alice", so it is name_taken while alice is here and binds plain "alice" otherwise."""
     async with memory_server() as net:
         async with net.client() as alice, net.client() as spoofer:
             await alice.join("lobby", "alice")
@@ -764,7 +764,7 @@ async def test_fault_sigkill_under_load_loses_no_acked_message(tmp_path):
 async def test_fault_bad_request_body_is_answered_not_logged_as_a_bug(
     autojump_clock, caplog, request_bytes
 ):
-    """A request whose body is truncated or malformed gets its answer and a close; the server logs nothing above INFO (a client's mistake, PROTOCOL.md §4)."""
+    """A request whose body is truncated or malformed gets its answer and a close; the server logs nothing above INFO (a client's mistake, docs/protocol.md §12)."""
     async with memory_server() as net:
         stream = await net.listener.connect()
         await stream.send_all(request_bytes)

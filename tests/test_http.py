@@ -1,6 +1,6 @@
-"""The HTTP front (PROTOCOL.md §1), spoken byte by byte over real TCP.
+"""The HTTP front (docs/protocol.md §1), spoken byte by byte over real TCP.
 
-Written from PROTOCOL.md alone: raw requests, responses parsed here.
+Written from docs/protocol.md alone: raw requests, responses parsed here.
 """
 
 from __future__ import annotations

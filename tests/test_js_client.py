@@ -25,6 +25,12 @@ JS_DIR = Path(__file__).resolve().parent / "js"
 JS_TESTS = sorted(JS_DIR.glob("*.test.mjs"))
 NODE_MIN = 20  # node:test with describe/test, fetch streams, --experimental-websocket
 NODE_TIMEOUT = 240.0  # seconds for one file's run
+# Test-only credentials for the files that need authentication (docs/protocol.md
+# §15, §16); the file gets them in TRIOCHAT_TEST_JWT_SECRET and TRIOCHAT_TEST_API_KEY
+# (not TRIOCHAT_JWT_SECRET, which the server itself would read).
+JWT_SECRET = "js-client-test-secret"
+API_KEY = "js-client-test-api-key"
+AUTH_FILES = frozenset({"auth.test.mjs"})
 
 
 def _require_node() -> tuple[str, list[str]]:
@@ -73,10 +79,15 @@ def _require_node() -> tuple[str, list[str]]:
 
 @pytest.mark.parametrize("js_test", JS_TESTS, ids=[p.name for p in JS_TESTS])
 def test_js_client(js_test: Path) -> None:
-    """Every test in the file passes against a real server (rate limits off, grace 1 s)."""
+    """Every test in the file passes against a real server (rate limits off, grace 1 s;
+    for AUTH_FILES with a JWT secret and an API key)."""
     node, flags = _require_node()
-    with run_server("--rate", "0", "--presence-grace", "1") as server:
+    auth = js_test.name in AUTH_FILES
+    extra = ("--jwt-secret", JWT_SECRET, "--api-key", API_KEY) if auth else ()
+    with run_server("--rate", "0", "--presence-grace", "1", *extra) as server:
         env = {**os.environ, "TRIOCHAT_URL": server.base_url, "NO_COLOR": "1"}
+        if auth:
+            env |= {"TRIOCHAT_TEST_JWT_SECRET": JWT_SECRET, "TRIOCHAT_TEST_API_KEY": API_KEY}
         try:
             run = subprocess.run(
                 [node, *flags, "--test", "--test-reporter=spec", str(js_test)],
@@ -99,4 +110,4 @@ def test_js_client(js_test: Path) -> None:
 
 def test_js_tests_are_found() -> None:
     """The glob finds the client's test files (an empty parametrisation would pass silently)."""
-    assert {p.name for p in JS_TESTS} >= {"client.test.mjs", "resilience.test.mjs"}
+    assert {p.name for p in JS_TESTS} >= {"client.test.mjs", "resilience.test.mjs", *AUTH_FILES}

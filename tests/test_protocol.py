@@ -1,4 +1,4 @@
-"""The sans-I/O wire protocol (PROTOCOL.md §2-4): decoding, identifiers, ids, encoding."""
+"""The sans-I/O wire protocol (docs/protocol.md §2-4): decoding, identifiers, ids, encoding."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""The chat protocol (PROTOCOL.md §2-4, §6 close codes) over real sockets.
+"""The chat protocol (docs/protocol.md §2-5, §11 close codes) over real sockets.
 
-Written from PROTOCOL.md alone. Absence is shown with a sentinel where the
+Written from docs/protocol.md alone. Absence is shown with a sentinel where the
 protocol orders frames (a later frame arrives first), else with a short
 `move_on_after` window.
 """

@@ -1,4 +1,4 @@
-"""The SSE fallback transport (PROTOCOL.md §7), without a browser."""
+"""The SSE fallback transport (docs/protocol.md §13), without a browser."""
 
 from __future__ import annotations
 

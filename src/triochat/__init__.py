@@ -11,6 +11,9 @@ from .errors import ClientProtocolError as ClientProtocolError
 from .errors import ConfigError as ConfigError
 from .errors import StorageError as StorageError
 from .errors import TriochatError as TriochatError
+from .hooks import Identity as Identity
+from .hooks import Refusal as Refusal
+from .hooks import SayInfo as SayInfo
 
 if TYPE_CHECKING:
     from .server import Server as Server
@@ -30,6 +33,9 @@ __all__ = [
     "ClientProtocolError",
     "Config",
     "ConfigError",
+    "Identity",
+    "Refusal",
+    "SayInfo",
     "Server",
     "StorageError",
     "TriochatError",

@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any, Final
 
 import jwt
-import msgspec
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from .errors import ConfigError, TriochatError
+from .identity import Identity
 from .protocol import MAX_ROOM_CHARS, is_valid_room, normalize_name
 
 __all__ = ["MAX_TOKEN_BYTES", "Identity", "TokenError", "TokenVerifier"]
@@ -38,29 +38,6 @@ _CURVE_ALGORITHMS: Final = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521
 
 class TokenError(TriochatError):
     """A token that does not authenticate: answered `unauthorized`, then 4003."""
-
-
-class Identity(msgspec.Struct, frozen=True):
-    """Who a verified token says the connection is."""
-
-    #: The user id: several connections with one ``sub`` are one member.
-    sub: str
-    #: The display name (the token's ``name``, else ``sub``), already checked.
-    name: str
-    #: When the token runs out (Unix seconds): the connection closes 4003 then.
-    exp: int
-    #: Rooms (or prefixes ending in ``*``) the user may use; None: every room.
-    rooms: tuple[str, ...] | None = None
-
-    def may_use(self, room: str) -> bool:
-        """Whether ``rooms`` lets the user join, say, read or type in ``room``."""
-        rooms = self.rooms
-        if rooms is None:
-            return True
-        return any(
-            room == allowed or (allowed.endswith("*") and room.startswith(allowed[:-1]))
-            for allowed in rooms
-        )
 
 
 class TokenVerifier:
@@ -109,7 +86,12 @@ class TokenVerifier:
         if entry is None:
             raise TokenError("no key for this token")
         key, algorithm = entry
-        options: Any = {"require": ["exp", "sub"], "verify_aud": self._audience is not None}
+        # `exp` is judged against ``now`` (`_identity`), not PyJWT's own clock.
+        options: Any = {
+            "require": ["exp", "sub"],
+            "verify_aud": self._audience is not None,
+            "verify_exp": False,
+        }
         try:
             claims = jwt.decode(
                 token,
@@ -118,11 +100,8 @@ class TokenVerifier:
                 audience=self._audience,
                 issuer=self._issuer,
                 options=options,
-                # PyJWT reads the clock itself; the caller's clock decides expiry below.
                 leeway=0,
             )
-        except jwt.ExpiredSignatureError:
-            raise TokenError("the token has expired") from None
         except jwt.InvalidTokenError as exc:
             raise TokenError(f"invalid token: {_reason(exc)}") from None
         return _identity(claims, now)

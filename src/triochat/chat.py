@@ -13,7 +13,7 @@ Rules of this module (and of its parts):
    then calls `stored` (or `store_failed`); messages are broadcast when they
    come back from the backplane (`apply`), in the one order every node sees,
    and the sender's ack follows its message (`state.says`).
-4. Checks run in PROTOCOL.md §2's order: name, room, rate, state, all before
+4. Checks run in docs/protocol.md §5's order: name, room, rate, state, all before
    anything changes (`state.checks`).
 5. Other nodes (a cluster) are known only through `apply`'d events: their
    members per room and their connected users (`state.cluster`).
@@ -32,6 +32,8 @@ from collections.abc import Iterable, Sequence
 
 from .events import (
     Claim,
+    Deletion,
+    Disconnect,
     Entry,
     Handover,
     Kick,
@@ -46,9 +48,13 @@ from .events import (
     WhisperResult,
 )
 from .frames import OutFrame
+from .identity import TokenCheck
 from .protocol import (
+    Auth,
     ClassicFrame,
     ClientFrame,
+    DeletedFrame,
+    ErrorCode,
     HistoryFrame,
     HistoryRequest,
     Join,
@@ -62,6 +68,7 @@ from .protocol import (
     TypingFrame,
     Whisper,
 )
+from .state.access import Access
 from .state.checks import Checks
 from .state.cluster import ClusterView
 from .state.connections import Connections
@@ -88,6 +95,8 @@ class ChatState:
         history: messages already stored, per room, oldest first.
         node: this node's id in a cluster (labels what it publishes).
         remote_timeout: seconds a whisper waits for another node's answer.
+        authenticating: connections must send a token first (docs/protocol.md
+            §15), within ``handshake_timeout`` seconds.
     """
 
     def __init__(
@@ -102,6 +111,8 @@ class ChatState:
         node: str = "",
         remote_timeout: float = 5.0,
         limits: Limits | None = None,
+        authenticating: bool = False,
+        handshake_timeout: float = 10.0,
     ) -> None:
         self.node = node
         #: Told to every joiner (`JoinedFrame.limits`), so clients need no constants.
@@ -111,11 +122,12 @@ class ChatState:
         rooms = self._rooms = Rooms(output)
         self._log = RoomLog(rooms, epoch=epoch, next_seq=next_seq, history_size=history_size)
         self._checks = Checks(rooms, max_rooms=max_rooms)
+        self._access = Access(authenticating=authenticating, handshake_timeout=handshake_timeout)
         presence = self._presence = Presence(rooms, output, presence_grace=presence_grace)
         self._says = Says(self._log, output)
         cluster = self._cluster = ClusterView(rooms, presence, output)
         self._whispers = Whispers(
-            presence, cluster, output, epoch=epoch, remote_timeout=remote_timeout
+            rooms, presence, cluster, output, epoch=epoch, remote_timeout=remote_timeout
         )
         self._connections = Connections(rooms, presence)
         self._log.load(history or {})
@@ -156,9 +168,11 @@ class ChatState:
 
     # --- connections -------------------------------------------------------------
 
-    def connect(self, client: Client) -> None:
-        """Register a new connection (a `/` listener starts hearing lobby)."""
+    def connect(self, client: Client, now: float = 0.0) -> None:
+        """Register a new connection (a `/` listener starts hearing lobby); with
+        tokens on, it has the handshake timeout to authenticate."""
         self._connections.connect(client)
+        self._access.connected(client, now)
 
     def disconnect(self, client: Client, now: float) -> None:
         """The connection is gone: hold its user's rooms for the grace period.
@@ -170,11 +184,17 @@ class ChatState:
 
     def next_deadline(self) -> float:
         """When `expire` must next run (``inf`` when nothing is held or awaited)."""
-        return min(self._presence.next_deadline(), self._whispers.next_deadline())
+        return min(
+            self._presence.next_deadline(),
+            self._whispers.next_deadline(),
+            self._access.next_deadline(),
+        )
 
     def expire(self, now: float) -> None:
         """Release every membership whose grace period has ended; answer every
-        whisper whose node did not answer in time."""
+        whisper whose node did not answer in time; close (4003) every connection
+        whose token ran out."""
+        self._access.expire(now)
         self._whispers.expire(now)
         self._presence.expire(now)
 
@@ -183,12 +203,13 @@ class ChatState:
     def handle(
         self,
         client: Client,
-        frame: ClientFrame,
+        frame: ClientFrame | TokenCheck,
         now: float,
         wall_ms: int,
         claim: Claim | None = None,
     ) -> None:
-        """Apply one decoded client frame; answers go to the peers.
+        """Apply one decoded client frame (an `auth` frame as its verdict,
+        `TokenCheck`, when tokens are on); answers go to the peers.
 
         ``claim``: the cluster's answer for the name this frame binds (see
         `needs_claim`); None on a single node, where local users decide.
@@ -197,8 +218,12 @@ class ChatState:
             return
         if client.mode is None:
             self._connections.decide_mode(client, frame)
+        if not self._access.admit(client, frame):
+            return
         try:
-            if isinstance(frame, Say):
+            if isinstance(frame, TokenCheck | Auth):
+                self._access.authenticate(client, frame, now, wall_ms)
+            elif isinstance(frame, Say):
                 self._say(client, frame, now, wall_ms)
             elif isinstance(frame, Join):
                 self._join(client, frame, now, claim)
@@ -216,7 +241,7 @@ class ChatState:
         except Refused as refused:
             self._connections.refused(client, refused.code, refused.message, frame.ref, now)
 
-    def needs_claim(self, client: Client, frame: ClientFrame) -> str | None:
+    def needs_claim(self, client: Client, frame: ClientFrame | TokenCheck) -> str | None:
         """The name ``frame`` would take that only the cluster can grant, if any.
 
         A first join (or classic frame) for a name no local user holds: the
@@ -243,14 +268,19 @@ class ChatState:
         """
         if client.gone:
             return
+        first = ClassicFrame("", "") if classic else None
         if client.mode is None:
-            self._connections.decide_mode(client, ClassicFrame("", "") if classic else None)
-        self._connections.refused(client, code, message, ref, now)
+            self._connections.decide_mode(client, first)
+        if self._access.admit(client, first):
+            self._connections.refused(client, code, message, ref, now)
 
     def _join(self, client: Client, frame: Join, now: float, claim: Claim | None) -> None:
         checks = self._checks
-        name = checks.name(client, frame.name)
+        identity = client.identity
+        requested = frame.name if identity is None else Access.name_of(identity, frame.name)
+        name = checks.name(client, requested)
         checks.room(client, frame.room, joining=True)
+        Access.check_room(client, frame.room)
         checks.reply_budget(client, now)  # (takes nothing: before the bucket that does)
         if frame.room not in client.rooms:
             checks.membership_rate(client, now)
@@ -281,12 +311,14 @@ class ChatState:
 
     def _say(self, client: Client, frame: Say, now: float, wall_ms: int) -> None:
         self._checks.room(client, frame.room)
+        Access.check_room(client, frame.room)
         self._checks.rate(client, now)
         room = self._checks.joined(client, frame.room)
         self._says.submit(client, room.name, frame.msg, frame.ref, wall_ms)
 
     def _typing(self, client: Client, frame: Typing, now: float) -> None:
         self._checks.room(client, frame.room)
+        Access.check_room(client, frame.room)
         self._checks.rate(client, now)
         room = self._checks.joined(client, frame.room)
         assert client.name is not None
@@ -307,6 +339,7 @@ class ChatState:
 
     def _history(self, client: Client, frame: HistoryRequest, now: float) -> None:
         self._checks.room(client, frame.room)
+        Access.check_room(client, frame.room)
         self._checks.reply_budget(client, now)
         room = self._checks.joined(client, frame.room)
         messages, more = self._log.page(room, frame.before, frame.limit)
@@ -362,6 +395,8 @@ class ChatState:
             self._cluster.resync(received.states)
         elif isinstance(received, Reload):
             self._reload(received)
+        elif isinstance(received, Deletion | Disconnect):
+            self._operator_event(received)
         # SsePost/SsePostResult are the server's business, not the chat's.
 
     def _message(self, message: Message) -> None:
@@ -383,6 +418,61 @@ class ChatState:
             self._message(message)  # (skips what is here already)
         self._log.caught_up(snapshot.next_seq)
         self._says.caught_up()
+
+    # --- the server API (docs/protocol.md §16) ------------------------------------------
+
+    def publish(self, client: Client, room: str, name: str, msg: str, wall_ms: int) -> None:
+        """Post ``msg`` to ``room`` as ``name``: stored, broadcast and acked as a
+        say is; ``client`` (no connection: its peer takes the answer) gets the
+        `ack` or the `error`."""
+        self._says.submit_as(client, room, name, msg, wall_ms)
+
+    def members(self, room: str) -> list[str]:
+        """The names in ``room``, on every node (empty for a room with nobody)."""
+        found = self._rooms.rooms.get(room)
+        return sorted(found.members.keys() | found.remote.keys()) if found is not None else []
+
+    def history_page(
+        self, room: str, before: str | None, limit: int
+    ) -> tuple[list[Message], bool]:
+        """A `history` page of ``room`` (a room with no messages: an empty one).
+
+        Raises:
+            Refused: ``before`` is not a kept message's id.
+        """
+        found = self._rooms.rooms.get(room)
+        if found is None:
+            if before is not None:
+                raise Refused(ErrorCode.BAD_FRAME, "unknown `before` id")
+            return [], False
+        return self._log.page(found, before, limit)
+
+    def delete(self, room: str, message_id: str) -> bool:
+        """A message was deleted from the store: forget it here, tell the room,
+        and have every other node do the same. Whether it was kept here."""
+        kept = self._forget_message(room, message_id)
+        self._output.publish(Deletion(self.node, room, message_id))
+        return kept
+
+    def disconnect_user(self, user: str) -> None:
+        """Close every connection of ``user`` with 4009, on every node."""
+        self._presence.disconnect(user)
+        self._output.publish(Disconnect(self.node, user))
+
+    def _operator_event(self, event: Deletion | Disconnect) -> None:
+        if event.node == self.node:
+            return  # the node that published it acted at once
+        if isinstance(event, Deletion):
+            self._forget_message(event.room, event.id)
+        else:
+            self._presence.disconnect(event.user)
+
+    def _forget_message(self, room_name: str, message_id: str) -> bool:
+        room = self._log.remove(room_name, message_id)
+        if room is None:
+            return False
+        self._rooms.to_typed(room, DeletedFrame(room.name, message_id))
+        return True
 
     # --- for the backplane -------------------------------------------------------------
 

@@ -100,6 +100,26 @@ _OPTIONS: list[tuple[str, str, Callable[[str], Any], str]] = [
         "TLS certificate chain (PEM): the port then serves https and wss; SIGHUP reloads it",
     ),
     ("--keyfile", "keyfile", Path, "the certificate's private key (PEM; default: in --certfile)"),
+    (
+        "--jwt-secret",
+        "jwt_secret",
+        str,
+        "HS256 secret of connection tokens: turns authentication on (docs/protocol.md §15)",
+    ),
+    (
+        "--jwt-public-key",
+        "jwt_public_key",
+        Path,
+        "public key of connection tokens (PEM, or a JWKS file): turns authentication on",
+    ),
+    ("--jwt-audience", "jwt_audience", str, "the `aud` every token must carry"),
+    ("--jwt-issuer", "jwt_issuer", str, "the `iss` every token must carry"),
+    (
+        "--api-key",
+        "api_key",
+        str,
+        "turn the server API (/api/) on, for requests with `Authorization: Bearer KEY`",
+    ),
     ("--redis", "redis", str, "redis://host:port/db: form one chat with the other nodes on it"),
     ("--node-timeout", "node_timeout", float, "seconds before a silent cluster node is gone"),
     (

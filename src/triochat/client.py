@@ -14,7 +14,7 @@ server's code. The rules the code keeps:
 Rule 1: one reader task per connection takes every frame off the socket at
 once and handles it without awaiting. trio-websocket's own reader stops (pongs
 and close frames included) while its small queue is full, so nothing may make
-ours wait (../shared/FIELD-NOTES.md). Events for the application go to a
+ours wait (a full queue stalls the connection's pongs). Events for the application go to a
 bounded buffer that drops its oldest entry when full and says so
 (`EventsDropped`).
 
@@ -291,7 +291,7 @@ class ServerError(msgspec.Struct, frozen=True, tag="error", tag_field="type"):
 
 
 class Authed(msgspec.Struct, frozen=True, tag="authed", tag_field="type"):
-    """The answer to ``auth`` (PROTOCOL.md §9): who the token says we are."""
+    """The answer to ``auth`` (docs/protocol.md §15): who the token says we are."""
 
     user: str
     name: str
@@ -860,7 +860,7 @@ class ChatClient:
         Raises:
             AuthenticationFailed: the server refused it (and closes with 4003).
             ValueError: `connect` was given no token: a connection cannot start
-                authenticating later (PROTOCOL.md §9).
+                authenticating later (docs/protocol.md §15).
         """
         self._check_usable()
         if self._token is None:
@@ -1139,7 +1139,7 @@ class ChatClient:
         nursery.start_soon(self._writer, conn)
 
     async def _authenticate(self, conn: _Connection) -> bool:
-        """Send ``auth`` first and wait for ``authed`` (PROTOCOL.md §9)."""
+        """Send ``auth`` first and wait for ``authed`` (docs/protocol.md §15)."""
         assert conn.ws is not None
         source = self._token
         if isinstance(source, str) or source is None:
@@ -1530,7 +1530,7 @@ async def connect(
 
     Args:
         url: the server's WebSocket URL; an empty path means ``/ws``.
-        token: a JWT (PROTOCOL.md §9), or an async function returning one, asked
+        token: a JWT (docs/protocol.md §15), or an async function returning one, asked
             before every connection (so a reconnect gets a fresh token, and a
             4003 "expired" reconnects instead of ending).
         resume_token: a resume token from an earlier run (`ChatClient.resume_token`):

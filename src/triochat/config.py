@@ -62,6 +62,15 @@ class Config:
     certfile: Path | None = None
     keyfile: Path | None = None
 
+    # Connection tokens (#14, docs/protocol.md §15): a JWT key turns
+    # authentication on (HS256 with a secret, or a PEM/JWKS public key).
+    jwt_secret: str | None = None
+    jwt_public_key: Path | None = None
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    # The server API (#14, docs/protocol.md §16): /api/ answers only with this key.
+    api_key: str | None = None
+
     redis: str | None = None
     node_timeout: float = 30.0
     # A wait on the rest of the cluster: a join's catch-up and name claim, a
@@ -77,6 +86,11 @@ class Config:
     metrics_port: int | None = None
 
     inbound_buffer: int = 64  # frames from all clients waiting for the hub
+
+    @property
+    def authenticating(self) -> bool:
+        """Whether connections must send a token first (docs/protocol.md §15)."""
+        return self.jwt_secret is not None or self.jwt_public_key is not None
 
     def __post_init__(self) -> None:
         positive = {
@@ -129,6 +143,12 @@ class Config:
             raise ConfigError(f"port must be 0-65535, got {self.port}")
         if self.keyfile is not None and self.certfile is None:
             raise ConfigError("keyfile needs a certfile")
+        if self.jwt_secret is not None and self.jwt_public_key is not None:
+            raise ConfigError("give jwt_secret or jwt_public_key, not both")
+        if self.jwt_secret == "":
+            raise ConfigError("jwt_secret must not be empty")
+        if self.api_key is not None and len(self.api_key) < 16:
+            raise ConfigError("api_key must be at least 16 characters")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format must be text or json, got {self.log_format!r}")
         if self.metrics_port is not None:

@@ -21,7 +21,7 @@ class TriochatError(Exception):
 
 
 class ClientProtocolError(TriochatError):
-    """A client frame broke PROTOCOL.md §2-3.
+    """A client frame broke docs/protocol.md §2-3.
 
     Carries the `error` frame's ``code`` and the ``ref`` to echo, so the I/O
     layer answers without knowing the rules (wsproto's ``event_hint``).

@@ -14,6 +14,8 @@ from .recent import Snapshot
 
 __all__ = [
     "Claim",
+    "Deletion",
+    "Disconnect",
     "Draft",
     "Entry",
     "Event",
@@ -52,7 +54,8 @@ class Claim(msgspec.Struct, frozen=True):
     ``status``: "new" (the name was free; ``token`` is the new one), "takeover"
     (the token matched; ``token`` is a new one, the old one no longer works;
     ``previous`` is the node that held the name, "" if
-    none or dead), or "taken". Names are claimed by their keys (`name_key`):
+    none or dead), "shared" (an authenticated user's name, held by other
+    nodes too: docs/protocol.md §15), or "taken". Names are claimed by their keys (`name_key`):
     ``name`` is the name as first bound, which a takeover keeps.
     """
 
@@ -96,7 +99,10 @@ class WhisperEvent(msgspec.Struct, frozen=True, tag="whisper"):
     """A whisper frame (JSON) for user ``to``, whose connection is on ``node``.
 
     ``node`` answers ``sender`` with a `WhisperResult` for ``request``: the
-    sender's ack waits for it (a whisper is acked only once delivered).
+    sender's ack waits for it (a whisper is acked only once delivered). With
+    no ``request`` nobody waits for an answer: a further node of a user
+    connected on several (docs/protocol.md §15), or (``copy``) the sender's
+    own copy for its connections there, which no whisper bound counts.
     """
 
     node: str
@@ -104,6 +110,7 @@ class WhisperEvent(msgspec.Struct, frozen=True, tag="whisper"):
     frame: str
     sender: str = ""
     request: int = 0
+    copy: bool = False
 
 
 class WhisperResult(msgspec.Struct, frozen=True, tag="whisper_result"):
@@ -133,6 +140,23 @@ class Handover(msgspec.Struct, frozen=True, tag="handover"):
     rooms: list[str]
 
 
+class Deletion(msgspec.Struct, frozen=True, tag="deletion"):
+    """``node`` deleted message ``id`` of ``room`` from the store (the server
+    API, docs/protocol.md §16): every node drops it and tells the room."""
+
+    node: str
+    room: str
+    id: str
+
+
+class Disconnect(msgspec.Struct, frozen=True, tag="disconnect"):
+    """Close every connection of ``user`` (a token's ``sub``, or an anonymous
+    name) with 4009, on every node (the server API, docs/protocol.md §16)."""
+
+    node: str
+    user: str
+
+
 class SsePost(msgspec.Struct, frozen=True, tag="sse_post"):
     """A ``POST /sse/<session>`` that reached ``sender``; the stream is on ``node``."""
 
@@ -160,6 +184,8 @@ Event = (
     | WhisperResult
     | Kick
     | Handover
+    | Deletion
+    | Disconnect
     | SsePost
     | SsePostResult
 )

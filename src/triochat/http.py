@@ -28,6 +28,10 @@ already read. Rules:
    without the query and without an SSE session id. With ``--metrics-port``
    a listener serves a `Routes` set: the public one everything but
    `OPERATOR_PATHS`, the operator one only those.
+6. The server API (docs/protocol.md §16): with ``--api-key``, ``/api/…`` on a
+   listener that serves chats goes to api.py, which decides every answer
+   (401 included); the front only reads the body and writes the answer.
+   Without the key, or on the operator listener, it is 404 like any path.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from typing import Final, Protocol, TypeVar
 import h11
 import trio
 
+from .api import API_PREFIX, JSON_TYPE, ApiError, ChatApi, answer_api
 from .config import Config
 from .forwarded import client_address, trusted_networks
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -96,6 +101,7 @@ REASONS: Final = {
     200: b"OK",
     204: b"No Content",
     400: b"Bad Request",
+    401: b"Unauthorized",
     403: b"Forbidden",
     404: b"Not Found",
     405: b"Method Not Allowed",
@@ -105,6 +111,7 @@ REASONS: Final = {
     426: b"Upgrade Required",
     429: b"Too Many Requests",
     431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
     503: b"Service Unavailable",
 }
 
@@ -117,6 +124,13 @@ class FrontContext(Protocol):
 
     @property
     def draining(self) -> bool: ...
+
+    # Read-only (a property), so a server may hold it as a plain attribute
+    # ``api: ChatApi | None`` or as a narrower type.
+    @property
+    def api(self) -> ChatApi | None:
+        """The server API's chat side (rule 6); None: not wired, /api/ is 404."""
+        ...
 
     def ready(self) -> bool: ...
 
@@ -429,6 +443,15 @@ async def handle_http(
                     stream, _post_sse(stream, conn, request, ctx)
                 ):
                     return None
+            elif (
+                routes.chats
+                and request.path.startswith(API_PREFIX)
+                and (api := _api_of(ctx)) is not None
+            ):
+                if not await _answering_protocol_errors(
+                    stream, _serve_api(stream, conn, request, api, config)
+                ):
+                    return None
             elif not await _respond(stream, conn, request, ctx, static, routes):
                 return None
             try:
@@ -695,7 +718,7 @@ def _is_port(text: str) -> bool:
 
 
 def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...]) -> bool:
-    """PROTOCOL.md §1: no Origin, the request's own host, or an allowed origin."""
+    """docs/protocol.md §1: no Origin, the request's own host, or an allowed origin."""
     if origin is None:
         return True
     origin = origin.strip().lower()
@@ -854,6 +877,43 @@ async def _post_sse(
         return False
     status, code, message = await ctx.post_sse(session, body)
     return await answer(status, code, message)
+
+
+def _api_of(ctx: FrontContext) -> ChatApi | None:
+    """The server API when it is on (rule 6): a key, and a chat side wired."""
+    return ctx.api if ctx.config.api_key is not None else None
+
+
+async def _serve_api(
+    stream: trio.abc.Stream,
+    conn: h11.Connection,
+    request: _Request,
+    chat: ChatApi,
+    config: Config,
+) -> bool:
+    """``/api/…`` (rule 6): api.py answers. False when the connection must close."""
+
+    async def read_body() -> bytes:
+        too_big = ApiError(413, "too_big", f"a body is at most {MAX_BODY_BYTES} bytes")
+        declared = request.headers.get("content-length", "").strip()
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            raise too_big
+        with trio.move_on_after(config.handshake_timeout) as scope:
+            body = await _read_body(stream, conn, MAX_BODY_BYTES)
+        if scope.cancelled_caught:
+            raise ApiError(408, "timeout", "the request body took too long")
+        if body is None:
+            raise too_big
+        return body
+
+    answer = await answer_api(
+        chat, config, request.method, request.target, request.headers, read_body
+    )
+    extra = [*answer.headers, *([("connection", "close")] if answer.close else [])]
+    sent = await _send(
+        stream, conn, request, answer.status, answer.body, content_type=JSON_TYPE, extra=extra
+    )
+    return sent and not answer.close
 
 
 async def _read_body(stream: trio.abc.Stream, conn: h11.Connection, limit: int) -> bytes | None:

@@ -40,27 +40,36 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from typing import Final, cast
+from typing import Any, Final, Generic, TypeVar, cast
 
+import msgspec
 import trio
 
+from .auth import TokenError, TokenVerifier
 from .backplane import Backplane
 from .chat import ChatState, Client, Peer, PendingSay
 from .config import Config
 from .errors import ClientProtocolError, StorageError
 from .events import Claim, Received, SsePost, SsePostResult
+from .hooks import Authenticator, Refusal, SayHook, SayInfo
+from .identity import Identity, TokenCheck, claim_token
 from .metrics import Gauge, Stats
 from .outbox import FlushSchedule
 from .protocol import (
+    Auth,
+    ClassicFrame,
     ClientFrame,
     CloseCode,
     ErrorCode,
     Join,
     Limits,
     Message,
+    Say,
     decode_client_frame,
+    normalize_name,
 )
 from .ratelimit import ADDRESS_SCALE, RateLimiter
+from .state.model import CLASSIC_ROOM
 
 __all__ = ["Hub"]
 
@@ -79,7 +88,9 @@ class _Wake:
 
 
 _WAKE: Final = _Wake()
-ClientItem = ClientFrame | ClientProtocolError
+#: A frame as the chat state takes it: an `auth` frame as its verdict.
+ChatFrame = ClientFrame | TokenCheck
+ClientItem = ChatFrame | ClientProtocolError
 
 
 class _Resolved:
@@ -88,7 +99,7 @@ class _Resolved:
     __slots__ = ("claimed", "client", "frame")
 
     def __init__(
-        self, client: Client, frame: ClientFrame, claimed: tuple[str, Claim] | None
+        self, client: Client, frame: ChatFrame, claimed: tuple[str, Claim] | None
     ) -> None:
         self.client = client
         self.frame = frame
@@ -106,6 +117,28 @@ class _Stored:
         self.result = result
 
 
+T = TypeVar("T")
+
+
+class _Call(Generic[T]):
+    """Inbound: a function of the chat state for the dispatcher to run (`Hub.call`)."""
+
+    __slots__ = ("done", "error", "function", "result")
+
+    def __init__(self, function: Callable[[ChatState, float, int], T]) -> None:
+        self.function = function
+        self.done = trio.Event()
+        self.result: T | None = None
+        self.error: Exception | None = None
+
+    def run(self, chat: ChatState, now: float, wall_ms: int) -> None:
+        try:
+            self.result = self.function(chat, now, wall_ms)
+        except Exception as exc:  # the caller's to handle, never the hub's
+            self.error = exc
+        self.done.set()
+
+
 class _StepDone:
     """Inbound: set ``done`` once the step that takes this has pumped and flushed."""
 
@@ -115,7 +148,9 @@ class _StepDone:
         self.done = done
 
 
-Inbound = tuple[Client, ClientItem] | trio.Event | _Wake | _Resolved | _Stored | _StepDone
+Inbound = (
+    tuple[Client, ClientItem] | trio.Event | _Wake | _Resolved | _Stored | _StepDone | _Call[Any]
+)
 #: Where SSE POSTs routed between nodes go (the server's business).
 RelayHandler = Callable[[SsePost | SsePostResult], None]
 
@@ -133,10 +168,36 @@ class _AddressBudget:
 class Hub:
     """Owns the chat state; see the module docstring for its tasks."""
 
-    def __init__(self, config: Config, backplane: Backplane, stats: Stats) -> None:
+    def __init__(
+        self,
+        config: Config,
+        backplane: Backplane,
+        stats: Stats,
+        *,
+        authenticate: Authenticator | None = None,
+        on_say: SayHook | None = None,
+    ) -> None:
         self._config = config
         self._backplane = backplane
         self._stats = stats
+        #: The host program's authenticator (`hooks`): it decides instead of a key.
+        self._authenticate = authenticate
+        #: The host program's say hook (`hooks`); None: says go in as sent.
+        self._on_say = on_say
+        #: Whether connections must authenticate (docs/protocol.md §15).
+        self.authenticating = config.authenticating or authenticate is not None
+        #: Checks connection tokens (docs/protocol.md §15); None: tokens are off
+        #: or an authenticator decides.
+        self._verifier = (
+            TokenVerifier(
+                secret=config.jwt_secret,
+                public_key=config.jwt_public_key,
+                audience=config.jwt_audience,
+                issuer=config.jwt_issuer,
+            )
+            if config.authenticating and authenticate is None
+            else None
+        )
         self._inbound_send, self._inbound_recv = trio.open_memory_channel[Inbound](
             config.inbound_buffer
         )
@@ -226,6 +287,8 @@ class Hub:
                 node=backplane.node,
                 remote_timeout=config.backplane_timeout,
                 limits=Limits(config.max_msg_chars, config.max_frame_bytes, config.max_rooms),
+                authenticating=self.authenticating,
+                handshake_timeout=config.handshake_timeout,
             )
             backplane.on_events(self._wake, self._chat.own_entries, self._chat.own_users)
             self._pump(self._chat)
@@ -261,7 +324,8 @@ class Hub:
             shared = budget.limiter
         limiter = RateLimiter(config.rate, config.burst, now, shared=shared)
         client = Client(peer, limiter, listener=listener)
-        self.chat.connect(client)
+        self.chat.connect(client, now)
+        self._wake_in_time()
         if address:
             self._address_of[client] = address
         return client
@@ -277,9 +341,30 @@ class Hub:
             if not budget.connections:
                 del self._addresses[address]  # (a new connection starts a full one)
         chat.disconnect(cast("Client", client), trio.current_time())
+        self._wake_in_time()
+
+    def _wake_in_time(self) -> None:
+        """A new deadline of the chat state (a grace period, a connection's time
+        to authenticate): the waiting dispatcher wakes for it."""
         scope = self._wait_scope
-        if scope is not None and chat.next_deadline() < scope.deadline:
-            scope.deadline = chat.next_deadline()  # wake the dispatcher in time
+        deadline = self.chat.next_deadline()
+        if scope is not None and deadline < scope.deadline:
+            scope.deadline = deadline
+
+    async def call(self, function: Callable[[ChatState, float, int], T]) -> T:
+        """Run ``function(chat, now, wall_ms)`` in a step of the dispatcher (the one
+        task that changes the chat state) and return its result; what it raises
+        is raised here. For the server API (docs/protocol.md §16).
+
+        Raises:
+            trio.ClosedResourceError: the hub has stopped.
+        """
+        call = _Call(function)
+        await self._inbound_send.send(call)
+        await call.done.wait()
+        if call.error is not None:
+            raise call.error
+        return cast("T", call.result)
 
     async def settle(self) -> None:
         """Return once every frame queued so far is applied, its says stored and acked."""
@@ -372,7 +457,69 @@ class Hub:
             item = decode_client_frame(message, max_msg_chars=self._config.max_msg_chars)
         except ClientProtocolError as exc:
             item = exc
+        # Tokens and hooks run here, in the connection's task: a signature
+        # check (RSA, EdDSA) or a slow hook holds up only this client.
+        if isinstance(item, Auth):
+            if self._authenticate is not None:
+                item = await self._run_authenticator(item, chat_client)
+            elif self._verifier is not None:
+                item = self._check_token(item)
+        elif isinstance(item, Say | ClassicFrame) and self._on_say is not None:
+            item = await self._run_say_hook(item, chat_client, self._on_say)
         await self._inbound_send.send((chat_client, item))
+
+    async def _run_authenticator(self, frame: Auth, client: Client) -> TokenCheck:
+        assert self._authenticate is not None
+        try:
+            identity = await self._authenticate(frame.token, self._address_of.get(client, ""))
+        except Refusal as exc:
+            return TokenCheck(None, exc.message, frame.ref)
+        except Exception:
+            LOGGER.exception("the authenticator failed; the connection is refused")
+            return TokenCheck(None, "the token could not be checked", frame.ref)
+        name = normalize_name(identity.name) if isinstance(identity, Identity) else None
+        if name is None:
+            LOGGER.error(
+                "the authenticator returned %r: not an Identity with a valid name", identity
+            )
+            return TokenCheck(None, "the token could not be checked", frame.ref)
+        return TokenCheck(msgspec.structs.replace(identity, name=name), "", frame.ref)
+
+    async def _run_say_hook(
+        self, frame: Say | ClassicFrame, client: Client, on_say: SayHook
+    ) -> ClientItem:
+        if isinstance(frame, Say):
+            if client.user is None or frame.room not in client.rooms:
+                return frame  # not joined: the hub answers it (not_joined)
+            name, room = client.user.name, frame.room
+        else:
+            name, room = frame.name, CLASSIC_ROOM
+        user = client.identity.sub if client.identity is not None else None
+        try:
+            text = await on_say(SayInfo(room=room, msg=frame.msg, name=name, user=user))
+        except Refusal as exc:
+            return ClientProtocolError(
+                exc.code, exc.message, frame.ref, classic=isinstance(frame, ClassicFrame)
+            )
+        except Exception:
+            LOGGER.exception("the say hook failed; the message is not stored")
+            return ClientProtocolError(
+                ErrorCode.INTERNAL, "the message could not be checked", frame.ref
+            )
+        if not isinstance(text, str) or not text or len(text) > self._config.max_msg_chars:
+            LOGGER.error("the say hook returned %r: not a text within the limits", text)
+            return ClientProtocolError(
+                ErrorCode.INTERNAL, "the message could not be checked", frame.ref
+            )
+        return msgspec.structs.replace(frame, msg=text)
+
+    def _check_token(self, frame: Auth) -> TokenCheck:
+        assert self._verifier is not None
+        try:
+            identity = self._verifier.verify(frame.token, now=time.time())
+        except TokenError as exc:
+            return TokenCheck(None, str(exc), frame.ref)
+        return TokenCheck(identity, "", frame.ref)
 
     # --- the tasks ---------------------------------------------------------------
 
@@ -467,16 +614,18 @@ class Hub:
             self._stored(chat, item.batch, item.result)
         elif isinstance(item, _StepDone):
             self._step_done.append(item.done)
+        elif isinstance(item, _Call):
+            item.run(chat, now, wall_ms)
         else:
             self._apply_marker(chat, item)
 
-    def _needs_cluster(self, chat: ChatState, client: Client, frame: ClientFrame) -> bool:
+    def _needs_cluster(self, chat: ChatState, client: Client, frame: ChatFrame) -> bool:
         """A join catches up with the cluster first (so its member list and its
         `since` recovery include everything published before it), and a first
         join asks for its name (`Backplane.claim`)."""
         return isinstance(frame, Join) or chat.needs_claim(client, frame) is not None
 
-    def _park(self, chat: ChatState, client: Client, frame: ClientFrame) -> None:
+    def _park(self, chat: ChatState, client: Client, frame: ChatFrame) -> None:
         """Ask the cluster beside the hub; ``client``'s later frames wait behind ``frame``."""
         self._parked[client] = []
         assert self._nursery is not None
@@ -503,14 +652,14 @@ class Hub:
             for client in held:
                 client.peer.release()
 
-    async def _resolve(self, chat: ChatState, client: Client, frame: ClientFrame) -> None:
+    async def _resolve(self, chat: ChatState, client: Client, frame: ChatFrame) -> None:
         """A parked frame's cluster requests, beside the hub; the answer goes back inbound."""
         claimed = await self._ask_cluster(chat, client, frame)
         with contextlib.suppress(trio.ClosedResourceError):  # the hub is stopping
             await self._inbound_send.send(_Resolved(client, frame, claimed))
 
     async def _ask_cluster(
-        self, chat: ChatState, client: Client, frame: ClientFrame
+        self, chat: ChatState, client: Client, frame: ChatFrame
     ) -> tuple[str, Claim] | None:
         """Catch up (for a join), then claim the name ``frame`` binds, if any."""
         if isinstance(frame, Join):
@@ -521,8 +670,13 @@ class Hub:
             return None
         token = frame.token if isinstance(frame, Join) else None
         rotate = isinstance(frame, Join) and frame.rotate
+        share = client.identity is not None
+        if client.identity is not None:
+            # Every node claims an authenticated user's name with the same
+            # token: one more connection shares it (docs/protocol.md §15).
+            token, rotate = claim_token(client.identity.sub), False
         try:
-            return name, await self._backplane.claim(name, token, rotate=rotate)
+            return name, await self._backplane.claim(name, token, rotate=rotate, share=share)
         except StorageError:
             return name, Claim("unavailable")
 

@@ -1,4 +1,4 @@
-"""The wire protocol (PROTOCOL.md §2-4), sans-I/O: frames in, frames out.
+"""The wire protocol (docs/protocol.md §2-4), sans-I/O: frames in, frames out.
 
 Rules of this module:
 
@@ -30,9 +30,12 @@ __all__ = [
     "MAX_NAME_CHARS",
     "MAX_REF_CHARS",
     "RESERVED_NAMES",
+    "Auth",
+    "AuthedFrame",
     "ClassicFrame",
     "ClientFrame",
     "CloseCode",
+    "DeletedFrame",
     "ErrorCode",
     "ErrorFrame",
     "HistoryFrame",
@@ -102,7 +105,7 @@ RESERVED_NAMES: Final = ("server", "system")
 
 
 class CloseCode(enum.IntEnum):
-    """Every WebSocket close code PROTOCOL.md §6 names."""
+    """Every WebSocket close code docs/protocol.md §11 names."""
 
     NORMAL = 1000
     GOING_AWAY = 1001
@@ -112,10 +115,12 @@ class CloseCode(enum.IntEnum):
     INTERNAL_ERROR = 1011
     TRY_AGAIN_LATER = 1013  # slow consumer
     REPLACED = 4001  # taken over with the resume token
+    UNAUTHENTICATED = 4003  # no token, a refused one, or it expired (§15)
+    DISCONNECTED = 4009  # by an operator (the server API, §16): do not come back
 
 
 class ErrorCode(enum.StrEnum):
-    """Every `error.code` of PROTOCOL.md §4."""
+    """Every `error.code` of docs/protocol.md §5."""
 
     BAD_JSON = "bad_json"
     BAD_FRAME = "bad_frame"
@@ -128,6 +133,9 @@ class ErrorCode(enum.StrEnum):
     TOO_LONG = "too_long"
     UNAVAILABLE = "unavailable"
     INTERNAL = "internal"
+    UNAUTHORIZED = "unauthorized"  # authentication (§15)
+    FORBIDDEN = "forbidden"  # a room the token does not grant (§15)
+    NO_SUCH_MESSAGE = "no_such_message"  # the server API's delete (§16)
 
 
 # --- client -> server ------------------------------------------------------
@@ -168,6 +176,14 @@ class Whisper(msgspec.Struct, frozen=True, tag="whisper", tag_field="type"):
     ref: str | None = None
 
 
+class Auth(msgspec.Struct, frozen=True, tag="auth", tag_field="type"):
+    """A connection token (docs/protocol.md §15): the first frame when the
+    server authenticates, and again before ``exp`` to refresh it."""
+
+    token: str
+    ref: str | None = None
+
+
 class HistoryRequest(msgspec.Struct, frozen=True, tag="history", tag_field="type"):
     room: str
     before: str | None = None
@@ -184,7 +200,7 @@ class ClassicFrame(msgspec.Struct, frozen=True):
 
 
 #: Frames with a ``type`` (a tagged union); the classic frame has none.
-TypedClientFrame = Join | Say | Leave | Typing | Whisper | HistoryRequest
+TypedClientFrame = Join | Say | Leave | Typing | Whisper | HistoryRequest | Auth
 ClientFrame = TypedClientFrame | ClassicFrame
 
 _typed_decoder: Final = msgspec.json.Decoder(TypedClientFrame)
@@ -354,7 +370,7 @@ def name_key(name: str) -> str:
 @functools.lru_cache(maxsize=4096)
 def confusable_key(name: str) -> str:
     """The TR39 skeleton of a (valid, trimmed) name as typed: a second key that
-    two present users may not share (PROTOCOL.md section 9), for look-alikes
+    two present users may not share (docs/protocol.md §2.1), for look-alikes
     that case folding hides from `name_key` (Greek capitals, "I" for "l")."""
     return skeleton(name)
 
@@ -434,7 +450,7 @@ class JoinedFrame(msgspec.Struct, frozen=True, tag="joined", tag_field="type", o
     history: list[Message]
     recovered: bool
     ref: str | None = None
-    #: An extension of PROTOCOL.md: the server's limits (absent: the defaults).
+    #: An extension (docs/protocol.md §4): the server's limits (absent: the defaults).
     limits: Limits | None = None
 
 
@@ -479,6 +495,22 @@ class HistoryFrame(
     ref: str | None = None
 
 
+class AuthedFrame(msgspec.Struct, frozen=True, tag="authed", tag_field="type", omit_defaults=True):
+    """The answer to `auth` (docs/protocol.md §15): who the token says you are."""
+
+    user: str
+    name: str
+    exp: int
+    ref: str | None = None
+
+
+class DeletedFrame(msgspec.Struct, frozen=True, tag="deleted", tag_field="type"):
+    """A message was deleted (the server API, docs/protocol.md §16): drop it."""
+
+    room: str
+    id: str
+
+
 class ErrorFrame(msgspec.Struct, frozen=True, tag="error", tag_field="type", omit_defaults=True):
     """An `error`; a classic connection's copy also has ``name`` and ``msg``."""
 
@@ -498,6 +530,8 @@ ServerFrame = (
     | WhisperFrame
     | LeftFrame
     | HistoryFrame
+    | AuthedFrame
+    | DeletedFrame
     | ErrorFrame
 )
 

@@ -43,6 +43,7 @@ from typing import Final
 import trio
 
 from . import __version__
+from .api import ChatApi, check_publish
 from .backplane import Backplane
 from .backplane.local import LocalBackplane, LocalBroker
 from .config import Config
@@ -51,6 +52,7 @@ from .errors import StorageError
 from .history import History
 from .history.memory import MemoryHistory
 from .history.sqlite import DB_FILE, SqliteHistory
+from .hooks import Authenticator, SayHook
 from .http import (
     UNKNOWN_PEER,
     PendingSockets,
@@ -66,6 +68,7 @@ from .logformat import log_context
 from .metrics import Gauge, Stats, open_registry, render_metrics
 from .protocol import CloseCode
 from .registry import ConnectionRegistry
+from .serverapi import ServerApi
 from .tls import Certificate, start_tls
 from .transports.sse import PostAnswer, SseSessions, SseTransport
 from .transports.websocket import ClosingRace, ReplayStream, accept_websocket
@@ -89,12 +92,25 @@ class Server:
         history: History | None = None,
         backplane: Backplane | None = None,
         listeners: Sequence[trio.abc.Listener[trio.abc.Stream]] | None = None,
+        authenticate: Authenticator | None = None,
+        on_say: SayHook | None = None,
     ) -> None:
+        """A server for ``config``; nothing runs until `run`.
+
+        Args:
+            history, backplane: storage and the cluster link (by default from
+                ``config``: SQLite, memory or Redis).
+            listeners: listen on these instead of ``config.host``/``port``.
+            authenticate: the host's authenticator (`triochat.hooks`): given
+                one, connections must authenticate and it decides who they are.
+            on_say: the host's say hook (`triochat.hooks`): sees, rewrites or
+                refuses each say before it is stored.
+        """
         self.config = config
         self.stats = Stats()
         if backplane is None:
             backplane = _default_backplane(config, history)
-        self.hub = Hub(config, backplane, self.stats)
+        self.hub = Hub(config, backplane, self.stats, authenticate=authenticate, on_say=on_say)
         #: The public port's TLS certificate (``--certfile``), reloaded on SIGHUP.
         self.certificate = (
             Certificate(config.certfile, config.keyfile) if config.certfile is not None else None
@@ -102,6 +118,9 @@ class Server:
         #: This node's SSE streams; POSTs for another node's are relayed by the hub.
         self.sse = SseSessions(backplane, config)
         self.hub.relay = self.sse.relayed
+        self._server_api = ServerApi(self.hub, config)
+        #: The server API's chat side (docs/protocol.md §16); None: /api/ answers 404.
+        self.api: ChatApi | None = self._server_api if config.api_key else None
         self._given_listeners = listeners
         self.listeners: list[trio.abc.Listener[trio.abc.Stream]] = []
         #: The ``--metrics-port`` listeners (/metrics and health only), if any.
@@ -176,6 +195,20 @@ class Server:
     def drain(self) -> None:
         """Start the graceful shutdown described in the module docstring."""
         self._drain_requested.set()
+
+    async def publish(self, room: str, msg: str, name: str = "server") -> str:
+        """Post ``msg`` to ``room`` as ``name`` from the host program; its id once stored.
+
+        As ``POST /api/publish`` does (docs/protocol.md §16), with no key
+        needed: members get a `message`, and history keeps it.
+
+        Raises:
+            ApiError: ``bad_room``, ``bad_name``, ``too_long``, ``bad_frame``;
+                ``unavailable`` when it could not be stored.
+        """
+        room, name = check_publish(room, msg, name, self.config.max_msg_chars)
+        message_id, _ = await self._server_api.publish(room, msg, name)
+        return message_id
 
     async def run(
         self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED

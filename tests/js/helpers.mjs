@@ -1,8 +1,9 @@
 // Helpers for the client module's tests (node --test), run against a real
 // triochat server by tests/test_js_client.py, which passes its URL in
 // TRIOCHAT_URL. No dependencies: Node's WebSocket (22+, or 20 with
-// --experimental-websocket), fetch and net.
+// --experimental-websocket), fetch, net and crypto.
 
+import { createHmac } from 'node:crypto';
 import net from 'node:net';
 
 export const URL_BASE = process.env.TRIOCHAT_URL;
@@ -38,6 +39,22 @@ export function record(client, type) {
   const seen = [];
   seen.stop = client.on(type, (detail) => seen.push(detail));
   return seen;
+}
+
+/** An HS256 JWT (docs/protocol.md §15) of `claims`, signed with `secret` (node:crypto only). */
+export function makeJwt(claims, secret) {
+  const part = (value) => Buffer.from(JSON.stringify(value)).toString('base64url');
+  const signed = `${part({ alg: 'HS256', typ: 'JWT' })}.${part(claims)}`;
+  return `${signed}.${createHmac('sha256', secret).update(signed).digest('base64url')}`;
+}
+
+/** A call to the server API (docs/protocol.md §16) with the API `key`; resolves with the Response. */
+export function api(method, path, { key, body } = {}) {
+  const headers = { authorization: `Bearer ${key}` };
+  if (body !== undefined) headers['content-type'] = 'application/json';
+  return fetch(new URL(path, URL_BASE), {
+    method, headers, body: body === undefined ? undefined : JSON.stringify(body),
+  });
 }
 
 /** Wait until `predicate()` holds, checking every 20 ms, for at most `ms`. */

@@ -72,9 +72,16 @@ class Backplane(Protocol):
         """
         ...
 
-    async def claim(self, name: str, token: str | None, *, rotate: bool = False) -> Claim:
+    async def claim(
+        self, name: str, token: str | None, *, rotate: bool = False, share: bool = False
+    ) -> Claim:
         """Take ``name`` for this node (new, or with its ``token``; ``rotate``: the
         takeover gets a new token, and ``token`` stops working).
+
+        ``share``: an authenticated user's name, claimed with the token every
+        node derives from its ``sub`` (`identity.claim_token`): held elsewhere
+        with that token, this node holds it too ("shared", no takeover; §15),
+        and it stays held until the last node releases it.
 
         A name is held by its `name_key`: "Alice" and "\\u0430lice" are one name. A
         new name is also "taken" when a user on another live node holds its
@@ -83,6 +90,16 @@ class Backplane(Protocol):
 
         Raises:
             StorageError: the backplane is unavailable.
+        """
+        ...
+
+    async def delete(self, room: str, message_id: str) -> bool:
+        """Remove one stored message of ``room`` (the server API, docs/protocol.md
+        §16): from the history a join or a reload reads, and from what fills
+        gaps. Whether it was stored. The chat tells the nodes (`Deletion`).
+
+        Raises:
+            StorageError: the store could not be changed.
         """
         ...
 

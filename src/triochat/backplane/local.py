@@ -53,9 +53,10 @@ class LocalBroker:
         self._loaded = False
         self._epoch = ""
         self._next_seq = 1
-        #: name key -> (node, token, name as bound); confusable key -> (node, name
+        #: name key -> (nodes, token, name as bound); confusable key -> (node, name
         #: key): names are claimed by their keys (docs/protocol.md section 2.1).
-        self._claims: dict[str, tuple[str, str, str]] = {}
+        #: Several nodes hold a name only for an authenticated user (§15).
+        self._claims: dict[str, tuple[tuple[str, ...], str, str]] = {}
         self._skeletons: dict[str, tuple[str, str]] = {}
         self._refs: collections.OrderedDict[tuple[str, str], Message] = collections.OrderedDict()
         self._states: dict[str, set[Entry]] = {}
@@ -157,21 +158,27 @@ class LocalBroker:
 
     # --- names -------------------------------------------------------------------
 
-    def claim(self, node: str, name: str, token: str | None, rotate: bool = False) -> Claim:
+    def claim(
+        self, node: str, name: str, token: str | None, rotate: bool = False, share: bool = False
+    ) -> Claim:
         """The same rules as the Redis backplane's `CLAIM` script."""
         key, skeleton = name_key(name), confusable_key(name)
         held = self._claims.get(key)
         if held is not None:
-            owner, owner_token, owner_name = held
-            alive = owner in self._nodes and owner != node
+            owners, owner_token, owner_name = held
+            others = [owner for owner in owners if owner in self._nodes and owner != node]
             if token is not None and secrets.compare_digest(token, owner_token):
+                if share:
+                    # One more node of an authenticated user: it shares the name.
+                    self._claims[key] = ((*others, node), owner_token, owner_name)
+                    return Claim("shared", owner_token, "", owner_name)
                 # A takeover keeps the name as first bound (and its skeleton);
                 # asked to rotate, with a new token: the one used stops working.
                 new_token = secrets.token_urlsafe(24) if rotate else owner_token
-                self._claims[key] = (node, new_token, owner_name)
+                self._claims[key] = ((node,), new_token, owner_name)
                 self._skeletons[confusable_key(owner_name)] = (node, key)
-                return Claim("takeover", new_token, owner if alive else "", owner_name)
-            if alive:
+                return Claim("takeover", new_token, others[0] if others else "", owner_name)
+            if others:
                 return Claim("taken")
         look_alike = self._skeletons.get(skeleton)
         free = True
@@ -180,17 +187,28 @@ class LocalBroker:
                 return Claim("taken")
             # This node's own users are checked by its ChatState: leave theirs be.
             free = look_alike[0] != node
-        new_token = secrets.token_urlsafe(24)
-        self._claims[key] = (node, new_token, name)
+        new_token = token if share and token else secrets.token_urlsafe(24)
+        self._claims[key] = ((node,), new_token, name)
         if free:
             self._skeletons[skeleton] = (node, key)
         return Claim("new", new_token, "", name)
 
+    async def delete(self, room: str, message_id: str) -> bool:
+        """Remove a stored message (the broker keeps none: the history has it)."""
+        return await self._history.delete(room, message_id)
+
     def release(self, node: str, name: str) -> None:
         key, skeleton = name_key(name), confusable_key(name)
         held = self._claims.get(key)
-        if held is not None and held[0] == node:
-            del self._claims[key]
+        if held is not None and node in held[0]:
+            left = tuple(owner for owner in held[0] if owner != node)
+            if left:
+                # Still held on another node (an authenticated user): it keeps it.
+                self._claims[key] = (left, held[1], held[2])
+                if self._skeletons.get(skeleton) == (node, key):
+                    self._skeletons[skeleton] = (left[0], key)
+            else:
+                del self._claims[key]
         if self._skeletons.get(skeleton) == (node, key):
             del self._skeletons[skeleton]
 
@@ -242,11 +260,16 @@ class LocalBackplane:
     async def append(self, drafts: Sequence[Draft]) -> list[str]:
         return await self._broker.append(drafts)
 
-    async def claim(self, name: str, token: str | None, *, rotate: bool = False) -> Claim:
-        return self._broker.claim(self.node, name, token, rotate)
+    async def claim(
+        self, name: str, token: str | None, *, rotate: bool = False, share: bool = False
+    ) -> Claim:
+        return self._broker.claim(self.node, name, token, rotate, share)
 
     def release(self, name: str) -> None:
         self._broker.release(self.node, name)
+
+    async def delete(self, room: str, message_id: str) -> bool:
+        return await self._broker.delete(room, message_id)
 
     def publish(self, event: Event) -> None:
         if self._attached:

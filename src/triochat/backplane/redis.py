@@ -15,8 +15,9 @@ Redis keys (prefix ``triochat:``)::
     log                          stream of every message (gap filling), entry id <seq>-0
     room:<room>                  stream of one room's messages, trimmed to --history-size
     rooms                        set of room names
-    users                        hash name key -> "<node> <token> <skeleton>\\0<name>":
-                                 who holds a name (`name_key`, docs/protocol.md §2.1)
+    users                        hash name key -> "<nodes> <token> <skeleton>\\0<name>":
+                                 who holds a name (`name_key`, docs/protocol.md §2.1);
+                                 several nodes only for an authenticated user (§15)
     skeletons                    hash confusable key -> "<node> <name key>": no two
                                  users share a TR39 skeleton either
     ref:<name>\\0<ref>            the id a say with that ref got (retries), 10 min
@@ -135,11 +136,13 @@ return ids
 """
 
 #: KEYS: users, skeletons. ARGV: prefix, name key, token ("" for none), node,
-#: new token, confusable key, name, "1" to rotate the token on a takeover. A
-#: takeover keeps the name as first bound
-#: (returned last) and its skeleton; a new name must not share the skeleton of
-#: a user held by another live node. A skeleton held by this node under another
-#: key is this node's business (it checks its users itself): left as it is.
+#: new token, confusable key, name, "1" to rotate the token on a takeover, "1"
+#: to share (an authenticated user's name: docs/protocol.md §15). A takeover
+#: keeps the name as first bound (returned last) and its skeleton; a share
+#: adds this node to the holders ("A,B ..."), dropping dead ones; a new name
+#: must not share the skeleton of a user held by another live node. A skeleton
+#: held by this node under another key is this node's business (it checks its
+#: users itself): left as it is.
 CLAIM: Final = """
 local function alive(owner)
   return owner ~= ARGV[4] and redis.call('EXISTS', ARGV[1] .. 'node:' .. owner) == 1
@@ -147,7 +150,7 @@ end
 local cur = redis.call('HGET', KEYS[1], ARGV[2])
 if cur then
   local sep = string.find(cur, ' ', 1, true)
-  local owner, rest = string.sub(cur, 1, sep - 1), string.sub(cur, sep + 1)
+  local owners, rest = string.sub(cur, 1, sep - 1), string.sub(cur, sep + 1)
   local token, skel, name = rest, ARGV[6], ARGV[7]
   sep = string.find(rest, ' ', 1, true)
   if sep then
@@ -156,16 +159,28 @@ if cur then
     sep = string.find(rest, '\\0', 1, true)
     skel, name = string.sub(rest, 1, sep - 1), string.sub(rest, sep + 1)
   end
+  local live = {}
+  for owner in string.gmatch(owners, '[^,]+') do
+    if alive(owner) then live[#live + 1] = owner end
+  end
   if ARGV[3] ~= '' and ARGV[3] == token then
+    if ARGV[9] == '1' then
+      live[#live + 1] = ARGV[4]
+      local holders = table.concat(live, ',')
+      redis.call('HSET', KEYS[1], ARGV[2], holders .. ' ' .. token .. ' ' .. skel .. '\\0' .. name)
+      if redis.call('HGET', KEYS[2], skel) == false then
+        redis.call('HSET', KEYS[2], skel, ARGV[4] .. ' ' .. ARGV[2])
+      end
+      return {'shared', token, '', name}
+    end
     -- Asked to rotate (ARGV[8]), the takeover gets the new token: the one used stops working.
     if ARGV[8] == '1' then token = ARGV[5] end
     redis.call('HSET', KEYS[1], ARGV[2], ARGV[4] .. ' ' .. token .. ' ' .. skel .. '\\0' .. name)
     redis.call('HSET', KEYS[2], skel, ARGV[4] .. ' ' .. ARGV[2])
-    local previous = ''
-    if alive(owner) then previous = owner end
+    local previous = live[1] or ''
     return {'takeover', token, previous, name}
   end
-  if alive(owner) then return {'taken', '', '', ''} end
+  if #live > 0 then return {'taken', '', '', ''} end
 end
 local held = redis.call('HGET', KEYS[2], ARGV[6])
 local free = true
@@ -183,6 +198,19 @@ if free then redis.call('HSET', KEYS[2], ARGV[6], ARGV[4] .. ' ' .. ARGV[2]) end
 return {'new', ARGV[5], '', ARGV[7]}
 """
 
+#: Deletes one stored message (the server API, docs/protocol.md §16) from its
+#: room's stream and from the log that fills gaps; 1 if the room had it.
+#: KEYS: epoch, log. ARGV: prefix, room, id.
+DELETE: Final = """
+local epoch = redis.call('GET', KEYS[1])
+if not epoch or string.sub(ARGV[3], 1, #epoch + 1) ~= epoch .. '-' then return 0 end
+local seq = string.sub(ARGV[3], #epoch + 2)
+if not string.match(seq, '^%d+$') then return 0 end
+local removed = redis.call('XDEL', ARGV[1] .. 'room:' .. ARGV[2], seq .. '-0')
+if removed == 1 then redis.call('XDEL', KEYS[2], seq .. '-0') end
+return removed
+"""
+
 #: This node's changes, in order. KEYS: users, state:<node>, channel, skeletons.
 #: ARGV: node, then ops of 2: ("+", entry) ("-", entry) ("p", payload)
 #: ("r", "<name key>\0<skeleton>") ("u", "<name key>\0<skeleton>\0<token>\0<name>").
@@ -197,11 +225,24 @@ while i + 1 <= #ARGV do
   elseif op == 'p' then
     redis.call('PUBLISH', KEYS[3], arg)
   elseif op == 'r' then
+    -- This node lets a name go; a name other nodes share (§15) stays theirs.
     local sep = string.find(arg, '\\0', 1, true)
     local key, skel = string.sub(arg, 1, sep - 1), string.sub(arg, sep + 1)
     local cur = redis.call('HGET', KEYS[1], key)
-    if cur and string.sub(cur, 1, #ARGV[1] + 1) == ARGV[1] .. ' ' then
-      redis.call('HDEL', KEYS[1], key)
+    if cur then
+      sep = string.find(cur, ' ', 1, true)
+      local left, mine = {}, false
+      for owner in string.gmatch(string.sub(cur, 1, sep - 1), '[^,]+') do
+        if owner == ARGV[1] then mine = true else left[#left + 1] = owner end
+      end
+      if mine and #left == 0 then
+        redis.call('HDEL', KEYS[1], key)
+      elseif mine then
+        redis.call('HSET', KEYS[1], key, table.concat(left, ',') .. string.sub(cur, sep))
+        if redis.call('HGET', KEYS[4], skel) == ARGV[1] .. ' ' .. key then
+          redis.call('HSET', KEYS[4], skel, left[1] .. ' ' .. key)
+        end
+      end
     end
     if redis.call('HGET', KEYS[4], skel) == ARGV[1] .. ' ' .. key then
       redis.call('HDEL', KEYS[4], skel)
@@ -217,6 +258,19 @@ while i + 1 <= #ARGV do
     local cur = redis.call('HGET', KEYS[1], key)
     if not cur or string.sub(cur, 1, #ARGV[1] + 1) == ARGV[1] .. ' ' then
       redis.call('HSET', KEYS[1], key, ARGV[1] .. ' ' .. token .. ' ' .. skel .. '\\0' .. name)
+    else
+      -- An authenticated user's name other nodes hold too (same token, §15):
+      -- this node is one more holder.
+      local sep = string.find(cur, ' ', 1, true)
+      local owners, rest = string.sub(cur, 1, sep - 1), string.sub(cur, sep + 1)
+      local mine = false
+      for owner in string.gmatch(owners, '[^,]+') do
+        if owner == ARGV[1] then mine = true end
+      end
+      local same = string.sub(rest, 1, #token + 1) == token .. ' '
+      if not mine and same and string.sub(token, 1, 4) == 'sub-' then
+        redis.call('HSET', KEYS[1], key, owners .. ',' .. ARGV[1] .. ' ' .. rest)
+      end
     end
     cur = redis.call('HGET', KEYS[4], skel)
     if not cur or string.sub(cur, 1, #ARGV[1] + 1) == ARGV[1] .. ' ' then
@@ -294,6 +348,7 @@ class RedisBackplane:
         self._session_scope: trio.CancelScope | None = None
         self._say: Any = None
         self._claim: Any = None
+        self._delete: Any = None
         self._apply_ops: Any = None
         self._down_logged = False
         self._stopping = False
@@ -345,10 +400,14 @@ class RedisBackplane:
         ids = await self._call(self._say, keys, args)
         return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
 
-    async def claim(self, name: str, token: str | None, *, rotate: bool = False) -> Claim:
+    async def claim(
+        self, name: str, token: str | None, *, rotate: bool = False, share: bool = False
+    ) -> Claim:
         # Claimed by its keys, so look-alikes collide across nodes (docs/protocol.md §2.1).
-        args = [PREFIX, name_key(name), token or "", self.node, secrets.token_urlsafe(24)]
-        args += [confusable_key(name), name, "1" if rotate else ""]
+        # A shared name keeps the token every node derives from the user's `sub`.
+        new_token = token if share and token else secrets.token_urlsafe(24)
+        args = [PREFIX, name_key(name), token or "", self.node, new_token]
+        args += [confusable_key(name), name, "1" if rotate else "", "1" if share else ""]
         keys = [PREFIX + "users", PREFIX + "skeletons"]
         status, got, previous, held = await self._call(self._claim, keys, args)
         return Claim(status.decode(), got.decode(), previous.decode(), held.decode())
@@ -363,6 +422,10 @@ class RedisBackplane:
         except FAILURES as exc:
             self._failed(exc)
             raise StorageError(f"Redis: {exc}") from exc
+
+    async def delete(self, room: str, message_id: str) -> bool:
+        keys = [PREFIX + "epoch", PREFIX + "log"]
+        return bool(await self._call(self._delete, keys, [PREFIX, room, message_id]))
 
     def release(self, name: str) -> None:
         self._queue("r", f"{name_key(name)}\0{confusable_key(name)}")
@@ -418,6 +481,7 @@ class RedisBackplane:
         self._redis = redis
         self._say = redis.register_script(SAY)
         self._claim = redis.register_script(CLAIM)
+        self._delete = redis.register_script(DELETE)
         self._apply_ops = redis.register_script(OPS)
         try:
             async with redis:
@@ -549,7 +613,7 @@ class RedisBackplane:
         """After (re)subscribing: fill the gap, rewrite our state, read everyone else's."""
         redis = self._redis
         assert redis is not None
-        for script in (SAY, CLAIM, OPS):
+        for script in (SAY, CLAIM, DELETE, OPS):
             await redis.script_load(script)  # (a restarted Redis has forgotten them)
         epoch = await self._ensure_epoch()
         if epoch != self._epoch:

@@ -43,6 +43,15 @@ class History(Protocol):
         commits in its own step, with no task hop); None for a store on disk."""
         ...
 
+    async def delete(self, room: str, message_id: str) -> bool:
+        """Remove one message (the server API, docs/protocol.md §16); whether
+        ``room`` had it.
+
+        Raises:
+            StorageError: the store could not be changed.
+        """
+        ...
+
     async def aclose(self) -> None:
         """Flush and close; safe to call twice."""
         ...

@@ -42,5 +42,13 @@ class MemoryHistory:
             kept.append(message)
             keep_newest(kept, self._size)
 
+    async def delete(self, room: str, message_id: str) -> bool:
+        kept = self._rooms.get(room, [])
+        for index, message in enumerate(kept):
+            if message.id == message_id:
+                del kept[index]
+                return True
+        return False
+
     async def aclose(self) -> None:
         pass

@@ -234,6 +234,22 @@ class SqliteHistory:
         except sqlite3.Error as exc:
             raise StorageError(f"history write failed: {exc}") from exc
 
+    async def delete(self, room: str, message_id: str) -> bool:
+        return await trio.to_thread.run_sync(self._delete, room, message_id)
+
+    def _delete(self, room: str, message_id: str) -> bool:
+        db = self._db
+        if db is None:
+            raise StorageError("history is closed")
+        try:
+            with self._lock:
+                cursor = db.execute(
+                    "DELETE FROM messages WHERE room = ? AND id = ?", (room, message_id)
+                )
+        except sqlite3.Error as exc:
+            raise StorageError(f"history delete failed: {exc}") from exc
+        return cursor.rowcount > 0
+
     async def aclose(self) -> None:
         db, self._db = self._db, None
         if db is not None:

@@ -155,10 +155,9 @@ class ClusterView:
         name = user.name
         # Frees what `by`'s claim did not take over (the backplane keeps the rest).
         self._output.release(name)
-        old = user.client
-        if old is not None:
+        for old in list(user.clients):
             presence.replaced(old)
-            user.client = None
+        user.clients = {}
         rooms = sorted(user.rooms)
         user.deadline = None
         user.rooms = set()

@@ -9,6 +9,7 @@ closed (§9).
 
 from __future__ import annotations
 
+from ..identity import TokenCheck
 from ..protocol import ClassicFrame, ClientFrame, CloseCode
 from .model import Client, send_error
 from .presence import Presence
@@ -42,7 +43,7 @@ class Connections:
         self._rooms.drop(client)
         self._presence.connection_lost(client, now)
 
-    def decide_mode(self, client: Client, frame: ClientFrame | None) -> None:
+    def decide_mode(self, client: Client, frame: ClientFrame | TokenCheck | None) -> None:
         """The first frame (None: one that was not a frame) decides the mode."""
         # A classic `/` listener stays in lobby's listeners: it becomes a
         # classic member there. A typed one stops listening.

@@ -74,6 +74,17 @@ class RoomLog:
         keep_newest(room.seqs, self._size)
         return room
 
+    def remove(self, room_name: str, message_id: str) -> Room | None:
+        """Forget a deleted message (docs/protocol.md §16): its room, or None if
+        no room here keeps it. A `since` of its id then recovers nothing."""
+        room = self._rooms.rooms.get(room_name)
+        index = self.index_of(room, message_id) if room is not None else None
+        if room is None or index is None:
+            return None
+        del room.messages[index]
+        del room.seqs[index]
+        return room
+
     # --- reading ------------------------------------------------------------------------
 
     def index_of(self, room: Room, message_id: str) -> int | None:

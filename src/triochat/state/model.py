@@ -12,6 +12,7 @@ from typing import Final, Protocol
 
 from ..events import Draft
 from ..frames import OutFrame
+from ..identity import Identity
 from ..protocol import ErrorFrame, Message, confusable_key, name_key
 from ..ratelimit import RateLimiter
 
@@ -47,7 +48,19 @@ class Peer(Protocol):
 class Client:
     """The chat-side state of one connection."""
 
-    __slots__ = ("classic", "gone", "limiter", "listener", "mode", "name", "peer", "rooms", "user")
+    __slots__ = (
+        "auth_deadline",
+        "classic",
+        "gone",
+        "identity",
+        "limiter",
+        "listener",
+        "mode",
+        "name",
+        "peer",
+        "rooms",
+        "user",
+    )
 
     def __init__(self, peer: Peer, limiter: RateLimiter, *, listener: bool) -> None:
         self.peer = peer
@@ -64,6 +77,11 @@ class Client:
         self.rooms: set[str] = set()
         #: Disconnected or replaced: its late frames are ignored.
         self.gone = False
+        #: Who its token says it is (docs/protocol.md §15); None: anonymous.
+        self.identity: Identity | None = None
+        #: When it is closed 4003: the handshake timeout, then its token's
+        #: ``exp`` (on the hub's clock); None while no deadline runs.
+        self.auth_deadline: float | None = None
 
     def holds(self, name: str) -> bool:
         """Whether this connection speaks as ``name`` (compared by `name_key`)."""
@@ -74,18 +92,21 @@ class User:
     """A name held by somebody: connected, or within the presence grace period."""
 
     __slots__ = (
-        "client",
+        "clients",
         "deadline",
         "key",
         "name",
         "refs",
         "rooms",
         "skeleton",
+        "sub",
         "token",
         "whispers_in",
     )
 
-    def __init__(self, name: str, client: Client, token: str | None = None) -> None:
+    def __init__(
+        self, name: str, client: Client, token: str | None = None, sub: str | None = None
+    ) -> None:
         #: The name as bound (trimmed, as typed): shown in frames, room members
         #: and cluster entries.
         self.name = name
@@ -94,16 +115,30 @@ class User:
         self.key = name_key(name)
         self.skeleton = confusable_key(name)
         self.token = token or secrets.token_urlsafe(24)
-        self.client: Client | None = client
+        #: The token's ``sub`` (docs/protocol.md §15): None for an anonymous user.
+        self.sub = sub
+        #: Its live connections: one for an anonymous user; an authenticated
+        #: one may have several (tabs, devices), all one member (§15).
+        self.clients: dict[Client, None] = {client: None}
         #: The bound on whispers this user receives (made on the first one).
         self.whispers_in: RateLimiter | None = None
-        #: Rooms the user is a member of (live through ``client``, or held).
+        #: Rooms the user is a member of (live through ``clients``, or held).
         self.rooms: set[str] = set()
         #: When held rooms are released; None while nothing is held.
         self.deadline: float | None = None
         #: The user's recent says by `ref`, oldest first, so a retry is never
         #: stored twice (a plain dict: an empty one costs less than an OrderedDict).
         self.refs: dict[str, PendingSay] = {}
+
+    def live_rooms(self) -> set[str]:
+        """The rooms some connection of the user has joined (not only held)."""
+        clients = self.clients
+        if len(clients) <= 1:
+            return next(iter(clients)).rooms if clients else set()
+        live: set[str] = set()
+        for client in clients:
+            live |= client.rooms
+        return live
 
 
 class Room:

@@ -16,6 +16,7 @@ import secrets
 from typing import Final
 
 from ..events import Claim, Entry, Kick
+from ..identity import TokenCheck
 from ..protocol import (
     ClassicFrame,
     ClientFrame,
@@ -57,16 +58,19 @@ class Presence:
 
     # --- names ---------------------------------------------------------------------
 
-    def needs_claim(self, client: Client, frame: ClientFrame) -> str | None:
+    def needs_claim(self, client: Client, frame: ClientFrame | TokenCheck) -> str | None:
         """The name ``frame`` would take that only the cluster can grant, if any
         (see `ChatState.needs_claim`)."""
         if client.gone or client.user is not None:
             return None
+        identity = client.identity
         if isinstance(frame, Join):
-            if frame.name is None or not is_valid_room(frame.room):
+            if not is_valid_room(frame.room):
                 return None
-            requested = frame.name
-        elif isinstance(frame, ClassicFrame):
+            requested = frame.name if identity is None else identity.name
+            if requested is None:
+                return None
+        elif isinstance(frame, ClassicFrame) and identity is None:
             requested = frame.name
         else:
             return None
@@ -75,6 +79,8 @@ class Presence:
             return None
         user = self.users.get(name_key(name))
         if user is not None:
+            if identity is not None:
+                return None  # the same user's connection, or name_taken: decided here
             # A takeover of a user here that rotates its token: the cluster
             # records the new one (§6). Without `rotate` this node decides.
             if not (isinstance(frame, Join) and frame.rotate and frame.token is not None):
@@ -98,30 +104,44 @@ class Presence:
     ) -> User:
         """The user ``client`` speaks as, taking the name over with its token.
 
+        An authenticated connection (``client.identity``) joins the user of
+        its ``sub`` as one more connection (docs/protocol.md §15); it never
+        takes over and is never refused by that user.
+
         Raises:
             Refused: the name (or a look-alike) is taken, and no token matched.
         """
         if client.user is not None:
             return client.user
+        sub = client.identity.sub if client.identity is not None else None
         # Names are held by key (docs/protocol.md §2.1): "ALICE" and "\u0430lice"
         # (Cyrillic a) are "alice"; a look-alike of another user's name is taken too.
         user = self.users.get(name_key(name))
         if user is None:
             if claim is not None and claim.status == "taken":
                 raise Refused(ErrorCode.NAME_TAKEN, f"{name} is taken")
-            if claim is not None and claim.status == "takeover" and claim.name:
-                name = claim.name  # taken over from another node: the name as first bound
+            if claim is not None and claim.status in ("takeover", "shared") and claim.name:
+                name = claim.name  # held on another node: the name as first bound
             if confusable_key(name) in self._skeletons:
                 raise Refused(ErrorCode.NAME_TAKEN, f"{name} is taken (too like another name)")
-            user = User(name, client, claim.token if claim else None)
+            user = User(name, client, claim.token if claim else None, sub)
             self.users[user.key] = user
             self._skeletons[user.skeleton] = user
             output = self._output
             output.changed(add=("", name))
-            if claim is not None and claim.previous and claim.previous != output.node:
+            if (
+                claim is not None
+                and claim.status == "takeover"
+                and claim.previous
+                and claim.previous != output.node
+            ):
                 # The name was held on another node: it closes that connection
                 # and hands the user's rooms over (`apply` of Kick/Handover).
                 output.publish(Kick(claim.previous, name, output.node))
+        elif sub is not None or user.sub is not None:
+            if sub != user.sub:
+                raise Refused(ErrorCode.NAME_TAKEN, f"{name} is taken")
+            self._add_connection(user, client)
         elif (
             token is None
             or not secrets.compare_digest(token, user.token)
@@ -138,6 +158,13 @@ class Presence:
         client.user = user
         return user
 
+    def _add_connection(self, user: User, client: Client) -> None:
+        """One more connection of an authenticated user: the same member."""
+        was_connected = bool(user.clients)
+        user.clients[client] = None
+        if not was_connected:
+            self._output.changed(add=("", user.name))
+
     def forget(self, user: User) -> None:
         """``user`` no longer holds its name here (never awaits)."""
         del self.users[user.key]
@@ -145,14 +172,15 @@ class Presence:
             del self._skeletons[user.skeleton]
 
     def _take_over(self, user: User, client: Client, now: float) -> None:
-        old = user.client
-        user.client = client
-        if old is None:
+        old = list(user.clients)
+        user.clients = {client: None}
+        if not old:
             self._output.changed(add=("", user.name))
             return
         # The old connection's memberships are held for the grace period, as on
         # a disconnect; the new connection takes them back by joining again.
-        self.replaced(old)
+        for previous in old:
+            self.replaced(previous)
         if user.rooms:
             self.hold(user, now)
 
@@ -165,11 +193,24 @@ class Presence:
     def connection_lost(self, client: Client, now: float) -> None:
         """``client`` (already dropped from its rooms) is gone: hold its user's rooms."""
         user = client.user
-        if user is None or user.client is not client:
+        if user is None or client not in user.clients:
             return
-        user.client = None
-        self._output.changed(remove=("", user.name))
+        del user.clients[client]
+        if not user.clients:
+            self._output.changed(remove=("", user.name))
+        # Rooms only this connection had end after the grace period too.
         self.hold(user, now)
+
+    def disconnect(self, user: str) -> None:
+        """Close every connection of ``user`` here with 4009 (docs/protocol.md
+        §16): an authenticated user by its ``sub``, an anonymous one by name.
+        Its rooms are then held for the grace period, as after any close."""
+        typed = normalize_name(user)
+        key = name_key(typed) if typed is not None else None
+        for held in list(self.users.values()):
+            if held.sub == user or (held.sub is None and held.key == key):
+                for client in list(held.clients):
+                    client.peer.close_soon(CloseCode.DISCONNECTED, "disconnected by an operator")
 
     # --- held rooms -------------------------------------------------------------------
 
@@ -205,10 +246,9 @@ class Presence:
             if user.deadline != deadline:
                 continue  # superseded by a later disconnect
             user.deadline = None
-            live = user.client.rooms if user.client is not None else set()
-            for room_name in sorted(user.rooms - live):
+            for room_name in sorted(user.rooms - user.live_rooms()):
                 rooms.remove_member(user, rooms.rooms[room_name])
-            if user.client is None and self.users.get(user.key) is user:
+            if not user.clients and self.users.get(user.key) is user:
                 self.forget(user)
                 self._output.release(user.name)
 
@@ -218,7 +258,7 @@ class Presence:
         """This node's entries, for the backplane to rewrite after an outage."""
         entries: list[Entry] = []
         for user in self.users.values():
-            if user.client is not None:
+            if user.clients:
                 entries.append(("", user.name))
             entries.extend((room, user.name) for room in sorted(user.rooms))
         return entries

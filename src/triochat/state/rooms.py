@@ -11,7 +11,7 @@ from the room as a whole (here or on another node).
 from __future__ import annotations
 
 from ..frames import OutFrame
-from ..protocol import PresenceFrame, TypingFrame
+from ..protocol import DeletedFrame, PresenceFrame, TypingFrame
 from .model import CLASSIC_ROOM, Client, Room, User
 from .output import OutputBuffer
 
@@ -93,7 +93,10 @@ class Rooms:
     # --- fan-out ----------------------------------------------------------------------
 
     def to_typed(
-        self, room: Room, frame: PresenceFrame | TypingFrame, skip: Client | None = None
+        self,
+        room: Room,
+        frame: PresenceFrame | TypingFrame | DeletedFrame,
+        skip: Client | None = None,
     ) -> None:
         """``frame`` to the room's typed subscribers (classic ones never get it)."""
         out = OutFrame.of(frame)

@@ -27,6 +27,8 @@ from .output import OutputBuffer
 __all__ = ["MAX_REFS_PER_USER", "Says"]
 
 MAX_REFS_PER_USER: Final = 256  # recent say refs remembered per user, for retries
+#: The ref of a server API say: its ack carries the id back (`submit_as`).
+API_REF: Final = "api"
 
 
 def _answer_to(pending: PendingSay) -> list[Client]:
@@ -75,6 +77,12 @@ class Says:
             if len(refs) > MAX_REFS_PER_USER:
                 del refs[next(iter(refs))]
         self._output.store(pending)
+
+    def submit_as(self, client: Client, room: str, name: str, text: str, wall_ms: int) -> None:
+        """A say of the server API (docs/protocol.md §16) as ``name``: ``client``
+        (no connection: its peer takes the answer) gets the ack or the error,
+        as a say's sender does. No retries: nothing remembers its ref."""
+        self._output.store(PendingSay(client, Draft(room, name, text, wall_ms, API_REF)))
 
     def stored(self, batch: Sequence[PendingSay], ids: Sequence[str]) -> None:
         """The backplane stored ``batch`` as ``ids``: ack each when its message is here."""

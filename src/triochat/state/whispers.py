@@ -4,7 +4,9 @@ A whisper is not stored (docs/protocol.md §3 `whisper`): it is delivered
 at once to a user connected here, or sent to the user's node, whose answer
 (`WhisperResult`) decides the sender's copy and ack; no answer in time is
 `unavailable`. The whispers one user receives, from everybody together,
-are bounded (§9).
+are bounded (§9). A user with several connections (§15) gets it on every
+one, on every node, and so does the sender's copy. With tokens on, a
+whisper reaches only a user who shares a room with the sender (§15).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from .cluster import ClusterView
 from .model import Client, Refused, User, send_error
 from .output import OutputBuffer
 from .presence import Presence
+from .rooms import Rooms
 
 __all__ = ["Whispers"]
 
@@ -64,6 +67,7 @@ class Whispers:
         "_presence",
         "_remote_timeout",
         "_requests",
+        "_rooms",
         "_waiting",
         "backplane_up",
         "prefix",
@@ -71,6 +75,7 @@ class Whispers:
 
     def __init__(
         self,
+        rooms: Rooms,
         presence: Presence,
         cluster: ClusterView,
         output: OutputBuffer,
@@ -78,6 +83,7 @@ class Whispers:
         epoch: str,
         remote_timeout: float,
     ) -> None:
+        self._rooms = rooms
         self._presence = presence
         self._cluster = cluster
         self._output = output
@@ -98,40 +104,74 @@ class Whispers:
         """A `whisper` frame (past the rate check).
 
         Raises:
-            Refused: no name yet, nobody of that name connected, the user gets
-                too many whispers, or its node is out of reach.
+            Refused: no name yet, nobody of that name connected (or, with
+                tokens on, in no room with the sender), the user gets too many
+                whispers, or its node is out of reach.
         """
-        if client.name is None:
+        if client.name is None or client.user is None:
             raise Refused(ErrorCode.NOT_JOINED, "join a room first: whispers need a name")
         # `to` names a user by key (docs/protocol.md §3): "Alice" reaches "alice".
         typed = normalize_name(frame.to)
         key = name_key(typed) if typed is not None else None
         target = self._presence.users.get(key) if key is not None else None
-        target_client = target.client if target is not None else None
+        local = list(target.clients) if target is not None else []
         elsewhere = self._cluster.online(key) if key is not None else None
-        if key is None or (target_client is None and elsewhere is None):
+        if key is None or (not local and elsewhere is None):
             raise Refused(ErrorCode.NO_SUCH_USER, f"nobody is called {frame.to}")
-        if target_client is not None:
-            assert target is not None
+        if target is not None and local:
             to = target.name
         else:
             assert elsewhere is not None
             to = elsewhere[1] or typed or ""
-        if target is not None and target_client is not None and not _may_whisper_to(target, now):
+        if client.identity is not None and not self._share_a_room(client.user, to):
+            # The same answer as for nobody: it reveals nothing (§15).
+            raise Refused(ErrorCode.NO_SUCH_USER, f"nobody is called {frame.to}")
+        if target is not None and local and not _may_whisper_to(target, now):
             raise Refused(ErrorCode.RATE_LIMITED, f"{to} gets too many whispers: try again")
         whisper_id = f"{self.prefix}{next(self._ids)}"
         out = OutFrame.of(
             WhisperFrame(whisper_id, client.name, to, client.name, frame.msg, wall_ms)
         )
-        if target_client is None:
-            assert elsewhere is not None
-            self._send_to_node(client, min(elsewhere[0]), whisper_id, out, frame.ref, to, now)
+        # Further nodes of a user with several connections (§15): no answer awaited.
+        other_nodes = sorted(elsewhere[0]) if elsewhere is not None else []
+        if not local:
+            first, *other_nodes = other_nodes
+            self._send_to_node(client, first, whisper_id, out, frame.ref, to, now)
+        if client.identity is not None:
+            for node in other_nodes:
+                self._output.publish(WhisperEvent(node, to, out.json.decode()))
+        if not local:
             return
-        target_client.peer.deliver(out)
-        if target_client is not client:
-            client.peer.deliver(out)
+        for target_client in local:
+            target_client.peer.deliver(out)
+        self._copy_to_sender(client, out, skip=local)
         if frame.ref is not None and not client.classic:
             client.peer.deliver(OutFrame.of(AckFrame(frame.ref, whisper_id)))
+
+    def _share_a_room(self, user: User, name: str) -> bool:
+        """Whether the user called ``name`` is a member of one of ``user``'s rooms."""
+        rooms = self._rooms.rooms
+        for room_name in user.rooms:
+            room = rooms.get(room_name)
+            if room is not None and (name in room.members or name in room.remote):
+                return True
+        return False
+
+    def _copy_to_sender(self, client: Client, out: OutFrame, skip: list[Client]) -> None:
+        """The sender's copy, on each of its user's connections here (and, for a
+        user with several, on its other nodes: §15)."""
+        user = client.user
+        if user is None or user.sub is None:
+            if client not in skip:
+                client.peer.deliver(out)
+            return
+        for own in user.clients:
+            if own not in skip:
+                own.peer.deliver(out)
+        elsewhere = self._cluster.online(user.key)
+        if elsewhere is not None:
+            for node in sorted(elsewhere[0]):
+                self._output.publish(WhisperEvent(node, user.name, out.json.decode(), copy=True))
 
     def _send_to_node(
         self,
@@ -163,14 +203,16 @@ class Whispers:
         if event.node != self._cluster.node:
             return
         user = self._presence.users.get(name_key(event.to))
-        target = user.client if user is not None else None
+        targets = list(user.clients) if user is not None else []
         refused = ""
-        if user is None or target is None:
+        if user is None or not targets:
             refused = ErrorCode.NO_SUCH_USER
-        elif not _may_whisper_to(user, now):
+        elif not event.copy and not _may_whisper_to(user, now):
             refused = ErrorCode.RATE_LIMITED
         else:
-            target.peer.deliver(OutFrame(event.frame.encode()))
+            out = OutFrame(event.frame.encode())
+            for target in targets:
+                target.peer.deliver(out)
         if event.request:
             self._output.publish(WhisperResult(event.sender, event.request, not refused, refused))
 
@@ -190,7 +232,7 @@ class Whispers:
                 message = f"nobody is called {whisper.to}"
                 send_error(client, ErrorCode.NO_SUCH_USER, message, whisper.ref)
             return
-        client.peer.deliver(whisper.frame)
+        self._copy_to_sender(client, whisper.frame, skip=[])
         if whisper.ref is not None and not client.classic:
             client.peer.deliver(OutFrame.of(AckFrame(whisper.ref, whisper.id)))
 

@@ -1,4 +1,4 @@
-"""The Server-Sent Events transport (PROTOCOL.md §7), for networks whose
+"""The Server-Sent Events transport (docs/protocol.md §13), for networks whose
 proxies break WebSockets.
 
 Server -> client: one long ``GET /sse`` response, one ``data:`` event per

@@ -62,7 +62,7 @@ const page = {
   lastTypingSent: 0,
   countdown: null,
   offlineSaid: false, // the offline announcement was made for this outage
-  lastAnnounced: '',
+  lastStatusSaid: '', // the last status announced (see announce)
 };
 
 // ---- storage: resume after a reload (this tab) or in a new tab -----------------
@@ -168,11 +168,23 @@ function messageBody(text) {
   return parts;
 }
 
-// ---- announcements: polite, once, never a countdown ---------------------------------
-function announce(text) {
-  if (!text || text === page.lastAnnounced) return;
-  page.lastAnnounced = text;
-  ui.announcer.textContent = text;
+// ---- announcements: polite, each message once, never a countdown ----------------------
+// Each announcement is a new paragraph added to the live region (#announcer is
+// aria-atomic="false", so only the addition is read): the same line twice in a
+// row ("bob: yes", "bob: yes") or a repeated whisper is read twice, and
+// messages that arrive together are each read. The region keeps the last few.
+// A status (`status: true`: offline, connected again, …) equal to the last
+// status said is not said again, so a state that comes back is not repeated.
+const ANNOUNCED_KEPT = 5;
+
+function announce(text, { status = false } = {}) {
+  if (!text) return;
+  if (status) {
+    if (text === page.lastStatusSaid) return;
+    page.lastStatusSaid = text;
+  }
+  ui.announcer.append(el('p', null, text));
+  while (ui.announcer.childElementCount > ANNOUNCED_KEPT) ui.announcer.firstElementChild.remove();
 }
 
 // ---- per-room views --------------------------------------------------------------
@@ -703,8 +715,9 @@ function onStatus(s) {
       let text = 'connected';
       if (sse) text = s.forced ? 'connected (SSE)' : 'connected (SSE fallback)';
       setStatus('connected', text);
-      if (page.offlineSaid) announce('Connected again.');
+      if (page.offlineSaid) announce('Connected again.', { status: true });
       page.offlineSaid = false;
+      page.lastStatusSaid = ''; // the next stop or outage is news again
       break;
     }
     case 'offline': {
@@ -717,7 +730,7 @@ function onStatus(s) {
       ui.retry.textContent = 'Retry now';
       ui.retry.hidden = false;
       if (!page.offlineSaid) {
-        announce("Can't reach the server. Retrying by itself; you can keep typing.");
+        announce("Can't reach the server. Retrying by itself; you can keep typing.", { status: true });
         page.offlineSaid = true;
       }
       if (ui.chatView.hidden && !ui.joinView.hidden && page.joining) {
@@ -729,7 +742,7 @@ function onStatus(s) {
       setStatus('disconnected', 'open in another tab');
       systemLine(view, 'This chat is open in another tab or window, so this one stopped. ' +
         'Press “Use here” to continue here.', { error: true });
-      announce('This chat was opened in another tab, so this one stopped.');
+      announce('This chat was opened in another tab, so this one stopped.', { status: true });
       ui.retry.textContent = 'Use here';
       ui.retry.hidden = false;
       setChatEnabled(false);
@@ -742,13 +755,13 @@ function onStatus(s) {
         // person's own choice.
         setStatus('disconnected', 'disconnected by an operator');
         systemLine(view, 'An operator disconnected you.', { error: true, code: 'disconnected' });
-        announce('An operator disconnected you.');
+        announce('An operator disconnected you.', { status: true });
       } else if (s.reason === 'unauthorized' || s.reason === 'expired') {
         // Only with a connection token (the demo page has none): say why.
         setStatus('disconnected', 'not signed in');
         systemLine(view, ['Stopped: ', userText(s.error?.message || 'the sign-in failed')],
           { error: true, code: s.error?.code });
-        announce('The chat stopped: the sign-in was not accepted.');
+        announce('The chat stopped: the sign-in was not accepted.', { status: true });
       } else {
         setStatus('disconnected', 'not connected');
       }

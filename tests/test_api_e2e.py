@@ -5,6 +5,10 @@ server on real sockets: the documented examples verbatim (only the port,
 the key and the ids put in), then what members see (a published message, a
 `deleted` frame, a 4009 close) on one node, after a restart, and across two
 nodes sharing a real redis-server.
+
+The members are the package's own client, `triochat.client` (docs/python-client.md),
+as a bot or backend would use it; only an exact frame shape is checked with the
+raw test client (tests/chatclient.py).
 """
 
 from __future__ import annotations
@@ -18,13 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import jwt
+import pytest
 import trio
 
+from triochat.client import ChatClient, Deleted, DisconnectedByOperator, Message, Presence, connect
 from triochat.config import Config
 from triochat.server import Server
 
-from .chatclient import ChatClient
-from .conftest import client_of, running_server
+from .conftest import client_of, running_server, ws_url
 from .redisserver import redis_server
 
 KEY = "an-api-key-for-the-tests-0123456789"
@@ -58,11 +63,27 @@ async def api_server(**options: Any) -> AsyncIterator[Server]:
             yield server
 
 
-async def _next(client: ChatClient, kind: str, **fields: Any) -> dict[str, Any]:
+async def _next(client: ChatClient, kind: type[Any], **fields: Any) -> Any:
+    """The next event of ``kind`` with ``fields``; skips others."""
     while True:
-        frame = await client.recv()
-        if frame.get("type") == kind and all(frame.get(k) == v for k, v in fields.items()):
-            return frame
+        event = await client.receive()
+        if isinstance(event, kind) and all(getattr(event, k) == v for k, v in fields.items()):
+            return event
+
+
+async def _drain(client: ChatClient) -> None:
+    """Take events until `receive` raises (the client ended)."""
+    while True:
+        await client.receive()
+
+
+async def disconnected_by_operator(client: ChatClient) -> None:
+    """The client ends with 4009 "disconnected by an operator" and does not come back."""
+    with pytest.raises(DisconnectedByOperator) as ended:
+        await _drain(client)
+    assert (ended.value.code, ended.value.reason) == (4009, "disconnected by an operator")
+    assert client.ended is ended.value
+    assert not client.connected
 
 
 # --- the documented examples, verbatim -------------------------------------------------
@@ -79,12 +100,12 @@ def _documented_commands() -> list[str]:
 async def test_the_documented_curl_examples_work_as_documented() -> None:
     commands = _documented_commands()
     assert len(commands) == 5, commands  # publish, presence, history, delete, disconnect
-    async with api_server() as server, client_of(server) as alice:
+    async with api_server() as server, connect(ws_url(server)) as alice:
         await alice.join("lobby", name="alice")
         # Two messages before, so the history example's `before` has an older page.
-        for text in ("first", "second"):
-            await alice.say(text)
-        ids = [(await _next(alice, "message", msg=text))["id"] for text in ("first", "second")]
+        ids = [await alice.say("lobby", text) for text in ("first", "second")]
+        for text, message_id in zip(("first", "second"), ids, strict=True):
+            await _next(alice, Message, msg=text, id=message_id)
         outputs = []
         for command in commands:
             # The example ids stand for the newest message; the port for ours.
@@ -101,16 +122,16 @@ async def test_the_documented_curl_examples_work_as_documented() -> None:
         (published, presence, history, deleted, disconnected) = outputs
         assert published[0] == 200
         assert set(published[1]) == {"id", "ts"}
-        notice = await _next(alice, "message", name="notice", msg="hi")
-        assert notice["id"] == published[1]["id"]
+        notice = await _next(alice, Message, name="notice", msg="hi")
+        assert notice.id == published[1]["id"]
         assert presence == (200, {"room": "lobby", "members": ["alice"]})
         assert history[0] == 200
         assert [m["msg"] for m in history[1]["messages"]] == ["first"]
         assert history[1]["more"] is False
         assert deleted == (204, None)
-        assert (await _next(alice, "deleted"))["id"] == ids[-1]
+        assert await _next(alice, Deleted) == Deleted(room="lobby", id=ids[-1])
         assert disconnected == (204, None)
-        assert await alice.closed() == (4009, "disconnected by an operator")
+        await disconnected_by_operator(alice)
 
 
 # --- publish -------------------------------------------------------------------------------
@@ -120,7 +141,7 @@ async def test_publish_is_a_message_for_members_and_200_means_stored(tmp_path: P
     with trio.fail_after(30):
         async with (
             running_server(api_key=KEY, memory=False, data_dir=tmp_path) as server,
-            client_of(server) as bob,
+            connect(ws_url(server)) as bob,
         ):
             await bob.join("news", name="bob")
             status, body = await curl(
@@ -130,8 +151,8 @@ async def test_publish_is_a_message_for_members_and_200_means_stored(tmp_path: P
                 url("/api/publish"),
             )
             assert status == 200
-            message = await _next(bob, "message", name="ci", msg="deploy done")
-            assert (message["id"], message["ts"]) == (body["id"], body["ts"])
+            message = await _next(bob, Message, name="ci", msg="deploy done")
+            assert (message.room, message.id, message.ts) == ("news", body["id"], body["ts"])
             assert abs(body["ts"] - time.time() * 1000) < 60_000
         # 200 meant stored: a new server on the same file has it.
         async with running_server(memory=False, data_dir=tmp_path, api_key=KEY) as again:
@@ -180,24 +201,26 @@ async def test_delete_removes_the_message_from_history_and_recovery(tmp_path: Pa
     with trio.fail_after(30):
         async with (
             running_server(api_key=KEY, memory=False, data_dir=tmp_path) as server,
-            client_of(server) as alice,
+            connect(ws_url(server)) as alice,
+            # The raw test client, for the exact frame on the wire: `Deleted` is
+            # decoded leniently (unknown fields ignored), so it cannot show that
+            # the frame has no other fields.
+            client_of(server) as wire,
         ):
             await alice.join("lobby", name="alice")
-            for text in ("keep", "drop", "last"):
-                await alice.say(text)
-            ids = {
-                text: (await _next(alice, "message", msg=text))["id"]
-                for text in ("keep", "drop", "last")
-            }
+            await wire.join("lobby", name="wire")
+            ids = {text: await alice.say("lobby", text) for text in ("keep", "drop", "last")}
+            for text, message_id in ids.items():
+                await _next(alice, Message, msg=text, id=message_id)
             status, _ = await curl(
                 server.port, "-X", "DELETE", url(f"/api/messages/{ids['drop']}?room=lobby")
             )
             assert status == 204
-            assert await _next(alice, "deleted") == {
-                "type": "deleted",
-                "room": "lobby",
-                "id": ids["drop"],
-            }
+            assert await _next(alice, Deleted) == Deleted(room="lobby", id=ids["drop"])
+            frame = await wire.recv()
+            while frame["type"] != "deleted":
+                frame = await wire.recv()
+            assert frame == {"type": "deleted", "room": "lobby", "id": ids["drop"]}
             # Gone from history, and again: 404.
             _, page = await curl(server.port, url("/api/history?room=lobby"))
             assert [m["msg"] for m in page["messages"]] == ["keep", "last"]
@@ -206,13 +229,19 @@ async def test_delete_removes_the_message_from_history_and_recovery(tmp_path: Pa
             )
             assert (status, body["code"]) == (404, "no_such_message")
             # Gone from recovery: a join with since=keep replays only "last".
-            async with client_of(server) as late:
+            async with connect(ws_url(server)) as late:
                 joined = await late.join("lobby", name="late", since=ids["keep"])
-                assert [m["msg"] for m in joined["history"]] == ["last"]
+                assert [m.msg for m in joined.history] == ["last"]
+                # ... and from the client's history paging.
+                page = await late.history("lobby")
+                assert [m.id for m in page.messages] == [ids["keep"], ids["last"]]
         # Gone from the store: not back after a restart.
-        async with running_server(memory=False, data_dir=tmp_path) as again, client_of(again) as c:
-            joined = await c.join("lobby", name="carol")
-            assert [m["msg"] for m in joined["history"]] == ["keep", "last"]
+        async with (
+            running_server(memory=False, data_dir=tmp_path) as again,
+            connect(ws_url(again)) as carol,
+        ):
+            joined = await carol.join("lobby", name="carol")
+            assert [m.msg for m in joined.history] == ["keep", "last"]
 
 
 async def test_disconnect_closes_every_connection_of_the_user_with_4009() -> None:
@@ -221,24 +250,18 @@ async def test_disconnect_closes_every_connection_of_the_user_with_4009() -> Non
 
     async with (
         api_server(jwt_secret=SECRET) as server,
-        client_of(server) as tab1,
-        client_of(server) as tab2,
-        client_of(server) as other,
+        connect(ws_url(server), token=token("u1", "alice")) as tab1,
+        connect(ws_url(server), token=token("u1", "alice")) as tab2,
+        connect(ws_url(server), token=token("u2", "bob")) as other,
     ):
-        for client, sub, name in (
-            (tab1, "u1", "alice"),
-            (tab2, "u1", "alice"),
-            (other, "u2", "bob"),
-        ):
-            await client.send({"type": "auth", "token": token(sub, name)})
-            await client.expect("authed")
+        for client in (tab1, tab2, other):
             await client.join("lobby")
         status, _ = await curl(server.port, "-d", '{"user":"u1"}', url("/api/disconnect"))
         assert status == 204
-        assert await tab1.closed() == (4009, "disconnected by an operator")
-        assert await tab2.closed() == (4009, "disconnected by an operator")
-        await other.say("still here", ref="s")
-        await _next(other, "ack", ref="s")
+        await disconnected_by_operator(tab1)
+        await disconnected_by_operator(tab2)
+        message_id = await other.say("lobby", "still here")  # acked
+        await _next(other, Message, msg="still here", id=message_id)
         status, members = await curl(server.port, url("/api/presence?room=lobby"))
         assert status == 200
         assert "bob" in members["members"]
@@ -255,10 +278,10 @@ async def test_every_call_works_on_any_node_of_a_cluster(tmp_path: Path) -> None
                 config = Config(port=0, redis=redis.url, api_key=KEY, rate=0)
                 nodes.append(await nursery.start(Server(config).run))
             a, b = nodes
-            async with client_of(a) as on_a, client_of(b) as on_b:
+            async with connect(ws_url(a)) as on_a, connect(ws_url(b)) as on_b:
                 await on_a.join("lobby", name="alice")
                 await on_b.join("lobby", name="bob")
-                await _next(on_a, "presence", name="bob")
+                await _next(on_a, Presence, room="lobby", event="join", name="bob")
                 # Publish on B: members on both nodes get it.
                 status, body = await curl(
                     b.port,
@@ -268,7 +291,7 @@ async def test_every_call_works_on_any_node_of_a_cluster(tmp_path: Path) -> None
                 )
                 assert status == 200
                 for client in (on_a, on_b):
-                    assert (await _next(client, "message", msg="from the api"))["id"] == body["id"]
+                    assert (await _next(client, Message, msg="from the api")).id == body["id"]
                 # Presence on A lists the member on B.
                 _, presence = await curl(a.port, url("/api/presence?room=lobby"))
                 assert presence["members"] == ["alice", "bob"]
@@ -278,13 +301,13 @@ async def test_every_call_works_on_any_node_of_a_cluster(tmp_path: Path) -> None
                 )
                 assert status == 204
                 for client in (on_a, on_b):
-                    assert (await _next(client, "deleted"))["id"] == body["id"]
+                    assert await _next(client, Deleted) == Deleted(room="lobby", id=body["id"])
                 for node in (a, b):
                     _, page = await curl(node.port, url("/api/history?room=lobby"))
                     assert page["messages"] == []
                 # Disconnect on A closes bob, who is on B.
                 status, _ = await curl(a.port, "-d", '{"user":"bob"}', url("/api/disconnect"))
                 assert status == 204
-                assert await on_b.closed() == (4009, "disconnected by an operator")
+                await disconnected_by_operator(on_b)
             for node in nodes:
                 node.drain()

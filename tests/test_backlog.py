@@ -11,13 +11,17 @@ from __future__ import annotations
 import json
 import socket
 import threading
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 
 import trio
+from trio_websocket import ConnectionClosed
 from websockets.sync.client import connect
 
-from triochat import Server
+from triochat import Config, Server
+from triochat.history.memory import MemoryHistory
+from triochat.hub import STORE_BATCH
+from triochat.protocol import Message
 
 from .chatclient import ChatClient
 from .conftest import client_of, running_server
@@ -208,3 +212,104 @@ async def test_backlog_never_reading_client_asking_for_history_is_closed_within_
             # Four times the bound, and the reply that took it there (100 x 6 KB).
             assert max(held) <= 4 * server.config.outbox_bytes + 650_000
             assert server.stats.slow_consumers == 1
+
+
+class GatedHistory(MemoryHistory):
+    """A store on "disk" (its appends go through the hub's store loop) that holds
+    its first append until `gate` is set, so the says sent meanwhile pile up and
+    the next append stores a full batch at once."""
+
+    append_nowait = None  # type: ignore[assignment]  # (the store loop's path)
+
+    def __init__(self, history_size: int) -> None:
+        super().__init__(history_size)
+        self.entered = trio.Event()  # the first append waits at the gate
+        self.gate = trio.Event()
+        self.batches: list[int] = []
+
+    async def append(self, batch: Sequence[Message]) -> None:
+        self.batches.append(len(batch))
+        if not self.gate.is_set():
+            self.entered.set()
+            await self.gate.wait()
+        MemoryHistory.append_nowait(self, batch)
+
+
+BURST_SENDERS = 16
+BURST_SAYS = STORE_BATCH // BURST_SENDERS  # together one full store batch
+
+
+def _burst_text(sender: int, n: int) -> str:
+    return f"{sender:02d}-{n:03d}".ljust(8192, "x")  # 8 KB
+
+
+async def _say_then_sync(client: ChatClient, sender: int) -> None:
+    """``client``'s says, then a `history` request: its reply proves the hub took them."""
+    for n in range(BURST_SAYS):
+        await client.say(_burst_text(sender, n))
+    await client.send({"type": "history", "room": "lobby", "limit": 1})
+    while (await client.recv())["type"] != "history":
+        pass  # (others' presence; no message can come before the store lets go)
+
+
+async def _read_texts(client: ChatClient, count: int) -> list[str]:
+    """The heads of the next ``count`` messages ``client`` gets, whoever said them;
+    a close ends the list with ``closed <code>``."""
+    seen: list[str] = []
+    while len(seen) < count:
+        try:
+            frame = await client.recv()
+        except ConnectionClosed as exc:
+            seen.append(f"closed {exc.reason.code if exc.reason else None}")
+            break
+        if frame["type"] == "message":
+            seen.append(frame["msg"][:6])
+    return seen
+
+
+async def test_backlog_full_speed_reader_is_not_closed_by_one_step_over_four_times_the_bound():
+    """Gap 5 of #12: one hub step delivers a full store batch (512 messages of 8 KB,
+    over 4 MiB: four times the default --outbox-bytes) to every member of a room of
+    18; they all read at full speed, so each gets every message in the one order,
+    and none is closed as a slow consumer. (The says pile up behind a store that is
+    slow once; then one append stores them all and one step fans them out.)"""
+    history = GatedHistory(1000)
+    config = Config(port=0, rate=0, max_msg_chars=8192)
+    expected = ["00-ope"] + [
+        _burst_text(i, n)[:6] for i in range(BURST_SENDERS) for n in range(BURST_SAYS)
+    ]
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery, AsyncExitStack() as stack:
+            server: Server = await nursery.start(Server(config, history=history).run)
+            clients: dict[str, ChatClient] = {}
+            for name in ["reader", "opener"] + [f"s{i}" for i in range(BURST_SENDERS)]:
+                clients[name] = await stack.enter_async_context(client_of(server, timeout=30))
+                await clients[name].join("lobby", name)
+            # The first say takes the store's first append, which waits...
+            await clients["opener"].say("00-open")
+            await history.entered.wait()
+            # ...while every sender's says queue behind it.
+            async with trio.open_nursery() as sending:
+                for i in range(BURST_SENDERS):
+                    sending.start_soon(_say_then_sync, clients[f"s{i}"], i)
+            results: dict[str, list[str]] = {}
+            async with trio.open_nursery() as reading:
+
+                async def collect(name: str) -> None:
+                    results[name] = await _read_texts(clients[name], len(expected))
+
+                for name in clients:
+                    reading.start_soon(collect, name)
+                history.gate.set()
+            slow_consumers = server.stats.slow_consumers
+            server.drain()
+    # (Asserted out here, where a failure is not buried in nested exception groups.)
+    assert history.batches == [1, STORE_BATCH]
+    closed = {name: texts[-1] for name, texts in results.items() if texts[-1].startswith("closed")}
+    assert closed == {}
+    for name, texts in results.items():
+        # Every message, in the one order of the hub (the senders interleave).
+        assert sorted(texts) == sorted(expected), name
+        assert texts == results["reader"], name
+    assert results["reader"][0] == "00-ope"
+    assert slow_consumers == 0

@@ -74,18 +74,65 @@ def browser() -> Iterator[Browser]:
         chromium.close()
 
 
+def server_problem(srv: ServerProcess) -> str | None:
+    """What went wrong with the server on its side: it exited, or it logged a bug."""
+    if srv.proc.poll() is not None:
+        return f"the server exited during the test (exit code {srv.proc.returncode})"
+    if "Traceback (most recent call last)" in srv.output_text():
+        return "the server logged a traceback"
+    return None
+
+
+@contextmanager
+def checked_server(*args: str, **options: Any) -> Iterator[ServerProcess]:
+    """`run_server`, and at the end: the server still runs and logged no bug. Checked
+    also when the test failed (both are reported then), so a page that "can't reach
+    the server" comes with the server's own account: killed, crashed, or a bug."""
+    with run_server(*args, **options) as srv:
+        try:
+            yield srv
+        finally:
+            problem = server_problem(srv)
+            if problem:
+                raise AssertionError(f"{problem}; its output:\n{srv.output_text()}")
+
+
 @pytest.fixture
 def server() -> Iterator[ServerProcess]:
     """A fresh server per test (names are server-wide), with a short presence grace."""
-    with run_server("--presence-grace", "0.5") as srv:
+    with checked_server("--presence-grace", "0.5") as srv:
         yield srv
+
+
+def watch_page(page: Page, problems: list[str]) -> None:
+    """Note in ``problems`` whatever goes wrong in ``page``: an uncaught error, a
+    console error (a 404 or a refused request shows as one too), or a request that
+    fails (an aborted one, as on closing a page, excepted) (#15)."""
+    page.on("pageerror", lambda err: problems.append(f"uncaught: {err}"))
+    page.on(
+        "console",
+        lambda msg: (
+            problems.append(f"console: {msg.text} ({msg.location.get('url')})")
+            if msg.type == "error"
+            else None
+        ),
+    )
+    page.on(
+        "requestfailed",
+        lambda r: (
+            problems.append(f"request failed: {r.method} {r.url} {r.failure}")
+            if r.failure and "ERR_ABORTED" not in r.failure
+            else None
+        ),
+    )
 
 
 @pytest.fixture
 def open_page(browser: Browser, server: ServerProcess) -> Iterator[OpenPage]:
     """Factory: a page in its own browser context (own cookies, own WebSocket), at `/`.
 
-    Fails the test if any of its pages logs a console error or throws.
+    Fails the test if any of its pages throws, logs a console error, or has a
+    request fail (see `watch_page`).
     """
     contexts = []
     problems: list[str] = []
@@ -94,11 +141,7 @@ def open_page(browser: Browser, server: ServerProcess) -> Iterator[OpenPage]:
         context = browser.new_context(viewport=viewport, **options)
         contexts.append(context)
         page = context.new_page()
-        page.on("pageerror", lambda err: problems.append(f"uncaught: {err}"))
-        page.on(
-            "console",
-            lambda msg: problems.append(f"console: {msg.text}") if msg.type == "error" else None,
-        )
+        watch_page(page, problems)
         page.goto(server.base_url + "/")
         return page
 
@@ -117,7 +160,7 @@ def open_at(browser: Browser) -> Iterator[OpenAt]:
     page at ``url``, in a new browser context or in ``context`` (a second tab).
 
     Fails the test if any of its pages throws, logs a console error, or has a
-    request fail (an aborted one, as on closing a page, excepted) (#15).
+    request fail (see `watch_page`).
     """
     contexts = []
     problems: list[str] = []
@@ -129,19 +172,7 @@ def open_at(browser: Browser) -> Iterator[OpenAt]:
             context = browser.new_context(viewport=viewport, **options)
             contexts.append(context)
         page = context.new_page()
-        page.on("pageerror", lambda err: problems.append(f"uncaught: {err}"))
-        page.on(
-            "console",
-            lambda msg: problems.append(f"console: {msg.text}") if msg.type == "error" else None,
-        )
-        page.on(
-            "requestfailed",
-            lambda r: (
-                problems.append(f"request failed: {r.method} {r.url} {r.failure}")
-                if r.failure and "ERR_ABORTED" not in r.failure
-                else None
-            ),
-        )
+        watch_page(page, problems)
         page.goto(url)
         return page
 

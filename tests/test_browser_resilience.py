@@ -43,11 +43,25 @@ pytestmark = pytest.mark.browser
 
 RECONNECT = 20_000  # ms: a reconnect may wait out a few backoff steps (0.5, 1, 2, 4 s, jittered)
 GRACE = "1"  # --presence-grace, seconds
-# What Chromium logs when a connection fails: expected here, so not a page error.
-NETWORK_NOISE = re.compile(
-    r"WebSocket connection to .* failed|WebSocket is closed before|Failed to load resource|"
-    r"net::ERR_|EventSource"
-)
+# The chat connection: the WebSocket at /ws, the SSE stream and its POSTs at /sse.
+# These tests make it fail on purpose (a stopped server, a cut proxy, nginx without
+# upgrades), so Chromium's reports of its failures are expected here; any other
+# failure (a 404 for a static file, a refused request for anything else) is not (#15).
+CONNECTION_URL = re.compile(r"^(?:wss?|https?)://[^/]+/(?:ws|sse)(?:[?#]|$)")
+WEBSOCKET_FAILED = re.compile(r"^WebSocket connection to '([^']+)' failed")
+
+
+def connection_failure(msg: Any) -> bool:
+    """Is this console error Chromium's report of a failed chat connection?"""
+    failed = WEBSOCKET_FAILED.match(msg.text)
+    if failed:
+        return bool(CONNECTION_URL.match(failed.group(1)))
+    # A resource that failed to load is named only by the message's location.
+    if msg.text.startswith("Failed to load resource"):
+        return bool(CONNECTION_URL.match(msg.location.get("url") or ""))
+    return False
+
+
 CONNECTED = re.compile(r"^connected")
 # The status in plain words (#15): no close codes, a countdown to the next try.
 OFFLINE = re.compile(r"^can't reach the server, retrying in \d+ s$")
@@ -59,15 +73,21 @@ OpenPage = Callable[[str], "Page"]
 def open_page(browser: Browser) -> Iterator[OpenPage]:  # noqa: F811 (the imported fixture)
     """Factory: a page at ``url`` in its own browser context.
 
-    Fails the test if a page throws or logs a console error other than the
-    connection failures these tests cause on purpose.
+    Fails the test if a page throws, logs a console error or has a request fail,
+    other than the failures of the chat connection (/ws, /sse) these tests cause on
+    purpose (an aborted request, as on closing a page, excepted).
     """
     contexts = []
     problems: list[str] = []
 
     def on_console(msg: Any) -> None:
-        if msg.type == "error" and not NETWORK_NOISE.search(msg.text):
-            problems.append(f"console: {msg.text}")
+        if msg.type == "error" and not connection_failure(msg):
+            problems.append(f"console: {msg.text} ({msg.location.get('url')})")
+
+    def on_request_failed(request: Any) -> None:
+        failure = request.failure
+        if failure and "ERR_ABORTED" not in failure and not CONNECTION_URL.match(request.url):
+            problems.append(f"request failed: {request.method} {request.url} {failure}")
 
     def factory(url: str) -> Page:
         context = browser.new_context(viewport=DESKTOP)
@@ -75,6 +95,7 @@ def open_page(browser: Browser) -> Iterator[OpenPage]:  # noqa: F811 (the import
         page = context.new_page()
         page.on("pageerror", lambda err: problems.append(f"uncaught: {err}"))
         page.on("console", on_console)
+        page.on("requestfailed", on_request_failed)
         page.goto(url)
         return page
 

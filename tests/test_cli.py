@@ -15,6 +15,7 @@ from triochat.cli import build_parser, config_from_args
 from triochat.errors import ConfigError
 
 from .chatclient import open_client
+from .redisserver import RedisServer, redis_server
 from .server_process import run_server
 
 SECTION_5_OPTIONS = [
@@ -48,6 +49,8 @@ SECTION_5_OPTIONS = [
     "--log-format",
     "--metrics-port",
     "--metrics-host",
+    "--certfile",
+    "--keyfile",
 ]
 
 
@@ -228,6 +231,67 @@ def test_cli_unreachable_redis_fails_the_start_with_exit_1():
     assert result.returncode == 1
     assert "cannot reach Redis" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+REDIS_PASSWORD = "s3cret-pw"
+
+
+def require_redis_password(redis: RedisServer, password: str) -> None:
+    """Make ``redis`` ask for ``password`` (tests/redisserver.py starts it open)."""
+    with socket.create_connection(("127.0.0.1", redis.port), timeout=5) as conn:
+        conn.sendall(f"CONFIG SET requirepass {password}\r\n".encode())
+        assert conn.recv(64).startswith(b"+OK")
+
+
+def test_cli_redis_password_is_in_no_output_line_when_redis_is_reachable(tmp_path):
+    """--redis with a password in the URL: the start-up line, the "joined the chat"
+    line and the shutdown lines all show it as ``***``; the password is in no
+    output line (#11 §1)."""
+    with redis_server(tmp_path / "redis") as redis:
+        require_redis_password(redis, REDIS_PASSWORD)
+        url = f"redis://:{REDIS_PASSWORD}@127.0.0.1:{redis.port}/0"
+        with run_server("--redis", url) as proc:
+            pass  # it listens: it reached Redis with the password, and stops on SIGTERM
+        assert proc.proc.returncode == 0, proc.output_text()
+    shown = f"redis://:***@127.0.0.1:{redis.port}/0"
+    lines = proc.output
+    assert any("redis: " + shown in line for line in lines), proc.output_text()
+    assert any("joined the chat on " + shown in line for line in lines), proc.output_text()
+    assert [line for line in lines if REDIS_PASSWORD in line] == []
+
+
+def test_cli_bad_redis_url_error_hides_the_password():
+    """A --redis URL that is refused is named in the error without its password."""
+    with pytest.raises(ConfigError) as refused:
+        config_from_args(["--redis", f"http://:{REDIS_PASSWORD}@127.0.0.1:6379/0"], {})
+    assert REDIS_PASSWORD not in str(refused.value)
+    assert "http://:***@127.0.0.1:6379/0" in str(refused.value)
+
+
+@pytest.mark.parametrize("redis_answers", [False, True], ids=["unreachable", "wrong-password"])
+def test_cli_redis_password_is_in_no_output_line_when_the_start_fails(tmp_path, redis_answers):
+    """--redis with a password, and Redis cannot be used (nothing listens, or it
+    refuses the password): exit 1 with the URL shown as ``***`` in the error; the
+    password is on neither stream (#11 §1)."""
+    with redis_server(tmp_path / "redis") as redis:
+        require_redis_password(redis, "another-pw")
+        if not redis_answers:
+            redis.kill()  # its port is free again: nothing listens there
+        url = f"redis://:{REDIS_PASSWORD}@127.0.0.1:{redis.port}/0"
+        result = subprocess.run(
+            [
+                *(sys.executable, "-m", "triochat", "--port", "0", "--handshake-timeout", "2"),
+                *("--backplane-timeout", "2", "--redis", url),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert f"cannot reach Redis at redis://:***@127.0.0.1:{redis.port}/0" in result.stderr
+    assert "Traceback" not in output
+    assert [line for line in output.splitlines() if REDIS_PASSWORD in line] == []
 
 
 def test_cli_zero_turns_off_rate_and_ip_limits():

@@ -17,10 +17,12 @@ import json
 import re
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 import trio
 import trio.testing
@@ -976,3 +978,152 @@ async def test_client_readme_bot_runs_against_a_real_server():
                 assert reply.msg == "hello"
             assert bot.returncode is None, "the bot is still running"
             nursery.cancel_scope.cancel()
+
+
+# --- authentication against a real server (docs/protocol.md §15) -----------------------------
+
+AUTH_SECRET = "the-python-client-test-secret-0123456789"
+
+
+def jwt_for(sub: str, *, ttl: float = 600, name: str | None = None) -> str:
+    claims: dict[str, Any] = {"sub": sub, "exp": int(time.time() + ttl)}
+    if name is not None:
+        claims["name"] = name
+    return jwt.encode(claims, AUTH_SECRET, algorithm="HS256")
+
+
+async def test_client_authenticates_on_a_real_server_and_speaks_under_the_tokens_name():
+    with trio.fail_after(30):
+        async with (
+            running_server(jwt_secret=AUTH_SECRET) as server,
+            connect(ws_url(server), token=jwt_for("u-1", name="Alice")) as alice,
+        ):
+            assert alice.user == "u-1"
+            joined = await alice.join("lobby")
+            assert (joined.name, list(joined.members)) == ("Alice", ["Alice"])
+            message_id = await alice.say("lobby", "hi")
+            message = await next_event(alice, Message, id=message_id)
+            assert message.name == "Alice"
+
+
+async def test_client_with_a_refused_token_raises_authentication_failed():
+    with trio.fail_after(30):
+        async with running_server(jwt_secret=AUTH_SECRET) as server:
+            forged = jwt.encode(
+                {"sub": "u", "exp": 2**31}, "another-secret-of-32-bytes-or-more-012", "HS256"
+            )
+            with pytest.raises(AuthenticationFailed):
+                async with connect(ws_url(server), token=forged):
+                    pass
+
+
+async def test_client_token_function_reconnects_after_expiry_and_refresh_keeps_the_user():
+    """A token that runs out closes 4003; a token function gives the reconnect a fresh
+    one, so the client carries on (rejoined, says acked); `authenticate` refreshes in place."""
+    issued: list[float] = []
+
+    async def fresh_token() -> str:
+        issued.append(trio.current_time())
+        # The first token runs out in 2 s (exp has whole seconds: 2-3 s), later ones in 10 min.
+        return jwt_for("u-2", ttl=2 if len(issued) == 1 else 600)
+
+    with trio.fail_after(30):
+        async with (
+            running_server(jwt_secret=AUTH_SECRET) as server,
+            connect(ws_url(server), token=fresh_token) as bob,
+        ):
+            await bob.join("lobby")
+            disconnected = await next_event(bob, Disconnected)
+            assert disconnected.code == 4003
+            await next_event(bob, Rejoined)
+            assert len(issued) == 2
+            assert await bob.say("lobby", "still here")
+            authed = await bob.authenticate(jwt_for("u-2", ttl=1200))
+            assert authed.user == "u-2"
+            with pytest.raises(AuthenticationFailed):
+                await bob.authenticate(jwt_for("someone-else"))
+
+
+# --- the authed answer, buffered events, deletions (found moving the e2e tests onto it) ----------
+
+
+async def test_client_authed_shows_the_tokens_expiry_and_follows_a_refresh():
+    """`chat.authed` is the server's latest `authed` (user, name, exp): the client's
+    own one on connecting, then the answer to `authenticate`; None when anonymous."""
+    first = jwt_for("u-3", name="Carol")
+    with trio.fail_after(30):
+        async with (
+            running_server(jwt_secret=AUTH_SECRET) as server,
+            connect(ws_url(server), token=first) as carol,
+        ):
+            authed = carol.authed
+            assert authed is not None
+            assert (authed.user, authed.name) == ("u-3", "Carol")
+            assert authed.exp == jwt.decode(first, AUTH_SECRET, algorithms=["HS256"])["exp"]
+            refreshed = await carol.authenticate(jwt_for("u-3", ttl=1200, name="Carol"))
+            assert carol.authed == refreshed
+            assert refreshed.exp >= authed.exp + 500
+        async with running_server() as server, connect(ws_url(server)) as anonymous:
+            assert anonymous.authed is None
+
+
+async def test_client_receive_nowait_has_our_message_when_the_say_returns():
+    """The server sends our message before the ack, so it is buffered by the time
+    `say` returns; with nothing buffered `receive_nowait` raises WouldBlock, and
+    EndOfChannel after `aclose`."""
+    with trio.fail_after(10):
+        async with running_server() as server, connect(ws_url(server)) as alice:
+            await alice.join("lobby", name="alice")
+            with pytest.raises(trio.WouldBlock):
+                alice.receive_nowait()
+            said = await alice.say("lobby", "hello")
+            event = alice.receive_nowait()
+            assert isinstance(event, Message)
+            assert (event.id, event.msg) == (said, "hello")
+            with pytest.raises(trio.WouldBlock):
+                alice.receive_nowait()
+            await alice.aclose()
+            with pytest.raises(trio.EndOfChannel):
+                alice.receive_nowait()
+
+
+async def test_client_rejoin_after_a_deleted_message_still_recovers():
+    """A deleted message's id is no `since`: the server forgot it and would answer
+    `recovered: false`. After a `Deleted` of the newest message seen, the rejoin
+    asks from the one before it, and recovers exactly what was missed."""
+    from triochat.client import Deleted
+
+    key = "an-api-key-for-the-client-tests-0123456789"
+    with trio.fail_after(30):
+        async with (
+            running_server(api_key=key) as server,
+            proxy_to(server.port) as proxy,
+            connect(proxy.url, backoff=FAST) as alice,
+            connect(ws_url(server)) as bob,
+        ):
+            await alice.join("lobby", name="alice")
+            await bob.join("lobby", name="bob")
+            keep = await bob.say("lobby", "keep")
+            drop = await bob.say("lobby", "drop")
+            await next_event(alice, Message, id=drop)
+            assert alice.last_ids == {"lobby": drop}
+            done = await trio.run_process(
+                [
+                    *("curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-X", "DELETE"),
+                    *("-H", f"Authorization: Bearer {key}"),
+                    f"http://127.0.0.1:{server.port}/api/messages/{drop}?room=lobby",
+                ],
+                capture_stdout=True,
+            )
+            assert done.stdout == b"204"
+            assert await next_event(alice, Deleted) == Deleted(room="lobby", id=drop)
+            assert alice.last_ids == {"lobby": keep}
+            proxy.refusing = True
+            proxy.cut()
+            await next_event(alice, Disconnected)
+            missed = await bob.say("lobby", "missed")
+            proxy.refusing = False
+            rejoined = await next_event(alice, Rejoined)
+            assert rejoined.joined.recovered is True
+            assert [m.id for m in rejoined.joined.history] == [missed]
+            assert (await next_event(alice, Message)).id == missed

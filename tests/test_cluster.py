@@ -7,6 +7,7 @@ redis-server itself in the middle of traffic.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from collections.abc import AsyncIterator
@@ -291,6 +292,116 @@ async def test_cluster_slow_redis_holds_up_only_the_join_that_waits_for_it(
                         joined = await alice.expect("joined", room="lobby")
                         assert joined["members"] == ["alice", "carol", "erin"]
                 server.drain()
+
+
+class CommandsOnlyProxy:
+    """A TCP proxy in front of Redis, in the test's own trio run, that can hold back
+    Redis's replies on every connection but a subscription (one whose client sent
+    SUBSCRIBE): a node's commands then wait as on a slow Redis, while what the
+    other nodes publish still reaches it (tests/tcpproxy.py holds every link)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self._held = False
+        self._released = trio.Event()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def hold_replies(self) -> None:
+        self._held = True
+        self._released = trio.Event()
+
+    def release_replies(self) -> None:
+        self._held = False
+        self._released.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started()
+        await trio.serve_listeners(self._link, listeners)
+
+    async def _link(self, client: trio.SocketStream) -> None:
+        subscriber = False
+        lost = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+        async with client, await trio.open_tcp_stream("127.0.0.1", self.target_port) as redis:
+            async with trio.open_nursery() as nursery:
+
+                async def requests() -> None:
+                    nonlocal subscriber
+                    with contextlib.suppress(*lost):
+                        async for data in client:
+                            subscriber = subscriber or b"SUBSCRIBE" in data
+                            await redis.send_all(data)
+                    nursery.cancel_scope.cancel()
+
+                async def replies() -> None:
+                    with contextlib.suppress(*lost):
+                        async for data in redis:
+                            while self._held and not subscriber:
+                                await self._released.wait()
+                            await client.send_all(data)
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(requests)
+                nursery.start_soon(replies)
+
+
+async def test_cluster_slow_redis_does_not_hold_up_messages_from_another_node(
+    tmp_path: Path,
+) -> None:
+    """Redis answers node A's commands 1 s late, while its subscription flows: a new
+    client's join on A waits for its name claim, and A has just published (a typing
+    indicator: the old hub waited for that to reach Redis), yet a message said on
+    node B reaches both of A's members at once; the join completes when Redis answers
+    (#12 defect 2: only the client that needs the answer waits)."""
+    with redis_server(tmp_path / "redis") as redis, trio.fail_after(30):
+        proxy = CommandsOnlyProxy(redis.port)
+        async with trio.open_nursery() as outer:
+            await outer.start(proxy.run)
+            async with trio.open_nursery() as nursery:
+                a: Server = await nursery.start(
+                    Server(Config(port=0, redis=proxy.url, node_timeout=10)).run
+                )
+                b: Server = await nursery.start(
+                    Server(Config(port=0, redis=redis.url, node_timeout=10)).run
+                )
+                async with (
+                    client_of(a) as carol,
+                    client_of(a) as erin,
+                    client_of(b) as bob,
+                ):
+                    await carol.join(name="carol")
+                    await erin.join(name="erin")
+                    await bob.join(name="bob")
+                    for member in carol, erin:
+                        while (await member.recv()).get("name") != "bob":
+                            pass  # bob's presence came over Redis: the cluster is one chat
+                    proxy.hold_replies()
+                    held_at = trio.current_time()
+                    async with client_of(a) as alice:
+                        await alice.send({"type": "join", "room": "lobby", "name": "alice"})
+                        await carol.send({"type": "typing", "room": "lobby"})
+                        await erin.expect("typing", name="carol")
+                        with trio.fail_after(0.3):
+                            await bob.say("from b", ref="b")
+                            for member in carol, erin:
+                                while (frame := await member.recv())["type"] != "message":
+                                    pass
+                                assert frame["msg"] == "from b"
+                        with trio.move_on_after(0.3):
+                            frame = await alice.recv()
+                            raise AssertionError(f"the join did not wait for Redis: {frame}")
+                        await trio.sleep(max(0.0, held_at + 1.0 - trio.current_time()))
+                        proxy.release_replies()
+                        joined = await alice.expect("joined", room="lobby")
+                        assert joined["members"] == ["alice", "bob", "carol", "erin"]
+                a.drain()
+                b.drain()
+            outer.cancel_scope.cancel()
 
 
 async def test_cluster_look_alike_of_a_name_on_another_node_is_name_taken(

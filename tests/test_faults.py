@@ -22,6 +22,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
+import jwt
 import pytest
 import trio
 import trio.testing
@@ -49,6 +50,30 @@ from .server_process import ServerProcess, run_server
 
 GRACE = 5.0  # the default presence grace period, seconds
 
+# The guarantees hold with authentication on (docs/protocol.md §15): the tests
+# marked AUTH_MODES run anonymous and with every client sending a real JWT first.
+SECRET = "the-fault-suite-secret-0123456789"
+AUTH_MODES = pytest.mark.parametrize("auth", [False, True], ids=["anonymous", "authenticated"])
+
+
+def _token(sub: str) -> str:
+    return jwt.encode({"sub": sub, "exp": int(time.time()) + 3600}, SECRET, algorithm="HS256")
+
+
+async def _authenticate(client: ChatClient, sub: str, auth: bool) -> None:
+    """With ``auth``: the `auth` frame for ``sub`` and its `authed`; else nothing."""
+    if auth:
+        await client.send({"type": "auth", "token": _token(sub), "ref": "auth"})
+        await client.expect("authed", ref="auth", user=sub)
+
+
+def _auth_options(auth: bool) -> dict[str, Any]:
+    return {"jwt_secret": SECRET} if auth else {}
+
+
+def _auth_args(auth: bool) -> tuple[str, ...]:
+    return ("--jwt-secret", SECRET) if auth else ()
+
 
 async def _quiesce(server: Server, seconds: float = GRACE + 1) -> None:
     """Let ``seconds`` of virtual time pass, then let the hub apply everything."""
@@ -62,7 +87,7 @@ def _assert_only(server: Server, members: set[str], tasks: int) -> None:
     chat = server.hub.chat
     assert len(server.connections) == len(members)
     assert len(chat.clients) == len(members)
-    assert set(chat.users) == members
+    assert {user.name for user in chat.users.values()} == members
     lobby = chat.rooms.get("lobby")
     if members:
         assert lobby is not None
@@ -75,16 +100,21 @@ def _assert_only(server: Server, members: set[str], tasks: int) -> None:
     assert len(live_instances(Connection)) == len(members), "a Connection is still referenced"
 
 
+@AUTH_MODES
 @pytest.mark.parametrize("how", ["eof", "reset"])
 @pytest.mark.parametrize("cut_at", [1, 4, 9], ids=["in-header", "in-mask", "in-payload"])
-async def test_fault_client_vanishing_mid_frame_leaves_nothing_behind(autojump_clock, cut_at, how):
+async def test_fault_client_vanishing_mid_frame_leaves_nothing_behind(
+    autojump_clock, cut_at, how, auth
+):
     """A client that dies halfway through a frame (FIN or reset) leaves no task, member, subscription or object behind."""
-    async with open_faulty_server() as net:
+    async with open_faulty_server(**_auth_options(auth)) as net:
         async with net.client() as (observer, _):
+            await _authenticate(observer, "observer", auth)
             await observer.join("lobby", "observer")
             await _quiesce(net.server, 0)
             tasks = task_count()
             async with net.client() as (victim, link):
+                await _authenticate(victim, "victim", auth)
                 await victim.join("lobby", "victim")
                 await observer.expect("presence", event="join", name="victim")
                 if how == "reset":
@@ -97,6 +127,31 @@ async def test_fault_client_vanishing_mid_frame_leaves_nothing_behind(autojump_c
             _assert_only(net.server, {"observer"}, tasks)
             await observer.say("still here")
             await observer.expect("message", msg="still here")
+
+
+async def test_fault_one_of_two_connections_of_a_user_vanishing_keeps_the_member(autojump_clock):
+    """With tokens on, a user's second tab dying mid-frame is not a leave: the member stays, its first tab still speaks, and only that connection's task and objects go (docs/protocol.md §15)."""
+    async with open_faulty_server(**_auth_options(True)) as net:
+        async with net.client() as (observer, _), net.client() as (first_tab, _):
+            await _authenticate(observer, "observer", True)
+            await observer.join("lobby", "observer")
+            await _authenticate(first_tab, "victim", True)
+            await first_tab.join("lobby", "victim")
+            await observer.expect("presence", event="join", name="victim")
+            await _quiesce(net.server, 0)
+            tasks = task_count()
+            async with net.client() as (second_tab, link):
+                await _authenticate(second_tab, "victim", True)
+                joined = await second_tab.join("lobby", "victim")
+                assert sorted(joined["members"]) == ["observer", "victim"]
+                link.client.cut_after(4)
+                with pytest.raises(ConnectionClosed):
+                    await second_tab.say("this frame never arrives whole")
+            await _quiesce(net.server)
+            _assert_only(net.server, {"observer", "victim"}, tasks)
+            await first_tab.say("still here")
+            # The observer's next frame is that message: no leave (nor join) in between.
+            await observer.expect("message", msg="still here", name="victim")
 
 
 _UPGRADE = handshake_request("/ws")
@@ -649,7 +704,7 @@ async def _chatter(
 
 
 async def _under_load(
-    port: int, stop: Callable[[], Awaitable[None]]
+    port: int, stop: Callable[[], Awaitable[None]], auth: bool = False
 ) -> tuple[list[str], list[int | None]]:
     """Several clients saying continuously; ``stop`` runs once 200 says are acked.
 
@@ -664,6 +719,7 @@ async def _under_load(
             await stack.enter_async_context(open_client(url, timeout=10)) for _ in range(CHATTERS)
         ]
         for i, client in enumerate(clients):
+            await _authenticate(client, f"chatter{i}", auth)
             await client.join("lobby", f"chatter{i}")
 
         async def run(i: int) -> None:
@@ -677,9 +733,10 @@ async def _under_load(
     return acked, codes
 
 
-async def _stored_ids(port: int) -> list[str]:
+async def _stored_ids(port: int, auth: bool = False) -> list[str]:
     """Every message id lobby's history holds, oldest first (paging back with `history`)."""
     async with open_client(f"ws://127.0.0.1:{port}/ws", timeout=10) as reader:
+        await _authenticate(reader, "reader", auth)
         joined = await reader.join("lobby", "reader")
         ids = [m["id"] for m in joined["history"]]
         more = bool(ids)
@@ -692,7 +749,8 @@ async def _stored_ids(port: int) -> list[str]:
     return ids
 
 
-async def test_fault_sigterm_under_load_drains_1001_exits_0_and_keeps_every_ack(tmp_path):
+@AUTH_MODES
+async def test_fault_sigterm_under_load_drains_1001_exits_0_and_keeps_every_ack(tmp_path, auth):
     """SIGTERM while clients say continuously: every client gets 1001, the process exits 0 within the drain timeout, and after a restart every acked message is in history."""
     drain_timeout = 5.0
     with (
@@ -705,6 +763,7 @@ async def test_fault_sigterm_under_load_drains_1001_exits_0_and_keeps_every_ack(
             "100000",
             "--drain-timeout",
             str(drain_timeout),
+            *_auth_args(auth),
         ) as server,
     ):
         server.start()
@@ -714,35 +773,39 @@ async def test_fault_sigterm_under_load_drains_1001_exits_0_and_keeps_every_ack(
             server.proc.send_signal(signal.SIGTERM)
             signalled.append(trio.current_time())
 
-        acked, codes = await _under_load(server.port, sigterm)
+        acked, codes = await _under_load(server.port, sigterm, auth)
         returncode = await trio.to_thread.run_sync(server.proc.wait)
         assert trio.current_time() - signalled[0] <= drain_timeout + 2
         assert returncode == 0, server.current and server.current.output_text()
         assert codes == [1001] * CHATTERS
         assert "Traceback" not in server.current.output_text()
         server.start()
-        stored = await _stored_ids(server.port)
+        stored = await _stored_ids(server.port, auth)
         assert len(acked) >= ACKED_BEFORE_SIGNAL
         assert set(acked) <= set(stored), "an acked message was lost"
 
 
-async def test_fault_sigkill_under_load_loses_no_acked_message(tmp_path):
+@AUTH_MODES
+async def test_fault_sigkill_under_load_loses_no_acked_message(tmp_path, auth):
     """SIGKILL (no drain, no flush) while clients say continuously: after a restart on the same data every acked message is in history, and no id is reused."""
     with (
         trio.fail_after(60),
-        KillableServer(tmp_path, "--rate", "0", "--history-size", "100000") as server,
+        KillableServer(
+            tmp_path, "--rate", "0", "--history-size", "100000", *_auth_args(auth)
+        ) as server,
     ):
         server.start()
 
         async def sigkill() -> None:
             assert server.kill() == -signal.SIGKILL
 
-        acked, codes = await _under_load(server.port, sigkill)
+        acked, codes = await _under_load(server.port, sigkill, auth)
         assert codes == [1006] * CHATTERS  # abnormal closure: the TCP connection just ended
         server.start()
-        stored = await _stored_ids(server.port)
+        stored = await _stored_ids(server.port, auth)
         assert set(acked) <= set(stored), "an acked message was lost"
         async with open_client(f"ws://127.0.0.1:{server.port}/ws", timeout=10) as alice:
+            await _authenticate(alice, "alice", auth)
             await alice.join("lobby", "alice")
             await alice.say("after the crash", ref="new")
             message = await alice.expect("message", msg="after the crash")

@@ -1075,3 +1075,62 @@ async def test_http_trusted_proxy_client_named_in_log_and_sse_slot(caplog):
             line.startswith(f"{event} {client} via 127.0.0.1:") and f" {kind}" in line
             for line in lines
         ), (event, kind, lines)
+
+
+async def test_http_trusted_proxy_client_named_in_access_line(caplog):
+    """A plain request from a --trusted-proxy peer: its access line (the text and
+    the ``peer`` field) names ``client via proxy``; one without forwarding headers
+    names the proxy alone (#11 §3, §4)."""
+    caplog.set_level(logging.INFO, logger="triochat.access")
+    with trio.fail_after(10):
+        async with running_server(trusted_proxies=LOCAL_PROXY) as server:
+            xff = _header("X-Forwarded-For", "203.0.113.7")
+            forwarded = _header("Forwarded", 'for="[2001:db8::5]:443"')
+            assert (await fetch(server, "GET", "/healthz", xff)).status == 200
+            assert (await fetch(server, "GET", "/nope", forwarded)).status == 404
+            assert (await fetch(server, "GET", "/readyz")).status == 200
+    access = [r for r in caplog.records if r.name == "triochat.access"]
+    assert [r.peer for r in access] == [  # type: ignore[attr-defined]
+        "203.0.113.7 via 127.0.0.1",
+        "2001:db8::5 via 127.0.0.1",
+        "127.0.0.1",
+    ]
+    messages = [r.getMessage() for r in access]
+    assert messages[0].startswith("203.0.113.7 via 127.0.0.1 GET /healthz 200 "), messages
+    assert messages[1].startswith("2001:db8::5 via 127.0.0.1 GET /nope 404 "), messages
+    assert messages[2].startswith("127.0.0.1 GET /readyz 200 "), messages
+
+
+@pytest.mark.parametrize("trusted", [(), ("10.0.0.0/8",)])
+async def test_http_untrusted_peer_spoofed_headers_stay_out_of_the_log(caplog, trusted):
+    """From a peer that is no --trusted-proxy, spoofed X-Forwarded-For and Forwarded
+    headers reach none of the open, close and access lines of a WebSocket chat, an
+    SSE stream and a plain request: they name the real peer alone (#11 §3)."""
+    caplog.set_level(logging.INFO, logger="triochat")
+    spoofed = (("X-Forwarded-For", "203.0.113.7"), ("Forwarded", "for=198.51.100.23"))
+    with trio.fail_after(10):
+        async with running_server(trusted_proxies=trusted) as server:
+            async with open_handshake(server, extra=spoofed) as (response, conn):
+                assert response.status == 101
+                await conn.send(ws_frame(struct.pack("!H", 1000), opcode=0x8))
+                await assert_close_frame(conn, 1000)
+                await conn.eof()
+            async with open_tcp(server) as sse:
+                await sse.send(request_bytes(server, "GET", "/sse", spoofed))
+                assert (await sse.response(head=True)).status == 200
+                while b"session" not in sse.buffer:
+                    assert await sse._more()
+            assert (await fetch(server, "GET", "/healthz", spoofed)).status == 200
+    records = [r for r in caplog.records if r.name in ("triochat.server", "triochat.access")]
+    chats = [r.getMessage() for r in records if r.getMessage().startswith(("open ", "close "))]
+    assert [line.split()[0] for line in chats] == ["open", "close", "open", "close"]
+    assert all(line.split()[1].startswith("127.0.0.1:") for line in chats), chats
+    access = [r for r in records if r.name == "triochat.access"]
+    assert sorted((r.path, r.peer) for r in access) == [  # type: ignore[attr-defined]
+        ("/healthz", "127.0.0.1"),
+        ("/sse", "127.0.0.1"),
+    ]
+    assert all(r.getMessage().startswith("127.0.0.1 GET /") for r in access)
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    for spoof in ("203.0.113.7", "198.51.100.23", " via "):
+        assert spoof not in text, text

@@ -7,12 +7,15 @@ import io
 import json
 import logging
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import pytest
 import trio
 
+from triochat import Config, Identity, SayInfo, Server
 from triochat.logformat import JsonFormatter, log_context
 
 from .conftest import client_of, running_server
@@ -185,3 +188,75 @@ async def test_logformat_access_line_per_plain_request(caplog):
     assert head.getMessage().endswith(" ms")
     sse = next(r for r in access_lines(caplog) if r.path == "/sse")  # type: ignore[attr-defined]
     assert sse.bytes is None  # type: ignore[attr-defined]
+
+
+async def test_logformat_hub_and_hook_failure_lines_carry_the_connections_fields(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The hub's "bug while handling a frame" line (logged in the hub's own task)
+    and the hook failure lines carry, as JSON, the connection's id, peer and
+    transport as its open line does, and the user and room where known (#11 §4)."""
+
+    async def authenticate(token: str, peer: str) -> Identity:
+        if token == "boom":
+            raise RuntimeError("the user database is down")
+        return Identity(sub="id-" + token, name=token, exp=int(time.time()) + 600)
+
+    async def on_say(say: SayInfo) -> str:
+        if say.msg == "hook boom":
+            raise RuntimeError("the filter service is down")
+        return say.msg
+
+    config = Config(port=0, memory=True)
+    with json_log() as out, trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            server = Server(config, authenticate=authenticate, on_say=on_say)
+            await nursery.start(server.run)
+            handle = server.hub.chat.handle
+
+            def buggy_handle(client: Any, frame: Any, *args: Any) -> None:
+                if getattr(frame, "msg", None) == "hub boom":
+                    raise RuntimeError("a bug in the chat state")
+                handle(client, frame, *args)
+
+            monkeypatch.setattr(server.hub.chat, "handle", buggy_handle)
+            async with client_of(server) as alice:
+                await alice.send({"type": "auth", "token": "alice", "ref": "a"})
+                await alice.expect("authed", ref="a")
+                await alice.join("kitchen")
+                await alice.say("hook boom", room="kitchen", ref="1")
+                await alice.expect("error", code="internal", ref="1")
+                await alice.say("hub boom", room="kitchen", ref="2")
+                await alice.expect("error", code="internal", ref="2")
+                assert (await alice.closed())[0] == 1011
+            async with client_of(server) as mallory:
+                await mallory.send({"type": "auth", "token": "boom", "ref": "a"})
+                await mallory.expect("error", code="unauthorized", ref="a")
+                assert (await mallory.closed())[0] == 4003
+            server.drain()
+    lines = records(out)
+
+    def only(start: str) -> dict[str, Any]:
+        (record,) = [r for r in lines if r["message"].startswith(start)]
+        return record
+
+    alice_open, mallory_open = [r for r in lines if r["message"].startswith("open ")]
+    hook, bug = only("the say hook failed"), only("bug while handling a frame")
+    for record in (hook, bug):
+        assert record["level"] == "ERROR"
+        assert (record["conn"], record["peer"], record["transport"]) == (
+            alice_open["conn"],
+            alice_open["peer"],
+            "websocket",
+        )
+        assert (record["user"], record["room"]) == ("alice", "kitchen")
+    assert "RuntimeError: the filter service is down" in hook["exception"]
+    assert "RuntimeError: a bug in the chat state" in bug["exception"]
+    refused = only("the authenticator failed")
+    assert (refused["conn"], refused["peer"], refused["transport"]) == (
+        mallory_open["conn"],
+        mallory_open["peer"],
+        "websocket",
+    )
+    assert "user" not in refused  # not known yet: that is what failed
+    assert "room" not in refused

@@ -16,8 +16,16 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .server_process import ServerProcess, run_server
-from .test_browser import TIMEOUT, OpenAt, browser, join, open_at, raw_chat  # noqa: F401
+from .server_process import ServerProcess
+from .test_browser import (  # noqa: F401 (fixtures)
+    TIMEOUT,
+    OpenAt,
+    browser,
+    checked_server,
+    join,
+    open_at,
+    raw_chat,
+)
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page
@@ -56,13 +64,31 @@ INSTRUMENT = """
 
 @pytest.fixture
 def server() -> Iterator[ServerProcess]:
-    with run_server("--presence-grace", "0.5") as srv:
+    with checked_server("--presence-grace", "0.5") as srv:
         yield srv
 
 
-def instrumented(open_at: OpenAt, url: str, **options: Any) -> Page:  # noqa: F811
+# The browser's permission prompt, held open until the test answers it: headless
+# Chromium answers every real prompt "denied" at once. The page's
+# `Notification.requestPermission()` resolves, when the test calls
+# `window.__answerPrompt()`, with the browser's permission as it is then (the test
+# grants it through Playwright first, as a person clicking "Allow" would).
+PROMPT = """
+(() => {
+  if (!window.Notification) return;
+  window.__prompts = 0;
+  window.Notification.requestPermission = () => new Promise((resolve) => {
+    window.__prompts += 1;
+    window.__answerPrompt = () => resolve(window.Notification.permission);
+  });
+})();
+"""
+
+
+def instrumented(open_at: OpenAt, url: str, *scripts: str, **options: Any) -> Page:  # noqa: F811
     page = open_at(url, **options)
-    page.add_init_script(INSTRUMENT)
+    for script in (INSTRUMENT, *scripts):
+        page.add_init_script(script)
     page.reload()
     return page
 
@@ -153,3 +179,50 @@ def test_page_never_notifies_when_notifications_are_denied(
         assert notes(page) == []
         hide(page, False)
         expect(page).to_have_title("#lobby · triochat")
+
+
+def test_page_asks_for_permission_and_notifies_once_allowed(
+    server: ServerProcess,
+    open_at: OpenAt,  # noqa: F811 (the imported fixture)
+) -> None:
+    """Not yet asked (permission "default"): the switch is off and nothing notifies.
+    Pressing it asks the browser once; the person allows; the switch turns on, and a
+    mention in another room while the tab is hidden notifies, as does a whisper."""
+    page = instrumented(open_at, server.base_url + "/", PROMPT)
+    assert page.evaluate("Notification.permission") == "default"
+    join(page, "alice")
+    page.fill("#new-room", "dev")
+    page.press("#new-room", "Enter")
+    expect(page.locator("#room-title")).to_have_text("#dev", timeout=TIMEOUT)
+    page.click("#rooms button[data-room='lobby']")
+    expect(page.locator("#room-title")).to_have_text("#lobby")
+    toggle = page.locator("#notify")
+    expect(toggle).to_have_text("Notifications: off")
+    expect(toggle).to_have_attribute("aria-pressed", "false")
+    with raw_chat(server.port) as bob:
+        bob.join("bob")
+        bob.join("bob", "dev")
+        hide(page)
+        bob.say("alice, before you allowed them", "dev")
+        expect(page).to_have_title("(1) #lobby · triochat", timeout=TIMEOUT)
+        hide(page, False)
+        assert notes(page) == []
+
+        toggle.click()
+        page.wait_for_function("() => window.__prompts === 1", timeout=TIMEOUT)
+        expect(toggle).to_have_text("Notifications: off")  # until the person answers
+        page.context.grant_permissions(["notifications"], origin=server.base_url)
+        page.evaluate("() => window.__answerPrompt()")
+        expect(toggle).to_have_text("Notifications: on", timeout=TIMEOUT)
+        expect(toggle).to_have_attribute("aria-pressed", "true")
+        assert page.evaluate("Notification.permission") == "granted"
+
+        hide(page)
+        bob.say("alice, can you look at the dev build?", "dev")
+        whisper(bob, "alice", "psst")
+        page.wait_for_function("() => window.__notes.length >= 2", timeout=TIMEOUT)
+        assert notes(page) == [
+            {"title": "bob in #dev", "body": "alice, can you look at the dev build?"},
+            {"title": "Whisper from bob", "body": "psst"},
+        ]
+        assert page.evaluate("window.__prompts") == 1

@@ -161,7 +161,7 @@ def test_page_stops_for_good_when_an_operator_disconnects_it(
     line = page.locator("#messages .sys.error")
     expect(line).to_have_text(["An operator disconnected you."])
     expect(line).to_have_attribute("data-code", "disconnected")
-    expect(page.locator("#announcer")).to_have_text("An operator disconnected you.")
+    expect(page.locator("#announcer > p").last).to_have_text("An operator disconnected you.")
     expect(page.locator("#input")).to_be_disabled()
     expect(page.locator("#send")).to_be_disabled()
     expect(page.locator("#retry")).to_be_hidden()

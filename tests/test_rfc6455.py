@@ -16,8 +16,10 @@ from __future__ import annotations
 import base64
 import json
 import os
+import socket
+import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Any, NamedTuple
 
 import pytest
@@ -33,21 +35,26 @@ from .wsraw import (
     RSV1,
     RSV2,
     RSV3,
+    CloseResult,
     WsConn,
     build_frame,
     close_payload,
-    expect_close,
     handshake_request,
     http_exchange,
     new_key,
     open_websocket,
     upgrade,
 )
+from .wsraw import expect_close as wsraw_expect_close
 
 MAX_FRAME = 65536  # the server's default --max-frame-bytes
 MAX_MSG_CHARS = 2000  # the server's default --max-msg-chars
 SERVER_CLOSE_TIMEOUT = 2  # passed as --close-timeout
 CLOSE_WAIT = 3.0  # seconds for a close frame to arrive
+#: After its close frame the server must end TCP within --close-timeout
+#: (docs/protocol.md §11); the margin is for scheduling, not for waiting.
+EOF_MARGIN = 0.5
+EOF_WAIT = SERVER_CLOSE_TIMEOUT + EOF_MARGIN
 HEADER_DECISION_WAIT = 2.0  # a too-large announced length must be refused this fast
 
 #: Invalid UTF-8 (Autobahn 6.x): a 4-byte lead of a code point above U+10FFFF,
@@ -58,16 +65,49 @@ INVALID_UTF8 = {
     "overlong-slash": bytes.fromhex("c0af"),
     "lone-continuation": bytes.fromhex("80"),
     "truncated-4-byte": bytes.fromhex("f09f98"),
+    # overlong encodings (Autobahn 6.8-6.9): "/" in 3 and 4 bytes, NUL in 2, U+007F in 2
+    "overlong-slash-3-byte": bytes.fromhex("e080af"),
+    "overlong-slash-4-byte": bytes.fromhex("f08080af"),
+    "overlong-nul": bytes.fromhex("c080"),
+    "overlong-7f": bytes.fromhex("c1bf"),
+    # UTF-16 surrogates (6.10-6.11) and code points above U+10FFFF (6.3, 6.6)
+    "surrogate-d800": bytes.fromhex("eda080"),
+    "surrogate-dfff": bytes.fromhex("edbfbf"),
+    "surrogate-pair": bytes.fromhex("eda0bdedb880"),
+    "above-10ffff": bytes.fromhex("f4908080"),
+    "5-byte-sequence": bytes.fromhex("f888808080"),
+    "byte-fe": bytes.fromhex("fe"),
+    "byte-ff": bytes.fromhex("ff"),
+    # a lead byte with too few continuations, then ASCII (6.14)
+    "truncated-3-byte-then-ascii": bytes.fromhex("e282") + b"x",
 }
 
 
 # --- fixtures and helpers -----------------------------------------------------------
 
 
+def expect_close(
+    conn: WsConn,
+    code: int | Collection[int | None] | None,
+    timeout: float = CLOSE_WAIT,
+    **options: Any,
+) -> CloseResult:
+    """wsraw's `expect_close`, with the server's FIN due within --close-timeout plus a margin."""
+    options.setdefault("eof_timeout", EOF_WAIT)
+    return wsraw_expect_close(conn, code, timeout, **options)
+
+
 @pytest.fixture(scope="module")
 def chat_server() -> Iterator[ServerProcess]:
     """One server process for the whole module (a short close timeout bounds every close)."""
     with run_server("--close-timeout", str(SERVER_CLOSE_TIMEOUT)) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def unlimited_server() -> Iterator[ServerProcess]:
+    """A server without rate limits (``--rate 0``): one client can fill another's socket at once."""
+    with run_server("--close-timeout", str(SERVER_CLOSE_TIMEOUT), "--rate", "0") as server:
         yield server
 
 
@@ -198,43 +238,88 @@ def test_rfc6455_rsv1_after_declined_deflate_offer_closes_1002(chat_server):
         expect_close(conn, 1002, CLOSE_WAIT, allow_text=False)
 
 
+KEY_16 = "Sec-WebSocket-Key must be 16 bytes"
+ONE_KEY = "exactly one Sec-WebSocket-Key"
+
+
 @pytest.mark.parametrize(
-    "request_options",
+    ("request_options", "reason"),
     [
-        pytest.param({"http_version": "HTTP/1.0"}, id="http-1.0"),
-        pytest.param({"key": base64.b64encode(os.urandom(8)).decode()}, id="key-8-bytes"),
-        pytest.param({"key": base64.b64encode(os.urandom(17)).decode()}, id="key-17-bytes"),
-        pytest.param({"key": "this is not base64!!!!=="}, id="key-not-base64"),
-        pytest.param({"extra": [("Sec-WebSocket-Key", new_key())]}, id="two-keys"),
-        pytest.param({"replace": {"Sec-WebSocket-Key": None}}, id="no-key"),
-        pytest.param({"replace": {"Upgrade": "websocketx"}}, id="upgrade-websocketx"),
-        pytest.param({"replace": {"Connection": "keep-alive"}}, id="connection-without-upgrade"),
-        pytest.param({"replace": {"Connection": None}}, id="no-connection-header"),
+        pytest.param({"http_version": "HTTP/1.0"}, "needs HTTP/1.1", id="http-1.0"),
+        pytest.param({"method": "POST"}, "is a GET", id="post"),
+        pytest.param({"key": base64.b64encode(os.urandom(8)).decode()}, KEY_16, id="key-8-bytes"),
+        pytest.param(
+            {"key": base64.b64encode(os.urandom(17)).decode()}, KEY_16, id="key-17-bytes"
+        ),
+        pytest.param({"key": "this is not base64!!!!=="}, KEY_16, id="key-not-base64"),
+        pytest.param({"extra": [("Sec-WebSocket-Key", new_key())]}, ONE_KEY, id="two-keys"),
+        pytest.param({"replace": {"Sec-WebSocket-Key": None}}, ONE_KEY, id="no-key"),
+        pytest.param(
+            {"replace": {"Upgrade": "websocketx"}},
+            "Upgrade must be websocket",
+            id="upgrade-websocketx",
+        ),
+        pytest.param(
+            {"replace": {"Connection": "keep-alive"}},
+            "Connection must include upgrade",
+            id="connection-without-upgrade",
+        ),
+        pytest.param(
+            {"replace": {"Connection": None}},
+            "Connection must include upgrade",
+            id="no-connection-header",
+        ),
         pytest.param(
             {"extra": [("Sec-WebSocket-Extensions", "permessage-deflate; x=\u00e9")]},
+            "sec-websocket-extensions must be ASCII",
             id="extensions-not-ascii",
         ),
         pytest.param(
-            {"extra": [("Sec-WebSocket-Protocol", "chat\u00e9")]}, id="protocol-not-ascii"
+            {"extra": [("Sec-WebSocket-Protocol", "chat\u00e9")]},
+            "sec-websocket-protocol must be ASCII",
+            id="protocol-not-ascii",
         ),
     ],
 )
-def test_rfc6455_bad_handshake_gets_400(chat_server, request_options):
-    """A malformed opening handshake to /ws gets 400, never 101 (RFC 6455 4.2.1)."""
+def test_rfc6455_bad_handshake_gets_400(chat_server, request_options, reason):
+    """A malformed opening handshake to /ws gets 400 saying what is wrong, never 101 (RFC 6455 4.2.1, docs/protocol.md §1.1)."""
     request = handshake_request(host=f"127.0.0.1:{chat_server.port}", **request_options)
     response = http_exchange(chat_server.port, request)
     assert response.status == 400, (
         f"expected 400, got {response.status} for {request!r}:\n{response}"
     )
+    assert response.reason == "Bad Request", response
+    assert reason in response.body.decode("utf-8"), f"the 400 does not say {reason!r}:\n{response}"
+    assert response.tokens("connection") == ["close"], response
 
 
-def test_rfc6455_post_upgrade_gets_405_or_400(chat_server):
-    """An upgrade request with POST is refused (405, or 400), never 101."""
-    request = handshake_request(method="POST", host=f"127.0.0.1:{chat_server.port}")
+def test_rfc6455_handshake_without_host_gets_400(chat_server):
+    """An HTTP/1.1 upgrade without Host is malformed HTTP (RFC 9112 §3.2): 400 and a close, never 101."""
+    request = handshake_request(replace={"Host": None})
+    assert b"host:" not in request.lower()
     response = http_exchange(chat_server.port, request)
-    assert response.status in (405, 400), (
-        f"expected 405 (or 400), got {response.status}:\n{response}"
-    )
+    assert response.status == 400, f"expected 400, got:\n{response}"
+    assert response.tokens("connection") == ["close"], response
+
+
+@pytest.mark.parametrize(
+    ("replace", "extra"),
+    [
+        pytest.param({"Sec-WebSocket-Version": None}, [], id="missing"),
+        pytest.param({}, [("Sec-WebSocket-Version", "13")], id="repeated-13"),
+        pytest.param({}, [("Sec-WebSocket-Version", "8")], id="repeated-13-and-8"),
+        pytest.param(
+            {"Sec-WebSocket-Version": "8"}, [("Sec-WebSocket-Version", "13")], id="8-then-13"
+        ),
+    ],
+)
+def test_rfc6455_missing_or_repeated_version_gets_426(chat_server, replace, extra):
+    """Anything but exactly one `Sec-WebSocket-Version: 13` (docs/protocol.md §1.1, check 3) gets 426 naming 13."""
+    request = handshake_request(host=f"127.0.0.1:{chat_server.port}", replace=replace, extra=extra)
+    response = http_exchange(chat_server.port, request)
+    assert response.status == 426, f"expected 426, got {response.status}:\n{response}"
+    assert response.tokens("sec-websocket-version") == ["13"], f"want version 13:\n{response}"
+    assert "version 13" in response.body.decode("utf-8"), response
 
 
 @pytest.mark.parametrize("version", ["8", "12", "14"])
@@ -292,6 +377,28 @@ def test_rfc6455_reserved_bits_close_1002(chat_server, frame):
                 cont(b"}"),
             ],
             id="fragments-above-10ffff-in-middle",
+        ),
+        # A sequence cut short by the end of the message, its bytes in two fragments:
+        # only the final fragment shows it is invalid.
+        pytest.param(
+            lambda: [text(b'{"msg":"\xf0\x9f', fin=False), cont(b"\x98")],
+            id="fragments-truncated-4-byte-at-end",
+        ),
+        pytest.param(
+            lambda: [text(b'{"msg":"\xe2', fin=False), cont(b"\x82")],
+            id="fragments-truncated-3-byte-at-end",
+        ),
+        pytest.param(
+            lambda: [text(b"\xf0", fin=False), cont(b"\x9f\x98", fin=False), cont(b"")],
+            id="fragments-truncated-then-empty-final",
+        ),
+        pytest.param(
+            lambda: [text(b'{"msg":"\xe0', fin=False), cont(b'\x80\xaf"}')],
+            id="fragments-overlong-split",
+        ),
+        pytest.param(
+            lambda: [text(b'{"msg":"\xf4', fin=False), cont(b'\x90\x80\x80"}')],
+            id="fragments-above-10ffff-split",
         ),
         # Fail fast (RFC 6455 8.1: an endpoint that finds invalid UTF-8 MUST fail
         # the connection; Autobahn 6.4): the message is never finished here.
@@ -356,14 +463,25 @@ def test_rfc6455_bad_control_frame_closes_1002(chat_server, frame):
     fails_with(chat_server, [frame()], 1002)
 
 
+@pytest.mark.parametrize("reason_bytes", [124, 200])
+def test_rfc6455_close_over_125_bytes_closes_1002(chat_server, reason_bytes):
+    """A close frame whose payload is over 125 bytes (a control frame, RFC 6455 5.5) closes with 1002."""
+    payload = close_payload(1000, "r" * reason_bytes)
+    assert len(payload) > 125
+    fails_with(chat_server, [build_frame(OP_CLOSE, payload)], 1002, client_sent_close=True)
+
+
 def test_rfc6455_close_with_1_byte_payload_closes_1002(chat_server):
     """A close frame whose payload is a single byte closes with 1002."""
     fails_with(chat_server, [build_frame(OP_CLOSE, b"\x03")], 1002, client_sent_close=True)
 
 
-@pytest.mark.parametrize("code", [0, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999])
+@pytest.mark.parametrize(
+    "code", [0, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535]
+)
 def test_rfc6455_close_with_invalid_code_closes_1002(chat_server, code):
-    """A close frame with a code that may not be sent (RFC 6455 7.4) closes with 1002."""
+    """A close frame with a code that may not be sent (RFC 6455 7.4; above 4999: undefined,
+    Autobahn 7.13.1-2) closes with 1002."""
     frame = build_frame(OP_CLOSE, close_payload(code, "bad code"))
     fails_with(chat_server, [frame], 1002, client_sent_close=True)
 
@@ -529,6 +647,109 @@ def test_rfc6455_protocol_error_in_other_states_exact_code(chat_server, state, b
         assert not kinds, f"unexpected text frames before the close: {result.messages}"
 
 
+def kernel_queues(sock: socket.socket) -> tuple[int, int]:
+    """What the kernels hold of a connection to the server on 127.0.0.1, in bytes: (sent by
+    the server, not yet taken by our socket; taken by our socket, not yet read by us).
+
+    From Linux's /proc/net/tcp: tx_queue of the server's end, rx_queue of ours.
+    """
+    ours, theirs = sock.getsockname()[1], sock.getpeername()[1]
+    found: dict[tuple[int, int], tuple[int, int]] = {}
+    with open("/proc/net/tcp") as table:
+        next(table)  # the column names
+        for line in table:
+            fields = line.split()
+            local, remote = (int(field.rsplit(":", 1)[1], 16) for field in fields[1:3])
+            tx, rx = (int(queue, 16) for queue in fields[4].split(":"))
+            found[local, remote] = (tx, rx)
+    for key in ((theirs, ours), (ours, theirs)):
+        assert key in found, f"no 127.0.0.1:{key[0]} -> :{key[1]} in /proc/net/tcp"
+    return found[theirs, ours][0], found[ours, theirs][1]
+
+
+def settled_kernel_queues(sock: socket.socket, timeout: float = 2.0) -> tuple[int, int]:
+    """`kernel_queues` once two readings 50 ms apart agree (the server has written what
+    the socket takes)."""
+    deadline = time.monotonic() + timeout
+    last = kernel_queues(sock)
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = kernel_queues(sock)
+        if now == last:
+            return now
+        last = now
+    raise AssertionError(f"the kernel queues never settled: {last}")
+
+
+#: Says of about 8 KB per phase: one phase is far over what the kernels take,
+#: both together (about 320 KB, 41 frames) under the bounds of docs/protocol.md §9.
+OUTBOX_SAYS = 20
+
+
+def test_rfc6455_protocol_error_while_outbox_holds_refused_frames(unlimited_server):
+    """A member that stopped reading (a small receive buffer, so the server's writes to it
+    stall) while another fills its room, then sends RSV1: it gets every frame queued for it,
+    in order, then close 1002, all within --close-timeout (docs/protocol.md §11: frames
+    still queued go out first).
+
+    Two phases: after the first, the kernels' buffers are full and the server holds more
+    of it (a write the socket refused); the second's frames then wait behind that write,
+    in the outbox itself. The bad frame's first byte goes out between the phases and the
+    rest before the reader reads again, so nothing the reader sends or reads can let that
+    write finish before the server has failed the connection.
+    """
+    if not os.path.exists("/proc/net/tcp"):
+        pytest.skip("needs Linux's /proc/net/tcp to tell the outbox from the kernel's buffers")
+    port = unlimited_server.port
+    room = unique("r")
+    msgs = [f"{i:04d}" + "😀" * (MAX_MSG_CHARS - 10) for i in range(2 * OUTBOX_SAYS)]
+    with open_websocket(port, rcvbuf=4096) as reader, open_websocket(port) as sender:
+        rcvbuf = reader.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        reader.send_json(join_frame(room=room))
+        reader.expect("joined", room=room)
+        sender.send_json(join_frame(room=room))
+        sender.expect("joined", room=room)
+        seen = len(reader.frames)
+        bad = text(b'{"type":"say"}', rsv=RSV1)
+        for phase in range(2):
+            for i in range(phase * OUTBOX_SAYS, (phase + 1) * OUTBOX_SAYS):
+                sender.send_json(say_frame(room, msgs[i], f"o{i}"))
+                sender.expect("message", room=room, msg=msgs[i])
+                sender.expect("ack", ref=f"o{i}")
+            if phase == 0:
+                # A segment from the reader carries its window: any update it
+                # owes the server goes out now (one byte: no frame header yet).
+                reader.send_raw(bad[:1])
+                # Every say of phase 1 has been delivered: what the reader has
+                # not read is in the kernels' buffers (both ends), in its
+                # client-side buffer, or still in the server's process.
+                server_kernel, client_kernel = settled_kernel_queues(reader.sock)
+                outside_server = server_kernel + client_kernel + len(reader.buffer)
+        reader.send_raw(bad[1:])
+        time.sleep(0.3)  # the server fails the connection while the socket is still full
+        result = expect_close(reader, 1002, SERVER_CLOSE_TIMEOUT)
+    kinds = [message["type"] for message in result.json_messages()]
+    assert set(kinds) <= {"message", "presence"}, kinds
+    got = [m["msg"][:4] for m in result.json_messages() if m["type"] == "message"]
+    assert got == [msg[:4] for msg in msgs], f"{len(got)} of {len(msgs)} messages: {got}"
+    assert result.elapsed < SERVER_CLOSE_TIMEOUT
+    # The state was the one wanted: phase 1 alone was more than the kernels took.
+    phase_1 = 0
+    for frame in reader.frames[seen:]:
+        phase_1 += len(frame.wire)
+        if frame.completes and json.loads(frame.completes[1]).get("msg") == msgs[OUTBOX_SAYS - 1]:
+            break
+    # (More than a window the reader could still open: its whole receive buffer.)
+    one_message = len(encode({"type": "message", "msg": msgs[0]}))
+    assert phase_1 - outside_server >= one_message + rcvbuf, (
+        f"the server held {phase_1 - outside_server} bytes of phase 1 ({phase_1}; kernels "
+        f"{server_kernel} + {client_kernel}, client {len(reader.buffer)}): its socket "
+        "refused nothing, so phase 2 did not wait in the outbox"
+    )
+    bad = [line for line in unlimited_server.output_text().splitlines() if " ERROR " in line]
+    assert not bad, bad
+
+
 # --- the classic endpoint `/` ----------------------------------------------------------------
 
 
@@ -620,6 +841,49 @@ def test_rfc6455_multibyte_utf8_split_across_fragments_accepted(chat_server):
             conn.send_raw(raw)
         conn.expect("message", msg=msg)
         conn.expect("ack", ref="s1")
+
+
+def test_rfc6455_4_byte_utf8_one_byte_per_fragment_accepted(chat_server):
+    """A 4-byte code point with each byte in a fragment of its own is valid: the say is answered."""
+    with open_websocket(chat_server.port) as conn:
+        room, _ = join(conn)
+        msg = "😀 one byte a fragment 😀"
+        data = encode(say_frame(room, msg, "e1"))
+        at = data.index("😀".encode())
+        for raw in fragments(data, [at, 1, 1, 1]):
+            conn.send_raw(raw)
+        conn.expect("message", room=room, msg=msg)
+        conn.expect("ack", ref="e1")
+
+
+def test_rfc6455_64_kib_message_in_1000_byte_fragments_answered(chat_server):
+    """A message of exactly --max-frame-bytes in 66 fragments (Autobahn 9.x) is reassembled and answered."""
+    with open_websocket(chat_server.port) as conn:
+        room, name = join(conn)
+        msg = "κόσμε 😀 " * 200  # 1800 characters, under --max-msg-chars
+        say = encode(say_frame(room, msg, "big"))
+        data = say + b" " * (MAX_FRAME - len(say))  # JSON allows whitespace after the value
+        pieces = fragments(data, [1000] * (MAX_FRAME // 1000))
+        assert len(pieces) == 66
+        conn.send_raw(b"".join(pieces))
+        conn.expect("message", room=room, name=name, msg=msg)
+        conn.expect("ack", ref="big")
+        assert_still_works(conn, room)
+
+
+def test_rfc6455_frames_sent_one_byte_per_tcp_send_handled(chat_server):
+    """Frames written one byte per TCP send (a 7-bit and a 16-bit length, headers and masks
+    split everywhere) are handled; so is invalid UTF-8 sent that way: 1007."""
+    frame = join_frame()
+    with open_websocket(chat_server.port) as conn:
+        conn.send_in_pieces(text(encode(frame)))
+        conn.expect("joined", room=frame["room"], name=frame["name"])
+        say = padded_say(frame["room"], 300, "bytewise")
+        conn.send_in_pieces(text(say))
+        conn.expect("message", room=frame["room"])
+        conn.expect("ack", ref="bytewise")
+        conn.send_in_pieces(text(b'{"msg":"' + INVALID_UTF8["surrogate-d800"] + b'"}'))
+        expect_close(conn, 1007, allow_text=False)
 
 
 def test_rfc6455_ping_between_fragments_answered_and_message_handled(chat_server):
@@ -840,6 +1104,81 @@ def test_rfc6455_no_data_frames_after_server_close(chat_server):
         for i in range(15):
             bob.expect("message", msg=f"{'before' if i < 5 else 'after'} {i}", skip=("presence",))
             bob.expect("ack", ref=f"b{i}", skip=("presence",))
+
+
+def assert_reset(sock: socket.socket, timeout: float) -> None:
+    """The server's end of ``sock`` is gone: data we send now is answered with a reset.
+
+    (A socket the server still reads takes the data; a closed one answers RST,
+    after which our next send fails with EPIPE or ECONNRESET.)
+    """
+    sock.settimeout(timeout)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            sock.sendall(build_frame(OP_PING, b"anyone?"))
+            time.sleep(0.02)
+    except (ConnectionResetError, BrokenPipeError):
+        return
+    raise AssertionError(
+        f"no reset within {timeout} s: the server still held the connection open "
+        f"past --close-timeout ({SERVER_CLOSE_TIMEOUT} s)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        pytest.param(lambda: text(b"{}", rsv=RSV1), 1002, id="rsv1-1002"),
+        pytest.param(lambda: text(INVALID_UTF8["f7bfbfbf"]), 1007, id="invalid-utf8-1007"),
+        pytest.param(
+            lambda: text(b"{", declared_length=16 * 1024 * 1024), 1009, id="announced-16-mib-1009"
+        ),
+    ],
+)
+def test_rfc6455_silent_client_after_failure_gets_fin_within_close_timeout(
+    chat_server, frame, code
+):
+    """After the server fails a connection, a client that never answers the close frame nor
+    closes gets the server's FIN within --close-timeout (plus a margin), and by then the
+    server's socket is gone: a frame sent afterwards gets a reset, not a reader."""
+    with open_websocket(chat_server.port) as conn:
+        join(conn)
+        start = time.monotonic()
+        conn.send_raw(frame())
+        expect_close(conn, code, allow_text=False, reply=False)  # FIN within EOF_WAIT
+        assert time.monotonic() - start < EOF_WAIT
+        # The server lingers for our FIN, but only until --close-timeout.
+        time.sleep(max(0.0, start + EOF_WAIT - time.monotonic()))
+        assert_reset(conn.sock, EOF_MARGIN)
+
+
+LINGER_ROUNDS = 6  # connections per case: the scheduling order that skipped the linger varied
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        pytest.param(lambda: text(b"{}", rsv=RSV1), 1002, id="rsv1-1002"),
+        pytest.param(lambda: text(INVALID_UTF8["f7bfbfbf"]), 1007, id="invalid-utf8-1007"),
+    ],
+)
+def test_rfc6455_close_reply_after_failure_is_read_not_reset(chat_server, frame, code):
+    """After the server's close frame and FIN, the client's close reply (RFC 6455 5.5.1) is
+    read by the server, which waits for the client's FIN: no reset. (A reset can destroy
+    the close frame before a peer reads it, on stacks that drop unread data on one.)"""
+    for _ in range(LINGER_ROUNDS):
+        with open_websocket(chat_server.port) as conn:
+            join(conn)
+            conn.send_raw(frame())
+            expect_close(conn, code, allow_text=False, reply=False)  # the frame, then FIN
+            conn.send_close(code)  # what a browser does on reading them
+            time.sleep(0.1)
+            error = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            assert error == 0, (
+                f"the server reset the connection ({os.strerror(error)}) instead of reading "
+                "the client's close reply until its FIN"
+            )
 
 
 # --- the server stayed healthy ------------------------------------------------------------------

@@ -116,9 +116,21 @@ async def test_tls_sse_chat(ca: trustme.CA, tmp_path: Path) -> None:
         await stream.aclose()
 
 
+STATIC = Path(__file__).resolve().parent.parent / "static"
+
+
 async def test_tls_page_and_health_over_https(ca: trustme.CA, tmp_path: Path) -> None:
+    """The page, a whole /static/ asset, health, readiness and metrics: one port, https."""
+    asset = (STATIC / "app.js").read_bytes()
     async with tls_server(ca, tmp_path) as server:
-        for path, expected in (("/", b"<!doctype html"), ("/healthz", b"")):
+        for path, expected in (
+            ("/", b"<!doctype html"),
+            ("/healthz", b"ok\n"),
+            ("/readyz", b"ready\n"),
+            ("/metrics", b"\ntriochat_build_info{"),
+            ("/static/app.js", b"content-type: text/javascript"),
+            ("/static/app.js", b"\r\n\r\n" + asset),  # every byte of it, through TLS
+        ):
             stream = await tls_connect(ca, server.port)()
             request = f"GET {path} HTTP/1.1\r\nHost: localhost:{server.port}\r\nConnection: close\r\n\r\n"
             await stream.send_all(request.encode())
@@ -265,6 +277,18 @@ def test_tls_process_refuses_to_start_with_a_bad_certificate(tmp_path: Path) -> 
     assert result.returncode == 2, result.stderr
     assert "cannot use the certificate" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_tls_process_certificate_from_the_environment(ca: trustme.CA, tmp_path: Path) -> None:
+    """TRIOCHAT_CERTFILE and TRIOCHAT_KEYFILE turn TLS on as --certfile and --keyfile do
+    (the chain file holds no key: the handshake needs the key file too)."""
+    certfile, keyfile = write_pair(ca, tmp_path)
+    env = {"TRIOCHAT_CERTFILE": str(certfile), "TRIOCHAT_KEYFILE": str(keyfile)}
+    with run_server(env=env) as server:
+        assert server.base_url.startswith("https://")
+        _wait_for(server, "tls: on")
+        served = _peer_certificate(server.port, ca)
+    assert served == ssl.PEM_cert_to_DER_cert(certfile.read_text())
 
 
 @pytest.mark.browser

@@ -279,17 +279,26 @@ def open_websocket(
     timeout: float = DEFAULT_TIMEOUT,
     extra: Iterable[tuple[str, str]] = (),
     extensions: str | None = None,
+    rcvbuf: int | None = None,
 ) -> WsConn:
     """Connect and do a valid opening handshake; the open connection.
 
     Asserts a 101 with ``Upgrade: websocket``, ``Connection: upgrade``, the
     right ``Sec-WebSocket-Accept``, no subprotocol selected, and
     ``Sec-WebSocket-Extensions`` equal to ``extensions`` (None: absent).
+    ``rcvbuf``: see `upgrade`.
     """
     key = new_key()
     request = handshake_request(path, host=f"{host}:{port}", key=key, extra=extra)
     return upgrade(
-        port, request, key, path=path, host=host, timeout=timeout, extensions=extensions
+        port,
+        request,
+        key,
+        path=path,
+        host=host,
+        timeout=timeout,
+        extensions=extensions,
+        rcvbuf=rcvbuf,
     )
 
 
@@ -302,13 +311,17 @@ def upgrade(
     host: str = "127.0.0.1",
     timeout: float = DEFAULT_TIMEOUT,
     extensions: str | None = None,
+    rcvbuf: int | None = None,
 ) -> WsConn:
     """Send the handshake ``request`` (made with ``key``); the connection once it got a valid 101.
 
     See `check_upgrade_response` for what a valid 101 is. With ``extensions``
     naming permessage-deflate, the connection reads compressed messages.
+    ``rcvbuf``: SO_RCVBUF, set before connecting (the window the client
+    offers is sized from it then), so a client that stops reading soon
+    leaves the server's writes unfinished.
     """
-    sock = socket.create_connection((host, port), timeout=timeout)
+    sock = _connect(host, port, timeout, rcvbuf)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.sendall(request)
@@ -322,6 +335,22 @@ def upgrade(
     conn = WsConn(sock, path=path, deflate=deflate)
     conn.buffer += buffer  # frames the server sent right after the 101, if any
     return conn
+
+
+def _connect(host: str, port: int, timeout: float, rcvbuf: int | None) -> socket.socket:
+    """A connected TCP socket; with ``rcvbuf``, SO_RCVBUF is set before the SYN."""
+    if rcvbuf is None:
+        return socket.create_connection((host, port), timeout=timeout)
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.settimeout(timeout)
+        sock.connect(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def check_upgrade_response(
@@ -522,6 +551,13 @@ class WsConn:
             raise AssertionError(
                 f"the server did not read {len(data)} bytes within {DEFAULT_TIMEOUT} s"
             ) from exc
+
+    def send_in_pieces(self, data: bytes, size: int = 1, pause: float = 0.002) -> None:
+        """Send ``data`` ``size`` bytes per TCP send, pausing between sends so
+        each piece is a segment (and most likely a read) of its own."""
+        for at in range(0, len(data), size):
+            self.send_raw(data[at : at + size])
+            time.sleep(pause)
 
     def send_frame(self, opcode: int, payload: bytes | str = b"", **options: Any) -> None:
         """Send one frame; ``options`` as in `build_frame`."""

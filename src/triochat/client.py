@@ -672,6 +672,7 @@ class ChatClient:
         self._wanted_name: str | None = None
         self._resume_token = resume_token
         self._user: str | None = None
+        self._authed: Authed | None = None
 
         self._events: collections.deque[Event] = collections.deque(maxlen=event_buffer)
         self._dropped = 0
@@ -691,6 +692,13 @@ class ChatClient:
     def user(self) -> str | None:
         """The token's ``sub`` once authenticated; None when anonymous."""
         return self._user
+
+    @property
+    def authed(self) -> Authed | None:
+        """The server's latest ``authed`` answer (``user``, ``name``, ``exp``): from
+        the current connection's ``auth`` or a later `authenticate`; None when
+        anonymous. ``exp`` says when to refresh."""
+        return self._authed
 
     @property
     def resume_token(self) -> str | None:
@@ -885,16 +893,33 @@ class ChatClient:
         """
         await trio.lowlevel.checkpoint()
         while True:
-            if self._dropped:
-                count, self._dropped = self._dropped, 0
-                return EventsDropped(count)
-            if self._events:
-                return self._events.popleft()
-            if self._terminal is not None:
-                raise self._terminal
-            if self._closed:
-                raise trio.EndOfChannel
-            await self._event_lot.park()
+            try:
+                return self.receive_nowait()
+            except trio.WouldBlock:
+                await self._event_lot.park()
+
+    def receive_nowait(self) -> Event:
+        """The next event if one is buffered already, without waiting.
+
+        The reader buffers events in the order their frames arrived, so, for
+        example, our own `Message` is here by the time `say` returns (the
+        server sends it before the ``ack``).
+
+        Raises:
+            trio.WouldBlock: no event is buffered.
+            ConnectionEnded: the client ended (after the events buffered before it).
+            trio.EndOfChannel: the client was closed by `aclose`.
+        """
+        if self._dropped:
+            count, self._dropped = self._dropped, 0
+            return EventsDropped(count)
+        if self._events:
+            return self._events.popleft()
+        if self._terminal is not None:
+            raise self._terminal
+        if self._closed:
+            raise trio.EndOfChannel
+        raise trio.WouldBlock
 
     def __aiter__(self) -> ChatClient:
         return self
@@ -1173,7 +1198,7 @@ class ChatClient:
         if request.error is not None:
             conn.finish(4003, str(request.error), error=cast("ConnectionEnded", request.error))
             return False
-        conn.authed = request.outcome()
+        conn.authed = self._authed = request.outcome()
         self._user = conn.authed.user
         self._name = conn.authed.name
         return True
@@ -1378,8 +1403,12 @@ class ChatClient:
                     del self._rooms[frame.room]
                 self._answer(request, None)
             else:
+                if isinstance(frame, Authed):
+                    conn.authed = self._authed = frame  # a refresh: its exp applies now
                 self._answer(request, frame)
         else:  # Presence, Typing, Whisper, Deleted
+            if isinstance(frame, Deleted):
+                self._on_deleted(frame)
             self._emit(frame)
 
     def _undecodable(self, text: str, exc: msgspec.ValidationError) -> None:
@@ -1408,6 +1437,17 @@ class ChatClient:
             # Anonymous: one connection per name, so our name is this connection.
             self._bind(message, conn.generation)
         self._emit(message)
+
+    def _on_deleted(self, deleted: Deleted) -> None:
+        """A deleted message's id is no ``since`` any more: the server forgot it and
+        would answer the next rejoin ``recovered: false`` (docs/protocol.md §16).
+        Step back to the newest message seen before it."""
+        state = self._rooms.get(deleted.room)
+        if state is None:
+            return
+        state.seen.pop(deleted.id, None)
+        if state.last_id == deleted.id and state.seen:
+            state.last_id = next(reversed(state.seen))
 
     def _bind(self, message: Message, generation: int | None = None) -> None:
         """Note ``message`` as the stored copy of our oldest pending say like it."""

@@ -7,11 +7,26 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import urllib.parse
 from pathlib import Path
 
 from .errors import ConfigError
 
-__all__ = ["Config"]
+__all__ = ["Config", "redact_url"]
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its password (for logs and errors): ``redis://user:***@host:port/db``.
+
+    Here, not in server.py: the backplane logs its ``--redis`` URL too and
+    must not import the server.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -127,7 +142,9 @@ class Config:
         if self.redis is not None and not self.redis.startswith(
             ("redis://", "rediss://", "unix://")
         ):
-            raise ConfigError(f"redis must be a redis://host:port/db URL, got {self.redis!r}")
+            raise ConfigError(
+                f"redis must be a redis://host:port/db URL, got {redact_url(self.redis)!r}"
+            )
         for host in self.allow_hosts:
             # A name, never host:port or a URL: ports are not compared (§1).
             if host != "*" and (not host or any(c in host for c in ":/[]@ \t,")):

@@ -39,7 +39,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Final, Generic, TypeVar, cast
 
 import msgspec
@@ -53,6 +53,7 @@ from .errors import ClientProtocolError, StorageError
 from .events import Claim, Received, SsePost, SsePostResult
 from .hooks import Authenticator, Refusal, SayHook, SayInfo
 from .identity import Identity, TokenCheck, claim_token
+from .logformat import log_context, log_fields
 from .metrics import Gauge, Stats
 from .outbox import FlushSchedule
 from .protocol import (
@@ -66,6 +67,7 @@ from .protocol import (
     Message,
     Say,
     decode_client_frame,
+    is_valid_room,
     normalize_name,
 )
 from .ratelimit import ADDRESS_SCALE, RateLimiter
@@ -217,6 +219,9 @@ class Hub:
         #: Each client address's shared budget and how many connections use it.
         self._addresses: dict[str, _AddressBudget] = {}
         self._address_of: dict[Client, str] = {}
+        #: Each connection's log fields (id, peer, transport), for the lines the
+        #: dispatcher logs about it outside the connection's task.
+        self._log_fields: dict[Client, Mapping[str, object]] = {}
         # A backplane over an in-memory store may offer a synchronous append.
         self._append_nowait = backplane.append_nowait
         self._storage_down = False
@@ -328,6 +333,7 @@ class Hub:
         self._wake_in_time()
         if address:
             self._address_of[client] = address
+        self._log_fields[client] = log_fields()  # (connect runs in the connection's task)
         return client
 
     def disconnect(self, client: object) -> None:
@@ -335,6 +341,7 @@ class Hub:
         safe to call from ``finally``."""
         chat = self.chat
         address = self._address_of.pop(cast("Client", client), None)
+        self._log_fields.pop(cast("Client", client), None)
         if address is not None:
             budget = self._addresses[address]
             budget.connections -= 1
@@ -475,12 +482,16 @@ class Hub:
         except Refusal as exc:
             return TokenCheck(None, exc.message, frame.ref)
         except Exception:
-            LOGGER.exception("the authenticator failed; the connection is refused")
+            LOGGER.exception(
+                "the authenticator failed; the connection is refused", extra=_chat_fields(client)
+            )
             return TokenCheck(None, "the token could not be checked", frame.ref)
         name = normalize_name(identity.name) if isinstance(identity, Identity) else None
         if name is None:
             LOGGER.error(
-                "the authenticator returned %r: not an Identity with a valid name", identity
+                "the authenticator returned %r: not an Identity with a valid name",
+                identity,
+                extra=_chat_fields(client),
             )
             return TokenCheck(None, "the token could not be checked", frame.ref)
         return TokenCheck(msgspec.structs.replace(identity, name=name), "", frame.ref)
@@ -502,12 +513,18 @@ class Hub:
                 exc.code, exc.message, frame.ref, classic=isinstance(frame, ClassicFrame)
             )
         except Exception:
-            LOGGER.exception("the say hook failed; the message is not stored")
+            LOGGER.exception(
+                "the say hook failed; the message is not stored", extra=_chat_fields(client, room)
+            )
             return ClientProtocolError(
                 ErrorCode.INTERNAL, "the message could not be checked", frame.ref
             )
         if not isinstance(text, str) or not text or len(text) > self._config.max_msg_chars:
-            LOGGER.error("the say hook returned %r: not a text within the limits", text)
+            LOGGER.error(
+                "the say hook returned %r: not a text within the limits",
+                text,
+                extra=_chat_fields(client, room),
+            )
             return ClientProtocolError(
                 ErrorCode.INTERNAL, "the message could not be checked", frame.ref
             )
@@ -716,7 +733,15 @@ class Hub:
         except Exception:
             # A bug triggered by one client's frame must not take the hub (and
             # every other connection) down: answer `internal`, close with 1011.
-            LOGGER.exception("bug while handling a frame; closing its connection with 1011")
+            # In the dispatcher's task: the connection's fields are restored.
+            room = (
+                CLASSIC_ROOM if isinstance(frame, ClassicFrame) else getattr(frame, "room", None)
+            )
+            with log_context(**self._log_fields.get(client, {})):
+                LOGGER.exception(
+                    "bug while handling a frame; closing its connection with 1011",
+                    extra=_chat_fields(client, room),
+                )
             chat.refuse(client, ErrorCode.INTERNAL, "internal error", getattr(frame, "ref", None))
             client.peer.close_soon(CloseCode.INTERNAL_ERROR, "internal error")
 
@@ -820,3 +845,15 @@ class Hub:
             self._storage_down = False
         self._stats.messages_stored += len(batch)
         chat.stored(batch, result)
+
+
+def _chat_fields(client: Client, room: str | None = None) -> dict[str, object]:
+    """``extra=`` of a log line about ``client``: the name it chats under and
+    the room at hand, where known (a room only if valid: a frame's text never
+    reaches a log field raw)."""
+    fields: dict[str, object] = {}
+    if client.name is not None:
+        fields["user"] = client.name
+    if room is not None and is_valid_room(room):
+        fields["room"] = room
+    return fields

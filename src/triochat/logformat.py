@@ -5,8 +5,9 @@ Rules:
 1. A JSON line holds ``time`` (UTC, ISO 8601, milliseconds), ``level``,
    ``logger`` and ``message``, then the record's fields: those given with
    ``extra=`` on the call, over those of the current `log_context` (a
-   connection's id, peer and transport, set once around its task). A
-   traceback goes in ``exception``.
+   connection's id, peer and transport, set once around its task; the hub
+   restores them, with `log_fields`, for what it logs about a connection
+   in its own task). A traceback goes in ``exception``.
 2. Client text is escaped and cut before it reaches a message or a field
    (``log_safe`` in transports/websocket.py); JSON encoding then escapes
    every non-ASCII and control character, so one record is one line.
@@ -32,6 +33,7 @@ __all__ = [
     "TEXT_FORMAT",
     "JsonFormatter",
     "log_context",
+    "log_fields",
     "setup_logging",
 ]
 
@@ -66,6 +68,13 @@ def log_context(**fields: object) -> Iterator[None]:
         yield
     finally:
         _FIELDS.reset(token)
+
+
+def log_fields() -> Mapping[str, object]:
+    """The fields of the current `log_context`: kept by work done for a
+    connection in another task (the hub's), which restores them with
+    ``log_context(**fields)`` around its log call."""
+    return _FIELDS.get()
 
 
 class JsonFormatter(logging.Formatter):

@@ -18,9 +18,22 @@ so does every connection of the conformance run's echo. Rules:
    queued frames unless it is a slow consumer, the close frame) must finish
    within ``close_timeout`` (the drain's own timeout while draining); then
    the connection ends (`end`), and its TCP connection is aborted.
-3. The backlog is bounded in frames and bytes; a client over the bound at the
-   end of two steps with no write completed in between (it does not read), or
-   at four times the byte bound at once, is closed 1013 (docs/protocol.md §9).
+3. The backlog (the outbox: frames not yet handed to the socket or to the
+   writer) is bounded in frames and bytes, and judged at the end of each
+   step, after the write (`_check_backlog`): over the bound at the end of
+   two steps with no write completed in between, the client does not read
+   and is closed 1013 (docs/protocol.md §9). Over four times the byte bound
+   it is closed at once (`deliver`), but only once its writer had a chance:
+   it was over the bound at the end of an earlier step with no write
+   completed since (or it is held). A burst within one step is never judged
+   before its write, however big: the writer cannot run during a step.
+
+What one connection holds, then: its backlog, at most the larger of
+``HARD_BOUND_FACTOR * outbox_bytes`` plus one frame and ``outbox_bytes``
+plus what the current step delivers to it; and the write in progress, at
+most one earlier backlog as one buffer of its own (the frames joined by
+the transport, or `_unsent`). Broadcast frames are shared by every
+member's outbox; the write in progress is a copy.
 """
 
 from __future__ import annotations
@@ -44,7 +57,7 @@ __all__ = ["BACKLOG_PAUSE", "HARD_BOUND_FACTOR", "Outbound"]
 LOGGER = logging.getLogger("triochat.outbound")
 
 #: A backlog this many times the byte bound closes the connection at once,
-#: without waiting for the end of the step (`deliver`).
+#: without waiting for the end of the step, once its writer had a chance (`deliver`).
 HARD_BOUND_FACTOR: Final = 4
 #: Seconds a reader waits at most for its own backlog to go down (`backlog_low`).
 BACKLOG_PAUSE: Final = 1.0
@@ -108,7 +121,7 @@ class Outbound:
         self._step = -1  # the step of `_schedule` that last filed this connection
         self._writes = 0  # writes completed so far: the proof that the peer reads
         #: ``_writes`` when a step last ended with the backlog over the bound
-        #: (-1: it did not): the slow-consumer rule (`_check_backlog`).
+        #: (-1: it did not): the slow-consumer rules (`_check_backlog`, `deliver`).
         self._over_at = -1
         self._hard_bound = HARD_BOUND_FACTOR * config.outbox_bytes
         self._held = False  # `hold`: frames are queued, not written, until `release`
@@ -171,10 +184,13 @@ class Outbound:
             if schedule.write_through:
                 self.flush_nowait()  # a lone message: nothing to coalesce it with
                 return
-        elif outbox.size > self._hard_bound:
-            # Megabytes piling up on one client (its own `history` requests,
-            # say): memory says no without waiting for the step's end. (One
-            # frame alone may be bigger: it is allowed.)
+        elif outbox.size > self._hard_bound and (self._over_at == self._writes or self._held):
+            # Megabytes piling up on a client whose writer had its chance: it
+            # was over the bound when last judged and has completed no write
+            # since (its own `history` requests, say). Memory says no without
+            # waiting for the step's end. A burst on a client that was within
+            # its bounds is judged at the step's end instead, after the write
+            # (docs/protocol.md section 9). (One frame alone may be bigger.)
             self._slow_consumer()
             return
         if self._step != schedule.step:
@@ -250,16 +266,15 @@ class Outbound:
         again at the end of a later step with no write completed in between,
         the client is not reading: close 1013, dropping what is queued. Not
         while we read it without waiting for its backlog (`backlog_low` gave
-        up): it may be stuck writing to us, and only the hard bound applies.
+        up): it may be stuck writing to us, and only the hard bound applies
+        (`deliver`: armed by ``_over_at`` here).
         """
         if not self._over_bound():
             self._over_at = -1
-        elif self._unpaused_at == self._writes:
-            return
-        elif self._over_at == self._writes:
-            self._slow_consumer()
-        else:
+        elif self._over_at != self._writes:
             self._over_at = self._writes
+        elif self._unpaused_at != self._writes:
+            self._slow_consumer()
 
     async def backlog_low(self) -> None:
         """Wait until this connection's own backlog is at most half the bound.

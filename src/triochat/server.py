@@ -36,7 +36,6 @@ import errno
 import itertools
 import logging
 import signal
-import urllib.parse
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Final
 
@@ -46,7 +45,7 @@ from . import __version__
 from .api import ChatApi, check_publish
 from .backplane import Backplane
 from .backplane.local import LocalBackplane, LocalBroker
-from .config import Config
+from .config import Config, redact_url
 from .connection import Connection, Transport, TransportClosed
 from .errors import StorageError
 from .history import History
@@ -501,16 +500,6 @@ def _default_backplane(config: Config, history: History | None) -> Backplane:
             else SqliteHistory(config.data_dir, config.history_size)
         )
     return LocalBackplane(LocalBroker(history, config.history_size))
-
-
-def redact_url(url: str) -> str:
-    """``url`` without its password (for logs): ``redis://user:***@host:port/db``."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.netloc.rpartition("@")[2]
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def _peer_name(stream: trio.abc.Stream, client: str | None = None) -> str:

@@ -161,6 +161,26 @@ describe('reconnecting', () => {
     assert.equal(offline.find((s) => s.state === 'offline').ceiling, 80); // afresh
   });
 
+  test('a first connection that fails is retried within the base delay, and the join goes through', async () => {
+    // A page whose very first attempt fails (a busy machine) tries again within
+    // backoffBaseMs (500 ms by default), not after a later step's 4 s.
+    const room = `r-${uid()}`;
+    const proxy = await newProxy();
+    proxy.refuse();
+    const alice = newClient({ url: proxy.url, transport: 'ws', random: () => 0.999 });
+    const statuses = record(alice, 'status');
+    const joined = alice.join(room, { name: `alice-${uid()}` });
+    await until(() => statuses.some((s) => s.state === 'offline'));
+    const first = statuses.find((s) => s.state === 'offline');
+    assert.equal(first.ceiling, 500);
+    assert.ok(first.delay <= 500, first.delay);
+    assert.equal(first.attempt, 1);
+    assert.equal(first.lost.wasOpen, false);
+    proxy.accept();
+    const info = await joined;
+    assert.equal(info.first, true);
+  });
+
   test('the offline queue: says typed while refused are sent once each, in order', async () => {
     const room = `r-${uid()}`;
     const proxy = await newProxy();

@@ -51,7 +51,7 @@ import coredis.retry
 import msgspec
 import trio
 
-from ..config import Config
+from ..config import Config, redact_url
 from ..errors import StorageError
 from ..events import (
     Claim,
@@ -526,10 +526,11 @@ class RedisBackplane:
                 epoch = await self._ensure_epoch()
                 snapshot = await self._load_snapshot(epoch)
         except (*FAILURES, trio.TooSlowError) as exc:
-            raise StorageError(f"cannot reach Redis at {self._url}: {exc}") from exc
+            # Never the password: the URL as the start-up line shows it.
+            raise StorageError(f"cannot reach Redis at {redact_url(self._url)}: {exc}") from exc
         self._epoch = snapshot.epoch
         self._last_seq = snapshot.next_seq - 1
-        LOGGER.info("node %s joined the chat on %s", self.node, self._url)
+        LOGGER.info("node %s joined the chat on %s", self.node, redact_url(self._url))
         return snapshot
 
     async def _ensure_epoch(self) -> str:

@@ -167,6 +167,7 @@ class ReplayStream(trio.abc.Stream):
         "_guard",
         "_head_left",
         "_prefix",
+        "_reader_idle",
         "_receiving",
         "_stream",
         "_waiting",
@@ -195,6 +196,7 @@ class ReplayStream(trio.abc.Stream):
         #: Why the stream stopped reading on its own (code, reason), or None.
         self.failure: tuple[int, str] | None = None
         self._receiving = False  # trio-websocket's reader is in `receive_some`
+        self._reader_idle: trio.Event | None = None  # set when it leaves (`close_now` waits)
         # The write gate: a flag and a parking lot rather than a trio.Lock,
         # because `write_nowait` (called by the hub, not by a writing task)
         # may have to keep it for the writer to finish a partial write. The
@@ -223,6 +225,8 @@ class ReplayStream(trio.abc.Stream):
             data = await self._stream.receive_some(max_bytes)
         finally:
             self._receiving = False
+            if self._reader_idle is not None:
+                self._reader_idle.set()
         self.last_receive = trio.current_time()
         return self._screen(data)
 
@@ -319,11 +323,14 @@ class ReplayStream(trio.abc.Stream):
         """Close the TCP connection (the connection's end), lingering after a close frame.
 
         After our close frame the peer may still be sending (the rest of a
-        message we refused, say). Closing a socket with unread data resets the
-        connection, and a reset discards what we sent that the peer has not
-        read yet, our close frame included. So once trio-websocket's reader has
-        stopped, we send FIN and read (and drop) until the peer closes too,
-        bounded by the caller's cancel scope; then close.
+        message we refused, say, or its close reply). Closing a socket with
+        unread data resets the connection, and so does data arriving after the
+        close; a reset discards what we sent that the peer has not read yet,
+        our close frame included. So we send FIN and read (and drop) until the
+        peer closes too, bounded by the caller's cancel scope; then close.
+        trio-websocket's reader may still be in `receive_some` (its loop reads
+        once more after a close, until cancelled with the connection or the
+        peer sends): we wait for it to leave first, as two readers collide.
 
         Cancellation: the socket is closed, then Cancelled propagates.
         """
@@ -339,9 +346,12 @@ class ReplayStream(trio.abc.Stream):
         ):
             tcp = stream.transport_stream
         try:
-            if self._close_sent and not self._receiving and tcp is not None:
+            if self._close_sent and tcp is not None:
                 with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                    await tcp.send_eof()
+                    await tcp.send_eof()  # (the send side: no collision with a reader)
+                    while self._receiving:
+                        self._reader_idle = trio.Event()
+                        await self._reader_idle.wait()
                     while await tcp.receive_some(65536):
                         pass
         finally:

@@ -2,9 +2,10 @@
 
 Only the conformance run starts it (``conformance/run.sh``). Every piece a
 chat connection goes through is the real one: the h11 front
-(`triochat.http.handle_http`), the `ReplayStream` wrapper (write gate, frame
-size guard, lingering close), trio-websocket's handshake via
-`accept_websocket`, and `triochat.connection.Connection` itself: its read
+(`triochat.http.handle_http`), the chat's `run_websocket` (the
+`ReplayStream` wrapper: write gate, frame size guard, lingering close;
+trio-websocket's handshake via `accept_websocket`; the closing race caught
+only after our close frame), and `triochat.connection.Connection` itself: its read
 loop and keepalive, and its `Outbound` (the outbox, the direct writes, the
 writer task, the slow-consumer rule and the close sequence, a failure's
 close frame included). Compression is on, as ``--compression on``: the
@@ -39,18 +40,15 @@ from typing import Final, cast
 import trio
 
 from triochat.api import ChatApi
+from triochat.chatrun import peer_name, run_websocket
 from triochat.config import Config
-from triochat.connection import Connection, TransportClosed
+from triochat.connection import Connection
 from triochat.frames import OutFrame
 from triochat.http import SseOpen, StaticFiles, Upgrade, handle_http
 from triochat.metrics import Stats
 from triochat.outbound import Outbound
 from triochat.outbox import FlushSchedule
-from triochat.transports.websocket import (
-    ClosingRace,
-    ReplayStream,
-    accept_websocket,
-)
+from triochat.transports import Transport
 
 __all__ = ["EchoApp", "EchoFront", "main", "serve"]
 
@@ -103,25 +101,13 @@ class EchoFront:
         return 404, "not_found", "no SSE on the echo endpoint"
 
     async def serve_websocket(self, stream: trio.abc.Stream, upgrade: Upgrade) -> None:
-        """Echo every message of one vetted WebSocket connection until it ends
-        (what the chat's `Server._serve_websocket` does, with `EchoApp`)."""
-        replay = ReplayStream(
-            stream,
-            upgrade.prefix,
-            head_size=upgrade.head_size,
-            max_message_bytes=self.config.max_frame_bytes,
-        )
-        try:
-            async with trio.open_nursery() as nursery:  # trio-websocket's reader, our writer
-                try:
-                    transport = await accept_websocket(nursery, replay, self.config)
-                except TransportClosed as exc:
-                    LOGGER.info("handshake failed: %s", exc.reason)
-                else:
-                    await Connection(transport, self.app, self.config, self.stats).run(nursery)
-                nursery.cancel_scope.cancel()
-        except* ClosingRace:
-            pass  # a ping that arrived after our close frame: closing anyway
+        """Echo every message of one vetted WebSocket connection until it ends:
+        the chat's own `run_websocket`, with `EchoApp` in place of the hub."""
+
+        async def run(transport: Transport, nursery: trio.Nursery) -> None:
+            await Connection(transport, self.app, self.config, self.stats).run(nursery)
+
+        await run_websocket(stream, upgrade, self.config, run, peer=peer_name(stream))
 
 
 class EchoApp:

@@ -14,16 +14,15 @@ Rules of this module (and of its parts):
    come back from the backplane (`apply`), in the one order every node sees,
    and the sender's ack follows its message (`state.says`).
 4. Checks run in docs/protocol.md §5's order: name, room, rate, state, all before
-   anything changes (`state.checks`).
+   anything changes (`state.checks`, run by `state.handlers`).
 5. Other nodes (a cluster) are known only through `apply`'d events: their
    members per room and their connected users (`state.cluster`).
 
-The parts, each in a module of its own: `state.rooms` (rooms, members and
-the fan-out), `state.log` (each room's kept history and `since` recovery),
-`state.presence` (users, tokens, takeover, grace), `state.says` (the say
-pipeline), `state.cluster` (the other nodes), `state.whispers` and
-`state.connections` (the registry, each connection's mode). This class
-routes frames and events to them.
+`ChatState` builds the parts (`triochat.state` lists them) and routes to
+them: each client frame (`handle`) to its handler in `state.handlers` (or to
+`state.access` for `auth`), each thing the backplane brings (`apply`) to the
+part it concerns, the server API's calls to `state.operator`; the rest of its
+methods are the hub's view of the parts. It keeps no state of its own.
 """
 
 from __future__ import annotations
@@ -47,34 +46,29 @@ from .events import (
     WhisperEvent,
     WhisperResult,
 )
-from .frames import OutFrame
 from .identity import TokenCheck
 from .protocol import (
     Auth,
     ClassicFrame,
     ClientFrame,
-    DeletedFrame,
-    ErrorCode,
-    HistoryFrame,
     HistoryRequest,
     Join,
-    JoinedFrame,
     Leave,
-    LeftFrame,
     Limits,
     Message,
     Say,
     Typing,
-    TypingFrame,
     Whisper,
 )
 from .state.access import Access
 from .state.checks import Checks
 from .state.cluster import ClusterView
 from .state.connections import Connections
+from .state.handlers import FrameHandlers
 from .state.log import RoomLog
-from .state.model import CLASSIC_ROOM, Client, PendingSay, Refused, Room, User
+from .state.model import Client, PendingSay, Refused, Room, User
 from .state.model import Peer as Peer
+from .state.operator import Operator
 from .state.output import ChatOutput, OutputBuffer
 from .state.presence import LEAVE_SETTLE as LEAVE_SETTLE
 from .state.presence import Presence
@@ -115,22 +109,34 @@ class ChatState:
         handshake_timeout: float = 10.0,
     ) -> None:
         self.node = node
-        #: Told to every joiner (`JoinedFrame.limits`), so clients need no constants.
-        self._limits = limits
         # Each part gets the parts it uses; none knows this class (no circle).
         output = self._output = OutputBuffer(node)
         rooms = self._rooms = Rooms(output)
-        self._log = RoomLog(rooms, epoch=epoch, next_seq=next_seq, history_size=history_size)
-        self._checks = Checks(rooms, max_rooms=max_rooms)
-        self._access = Access(authenticating=authenticating, handshake_timeout=handshake_timeout)
+        log = self._log = RoomLog(rooms, epoch=epoch, next_seq=next_seq, history_size=history_size)
+        checks = self._checks = Checks(rooms, max_rooms=max_rooms)
+        access = self._access = Access(
+            authenticating=authenticating, handshake_timeout=handshake_timeout
+        )
         presence = self._presence = Presence(rooms, output, presence_grace=presence_grace)
-        self._says = Says(self._log, output)
+        says = self._says = Says(rooms, log, output)
         cluster = self._cluster = ClusterView(rooms, presence, output)
-        self._whispers = Whispers(
+        whispers = self._whispers = Whispers(
             rooms, presence, cluster, output, epoch=epoch, remote_timeout=remote_timeout
         )
-        self._connections = Connections(rooms, presence)
-        self._log.load(history or {})
+        self._connections = Connections(rooms, presence, access)
+        self._handlers = FrameHandlers(
+            rooms=rooms,
+            log=log,
+            checks=checks,
+            presence=presence,
+            says=says,
+            cluster=cluster,
+            whispers=whispers,
+            output=output,
+            limits=limits,
+        )
+        self._operator = Operator(rooms, log, presence, says, output)
+        log.load(history or {})
 
     @property
     def clients(self) -> dict[Client, None]:
@@ -169,10 +175,9 @@ class ChatState:
     # --- connections -------------------------------------------------------------
 
     def connect(self, client: Client, now: float = 0.0) -> None:
-        """Register a new connection (a `/` listener starts hearing lobby); with
+        """Register a new connection (a lobby listener starts hearing lobby); with
         tokens on, it has the handshake timeout to authenticate."""
-        self._connections.connect(client)
-        self._access.connected(client, now)
+        self._connections.connect(client, now)
 
     def disconnect(self, client: Client, now: float) -> None:
         """The connection is gone: hold its user's rooms for the grace period.
@@ -214,32 +219,33 @@ class ChatState:
         ``claim``: the cluster's answer for the name this frame binds (see
         `needs_claim`); None on a single node, where local users decide.
         """
-        if client.gone:
+        if not self._connections.admit(client, frame):
             return
-        if client.mode is None:
-            self._connections.decide_mode(client, frame)
-        if not self._access.admit(client, frame):
-            return
+        handlers = self._handlers
         try:
             if isinstance(frame, TokenCheck | Auth):
                 self._access.authenticate(client, frame, now, wall_ms)
             elif isinstance(frame, Say):
-                self._say(client, frame, now, wall_ms)
+                handlers.say(client, frame, now, wall_ms)
             elif isinstance(frame, Join):
-                self._join(client, frame, now, claim)
+                handlers.join(client, frame, now, claim)
             elif isinstance(frame, Typing):
                 self._typing(client, frame, now)
             elif isinstance(frame, Leave):
-                self._leave(client, frame, now)
+                handlers.leave(client, frame, now)
             elif isinstance(frame, Whisper):
-                self._checks.rate(client, now)
-                self._whispers.send(client, frame, now, wall_ms)
+                handlers.whisper(client, frame, now, wall_ms)
             elif isinstance(frame, HistoryRequest):
-                self._history(client, frame, now)
+                handlers.history(client, frame, now)
             else:
-                self._classic(client, frame, now, wall_ms, claim)
+                handlers.classic(client, frame, now, wall_ms, claim)
         except Refused as refused:
             self._connections.refused(client, refused.code, refused.message, frame.ref, now)
+
+    def _typing(self, client: Client, frame: Typing, now: float) -> None:
+        # (A method of its own: tests/test_connection.py breaks it to see a
+        # bug in a handler close only that connection, with 1011.)
+        self._handlers.typing(client, frame, now)
 
     def needs_claim(self, client: Client, frame: ClientFrame | TokenCheck) -> str | None:
         """The name ``frame`` would take that only the cluster can grant, if any.
@@ -263,100 +269,12 @@ class ChatState:
     ) -> None:
         """Answer a frame that failed decoding (as a first frame it decides the mode).
 
-        ``classic``: the frame had the classic shape, so a `/` listener stays
-        a classic connection (and its error carries ``name`` and ``msg``).
+        ``classic``: the frame had the classic shape, so a lobby listener
+        becomes a classic connection (and its error carries ``name`` and ``msg``).
         """
-        if client.gone:
-            return
         first = ClassicFrame("", "") if classic else None
-        if client.mode is None:
-            self._connections.decide_mode(client, first)
-        if self._access.admit(client, first):
+        if self._connections.admit(client, first):
             self._connections.refused(client, code, message, ref, now)
-
-    def _join(self, client: Client, frame: Join, now: float, claim: Claim | None) -> None:
-        checks = self._checks
-        identity = client.identity
-        requested = frame.name if identity is None else Access.name_of(identity, frame.name)
-        name = checks.name(client, requested)
-        checks.room(client, frame.room, joining=True)
-        Access.check_room(client, frame.room)
-        checks.reply_budget(client, now)  # (takes nothing: before the bucket that does)
-        if frame.room not in client.rooms:
-            checks.membership_rate(client, now)
-        user = self._presence.bind(client, name, frame.token, now, claim, rotate=frame.rotate)
-        rooms = self._rooms
-        room = rooms.room(frame.room)
-        if frame.room not in client.rooms:
-            client.rooms.add(frame.room)
-            rooms.subscribe(room, client)
-            if user.name not in room.members:
-                rooms.add_member(user, room, skip=client)
-        if client.classic:
-            return
-        history, recovered = self._log.replay(room, frame.since)
-        joined = JoinedFrame(
-            room=room.name,
-            name=user.name,
-            token=user.token,
-            members=sorted(room.members.keys() | room.remote.keys()),
-            history=history,
-            recovered=recovered,
-            ref=frame.ref,
-            limits=self._limits,
-        )
-        out = OutFrame.of(joined)
-        client.limiter.charge_reply(len(out.ws))
-        client.peer.deliver(out)
-
-    def _say(self, client: Client, frame: Say, now: float, wall_ms: int) -> None:
-        self._checks.room(client, frame.room)
-        Access.check_room(client, frame.room)
-        self._checks.rate(client, now)
-        room = self._checks.joined(client, frame.room)
-        self._says.submit(client, room.name, frame.msg, frame.ref, wall_ms)
-
-    def _typing(self, client: Client, frame: Typing, now: float) -> None:
-        self._checks.room(client, frame.room)
-        Access.check_room(client, frame.room)
-        self._checks.rate(client, now)
-        room = self._checks.joined(client, frame.room)
-        assert client.name is not None
-        self._rooms.to_typed(room, TypingFrame(room.name, client.name), skip=client)
-        if self._cluster.has_others():
-            self._output.publish(TypingEvent(self.node, room.name, client.name))
-
-    def _leave(self, client: Client, frame: Leave, now: float) -> None:
-        self._checks.room(client, frame.room)
-        room = self._checks.joined(client, frame.room)
-        self._checks.membership_rate(client, now)
-        client.rooms.discard(room.name)
-        self._rooms.unsubscribe(room, client)
-        if client.user is not None:
-            self._presence.settle_leave(client.user, now)
-        if not client.classic:
-            client.peer.deliver(OutFrame.of(LeftFrame(room.name, frame.ref)))
-
-    def _history(self, client: Client, frame: HistoryRequest, now: float) -> None:
-        self._checks.room(client, frame.room)
-        Access.check_room(client, frame.room)
-        self._checks.reply_budget(client, now)
-        room = self._checks.joined(client, frame.room)
-        messages, more = self._log.page(room, frame.before, frame.limit)
-        if not client.classic:
-            out = OutFrame.of(HistoryFrame(room.name, messages, more, frame.ref))
-            client.limiter.charge_reply(len(out.ws))
-            client.peer.deliver(out)
-
-    def _classic(
-        self, client: Client, frame: ClassicFrame, now: float, wall_ms: int, claim: Claim | None
-    ) -> None:
-        """``{name, msg}``: join lobby as ``name`` if not yet joined, then say."""
-        name = self._checks.name(client, frame.name)
-        self._checks.rate(client, now)
-        if CLASSIC_ROOM not in client.rooms:
-            self._join(client, Join(room=CLASSIC_ROOM, name=name, ref=frame.ref), now, claim)
-        self._says.submit(client, CLASSIC_ROOM, frame.msg, frame.ref, wall_ms)
 
     # --- storage results -------------------------------------------------------------
 
@@ -373,7 +291,7 @@ class ChatState:
     def apply(self, received: Received, now: float) -> None:
         """Apply one thing from the backplane (a message, or another node's event)."""
         if isinstance(received, Message):
-            self._message(received)
+            self._says.message(received)
         elif isinstance(received, MemberState):
             self._cluster.member_state(received)
         elif isinstance(received, TypingEvent):
@@ -383,8 +301,7 @@ class ChatState:
         elif isinstance(received, WhisperResult):
             self._whispers.result(received)
         elif isinstance(received, Kick):
-            if received.node == self.node:
-                self._cluster.kicked(received.name, received.by)
+            self._cluster.kicked(received)
         elif isinstance(received, Handover):
             self._cluster.handed_over(received, now)
         elif isinstance(received, NodeState):
@@ -394,30 +311,10 @@ class ChatState:
         elif isinstance(received, Resync):
             self._cluster.resync(received.states)
         elif isinstance(received, Reload):
-            self._reload(received)
+            self._says.reload(received.snapshot)
         elif isinstance(received, Deletion | Disconnect):
-            self._operator_event(received)
+            self._operator.event(received)
         # SsePost/SsePostResult are the server's business, not the chat's.
-
-    def _message(self, message: Message) -> None:
-        """A stored message, in the chat's one order: keep it, broadcast it, ack it."""
-        room = self._log.keep(message)
-        if room is None:
-            return
-        self._rooms.broadcast(room, OutFrame.of(message, message.id))
-        self._says.arrived(message.id)
-
-    def _reload(self, reload: Reload) -> None:
-        """The backplane could not fill a gap (or its store lost everything and
-        started a new epoch): deliver what is stored and new here, in order."""
-        snapshot = reload.snapshot
-        if self._log.start_epoch(snapshot.epoch):
-            # Says stored under the old epoch were lost with it: not acked, say so.
-            self._says.lost("the history was lost (new epoch): send it again")
-        for message in self._log.unseen(snapshot):
-            self._message(message)  # (skips what is here already)
-        self._log.caught_up(snapshot.next_seq)
-        self._says.caught_up()
 
     # --- the server API (docs/protocol.md §16) ------------------------------------------
 
@@ -425,12 +322,11 @@ class ChatState:
         """Post ``msg`` to ``room`` as ``name``: stored, broadcast and acked as a
         say is; ``client`` (no connection: its peer takes the answer) gets the
         `ack` or the `error`."""
-        self._says.submit_as(client, room, name, msg, wall_ms)
+        self._operator.publish(client, room, name, msg, wall_ms)
 
     def members(self, room: str) -> list[str]:
         """The names in ``room``, on every node (empty for a room with nobody)."""
-        found = self._rooms.rooms.get(room)
-        return sorted(found.members.keys() | found.remote.keys()) if found is not None else []
+        return self._operator.members(room)
 
     def history_page(
         self, room: str, before: str | None, limit: int
@@ -440,39 +336,16 @@ class ChatState:
         Raises:
             Refused: ``before`` is not a kept message's id.
         """
-        found = self._rooms.rooms.get(room)
-        if found is None:
-            if before is not None:
-                raise Refused(ErrorCode.BAD_FRAME, "unknown `before` id")
-            return [], False
-        return self._log.page(found, before, limit)
+        return self._operator.history_page(room, before, limit)
 
     def delete(self, room: str, message_id: str) -> bool:
         """A message was deleted from the store: forget it here, tell the room,
         and have every other node do the same. Whether it was kept here."""
-        kept = self._forget_message(room, message_id)
-        self._output.publish(Deletion(self.node, room, message_id))
-        return kept
+        return self._operator.delete(room, message_id)
 
     def disconnect_user(self, user: str) -> None:
         """Close every connection of ``user`` with 4009, on every node."""
-        self._presence.disconnect(user)
-        self._output.publish(Disconnect(self.node, user))
-
-    def _operator_event(self, event: Deletion | Disconnect) -> None:
-        if event.node == self.node:
-            return  # the node that published it acted at once
-        if isinstance(event, Deletion):
-            self._forget_message(event.room, event.id)
-        else:
-            self._presence.disconnect(event.user)
-
-    def _forget_message(self, room_name: str, message_id: str) -> bool:
-        room = self._log.remove(room_name, message_id)
-        if room is None:
-            return False
-        self._rooms.to_typed(room, DeletedFrame(room.name, message_id))
-        return True
+        self._operator.disconnect_user(user)
 
     # --- for the backplane -------------------------------------------------------------
 

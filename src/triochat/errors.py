@@ -5,10 +5,16 @@
     TriochatError
     ├── ClientProtocolError   the client sent something wrong; answer, don't crash
     ├── StorageError          history could not be written or read; say `unavailable`
-    └── ConfigError           an option is out of range; exit with a message
+    ├── ConfigError           an option is out of range; exit with a message
+    └── TransportClosed       the peer went away or failed; end the connection
+                              (triochat.transports: what every transport raises
+                              once its libraries' errors are mapped)
 
-The Python client's errors (`ClientError`, `ConnectionEnded` and its kinds,
-`DeliveryUnknown`) subclass `TriochatError` too; they live in `triochat.client`.
+Others subclass `TriochatError` where they are raised: the server API's
+`ApiError` (triochat.api), a say hook's `Refusal` (triochat.hooks), a
+refused token's `TokenError` (triochat.auth), and the Python client's
+(`ClientError`, `ConnectionEnded` and its kinds, `DeliveryUnknown`:
+triochat.client).
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 The events travel between nodes (JSON over Redis, or in memory); `Resync`
 and `Reload` come from a node's own backplane only. See `backplane` for who
-sends what and what is guaranteed.
+sends what and what is guaranteed. A `Reload` carries a store's `Snapshot`,
+which `recent` defines below both this core and the stores (`history`), so
+nothing here imports storage.
 """
 
 from __future__ import annotations

@@ -10,25 +10,41 @@ Rules of this module:
    `limit`, `msg` length: the `bad_frame` and `too_long` steps of §2). The
    later steps (`bad_name`, `bad_room`, rate, state) need the connection's
    state and run in `chat.py`, in the order §2 gives.
+
+The name rules (§2.1: `normalize_name`, `name_key`, `confusable_key`) are
+names.py's, re-exported here; a room name's rule (`is_valid_room`) is here.
 """
 
 from __future__ import annotations
 
-import bisect
 import enum
-import functools
 import re
-import unicodedata
 from typing import Final, Literal
 
 import msgspec
 
 from .errors import ClientProtocolError
 
+# The name rules live in names.py; re-exported here, where callers have
+# always imported them from.
+from .names import (
+    FORBIDDEN_NAME_CATEGORIES,
+    INVISIBLE_NAME_RANGES,
+    MAX_NAME_CHARS,
+    RESERVED_NAMES,
+    confusable_key,
+    name_key,
+    normalize_name,
+    skeleton,
+)
+
 __all__ = [
+    "FORBIDDEN_NAME_CATEGORIES",
+    "INVISIBLE_NAME_RANGES",
     "MAX_HISTORY_LIMIT",
     "MAX_NAME_CHARS",
     "MAX_REF_CHARS",
+    "MAX_ROOM_CHARS",
     "RESERVED_NAMES",
     "Auth",
     "AuthedFrame",
@@ -62,46 +78,11 @@ __all__ = [
     "skeleton",
 ]
 
-MAX_NAME_CHARS: Final = 32  # code points, after trimming
 MAX_REF_CHARS: Final = 64
-MAX_ROOM_CHARS: Final = 64
+MAX_ROOM_CHARS: Final = 64  # a room name's length; ROOM_PATTERN is built from it
 DEFAULT_HISTORY_LIMIT: Final = 50
 MAX_HISTORY_LIMIT: Final = 200
 ROOM_PATTERN: Final = re.compile(rf"[a-z0-9][a-z0-9_-]{{0,{MAX_ROOM_CHARS - 1}}}")
-# Unicode categories a name may not contain (docs/protocol.md section 2.1):
-# control, format, line/paragraph separators, surrogates, private use, and
-# unassigned (which covers the noncharacters U+FDD0-FDEF and U+xFFFE/xFFFF).
-# "Unassigned" is per the running Python's Unicode database (unicodedata).
-FORBIDDEN_NAME_CATEGORIES: Final = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"})
-#: Code points a name may not contain although their category is allowed: they
-#: render as nothing, so "alice" plus one of them would pass for "alice".
-#: Unicode's Default_Ignorable_Code_Point (DerivedCoreProperties.txt, 15.0.0;
-#: the Cf and Cn ones are refused by category anyway), plus U+2800 BRAILLE
-#: PATTERN BLANK. Inclusive (first, last) ranges, sorted.
-INVISIBLE_NAME_RANGES: Final[tuple[tuple[int, int], ...]] = (
-    (0x00AD, 0x00AD),  # soft hyphen
-    (0x034F, 0x034F),  # combining grapheme joiner
-    (0x061C, 0x061C),  # Arabic letter mark
-    (0x115F, 0x1160),  # Hangul choseong/jungseong fillers
-    (0x17B4, 0x17B5),  # Khmer inherent vowels
-    (0x180B, 0x180F),  # Mongolian free variation selectors, vowel separator
-    (0x200B, 0x200F),  # zero width space/joiners, LRM, RLM
-    (0x202A, 0x202E),  # bidi embeddings and overrides
-    (0x2060, 0x206F),  # word joiner, invisible operators, bidi isolates
-    (0x2800, 0x2800),  # braille pattern blank (not Default_Ignorable, but blank)
-    (0x3164, 0x3164),  # Hangul filler
-    (0xFE00, 0xFE0F),  # variation selectors 1-16
-    (0xFEFF, 0xFEFF),  # zero width no-break space (BOM)
-    (0xFFA0, 0xFFA0),  # halfwidth Hangul filler
-    (0xFFF0, 0xFFF8),  # reserved
-    (0x1BCA0, 0x1BCA3),  # shorthand format controls
-    (0x1D173, 0x1D17A),  # musical symbol beams and phrases
-    (0xE0000, 0xE0FFF),  # tags, variation selectors 17-256, reserved
-)
-_INVISIBLE_STARTS: Final = tuple(first for first, _ in INVISIBLE_NAME_RANGES)
-#: Names nobody may take: the server speaks as "server" (a classic
-#: connection's errors, §7). Compared by `name_key` and `confusable_key`.
-RESERVED_NAMES: Final = ("server", "system")
 
 
 class CloseCode(enum.IntEnum):
@@ -293,97 +274,9 @@ def _check_fields(frame: ClientFrame, max_msg_chars: int) -> None:
             )
 
 
-def normalize_name(name: str) -> str | None:
-    """The name to bind for a requested one, or None if it is not a valid name.
-
-    The rules of docs/protocol.md section 2.1: trims leading and trailing
-    Unicode white space; then 1-32 code points; none of the categories in
-    `FORBIDDEN_NAME_CATEGORIES` nor a code point of `INVISIBLE_NAME_RANGES`
-    (both hide look-alike spoofs); not only combining marks and spaces (a
-    name that renders as nothing); not one of `RESERVED_NAMES` or a
-    look-alike of one.
-    """
-    trimmed = name.strip()
-    if not 1 <= len(trimmed) <= MAX_NAME_CHARS:
-        return None
-    visible = False
-    for char in trimmed:
-        category = unicodedata.category(char)
-        if category in FORBIDDEN_NAME_CATEGORIES or _invisible(char):
-            return None
-        if category[0] not in "MZ":
-            visible = True
-    if not visible:
-        return None
-    if name_key(trimmed) in _reserved_keys() or confusable_key(trimmed) in _reserved_keys():
-        return None
-    return trimmed
-
-
-def _invisible(char: str) -> bool:
-    point = ord(char)
-    index = bisect.bisect_right(_INVISIBLE_STARTS, point) - 1
-    return index >= 0 and point <= INVISIBLE_NAME_RANGES[index][1]
-
-
-# --- name identity (docs/protocol.md sections 2.1 and 6) ------------------------
-# Two present users never have names with the same `name_key` (equal after NFKC
-# and case folding, or look-alikes once folded: "\u0430lice" with a Cyrillic a,
-# fullwidth "\uff21LICE") nor the same `confusable_key` (Unicode TR39 skeletons
-# of the names as typed: Greek capitals "\u039a\u0391TE" and "KATE", "AIice"
-# with a capital i and "Alice").
-# One key cannot do both: "AIice" folds to "aiice" but looks like "Alice", so
-# the closure of both rules would make every "i" an "l". Hence two keys.
-
-
-@functools.cache
-def _prototypes() -> dict[str, str]:
-    """TR39's confusables.txt as char -> prototype; parsed once, on first use."""
-    from ._confusables import PROTOTYPES  # ~90 KB: loaded only when a name is checked
-
-    table: dict[str, str] = {}
-    for line in PROTOTYPES.splitlines():
-        source, *target = line.split()
-        table[chr(int(source, 16))] = "".join(chr(int(point, 16)) for point in target)
-    return table
-
-
-def skeleton(text: str) -> str:
-    """The Unicode TR39 skeleton of ``text``: NFD, each character mapped to its
-    confusables.txt prototype, NFD again. Equal skeletons: look-alikes."""
-    table = _prototypes()
-    mapped = "".join(table.get(char, char) for char in unicodedata.normalize("NFD", text))
-    return unicodedata.normalize("NFD", mapped)
-
-
-@functools.lru_cache(maxsize=4096)  # cluster entries and whispers repeat names
-def name_key(name: str) -> str:
-    """The identity of a (valid, trimmed) name: skeleton(casefold(NFKC(name))).
-
-    Names with the same key are one name: a second user cannot take it
-    (`name_taken`), a whisper `to` any of them reaches its holder, and a
-    cluster claims the key (docs/protocol.md sections 2.1, 3 and 14).
-    """
-    return skeleton(unicodedata.normalize("NFKC", name).casefold())
-
-
-@functools.lru_cache(maxsize=4096)
-def confusable_key(name: str) -> str:
-    """The TR39 skeleton of a (valid, trimmed) name as typed: a second key that
-    two present users may not share (docs/protocol.md §2.1), for look-alikes
-    that case folding hides from `name_key` (Greek capitals, "I" for "l")."""
-    return skeleton(name)
-
-
-@functools.cache
-def _reserved_keys() -> frozenset[str]:
-    return frozenset(
-        key for name in RESERVED_NAMES for key in (name_key(name), confusable_key(name))
-    )
-
-
 def is_valid_room(room: str) -> bool:
-    """True when ``room`` matches ``[a-z0-9][a-z0-9_-]{0,63}``."""
+    """True when ``room`` is 1-`MAX_ROOM_CHARS` of ``[a-z0-9_-]``, starting with
+    ``[a-z0-9]`` (`ROOM_PATTERN`, docs/protocol.md §2)."""
     return ROOM_PATTERN.fullmatch(room) is not None
 
 

@@ -1,43 +1,45 @@
-"""`Server`: the nursery tree that ties the front, the hub and connections.
+"""`Server`: the nursery tree that ties the ports, the front, the hub and the chats.
 
 ::
 
     Server.run                     root nursery
     ├── Hub.run                    the broadcaster, its store loop and the backplane
     └── handler nursery            cancelled last, after the drain
-        ├── _accept_loop           one per listener (and per --metrics-port listener,
+        ├── Ports._accept_loop     one per listener (and per --metrics-port listener,
         │                          which serves only /metrics and health); EMFILE
         │                          backs off; too many sockets not yet chats
         │                          (PendingSockets): closed at once
-        └── _handle_stream         one per TCP connection (TLS first, with --certfile):
+        └── Server._handle_stream  one per TCP connection (TLS first, with --certfile):
             │                      the front answers HTTP, or returns a chat to run
-            └── connection nursery _serve_websocket (an `Upgrade`) or _serve_sse (an
-                                   `SseOpen`), alike: a `Connection` held in the
-                                   `ConnectionRegistry` while it runs (trio-websocket's
-                                   reader or the SSE stream's watcher; the writer when
-                                   needed)
+            └── connection nursery ChatRunner (chatrun.py), alike for an `Upgrade`
+                                   (WebSocket) and an `SseOpen`: a `Connection` held
+                                   in the `ConnectionRegistry` while it runs
+                                   (trio-websocket's reader or the SSE stream's
+                                   watcher; the writer when needed)
 
-What the server holds besides: `ConnectionRegistry` (registry.py: the open
+The server owns the tree and the lifecycle (`run`, `drain`), answers the
+front (`FrontContext`: readiness, metrics, chat slots, SSE POSTs) and offers
+the embedding API (`publish`, `hub`, `connections`, `stats`). The rest is
+its collaborators': `Ports` (ports.py: the listeners, the accept loops, the
+pending caps), `ChatRunner` (chatrun.py: a chat's transport, registration
+and open/close log lines), `ConnectionRegistry` (registry.py: the open
 chats, their slots per address, the drain), `SseSessions` (the SSE streams
-by session id, and the relay of POSTs to another node's stream), the
-`PendingSockets` caps, the TLS `Certificate`, and the metrics registry (the
-hub offers its own gauges).
+by session id, and the relay of POSTs to another node's stream), the TLS
+`Certificate`, and the metrics registry (the hub offers its own gauges).
 
 Shutdown (`drain`): /readyz turns 503 and new chats get 503; every chat
 connection flushes what is queued for it and closes with 1001, bounded by
 ``drain_timeout``; then the hub stores what it holds, history closes, the
-listeners close, and `run` returns.
+listeners close, and `run` returns. A failed start-up comes out of `run`
+as a plain `StorageError` or `OSError`, never inside an exception group.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import itertools
 import logging
 import signal
 from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Final
 
 import trio
 
@@ -45,40 +47,27 @@ from . import __version__
 from .api import ChatApi, check_publish
 from .backplane import Backplane
 from .backplane.local import LocalBackplane, LocalBroker
+from .chatrun import ChatRunner
 from .config import Config, redact_url
-from .connection import Connection, Transport, TransportClosed
+from .connection import Connection
 from .errors import StorageError
 from .history import History
 from .history.memory import MemoryHistory
 from .history.sqlite import DB_FILE, SqliteHistory
 from .hooks import Authenticator, SayHook
-from .http import (
-    UNKNOWN_PEER,
-    PendingSockets,
-    Routes,
-    SseOpen,
-    StaticFiles,
-    Upgrade,
-    handle_http,
-    peer_ip,
-)
+from .http import Routes, StaticFiles, handle_http
 from .hub import Hub
-from .logformat import log_context
 from .metrics import Gauge, Stats, open_registry, render_metrics
+from .ports import Ports
 from .protocol import CloseCode
 from .registry import ConnectionRegistry
 from .serverapi import ServerApi
 from .tls import Certificate, start_tls
-from .transports.sse import PostAnswer, SseSessions, SseTransport
-from .transports.websocket import ClosingRace, ReplayStream, accept_websocket
+from .transports.sse import PostAnswer, SseSessions
 
-__all__ = ["Server", "serve", "serve_until_signalled"]
+__all__ = ["Server", "redact_url", "serve", "serve_until_signalled"]
 
 LOGGER = logging.getLogger("triochat.server")
-
-# accept() errors that mean "out of resources for now": back off, don't die.
-RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
-ACCEPT_BACKOFF: Final = (0.05, 1.0)  # seconds: first and longest pause
 
 
 class Server:
@@ -120,17 +109,13 @@ class Server:
         self._server_api = ServerApi(self.hub, config)
         #: The server API's chat side (docs/protocol.md §16); None: /api/ answers 404.
         self.api: ChatApi | None = self._server_api if config.api_key else None
-        self._given_listeners = listeners
-        self.listeners: list[trio.abc.Listener[trio.abc.Stream]] = []
-        #: The ``--metrics-port`` listeners (/metrics and health only), if any.
-        self.metrics_listeners: list[trio.abc.Listener[trio.abc.Stream]] = []
-        #: Numbers chat connections for the log (the ``conn`` field).
-        self._connection_ids = itertools.count(1)
+        #: The listeners, their accept loops and the pending caps.
+        self.ports = Ports(config, self.stats, listeners)
+        #: Sockets accepted that are not chats yet (docs/protocol.md §9, #18).
+        self.pending = self.ports.pending
         #: The chat connections, their slots per address, and the drain.
         self.chats = ConnectionRegistry(config, self.stats)
-        #: Sockets accepted that are not chats yet (docs/protocol.md §9, #18).
-        self.pending = PendingSockets(config.max_pending_per_ip, config.max_pending)
-        self._refusing_all = False  # the overall cap is refusing: logged once per episode
+        self._runner = ChatRunner(config, self.stats, self.hub, self.chats, self.sse)
         self._drain_requested = trio.Event()
         self._static = StaticFiles()
         gauges: dict[str, Gauge] = {
@@ -176,18 +161,12 @@ class Server:
     @property
     def port(self) -> int:
         """The first listener's port (useful with ``port=0``)."""
-        socket = getattr(self.listeners[0], "socket", None)
-        if socket is None:
-            raise RuntimeError("the first listener has no socket")
-        return int(socket.getsockname()[1])
+        return self.ports.port
 
     @property
     def metrics_port(self) -> int | None:
         """The ``--metrics-port`` listener's port (useful with 0); None without one."""
-        if not self.metrics_listeners:
-            return None
-        socket = getattr(self.metrics_listeners[0], "socket", None)
-        return None if socket is None else int(socket.getsockname()[1])
+        return self.ports.metrics_port
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -222,30 +201,18 @@ class Server:
             await self._run(task_status)
 
     async def _run(self, task_status: trio.TaskStatus[Server]) -> None:
-        config = self.config
+        ports = self.ports
         async with trio.open_nursery() as root:
             self.sse.serve_relays(root)
             await root.start(self.hub.run)
-            if self._given_listeners is not None:
-                self.listeners = list(self._given_listeners)
-            else:
-                self.listeners = list(await trio.open_tcp_listeners(config.port, host=config.host))
+            await ports.open_public()
             try:
-                if config.metrics_port is not None:
-                    self.metrics_listeners = list(
-                        await trio.open_tcp_listeners(
-                            config.metrics_port, host=config.metrics_host or config.host
-                        )
-                    )
-                public = Routes.PUBLIC if config.metrics_port is not None else Routes.ALL
+                await ports.open_operator()
                 async with trio.open_nursery() as handlers:
-                    for listener in self.listeners:
-                        handlers.start_soon(self._accept_loop, listener, handlers, public)
-                    for listener in self.metrics_listeners:
-                        handlers.start_soon(self._accept_loop, listener, handlers, Routes.OPERATOR)
-                    for address in self._addresses():
+                    ports.serve(handlers, self._handle_stream)
+                    for address in ports.addresses():
                         LOGGER.info("listening on %s://%s", self.scheme, address)
-                    for address in self._addresses(self.metrics_listeners):
+                    for address in ports.addresses(operator=True):
                         # Not "listening on": tests and scripts take that line's URL.
                         LOGGER.info("metrics and health on http://%s", address)
                     LOGGER.info("%s", self.startup_summary())
@@ -254,16 +221,15 @@ class Server:
                     await self._drain()
                     handlers.cancel_scope.cancel()
             finally:
-                with trio.CancelScope(shield=True):
-                    for listener in [*self.listeners, *self.metrics_listeners]:
-                        await trio.aclose_forcefully(listener)
+                await ports.aclose()
                 self.hub.stop()
         LOGGER.info("stopped")
 
     def startup_summary(self) -> str:
         """The start-up line: version, URL, storage, Redis (no password), TLS."""
         config = self.config
-        urls = ", ".join(f"{self.scheme}://{a}" for a in self._addresses()) or "no socket"
+        addresses = self.ports.addresses()
+        urls = ", ".join(f"{self.scheme}://{a}" for a in addresses) or "no socket"
         if config.redis:
             storage = "redis"
         elif config.memory:
@@ -274,7 +240,7 @@ class Server:
         tls = "on" if self.certificate is not None else "off"
         line = f"triochat {__version__} on {urls}; storage: {storage}; redis: {redis}; tls: {tls}"
         if config.metrics_port is not None:
-            metrics = ", ".join(f"http://{a}" for a in self._addresses(self.metrics_listeners))
+            metrics = ", ".join(f"http://{a}" for a in self.ports.addresses(operator=True))
             line += f"; metrics and health: {metrics or 'no socket'}"
         return line
 
@@ -290,18 +256,6 @@ class Server:
         else:
             self.certificate.reload()
 
-    def _addresses(
-        self, listeners: Sequence[trio.abc.Listener[trio.abc.Stream]] | None = None
-    ) -> list[str]:
-        found = []
-        for listener in self.listeners if listeners is None else listeners:
-            socket = getattr(listener, "socket", None)
-            if socket is None:
-                continue
-            host, port = socket.getsockname()[:2]
-            found.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
-        return found
-
     async def _drain(self) -> None:
         chats = self.chats
         LOGGER.info("draining %d connections", len(chats))
@@ -311,62 +265,10 @@ class Server:
             await self.hub.settle()
             await chats.close_all(CloseCode.GOING_AWAY, "going away", deadline=scope.deadline)
 
-    async def _accept_loop(
-        self,
-        listener: trio.abc.Listener[trio.abc.Stream],
-        nursery: trio.Nursery,
-        routes: Routes = Routes.ALL,
-    ) -> None:
-        backoff = 0.0
-        while True:
-            try:
-                stream = await listener.accept()
-            except OSError as exc:
-                if exc.errno not in RESOURCE_ERRNOS:
-                    raise
-                if not backoff:
-                    LOGGER.warning("accept failed (%s); backing off", errno.errorcode[exc.errno])
-                backoff = min(max(backoff * 2, ACCEPT_BACKOFF[0]), ACCEPT_BACKOFF[1])
-                await trio.sleep(backoff)
-                continue
-            if backoff:
-                LOGGER.warning("accepting connections again")
-                backoff = 0.0
-            ip = peer_ip(stream)
-            if not self.pending.take(ip):
-                self._refuse(stream, ip, nursery)
-                continue
-            if self._refusing_all:
-                LOGGER.info("accepting connections again (pending sockets under the cap)")
-                self._refusing_all = False
-            nursery.start_soon(self._handle_stream, stream, ip, routes)
-
-    def _refuse(self, stream: trio.abc.Stream, ip: str, nursery: trio.Nursery) -> None:
-        """Close a connection over a `PendingSockets` cap at once, without a task.
-
-        No answer is written: it would cost a task or a write per refused
-        socket, in a flood, and the client has sent nothing to answer yet.
-        """
-        self.stats.pending_refused += 1
-        pending = self.pending
-        if pending.total_limit and pending.total >= pending.total_limit:
-            if not self._refusing_all:  # the server's state, not one client's: once
-                LOGGER.warning(
-                    "%d sockets are not chats yet (--max-pending): closing new connections",
-                    pending.total,
-                )
-                self._refusing_all = True
-        else:
-            LOGGER.debug("closed a connection from %s: over --max-pending-per-ip", ip)
-        socket = getattr(stream, "socket", None)
-        if isinstance(socket, trio.socket.SocketType):
-            socket.close()  # synchronous: nothing else holds this fresh socket
-        else:
-            nursery.start_soon(trio.aclose_forcefully, stream)
-
     async def _handle_stream(
         self, stream: trio.abc.Stream, ip: str, routes: Routes = Routes.ALL
     ) -> None:
+        """One accepted socket, from TLS to its close: the front, then its chat if any."""
         try:
             certificate = self.certificate
             # The public port only: --metrics-port stays plain HTTP (an internal network's).
@@ -383,108 +285,12 @@ class Server:
             start = await handle_http(
                 stream, self, self._static, ip=ip, pending=self.pending, routes=routes
             )
-            # A chat, over either transport: it holds its address's slot.
-            if start is not None:
-                try:
-                    if isinstance(start, Upgrade):
-                        await self._serve_websocket(stream, start)
-                    else:
-                        await self._serve_sse(stream, start)
-                finally:
-                    self.chats.release_ip_slot(start.ip)
-                    if isinstance(start, SseOpen):
-                        start.finished()
+            if start is not None:  # a chat, over either transport: it holds its address's slot
+                await self._runner.run(stream, start)
         except Exception:
             LOGGER.exception("bug serving a connection")
         finally:
             await trio.aclose_forcefully(stream)
-
-    async def _serve_websocket(self, stream: trio.abc.Stream, upgrade: Upgrade) -> None:
-        """Run one chat connection over WebSocket (an upgrade the front vetted)."""
-        peer = _peer_name(stream, upgrade.ip)
-        path = upgrade.path
-        replay = ReplayStream(
-            stream,
-            upgrade.prefix,
-            head_size=upgrade.head_size,
-            max_message_bytes=self.config.max_frame_bytes,
-        )
-        upgrade.prefix = b""  # replayed from here: not kept for the chat's life
-        try:
-            # trio-websocket's reader task, and our writer when it is needed.
-            async with trio.open_nursery() as nursery:
-                try:
-                    transport = await accept_websocket(nursery, replay, self.config)
-                except TransportClosed as exc:
-                    LOGGER.info("handshake from %s failed: %s", peer, exc.reason)
-                else:
-                    await self._run_connection(
-                        transport, nursery, peer, f"ws{path}", path == "/", upgrade.ip
-                    )
-                nursery.cancel_scope.cancel()
-        except* ClosingRace as group:
-            LOGGER.debug("peer sent a frame while we were closing: %r", group.exceptions[0])
-
-    async def _serve_sse(self, stream: trio.abc.Stream, opened: SseOpen) -> None:
-        """Run one chat connection over Server-Sent Events (a stream the front vetted)."""
-        with self.sse.session(stream) as transport:
-            try:
-                await transport.start()
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(transport.watch_peer)
-                    peer = _peer_name(stream, opened.ip)
-                    await self._run_connection(transport, nursery, peer, "sse", False, opened.ip)
-                    nursery.cancel_scope.cancel()
-            except TransportClosed:
-                pass  # gone before the session event got through
-
-    async def _run_connection(
-        self,
-        transport: Transport,
-        nursery: trio.Nursery,
-        peer: str,
-        kind: str,
-        listener: bool,
-        address: str,
-    ) -> None:
-        started = trio.current_time()
-        connection = Connection(
-            transport, self.hub, self.config, self.stats, listener=listener, address=address
-        )
-        medium = "sse" if isinstance(transport, SseTransport) else "websocket"
-        # Every record of this task and the tasks it starts carries these (JSON logs).
-        with (
-            log_context(conn=next(self._connection_ids), peer=peer, transport=medium),
-            self.chats.registered(connection, medium),
-        ):
-            # The compression negotiated, if any (--compression, docs/protocol.md §1.1).
-            compression = getattr(transport, "compression", None)
-            if compression is None:
-                LOGGER.info("open %s %s", peer, kind)
-            else:
-                LOGGER.info(
-                    "open %s %s %s", peer, kind, compression, extra={"compression": compression}
-                )
-            try:
-                await connection.run(nursery)
-            finally:
-                code = connection.close_code
-                duration = round(trio.current_time() - started, 3)
-                # The reason never repeats the code: stated once, here (#11 §4).
-                LOGGER.info(
-                    "close %s %s: %s (code %s) after %.1f s",
-                    peer,
-                    kind,
-                    connection.end_reason,
-                    code if code is not None else "none",
-                    duration,
-                    extra={
-                        "user": connection.user,
-                        "code": code,
-                        "reason": connection.end_reason,
-                        "duration_s": duration,
-                    },
-                )
 
 
 def _default_backplane(config: Config, history: History | None) -> Backplane:
@@ -500,28 +306,6 @@ def _default_backplane(config: Config, history: History | None) -> Backplane:
             else SqliteHistory(config.data_dir, config.history_size)
         )
     return LocalBackplane(LocalBroker(history, config.history_size))
-
-
-def _peer_name(stream: trio.abc.Stream, client: str | None = None) -> str:
-    """Who a chat is, for its log lines: the TCP peer's ``host:port``; behind a
-    trusted proxy, ``client via host:port`` (``client``: the address the front
-    counted it under, `Upgrade.ip`; the same as the peer's host otherwise)."""
-    # Under TLS the socket is the SSLStream's transport's.
-    socket = getattr(stream, "socket", None) or getattr(
-        getattr(stream, "transport_stream", None), "socket", None
-    )
-    try:
-        address = socket.getpeername() if socket is not None else None
-    except OSError:
-        address = None
-    if isinstance(address, tuple):
-        host, port = address[:2]
-        name = f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    else:
-        host, name = UNKNOWN_PEER, "unknown peer"
-    if client is None or client in (str(host), UNKNOWN_PEER):
-        return name
-    return f"{client} via {name}"
 
 
 async def serve(

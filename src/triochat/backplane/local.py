@@ -46,7 +46,9 @@ class LocalBroker:
     """The sequencer, store and fan-out that `LocalBackplane` nodes share."""
 
     def __init__(self, history: History, history_size: int) -> None:
-        del history_size  # (the store keeps the newest messages; the broker none)
+        # The store keeps the newest messages, the broker none: ``history_size``
+        # stays only because the server passes it.
+        del history_size
         self._history = history
         self._nodes: dict[str, LocalBackplane] = {}
         self._snapshot_lock = trio.Lock()
@@ -105,7 +107,8 @@ class LocalBroker:
 
     def available(self) -> bool:
         """Whether appends can be stored: in process, always (a failing store
-        answers its append with `StorageError`; tests/faults.py can break it)."""
+        answers its append with `StorageError`; tests/faults.py's `FaultyBroker`
+        overrides this to play a backplane that is down)."""
         return True
 
     # --- the sequencer ---------------------------------------------------------

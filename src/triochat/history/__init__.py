@@ -1,8 +1,9 @@
 """Message history stores: where acked messages live.
 
-`History` is the seam; `memory.MemoryHistory` (``--memory``, also the test
-fake: tests/faults.py makes it fail) and `sqlite.SqliteHistory` (the default)
-implement it, and one conformance suite (tests/test_history.py) runs over both.
+`History` is the seam; `memory.MemoryHistory` (``--memory``) and
+`sqlite.SqliteHistory` (the default) implement it, and one conformance suite
+(tests/test_history.py) runs over both. The test double that fails on request
+is a subclass in tests/faults.py (`FaultyMemoryHistory`), not a switch here.
 What a store hands over (`Snapshot`) is defined below the chat core, in
 `triochat.recent`, so the core never imports storage.
 """

@@ -1,5 +1,6 @@
 """History that lives only in the process (``--memory``); the reference store of
-the conformance suite (tests/test_history.py), which tests/faults.py makes fail."""
+the conformance suite (tests/test_history.py). tests/faults.py subclasses it
+into a store that fails on request (`FaultyMemoryHistory`)."""
 
 from __future__ import annotations
 

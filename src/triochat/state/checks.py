@@ -1,6 +1,6 @@
 """The checks a client frame passes before it changes anything.
 
-They run in docs/protocol.md §2's order: name, room, rate, state; each
+They run in docs/protocol.md §5's order: name, room, rate, state; each
 raises `Refused` with the error to answer. Checks change nothing but the
 rate buckets they draw on (and the count of frames they refused).
 """

@@ -10,7 +10,7 @@ taken over by another node is kicked here and handed over (`Kick`,
 
 from __future__ import annotations
 
-from ..events import Entry, Handover, MemberState, TypingEvent
+from ..events import Entry, Handover, Kick, MemberState, TypingEvent
 from ..protocol import PresenceFrame, TypingFrame, name_key
 from .model import User
 from .output import OutputBuffer
@@ -143,10 +143,13 @@ class ClusterView:
 
     # --- a user moving between nodes ---------------------------------------------------
 
-    def kicked(self, name: str, by: str) -> None:
-        """Node ``by`` took ``name`` over: close it here and hand its rooms over."""
-        presence = self._presence
-        user = presence.users.get(name_key(name))
+    def kicked(self, kick: Kick) -> None:
+        """Node ``kick.by`` took ``kick.name`` over from this node: close it here
+        and hand its rooms over."""
+        if kick.node != self.node:
+            return  # (addressed to the node that held the name)
+        presence, by = self._presence, kick.by
+        user = presence.users.get(name_key(kick.name))
         if user is None:
             return
         presence.forget(user)

@@ -8,7 +8,7 @@ anywhere says "answer this frame with an error" (docs/protocol.md §5).
 from __future__ import annotations
 
 import secrets
-from typing import Final, Protocol
+from typing import Final, Literal, Protocol
 
 from ..events import Draft
 from ..frames import OutFrame
@@ -19,6 +19,7 @@ from ..ratelimit import RateLimiter
 __all__ = [
     "CLASSIC_ROOM",
     "Client",
+    "Mode",
     "Peer",
     "PendingSay",
     "Refused",
@@ -27,7 +28,7 @@ __all__ = [
     "send_error",
 ]
 
-#: The room classic clients and `/` listeners are in (docs/protocol.md §7).
+#: The room classic connections and lobby listeners are in (docs/protocol.md §7).
 CLASSIC_ROOM: Final = "lobby"
 
 
@@ -45,16 +46,19 @@ class Peer(Protocol):
     def release(self) -> None: ...
 
 
+#: A connection's mode, decided by its first frame (docs/protocol.md §7).
+Mode = Literal["classic", "typed"]
+
+
 class Client:
     """The chat-side state of one connection."""
 
     __slots__ = (
         "auth_deadline",
-        "classic",
         "gone",
         "identity",
         "limiter",
-        "listener",
+        "lobby_listener",
         "mode",
         "name",
         "peer",
@@ -62,15 +66,22 @@ class Client:
         "user",
     )
 
-    def __init__(self, peer: Peer, limiter: RateLimiter, *, listener: bool) -> None:
+    def __init__(
+        self,
+        peer: Peer,
+        limiter: RateLimiter,
+        *,
+        lobby_listener: bool = False,
+        listener: bool | None = None,
+    ) -> None:
         self.peer = peer
         self.limiter = limiter
-        #: Connected on ``/``: hears lobby messages until its first frame decides.
-        self.listener = listener
-        #: None until the first frame; then "classic" or "typed".
-        self.mode: str | None = None
-        #: Shorthand for ``mode == "classic"``: gets only message/whisper/error.
-        self.classic = False
+        #: Connected on ``/`` and no frame yet: a lobby listener (docs/protocol.md
+        #: §7), hearing lobby's messages. (``listener=`` is the argument's old
+        #: name, still passed by the hub, the server API and tests.)
+        self.lobby_listener = lobby_listener if listener is None else listener
+        #: None until the first frame decides; `classic` is derived from it.
+        self.mode: Mode | None = None
         self.name: str | None = None
         self.user: User | None = None
         #: Rooms this connection has joined (live memberships).
@@ -82,6 +93,11 @@ class Client:
         #: When it is closed 4003: the handshake timeout, then its token's
         #: ``exp`` (on the hub's clock); None while no deadline runs.
         self.auth_deadline: float | None = None
+
+    @property
+    def classic(self) -> bool:
+        """A classic connection: gets only message, whisper and error frames (§7)."""
+        return self.mode == "classic"
 
     def holds(self, name: str) -> bool:
         """Whether this connection speaks as ``name`` (compared by `name_key`)."""
@@ -144,7 +160,7 @@ class User:
 class Room:
     """One room: its members, its subscribers and its kept history."""
 
-    __slots__ = ("listeners", "members", "messages", "name", "remote", "seqs", "typed")
+    __slots__ = ("classic", "members", "messages", "name", "remote", "seqs", "typed")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -154,11 +170,21 @@ class Room:
         self.remote: dict[str, set[str]] = {}
         #: Live typed member connections: get every frame of the room.
         self.typed: dict[Client, None] = {}
-        #: Classic members and `/` listeners: get `message` frames only.
-        self.listeners: dict[Client, None] = {}
+        #: Classic member connections and lobby listeners (docs/protocol.md §7):
+        #: get `message` frames only.
+        self.classic: dict[Client, None] = {}
         #: The node's one copy of the room's recent history (`state.log` keeps it).
         self.messages: list[Message] = []
         self.seqs: list[int] = []  # parallel to messages, for bisect
+
+    @property
+    def listeners(self) -> dict[Client, None]:
+        """The old name of `classic` (tests read it)."""
+        return self.classic
+
+    def member_names(self) -> list[str]:
+        """Every member's name, here and on other nodes, sorted."""
+        return sorted(self.members.keys() | self.remote.keys())
 
 
 class PendingSay:

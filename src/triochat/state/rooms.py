@@ -1,8 +1,9 @@
 """Rooms, their subscribers and members, and the fan-out of room frames.
 
 A connection hears a room as a subscriber: typed connections get every
-frame of the room (``Room.typed``), classic members and `/` listeners only
-its `message` frames (``Room.listeners``; docs/protocol.md §7). A member is
+frame of the room (``Room.typed``), classic ones only its `message` frames
+(``Room.classic``; docs/protocol.md §7), and so do lobby listeners: `/`
+connections whose first frame has not come, in lobby's. A member is
 a user, live or held (§6); members on other nodes are ``Room.remote``, kept
 by `state.cluster`. A presence frame is shown only when a name comes or goes
 from the room as a whole (here or on another node).
@@ -37,28 +38,28 @@ class Rooms:
         return room
 
     def forget_if_empty(self, room: Room) -> None:
-        if not (room.members or room.remote or room.typed or room.listeners or room.messages):
+        if not (room.members or room.remote or room.typed or room.classic or room.messages):
             del self.rooms[room.name]
 
     # --- subscribers ---------------------------------------------------------------
 
     def subscribe(self, room: Room, client: Client) -> None:
         if client.classic:
-            room.listeners[client] = None
+            room.classic[client] = None
         else:
             room.typed[client] = None
 
     def unsubscribe(self, room: Room, client: Client) -> None:
         room.typed.pop(client, None)
-        room.listeners.pop(client, None)
+        room.classic.pop(client, None)
 
-    def listen(self, client: Client) -> None:
+    def listen_to_lobby(self, client: Client) -> None:
         """A `/` connection hears lobby until its first frame decides (§7)."""
-        self.room(CLASSIC_ROOM).listeners[client] = None
+        self.room(CLASSIC_ROOM).classic[client] = None
 
-    def unlisten(self, client: Client) -> None:
+    def stop_listening_to_lobby(self, client: Client) -> None:
         room = self.rooms.get(CLASSIC_ROOM)
-        if room is not None and room.listeners.pop(client, 0) is None:
+        if room is not None and room.classic.pop(client, 0) is None:
             self.forget_if_empty(room)
 
     def drop(self, client: Client) -> None:
@@ -70,7 +71,7 @@ class Rooms:
         for room_name in client.rooms:
             self.unsubscribe(self.rooms[room_name], client)
         client.rooms = set()
-        self.unlisten(client)
+        self.stop_listening_to_lobby(client)
 
     # --- members --------------------------------------------------------------------
 
@@ -110,5 +111,5 @@ class Rooms:
         encoded frame for all, and nothing per delivery beyond the call."""
         for member in room.typed:
             member.peer.deliver(out)
-        for listener in room.listeners:
-            listener.peer.deliver(out)
+        for member in room.classic:
+            member.peer.deliver(out)

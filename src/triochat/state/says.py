@@ -8,8 +8,13 @@ A say is not broadcast here (docs/protocol.md §8, §14):
 2. The hub has the backplane give it an id and store it, then calls `stored`
    (or `store_failed`: the sender gets `unavailable`, nothing is acked).
 3. The message comes back from the backplane, in the one order every node
-   sees, and is broadcast; then `arrived` acks it. So nothing is seen or
-   acked before it is stored, and the sender's ack follows its message.
+   sees (`message`: kept in the room's log, broadcast), and then the says it
+   stores are acked. So nothing is seen or acked before it is stored, and the
+   sender's ack follows its message. Every node's messages come this way,
+   the server API's too (`submit_as`).
+4. A gap the backplane could not fill comes as a snapshot of the store
+   (`reload`): what is new in it is delivered the same way; says stored under
+   a lost epoch are answered `unavailable`.
 """
 
 from __future__ import annotations
@@ -19,10 +24,12 @@ from typing import Final
 
 from ..events import Draft
 from ..frames import OutFrame
-from ..protocol import AckFrame, ErrorCode
+from ..protocol import AckFrame, ErrorCode, Message
+from ..recent import Snapshot
 from .log import RoomLog
 from .model import Client, PendingSay, send_error
 from .output import OutputBuffer
+from .rooms import Rooms
 
 __all__ = ["MAX_REFS_PER_USER", "Says"]
 
@@ -40,11 +47,12 @@ def _answer_to(pending: PendingSay) -> list[Client]:
 
 
 class Says:
-    """Says between the sender and their ack."""
+    """Says between the sender and their ack, and the stored messages that ack them."""
 
-    __slots__ = ("_awaiting", "_log", "_output")
+    __slots__ = ("_awaiting", "_log", "_output", "_rooms")
 
-    def __init__(self, log: RoomLog, output: OutputBuffer) -> None:
+    def __init__(self, rooms: Rooms, log: RoomLog, output: OutputBuffer) -> None:
+        self._rooms = rooms
         self._log = log
         self._output = output
         #: Stored says whose message has not come back yet, by id.
@@ -105,22 +113,33 @@ class Says:
             for client in _answer_to(pending):
                 send_error(client, ErrorCode.UNAVAILABLE, reason, ref)
 
-    def arrived(self, message_id: str) -> None:
-        """The message ``message_id`` was broadcast here: ack the says it stores."""
-        awaiting = self._awaiting.pop(message_id, None)
+    # --- what the backplane brings back ---------------------------------------------
+
+    def message(self, message: Message) -> None:
+        """A stored message, in the chat's one order: keep it, broadcast it, ack
+        the says it stores. One already here is skipped."""
+        room = self._log.keep(message)
+        if room is None:
+            return
+        self._rooms.broadcast(room, OutFrame.of(message, message.id))
+        awaiting = self._awaiting.pop(message.id, None)
         if awaiting is not None:
             for pending in awaiting:
                 self._answer(pending)
 
-    def lost(self, reason: str) -> None:
-        """The store lost what it had (a new epoch): no stored say comes back."""
-        lost = [pending for waiting in self._awaiting.values() for pending in waiting]
-        self._awaiting = {}
-        self.store_failed(lost, reason)
-
-    def caught_up(self) -> None:
-        """Ack the says whose message the log knows is stored (a gap it could not fill)."""
+    def reload(self, snapshot: Snapshot) -> None:
+        """The backplane could not fill a gap (or its store lost everything and
+        started a new epoch): deliver what is stored and new here, in order."""
         log = self._log
+        if log.start_epoch(snapshot.epoch):
+            # Says stored under the old epoch were lost with it: not acked, say so.
+            lost = [pending for waiting in self._awaiting.values() for pending in waiting]
+            self._awaiting = {}
+            self.store_failed(lost, "the history was lost (new epoch): send it again")
+        for message in log.unseen(snapshot):
+            self.message(message)  # (skips what is here already)
+        log.caught_up(snapshot.next_seq)
+        # A say whose message fell into the gap is stored all the same: ack it.
         for message_id in list(self._awaiting):
             seq = log.seq_of(message_id)
             if seq is not None and seq <= log.last_seq:

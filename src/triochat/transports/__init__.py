@@ -2,18 +2,31 @@
 
 `Transport` is what every transport does; `DirectWrite` is the optional
 capability of one over a socket: the hub's direct, task-free write.
+`TransportClosed` is the one exception a transport raises when its peer is
+gone: each transport maps its libraries' errors to it at its boundary
+(`websocket.WebSocketErrors`; the SSE stream's writes and inbox).
+
+::
+
+    transports/
+    ├── __init__.py   Transport, DirectWrite, TransportClosed
+    ├── websocket.py  WebSocketTransport, accept_websocket, the error boundary
+    ├── replay.py     ReplayStream (the socket under trio-websocket), FrameSizeGuard
+    ├── deflate.py    permessage-deflate: negotiation and bounded inflating
+    └── sse.py        SseTransport, SseSessions (the streams, the relay of POSTs)
 """
 
 from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
+from ..errors import TriochatError
 from ..frames import OutFrame
 
 __all__ = ["DirectWrite", "Transport", "TransportClosed"]
 
 
-class TransportClosed(Exception):
+class TransportClosed(TriochatError):
     """The peer went away or closed; ``reason`` says how (for the log).
 
     ``failed``: the transport failed the connection (a protocol error of the

@@ -32,9 +32,9 @@ import trio
 
 from ..backplane import Backplane
 from ..config import Config
-from ..connection import TransportClosed
 from ..events import SsePost, SsePostResult
 from ..frames import OutFrame
+from . import TransportClosed
 
 __all__ = ["HEARTBEAT", "PostAnswer", "SseSessions", "SseTransport"]
 

@@ -1,0 +1,198 @@
+"""The front's request loop: `handle_http` serves one accepted connection.
+
+It reads each request head with h11 (bounded in size and time), checks its
+``Host`` first, then routes it: a WebSocket upgrade (vetted by `handshake`)
+or ``GET /sse`` (vetted by `sse`) is returned to the caller to run; ``POST
+/sse``, ``/api/…`` and the plain paths (`routes`) are answered here, and
+the loop goes on with the next request on the connection (keep-alive).
+"""
+
+from __future__ import annotations
+
+import h11
+import trio
+
+from ..api import API_PREFIX
+from ..config import Config
+from . import access as access_log
+from .access import Access
+from .api import api_of, serve_api
+from .context import FrontContext
+from .handshake import Upgrade, head_as_received, upgrade_refusal
+from .messages import Request
+from .peers import PendingSockets, peer_ip
+from .policy import client_ip, host_allowed
+from .routes import GET_HEAD, Routes, StaticFiles, route
+from .sse import SseOpen, post_sse, vet_sse
+from .wire import answering_protocol_errors, finish_request, next_event, send, send_raw
+
+
+async def handle_http(
+    stream: trio.abc.Stream,
+    ctx: FrontContext,
+    static: StaticFiles,
+    *,
+    ip: str | None = None,
+    pending: PendingSockets | None = None,
+    routes: Routes = Routes.ALL,
+) -> Upgrade | SseOpen | None:
+    """Serve one accepted connection: requests until it closes or upgrades.
+
+    Returns the vetted WebSocket upgrade or SSE stream, for the caller to
+    run: the front's frames and parser are then gone, not kept for the hours
+    a chat may last.
+
+    Args:
+        ip: the TCP peer's address, when the caller already has it (`peer_ip`).
+        pending: where the caller (the accept loop) counted this socket
+            under ``ip``; released here once the socket is a chat or done.
+            (Always the TCP peer's: behind a proxy, the client address a
+            request's headers give goes only into the chat slot, `Upgrade.ip`.)
+        routes: what this listener serves.
+
+    Resource handling: the caller closes ``stream`` afterwards.
+    """
+    counted = pending is not None
+    access: Access | None = None  # the request being answered, until its line is out
+    if ip is None:
+        ip = peer_ip(stream)
+    try:
+        config = ctx.config
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=config.max_header_bytes)
+        while True:
+            request = await _next_request(stream, conn, config)
+            if request is None:
+                return None
+            access = access_log.begin(request)
+            # First of all (§1): a name we do not serve is a DNS-rebinding page.
+            if not host_allowed(request.headers.get("host"), config.allow_hosts):
+                ctx.stats.hosts_refused += 1
+                await send_raw(
+                    stream,
+                    421,
+                    "this server does not answer for that host name",
+                    head=request.method == "HEAD",
+                )
+                return None
+            ctx.stats.http_requests += 1
+            if routes.chats and "websocket" in request.headers.get("upgrade", "").lower():
+                upgrade = await _open_upgrade(stream, conn, request, ctx, ip)
+                if upgrade is not None:
+                    access = None  # a chat now: it logs its own open and close lines
+                    access_log.detach()
+                return upgrade
+            if routes.chats and request.path == "/sse" and request.method == "GET":
+                if pending is not None and counted:
+                    counted = False  # a stream for hours: a chat now, counted per IP
+                    pending.release(ip)
+                client = client_ip(ip, request.headers, config)
+                if not await vet_sse(stream, request, ctx, client):
+                    return None
+                opened = SseOpen(client, access, ip, config)
+                access = None  # its line is written when the stream ends (`finished`)
+                access_log.detach()
+                return opened
+            if not await _answer(stream, conn, request, ctx, static, routes):
+                return None
+            if not await _read_past_body(stream, conn, config):
+                return None
+            access_log.log_access(access, ip, config)
+            access = None
+            try:
+                conn.start_next_cycle()
+            except h11.LocalProtocolError:
+                return None
+    finally:
+        if access is not None:
+            access_log.log_access(access, ip, ctx.config)
+        if pending is not None and counted:
+            pending.release(ip)
+
+
+async def _next_request(
+    stream: trio.abc.Stream, conn: h11.Connection, config: Config
+) -> Request | None:
+    """The next request head, within ``handshake_timeout``; None when the
+    connection is to close (a broken or slow head answered, or the client gone)."""
+    try:
+        with trio.fail_after(config.handshake_timeout):
+            event = await answering_protocol_errors(
+                stream, next_event(conn, stream, head_limit=config.max_header_bytes)
+            )
+    except trio.TooSlowError:
+        # Silence between requests just closes; a request begun and stalled is a 408.
+        if conn.their_state is h11.SEND_BODY or conn.trailing_data[0]:
+            await send_raw(stream, 408, "the request took too long")
+        return None
+    if not isinstance(event, h11.Request):
+        return None  # the client closed the connection
+    return Request(event)
+
+
+async def _open_upgrade(
+    stream: trio.abc.Stream, conn: h11.Connection, request: Request, ctx: FrontContext, ip: str
+) -> Upgrade | None:
+    """Vet a WebSocket upgrade from TCP peer ``ip``: the `Upgrade`, holding the
+    client address's chat slot, or None once a refusal is written."""
+    config = ctx.config
+    refusal = upgrade_refusal(request, config.allow_origins, draining=ctx.draining)
+    if refusal is not None:
+        await send_raw(stream, refusal.status, refusal.message, extra=refusal.extra)
+        return None
+    client = client_ip(ip, request.headers, config)
+    if not ctx.take_ip_slot(client):
+        await send_raw(stream, 429, "too many connections from your address")
+        return None
+    head = head_as_received(request.event)
+    return Upgrade(head + conn.trailing_data[0], request.path, client, len(head))
+
+
+async def _answer(
+    stream: trio.abc.Stream,
+    conn: h11.Connection,
+    request: Request,
+    ctx: FrontContext,
+    static: StaticFiles,
+    routes: Routes,
+) -> bool:
+    """Answer a request that stays HTTP; False when the connection must close."""
+    if routes.chats and (
+        request.path.startswith("/sse/") or (request.path == "/sse" and request.method == "POST")
+    ):
+        return bool(await answering_protocol_errors(stream, post_sse(stream, conn, request, ctx)))
+    if routes.chats and request.path.startswith(API_PREFIX) and (api := api_of(ctx)) is not None:
+        return bool(
+            await answering_protocol_errors(
+                stream, serve_api(stream, conn, request, api, ctx.config)
+            )
+        )
+    return await _respond(stream, conn, request, ctx, static, routes)
+
+
+async def _read_past_body(stream: trio.abc.Stream, conn: h11.Connection, config: Config) -> bool:
+    """Read past an answered request's body, within ``handshake_timeout``;
+    False when the connection must close instead of taking the next request."""
+    try:
+        with trio.move_on_after(config.handshake_timeout) as scope:
+            finished = await finish_request(stream, conn)
+    except (h11.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
+        return False  # answered already; a broken body only ends the connection
+    return not scope.cancelled_caught and finished
+
+
+async def _respond(
+    stream: trio.abc.Stream,
+    conn: h11.Connection,
+    request: Request,
+    ctx: FrontContext,
+    static: StaticFiles,
+    routes: Routes = Routes.ALL,
+) -> bool:
+    """Answer a plain request (`routes.route`); False when the connection must close."""
+    found = route(request.path, ctx, static, routes)
+    if found is None:
+        return await send(stream, conn, request, 404, b"not found\n")
+    if request.method not in ("GET", "HEAD"):
+        return await send(stream, conn, request, 405, b"method not allowed\n", allow=GET_HEAD)
+    status, body, content_type, extra = found()
+    return await send(stream, conn, request, status, body, content_type=content_type, extra=extra)

@@ -1,0 +1,172 @@
+"""`Ports`: the server's listening sockets and what happens at accept.
+
+Two kinds of port: the public one (``--host``/``--port``, or the listeners
+an embedding program gives) serves the page and the chats; with
+``--metrics-port`` a second one serves only /metrics and health
+(`Routes.OPERATOR`), and the public one then answers those 404.
+
+At accept, before anything is read:
+
+- ``accept()`` out of resources (EMFILE and kin) backs off, doubling from
+  50 ms to 1 s, and logs once per episode rather than dying or spinning;
+- each socket takes a slot in `PendingSockets` (docs/protocol.md §1, "a
+  connection is pending"): over ``--max-pending-per-ip`` or
+  ``--max-pending`` it is closed at once, without an answer or a task;
+- the rest go to the server's handler, one task each, in the server's
+  handler nursery (the nursery tree stays the server's).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Final
+
+import trio
+
+from .config import Config
+from .http import PendingSockets, Routes, peer_ip
+from .metrics import Stats
+
+__all__ = ["ACCEPT_BACKOFF", "RESOURCE_ERRNOS", "Handler", "Ports"]
+
+# The server's log (docs/operations.md lists its lines), whichever module writes them.
+LOGGER = logging.getLogger("triochat.server")
+
+# accept() errors that mean "out of resources for now": back off, don't die.
+RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+ACCEPT_BACKOFF: Final = (0.05, 1.0)  # seconds: first and longest pause
+
+Listener = trio.abc.Listener[trio.abc.Stream]
+#: What runs one accepted socket: (stream, the TCP peer's address, what its port serves).
+Handler = Callable[[trio.abc.Stream, str, Routes], Awaitable[None]]
+
+
+class Ports:
+    """The public and ``--metrics-port`` listeners, their accept loops and the pending caps."""
+
+    def __init__(
+        self, config: Config, stats: Stats, listeners: Sequence[Listener] | None = None
+    ) -> None:
+        """``listeners``: listen on these instead of ``config.host``/``port``."""
+        self._config = config
+        self._stats = stats
+        self._given = listeners
+        #: The public port's listeners (empty until `open_public`).
+        self.public: list[Listener] = []
+        #: The ``--metrics-port`` listeners (/metrics and health only), if any.
+        self.operator: list[Listener] = []
+        #: Sockets accepted that are not chats yet (docs/protocol.md §9, #18).
+        self.pending = PendingSockets(config.max_pending_per_ip, config.max_pending)
+        self._refusing_all = False  # the overall cap is refusing: logged once per episode
+
+    async def open_public(self) -> None:
+        """Bind the public port (or take the given listeners). Raises OSError."""
+        config = self._config
+        if self._given is not None:
+            self.public = list(self._given)
+        else:
+            self.public = list(await trio.open_tcp_listeners(config.port, host=config.host))
+
+    async def open_operator(self) -> None:
+        """Bind ``--metrics-port``, if set. Raises OSError."""
+        config = self._config
+        if config.metrics_port is not None:
+            self.operator = list(
+                await trio.open_tcp_listeners(
+                    config.metrics_port, host=config.metrics_host or config.host
+                )
+            )
+
+    def serve(self, nursery: trio.Nursery, handler: Handler) -> None:
+        """Start an accept loop per listener in ``nursery``; each socket taken runs
+        ``handler`` there, in a task of its own."""
+        public = Routes.PUBLIC if self._config.metrics_port is not None else Routes.ALL
+        for listener in self.public:
+            nursery.start_soon(self._accept_loop, listener, nursery, handler, public)
+        for listener in self.operator:
+            nursery.start_soon(self._accept_loop, listener, nursery, handler, Routes.OPERATOR)
+
+    async def aclose(self) -> None:
+        """Close every listener (shielded: this runs on the way out, cancelled or not)."""
+        with trio.CancelScope(shield=True):
+            for listener in [*self.public, *self.operator]:
+                await trio.aclose_forcefully(listener)
+
+    @property
+    def port(self) -> int:
+        """The first public listener's port (useful with ``port=0``)."""
+        socket = getattr(self.public[0], "socket", None)
+        if socket is None:
+            raise RuntimeError("the first listener has no socket")
+        return int(socket.getsockname()[1])
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The ``--metrics-port`` listener's port (useful with 0); None without one."""
+        if not self.operator:
+            return None
+        socket = getattr(self.operator[0], "socket", None)
+        return None if socket is None else int(socket.getsockname()[1])
+
+    def addresses(self, *, operator: bool = False) -> list[str]:
+        """``host:port`` of each public (or ``--metrics-port``) listener with a socket."""
+        found = []
+        for listener in self.operator if operator else self.public:
+            socket = getattr(listener, "socket", None)
+            if socket is None:
+                continue
+            host, port = socket.getsockname()[:2]
+            found.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        return found
+
+    async def _accept_loop(
+        self, listener: Listener, nursery: trio.Nursery, handler: Handler, routes: Routes
+    ) -> None:
+        backoff = 0.0
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in RESOURCE_ERRNOS:
+                    raise
+                if not backoff:
+                    LOGGER.warning("accept failed (%s); backing off", errno.errorcode[exc.errno])
+                backoff = min(max(backoff * 2, ACCEPT_BACKOFF[0]), ACCEPT_BACKOFF[1])
+                await trio.sleep(backoff)
+                continue
+            if backoff:
+                LOGGER.warning("accepting connections again")
+                backoff = 0.0
+            ip = peer_ip(stream)
+            if not self.pending.take(ip):
+                self._refuse(stream, ip, nursery)
+                continue
+            if self._refusing_all:
+                LOGGER.info("accepting connections again (pending sockets under the cap)")
+                self._refusing_all = False
+            nursery.start_soon(handler, stream, ip, routes)
+
+    def _refuse(self, stream: trio.abc.Stream, ip: str, nursery: trio.Nursery) -> None:
+        """Close a connection over a `PendingSockets` cap at once, without a task.
+
+        No answer is written: it would cost a task or a write per refused
+        socket, in a flood, and the client has sent nothing to answer yet.
+        """
+        self._stats.pending_refused += 1
+        pending = self.pending
+        if pending.total_limit and pending.total >= pending.total_limit:
+            if not self._refusing_all:  # the server's state, not one client's: once
+                LOGGER.warning(
+                    "%d sockets are not chats yet (--max-pending): closing new connections",
+                    pending.total,
+                )
+                self._refusing_all = True
+        else:
+            LOGGER.debug("closed a connection from %s: over --max-pending-per-ip", ip)
+        socket = getattr(stream, "socket", None)
+        if isinstance(socket, trio.socket.SocketType):
+            socket.close()  # synchronous: nothing else holds this fresh socket
+        else:
+            nursery.start_soon(trio.aclose_forcefully, stream)

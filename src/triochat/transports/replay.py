@@ -1,0 +1,315 @@
+"""The byte stream under trio-websocket: `ReplayStream` and its `FrameSizeGuard`.
+
+The HTTP front has already read the request head (and perhaps the first
+frames after it), so trio-websocket gets a `ReplayStream` that returns
+those bytes first. Besides replaying, the stream:
+
+- reads every client frame header as it goes by (`FrameSizeGuard`,
+  sans-I/O): a message over ``--max-frame-bytes`` ends the read at its
+  header, with `failure` set (1009), instead of once that many bytes arrived;
+- gates every write, trio-websocket's (handshake, pongs, close) and the
+  writer's pre-framed batches alike, so frames never interleave, and lets
+  the hub write without a task (`write_nowait`, the hot path);
+- writes nothing after a close frame, and lingers after it (`close_now`)
+  so that a reset does not discard the close frame on its way.
+
+It knows frames only by their first bytes; everything else about them is
+wsproto's (transports/websocket.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+
+import trio
+
+from ..protocol import CloseCode
+
+__all__ = ["CLOSE_FRAME_BYTE", "FrameSizeGuard", "ReplayStream"]
+
+CLOSE_FRAME_BYTE = 0x88  # the first byte of a close frame: FIN + opcode 8
+
+
+class FrameSizeGuard:
+    """Reads client frame headers as the bytes go by; sans-I/O.
+
+    A data message (its fragments added up) over ``limit`` payload bytes is
+    refused at the header that takes it over, before its payload arrives.
+    Everything else about the frames is wsproto's to check.
+    """
+
+    __slots__ = ("_header", "_limit", "_message", "_skip")
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._skip = 0  # payload bytes of the current frame still to pass
+        self._header = b""  # a header split over two reads, so far
+        self._message = 0  # payload bytes of the current data message so far
+
+    def feed(self, data: bytes | bytearray) -> int | None:
+        """Where in ``data`` the header of a message over the limit starts, or None.
+
+        0 when that header started in an earlier read. After a non-None
+        answer the guard is spent: feed it nothing more.
+        """
+        size = len(data)
+        index = 0
+        while index < size:
+            skip = self._skip
+            if skip:
+                step = min(skip, size - index)
+                self._skip = skip - step
+                index += step
+                continue
+            carried = self._header
+            start = index - len(carried)  # where this header began, in ``data``
+            end = max(start + 2, index)
+            header = carried + data[index:end]
+            if len(header) < 2:
+                self._header = bytes(header)
+                return None
+            length = header[1] & 0x7F
+            extended = 2 if length == 126 else 8 if length == 127 else 0
+            needed = 2 + extended + (4 if header[1] & 0x80 else 0)
+            header += data[end : max(start + needed, end)]
+            if len(header) < needed:
+                self._header = bytes(header)
+                return None
+            self._header = b""
+            index = start + needed
+            if extended:
+                length = int.from_bytes(header[2 : 2 + extended], "big")
+            opcode = header[0] & 0x0F
+            if opcode < 8:  # a data frame: text, binary or a continuation
+                self._message = length if opcode else self._message + length
+                if self._message > self._limit:
+                    return max(start, 0)
+            self._skip = length
+        return None
+
+
+class ReplayStream(trio.abc.Stream):
+    """A stream that replays ``prefix`` before reading ``stream``; writes are locked.
+
+    Two more rules keep our frames and trio-websocket's in a valid order:
+
+    1. Nothing is written after a close frame. trio-websocket writes each
+       frame with its own ``send_all`` and the writer's batches start with a
+       data frame, so a write starting with 0x88 is the close frame; later
+       writes raise ClosedResourceError (the writer sees TransportClosed).
+    2. trio-websocket's `aclose` (right after it answers a close, or when
+       wsproto fails the connection on a protocol error) does not drop the
+       TCP connection; `close_now` does, when the connection ends
+       (`WebSocketTransport.abort`). Frames the application accepted before
+       a protocol error can still be flushed, bounded by the caller.
+    """
+
+    __slots__ = (
+        "_busy",
+        "_close_sent",
+        "_direct",
+        "_guard",
+        "_head_left",
+        "_prefix",
+        "_reader_idle",
+        "_receiving",
+        "_stream",
+        "_waiting",
+        "failure",
+        "last_receive",
+    )
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        prefix: bytes,
+        *,
+        head_size: int | None = None,
+        max_message_bytes: int | None = None,
+    ) -> None:
+        """Args:
+        prefix: the bytes already read: the request head, then perhaps frames.
+        head_size: how many bytes of ``prefix`` are the request head (all by default).
+        max_message_bytes: refuse a client message over this at its header
+            (`FrameSizeGuard`); None: no guard.
+        """
+        self._stream = stream
+        self._prefix = prefix
+        self._head_left = len(prefix) if head_size is None else head_size
+        self._guard = None if max_message_bytes is None else FrameSizeGuard(max_message_bytes)
+        #: Why the stream stopped reading on its own (code, reason), or None.
+        self.failure: tuple[int, str] | None = None
+        self._receiving = False  # trio-websocket's reader is in `receive_some`
+        self._reader_idle: trio.Event | None = None  # set when it leaves (`close_now` waits)
+        # The write gate: a flag and a parking lot rather than a trio.Lock,
+        # because `write_nowait` (called by the hub, not by a writing task)
+        # may have to keep it for the writer to finish a partial write. The
+        # lot is made when two writers first meet (rare: an idle connection
+        # saves it).
+        self._busy = False
+        self._waiting: trio.lowlevel.ParkingLot | None = None
+        self._close_sent = False
+        #: What `write_nowait` writes to: the socket under trio's, or None
+        #: (not a socket stream, or closed).
+        self._direct = _stdlib_socket(getattr(stream, "socket", None))
+        #: When bytes last arrived (trio clock): the keepalive's proof of life.
+        self.last_receive = trio.current_time()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self.failure is not None:
+            await trio.lowlevel.checkpoint()
+            raise trio.BrokenResourceError(self.failure[1])
+        if self._prefix:
+            size = len(self._prefix) if max_bytes is None else max_bytes
+            replayed, self._prefix = self._prefix[:size], self._prefix[size:]
+            await trio.lowlevel.checkpoint()
+            return self._screen(replayed)
+        self._receiving = True
+        try:
+            data = await self._stream.receive_some(max_bytes)
+        finally:
+            self._receiving = False
+            if self._reader_idle is not None:
+                self._reader_idle.set()
+        self.last_receive = trio.current_time()
+        return self._screen(data)
+
+    def _screen(self, data: bytes | bytearray) -> bytes | bytearray:
+        """``data`` up to the header of a message over the limit (then `failure` is set)."""
+        guard = self._guard
+        if guard is None:
+            return data
+        head = self._head_left
+        if head:  # the request head is not frames
+            if len(data) <= head:
+                self._head_left = head - len(data)
+                return data
+            self._head_left = 0
+        found = guard.feed(data[head:] if head else data)
+        if found is None:
+            return data
+        self._guard = None
+        self.failure = (CloseCode.MESSAGE_TOO_BIG, "message too big")
+        if found + head == 0:
+            raise trio.BrokenResourceError("message too big")
+        return data[: found + head]
+
+    @property
+    def close_sent(self) -> bool:
+        """Whether a close frame went out (trio-websocket's or ours)."""
+        return self._close_sent
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._busy:
+            if self._waiting is None:
+                self._waiting = trio.lowlevel.ParkingLot()
+            # Woken only by `send_reserved`, which hands the gate over without
+            # freeing it: nobody (the hub's `write_nowait` included) can write
+            # between the writer before us and us.
+            await self._waiting.park()
+        else:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            self._busy = True
+        await self.send_reserved(data)
+
+    async def send_reserved(self, data: bytes | bytearray | memoryview) -> None:
+        """Write while holding the gate (taken by `send_all` or `write_nowait`), then pass it on.
+
+        The gate goes to the longest-waiting `send_all` if there is one (it
+        stays taken: a hand-off, as in `trio.Lock`), else it is freed.
+        """
+        try:
+            if self._close_sent:
+                raise trio.ClosedResourceError("a close frame was sent")
+            await self._stream.send_all(data)
+            if data and data[0] == CLOSE_FRAME_BYTE:
+                self._close_sent = True
+        finally:
+            waiting = self._waiting
+            if waiting:  # a ParkingLot is true while someone is parked in it
+                waiting.unpark()
+            else:
+                self._busy = False
+
+    def write_nowait(self, data: bytes) -> int | None:
+        """Write what the socket takes now, without waiting.
+
+        Returns how many bytes went, or None when nothing may be written now
+        (no real socket, another write in progress, a close frame sent). When
+        fewer than ``len(data)`` went, the gate stays taken, so nothing can come
+        between the two halves of a frame: the caller must finish with
+        `send_reserved`.
+
+        Raises:
+            trio.BrokenResourceError: the peer is gone.
+        """
+        direct = self._direct
+        if direct is None or self._busy or self._close_sent:
+            return None
+        try:
+            written = direct.send(data)
+        except BlockingIOError:
+            written = 0
+        except OSError as exc:
+            raise trio.BrokenResourceError(str(exc)) from exc
+        if written < len(data):
+            self._busy = True
+        return written
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        """trio-websocket's TCP close, deferred to `close_now` (rule 2)."""
+        await trio.lowlevel.checkpoint()
+
+    async def close_now(self) -> None:
+        """Close the TCP connection (the connection's end), lingering after a close frame.
+
+        After our close frame the peer may still be sending (the rest of a
+        message we refused, say, or its close reply). Closing a socket with
+        unread data resets the connection, and so does data arriving after the
+        close; a reset discards what we sent that the peer has not read yet,
+        our close frame included. So we send FIN and read (and drop) until the
+        peer closes too, bounded by the caller's cancel scope; then close.
+        trio-websocket's reader may still be in `receive_some` (its loop reads
+        once more after a close, until cancelled with the connection or the
+        peer sends): we wait for it to leave first, as two readers collide.
+
+        Cancellation: the socket is closed, then Cancelled propagates.
+        """
+        # No direct write after this: the descriptor's number may soon belong
+        # to a new connection, and the hub can still flush a step's frames.
+        self._direct = None
+        stream = self._stream
+        # Under TLS the linger happens below the TLS layer: our close frame is
+        # already in TLS records, and what the peer still sends is dropped unread.
+        tcp = stream if isinstance(stream, trio.SocketStream) else None
+        if isinstance(stream, trio.SSLStream) and isinstance(
+            stream.transport_stream, trio.SocketStream
+        ):
+            tcp = stream.transport_stream
+        try:
+            if self._close_sent and tcp is not None:
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await tcp.send_eof()  # (the send side: no collision with a reader)
+                    while self._receiving:
+                        self._reader_idle = trio.Event()
+                        await self._reader_idle.wait()
+                    while await tcp.receive_some(65536):
+                        pass
+        finally:
+            await trio.aclose_forcefully(stream)
+
+
+def _stdlib_socket(trio_socket: object) -> socket.socket | None:
+    """The non-blocking stdlib socket under a trio socket, for `write_nowait`.
+
+    trio keeps it in a private attribute, so anything else gets None (and
+    every write goes through the writer task). Why not ``os.write`` on the
+    descriptor: send(2) skips the VFS layer, 6-8 % of the system call that
+    is most of a delivery's cost (``python benchmarks/fanout.py``).
+    """
+    stdlib = getattr(trio_socket, "_sock", None)
+    return stdlib if isinstance(stdlib, socket.socket) else None

@@ -11,7 +11,8 @@ runs with compression on, so groups 12-13 falling back to UNIMPLEMENTED means
 permessage-deflate silently stopped being negotiated. INFORMATIONAL cases
 (the suite records any outcome) are allowed.
 
-Usage: ``python conformance/summarize.py [--markdown] reports/servers/index.json``
+Usage: ``python conformance/summarize.py [--markdown] INDEX.json [INDEX.json ...]``
+(several: the shards of one run, merged).
 """
 
 from __future__ import annotations
@@ -112,22 +113,30 @@ def _render(table: dict[str, Counter[str]], *, markdown: bool) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("index", type=Path, help="reports/servers/index.json")
+    parser.add_argument(
+        "index", type=Path, nargs="+", help="reports/servers/index.json, one per shard"
+    )
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
     args = parser.parse_args(argv)
-    try:
-        report = json.loads(args.index.read_text())
-    except (OSError, ValueError) as exc:
-        print(f"conformance: no readable report at {args.index}: {exc}", file=sys.stderr)
-        return 1
-    if not isinstance(report, dict) or not report:
-        print(f"conformance: empty report at {args.index}", file=sys.stderr)
-        return 1
+    # Shards of one run (conformance/run.sh) each write a report: their cases
+    # are merged by agent, as if one wstest had run them all.
+    report: dict[str, dict[str, Case]] = {}
+    for index in args.index:
+        try:
+            shard = json.loads(index.read_text())
+        except (OSError, ValueError) as exc:
+            print(f"conformance: no readable report at {index}: {exc}", file=sys.stderr)
+            return 1
+        if not isinstance(shard, dict) or not shard:
+            print(f"conformance: empty report at {index}", file=sys.stderr)
+            return 1
+        for agent, cases in shard.items():
+            if not isinstance(cases, dict) or not cases:
+                print(f"conformance: no cases for {agent} in {index}", file=sys.stderr)
+                return 1
+            report.setdefault(agent, {}).update(cases)
     total: Counter[str] = Counter()
     for agent, cases in sorted(report.items()):
-        if not isinstance(cases, dict) or not cases:
-            print(f"conformance: no cases for {agent}", file=sys.stderr)
-            return 1
         table, notable = summarize(cases)
         print(f"Autobahn|Testsuite, agent {agent}: {len(cases)} cases\n")
         print(_render(table, markdown=args.markdown))

@@ -394,6 +394,44 @@ function renderRooms() {
   }
   ui.rooms.replaceChildren(...items);
   renderTitle();
+  renderRoomsCap();
+}
+
+// The server lets one connection be in `limits.rooms` rooms (from `joined`):
+// at that many, the "join another room" control says so instead of sending a
+// join the server would refuse.
+function roomsFull() {
+  const cap = client.limits.rooms;
+  if (!Number.isInteger(cap) || cap < 1 || page.views.size < cap) return '';
+  return `You're in ${cap === 1 ? '1 room' : `${cap} rooms`}, the most this server allows. ` +
+    'Leave one to join another.';
+}
+
+function addRoomHint() {
+  let hint = $('add-room-hint');
+  if (!hint) {
+    hint = el('p', 'hint');
+    hint.id = 'add-room-hint';
+    hint.hidden = true;
+    ui.addRoomError.before(hint);
+    ui.newRoom.setAttribute('aria-describedby', 'add-room-hint add-room-error');
+  }
+  return hint;
+}
+
+function renderRoomsCap() {
+  const text = roomsFull();
+  const hint = addRoomHint();
+  // Said once: by the hint, or by the error after an attempt at the cap.
+  const said = Boolean(text) && ui.addRoomError.dataset.cap === '1';
+  hint.textContent = text;
+  hint.hidden = !text || said;
+  if (!text && ui.addRoomError.dataset.cap) {
+    // Below the cap again (a room was left): the error no longer holds.
+    ui.addRoomError.textContent = '';
+    ui.addRoomError.hidden = true;
+    delete ui.addRoomError.dataset.cap;
+  }
 }
 
 function setUrlRoom(room) {
@@ -1126,20 +1164,31 @@ ui.addRoomForm.addEventListener('submit', (ev) => {
   ev.preventDefault();
   const room = ui.newRoom.value.trim();
   const problem = roomProblem(room);
-  const say = (text) => {
+  const say = (text, { cap = false } = {}) => {
     ui.addRoomError.textContent = text;
     ui.addRoomError.hidden = !text;
+    if (cap) ui.addRoomError.dataset.cap = '1';
+    else delete ui.addRoomError.dataset.cap;
+    renderRoomsCap();
   };
   if (problem) {
     say(problem);
     return;
   }
-  say('');
-  ui.newRoom.value = '';
   if (viewOf(room)) {
+    say('');
+    ui.newRoom.value = '';
     switchRoom(room, { focus: true });
     return;
   }
+  const full = roomsFull();
+  if (full) {
+    // The server would refuse it (`bad_room`): say why, and keep what was typed.
+    say(full, { cap: true });
+    return;
+  }
+  say('');
+  ui.newRoom.value = '';
   startRoom(room).then(() => switchRoom(room, { focus: true })).catch((err) => {
     if (!(err instanceof ChatError && err.code === 'left')) say(err.message || String(err));
   });

@@ -34,6 +34,13 @@ export const VERSION = '1';
 /** The server's defaults (docs/protocol.md §2.1, §9), used until `joined.limits` says otherwise. */
 export const DEFAULT_LIMITS = Object.freeze({ msg_chars: 2000, name_chars: 32 });
 
+/** The queue's pacing until a server tells its `say_rate` and `say_burst` (and with one
+ *  that does not): under the server's default rate limit, 10 per second, burst 20. */
+export const DEFAULT_PACING = Object.freeze({ rate: 8, burst: 10 });
+// The share of the server's `say_rate` the queue sends at, and of its `say_burst`.
+const RATE_SHARE = 0.8;
+const BURST_SHARE = 0.5;
+
 const ROOM_RE = /^[a-z0-9][a-z0-9_-]{0,63}$/;
 const BAD_NAME_CHARS = /[\p{Cc}\p{Cf}\p{Zl}\p{Zp}\p{Co}]/u;
 
@@ -44,8 +51,10 @@ const DEFAULTS = Object.freeze({
   shortLivedMs: 2000, // a WebSocket that dies this young counts as failed
   openTimeoutMs: 10000, // an attempt not open by then has failed (a black-holed network)
   wsFailuresBeforeSse: 2, // failed WebSockets in a row before trying SSE
-  sendRate: 8, // frames per second the queue sends at most (the server allows 10)
-  sendBurst: 10,
+  // Frames per second the queue sends at most, and at once: 'auto' follows the
+  // server's `joined.limits` (see `pacing`); a number is a ceiling of our own.
+  sendRate: 'auto',
+  sendBurst: 'auto',
   rateRetryMs: 1500, // a say refused with rate_limited/unavailable is sent again after this
   maxTries: 5,
   queueMax: 100, // unconfirmed says and whispers kept for (re)sending
@@ -392,7 +401,7 @@ export class TriochatClient {
     this._requests = new Map(); // ref -> {resolve, reject}: history and leave
     this._seenWhispers = new Set();
     this._pumpTimer = null;
-    this._tokens = opts.sendBurst;
+    this._tokens = this.pacing.burst;
     this._tokensAt = 0;
     this._kind = this.forced || 'ws'; // transport for the next attempt
     this._sseFallback = false; // SSE worked where WebSockets did not: stay on it
@@ -565,6 +574,32 @@ export class TriochatClient {
   whisper(to, msg) {
     if (typeof to !== 'string' || !to.trim()) throw new ChatError('no_such_user', 'Whisper to whom?');
     return this._enqueue({ kind: 'whisper', to: to.trim(), msg });
+  }
+
+  /**
+   * How fast the queue sends says and whispers: `{rate, burst}`, `rate` per second
+   * (null: no pacing), `burst` at once. With the `sendRate`/`sendBurst` options
+   * 'auto' (the default): 80 % of the server's `limits.say_rate` and half its
+   * `say_burst` (no pacing with a `say_rate` of 0), DEFAULT_PACING until the server
+   * tells them. A number option is a ceiling kept under the server's figures too;
+   * `sendRate: null` turns the pacing off.
+   */
+  get pacing() {
+    const { sendRate, sendBurst } = this.options;
+    const { say_rate: sayRate, say_burst: sayBurst } = this.limits;
+    const told = typeof sayRate === 'number';
+    let rate = DEFAULT_PACING.rate;
+    let burst = DEFAULT_PACING.burst;
+    if (told) {
+      rate = sayRate > 0 ? sayRate * RATE_SHARE : null;
+      burst = sayBurst ? Math.max(1, Math.floor(sayBurst * BURST_SHARE)) : 1;
+    }
+    if (sendRate === null) rate = null;
+    else if (typeof sendRate === 'number' && sendRate > 0) {
+      rate = told && rate !== null ? Math.min(sendRate, rate) : sendRate;
+    }
+    if (Number.isInteger(sendBurst) && sendBurst > 0) burst = told ? Math.min(sendBurst, burst) : sendBurst;
+    return { rate, burst };
   }
 
   /** Tell the room's other members that we are typing (best effort; call at most every few seconds). */
@@ -968,9 +1003,10 @@ export class TriochatClient {
 
   _pump() {
     if (this._pumpTimer || !this._ready) return;
-    const { sendRate, sendBurst } = this.options;
+    const { rate, burst } = this.pacing;
     const now = Date.now();
-    this._tokens = Math.min(sendBurst, this._tokens + ((now - this._tokensAt) / 1000) * sendRate);
+    this._tokens = rate === null
+      ? burst : Math.min(burst, this._tokens + ((now - this._tokensAt) / 1000) * rate);
     this._tokensAt = now;
     const later = (ms) => {
       this._pumpTimer = setTimeout(() => { this._pumpTimer = null; this._pump(); }, ms);
@@ -979,12 +1015,12 @@ export class TriochatClient {
       if (e.sent || e.boundId !== null) continue;
       if (e.kind === 'say' ? !this.joined(e.room) : !this.name) continue;
       if (e.holdUntil > now) return later(e.holdUntil - now); // keep the order
-      if (this._tokens < 1) return later(((1 - this._tokens) / sendRate) * 1000);
+      if (rate !== null && this._tokens < 1) return later(((1 - this._tokens) / rate) * 1000);
       const frame = e.kind === 'say'
         ? { type: 'say', room: e.room, msg: e.msg, ref: e.ref }
         : { type: 'whisper', to: e.to, msg: e.msg, ref: e.ref };
       if (!this._send(frame)) return;
-      this._tokens -= 1;
+      if (rate !== null) this._tokens -= 1;
       e.sent = true;
       e.tries += 1;
       this._setEntry(e, 'sending');
@@ -1102,11 +1138,16 @@ export class TriochatClient {
   }
 
   _readLimits(limits) {
-    // `joined.limits`, e.g. {"msg_chars": 2000}: positive integers only.
+    // `joined.limits`, e.g. {"msg_chars": 2000, "say_rate": 10}: positive
+    // integers only, but for `say_rate`, any number from 0 (0: no rate limit).
     if (!limits || typeof limits !== 'object' || Array.isArray(limits)) return;
     for (const [key, value] of Object.entries(limits)) {
-      if (Number.isInteger(value) && value > 0) this.limits[key] = value;
+      const ok = key === 'say_rate'
+        ? typeof value === 'number' && Number.isFinite(value) && value >= 0
+        : Number.isInteger(value) && value > 0;
+      if (ok) this.limits[key] = value;
     }
+    this._tokens = Math.min(this._tokens, this.pacing.burst);
   }
 
   _joinedInfo(room, r, first, already = false) {

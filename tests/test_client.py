@@ -1127,3 +1127,56 @@ async def test_client_rejoin_after_a_deleted_message_still_recovers():
             assert rejoined.joined.recovered is True
             assert [m.id for m in rejoined.joined.history] == [missed]
             assert (await next_event(alice, Message)).id == missed
+
+
+async def test_client_paces_under_the_rate_limit_the_server_tells():
+    """A server started with --rate 2 --burst 2 tells its rate limit in `joined.limits`
+    (#15): 6 says at once are paced under it (80 % of the rate, half the burst: one at
+    once, then 1.6/s), so every one is acked and none refused with rate_limited
+    (retries=0: a refusal would raise; the server counts none). Paced under a constant
+    8/s, burst 10, four of the six were refused."""
+    with trio.fail_after(30):
+        async with (
+            running_server(rate=2, burst=2) as server,
+            connect(ws_url(server), retries=0) as alice,
+        ):
+            joined = await alice.join("lobby", name="alice")
+            start = trio.current_time()
+            ids: dict[int, str] = {}
+            made: list[str] = []
+
+            async def say(i: int) -> None:
+                made.append(f"m{i}")
+                ids[i] = await alice.say("lobby", f"m{i}")
+
+            async with trio.open_nursery() as nursery:
+                for i in range(6):
+                    nursery.start_soon(say, i)
+            assert len(set(ids.values())) == 6
+            assert server.hub.chat.rate_limited == 0
+            assert trio.current_time() - start >= 5 / 1.6 - 0.05
+            page = await alice.history("lobby", limit=10)
+            assert [m.msg for m in page.messages] == made, "sent in the order the calls came"
+            assert joined.limits is not None
+            assert (joined.limits.say_rate, joined.limits.say_burst) == (2, 2)
+            assert joined.limits.rooms == 32
+            events = []
+            with contextlib.suppress(trio.WouldBlock):
+                while True:
+                    events.append(alice.receive_nowait())
+            # Our own messages only: no unsolicited error came.
+            assert [type(event) for event in events] == [Message] * 6
+
+        # --rate 0: no limit on the server, no pacing in the client (over the old burst of 10).
+        async with (
+            running_server(rate=0) as server,
+            connect(ws_url(server), retries=0) as bob,
+        ):
+            joined = await bob.join("lobby", name="bob")
+            assert joined.limits is not None
+            assert joined.limits.say_rate == 0
+            start = trio.current_time()
+            async with trio.open_nursery() as nursery:
+                for i in range(30):
+                    nursery.start_soon(bob.say, "lobby", f"n{i}")
+            assert trio.current_time() - start < 2.0

@@ -140,3 +140,33 @@ def test_conformance_summary_missing_report_fails(tmp_path):
     )
     assert done.returncode == 1
     assert "no readable report" in done.stderr
+
+
+def _shard(tmp_path: Path, n: int, report: object) -> Path:
+    index = tmp_path / f"reports{n}" / "servers" / "index.json"
+    index.parent.mkdir(parents=True)
+    index.write_text(json.dumps(report))
+    return index
+
+
+@pytest.mark.parametrize("bad_shard", [None, 1, 2])
+def test_conformance_summary_merges_the_shards_of_one_run(tmp_path, bad_shard):
+    """conformance/run.sh runs two shards side by side: their cases are counted as
+    one report, and a failure in either shard fails the run."""
+    first = {k: v for k, v in GOOD.items() if not k.startswith("13.")}
+    second = {"13.1.1": case("OK"), "13.2.1": case("OK")}
+    if bad_shard == 1:
+        first = {**first, "5.1": case("FAILED")}
+    elif bad_shard == 2:
+        second = {**second, "13.3.1": case("UNIMPLEMENTED")}
+    paths = [_shard(tmp_path, 1, {AGENT: first}), _shard(tmp_path, 2, {AGENT: second})]
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, paths)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    cases = len(first) + len(second)
+    assert f"{cases} cases" in done.stdout
+    assert done.returncode == (0 if bad_shard is None else 1), done.stdout + done.stderr

@@ -1134,3 +1134,15 @@ async def test_http_untrusted_peer_spoofed_headers_stay_out_of_the_log(caplog, t
     text = "\n".join(r.getMessage() for r in caplog.records)
     for spoof in ("203.0.113.7", "198.51.100.23", " via "):
         assert spoof not in text, text
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE", "PATCH"])
+async def test_http_sse_405_allows_every_method_it_takes(method):
+    """/sse takes GET (a stream), HEAD and POST (a frame of a session, docs/protocol.md
+    §13): a 405 there names all three, so a client is never told POST is not allowed."""
+    with trio.fail_after(10):
+        async with running_server() as server:
+            response = await fetch(server, method, "/sse", (("Content-Length", "0"),))
+    assert response.status == 405
+    allow = {method.strip() for method in response.headers["allow"].split(",")}
+    assert allow == {"GET", "HEAD", "POST"}

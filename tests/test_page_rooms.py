@@ -297,3 +297,62 @@ def test_page_shows_the_join_form_when_the_session_cannot_be_resumed(
         expect(again.locator("#status")).to_have_text("not connected")
         join(again, "alice2")
         expect(again.locator("#members li")).to_have_text(["ALICE", "alice2"], timeout=TIMEOUT)
+
+
+@pytest.fixture
+def capped_server() -> Iterator[ServerProcess]:
+    """A server that lets one connection be in two rooms at most (``--max-rooms 2``)."""
+    with run_server("--presence-grace", str(GRACE), "--max-rooms", "2") as srv:
+        yield srv
+
+
+def test_page_says_when_the_rooms_limit_is_reached(
+    capped_server: ServerProcess,
+    open_at: OpenAt,  # noqa: F811 (the imported fixture)
+) -> None:
+    """The server tells its `--max-rooms` in `joined.limits.rooms` (#15). In that many
+    rooms, the "join another room" control says so in plain words, and joining one more
+    sends no join (the server would refuse it with bad_room); a room already joined
+    still opens, and after leaving one another can be joined."""
+    full = "You're in 2 rooms, the most this server allows. Leave one to join another."
+    page = open_at(capped_server.base_url + "/")
+    sent = record_sent(page)
+    received: list[dict[str, Any]] = []
+    page.on(
+        "websocket",
+        lambda ws: ws.on("framereceived", lambda payload: received.append(json.loads(payload))),
+    )
+    join(page, "alice")
+    hint = page.locator("#add-room-hint")
+    error = page.locator("#add-room-error")
+    expect(hint).to_be_hidden()
+    add_room(page, "dev")
+    expect(hint).to_have_text(full)
+    expect(page.locator("#new-room")).to_have_accessible_description(re.compile("2 rooms"))
+
+    page.fill("#new-room", "ops")
+    page.press("#new-room", "Enter")
+    expect(error).to_have_text(full)
+    expect(hint).to_be_hidden()  # said once, by the alert
+    expect(page.locator("#new-room")).to_have_value("ops")  # kept for later
+    expect(page.locator("#rooms .room-name")).to_have_text(["#lobby", "#dev"])
+    expect(page.locator("#room-title")).to_have_text("#dev")
+
+    # A room she is in still opens from the same control.
+    page.fill("#new-room", "lobby")
+    page.press("#new-room", "Enter")
+    expect(page.locator("#room-title")).to_have_text("#lobby", timeout=TIMEOUT)
+    expect(error).to_be_hidden()
+    expect(hint).to_have_text(full)
+    assert not [f for f in sent if f.get("type") == "join" and f.get("room") == "ops"]
+
+    # Leave one: below the limit, the control joins again.
+    page.click("#leave")
+    expect(page.locator("#room-title")).to_have_text("#dev", timeout=TIMEOUT)
+    expect(hint).to_be_hidden()
+    add_room(page, "ops")
+    expect(page.locator("#rooms .room-name")).to_have_text(["#dev", "#ops"])
+    expect(hint).to_have_text(full)
+    expect(error).to_be_hidden()
+    assert [f["room"] for f in sent if f.get("type") == "join"] == ["lobby", "dev", "ops"]
+    assert not [f for f in received if f.get("type") == "error"], "the server refused nothing"

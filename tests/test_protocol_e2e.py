@@ -1177,11 +1177,27 @@ async def test_e2e_a_crowd_whispering_one_user_is_bounded(autojump_clock):
 
 async def test_protocol_joined_tells_the_servers_limits():
     """`joined.limits` (an extension, docs/protocol.md §4): clients take the limits
-    from the server, not from constants (#15); the page's composer reads msg_chars."""
+    from the server, not from constants (#15); the page's composer reads msg_chars,
+    the clients' send pacing say_rate and say_burst (0: no rate limit)."""
     with trio.fail_after(10):
         async with (
-            running_server(max_msg_chars=300, max_frame_bytes=4096, max_rooms=3) as server,
+            running_server(
+                max_msg_chars=300, max_frame_bytes=4096, max_rooms=3, rate=2.5, burst=4
+            ) as server,
             client_of(server) as alice,
         ):
             joined = await alice.join("lobby", "alice")
-            assert joined["limits"] == {"msg_chars": 300, "frame_bytes": 4096, "rooms": 3}
+            assert joined["limits"] == {
+                "msg_chars": 300,
+                "frame_bytes": 4096,
+                "rooms": 3,
+                "say_rate": 2.5,
+                "say_burst": 4,
+            }
+        async with running_server(rate=0) as server, client_of(server) as bob:
+            joined = await bob.join("lobby", "bob")
+            assert joined["limits"]["say_rate"] == 0
+            assert joined["limits"]["say_burst"] == 20
+        async with running_server() as server, client_of(server) as carol:
+            joined = await carol.join("lobby", "carol")
+            assert (joined["limits"]["say_rate"], joined["limits"]["say_burst"]) == (10, 20)

@@ -263,7 +263,8 @@ def _authorized(header: str | None, key: str) -> bool:
     # hold the key in UTF-8 when it is not ASCII.
     given = hashlib.sha256(token.strip().encode("latin-1")).digest()
     matches = hmac.compare_digest(given, _key_digest(key))
-    return matches and scheme.lower() == "bearer"
+    bearer = scheme.lower() == "bearer"
+    return matches & bearer  # (both always evaluated: no branch on the key)
 
 
 @functools.lru_cache(maxsize=4)

@@ -23,6 +23,7 @@ address's chat slot is given back (and an SSE stream's access line written).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
@@ -81,18 +82,16 @@ class ChatRunner:
     async def _serve_websocket(self, stream: trio.abc.Stream, upgrade: Upgrade) -> None:
         peer = peer_name(stream, upgrade.ip)
         path = upgrade.path
-
-        async def run(transport: Transport, nursery: trio.Nursery) -> None:
-            await self._run_connection(
-                transport,
-                nursery,
-                peer,
-                f"ws{path}",
-                medium="websocket",
-                lobby=path == "/",
-                address=upgrade.ip,
-            )
-
+        # A partial, not a closure: no coroutine frame of its own held for the
+        # connection's life (docs/performance.md, memory per connection).
+        run = functools.partial(
+            self._run_connection,
+            peer=peer,
+            kind=f"ws{path}",
+            medium="websocket",
+            lobby=path == "/",
+            address=upgrade.ip,
+        )
         try:
             await run_websocket(stream, upgrade, self._config, run, peer=peer)
         finally:
@@ -109,8 +108,8 @@ class ChatRunner:
                         await self._run_connection(
                             transport,
                             nursery,
-                            peer,
-                            "sse",
+                            peer=peer,
+                            kind="sse",
                             medium="sse",
                             lobby=False,
                             address=opened.ip,
@@ -126,9 +125,9 @@ class ChatRunner:
         self,
         transport: Transport,
         nursery: trio.Nursery,
+        *,
         peer: str,
         kind: str,
-        *,
         medium: str,
         lobby: bool,
         address: str,

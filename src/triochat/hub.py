@@ -182,7 +182,13 @@ class Hub:
                 presence_grace=config.presence_grace,
                 node=backplane.node,
                 remote_timeout=config.backplane_timeout,
-                limits=Limits(config.max_msg_chars, config.max_frame_bytes, config.max_rooms),
+                limits=Limits(
+                    config.max_msg_chars,
+                    config.max_frame_bytes,
+                    config.max_rooms,
+                    config.rate,
+                    config.burst,
+                ),
                 authenticating=self.authenticating,
                 handshake_timeout=config.handshake_timeout,
             )

@@ -333,6 +333,10 @@ class Limits(msgspec.Struct, frozen=True):
     frame_bytes: int
     #: Rooms one connection may be in (``--max-rooms``).
     rooms: int
+    #: Says, typings and whispers per second per connection (``--rate``; 0: no limit).
+    say_rate: float
+    #: The token bucket of ``say_rate``: that many at once (``--burst``).
+    say_burst: int
 
 
 class JoinedFrame(msgspec.Struct, frozen=True, tag="joined", tag_field="type", omit_defaults=True):

@@ -1,14 +1,68 @@
 // Helpers for the client module's tests (node --test), run against a real
 // triochat server by tests/test_js_client.py, which passes its URL in
 // TRIOCHAT_URL. No dependencies: Node's WebSocket (22+, or 20 with
-// --experimental-websocket), fetch, net and crypto.
+// --experimental-websocket), fetch, net, crypto and child_process (`startServer`).
 
+import { spawn } from 'node:child_process';
 import { createHmac } from 'node:crypto';
+import { existsSync } from 'node:fs';
 import net from 'node:net';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
 
 export const URL_BASE = process.env.TRIOCHAT_URL;
 if (!URL_BASE) throw new Error('TRIOCHAT_URL is not set: run these tests through tests/test_js_client.py');
 export const PORT = Number(new URL(URL_BASE).port);
+
+/**
+ * A server of the test's own, for options the shared one (TRIOCHAT_URL) does not
+ * have: `python -m triochat --port 0 --memory --log-level INFO ...args`, like
+ * tests/server_process.py. Python: TRIOCHAT_PYTHON, else the repository's
+ * .venv, else `python3`. Resolves with `{url, stop(), output()}` once it logs
+ * "listening on http://…"; `stop()` sends SIGTERM (SIGKILL after 15 s).
+ */
+export function startServer(args = [], { timeoutMs = 10000 } = {}) {
+  const repo = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
+  const venv = path.join(repo, '.venv', 'bin', 'python');
+  const python = process.env.TRIOCHAT_PYTHON || (existsSync(venv) ? venv : 'python3');
+  const proc = spawn(python, ['-m', 'triochat', '--port', '0', '--memory', '--log-level', 'INFO', ...args], {
+    cwd: repo,
+    env: { ...process.env, PYTHONUNBUFFERED: '1' },
+    stdio: ['ignore', 'ignore', 'pipe'],
+  });
+  let text = '';
+  const exited = new Promise((resolve) => proc.once('exit', resolve));
+  const stop = async () => {
+    if (proc.exitCode === null && proc.signalCode === null) {
+      proc.kill('SIGTERM');
+      const timer = setTimeout(() => proc.kill('SIGKILL'), 15000);
+      await exited;
+      clearTimeout(timer);
+    }
+  };
+  return new Promise((resolve, reject) => {
+    let settled = false;
+    const fail = (why) => {
+      if (settled) return;
+      settled = true;
+      clearTimeout(timer);
+      stop();
+      reject(new Error(`${python} -m triochat ${args.join(' ')}: ${why}; output:\n${text}`));
+    };
+    const timer = setTimeout(() => fail(`not listening within ${timeoutMs} ms`), timeoutMs);
+    proc.once('error', (err) => fail(String(err)));
+    proc.once('exit', (code) => fail(`exited (${code}) before listening`));
+    proc.stderr.setEncoding('utf8');
+    proc.stderr.on('data', (chunk) => { // read to the end, so the pipe never fills
+      text += chunk;
+      const found = !settled && /listening on (https?:\/\/[^\s"]+)/.exec(text);
+      if (!found) return;
+      settled = true;
+      clearTimeout(timer);
+      resolve({ url: `${found[1].replace(/\/$/, '')}/`, stop, output: () => text });
+    });
+  });
+}
 
 /** A short random suffix: tests share one server, whose names and rooms are server-wide. */
 export const uid = () => Math.random().toString(36).slice(2, 8);

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Final
+from typing import Final, Literal
 
 import trio
 
@@ -59,8 +59,8 @@ class ChatClient:
         ping_timeout: float = 20.0,
         connect_timeout: float = 10.0,
         close_timeout: float = 5.0,
-        send_rate: float | None = 8.0,
-        send_burst: int = 10,
+        send_rate: float | Literal["auto"] | None = "auto",
+        send_burst: int | Literal["auto"] = "auto",
         retries: int = 5,
         retry_delay: float = 1.5,
         event_buffer: int = 1000,
@@ -75,8 +75,11 @@ class ChatClient:
         state = self._state = ClientState(token, resume_token)
         inbox = self._inbox = EventInbox(event_buffer, state)
         book = self._book = RequestBook(state, max_pending)
-        incoming = IncomingFrames(state, book, inbox, retries=retries, retry_delay=retry_delay)
-        outgoing = OutgoingFrames(state, book, SendBucket(send_rate, send_burst))
+        bucket = SendBucket(send_rate, send_burst)
+        incoming = IncomingFrames(
+            state, book, inbox, bucket=bucket, retries=retries, retry_delay=retry_delay
+        )
+        outgoing = OutgoingFrames(state, book, bucket)
         session = self._session = Session(
             endpoint,
             state,
@@ -346,8 +349,8 @@ async def connect(
     ping_timeout: float = 20.0,
     connect_timeout: float = 10.0,
     close_timeout: float = 5.0,
-    send_rate: float | None = 8.0,
-    send_burst: int = 10,
+    send_rate: float | Literal["auto"] | None = "auto",
+    send_burst: int | Literal["auto"] = "auto",
     retries: int = 5,
     retry_delay: float = 1.5,
     event_buffer: int = 1000,
@@ -370,9 +373,13 @@ async def connect(
         ping_timeout: a pong not back within this many seconds ends the connection.
         connect_timeout: seconds for TCP, the handshake, and the ``authed`` answer.
         close_timeout: seconds the closing handshake may take at the end.
-        send_rate: says and whispers per second the client sends at most (None:
-            no pacing); ``send_burst`` more at once. Below the server's default
-            (10/s, burst 20) so a busy bot is slowed down, not refused.
+        send_rate: says and whispers per second the client sends at most;
+            ``send_burst`` at once. ``"auto"`` (both by default) follows the
+            server's ``joined.limits``: 80 % of its ``say_rate`` and half its
+            ``say_burst`` (none with a ``say_rate`` of 0), and 8/s, 10 until it
+            tells them (or from a server that does not), so a busy bot is slowed
+            down, not refused. A number is a ceiling of the caller's own, kept
+            under the server's figures too; a ``send_rate`` of None: no pacing.
         retries: times a say, join or history refused with ``rate_limited`` (say and
             join: or ``unavailable``) is sent again, ``retry_delay`` s apart.
         event_buffer: events kept for `ChatClient.receive`; when full the oldest

@@ -24,6 +24,7 @@ __all__ = [
     "HistoryPage",
     "Joined",
     "Left",
+    "Limits",
     "Message",
     "Presence",
     "RejoinFailed",
@@ -48,8 +49,23 @@ class Message(msgspec.Struct, frozen=True, tag="message", tag_field="type"):
     ts: int
 
 
+class Limits(msgspec.Struct, frozen=True):
+    """The server's limits (`Joined.limits`, docs/protocol.md §4); None: not told.
+
+    ``say_rate`` (per second per connection, 0: no limit) and ``say_burst`` are
+    the server's rate limit of says, typings and whispers: the client paces
+    itself under them (`connect`'s ``send_rate``)."""
+
+    msg_chars: int | None = None
+    frame_bytes: int | None = None
+    rooms: int | None = None
+    say_rate: float | None = None
+    say_burst: int | None = None
+
+
 class Joined(msgspec.Struct, frozen=True, tag="joined", tag_field="type"):
-    """The answer to `ChatClient.join`."""
+    """The answer to `ChatClient.join`; ``limits`` is None from a server that
+    does not tell them."""
 
     room: str
     name: str
@@ -58,6 +74,7 @@ class Joined(msgspec.Struct, frozen=True, tag="joined", tag_field="type"):
     history: tuple[Message, ...] = ()
     recovered: bool = True
     ref: str | None = None
+    limits: Limits | None = None
 
 
 class Ack(msgspec.Struct, frozen=True, tag="ack", tag_field="type"):

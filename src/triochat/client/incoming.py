@@ -33,6 +33,7 @@ from .events import (
     decode_frame,
 )
 from .inbox import EventInbox
+from .pacing import SendBucket
 from .requests import RequestBook
 from .state import ClientState, RoomState
 
@@ -61,12 +62,14 @@ class IncomingFrames:
         book: RequestBook,
         inbox: EventInbox,
         *,
+        bucket: SendBucket,
         retries: int,
         retry_delay: float,
     ) -> None:
         self._state = state
         self._book = book
         self._inbox = inbox
+        self._bucket = bucket
         self._retries = retries
         self._retry_delay = retry_delay
 
@@ -169,6 +172,12 @@ class IncomingFrames:
         if joined.token is not None:
             self._state.resume_token = joined.token
         self._state.attempt = 0  # a working connection: the backoff starts afresh
+        # The send bucket follows the server's rate limit (the defaults if untold).
+        limits = joined.limits
+        if limits is None:
+            self._bucket.follow(None, None)
+        else:
+            self._bucket.follow(limits.say_rate, limits.say_burst)
         state = self._state.rooms.get(joined.room)
         if state is None:  # left while joining (the leave will follow)
             state = RoomState(None)

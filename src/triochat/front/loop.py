@@ -22,7 +22,7 @@ from .handshake import Upgrade, head_as_received, upgrade_refusal
 from .messages import Request
 from .peers import PendingSockets, peer_ip
 from .policy import client_ip, host_allowed
-from .routes import GET_HEAD, Routes, StaticFiles, route
+from .routes import GET_HEAD, GET_HEAD_POST, Routes, StaticFiles, route
 from .sse import SseOpen, post_sse, vet_sse
 from .wire import answering_protocol_errors, finish_request, next_event, send, send_raw
 
@@ -193,6 +193,8 @@ async def _respond(
     if found is None:
         return await send(stream, conn, request, 404, b"not found\n")
     if request.method not in ("GET", "HEAD"):
-        return await send(stream, conn, request, 405, b"method not allowed\n", allow=GET_HEAD)
+        # /sse also takes POST (a frame of a session, docs/protocol.md §13).
+        allow = GET_HEAD_POST if request.path == "/sse" and routes.chats else GET_HEAD
+        return await send(stream, conn, request, 405, b"method not allowed\n", allow=allow)
     status, body, content_type, extra = found()
     return await send(stream, conn, request, status, body, content_type=content_type, extra=extra)

@@ -27,6 +27,7 @@ from .messages import TEXT_TYPE
 #: What ``--metrics-port`` moves to a listener of its own.
 OPERATOR_PATHS: Final = frozenset({"/metrics", "/healthz", "/readyz"})
 GET_HEAD: Final = "GET, HEAD"  # the methods a plain path takes (the Allow of a 405)
+GET_HEAD_POST: Final = "GET, HEAD, POST"  # /sse's: a stream, or a frame of one
 
 #: An answer: status, body, content type, extra headers.
 Answer = tuple[int, bytes, str, list[tuple[str, str]]]

@@ -18,15 +18,8 @@ so does every connection of the conformance run's echo. Rules:
    queued frames unless it is a slow consumer, the close frame) must finish
    within ``close_timeout`` (the drain's own timeout while draining); then
    the connection ends (`end`), and its TCP connection is aborted.
-3. The backlog (the outbox: frames not yet handed to the socket or to the
-   writer) is bounded in frames and bytes, and judged at the end of each
-   step, after the write (`_check_backlog`): over the bound at the end of
-   two steps with no write completed in between, the client does not read
-   and is closed 1013 (docs/protocol.md §9). Over four times the byte bound
-   it is closed at once (`deliver`), but only once its writer had a chance:
-   it was over the bound at the end of an earlier step with no write
-   completed since (or it is held). A burst within one step is never judged
-   before its write, however big: the writer cannot run during a step.
+3. The backlog and the slow-consumer rule are `Backlog`'s (backlog.py),
+   which this class extends.
 
 What one connection holds, then: its backlog, at most the larger of
 ``HARD_BOUND_FACTOR * outbox_bytes`` plus one frame and ``outbox_bytes``
@@ -41,14 +34,14 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Awaitable
-from typing import Final
 
 import trio
 
+from .backlog import BACKLOG_PAUSE, HARD_BOUND_FACTOR, Backlog
 from .config import Config
 from .frames import OutFrame
 from .metrics import Stats
-from .outbox import FlushSchedule, Outbox
+from .outbox import FlushSchedule
 from .protocol import CloseCode
 from .transports import DirectWrite, Transport, TransportClosed
 
@@ -56,54 +49,38 @@ __all__ = ["BACKLOG_PAUSE", "HARD_BOUND_FACTOR", "Outbound"]
 
 LOGGER = logging.getLogger("triochat.outbound")
 
-#: A backlog this many times the byte bound closes the connection at once,
-#: without waiting for the end of the step, once its writer had a chance (`deliver`).
-HARD_BOUND_FACTOR: Final = 4
-#: Seconds a reader waits at most for its own backlog to go down (`backlog_low`).
-BACKLOG_PAUSE: Final = 1.0
 
-
-class Outbound:
+class Outbound(Backlog):
     """The outbound path of one connection; the `Peer` the app delivers to."""
 
     __slots__ = (
         "_broken",
         "_close_deadline",
-        "_config",
         "_direct",
-        "_drained",
-        "_hard_bound",
         "_held",
         "_lost",
         "_nursery",
-        "_over_at",
         "_ping_due",
         "_schedule",
         "_send_scope",
-        "_stats",
         "_step",
         "_transport",
-        "_unpaused_at",
         "_unsent",
-        "_writes",
         "_writing",
         "close_code",
         "close_request",
         "end_reason",
-        "outbox",
     )
 
     def __init__(
         self, transport: Transport, schedule: FlushSchedule, config: Config, stats: Stats
     ) -> None:
+        super().__init__(config, stats)
         self._transport = transport
         #: The transport's direct write (the hub's hot path), if it has one.
         self._direct = transport if isinstance(transport, DirectWrite) else None
         #: The app's step policy: write at once, or flush at the end of the step.
         self._schedule = schedule
-        self._config = config
-        self._stats = stats
-        self.outbox = Outbox()
         #: (code, reason), set once by `close_soon`.
         self.close_request: tuple[int, str] | None = None
         #: Everything after a close request (flush, close frame) ends by then.
@@ -119,17 +96,7 @@ class Outbound:
         self._ping_due = False  # the reader asks the writer for a ping
         self._writing = False  # the writer task is running
         self._step = -1  # the step of `_schedule` that last filed this connection
-        self._writes = 0  # writes completed so far: the proof that the peer reads
-        #: ``_writes`` when a step last ended with the backlog over the bound
-        #: (-1: it did not): the slow-consumer rules (`_check_backlog`, `deliver`).
-        self._over_at = -1
-        self._hard_bound = HARD_BOUND_FACTOR * config.outbox_bytes
         self._held = False  # `hold`: frames are queued, not written, until `release`
-        #: Set when the backlog shrinks, for a reader waiting in `backlog_low`.
-        self._drained: trio.Event | None = None
-        #: ``_writes`` when a wait in `backlog_low` ran out: until the next
-        #: completed write the reader does not wait, and the step-end rule holds off.
-        self._unpaused_at = -1
         #: Where the writer starts, and whose cancellation ends the connection
         #: (set between `start` and `stop`).
         self._nursery: trio.Nursery | None = None
@@ -167,10 +134,6 @@ class Outbound:
         """Have the writer send a keepalive."""
         self._ping_due = True
         self._want_writer()
-
-    def backlog_high(self) -> bool:
-        """Whether the reader should wait (`backlog_low`) before taking the next frame."""
-        return self._unpaused_at != self._writes and self._over_bound(2)
 
     # --- Peer (sync, never blocks) ---------------------------------------------
 
@@ -244,57 +207,6 @@ class Outbound:
         self._held = False
         if self.outbox:
             self.flush_nowait()
-
-    def _over_bound(self, fraction: int = 1) -> bool:
-        """Whether the backlog is over either bound / ``fraction``.
-
-        The backlog is the outbox: what waits behind the write in progress
-        (if any), which is already the socket's.
-        """
-        config = self._config
-        outbox = self.outbox
-        return (
-            len(outbox) > config.outbox_frames // fraction
-            or outbox.size > config.outbox_bytes // fraction
-        )
-
-    def _check_backlog(self) -> None:
-        """The slow-consumer rule (docs/protocol.md section 9), at the end of a hub step.
-
-        A backlog over the bound at the end of a step is allowed once: a burst
-        (one step's fan-out) may take a reading client over it. Over the bound
-        again at the end of a later step with no write completed in between,
-        the client is not reading: close 1013, dropping what is queued. Not
-        while we read it without waiting for its backlog (`backlog_low` gave
-        up): it may be stuck writing to us, and only the hard bound applies
-        (`deliver`: armed by ``_over_at`` here).
-        """
-        if not self._over_bound():
-            self._over_at = -1
-        elif self._over_at != self._writes:
-            self._over_at = self._writes
-        elif self._unpaused_at != self._writes:
-            self._slow_consumer()
-
-    async def backlog_low(self) -> None:
-        """Wait until this connection's own backlog is at most half the bound.
-
-        The reader waits here before it takes the client's next frame, so a
-        client that sends faster than it reads is slowed by its own backlog,
-        not closed. At most ``BACKLOG_PAUSE`` seconds, though: some clients
-        cannot read while a write of theirs is blocked (the `websockets`
-        library's sync client holds one lock across both), and they would
-        deadlock with a server that stopped reading them. Once a wait runs
-        out, the reader reads on without waiting until a write to the client
-        completes again (``_unpaused_at``).
-        """
-        with trio.move_on_after(BACKLOG_PAUSE) as scope:
-            while self._over_bound(2):
-                if self._drained is None:
-                    self._drained = trio.Event()
-                await self._drained.wait()
-        if scope.cancelled_caught:
-            self._unpaused_at = self._writes
 
     def _slow_consumer(self) -> None:
         self._stats.slow_consumers += 1
@@ -381,17 +293,6 @@ class Outbound:
                 return
             else:
                 return  # nothing left: the hub writes directly again
-
-    def _written(self) -> None:
-        """A write completed: the peer reads (the slow-consumer rule); wake a waiting reader."""
-        self._writes += 1
-        self._wake_reader()
-
-    def _wake_reader(self) -> None:
-        """Wake a reader waiting in `backlog_low` (it checks the backlog again)."""
-        drained, self._drained = self._drained, None
-        if drained is not None:
-            drained.set()
 
     async def _bounded_send(self, sending: Awaitable[None]) -> None:
         """Await one write, cut off when the peer stops reading for too long.

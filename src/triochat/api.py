@@ -2,7 +2,7 @@
 
 A backend holding ``--api-key`` publishes into rooms, reads presence and
 history, deletes messages and disconnects users, on any node of a cluster.
-The front (http.py) hands every ``/api/`` request here when the key is set
+The front (`front/api.py`) hands every ``/api/`` request here when the key is set
 and reads and writes the bytes; this module decides the answer, and the chat
 side does the work behind `ChatApi`. Rules:
 
@@ -259,7 +259,7 @@ async def answer_api(
 def _authorized(header: str | None, key: str) -> bool:
     """Whether ``header`` is ``Bearer <key>`` (scheme in any case; rule 1)."""
     scheme, _, token = (header or "").strip().partition(" ")
-    # latin-1 gives back the header's bytes (http.py decodes it so), which
+    # latin-1 gives back the header's bytes (the front decodes it so), which
     # hold the key in UTF-8 when it is not ASCII.
     given = hashlib.sha256(token.strip().encode("latin-1")).digest()
     matches = hmac.compare_digest(given, _key_digest(key))

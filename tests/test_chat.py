@@ -165,7 +165,7 @@ class Chat:
             self.burst if burst is None else burst,
             self.now,
         )
-        client = Client(peer, limiter, listener=listener)
+        client = Client(peer, limiter, lobby_listener=listener)
         self.state.connect(client)
         return Conn(self, client, peer)
 
@@ -1874,11 +1874,11 @@ def _observable(chat: Chat) -> tuple:
             sorted(room.members),
             sorted(room.remote),
             len(room.typed),
-            len(room.listeners),
+            len(room.classic),
             [m.id for m in room.messages],
         )
         for name, room in state.rooms.items()
-        if room.members or room.remote or room.typed or room.listeners or room.messages
+        if room.members or room.remote or room.typed or room.classic or room.messages
     }
     users = {name: (sorted(u.rooms), bool(u.clients), u.token) for name, u in state.users.items()}
     # (A connection's first frame decides its own mode even when refused, §7.)

@@ -93,9 +93,9 @@ def _assert_only(server: Server, members: set[str], tasks: int) -> None:
         assert lobby is not None
         assert set(lobby.members) == members
         assert {client.name for client in lobby.typed} == members
-        assert not lobby.listeners
+        assert not lobby.classic
     else:
-        assert lobby is None or not (lobby.members or lobby.typed or lobby.listeners)
+        assert lobby is None or not (lobby.members or lobby.typed or lobby.classic)
     assert task_count() == tasks, "a task was left behind"
     assert len(live_instances(Connection)) == len(members), "a Connection is still referenced"
 

@@ -46,6 +46,7 @@ from .protocol import (
     ErrorCode,
     Message,
     is_valid_room,
+    msg_problem,
     normalize_name,
 )
 
@@ -383,10 +384,9 @@ def check_publish(room: str, msg: str, name: str, max_msg_chars: int) -> tuple[s
     Raises:
         ApiError: 400 with `bad_frame`, `too_long`, `bad_name` or `bad_room`.
     """
-    if not msg:
-        raise ApiError(400, ErrorCode.BAD_FRAME, "`msg` must not be empty")
-    if len(msg) > max_msg_chars:
-        raise ApiError(400, ErrorCode.TOO_LONG, f"`msg` is longer than {max_msg_chars} characters")
+    problem = msg_problem(msg, max_msg_chars)
+    if problem is not None:
+        raise ApiError(400, *problem)
     # The reserved names (§2.1) are the API's own: users cannot take them, so
     # a message from `server` is always from the operator's side.
     checked_name = name if name in RESERVED_NAMES else normalize_name(name)

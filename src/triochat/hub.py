@@ -217,7 +217,7 @@ class Hub:
         """
         now = trio.current_time()
         limiter = self._addresses.limiter(address, now)
-        client = Client(peer, limiter, listener=listener)
+        client = Client(peer, limiter, lobby_listener=listener)
         self.chat.connect(client, now)
         self._wake_in_time()
         self._addresses.add(client, address)

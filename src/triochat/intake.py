@@ -39,6 +39,7 @@ from .protocol import (
     ErrorCode,
     Say,
     decode_client_frame,
+    msg_problem,
     normalize_name,
 )
 from .state.model import CLASSIC_ROOM
@@ -158,7 +159,7 @@ class Intake:
             return ClientProtocolError(
                 ErrorCode.INTERNAL, "the message could not be checked", frame.ref
             )
-        if not isinstance(text, str) or not text or len(text) > self._config.max_msg_chars:
+        if not isinstance(text, str) or msg_problem(text, self._config.max_msg_chars):
             LOGGER.error(
                 "the say hook returned %r: not a text within the limits",
                 text,

@@ -72,6 +72,7 @@ __all__ = [
     "encode",
     "is_valid_room",
     "make_id",
+    "msg_problem",
     "name_key",
     "normalize_name",
     "seq_of",
@@ -266,12 +267,19 @@ def _check_fields(frame: ClientFrame, max_msg_chars: int) -> None:
             ErrorCode.BAD_FRAME, f"`limit` must be 1-{MAX_HISTORY_LIMIT}", ref
         )
     if isinstance(frame, Say | Whisper | ClassicFrame):
-        if not frame.msg:
-            raise ClientProtocolError(ErrorCode.BAD_FRAME, "`msg` must not be empty", ref)
-        if len(frame.msg) > max_msg_chars:
-            raise ClientProtocolError(
-                ErrorCode.TOO_LONG, f"`msg` is longer than {max_msg_chars} characters", ref
-            )
+        problem = msg_problem(frame.msg, max_msg_chars)
+        if problem is not None:
+            raise ClientProtocolError(*problem, ref)
+
+
+def msg_problem(msg: str, max_msg_chars: int) -> tuple[ErrorCode, str] | None:
+    """Why ``msg`` cannot be a message's text (empty, or over ``--max-msg-chars``):
+    the error code and message a frame or an API call gets; None when it can."""
+    if not msg:
+        return ErrorCode.BAD_FRAME, "`msg` must not be empty"
+    if len(msg) > max_msg_chars:
+        return ErrorCode.TOO_LONG, f"`msg` is longer than {max_msg_chars} characters"
+    return None
 
 
 def is_valid_room(room: str) -> bool:

@@ -84,7 +84,7 @@ class ServerApi:
 
     async def publish(self, room: str, msg: str, name: str) -> tuple[str, int]:
         reply = _Reply()
-        client = Client(reply, RateLimiter(0, 1, trio.current_time()), listener=False)
+        client = Client(reply, RateLimiter(0, 1, trio.current_time()))
         client.mode = "typed"
 
         def submit(chat: ChatState, now: float, wall_ms: int) -> int:

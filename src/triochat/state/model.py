@@ -72,14 +72,12 @@ class Client:
         limiter: RateLimiter,
         *,
         lobby_listener: bool = False,
-        listener: bool | None = None,
     ) -> None:
         self.peer = peer
         self.limiter = limiter
         #: Connected on ``/`` and no frame yet: a lobby listener (docs/protocol.md
-        #: §7), hearing lobby's messages. (``listener=`` is the argument's old
-        #: name, still passed by the hub, the server API and tests.)
-        self.lobby_listener = lobby_listener if listener is None else listener
+        #: §7), hearing lobby's messages.
+        self.lobby_listener = lobby_listener
         #: None until the first frame decides; `classic` is derived from it.
         self.mode: Mode | None = None
         self.name: str | None = None
@@ -176,11 +174,6 @@ class Room:
         #: The node's one copy of the room's recent history (`state.log` keeps it).
         self.messages: list[Message] = []
         self.seqs: list[int] = []  # parallel to messages, for bisect
-
-    @property
-    def listeners(self) -> dict[Client, None]:
-        """The old name of `classic` (tests read it)."""
-        return self.classic
 
     def member_names(self) -> list[str]:
         """Every member's name, here and on other nodes, sorted."""

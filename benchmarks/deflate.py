@@ -68,8 +68,8 @@ from triochat.transports.websocket import (
     DeflateWebSocketTransport,
     ReplayStream,
     WebSocketTransport,
-    _CompressingHandshake,
 )
+from triochat.transports.wsopen import CompressingHandshake
 
 OFFER = "permessage-deflate; client_max_window_bits"  # what Chromium and websockets offer
 #: Chat lines the messages are cut from, a word at a time.
@@ -279,9 +279,7 @@ def measure_inbound(chars: int, messages: int = 2000) -> tuple[float, float, flo
     for compression in (False, True):
         extension = DeflateExtension(65536)
         server = (
-            _CompressingHandshake(extension)
-            if compression
-            else WSConnection(ConnectionType.SERVER)
+            CompressingHandshake(extension) if compression else WSConnection(ConnectionType.SERVER)
         )
         client = WSConnection(ConnectionType.CLIENT)
         offers = [PerMessageDeflate()] if compression else []

@@ -2,7 +2,7 @@
 //
 //   node benchmarks/loadgen.mjs '<json config>'
 //
-// The config names a scenario (saturation, latency, memory, churn, cluster),
+// The config names a scenario (saturation, latency, memory, churn, cluster, workers, pauses),
 // the server's URL and pid (its CPU and RSS are read from /proc around the
 // measured window, so the window is exactly the load generator's) and the
 // scenario's numbers. For several server processes (cluster mode), `urls` and
@@ -815,6 +815,147 @@ async function churn() {
   };
 }
 
+// --- scenario 7: pauses ------------------------------------------------------------
+
+/** The samples of the server's /metrics (Prometheus text) whose name starts
+ * with one of `prefixes`, as {"name{labels}": value}; null if it cannot be read. */
+async function scrapeMetrics(prefixes) {
+  const where = new URL(cfg.url);
+  where.protocol = "http:";
+  where.pathname = "/metrics";
+  try {
+    const response = await fetch(where, { signal: AbortSignal.timeout(5_000) });
+    if (!response.ok) return null;
+    const found = {};
+    for (const line of (await response.text()).split("\n")) {
+      if (line.startsWith("#") || !prefixes.some((p) => line.startsWith(p))) continue;
+      const cut = line.lastIndexOf(" ");
+      found[line.slice(0, cut)] = Number(line.slice(cut + 1));
+    }
+    return found;
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * `conns` connections held: one room of `receivers` (the first of them the
+ * sender) and the rest idle in rooms of `roomSize`. After the joins and
+ * `settleS`, the sender says `rate` messages/s for `durationS`; every
+ * receiver computes each one's delivery latency (as the latency scenario
+ * does), so a stall of the server shows in the highest percentiles. With
+ * `metrics` (triochat) the server's /metrics is read after the joins and at
+ * both ends of the window (pauses and stalls: src/triochat/pauses.py).
+ */
+async function pauses() {
+  const { url, conns: count, roomSize, receivers, rate, settleS, durationS, drainS } = cfg;
+  const problems = new Problems();
+  const prefixes = ["triochat_loop_stall", "triochat_gc_pause", "python_gc_collections"];
+  const scrape = async () => (cfg.metrics ? await scrapeMetrics(prefixes) : null);
+  const capacity = Math.ceil(receivers * rate * (durationS + 2)) + 1024;
+  const samples = new Float64Array(capacity);
+  let n = 0;
+  let received = 0;
+  let acked = 0;
+  let windowStartUs = Number.POSITIVE_INFINITY;
+  let windowEndUs = Number.POSITIVE_INFINITY;
+  const KEY = Buffer.from('"msg":"t');
+  const onFrame = (buf, start, end) => {
+    const t = frameType(buf, start, end);
+    if (t !== T_MESSAGE) {
+      if (t === T_ACK) acked++;
+      else if (t === T_ERROR) problems.add("error frame", excerpt(buf, start, end));
+      return;
+    }
+    const at = nowUs();
+    let i = buf.indexOf(KEY, start);
+    if (i < 0 || i >= end) return;
+    i += KEY.length;
+    let ts = 0;
+    for (let c = buf[i]; c >= 48 && c <= 57; c = buf[++i]) ts = ts * 10 + (c - 48);
+    if (ts < windowStartUs || ts >= windowEndUs) return;
+    received++;
+    if (n < capacity) samples[n++] = at - ts;
+  };
+  const ignore = () => {};
+  log(`opening ${count} connections: ${receivers} receivers, the rest in rooms of ${roomSize}`);
+  const t0 = nowMs();
+  const { conns, failed } = await openMany(
+    url,
+    count,
+    100,
+    (i) => `${TAG}p${i}`,
+    (i) => (i < receivers ? "probe" : `r${Math.floor((i - receivers) / roomSize)}`),
+    (buf, start, end, ws) => (ws.probe ? onFrame(buf, start, end) : ignore()),
+    problems,
+  );
+  const setupS = (nowMs() - t0) / 1000;
+  if (failed) {
+    await closeAll(conns, 20_000);
+    return { ok: false, error: `${failed} clients failed to join`, problems };
+  }
+  for (let i = 0; i < receivers; i++) conns[i].probe = true;
+  const idle = await waitServerIdle(180_000); // the joins' presence frames are all out
+  const settledS = (nowMs() - t0) / 1000 - setupS;
+  const afterJoins = await scrape();
+  await sleep(settleS * 1000);
+
+  const sender = conns[0];
+  const pad = "p".repeat(Math.max(0, (cfg.msgChars ?? 40) - 18));
+  const periodMs = 1000 / rate;
+  const total = Math.round(rate * durationS);
+  const atStart = await scrape();
+  const a = snapshot();
+  windowStartUs = nowUs();
+  const tSend = nowMs();
+  log(`sending ${total} messages at ${rate}/s to ${receivers} receivers`);
+  for (let sent = 0; sent < total; sent++) {
+    const wait = tSend + sent * periodMs - nowMs();
+    if (wait > 0) await sleep(wait);
+    const ts = nowUs();
+    sender.send(`{"type":"say","room":"probe","msg":"t${ts}|${pad}","ref":"${sent}"}`);
+  }
+  await sleep(periodMs);
+  windowEndUs = nowUs();
+  const b = snapshot();
+  const atEnd = await scrape();
+  const expected = total * receivers;
+  await waitUntil(() => received >= expected && acked >= total, drainS * 1000);
+  const held = conns.filter((ws) => ws && ws.readyState === OPEN).length;
+  const rssHeld = serverRssKiB();
+  const sorted = samples.subarray(0, n).sort();
+  const ms = (us) => (us === null ? null : us / 1000);
+  const result = {
+    ok: true,
+    conns: count,
+    held,
+    receivers,
+    rate,
+    setupS,
+    settledS,
+    idle,
+    connectsPerS: count / setupS,
+    window: windowOf(a, b),
+    sent: total,
+    expected,
+    received,
+    lossPct: (100 * (expected - received)) / expected,
+    // Over every expected delivery; one not delivered within the drain
+    // counts as infinitely late (null), as in the latency scenario.
+    p50Ms: ms(percentile(sorted, 50, expected)),
+    p99Ms: ms(percentile(sorted, 99, expected)),
+    p999Ms: ms(percentile(sorted, 99.9, expected)),
+    maxMs: received < expected ? null : ms(sorted[sorted.length - 1] ?? Number.NaN),
+    drainS,
+    rssHeldKiB: rssHeld,
+    metrics: cfg.metrics ? { afterJoins, atStart, atEnd } : null,
+    problems,
+  };
+  log("closing");
+  await closeAll(conns, 20_000);
+  return result;
+}
+
 // --- main ------------------------------------------------------------------------
 
 const SCENARIOS = {
@@ -823,6 +964,8 @@ const SCENARIOS = {
   memory,
   churn,
   cluster: () => saturation({ probes: true }),
+  workers: () => saturation(), // the processes of --workers as `serverPids`, one URL
+  pauses,
 };
 
 async function main() {

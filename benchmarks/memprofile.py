@@ -128,6 +128,7 @@ async def start_server(kind: str, nursery: trio.Nursery) -> int:
             memory=True,
             rate=0.0,
             max_conns_per_ip=0,
+            max_pending_per_ip=0,  # as run.py: 100 clients connect at once from one address
             log_level="WARNING",
         )
         server: Server = await nursery.start(Server(config).run)

@@ -6,6 +6,8 @@
     python benchmarks/run.py --only latency --latency-rounds 5
     python benchmarks/run.py --json /tmp/bench.json --profile /tmp/profile
     python benchmarks/run.py --only cluster  # one node vs two nodes + Redis
+    python benchmarks/run.py --only workers --servers triochat  # --workers 1 vs 2
+    python benchmarks/run.py --only pauses   # 19,000 connections: the longest stall
 
 For each scenario, each server (triochat, then `peer_websockets.py`) is
 started fresh on a free loopback port, pinned to CPU 0; the load generator
@@ -36,6 +38,18 @@ one node with ``--redis``, and two nodes with ``--redis`` (the same clients,
 half on each node's port), each with a fresh ``redis-server`` of its own
 (needs ``redis-server`` on PATH). The nodes share CPU 0; redis-server runs
 on CPU 1 with the load generator. Its table's ratios are two nodes / one.
+
+The workers scenario is triochat only too: the saturation load against
+``--workers 1`` and ``--workers 2``, both with ``--redis`` (a fresh
+``redis-server`` each), on the one port. triochat is not pinned there (a
+second worker needs a second core); redis-server and the load generator
+stay on CPU 1, so the second worker competes with them for it. Its table's
+ratio is two workers / one.
+
+The pauses scenario holds 19,000 connections (all this machine lets one
+process hold) while one room of 100 hears 50 messages/s for 60 s: delivery
+latency to p99.9 and the maximum for both servers, and triochat's own
+longest loop stall and GC pause, read from its /metrics (#16 goal 4).
 
 Not part of the test suite. Every child process is killed at the end,
 every wait is bounded, everything is on 127.0.0.1.
@@ -97,6 +111,9 @@ def parse_args() -> argparse.Namespace:
         "(default 5, 1 with --quick)",
     )
     parser.add_argument("--memory-conns", type=int, help="idle connections (default 10000)")
+    parser.add_argument(
+        "--pauses-conns", type=int, help="connections held in the pauses scenario (default 19000)"
+    )
     parser.add_argument("--churn-seconds", type=float, help="measured window")
     parser.add_argument("--cluster-seconds", type=float, help="measured window")
     parser.add_argument(
@@ -143,6 +160,7 @@ def parse_args() -> argparse.Namespace:
         ("cluster", "durationS", args.cluster_seconds),
         ("latency", "durationS", args.latency_seconds),
         ("memory", "conns", args.memory_conns),
+        ("pauses", "conns", args.pauses_conns),
         ("churn", "durationS", args.churn_seconds),
     )
     for scenario, key, value in overrides:

@@ -4,9 +4,10 @@ Only the conformance run starts it (``conformance/run.sh``). Every piece a
 chat connection goes through is the real one: the h11 front
 (`triochat.http.handle_http`), the chat's `run_websocket` (the
 `ReplayStream` wrapper: write gate, frame size guard, lingering close;
-trio-websocket's handshake via `accept_websocket`; the closing race caught
-only after our close frame), and `triochat.connection.Connection` itself: its read
-loop and keepalive, and its `Outbound` (the outbox, the direct writes, the
+trio-websocket's handshake via `accept_websocket`, in the connection's own
+task), and `triochat.connection.Connection` itself: its read loop (which is
+trio-websocket's reader too: pongs, close replies) and keepalive, and its
+`Outbound` (the outbox, the direct writes, the
 writer task, the slow-consumer rule and the close sequence, a failure's
 close frame included). Compression is on, as ``--compression on``: the
 same permessage-deflate negotiation, bounded inflating and compress-once
@@ -19,8 +20,8 @@ message comes back as one frame of the same type, written at once.
     serve                          root nursery
     └── serve_tcp handlers         one per TCP connection: handle_http, then
         └── EchoFront.serve_websocket   connection nursery
-            ├── trio-websocket's reader (pongs, close replies)
-            ├── Connection.run     read loop -> EchoApp.receive -> deliver
+            ├── Connection.run     read loop (pongs, close replies too)
+            │                      -> EchoApp.receive -> deliver
             └── Outbound._write    started when the socket does not take it at once
 
 Run it with ``python conformance/echo_server.py --port 9001``.
@@ -130,7 +131,7 @@ class EchoApp:
         else:
             frame = OutFrame(message, binary=True)
         cast("Outbound", client).deliver(frame)
-        self.schedule.end_step()
+        self.schedule.end_step(trio.current_time())
         await trio.lowlevel.checkpoint()
 
 

@@ -4,6 +4,7 @@ and `take_output`."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -36,6 +37,8 @@ class FakePeer:
 
     def deliver(self, frame) -> None:
         self.frames.append(json.loads(frame.json))
+
+    deliver_soon = deliver  # (the order is all that is seen here)
 
     def close_soon(self, code: int, reason: str) -> None:
         self.closed.append((code, reason))
@@ -116,6 +119,7 @@ class Chat:
         rate: float = 0,
         burst: int = 20,
         node: str = "",
+        **state_options: Any,
     ) -> None:
         self.state = ChatState(
             node=node,
@@ -125,6 +129,7 @@ class Chat:
             max_rooms=max_rooms,
             presence_grace=grace,
             history=history,
+            **state_options,
         )
         self.epoch = epoch
         stored = [int(m.id.rpartition("-")[2]) for kept in (history or {}).values() for m in kept]

@@ -44,6 +44,7 @@ SECTION_5_OPTIONS = [
     "--close-timeout",
     "--redis",
     "--node-timeout",
+    "--workers",
     "--backplane-timeout",
     "--log-level",
     "--log-format",

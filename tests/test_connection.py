@@ -10,6 +10,7 @@ import collections
 import contextlib
 import errno
 import logging
+import math
 
 import trio
 import trio.testing
@@ -361,6 +362,52 @@ async def test_connection_lone_message_is_written_at_once_and_keeps_the_order():
         out.deliver(third)  # nothing queued: written at once
         assert await received() == third.ws
         assert hub.schedule.filed == [out]  # only the first delivery asked for a flush
+        await stream.close_now()
+
+
+async def test_connection_frames_that_may_wait_go_with_the_next_write_or_soon():
+    """`deliver_soon` (presence, typing; docs/protocol.md §6): such a frame is not
+    written at the end of its step but with the connection's next write, in
+    the order delivered, or once the schedule's `SOON` has passed, by a step."""
+    from triochat.config import Config
+    from triochat.connection import Connection
+    from triochat.frames import OutFrame
+    from triochat.metrics import Stats
+    from triochat.outbox import SOON
+    from triochat.transports.websocket import ReplayStream, WebSocketTransport
+
+    ours, theirs = trio.socket.socketpair()
+    hub = _StepHub()
+    schedule = hub.schedule
+    stream = ReplayStream(trio.SocketStream(ours), b"")
+    connection = Connection(WebSocketTransport(None, stream), hub, Config(), Stats())  # type: ignore[arg-type]
+    joined, left, message = (OutFrame(f'"{n}"'.encode()) for n in ("joined", "left", "message"))
+
+    async def received() -> bytes:
+        with trio.move_on_after(0.05):
+            return await theirs.recv(1024)
+        return b""
+
+    with theirs:
+        out = connection.outbound
+        out.deliver_soon(joined)
+        schedule.end_step(100.0)  # waits: the schedule now wants a step at 100 + SOON
+        assert schedule.soon_at == 100.0 + SOON
+        assert await received() == b""
+        out.deliver_soon(left)  # the same round: filed once
+        schedule.end_step(100.0 + SOON / 2)
+        assert await received() == b""
+        out.deliver(message)  # a frame that cannot wait takes them along, in order
+        schedule.end_step(100.0 + SOON / 2)
+        assert await received() == joined.ws + left.ws + message.ws
+        schedule.end_step(100.0 + SOON)  # the round ends: nothing left to write
+        assert schedule.soon_at == math.inf
+        assert await received() == b""
+        out.deliver_soon(left)  # a new round, on its own
+        schedule.end_step(200.0)
+        schedule.end_step(200.0 + SOON)
+        assert await received() == left.ws
+        assert schedule.filed == [out]  # (`deliver` asked once; the rest waited)
         await stream.close_now()
 
 

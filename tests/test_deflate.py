@@ -26,7 +26,7 @@ from triochat.cli import config_from_args
 from triochat.errors import ConfigError
 from triochat.frames import DEFLATE_MIN_BYTES, OutFrame, deflate_message
 from triochat.transports.deflate import CLIENT_MAX_WINDOW_BITS, DeflateExtension, negotiate
-from triochat.transports.websocket import _CompressingHandshake
+from triochat.transports.wsopen import CompressingHandshake
 
 from .server_process import ServerProcess, run_server
 from .test_browser import TIMEOUT
@@ -198,9 +198,9 @@ def _server_pair(
     limit: int = MAX_FRAME,
 ) -> tuple[WSConnection, WSConnection, DeflateExtension, str]:
     """A wsproto client offering its PerMessageDeflate, and our compressing server
-    handshake (`_CompressingHandshake`), connected in memory; and the 101's head."""
+    handshake (`CompressingHandshake`), connected in memory; and the 101's head."""
     extension = DeflateExtension(limit)
-    server = _CompressingHandshake(extension)
+    server = CompressingHandshake(extension)
     client = WSConnection(ConnectionType.CLIENT)
     server.receive_data(
         client.send(Request(host="localhost", target="/ws", extensions=[PerMessageDeflate()]))

@@ -34,6 +34,7 @@ from triochat import Server
 from triochat.connection import Connection
 from triochat.errors import StorageError
 from triochat.history.sqlite import DB_FILE, SqliteHistory
+from triochat.outbox import SOON
 
 from .chatclient import ChatClient, open_client
 from .conftest import memory_server
@@ -349,6 +350,7 @@ async def test_fault_stalled_reader_among_500_never_delays_the_others(autojump_c
             before = set(net.server.connections)
             stalled = await NeverReadingClient.open((await net.connect(lockstep=True)).client)
             await stalled.join("lobby", "stalled")
+            await trio.sleep(SOON)  # its presence frames, which may wait, are out
             await trio.testing.wait_all_tasks_blocked()
             (connection,) = set(net.server.connections) - before
             start = trio.current_time()

@@ -15,6 +15,7 @@ from triochat.history import sqlite as sqlite_history
 from triochat.history.memory import MemoryHistory
 from triochat.history.sqlite import BACKUP_MARK, DB_FILE, SCHEMA_VERSION, SqliteHistory
 from triochat.protocol import Message, make_id
+from triochat.recent import message_bytes
 
 from .faults import FaultyMemoryHistory
 
@@ -35,17 +36,19 @@ class Stores:
         self.data_dir = data_dir
         self.opened: list[History] = []
 
-    def new(self, history_size: int = 1000) -> History:
+    def new(self, history_size: int = 1000, *, max_bytes: int = 0) -> History:
         store: History
         if self.kind == "memory":
-            store = MemoryHistory(history_size)
+            store = MemoryHistory(history_size, max_bytes=max_bytes)
         else:
-            store = SqliteHistory(self.data_dir, history_size)
+            store = SqliteHistory(self.data_dir, history_size, max_bytes=max_bytes)
         self.opened.append(store)
         return store
 
-    async def open(self, history_size: int = 1000) -> tuple[History, Snapshot]:
-        store = self.new(history_size)
+    async def open(
+        self, history_size: int = 1000, *, max_bytes: int = 0
+    ) -> tuple[History, Snapshot]:
+        store = self.new(history_size, max_bytes=max_bytes)
         return store, await store.load()
 
     async def reload(self, store: History, history_size: int = 1000) -> tuple[History, Snapshot]:
@@ -73,6 +76,44 @@ async def sqlite_stores(tmp_path) -> AsyncIterator[Stores]:
 
 
 # --- the conformance suite --------------------------------------------------------------------
+
+
+async def test_history_recent_reads_one_room_newest_first_trimmed(stores):
+    """`recent` (a join of a room not in memory, docs/protocol.md §8): the newest
+    ``history_size`` messages of that room, oldest first; an unknown room is empty."""
+    store, snapshot = await stores.open(history_size=3)
+    epoch = snapshot.epoch
+    await store.append([msg(epoch, seq, "a" if seq % 2 else "b") for seq in range(1, 11)])
+    assert seqs(await store.recent("a")) == [5, 7, 9]
+    assert seqs(await store.recent("b")) == [6, 8, 10]
+    assert await store.recent("nobody-here") == []
+
+
+async def test_history_stored_bytes_bound_drops_the_oldest_of_any_room(stores):
+    """Past ``max_bytes`` (``--max-stored-bytes``) the oldest messages of any room go,
+    counted by `message_bytes`, and the store says how many; what is kept adds up."""
+    limit = 10 * message_bytes(msg("e" * 8, 10, "a"))  # (epochs are 8 hex digits)
+    store, snapshot = await stores.open(max_bytes=limit)
+    epoch = snapshot.epoch
+    for seq in range(1, 31):
+        await store.append([msg(epoch, seq, "a" if seq % 3 else "b")])
+    kept_a, kept_b = await store.recent("a"), await store.recent("b")
+    assert sorted(seqs(kept_a) + seqs(kept_b)) == list(range(21, 31))
+    assert store.stored_bytes == sum(message_bytes(m) for m in kept_a + kept_b) <= limit
+    assert store.trimmed == 20
+    assert await store.delete("a", kept_a[0].id)
+    assert store.stored_bytes == sum(message_bytes(m) for m in kept_a[1:] + kept_b)
+
+
+async def test_history_stored_bytes_counts_trimming_per_room(stores):
+    """The per-room trim (``--history-size``) is subtracted too: no bound is reached."""
+    store, snapshot = await stores.open(history_size=2, max_bytes=1 << 20)
+    epoch = snapshot.epoch
+    await store.append([msg(epoch, seq) for seq in range(1, 6)])
+    kept = await store.recent("lobby")
+    assert seqs(kept) == [4, 5]
+    assert store.stored_bytes == sum(message_bytes(m) for m in kept)
+    assert store.trimmed == 0
 
 
 async def test_history_load_empty(stores):
@@ -185,6 +226,33 @@ async def test_memory_history_fail_with_raises_storage_error():
 
 
 # --- SqliteHistory ------------------------------------------------------------------------
+
+
+async def test_sqlite_history_snapshot_holds_the_most_recently_written_rooms(sqlite_stores):
+    """At start a snapshot holds at most ``snapshot_rooms`` rooms, those written last,
+    and says it is not complete (the others are read when joined); the stored
+    bytes are counted again from the file."""
+    store, snapshot = await sqlite_stores.open()
+    epoch = snapshot.epoch
+    rooms = [f"r{i}" for i in range(5)]
+    await store.append([msg(epoch, seq + 1, room) for seq, room in enumerate(rooms)])
+    await store.append([msg(epoch, 6, "r0")])  # r0 written last now
+    stored = store.stored_bytes
+    await store.aclose()
+    small = SqliteHistory(sqlite_stores.data_dir, 1000, snapshot_rooms=2)
+    sqlite_stores.opened.append(small)
+    snapshot = await small.load()
+    assert sorted(snapshot.rooms) == ["r0", "r4"]
+    assert seqs(snapshot.rooms["r0"]) == [1, 6]
+    assert not snapshot.complete
+    assert snapshot.next_seq == 7
+    assert small.stored_bytes == stored > 0
+    assert seqs(await small.recent("r2")) == [3]
+    again = SqliteHistory(sqlite_stores.data_dir, 1000, snapshot_rooms=5)
+    sqlite_stores.opened.append(again)
+    whole = await again.load()
+    assert whole.complete
+    assert len(whole.rooms) == 5
 
 
 async def test_sqlite_history_survives_restart(sqlite_stores):

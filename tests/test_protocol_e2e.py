@@ -1201,3 +1201,45 @@ async def test_protocol_joined_tells_the_servers_limits():
         async with running_server() as server, client_of(server) as carol:
             joined = await carol.join("lobby", "carol")
             assert (joined["limits"]["say_rate"], joined["limits"]["say_burst"]) == (10, 20)
+
+
+async def test_e2e_a_crowd_joining_one_room_gives_every_member_the_whole_room(server):
+    """A join storm (#16): 60 clients join one room at once on real sockets. Each
+    member's `joined.members` plus the presence joins it receives name the whole
+    crowd exactly, with no duplicate, and presence comes before any message of
+    the user it announces (frames that wait are never reordered, §6)."""
+    names = [f"u{i:02d}" for i in range(60)]
+    views: dict[str, set[str]] = {}
+    all_joined = trio.Event()
+    everyone_spoke = trio.Event()
+    spoke: list[str] = []
+
+    async def member(name: str) -> None:
+        async with client_of(server) as client:
+            joined = await client.join("crowd", name)
+            seen = set(joined["members"])
+            views[name] = seen
+            if len(views) == len(names):
+                all_joined.set()
+            await all_joined.wait()
+            await client.say(f"hi from {name}", room="crowd")
+            spoke.append(name)
+            if len(spoke) == len(names):
+                everyone_spoke.set()
+            heard: set[str] = set()
+            while heard != set(names):
+                frame = await client.recv()
+                if frame["type"] == "presence":
+                    assert frame["event"] == "join", frame
+                    assert frame["name"] not in seen, f"{name}: a second join of {frame['name']}"
+                    seen.add(frame["name"])
+                elif frame["type"] == "message":
+                    assert frame["name"] in seen, f"{name}: a message before its presence"
+                    heard.add(frame["name"])
+            assert seen == set(names)
+            await everyone_spoke.wait()
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            for name in names:
+                nursery.start_soon(member, name)

@@ -60,12 +60,13 @@ from .protocol import (
     Typing,
     Whisper,
 )
+from .recent import Snapshot
 from .state.access import Access
 from .state.checks import Checks
 from .state.cluster import ClusterView
 from .state.connections import Connections
 from .state.handlers import FrameHandlers
-from .state.log import RoomLog
+from .state.log import RoomCacheStats, RoomLog
 from .state.model import Client, PendingSay, Refused, Room, User
 from .state.model import Peer as Peer
 from .state.operator import Operator
@@ -87,6 +88,10 @@ class ChatState:
         next_seq: one more than the newest stored message's seq: messages up
             to it are known (a message that comes again is ignored).
         history: messages already stored, per room, oldest first.
+        history_complete: ``history`` names every room the store has messages
+            of (else the others are read when joined: `to_load`).
+        room_cache, room_cache_bytes: the bounds of the idle rooms kept in
+            memory (docs/protocol.md §8, `state.rooms`).
         node: this node's id in a cluster (labels what it publishes).
         remote_timeout: seconds a whisper waits for another node's answer.
         authenticating: connections must send a token first (docs/protocol.md
@@ -102,6 +107,9 @@ class ChatState:
         max_rooms: int,
         presence_grace: float,
         history: dict[str, list[Message]] | None = None,
+        history_complete: bool = True,
+        room_cache: int = 1000,
+        room_cache_bytes: int = 1 << 26,
         node: str = "",
         remote_timeout: float = 5.0,
         limits: Limits | None = None,
@@ -111,7 +119,7 @@ class ChatState:
         self.node = node
         # Each part gets the parts it uses; none knows this class (no circle).
         output = self._output = OutputBuffer(node)
-        rooms = self._rooms = Rooms(output)
+        rooms = self._rooms = Rooms(output, cache_rooms=room_cache, cache_bytes=room_cache_bytes)
         log = self._log = RoomLog(rooms, epoch=epoch, next_seq=next_seq, history_size=history_size)
         checks = self._checks = Checks(rooms, max_rooms=max_rooms)
         access = self._access = Access(
@@ -136,7 +144,8 @@ class ChatState:
             limits=limits,
         )
         self._operator = Operator(rooms, log, presence, says, output)
-        log.load(history or {})
+        stored = Snapshot(epoch, next_seq, history or {}, complete=history_complete)
+        log.load(stored)
 
     @property
     def clients(self) -> dict[Client, None]:
@@ -152,6 +161,12 @@ class ChatState:
     def users(self) -> dict[str, User]:
         """Every user this node holds, by `name_key` (read only)."""
         return self._presence.users
+
+    @property
+    def room_cache(self) -> RoomCacheStats:
+        """The room cache's figures (metrics)."""
+        rooms = self._rooms
+        return RoomCacheStats(rooms.idle, rooms.cached_bytes, rooms.evicted, self._log.loads)
 
     @property
     def rate_limited(self) -> int:
@@ -256,6 +271,23 @@ class ChatState:
         no claim.
         """
         return self._presence.needs_claim(client, frame)
+
+    def to_load(self, client: Client, frame: ClientFrame | TokenCheck) -> str | None:
+        """The room whose history must be read from the store before ``frame`` is
+        handled (docs/protocol.md §8): the hub reads it beside its step, between
+        `begin_load` and `end_load`."""
+        return None if isinstance(frame, TokenCheck) else self._log.to_load(client, frame)
+
+    def history_in_memory(self, room: str) -> bool:
+        """Whether ``room``'s history is here (else it is in the store only)."""
+        return self._log.in_memory(room)
+
+    def begin_load(self, room: str) -> None:
+        self._log.begin_load(room)
+
+    def end_load(self, room: str, stored: list[Message] | None) -> None:
+        """The read of ``room``'s history ended: ``stored``, or None if it failed."""
+        self._log.end_load(room, stored)
 
     def refuse(
         self,

@@ -5,10 +5,10 @@ The front returns what to run: an `Upgrade` (WebSocket) or an `SseOpen`
 
 - WebSocket: a `ReplayStream` over the socket (the request head replayed,
   the frame-size guard), then trio-websocket's handshake
-  (`accept_websocket`), whose reader task runs in the connection nursery;
-  its closing race (`ClosingRace`) is caught around that nursery, only once
-  our close frame was sent (`WebSocketErrors.our_close_sent`). That is
-  `run_websocket`, which the Autobahn echo runs too (conformance/);
+  (`accept_websocket`), in the connection's own task, which reads the
+  connection from then on (no reader task of trio-websocket's). The same
+  steps as `run_websocket`, which the Autobahn echo runs (conformance/),
+  but inline: one coroutine frame per chat rather than three (#16);
 - SSE: a session in `SseSessions` (findable by the POSTs that carry the
   client's frames), its response head and ``session`` event, and a task
   that watches for the client closing the stream.
@@ -23,7 +23,6 @@ address's chat slot is given back (and an SSE stream's access line written).
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
@@ -32,7 +31,7 @@ from typing import Any
 import trio
 
 from .config import Config
-from .connection import Connection
+from .connection import Connection, SharedTasks
 from .http import UNKNOWN_PEER, SseOpen, Upgrade
 from .hub import Hub
 from .logformat import log_context
@@ -41,7 +40,7 @@ from .registry import ConnectionRegistry
 from .transports import Transport, TransportClosed
 from .transports.replay import ReplayStream
 from .transports.sse import SseSessions
-from .transports.websocket import ClosingRace, WebSocketErrors, accept_websocket
+from .transports.websocket import accept_websocket
 
 __all__ = ["ChatRunner", "peer_name", "run_websocket"]
 
@@ -80,20 +79,42 @@ class ChatRunner:
         return self._serve_sse(stream, start)
 
     async def _serve_websocket(self, stream: trio.abc.Stream, upgrade: Upgrade) -> None:
-        peer = peer_name(stream, upgrade.ip)
-        path = upgrade.path
-        # A partial, not a closure: no coroutine frame of its own held for the
-        # connection's life (docs/performance.md, memory per connection).
-        run = functools.partial(
-            self._run_connection,
-            peer=peer,
-            kind=f"ws{path}",
-            medium="websocket",
-            lobby=path == "/",
-            address=upgrade.ip,
-        )
+        # All in this one coroutine frame, the connection's `run` under it, for
+        # the hours a chat may last: no wrapper frames (`run_websocket`'s steps
+        # inline, `_opened` and `_closed` plain calls; issue #16).
         try:
-            await run_websocket(stream, upgrade, self._config, run, peer=peer)
+            peer = peer_name(stream, upgrade.ip)
+            replay = _replay_stream(stream, upgrade, self._config)
+            try:
+                transport = await accept_websocket(replay, self._config)
+            except TransportClosed as exc:
+                LOGGER.info("handshake from %s failed: %s", peer, exc.reason)
+                return
+            kind = f"ws{upgrade.path}"
+            connection = Connection(
+                transport,
+                self._hub,
+                self._config,
+                self._stats,
+                listener=upgrade.path == "/",
+                address=upgrade.ip,
+            )
+            # No nursery of the chat's own: its writer, when needed, runs in the
+            # server's handler nursery (`SharedTasks`, #16).
+            handlers = trio.lowlevel.current_task().parent_nursery
+            assert handlers is not None  # (the server's handler nursery runs this task)
+            with trio.CancelScope() as reader:
+                tasks = SharedTasks(handlers, reader)
+                # Every record of this task and the tasks it starts carries these.
+                with log_context(
+                    conn=next(self._connection_ids), peer=peer, transport="websocket"
+                ):
+                    started = self._opened(connection, transport, peer, kind, "websocket")
+                    try:
+                        await connection.run(tasks)
+                    finally:
+                        self._closed(connection, peer, kind, "websocket", started)
+                tasks.cancel()  # the writer too, as the end of a nursery would
         finally:
             self._chats.release_ip_slot(upgrade.ip)
 
@@ -105,15 +126,17 @@ class ChatRunner:
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(transport.watch_peer)
                         peer = peer_name(stream, opened.ip)
-                        await self._run_connection(
-                            transport,
-                            nursery,
-                            peer=peer,
-                            kind="sse",
-                            medium="sse",
-                            lobby=False,
-                            address=opened.ip,
+                        connection = Connection(
+                            transport, self._hub, self._config, self._stats, address=opened.ip
                         )
+                        with log_context(
+                            conn=next(self._connection_ids), peer=peer, transport="sse"
+                        ):
+                            started = self._opened(connection, transport, peer, "sse", "sse")
+                            try:
+                                await connection.run(nursery)
+                            finally:
+                                self._closed(connection, peer, "sse", "sse", started)
                         nursery.cancel_scope.cancel()
                 except TransportClosed:
                     pass  # gone before the session event got through
@@ -121,62 +144,66 @@ class ChatRunner:
             self._chats.release_ip_slot(opened.ip)
             opened.finished()
 
-    async def _run_connection(
-        self,
-        transport: Transport,
-        nursery: trio.Nursery,
-        *,
-        peer: str,
-        kind: str,
-        medium: str,
-        lobby: bool,
-        address: str,
-    ) -> None:
-        """Run the chat's `Connection` in ``nursery``, registered and logged.
+    def _opened(
+        self, connection: Connection, transport: Transport, peer: str, kind: str, medium: str
+    ) -> float:
+        """A chat's `Connection` starts: registered, and its ``open`` line logged
+        (in its `log_context`); when it started (trio time), for `_closed`.
 
         Args:
             kind: for the log lines: ``ws/ws``, ``ws/`` or ``sse``.
             medium: the transport, for the log and the metrics: websocket or sse.
-            lobby: a classic ``/`` connection, which hears lobby from the start.
-            address: the client address its chat slot is counted under.
         """
-        started = trio.current_time()
-        connection = Connection(
-            transport, self._hub, self._config, self._stats, listener=lobby, address=address
-        )
-        # Every record of this task and the tasks it starts carries these (JSON logs).
-        with (
-            log_context(conn=next(self._connection_ids), peer=peer, transport=medium),
-            self._chats.registered(connection, medium),
-        ):
-            # The compression negotiated, if any (--compression, docs/protocol.md §1.1).
-            compression = getattr(transport, "compression", None)
-            if compression is None:
-                LOGGER.info("open %s %s", peer, kind)
-            else:
-                LOGGER.info(
-                    "open %s %s %s", peer, kind, compression, extra={"compression": compression}
-                )
-            try:
-                await connection.run(nursery)
-            finally:
-                code = connection.close_code
-                duration = round(trio.current_time() - started, 3)
-                # The reason never repeats the code: stated once, here (#11 §4).
-                LOGGER.info(
-                    "close %s %s: %s (code %s) after %.1f s",
-                    peer,
-                    kind,
-                    connection.end_reason,
-                    code if code is not None else "none",
-                    duration,
-                    extra={
-                        "user": connection.user,
-                        "code": code,
-                        "reason": connection.end_reason,
-                        "duration_s": duration,
-                    },
-                )
+        # Plain calls, not a context manager held for the chat's life (#16).
+        self._chats.register(connection, medium)
+        # The compression negotiated, if any (--compression, docs/protocol.md §1.1).
+        compression = getattr(transport, "compression", None)
+        if compression is None:
+            LOGGER.info("open %s %s", peer, kind)
+        else:
+            LOGGER.info(
+                "open %s %s %s", peer, kind, compression, extra={"compression": compression}
+            )
+        return trio.current_time()
+
+    def _closed(
+        self, connection: Connection, peer: str, kind: str, medium: str, started: float
+    ) -> None:
+        """A chat's `Connection` has ended (see `_opened`): its ``close`` line
+        (why, the code or none, how long), then unregistered. Never blocks."""
+        code = connection.close_code
+        duration = round(trio.current_time() - started, 3)
+        # The reason never repeats the code: stated once, here (#11 §4).
+        try:
+            LOGGER.info(
+                "close %s %s: %s (code %s) after %.1f s",
+                peer,
+                kind,
+                connection.end_reason,
+                code if code is not None else "none",
+                duration,
+                extra={
+                    "user": connection.user,
+                    "code": code,
+                    "reason": connection.end_reason,
+                    "duration_s": duration,
+                },
+            )
+        finally:
+            self._chats.unregister(connection, medium)
+
+
+def _replay_stream(stream: trio.abc.Stream, upgrade: Upgrade, config: Config) -> ReplayStream:
+    """The stream trio-websocket reads: the request head (and what followed it)
+    replayed, then ``stream``, with the frame-size guard."""
+    replay = ReplayStream(
+        stream,
+        upgrade.prefix,
+        head_size=upgrade.head_size,
+        max_message_bytes=config.max_frame_bytes,
+    )
+    upgrade.prefix = b""  # replayed from here: not kept for the chat's life
+    return replay
 
 
 async def run_websocket(
@@ -187,36 +214,24 @@ async def run_websocket(
     *,
     peer: str,
 ) -> None:
-    """The WebSocket half of a chat (the Autobahn echo runs it too, with its app).
+    """The WebSocket half of a chat, for another app (the Autobahn echo runs
+    it, with its own): the steps `ChatRunner` takes inline.
 
     A `ReplayStream` over ``stream`` (the head replayed, the frame-size
-    guard), trio-websocket's handshake, then ``run(transport, nursery)`` in
-    the connection nursery, where trio-websocket's reader task runs. A
-    failed handshake is logged; the closing race is caught only once our
-    close frame was sent (anything else is a bug and propagates).
+    guard), trio-websocket's handshake in this task, then
+    ``run(transport, nursery)`` with the connection nursery, where the
+    writer runs when it is needed (the reading is ``run``'s, in this task:
+    transports/websocket.py). A failed handshake is logged.
     """
-    replay = ReplayStream(
-        stream,
-        upgrade.prefix,
-        head_size=upgrade.head_size,
-        max_message_bytes=config.max_frame_bytes,
-    )
-    upgrade.prefix = b""  # replayed from here: not kept for the chat's life
-    errors = WebSocketErrors(replay)
+    replay = _replay_stream(stream, upgrade, config)
     try:
-        # trio-websocket's reader task, and our writer when it is needed.
-        async with trio.open_nursery() as nursery:
-            try:
-                transport = await accept_websocket(nursery, replay, config, errors)
-            except TransportClosed as exc:
-                LOGGER.info("handshake from %s failed: %s", peer, exc.reason)
-            else:
-                await run(transport, nursery)
-            nursery.cancel_scope.cancel()
-    except* ClosingRace as race:
-        if not errors.our_close_sent:
-            raise  # not the race: a bug
-        LOGGER.debug("peer sent a frame while we were closing: %r", race.exceptions[0])
+        transport = await accept_websocket(replay, config)
+    except TransportClosed as exc:
+        LOGGER.info("handshake from %s failed: %s", peer, exc.reason)
+        return
+    async with trio.open_nursery() as nursery:
+        await run(transport, nursery)
+        nursery.cancel_scope.cancel()
 
 
 def peer_name(stream: trio.abc.Stream, client: str | None = None) -> str:

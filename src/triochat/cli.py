@@ -5,11 +5,14 @@ option's name in upper snake case (``--max-frame-bytes`` ->
 ``TRIOCHAT_MAX_FRAME_BYTES``); the command line wins.
 
 ``triochat backup --data-dir DIR OUT`` is the one subcommand (backup.py).
+With ``--workers N`` (more than 1) this process supervises N workers, each
+a ``python -m triochat`` of its own (workers.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -25,6 +28,8 @@ from .config import Config
 from .errors import ConfigError, StorageError
 from .logformat import setup_logging
 from .server import serve_until_signalled
+from .worker import serve_worker, worker_setup
+from .workers import supervise
 
 __all__ = ["build_parser", "config_from_args", "main"]
 
@@ -74,6 +79,24 @@ _OPTIONS: list[tuple[str, str, Callable[[str], Any], str]] = [
         "chat connections per IP (0 = off); over it: 429",
     ),
     ("--history-size", "history_size", int, "messages kept per room"),
+    (
+        "--room-cache",
+        "room_cache",
+        int,
+        "idle rooms whose history stays in memory; past it the least recently used goes",
+    ),
+    (
+        "--room-cache-bytes",
+        "room_cache_bytes",
+        int,
+        "bytes of history in memory before idle rooms are evicted",
+    ),
+    (
+        "--max-stored-bytes",
+        "max_stored_bytes",
+        int,
+        "bytes of history the store keeps in all (0 = off); past it the oldest messages go",
+    ),
     (
         "--max-pending-per-ip",
         "max_pending_per_ip",
@@ -127,6 +150,13 @@ _OPTIONS: list[tuple[str, str, Callable[[str], Any], str]] = [
         "backplane_timeout",
         float,
         "seconds a wait on the cluster (claim, catch-up, another node's answer) may take",
+    ),
+    (
+        "--workers",
+        "workers",
+        int,
+        "processes sharing the port (SO_REUSEPORT), one chat through --redis; "
+        "a parent starts and restarts them",
     ),
     ("--log-level", "log_level", str, "DEBUG, INFO, WARNING or ERROR"),
     ("--log-format", "log_format", str, "text, or json: one JSON object per line"),
@@ -256,12 +286,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(backup_main(args[1:], os.environ))
     try:
         config = config_from_args(args, os.environ)
-    except ConfigError as exc:
+        worker = worker_setup(os.environ)  # started by a supervisor (workers.py)?
+        if worker is not None:
+            config = dataclasses.replace(config, workers=1, worker=worker.index)
+    except (ConfigError, ValueError) as exc:
         print(f"triochat: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    setup_logging(config.log_level, config.log_format, sys.stderr)
+    setup_logging(config.log_level, config.log_format, sys.stderr, worker=config.worker)
+    status = 0
     try:
-        trio.run(serve_until_signalled, config)
+        if config.workers > 1:
+            status = trio.run(supervise, config, args, os.environ)
+        elif worker is not None:
+            trio.run(serve_worker, config, worker.control_fd)
+        else:
+            trio.run(serve_until_signalled, config)
     except ConfigError as exc:  # found at start-up: the certificate files, say
         logging.getLogger("triochat").error("%s", exc)
         raise SystemExit(2) from None
@@ -273,3 +312,5 @@ def main(argv: Sequence[str] | None = None) -> None:
             "cannot listen on %s:%s: %s", config.host, config.port, exc
         )
         raise SystemExit(1) from None
+    if status:
+        raise SystemExit(status)

@@ -9,10 +9,15 @@ import dataclasses
 import ipaddress
 import urllib.parse
 from pathlib import Path
+from typing import Final
 
 from .errors import ConfigError
 
-__all__ = ["Config", "redact_url"]
+__all__ = ["MIN_STORED_BYTES", "Config", "redact_url"]
+
+#: The smallest ``--max-stored-bytes`` (other than 0, off): a bound below a
+#: few batches of long messages would delete what was just stored.
+MIN_STORED_BYTES: Final = 1 << 20
 
 
 def redact_url(url: str) -> str:
@@ -52,6 +57,14 @@ class Config:
     max_rooms: int = 32
     max_conns_per_ip: int = 256  # 0 = off
     history_size: int = 1000
+    # Global caps (#18, docs/protocol.md §8-§9). Idle rooms (kept history, nobody
+    # in them) held in memory, by count and by what their history costs; past
+    # either the least recently used is evicted and read again when joined.
+    room_cache: int = 1000
+    room_cache_bytes: int = 64 << 20
+    # Bytes of history the store keeps in all (SQLite or --memory); past it the
+    # oldest messages of any room go. 0 = off.
+    max_stored_bytes: int = 1 << 30
     # Hostile clients (#18, docs/protocol.md §1 and §9). Host names a request may
     # name besides localhost and IP literals (DNS rebinding); `*` allows any.
     allow_hosts: tuple[str, ...] = ()
@@ -99,6 +112,15 @@ class Config:
     # listener (at metrics_host, else host) and answer 404 on the public port.
     metrics_host: str | None = None
     metrics_port: int | None = None
+    # Processes on the one port (docs/operations.md, "Several workers on one
+    # machine"): the command line's supervisor (workers.py) starts this many,
+    # each its own cluster node, so more than one needs redis. A `Server` is
+    # always one process and never reads it.
+    workers: int = 1
+    # Set in a worker by its supervisor (TRIOCHAT_WORKER_INDEX), from 0: the
+    # public port is then bound with SO_REUSEPORT, and the index is in every
+    # log line and in /healthz's X-Triochat-Worker header. None: not a worker.
+    worker: int | None = None
 
     inbound_buffer: int = 64  # frames from all clients waiting for the hub
 
@@ -116,6 +138,8 @@ class Config:
             "outbox_bytes": self.outbox_bytes,
             "max_rooms": self.max_rooms,
             "history_size": self.history_size,
+            "room_cache": self.room_cache,
+            "room_cache_bytes": self.room_cache_bytes,
             "ping_interval": self.ping_interval,
             "ping_timeout": self.ping_timeout,
             "close_timeout": self.close_timeout,
@@ -133,12 +157,25 @@ class Config:
             "max_conns_per_ip": self.max_conns_per_ip,
             "max_pending_per_ip": self.max_pending_per_ip,
             "max_pending": self.max_pending,
+            "max_stored_bytes": self.max_stored_bytes,
             "presence_grace": self.presence_grace,
             "drain_timeout": self.drain_timeout,
         }
         for name, value in not_negative.items():
             if value < 0:
                 raise ConfigError(f"{name} must not be negative, got {value}")
+        if self.workers < 1:
+            raise ConfigError(f"workers must be positive, got {self.workers}")
+        if self.workers > 1 and self.redis is None:
+            raise ConfigError(
+                f"--workers {self.workers} needs --redis: the workers form one chat through "
+                "Redis (add --redis redis://host:port/db, or use --workers 1)"
+            )
+        if 0 < self.max_stored_bytes < MIN_STORED_BYTES:
+            raise ConfigError(
+                f"max_stored_bytes must be 0 (off) or at least {MIN_STORED_BYTES}, "
+                f"got {self.max_stored_bytes}"
+            )
         if self.redis is not None and not self.redis.startswith(
             ("redis://", "rediss://", "unix://")
         ):
@@ -171,5 +208,18 @@ class Config:
         if self.metrics_port is not None:
             if not 0 <= self.metrics_port <= 65535:
                 raise ConfigError(f"metrics_port must be 0-65535, got {self.metrics_port}")
-            if self.metrics_port == self.port != 0 and self.metrics_host in (None, self.host):
-                raise ConfigError(f"metrics_port must differ from port ({self.port})")
+            # With workers, worker i serves metrics_port + i (docs/operations.md).
+            last = self.metrics_port + self.workers - 1 if self.metrics_port else 0
+            if last > 65535:
+                raise ConfigError(f"metrics_port + workers - 1 must be 65535 at most, got {last}")
+            if (
+                self.metrics_port <= self.port <= last
+                and self.port != 0
+                and self.metrics_host in (None, self.host)
+            ):
+                if self.workers == 1:
+                    raise ConfigError(f"metrics_port must differ from port ({self.port})")
+                raise ConfigError(
+                    f"metrics ports {self.metrics_port}-{last} (one per worker) "
+                    f"must not include port ({self.port})"
+                )

@@ -57,13 +57,14 @@ import trio
 from .backplane import Backplane
 from .budgets import AddressBudgets
 from .chat import ChatState, Client, Peer
+from .chatgauges import chat_gauges
+from .clientlog import ConnectionFields
 from .config import Config
 from .errors import ClientProtocolError
 from .hooks import Authenticator, SayHook
 from .inbound import WAKE, Call, Inbound, Resolved, StepDone, Stored
 from .intake import Intake
 from .joins import JoinResolver, needs_cluster
-from .logformat import log_fields
 from .metrics import Gauge, Stats
 from .outbox import FlushSchedule
 from .protocol import Limits
@@ -107,8 +108,9 @@ class Hub:
         self.schedule = FlushSchedule()
         self._addresses = AddressBudgets(config)
         #: Each connection's log fields (id, peer, transport), for the lines the
-        #: dispatcher logs about it outside the connection's task.
-        self._log_fields: dict[Client, Mapping[str, object]] = {}
+        #: dispatcher logs about it outside the connection's task (read from
+        #: its peer: no entry of its own per connection).
+        self._log_fields: Mapping[Client, Mapping[str, object]] = ConnectionFields()
         self._store = StorePipeline(config, backplane, stats, self._inbound_send)
         self._pump = Pump(backplane, self.schedule, self._store)
         self._joins = JoinResolver(config, backplane, self._inbound_send, self._log_fields)
@@ -150,18 +152,8 @@ class Hub:
         return self._backplane.available()
 
     def gauges(self) -> dict[str, Gauge]:
-        """The hub's gauges for /metrics, read at each scrape."""
-        return {
-            "rooms": ("Rooms that have members or history.", lambda: len(self.chat.rooms)),
-            "users": (
-                "Names held: connected, or within their presence grace.",
-                lambda: len(self.chat.users),
-            ),
-            "backplane_available": (
-                "1 while says can be stored (history, or Redis, reachable), else 0.",
-                self.available,
-            ),
-        }
+        """The hub's gauges for /metrics, read at each scrape (chatgauges.py)."""
+        return chat_gauges(lambda: self.chat, self._backplane)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Join the backplane, then dispatch until `stop`; flushes the store on the way out.
@@ -177,6 +169,9 @@ class Hub:
                 epoch=snapshot.epoch,
                 next_seq=snapshot.next_seq,
                 history=snapshot.rooms,
+                history_complete=snapshot.complete,
+                room_cache=config.room_cache,
+                room_cache_bytes=config.room_cache_bytes,
                 history_size=config.history_size,
                 max_rooms=config.max_rooms,
                 presence_grace=config.presence_grace,
@@ -221,7 +216,6 @@ class Hub:
         self.chat.connect(client, now)
         self._wake_in_time()
         self._addresses.add(client, address)
-        self._log_fields[client] = log_fields()  # (connect runs in the connection's task)
         return client
 
     def disconnect(self, client: object) -> None:
@@ -230,7 +224,6 @@ class Hub:
         chat = self.chat
         chat_client = cast("Client", client)
         self._addresses.remove(chat_client)
-        self._log_fields.pop(chat_client, None)
         chat.disconnect(chat_client, trio.current_time())
         self._wake_in_time()
 
@@ -290,7 +283,8 @@ class Hub:
         receive = self._inbound_recv
         pump = self._pump
         while True:
-            with trio.move_on_at(chat.next_deadline()) as scope:
+            # (Frames that wait to be written are written by a step: `soon_at`.)
+            with trio.move_on_at(min(chat.next_deadline(), self.schedule.soon_at)) as scope:
                 self._wait_scope = scope
                 try:
                     item: Inbound | None = await receive.receive()
@@ -320,7 +314,7 @@ class Hub:
             pump.take_output(chat)  # (what the step published so far goes first)
             self._store.queue(chat, started)
             pump.pump(chat)  # (an in-memory append hands its messages back at once)
-            self.schedule.end_step()
+            self.schedule.end_step(trio.current_time())
             # Timed per step and per ack (the acks are in the sockets now),
             # never per delivery.
             ended = trio.current_time()
@@ -347,7 +341,7 @@ class Hub:
                 self._joins.wait_behind(chat, client, parked, frame)
             elif isinstance(frame, ClientProtocolError) or not needs_cluster(chat, client, frame):
                 self._apply_frame(chat, client, frame, now, wall_ms, None)
-            elif self._backplane.immediate:
+            elif self._backplane.immediate and chat.to_load(client, frame) is None:
                 claimed = await self._joins.ask_cluster(chat, client, frame)
                 self._pump.pump(chat)  # what the catch-up brought comes first
                 self._apply_frame(chat, client, frame, now, wall_ms, claimed)

@@ -6,7 +6,8 @@ state is posted there as one of these items, so that task alone applies it:
 
 - ``(client, frame)``: a connection's frame, decoded in its own task
   (`intake.Intake`), or the protocol error that decoding it gave;
-- `Resolved`: the cluster's answer for a parked join (`joins.JoinResolver`);
+- `Resolved`: the cluster's answer for a parked join, and the room history
+  read for it (`joins.JoinResolver`);
 - `Stored`: the store's verdict on a batch of says (`store.StorePipeline`);
 - `StepDone` and a bare `trio.Event`: the barriers of `Hub.settle`;
 - `Call`: a function of the chat state (`Hub.call`, the server API);
@@ -24,7 +25,7 @@ from .chat import ChatState, Client, PendingSay
 from .errors import ClientProtocolError, StorageError
 from .events import Claim
 from .identity import TokenCheck
-from .protocol import ClientFrame
+from .protocol import ClientFrame, Message
 
 __all__ = [
     "WAKE",
@@ -60,15 +61,22 @@ WAKE: Final = Wake()
 class Resolved:
     """Inbound: the cluster's answer for a parked frame (`JoinResolver.park`)."""
 
-    __slots__ = ("claimed", "client", "frame")
+    __slots__ = ("claimed", "client", "frame", "loaded")
 
     def __init__(
-        self, client: Client, frame: ChatFrame, claimed: tuple[str, Claim] | None
+        self,
+        client: Client,
+        frame: ChatFrame,
+        claimed: tuple[str, Claim] | None,
+        loaded: tuple[str, list[Message] | None] | None = None,
     ) -> None:
         self.client = client
         self.frame = frame
         #: The name asked for and the answer, if the frame binds a name.
         self.claimed = claimed
+        #: The room whose history was read for the frame, and what the store
+        #: had (None: the read failed), if one was read (`ChatState.to_load`).
+        self.loaded = loaded
 
 
 class Stored:

@@ -45,7 +45,7 @@ from .events import Claim
 from .identity import claim_token
 from .inbound import ChatFrame, ClientItem, InboundSend, Resolved
 from .logformat import log_context
-from .protocol import ClassicFrame, CloseCode, ErrorCode, Join
+from .protocol import ClassicFrame, CloseCode, ErrorCode, Join, Message
 from .state.model import CLASSIC_ROOM
 
 __all__ = ["PARKED_FRAMES", "WAITING", "JoinResolver", "needs_cluster"]
@@ -54,6 +54,7 @@ __all__ = ["PARKED_FRAMES", "WAITING", "JoinResolver", "needs_cluster"]
 LOGGER: Final = logging.getLogger("triochat.hub")
 
 WAITING: Final = "too many frames while your join waits for the cluster: try again"
+UNREADABLE: Final = "the room's history cannot be read now: try again"
 #: Frames a client may send while its join waits for the cluster; more are
 #: refused with `unavailable` (the client's reader is not held up meanwhile).
 PARKED_FRAMES: Final = 64
@@ -61,9 +62,14 @@ PARKED_FRAMES: Final = 64
 
 def needs_cluster(chat: ChatState, client: Client, frame: ChatFrame) -> bool:
     """A join catches up with the cluster first (so its member list and its
-    `since` recovery include everything published before it), and a first
-    join asks for its name (`Backplane.claim`)."""
-    return isinstance(frame, Join) or chat.needs_claim(client, frame) is not None
+    `since` recovery include everything published before it), a first
+    join asks for its name (`Backplane.claim`), and a join or `history` of a
+    room whose history is not in memory reads it first (`ChatState.to_load`)."""
+    return (
+        isinstance(frame, Join)
+        or chat.needs_claim(client, frame) is not None
+        or chat.to_load(client, frame) is not None
+    )
 
 
 class JoinResolver:
@@ -107,10 +113,14 @@ class JoinResolver:
             chat.refuse(client, ErrorCode.UNAVAILABLE, WAITING, frame.ref)
 
     def park(self, chat: ChatState, client: Client, frame: ChatFrame) -> None:
-        """Ask the cluster beside the hub; ``client``'s later frames wait behind ``frame``."""
+        """Ask the cluster (and the store, for a room's history) beside the hub;
+        ``client``'s later frames wait behind ``frame``."""
         self.parked[client] = []
+        room = chat.to_load(client, frame)
+        if room is not None:
+            chat.begin_load(room)
         assert self._nursery is not None
-        self._nursery.start_soon(self._resolve, chat, client, frame)
+        self._nursery.start_soon(self._resolve, chat, client, frame, room)
 
     def resolved(self, chat: ChatState, item: Resolved, now: float, wall_ms: int) -> None:
         """Apply a parked frame with the cluster's answer, then what waited behind it."""
@@ -118,9 +128,22 @@ class JoinResolver:
         # a client told "joined" can be reached from every node.
         client = item.client
         client.peer.hold()
-        self.apply_frame(chat, client, item.frame, now, wall_ms, item.claimed)
+        if item.loaded is not None and not self._loaded(chat, item):
+            ref = getattr(item.frame, "ref", None)
+            chat.refuse(client, ErrorCode.UNAVAILABLE, UNREADABLE, ref)
+        else:
+            self.apply_frame(chat, client, item.frame, now, wall_ms, item.claimed)
         self._unpark(chat, client, now, wall_ms)
         self.held.append(client)
+
+    def _loaded(self, chat: ChatState, item: Resolved) -> bool:
+        """Hand the room history read for ``item`` to the chat; whether it was read."""
+        assert item.loaded is not None
+        room, stored = item.loaded
+        chat.end_load(room, stored)
+        if stored is None and item.claimed is not None:
+            self._release_unused(item.client, item.claimed[0])
+        return stored is not None
 
     def _unpark(self, chat: ChatState, client: Client, now: float, wall_ms: int) -> None:
         """Apply the frames that waited behind a resolved one, until one needs the cluster."""
@@ -148,11 +171,21 @@ class JoinResolver:
             for client in held:
                 client.peer.release()
 
-    async def _resolve(self, chat: ChatState, client: Client, frame: ChatFrame) -> None:
-        """A parked frame's cluster requests, beside the hub; the answer goes back inbound."""
+    async def _resolve(
+        self, chat: ChatState, client: Client, frame: ChatFrame, room: str | None
+    ) -> None:
+        """A parked frame's cluster requests (and the read of ``room``'s history),
+        beside the hub; the answer goes back inbound."""
         claimed = await self.ask_cluster(chat, client, frame)
+        loaded: tuple[str, list[Message] | None] | None = None
+        if room is not None:
+            try:
+                loaded = room, await self._backplane.recent(room)
+            except StorageError as exc:
+                LOGGER.info("cannot read the history of %s: %s", room, exc)
+                loaded = room, None
         with contextlib.suppress(trio.ClosedResourceError):  # the hub is stopping
-            await self._inbound.send(Resolved(client, frame, claimed))
+            await self._inbound.send(Resolved(client, frame, claimed, loaded))
 
     async def ask_cluster(
         self, chat: ChatState, client: Client, frame: ChatFrame

@@ -12,6 +12,7 @@ Every series, its labels and its meaning: docs/operations.md, "Metrics".
 from __future__ import annotations
 
 import bisect
+import gc
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Final
 
@@ -48,7 +49,8 @@ TRANSPORTS: Final = ("websocket", "sse")
 #: The ``code`` of a close without a close code (the peer's TCP connection
 #: lost, a peer that stopped reading), so every end is counted.
 NO_CODE: Final = "none"
-#: (help text, read at scrape time) of a live gauge the server supplies.
+#: (help text, read at scrape time) of a live gauge the server supplies (one
+#: named ``*_total`` is served as a counter).
 Gauge = tuple[str, Callable[[], float]]
 
 # Bucket upper bounds, in seconds. A say's ack waits for one commit (an
@@ -60,6 +62,15 @@ SAY_ACK_BUCKETS: Final = (
 STORE_COMMIT_BUCKETS: Final = SAY_ACK_BUCKETS
 HUB_STEP_BUCKETS: Final = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+)  # fmt: skip
+# Pauses (pauses.py): a young collection is tens of microseconds, a full one
+# grows with every object alive; 0.02 is the bound issue #16 sets (no stall
+# over 20 ms), so it is a bucket's edge.
+GC_PAUSE_BUCKETS: Final = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+)  # fmt: skip
+LOOP_STALL_BUCKETS: Final = (
+    0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 )  # fmt: skip
 
 
@@ -85,12 +96,18 @@ class Histogram:
 
     def family(self, name: str, documentation: str) -> HistogramMetricFamily:
         """This histogram as exposed: cumulative buckets, ``_sum`` and ``_count``."""
+        return HistogramMetricFamily(
+            name, documentation, buckets=self.buckets(), sum_value=self.sum
+        )
+
+    def buckets(self) -> list[tuple[str, float]]:
+        """(``le``, cumulative count) of every bucket, +Inf last."""
         cumulative = 0
         buckets: list[tuple[str, float]] = []
         for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
             cumulative += count
             buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
-        return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=self.sum)
+        return buckets
 
 
 class Stats:
@@ -100,9 +117,11 @@ class Stats:
         "closes",
         "frames_received",
         "frames_sent",
+        "gc_pause",
         "hosts_refused",
         "http_requests",
         "hub_step",
+        "loop_stall",
         "messages_stored",
         "open",
         "opened",
@@ -138,6 +157,10 @@ class Stats:
         self.store_commit = Histogram(STORE_COMMIT_BUCKETS)
         #: Seconds one hub step took, from its first item to its flush.
         self.hub_step = Histogram(HUB_STEP_BUCKETS)
+        #: Seconds each collection of the cyclic GC took, by generation (pauses.py).
+        self.gc_pause = tuple(Histogram(GC_PAUSE_BUCKETS) for _ in gc.get_threshold())
+        #: Seconds the event loop's watchdog woke late (pauses.py).
+        self.loop_stall = Histogram(LOOP_STALL_BUCKETS)
 
     def opened_one(self, transport: str) -> None:
         """A chat connection opened (once per connection, not on the hot path)."""
@@ -231,8 +254,24 @@ class _StatsCollector(Collector):
             "triochat_hub_step_seconds",
             "Seconds one hub step took: applying what arrived, storing, flushing.",
         )
+        gc_pause = HistogramMetricFamily(
+            "triochat_gc_pause_seconds",
+            "Seconds one collection of Python's cyclic garbage collector stopped the "
+            "process, by generation (2: a full collection).",
+            labels=["generation"],
+        )
+        for generation, histogram in enumerate(s.gc_pause):
+            gc_pause.add_metric([str(generation)], histogram.buckets(), histogram.sum)
+        yield gc_pause
+        yield s.loop_stall.family(
+            "triochat_loop_stall_seconds",
+            "Seconds the event loop's watchdog woke later than due: how long nothing "
+            "else could run (a long step, a GC pause, a busy CPU).",
+        )
         for name, (doc, read) in self._gauges.items():
-            yield GaugeMetricFamily(f"triochat_{name}", doc, value=float(read()))
+            # A read value named ``*_total`` only grows: a counter.
+            family = CounterMetricFamily if name.endswith("_total") else GaugeMetricFamily
+            yield family(f"triochat_{name}", doc, value=float(read()))
 
 
 def open_registry(stats: Stats, gauges: Mapping[str, Gauge], *, version: str) -> CollectorRegistry:

@@ -33,21 +33,38 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Protocol
 
 import trio
 
 from .backlog import BACKLOG_PAUSE, HARD_BOUND_FACTOR, Backlog
 from .config import Config
 from .frames import OutFrame
+from .logformat import log_fields, set_task_log_fields
 from .metrics import Stats
 from .outbox import FlushSchedule
 from .protocol import CloseCode
 from .transports import DirectWrite, Transport, TransportClosed
 
-__all__ = ["BACKLOG_PAUSE", "HARD_BOUND_FACTOR", "Outbound"]
+__all__ = ["BACKLOG_PAUSE", "HARD_BOUND_FACTOR", "Cancellable", "Outbound", "TaskGroup"]
 
 LOGGER = logging.getLogger("triochat.outbound")
+
+
+class Cancellable(Protocol):
+    def cancel(self) -> None: ...
+
+
+class TaskGroup(Protocol):
+    """Where a connection's writer runs, and whose cancellation ends the
+    connection (its reader and writer): a `trio.Nursery` of the connection's
+    own, or a chat's `connection.SharedTasks`."""
+
+    @property
+    def cancel_scope(self) -> Cancellable: ...
+
+    def start_soon(self, async_fn: Callable[[], Awaitable[object]], /) -> None: ...
 
 
 class Outbound(Backlog):
@@ -63,6 +80,7 @@ class Outbound(Backlog):
         "_ping_due",
         "_schedule",
         "_send_scope",
+        "_soon",
         "_step",
         "_transport",
         "_unsent",
@@ -70,6 +88,7 @@ class Outbound(Backlog):
         "close_code",
         "close_request",
         "end_reason",
+        "log_fields",
     )
 
     def __init__(
@@ -96,14 +115,19 @@ class Outbound(Backlog):
         self._ping_due = False  # the reader asks the writer for a ping
         self._writing = False  # the writer task is running
         self._step = -1  # the step of `_schedule` that last filed this connection
+        self._soon = -1  # the round of `_schedule`'s waiting frames it was filed in
         self._held = False  # `hold`: frames are queued, not written, until `release`
         #: Where the writer starts, and whose cancellation ends the connection
         #: (set between `start` and `stop`).
-        self._nursery: trio.Nursery | None = None
+        self._nursery: TaskGroup | None = None
+        #: The connection's log fields (`logformat.log_context`: id, peer,
+        #: transport), set by its task: its writer's lines carry them whoever
+        #: started it, and the hub's lines about it (`clientlog.ConnectionFields`).
+        self.log_fields: Mapping[str, object] = log_fields()
 
     # --- lifecycle (the connection's task) -----------------------------------------
 
-    def start(self, nursery: trio.Nursery) -> None:
+    def start(self, nursery: TaskGroup) -> None:
         """The writer runs in ``nursery``, and cancelling it ends the connection."""
         self._nursery = nursery
         if self.close_request is not None:
@@ -159,6 +183,29 @@ class Outbound(Backlog):
         if self._step != schedule.step:
             self._step = schedule.step
             schedule.flush_later(self)  # `flush_nowait` at the end of this step
+
+    def deliver_soon(self, frame: OutFrame) -> None:
+        """`deliver` a frame that may wait up to `outbox.SOON` seconds (presence,
+        typing): it goes with this connection's next write, at the latest then."""
+        if self.close_request is not None:
+            return
+        outbox = self.outbox
+        if (
+            outbox.put(frame) > 1
+            and outbox.size > self._hard_bound
+            and (self._over_at == self._writes or self._held)
+        ):
+            self._slow_consumer()  # (as in `deliver`)
+            return
+        schedule = self._schedule
+        if self._step != schedule.step and self._soon != schedule.soon_round:
+            self._soon = schedule.soon_round
+            schedule.flush_soon(self)
+
+    def flush_if_queued(self) -> None:
+        """`flush_nowait`, when frames wait (they may have gone with a write since)."""
+        if self.outbox:
+            self.flush_nowait()
 
     def flush_nowait(self) -> None:
         """Send what is queued right now, from the hub, if the socket takes it.
@@ -248,6 +295,8 @@ class Outbound(Backlog):
 
         A write that fails ends the connection; a bug closes it with 1011.
         """
+        # The connection's log fields, whoever started it (its task, the hub, the keepalive).
+        set_task_log_fields(self.log_fields)
         try:
             await self._write_pending()
         except TransportClosed as exc:

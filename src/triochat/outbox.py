@@ -12,11 +12,16 @@ and per idle connection than a memory channel.
 
 from __future__ import annotations
 
-from typing import Protocol
+import math
+from typing import Final, Protocol
 
 from .frames import OutFrame
 
-__all__ = ["FlushSchedule", "Flushable", "Outbox"]
+__all__ = ["SOON", "FlushSchedule", "Flushable", "Outbox"]
+
+#: Seconds a frame delivered with `Outbound.deliver_soon` may wait to be
+#: written, at most (docs/protocol.md section 6), plus a step's length.
+SOON: Final = 0.05
 
 
 class Outbox:
@@ -64,17 +69,29 @@ class Outbox:
 class Flushable(Protocol):
     def flush_nowait(self) -> None: ...
 
+    def flush_if_queued(self) -> None: ...
+
 
 class FlushSchedule:
-    """When delivered frames are written: as they come (write-through) or at the
-    end of the app's step, one write per connection (coalescing).
+    """When delivered frames are written: as they come (write-through), at the
+    end of the app's step, one write per connection (coalescing), or, for
+    frames that may wait (`Outbound.deliver_soon`: presence, typing), at the
+    end of the first step `SOON` seconds after.
 
     The app owns it and drives it (`write_through`, `end_step`: the hub's step
-    policy); each connection's `Outbound` holds it and files itself once per
-    step (`flush_later`), so a connection never reads or calls the app.
+    policy, and `soon_at`, when a step must run for the frames that wait);
+    each connection's `Outbound` holds it and files itself once per step
+    (`flush_later`) or once per round of waiting frames (`flush_soon`), so a
+    connection never reads or calls the app.
+
+    Why frames may wait: 1000 joins into one room, one per step, would write
+    to every member once per join (half a million writes); presence frames
+    that wait up to 50 ms go to each member in a few writes instead
+    (docs/protocol.md section 6). A connection's frames are written in the
+    order delivered whatever waits: the ones that wait go with the next write.
     """
 
-    __slots__ = ("_due", "step", "write_through")
+    __slots__ = ("_due", "_soon", "soon_at", "soon_round", "step", "write_through")
 
     def __init__(self, *, write_through: bool = False) -> None:
         #: True while the app delivers a lone message: a connection with
@@ -84,14 +101,35 @@ class FlushSchedule:
         #: per step to be flushed.
         self.step = 0
         self._due: list[Flushable] = []
+        #: Counts the rounds of frames that wait: a connection asks once per round.
+        self.soon_round = 0
+        self._soon: list[Flushable] = []
+        #: When the frames that wait are written (inf: none wait): the app runs
+        #: a step by then.
+        self.soon_at = math.inf
 
     def flush_later(self, outbound: Flushable) -> None:
         """``outbound`` got its first frame of this step: flush it at the end."""
         self._due.append(outbound)
 
-    def end_step(self) -> None:
-        """End of a step: hand every frame queued during it to its socket."""
+    def flush_soon(self, outbound: Flushable) -> None:
+        """``outbound`` got a frame that may wait: flush it within `SOON` seconds."""
+        self._soon.append(outbound)
+
+    def end_step(self, now: float) -> None:
+        """End of a step: hand every frame queued during it to its socket, and
+        the frames that waited long enough (``now``: the app's clock)."""
         self.step += 1
         due, self._due = self._due, []
         for outbound in due:
             outbound.flush_nowait()
+        if not self._soon:
+            return
+        if self.soon_at == math.inf:
+            self.soon_at = now + SOON
+        elif now >= self.soon_at:
+            self.soon_round += 1
+            self.soon_at = math.inf
+            soon, self._soon = self._soon, []
+            for outbound in soon:
+                outbound.flush_if_queued()

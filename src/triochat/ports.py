@@ -14,12 +14,17 @@ At accept, before anything is read:
   ``--max-pending`` it is closed at once, without an answer or a task;
 - the rest go to the server's handler, one task each, in the server's
   handler nursery (the nursery tree stays the server's).
+
+In a worker of ``--workers`` (``config.worker`` set) the public port is
+bound with SO_REUSEPORT (`open_shared_listeners`): every worker binds the
+same port and the kernel spreads new connections over their listeners.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import socket
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Final
 
@@ -29,7 +34,14 @@ from .config import Config
 from .http import PendingSockets, Routes, peer_ip
 from .metrics import Stats
 
-__all__ = ["ACCEPT_BACKOFF", "RESOURCE_ERRNOS", "Handler", "Ports"]
+__all__ = [
+    "ACCEPT_BACKOFF",
+    "RESOURCE_ERRNOS",
+    "Handler",
+    "Ports",
+    "bind_shared",
+    "open_shared_listeners",
+]
 
 # The server's log (docs/operations.md lists its lines), whichever module writes them.
 LOGGER = logging.getLogger("triochat.server")
@@ -66,6 +78,8 @@ class Ports:
         config = self._config
         if self._given is not None:
             self.public = list(self._given)
+        elif config.worker is not None:
+            self.public = list(await open_shared_listeners(config.port, config.host))
         else:
             self.public = list(await trio.open_tcp_listeners(config.port, host=config.host))
 
@@ -170,3 +184,51 @@ class Ports:
             socket.close()  # synchronous: nothing else holds this fresh socket
         else:
             nursery.start_soon(trio.aclose_forcefully, stream)
+
+
+def bind_shared(
+    family: socket.AddressFamily, kind: socket.SocketKind, proto: int, address: tuple[object, ...]
+) -> socket.socket:
+    """A socket bound to ``address`` with SO_REUSEPORT (and SO_REUSEADDR, as
+    trio's listeners have), not listening yet: others of the same user may
+    bind the same port the same way. Raises OSError."""
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def open_shared_listeners(port: int, host: str) -> list[trio.SocketListener]:
+    """`trio.open_tcp_listeners`, with every socket bound by `bind_shared`:
+    the listeners of a worker, whose siblings listen on the same port.
+
+    Raises:
+        OSError: an address cannot be bound (taken by a socket without
+            SO_REUSEPORT, or another user's).
+    """
+    found = await trio.socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    listeners: list[trio.SocketListener] = []
+    try:
+        for family, kind, proto, _, address in found:
+            sock = bind_shared(family, kind, proto, address)
+            try:
+                sock.listen(0xFFFF)  # as trio's: the kernel caps it at somaxconn
+                listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+            except BaseException:
+                sock.close()
+                raise
+            listeners.append(listener)
+    except BaseException:
+        for listener in listeners:
+            listener.socket.close()
+        raise
+    return listeners

@@ -5,8 +5,6 @@ the drain, and the opened/closed counts of the metrics."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import trio
 
@@ -46,9 +44,10 @@ class ConnectionRegistry:
         if self._per_ip[ip] <= 0:
             del self._per_ip[ip]
 
-    @contextmanager
-    def registered(self, connection: Connection, transport: str) -> Iterator[None]:
-        """Hold ``connection`` (``transport``: "websocket" or "sse") while it runs.
+    def register(self, connection: Connection, transport: str) -> None:
+        """Hold ``connection`` (``transport``: "websocket" or "sse") while it runs,
+        until `unregister` (in a ``finally``: plain calls, not a context manager
+        held for the connection's life; never blocks).
 
         Every end is counted, with its close code or without one, so that
         opened = open + closed (docs/operations.md, metrics). A connection
@@ -58,13 +57,13 @@ class ConnectionRegistry:
         self._stats.opened_one(transport)
         if self.draining:
             connection.close_soon(CloseCode.GOING_AWAY, "going away")
-        try:
-            yield
-        finally:
-            self.connections.discard(connection)
-            self._stats.closed_one(transport, connection.close_code)
-            if self.draining and not self.connections:
-                self._all_closed.set()
+
+    def unregister(self, connection: Connection, transport: str) -> None:
+        """``connection`` has ended (see `register`)."""
+        self.connections.discard(connection)
+        self._stats.closed_one(transport, connection.close_code)
+        if self.draining and not self.connections:
+            self._all_closed.set()
 
     def drain(self) -> None:
         """Refuse new chats from now on (open ones are closed by `close_all`)."""

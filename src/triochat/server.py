@@ -5,6 +5,7 @@
     Server.run                     root nursery
     ├── Hub.run                    the broadcaster, its store loop and the backplane
     └── handler nursery            cancelled last, after the drain
+        ├── Pauses.run             GC pauses and loop stalls for /metrics (pauses.py)
         ├── Ports._accept_loop     one per listener (and per --metrics-port listener,
         │                          which serves only /metrics and health); EMFILE
         │                          backs off; too many sockets not yet chats
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator, Iterator, Sequence
 
@@ -58,6 +60,7 @@ from .hooks import Authenticator, SayHook
 from .http import Routes, StaticFiles, handle_http
 from .hub import Hub
 from .metrics import Gauge, Stats, open_registry, render_metrics
+from .pauses import Pauses
 from .ports import Ports
 from .protocol import CloseCode
 from .registry import ConnectionRegistry
@@ -65,7 +68,7 @@ from .serverapi import ServerApi
 from .tls import Certificate, start_tls
 from .transports.sse import PostAnswer, SseSessions
 
-__all__ = ["Server", "redact_url", "serve", "serve_until_signalled"]
+__all__ = ["Server", "redact_url", "serve", "serve_until_signalled", "summary_line"]
 
 LOGGER = logging.getLogger("triochat.server")
 
@@ -118,8 +121,11 @@ class Server:
         self._runner = ChatRunner(config, self.stats, self.hub, self.chats, self.sse)
         self._drain_requested = trio.Event()
         self._static = StaticFiles()
+        #: GC pauses and event-loop stalls, recorded into `stats` while running.
+        self.pauses = Pauses(self.stats)
         gauges: dict[str, Gauge] = {
             **self.hub.gauges(),
+            **self.pauses.gauges(),
             "draining": (
                 "1 while the server drains (SIGTERM), else 0.",
                 lambda: self.chats.draining,
@@ -210,12 +216,8 @@ class Server:
                 await ports.open_operator()
                 async with trio.open_nursery() as handlers:
                     ports.serve(handlers, self._handle_stream)
-                    for address in ports.addresses():
-                        LOGGER.info("listening on %s://%s", self.scheme, address)
-                    for address in ports.addresses(operator=True):
-                        # Not "listening on": tests and scripts take that line's URL.
-                        LOGGER.info("metrics and health on http://%s", address)
-                    LOGGER.info("%s", self.startup_summary())
+                    await handlers.start(self.pauses.run)
+                    self._log_listening()
                     task_status.started(self)
                     await self._drain_requested.wait()
                     await self._drain()
@@ -225,24 +227,36 @@ class Server:
                 self.hub.stop()
         LOGGER.info("stopped")
 
+    def _log_listening(self) -> None:
+        """The start-up lines, once every listener is open."""
+        urls = [f"{self.scheme}://{address}" for address in self.ports.addresses()]
+        worker = self.config.worker
+        if worker is None:
+            for url in urls:
+                LOGGER.info("listening on %s", url)
+        else:
+            # Not "listening on" either: the supervisor says that once every
+            # worker is (workers.py), and scripts connect on that line.
+            LOGGER.info(
+                "worker %d ready: pid %d, node %s, on %s",
+                worker,
+                os.getpid(),
+                self.hub.backplane.node,
+                ", ".join(urls),
+            )
+        for address in self.ports.addresses(operator=True):
+            # Not "listening on": tests and scripts take that line's URL.
+            LOGGER.info("metrics and health on http://%s", address)
+        if worker is None:  # a worker's supervisor writes the summary
+            LOGGER.info("%s", self.startup_summary())
+
     def startup_summary(self) -> str:
         """The start-up line: version, URL, storage, Redis (no password), TLS."""
-        config = self.config
-        addresses = self.ports.addresses()
-        urls = ", ".join(f"{self.scheme}://{a}" for a in addresses) or "no socket"
-        if config.redis:
-            storage = "redis"
-        elif config.memory:
-            storage = "memory (lost on restart)"
-        else:
-            storage = f"sqlite {config.data_dir / DB_FILE}"
-        redis = redact_url(config.redis) if config.redis else "off"
-        tls = "on" if self.certificate is not None else "off"
-        line = f"triochat {__version__} on {urls}; storage: {storage}; redis: {redis}; tls: {tls}"
-        if config.metrics_port is not None:
-            metrics = ", ".join(f"http://{a}" for a in self.ports.addresses(operator=True))
-            line += f"; metrics and health: {metrics or 'no socket'}"
-        return line
+        return summary_line(
+            self.config,
+            [f"{self.scheme}://{a}" for a in self.ports.addresses()],
+            [f"http://{a}" for a in self.ports.addresses(operator=True)],
+        )
 
     @property
     def scheme(self) -> str:
@@ -293,6 +307,24 @@ class Server:
             await trio.aclose_forcefully(stream)
 
 
+def summary_line(config: Config, urls: Sequence[str], metrics_urls: Sequence[str]) -> str:
+    """The start-up line of a server of ``config`` listening at ``urls`` (and,
+    with ``--metrics-port``, ``metrics_urls``); a supervisor's too (workers.py)."""
+    if config.redis:
+        storage = "redis"
+    elif config.memory:
+        storage = "memory (lost on restart)"
+    else:
+        storage = f"sqlite {config.data_dir / DB_FILE}"
+    redis = redact_url(config.redis) if config.redis else "off"
+    tls = "on" if config.certfile is not None else "off"
+    shown = ", ".join(urls) or "no socket"
+    line = f"triochat {__version__} on {shown}; storage: {storage}; redis: {redis}; tls: {tls}"
+    if config.metrics_port is not None:
+        line += f"; metrics and health: {', '.join(metrics_urls) or 'no socket'}"
+    return line
+
+
 def _default_backplane(config: Config, history: History | None) -> Backplane:
     """Redis with ``--redis``; else this node alone on a private in-process broker."""
     if config.redis:
@@ -301,9 +333,14 @@ def _default_backplane(config: Config, history: History | None) -> Backplane:
         return RedisBackplane(config)
     if history is None:
         history = (
-            MemoryHistory(config.history_size)
+            MemoryHistory(config.history_size, max_bytes=config.max_stored_bytes)
             if config.memory
-            else SqliteHistory(config.data_dir, config.history_size)
+            else SqliteHistory(
+                config.data_dir,
+                config.history_size,
+                max_bytes=config.max_stored_bytes,
+                snapshot_rooms=config.room_cache,
+            )
         )
     return LocalBackplane(LocalBroker(history, config.history_size))
 
@@ -315,9 +352,12 @@ async def serve(
     await Server(config).run(task_status=task_status)
 
 
-async def serve_until_signalled(config: Config) -> None:
+async def serve_until_signalled(
+    config: Config, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED
+) -> None:
     """Run a server; SIGINT or SIGTERM drains it, a second one stops it at once;
-    SIGHUP reloads its TLS certificate.
+    SIGHUP reloads its TLS certificate. ``task_status.started(server)`` once
+    it listens (a worker then tells its supervisor, workers.py).
 
     Raises:
         ConfigError: the certificate cannot be loaded.
@@ -325,11 +365,12 @@ async def serve_until_signalled(config: Config) -> None:
         OSError: the port could not be bound.
     """
     server = Server(config)
+    server.pauses.freeze_at_start = True  # this process is the server's (pauses.py)
     signals_of_interest = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     with _plain_startup_failures(), trio.open_signal_receiver(*signals_of_interest) as signals:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_watch_signals, signals, server, nursery.cancel_scope)
-            await server.run()
+            await server.run(task_status=task_status)
             nursery.cancel_scope.cancel()
 
 

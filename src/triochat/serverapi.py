@@ -63,6 +63,9 @@ class _Reply:
             self.answer = frame
             self.arrived.set()
 
+    def deliver_soon(self, frame: OutFrame) -> None:
+        self.deliver(frame)
+
     def close_soon(self, code: int, reason: str) -> None:
         """Nothing to close."""
 
@@ -111,10 +114,26 @@ class ServerApi:
     async def history(
         self, room: str, before: str | None, limit: int
     ) -> tuple[list[Message], bool]:
+        chat = self._hub.chat
+        if chat.history_in_memory(room):
+            try:
+                return chat.history_page(room, before, limit)
+            except Refused:
+                raise ApiError(400, BAD_ID, f"{room} keeps no message {before}") from None
+        # An evicted room (docs/protocol.md §8): read from the store, as a join would.
         try:
-            return self._hub.chat.history_page(room, before, limit)
-        except Refused:
-            raise ApiError(400, BAD_ID, f"{room} keeps no message {before}") from None
+            stored = await self._hub.backplane.recent(room)
+        except StorageError as exc:
+            raise ApiError(
+                503, ErrorCode.UNAVAILABLE, f"the store is unavailable: {exc}"
+            ) from None
+        end = len(stored)
+        if before is not None:
+            end = next((i for i, m in enumerate(stored) if m.id == before), -1)
+            if end < 0:
+                raise ApiError(400, BAD_ID, f"{room} keeps no message {before}")
+        start = max(0, end - limit)
+        return stored[start:end], start > 0
 
     async def delete(self, room: str, message_id: str) -> bool:
         # The store first: once it answers, no join, reload or gap fill brings

@@ -18,12 +18,14 @@ from .churn import CHURN
 from .cluster import CLUSTER
 from .latency import LATENCY
 from .memory import MEMORY
+from .pauses import PAUSES
 from .saturation import SATURATION
+from .workers import WORKERS
 
 __all__ = ["SCENARIOS", "Scenario", "report"]
 
 SCENARIOS: Final[Mapping[str, Scenario]] = {
-    s.name: s for s in (SATURATION, LATENCY, MEMORY, CHURN, CLUSTER)
+    s.name: s for s in (SATURATION, LATENCY, MEMORY, CHURN, CLUSTER, WORKERS, PAUSES)
 }
 
 

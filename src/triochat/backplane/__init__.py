@@ -35,6 +35,7 @@ from typing import Protocol
 import trio
 
 from ..events import Claim, Draft, Entry, Event, Received
+from ..protocol import Message
 from ..recent import Snapshot
 
 __all__ = ["Backplane"]
@@ -101,6 +102,20 @@ class Backplane(Protocol):
         Raises:
             StorageError: the store could not be changed.
         """
+        ...
+
+    async def recent(self, room: str) -> list[Message]:
+        """The newest stored messages of ``room``, oldest first (a room whose
+        history is not in the node's memory: docs/protocol.md §8).
+
+        Raises:
+            StorageError: the store could not be read.
+        """
+        ...
+
+    def store_stats(self) -> tuple[int, int] | None:
+        """The store's bytes kept and messages trimmed by ``--max-stored-bytes``
+        (metrics); None where the store is Redis, which bounds itself."""
         ...
 
     def release(self, name: str) -> None:

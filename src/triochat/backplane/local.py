@@ -200,6 +200,13 @@ class LocalBroker:
         """Remove a stored message (the broker keeps none: the history has it)."""
         return await self._history.delete(room, message_id)
 
+    async def recent(self, room: str) -> list[Message]:
+        return await self._history.recent(room)
+
+    def store_stats(self) -> tuple[int, int]:
+        """The store's bytes kept and messages trimmed by its bound (metrics)."""
+        return self._history.stored_bytes, self._history.trimmed
+
     def release(self, node: str, name: str) -> None:
         key, skeleton = name_key(name), confusable_key(name)
         held = self._claims.get(key)
@@ -273,6 +280,12 @@ class LocalBackplane:
 
     async def delete(self, room: str, message_id: str) -> bool:
         return await self._broker.delete(room, message_id)
+
+    async def recent(self, room: str) -> list[Message]:
+        return await self._broker.recent(room)
+
+    def store_stats(self) -> tuple[int, int] | None:
+        return self._broker.store_stats()
 
     def publish(self, event: Event) -> None:
         if self._attached:

@@ -57,6 +57,7 @@ import trio
 
 from ..config import Config
 from ..events import Claim, Draft, Entry, Event, Received
+from ..protocol import Message
 from ..recent import Snapshot
 from .redis_inbox import Inbox
 from .redis_link import COMMAND_TIMEOUT, RedisLink
@@ -117,6 +118,12 @@ class RedisBackplane:
 
     async def delete(self, room: str, message_id: str) -> bool:
         return await self._scripts.delete(room, message_id)
+
+    async def recent(self, room: str) -> list[Message]:
+        return await self._sync.recent(room)
+
+    def store_stats(self) -> None:
+        return None  # Redis bounds itself (maxmemory: docs/operations.md)
 
     def release(self, name: str) -> None:
         self._queue.release(name)

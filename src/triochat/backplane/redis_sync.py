@@ -104,6 +104,19 @@ class Sync:
                 rooms[room] = kept
         return Snapshot(epoch=epoch, next_seq=seq + 1, rooms=rooms)
 
+    async def recent(self, room: str) -> list[Message]:
+        """The newest messages of ``room`` in Redis, oldest first (a join of a
+        room not in the node's memory); StorageError within the backplane timeout."""
+        link = self._link
+        try:
+            with trio.fail_after(link.config.backplane_timeout):
+                entries = await link.client.xrevrange(
+                    PREFIX + "room:" + room, "+", "-", count=link.config.history_size
+                )
+        except (*FAILURES, trio.TooSlowError) as exc:
+            raise StorageError(f"cannot read the history of {room} from Redis: {exc}") from exc
+        return [_MESSAGE.decode(e.field_values[b"m"]) for e in reversed(entries)]
+
     async def reconcile(self) -> None:
         """After (re)subscribing: fill the gap, rewrite our state, read everyone else's."""
         redis = self._link.client

@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 import importlib.resources
 import mimetypes
+import os
 from collections.abc import Callable
 from typing import Final
 
@@ -81,7 +82,15 @@ def route(
         body, kind = found
         return lambda: (200, body, kind, [])
     if path == "/healthz":
-        return lambda: (200, b"ok\n", text, [])
+        # A worker of --workers says which one answered (docs/operations.md,
+        # "Several workers on one machine"): the port alone does not tell.
+        worker = ctx.config.worker
+        who = (
+            []
+            if worker is None
+            else [("x-triochat-worker", str(worker)), ("x-triochat-pid", str(os.getpid()))]
+        )
+        return lambda: (200, b"ok\n", text, who)
     if path == "/readyz":
         return lambda: (
             (200, b"ready\n", text, []) if ctx.ready() else (503, b"not ready\n", text, [])

@@ -22,11 +22,26 @@ __all__ = ["History", "Snapshot"]
 class History(Protocol):
     """A durable (or not) log of room messages, trimmed per room."""
 
+    #: What the stored messages add up to (`recent.message_bytes`), a metric.
+    stored_bytes: int
+    #: Messages deleted to stay within ``--max-stored-bytes``, since start.
+    trimmed: int
+
     async def load(self) -> Snapshot:
         """Open the store and read what it holds; once open, read it again.
 
+        The snapshot may hold only the most recently written rooms
+        (``Snapshot.complete`` says); the others are read with `recent`.
         Read again when a node attaches to a `LocalBroker` that has one already
         (tests' in-memory clusters): the broker keeps no copy of its own.
+        """
+        ...
+
+    async def recent(self, room: str) -> list[Message]:
+        """The newest ``history_size`` messages of ``room``, oldest first.
+
+        Raises:
+            StorageError: the store could not be read.
         """
         ...
 

@@ -21,7 +21,7 @@ import trio
 from .. import __version__
 from ..errors import StorageError
 from ..protocol import Message, seq_of
-from ..recent import Snapshot
+from ..recent import Snapshot, message_bytes
 
 __all__ = ["BACKUP_MARK", "DB_FILE", "SCHEMA_VERSION", "SqliteHistory"]
 
@@ -67,31 +67,56 @@ SCHEMA_VERSION: Final = len(_MIGRATIONS)
 #: the first start on that file begins a new epoch (`SqliteHistory._epoch_of`).
 BACKUP_MARK: Final = "backup_taken"
 
-_TRIM: Final = """
+#: A row's size as `recent.message_bytes` counts it (``--max-stored-bytes``).
+_BYTES: Final = (
+    "length(CAST(room AS BLOB)) + length(id) + length(CAST(name AS BLOB))"
+    " + length(CAST(msg AS BLOB))"
+)
+
+_TRIM: Final = f"""
 DELETE FROM messages WHERE room = ?1 AND seq < (
     SELECT seq FROM messages WHERE room = ?1 ORDER BY seq DESC LIMIT 1 OFFSET ?2
-)
+) RETURNING {_BYTES}
 """
 
-_LOAD: Final = """
-SELECT room, id, name, msg, ts FROM (
-    SELECT *, ROW_NUMBER() OVER (PARTITION BY room ORDER BY seq DESC) AS newest
-    FROM messages
-) WHERE newest <= ? ORDER BY seq
+#: The oldest messages of any room, a slice at a time (``--max-stored-bytes``).
+_OLDEST: Final = f"SELECT seq, {_BYTES} FROM messages ORDER BY seq LIMIT 64"
+
+#: The rooms written most recently, newest first (a snapshot holds those).
+_NEWEST_ROOMS: Final = "SELECT room FROM messages GROUP BY room ORDER BY max(seq) DESC LIMIT ?"
+
+_RECENT: Final = """
+SELECT room, id, name, msg, ts FROM messages WHERE room = ? ORDER BY seq DESC LIMIT ?
 """
 
 
 class SqliteHistory:
-    """Stores messages in ``<data_dir>/history.sqlite3``, newest N per room."""
+    """Stores messages in ``<data_dir>/history.sqlite3``, newest N per room.
+
+    Args:
+        max_bytes: bytes kept in all (`recent.message_bytes`); past it, the
+            oldest messages of any room are deleted in the same transaction
+            (0: no bound).
+        snapshot_rooms: rooms a snapshot holds at most, the most recently
+            written (`History.load`).
+    """
 
     append_nowait = None  # every commit runs in a worker thread (`append`)
 
-    def __init__(self, data_dir: Path, history_size: int) -> None:
+    def __init__(
+        self, data_dir: Path, history_size: int, *, max_bytes: int = 0, snapshot_rooms: int = 1000
+    ) -> None:
         self._path = data_dir / DB_FILE
         self._data_dir = data_dir
         self._size = history_size
+        self._max_bytes = max_bytes
+        self._snapshot_rooms = snapshot_rooms
         self._db: sqlite3.Connection | None = None
         self._epoch = ""
+        #: What the stored messages add up to (`recent.message_bytes`).
+        self.stored_bytes = 0
+        #: Messages deleted to stay within ``max_bytes``, since start.
+        self.trimmed = 0
         # Worker threads take turns on the one connection: a read again (`load`)
         # must not see a batch that `_append` has not committed yet.
         self._lock = threading.Lock()
@@ -132,11 +157,33 @@ class SqliteHistory:
             raise StorageError(f"history read failed: {exc}") from exc
 
     def _read(self, db: sqlite3.Connection, epoch: str) -> Snapshot:
-        (max_seq,) = db.execute("SELECT coalesce(max(seq), 0) FROM messages").fetchone()
-        rooms: dict[str, list[Message]] = {}
-        for room, message_id, name, msg, ts in db.execute(_LOAD, (self._size,)):
-            rooms.setdefault(room, []).append(Message(room, message_id, name, msg, ts))
-        return Snapshot(epoch=epoch, next_seq=max_seq + 1, rooms=rooms)
+        (max_seq, stored) = db.execute(
+            f"SELECT coalesce(max(seq), 0), coalesce(sum({_BYTES}), 0) FROM messages"
+        ).fetchone()
+        self.stored_bytes = stored
+        limit = self._snapshot_rooms
+        names = [room for (room,) in db.execute(_NEWEST_ROOMS, (limit + 1,))]
+        rooms = {room: self._recent(db, room) for room in names[:limit]}
+        return Snapshot(
+            epoch=epoch, next_seq=max_seq + 1, rooms=rooms, complete=len(names) <= limit
+        )
+
+    def _recent(self, db: sqlite3.Connection, room: str) -> list[Message]:
+        rows = db.execute(_RECENT, (room, self._size)).fetchall()
+        return [Message(*row) for row in reversed(rows)]
+
+    async def recent(self, room: str) -> list[Message]:
+        return await trio.to_thread.run_sync(self._read_recent, room)
+
+    def _read_recent(self, room: str) -> list[Message]:
+        db = self._db
+        if db is None:
+            raise StorageError("history is closed")
+        try:
+            with self._lock:
+                return self._recent(db, room)
+        except sqlite3.Error as exc:
+            raise StorageError(f"history read failed: {exc}") from exc
 
     def _migrate(self, db: sqlite3.Connection) -> str:
         """Bring the file to `SCHEMA_VERSION` (rules above) and return its epoch.
@@ -219,20 +266,41 @@ class SqliteHistory:
         if db is None:
             raise StorageError("history is closed")
         rows = [(seq_of(self._epoch, m.id), m.room, m.id, m.name, m.msg, m.ts) for m in batch]
+        stored = self.stored_bytes + sum(message_bytes(m) for m in batch)
+        trimmed = 0
         try:
             with self._lock:
                 db.execute("BEGIN IMMEDIATE")
                 try:
                     db.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?)", rows)
                     for room in {m.room for m in batch}:
-                        db.execute(_TRIM, (room, self._size - 1))
+                        stored -= sum(n for (n,) in db.execute(_TRIM, (room, self._size - 1)))
+                    while self._max_bytes and stored > self._max_bytes:
+                        stored, count = self._trim_oldest(db, stored)
+                        if not count:
+                            break
+                        trimmed += count
                     db.execute("COMMIT")
+                    self.stored_bytes = stored
+                    self.trimmed += trimmed
                 except BaseException:
                     if db.in_transaction:
                         db.execute("ROLLBACK")
                     raise
         except sqlite3.Error as exc:
             raise StorageError(f"history write failed: {exc}") from exc
+
+    def _trim_oldest(self, db: sqlite3.Connection, stored: int) -> tuple[int, int]:
+        """Delete the oldest messages of any room until ``stored`` is within the
+        bound (or 64 are gone); what is stored then, and how many went."""
+        last, count = 0, 0
+        for seq, size in db.execute(_OLDEST).fetchall():
+            if stored <= self._max_bytes:
+                break
+            last, count, stored = seq, count + 1, stored - size
+        if count:
+            db.execute("DELETE FROM messages WHERE seq <= ?", (last,))
+        return stored, count
 
     async def delete(self, room: str, message_id: str) -> bool:
         return await trio.to_thread.run_sync(self._delete, room, message_id)
@@ -243,12 +311,14 @@ class SqliteHistory:
             raise StorageError("history is closed")
         try:
             with self._lock:
-                cursor = db.execute(
-                    "DELETE FROM messages WHERE room = ? AND id = ?", (room, message_id)
-                )
+                gone = db.execute(
+                    f"DELETE FROM messages WHERE room = ? AND id = ? RETURNING {_BYTES}",
+                    (room, message_id),
+                ).fetchall()
+                self.stored_bytes -= sum(n for (n,) in gone)
         except sqlite3.Error as exc:
             raise StorageError(f"history delete failed: {exc}") from exc
-        return cursor.rowcount > 0
+        return bool(gone)
 
     async def aclose(self) -> None:
         db, self._db = self._db, None

@@ -6,23 +6,51 @@ come in from the backplane only, by seq (docs/protocol.md §8 and §14).
 From them come a join's replay (`replay`, with ``since``: §6) and `history`
 pages (`page`). Ids are ``<epoch>-<seq>``; a message of another epoch, or one
 already here, is not kept again.
+
+Only rooms in memory keep messages (`state.rooms` evicts idle ones). A room
+whose history is not here (``Room.loaded`` false) is read from the store
+before a join or a `history` request is applied (`to_load`): the hub asks
+the backplane beside its step, and brings the answer to `end_load`, which
+merges it with what arrived meanwhile (`begin_load` made the room keep that).
 """
 
 from __future__ import annotations
 
 import bisect
 from collections.abc import Iterable
-from typing import Final
+from typing import Final, NamedTuple
 
-from ..protocol import ErrorCode, Message, seq_of
-from ..recent import Snapshot, keep_newest
-from .model import Refused, Room
+from ..protocol import (
+    ClassicFrame,
+    ClientFrame,
+    ErrorCode,
+    HistoryRequest,
+    Join,
+    Message,
+    is_valid_room,
+    seq_of,
+)
+from ..recent import Snapshot, cached_bytes
+from .model import CLASSIC_ROOM, Client, Refused, Room
 from .rooms import Rooms
 
-__all__ = ["JOIN_HISTORY", "MAX_RECOVERY", "RoomLog"]
+__all__ = ["JOIN_HISTORY", "MAX_RECOVERY", "RoomCacheStats", "RoomLog"]
 
 JOIN_HISTORY: Final = 100  # newest messages in a `joined` without `since`
 MAX_RECOVERY: Final = 200  # most missed messages a `since` replays exactly
+
+
+class RoomCacheStats(NamedTuple):
+    """The room cache's figures (metrics, docs/operations.md)."""
+
+    #: Rooms held only for their kept history.
+    idle: int
+    #: What the history kept in memory costs, about (`recent.cached_bytes`).
+    bytes: int
+    #: Idle rooms forgotten to stay within the cache's bounds, since start.
+    evicted: int
+    #: Rooms whose history was read from the store, since start.
+    loads: int
 
 
 class RoomLog:
@@ -35,7 +63,7 @@ class RoomLog:
         history_size: messages kept per room.
     """
 
-    __slots__ = ("_rooms", "_size", "epoch", "last_seq")
+    __slots__ = ("_rooms", "_size", "epoch", "last_seq", "loads")
 
     def __init__(self, rooms: Rooms, *, epoch: str, next_seq: int, history_size: int) -> None:
         self._rooms = rooms
@@ -43,35 +71,52 @@ class RoomLog:
         self.epoch = epoch
         #: The newest seq this node has kept (or knows to be stored).
         self.last_seq = next_seq - 1
+        #: Rooms whose history was read from the store (`end_load`), since start.
+        self.loads = 0
 
-    def load(self, history: dict[str, list[Message]]) -> None:
+    def load(self, snapshot: Snapshot) -> None:
         """Keep what the store held at start (each room's messages oldest first)."""
-        size = self._size
-        for room_name, messages in history.items():
-            room = self._rooms.room(room_name)
-            kept = list(messages)
-            keep_newest(kept, size)
-            room.messages = kept
-            room.seqs = [self.seq_of(m.id) or 0 for m in kept]
+        rooms = self._rooms
+        rooms.history_complete = snapshot.complete
+        for room_name, messages in snapshot.rooms.items():
+            room = rooms.room(room_name)
+            room.loaded = True
+            self._merge(room, messages)
             self.last_seq = max(self.last_seq, room.seqs[-1] if room.seqs else 0)
+            rooms.forget_if_empty(room)
+        self.last_seq = max(self.last_seq, snapshot.next_seq - 1)
 
     def seq_of(self, message_id: str) -> int | None:
         """The seq of one of this epoch's ids; None for any other id."""
         return seq_of(self.epoch, message_id)
 
-    def keep(self, message: Message) -> Room | None:
-        """Keep a stored message in its room; the room, or None if it is not new here."""
+    def is_new(self, message: Message) -> bool:
+        """Whether ``message`` is of this epoch and not here yet; it is known from now."""
         seq = seq_of(self.epoch, message.id)
         if seq is None:
-            return None  # another epoch's: a backplane sends a `Reload` before those
+            return False  # another epoch's: a backplane sends a `Reload` before those
         if seq <= self.last_seq:
-            return None  # already here (a gap fill and a live copy may overlap)
+            return False  # already here (a gap fill and a live copy may overlap)
         self.last_seq = seq
-        room = self._rooms.room(message.room)
-        room.messages.append(message)
-        room.seqs.append(seq)
-        keep_newest(room.messages, self._size)
-        keep_newest(room.seqs, self._size)
+        return True
+
+    def keep(self, message: Message) -> Room | None:
+        """Keep a new message (`is_new`) in its room: the room, or None if it is not
+        in memory (the store has the message; the room is read when joined)."""
+        rooms = self._rooms
+        room = rooms.rooms.get(message.room)
+        if room is None:
+            if not rooms.history_complete:
+                return None
+            room = rooms.room(message.room)  # a room that was empty: now it has history
+        if room.loaded or room.loading:
+            room.messages.append(message)
+            room.seqs.append(seq_of(self.epoch, message.id) or 0)
+            room.bytes += (cost := cached_bytes(message))
+            rooms.cached_bytes += cost
+            self._trim(room)
+        rooms.forget_if_empty(room)  # (an idle room is the newest in the cache again)
+        rooms.evict()
         return room
 
     def remove(self, room_name: str, message_id: str) -> Room | None:
@@ -81,9 +126,81 @@ class RoomLog:
         index = self.index_of(room, message_id) if room is not None else None
         if room is None or index is None:
             return None
+        cost = cached_bytes(room.messages[index])
+        room.bytes -= cost
+        self._rooms.cached_bytes -= cost
         del room.messages[index]
         del room.seqs[index]
         return room
+
+    def _trim(self, room: Room) -> None:
+        """Keep the room's newest ``history_size`` messages."""
+        over = len(room.messages) - self._size
+        if over > 0:
+            cost = sum(cached_bytes(m) for m in room.messages[:over])
+            room.bytes -= cost
+            self._rooms.cached_bytes -= cost
+            del room.messages[:over]
+            del room.seqs[:over]
+
+    # --- rooms read from the store ------------------------------------------------------
+
+    def to_load(self, client: Client, frame: ClientFrame) -> str | None:
+        """The room whose history must be read before ``frame`` is applied, if any:
+        a join's (a classic frame's first is a join of lobby), or a member's
+        `history` request's, when that room's history is not in memory."""
+        if isinstance(frame, Join):
+            name = frame.room
+        elif isinstance(frame, ClassicFrame):
+            if CLASSIC_ROOM in client.rooms:
+                return None
+            name = CLASSIC_ROOM
+        elif isinstance(frame, HistoryRequest) and frame.room in client.rooms:
+            name = frame.room
+        else:
+            return None
+        if not is_valid_room(name):
+            return None  # refused by its checks: nothing to read
+        return None if self.in_memory(name) else name
+
+    def in_memory(self, room_name: str) -> bool:
+        """Whether the room's history is here, whole (else the store has it)."""
+        room = self._rooms.rooms.get(room_name)
+        if room is None:
+            return self._rooms.history_complete
+        return room.loaded
+
+    def begin_load(self, room_name: str) -> None:
+        """A read of the room's history begins: the room stays, and keeps what arrives."""
+        self._rooms.room(room_name).loading += 1
+
+    def end_load(self, room_name: str, stored: list[Message] | None) -> None:
+        """The read ended with ``stored`` (the room's newest messages, oldest first),
+        or None if it failed. Merged with what arrived meanwhile; messages newer
+        than this node has seen are left for the backplane to bring, in order."""
+        room = self._rooms.room(room_name)
+        room.loading -= 1
+        if stored is not None and not room.loaded:
+            last = self.last_seq
+            seen = [m for m in stored if (self.seq_of(m.id) or last + 1) <= last]
+            self._merge(room, seen)
+            room.loaded = True
+            self.loads += 1
+        self._rooms.forget_if_empty(room)
+
+    def _merge(self, room: Room, stored: list[Message]) -> None:
+        """Add ``stored`` (of this epoch) to the room's messages, by seq, once each."""
+        by_seq = {seq: message for seq, message in zip(room.seqs, room.messages, strict=True)}
+        for message in stored:
+            seq = self.seq_of(message.id)
+            if seq is not None:
+                by_seq.setdefault(seq, message)
+        seqs = sorted(by_seq)[-self._size :]
+        room.seqs = seqs
+        room.messages = [by_seq[seq] for seq in seqs]
+        cost = sum(cached_bytes(m) for m in room.messages)
+        self._rooms.cached_bytes += cost - room.bytes
+        room.bytes = cost
 
     # --- reading ------------------------------------------------------------------------
 
@@ -132,10 +249,11 @@ class RoomLog:
             return False
         self.epoch = epoch
         self.last_seq = 0
-        for room in list(self._rooms.rooms.values()):
-            room.messages = []
-            room.seqs = []
-            self._rooms.forget_if_empty(room)
+        rooms = self._rooms
+        for room in list(rooms.rooms.values()):
+            rooms.cached_bytes -= room.bytes
+            room.messages, room.seqs, room.bytes = [], [], 0
+            rooms.forget_if_empty(room)
         return True
 
     def unseen(self, snapshot: Snapshot) -> Iterable[Message]:

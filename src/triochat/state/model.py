@@ -37,6 +37,11 @@ class Peer(Protocol):
 
     def deliver(self, frame: OutFrame) -> None: ...
 
+    def deliver_soon(self, frame: OutFrame) -> None:
+        """`deliver` a frame that may be written a little later (presence, typing:
+        docs/protocol.md §6), never after a frame delivered after it."""
+        ...
+
     def close_soon(self, code: int, reason: str) -> None: ...
 
     def hold(self) -> None:
@@ -158,9 +163,20 @@ class User:
 class Room:
     """One room: its members, its subscribers and its kept history."""
 
-    __slots__ = ("classic", "members", "messages", "name", "remote", "seqs", "typed")
+    __slots__ = (
+        "bytes",
+        "classic",
+        "loaded",
+        "loading",
+        "members",
+        "messages",
+        "name",
+        "remote",
+        "seqs",
+        "typed",
+    )
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, loaded: bool = False) -> None:
         self.name = name
         #: Every member user (live or held), by name.
         self.members: dict[str, User] = {}
@@ -174,6 +190,15 @@ class Room:
         #: The node's one copy of the room's recent history (`state.log` keeps it).
         self.messages: list[Message] = []
         self.seqs: list[int] = []  # parallel to messages, for bisect
+        #: What ``messages`` cost in memory (`recent.cached_bytes`), for the cache bound.
+        self.bytes = 0
+        #: ``messages`` is the room's whole recent history (read from the store,
+        #: or the room is new since): a join may be answered from it. Else the
+        #: history is loaded first (`state.log`).
+        self.loaded = loaded
+        #: Loads of its history under way: until they end, the messages that
+        #: arrive are kept (to merge with what the store read) and the room stays.
+        self.loading = 0
 
     def member_names(self) -> list[str]:
         """Every member's name, here and on other nodes, sorted."""

@@ -20,26 +20,83 @@ __all__ = ["Rooms"]
 
 
 class Rooms:
-    """Every room this node knows of: with members here or elsewhere, subscribers
-    or kept history (a room with none of these is forgotten)."""
+    """Every room this node holds in memory: with members here or elsewhere,
+    subscribers, a load of its history under way, or kept history.
 
-    __slots__ = ("_output", "rooms")
+    A room with nothing but kept history is idle; the idle ones form a cache
+    (docs/protocol.md §8): past ``cache_rooms`` of them, or past ``cache_bytes``
+    of kept history in all, the least recently used idle room is forgotten
+    (evicted), and its history is read from the store again when it is joined.
+    A room with none of these is forgotten at once.
+    """
 
-    def __init__(self, output: OutputBuffer) -> None:
+    __slots__ = (
+        "_cache_bytes",
+        "_cache_rooms",
+        "_idle",
+        "_output",
+        "cached_bytes",
+        "evicted",
+        "history_complete",
+        "rooms",
+    )
+
+    def __init__(
+        self, output: OutputBuffer, *, cache_rooms: int = 1000, cache_bytes: int = 1 << 26
+    ) -> None:
         self._output = output
+        self._cache_rooms = cache_rooms
+        self._cache_bytes = cache_bytes
         #: The rooms by name.
         self.rooms: dict[str, Room] = {}
+        #: The idle rooms, least recently used first.
+        self._idle: dict[str, None] = {}
+        #: What the kept history of every room here costs (`Room.bytes`).
+        self.cached_bytes = 0
+        #: Idle rooms forgotten to stay within the cache's bounds, since start.
+        self.evicted = 0
+        #: No room outside memory has stored history (none was evicted, and the
+        #: store's snapshot had them all): a room made now is known to be empty,
+        #: so its joins need no load (`RoomLog.to_load`).
+        self.history_complete = True
+
+    @property
+    def idle(self) -> int:
+        """Rooms held only for their kept history."""
+        return len(self._idle)
 
     def room(self, name: str) -> Room:
-        """The room called ``name``, made if it does not exist yet."""
+        """The room called ``name``, made if it does not exist yet; no longer idle."""
         room = self.rooms.get(name)
         if room is None:
-            room = self.rooms[name] = Room(name)
+            room = self.rooms[name] = Room(name, loaded=self.history_complete)
+        elif self._idle:
+            self._idle.pop(name, None)
         return room
 
     def forget_if_empty(self, room: Room) -> None:
-        if not (room.members or room.remote or room.typed or room.classic or room.messages):
+        """A room with nothing but its (loaded) history becomes idle, the newest
+        in the cache; one with nothing at all is forgotten."""
+        if room.members or room.remote or room.typed or room.classic or room.loading:
+            return
+        if room.messages and room.loaded:
+            self._idle.pop(room.name, None)
+            self._idle[room.name] = None
+            self.evict()
+        elif self.rooms.get(room.name) is room:
             del self.rooms[room.name]
+            self.cached_bytes -= room.bytes
+
+    def evict(self) -> None:
+        """Forget the least recently used idle rooms while the cache is over a bound."""
+        idle = self._idle
+        while idle and (len(idle) > self._cache_rooms or self.cached_bytes > self._cache_bytes):
+            name = next(iter(idle))
+            del idle[name]
+            room = self.rooms.pop(name)
+            self.cached_bytes -= room.bytes
+            self.evicted += 1
+            self.history_complete = False
 
     # --- subscribers ---------------------------------------------------------------
 
@@ -99,11 +156,15 @@ class Rooms:
         frame: PresenceFrame | TypingFrame | DeletedFrame,
         skip: Client | None = None,
     ) -> None:
-        """``frame`` to the room's typed subscribers (classic ones never get it)."""
+        """``frame`` to the room's typed subscribers (classic ones never get it).
+
+        These frames may wait a little to be written (`Peer.deliver_soon`): a
+        crowd joining a room then costs each member a few writes, not one per
+        join (docs/protocol.md §6)."""
         out = OutFrame.of(frame)
         for member in room.typed:
             if member is not skip:
-                member.peer.deliver(out)
+                member.peer.deliver_soon(out)
 
     @staticmethod
     def broadcast(room: Room, out: OutFrame) -> None:

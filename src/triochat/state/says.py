@@ -118,10 +118,12 @@ class Says:
     def message(self, message: Message) -> None:
         """A stored message, in the chat's one order: keep it, broadcast it, ack
         the says it stores. One already here is skipped."""
-        room = self._log.keep(message)
-        if room is None:
+        log = self._log
+        if not log.is_new(message):
             return
-        self._rooms.broadcast(room, OutFrame.of(message, message.id))
+        room = log.keep(message)
+        if room is not None:
+            self._rooms.broadcast(room, OutFrame.of(message, message.id))
         awaiting = self._awaiting.pop(message.id, None)
         if awaiting is not None:
             for pending in awaiting:

@@ -3,8 +3,8 @@
 `Transport` is what every transport does; `DirectWrite` is the optional
 capability of one over a socket: the hub's direct, task-free write.
 `TransportClosed` is the one exception a transport raises when its peer is
-gone: each transport maps its libraries' errors to it at its boundary
-(`websocket.WebSocketErrors`; the SSE stream's writes and inbox).
+gone: each transport maps its libraries' errors to it at its boundary, in
+one place (`websocket.WebSocketErrors`, `sse.SseErrors`).
 
 ::
 
@@ -13,7 +13,8 @@ gone: each transport maps its libraries' errors to it at its boundary
     ├── websocket.py  WebSocketTransport, accept_websocket, the error boundary
     ├── replay.py     ReplayStream (the socket under trio-websocket), FrameSizeGuard
     ├── deflate.py    permessage-deflate: negotiation and bounded inflating
-    └── sse.py        SseTransport, SseSessions (the streams, the relay of POSTs)
+    └── sse.py        SseTransport, SseSessions (the streams, the relay of POSTs),
+                      the error boundary
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ class Transport(Protocol):
     heartbeat: float | None
     #: True when the peer answers a ping (WebSocket); False for SSE.
     expects_pong: bool
+    #: True when closing needs `receive_message` called until it raises: a
+    #: WebSocket's reader reads the peer's close frame (the closing handshake).
+    reads_to_close: bool
 
     @property
     def last_receive(self) -> float:

@@ -20,7 +20,9 @@ wsproto's (transports/websocket.py).
 from __future__ import annotations
 
 import contextlib
+import errno
 import socket
+from typing import Final
 
 import trio
 
@@ -29,6 +31,9 @@ from ..protocol import CloseCode
 __all__ = ["CLOSE_FRAME_BYTE", "FrameSizeGuard", "ReplayStream"]
 
 CLOSE_FRAME_BYTE = 0x88  # the first byte of a close frame: FIN + opcode 8
+_RECEIVE_SIZE: Final = 65536  # bytes, when the caller names no size (trio's default)
+#: What a read of a closed socket raises: ClosedResourceError, as trio's.
+_CLOSED_ERRNOS: Final = frozenset({errno.EBADF, errno.ENOTSOCK})
 
 
 class FrameSizeGuard:
@@ -112,6 +117,7 @@ class ReplayStream(trio.abc.Stream):
         "_guard",
         "_head_left",
         "_prefix",
+        "_raw",
         "_reader_idle",
         "_receiving",
         "_stream",
@@ -153,6 +159,9 @@ class ReplayStream(trio.abc.Stream):
         #: What `write_nowait` writes to: the socket under trio's, or None
         #: (not a socket stream, or closed).
         self._direct = _stdlib_socket(getattr(stream, "socket", None))
+        #: What `receive_some` reads: the socket under a `trio.SocketStream`, or
+        #: None (then the stream's own `receive_some`).
+        self._raw = self._direct if isinstance(stream, trio.SocketStream) else None
         #: When bytes last arrived (trio clock): the keepalive's proof of life.
         self.last_receive = trio.current_time()
 
@@ -166,8 +175,30 @@ class ReplayStream(trio.abc.Stream):
             await trio.lowlevel.checkpoint()
             return self._screen(replayed)
         self._receiving = True
+        raw = self._raw
         try:
-            data = await self._stream.receive_some(max_bytes)
+            if raw is None:
+                data = await self._stream.receive_some(max_bytes)
+            else:
+                # `trio.SocketStream.receive_some` on its socket, as trio does it
+                # (its checkpoints, its errors), inline: an idle connection
+                # waits here for hours, and trio's way holds three more
+                # coroutine frames and a generator meanwhile (issue #16).
+                size = max_bytes or _RECEIVE_SIZE
+                await trio.lowlevel.checkpoint_if_cancelled()
+                received = _recv_nowait(raw, size)
+                if received is not None:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                while received is None:
+                    await trio.lowlevel.wait_readable(raw)
+                    received = _recv_nowait(raw, size)
+                data = received
+        except OSError as exc:
+            if raw is None:
+                raise
+            if exc.errno in _CLOSED_ERRNOS:
+                raise trio.ClosedResourceError("this socket was already closed") from None
+            raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
         finally:
             self._receiving = False
             if self._reader_idle is not None:
@@ -301,6 +332,20 @@ class ReplayStream(trio.abc.Stream):
                         pass
         finally:
             await trio.aclose_forcefully(stream)
+
+
+def _recv_nowait(raw: socket.socket, size: int) -> bytes | None:
+    """``raw.recv(size)``, or None when nothing has arrived (BlockingIOError).
+
+    Caught here rather than in `ReplayStream.receive_some`: an exception's
+    traceback gives every frame it passes through a frame object, and the
+    reading coroutine's would be kept for its life (0.25 KiB per idle
+    connection); this function's goes when it returns.
+    """
+    try:
+        return raw.recv(size)
+    except BlockingIOError:
+        return None
 
 
 def _stdlib_socket(trio_socket: object) -> socket.socket | None:

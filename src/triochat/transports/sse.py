@@ -13,6 +13,12 @@ The stream has no close frame, so `close` sends a last named event,
 ``onmessage`` handler, read by a client that listens for it), then ends the
 response.
 
+Errors: what trio raises on the stream and on the inbox of POSTed frames
+becomes `TransportClosed` in one place, `SseErrors` (the boundary, as
+httpcore's ``map_exceptions``; the WebSocket transport's is
+`websocket.WebSocketErrors`): out of this module comes `TransportClosed`,
+or a bug.
+
 `SseSessions` is a node's registry of its streams: a POST finds its stream
 here, or, when the stream is on another node of a cluster, is relayed there
 through the backplane and waits for that node's answer (docs/protocol.md
@@ -25,7 +31,9 @@ import contextlib
 import itertools
 import json
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from types import TracebackType
+from typing import Final
 
 import msgspec
 import trio
@@ -36,7 +44,7 @@ from ..events import SsePost, SsePostResult
 from ..frames import OutFrame
 from . import TransportClosed
 
-__all__ = ["HEARTBEAT", "PostAnswer", "SseSessions", "SseTransport"]
+__all__ = ["HEARTBEAT", "PostAnswer", "SseErrors", "SseSessions", "SseTransport"]
 
 #: How a POST is answered: (HTTP status, error code, message); 204 when taken.
 PostAnswer = tuple[int, str, str]
@@ -57,6 +65,52 @@ _HEAD = (
 )
 
 
+class SseErrors:
+    """The error boundary of an SSE session: where trio's exceptions become
+    triochat's, and nowhere else (as httpcore's ``map_exceptions``).
+    ``with`` one around each call into trio: a session has one for its inbox
+    of POSTed frames and one for its stream.
+
+    ==========================================  ====================================
+    raised                                      becomes
+    ==========================================  ====================================
+    the inbox: ``EndOfChannel``,                ``TransportClosed("event stream
+    ``ClosedResourceError`` (the session        closed")``
+    ended), ``BrokenResourceError``
+    the stream: ``BrokenResourceError``,        ``TransportClosed("event stream
+    ``ClosedResourceError`` (the client         lost")``, and the session ends
+    went away, or we closed it)
+    ==========================================  ====================================
+
+    Anything else is a bug, and propagates.
+    """
+
+    __slots__ = ("_on_error", "_reason")
+
+    def __init__(self, reason: str, on_error: Callable[[], None] | None = None) -> None:
+        self._reason = reason
+        #: Run before the error is raised (the stream's: the session ends).
+        self._on_error = on_error
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if isinstance(exc, _LIBRARY_ERRORS):
+            if self._on_error is not None:
+                self._on_error()
+            raise TransportClosed(self._reason) from exc
+
+
+#: What trio raises on a stream or a memory channel that means "this session is over".
+_LIBRARY_ERRORS: Final = (trio.BrokenResourceError, trio.ClosedResourceError, trio.EndOfChannel)
+
+
 class SseTransport:
     """The `Transport` of one SSE session (one ``GET /sse`` stream)."""
 
@@ -64,6 +118,8 @@ class SseTransport:
     heartbeat: float | None = HEARTBEAT
     #: Nothing answers a comment: only a write that cannot finish shows a dead peer.
     expects_pong = False
+    #: Closing is our close event and the end of the response: nothing to read.
+    reads_to_close = False
     last_receive = 0.0
 
     def __init__(self, stream: trio.abc.Stream, node: str = "") -> None:
@@ -77,6 +133,9 @@ class SseTransport:
         self._write_lock = trio.Lock()
         self._inbox_send, self._inbox_recv = trio.open_memory_channel[str](INBOX_FRAMES)
         self._ended = False
+        #: The error boundary (`SseErrors`) of the inbox, and of the stream.
+        self._inbox_errors = SseErrors("event stream closed")
+        self._stream_errors = SseErrors("event stream lost", on_error=self._end)
 
     async def start(self) -> None:
         """Send the response head and the ``session`` event."""
@@ -88,9 +147,10 @@ class SseTransport:
     async def watch_peer(self) -> None:
         """Return when the client closes the stream (it sends nothing else)."""
         try:
-            while await self._stream.receive_some(4096):
-                pass  # a client has nothing to say on this stream: ignore it
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            with self._stream_errors:
+                while await self._stream.receive_some(4096):
+                    pass  # a client has nothing to say on this stream: ignore it
+        except TransportClosed:
             pass
         self._end()
 
@@ -101,8 +161,9 @@ class SseTransport:
         client whose frames are not read yet.
         """
         try:
-            await self._inbox_send.send(text)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            with self._inbox_errors:
+                await self._inbox_send.send(text)
+        except TransportClosed:
             return False
         return True
 
@@ -117,10 +178,8 @@ class SseTransport:
     # --- Transport -------------------------------------------------------------
 
     async def receive_message(self) -> str:
-        try:
+        with self._inbox_errors:
             return await self._inbox_recv.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            raise TransportClosed("event stream closed") from None
 
     async def send(self, frames: list[OutFrame]) -> None:
         data = frames[0].sse if len(frames) == 1 else b"".join([frame.sse for frame in frames])
@@ -141,11 +200,8 @@ class SseTransport:
 
     async def _write(self, data: bytes) -> None:
         async with self._write_lock:
-            try:
+            with self._stream_errors:
                 await self._stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                self._end()
-                raise TransportClosed("event stream lost") from exc
 
 
 class SseSessions:

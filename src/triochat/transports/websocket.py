@@ -5,12 +5,17 @@
 write through one gate, the frame-size guard, the lingering close), and
 returns the connection's `WebSocketTransport`.
 
+One task per connection (issue #16: memory per idle connection): the
+handshake and the reading run in the connection's own task. trio-websocket
+does the protocol (its `WebSocketConnection`: the handshake's 101, pongs,
+the closing handshake, message assembly), but its reader task loop runs in
+`WebSocketTransport.receive_message`, which returns each message instead of
+queueing it on a memory channel; once established, the handshake's state
+is dropped (transports/wsopen.py: `open_handshake`, `shed_handshake`).
+
 Errors: trio's, trio-websocket's and wsproto's exceptions become triochat's
 in one place, `WebSocketErrors` (the boundary, as httpcore's
 ``map_exceptions``): out of this module comes `TransportClosed`, or a bug.
-trio-websocket's closing race (`ClosingRace`, out of the reader task) is
-caught around the reader's nursery, and only once our close frame was sent
-(`WebSocketErrors.our_close_sent`).
 
 Failing a connection (RFC 6455 7.1.7, docs/protocol.md section 11): when
 wsproto finds a protocol error (1002, or 1007 for invalid UTF-8)
@@ -23,7 +28,7 @@ set, and `close` then writes the close frame itself.
 
 permessage-deflate (RFC 7692, ``--compression on``): trio-websocket's
 `accept` gives wsproto no extensions, so with compression on the handshake
-goes through `_CompressingHandshake`, which adds our `DeflateExtension` to
+goes through `wsopen.CompressingHandshake`, which adds our `DeflateExtension` to
 the 101 (negotiation and inflating: transports/deflate.py). A connection
 that agreed to it gets a `DeflateWebSocketTransport`, which writes each
 frame's compressed framing (`OutFrame.wsz`, compressed once for all).
@@ -32,23 +37,29 @@ frame's compressed framing (`OutFrame.wsz`, compressed once for all).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import struct
 from types import TracebackType
-from typing import Final
+from typing import Final, cast
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
+from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
-from wsproto.events import AcceptConnection, Event
-from wsproto.utilities import LocalProtocolError
+from wsproto.events import (
+    BytesMessage,
+    CloseConnection,
+    Ping,
+    TextMessage,
+)
+from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from ..config import Config
 from ..frames import OutFrame
+from ..protocol import CloseCode
 from . import TransportClosed
 from .deflate import DeflateExtension
 from .replay import CLOSE_FRAME_BYTE, FrameSizeGuard, ReplayStream
+from .wsopen import CompressingHandshake, open_handshake
 
 __all__ = [
     "ClosingRace",
@@ -64,22 +75,18 @@ __all__ = [
 
 PING_FRAME = b"\x89\x00"  # FIN + opcode 9 (ping), no payload, unmasked
 
-# trio-websocket's reader stops reading (pongs and close frames included)
-# while its queue is full; ours drains it at once, so a few frames suffice.
-LIBRARY_QUEUE = 4
+# Bytes read from the socket at a time (trio-websocket's own default).
+_RECEIVE_BYTES: Final = 4096
 ABNORMAL_CLOSURE = 1006  # trio-websocket's code for a TCP connection lost without a close
 MAX_CLOSE_REASON = 123  # bytes: a control frame's payload is at most 125 (RFC 6455 5.5)
 
-#: trio-websocket's known closing race: its reader answers a ping that
+#: trio-websocket's known closing race: its reader task answers a ping that
 #: arrives after our close frame went out, wsproto refuses to send that pong,
-#: and the reader task raises this. The connection was closing anyway: the
-#: server catches it (``except*``) around the nursery that runs the reader,
-#: when `WebSocketErrors.our_close_sent`.
+#: and the reader task raises this. The server's reader
+#: (`WebSocketTransport.receive_message`) does not answer such a ping, so it
+#: never meets it; a trio-websocket client's reader task still does (the
+#: tests' chat client catches it).
 ClosingRace = LocalProtocolError
-
-#: wsproto's states once it has taken our close frame (LOCAL_CLOSING: ours
-#: first; CLOSED: ours answered the peer's): it refuses a pong in both.
-_CLOSE_SENT_STATES: Final = frozenset({ConnectionState.LOCAL_CLOSING, ConnectionState.CLOSED})
 
 #: What trio and trio-websocket raise that means "this connection is over".
 _LIBRARY_ERRORS: Final = (
@@ -117,28 +124,23 @@ class WebSocketErrors:
     ======================================  =======================================
     raised                                  becomes
     ======================================  =======================================
-    any of them (``TooSlowError`` too),     ``TransportClosed("handshake failed: …")``
-    while ``handshaking``
+    any of them (``TooSlowError`` and       ``TransportClosed("handshake failed: …")``
+    wsproto's ``RemoteProtocolError``
+    too), while ``handshaking``
     ``ConnectionClosed``                    how the reading ended (`closed`)
     ``BrokenResourceError``,                ``TransportClosed("connection lost")``
     ``ClosedResourceError``
     ======================================  =======================================
 
-    Not mapped: wsproto's ``LocalProtocolError`` out of trio-websocket's
-    reader task. It is the closing race (`ClosingRace`) once our close frame
-    was sent (`our_close_sent`), which the caller catches around the
-    reader's nursery with that test; at any other time it is a bug, as is
-    anything else, and propagates.
+    Anything else is a bug, and propagates.
     """
 
-    __slots__ = ("_stream", "extension", "handshaking", "protocol")
+    __slots__ = ("_stream", "extension", "handshaking")
 
     def __init__(self, stream: ReplayStream, extension: DeflateExtension | None = None) -> None:
         self._stream = stream
         #: The permessage-deflate agreed to (its inflating failures fail the connection).
         self.extension = extension
-        #: The connection's wsproto, once `accept_websocket` made it.
-        self.protocol: WSConnection | None = None
         #: Every error is the handshake's (while `accept_websocket` runs it).
         self.handshaking = False
 
@@ -151,17 +153,10 @@ class WebSocketErrors:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        if isinstance(exc, _LIBRARY_ERRORS):
+        if isinstance(exc, _LIBRARY_ERRORS) or (
+            self.handshaking and isinstance(exc, RemoteProtocolError)
+        ):
             raise self.translate(exc) from exc
-
-    @property
-    def our_close_sent(self) -> bool:
-        """Whether our close frame was sent: written by the stream, or taken by
-        wsproto (which from then on refuses a pong: the closing race)."""
-        protocol = self.protocol
-        return self._stream.close_sent or (
-            protocol is not None and protocol.state in _CLOSE_SENT_STATES
-        )
 
     def translate(self, exc: BaseException) -> TransportClosed:
         """The `TransportClosed` for one of the libraries' errors (the table above)."""
@@ -204,62 +199,44 @@ class WebSocketErrors:
         return TransportClosed(f"closed by the peer{said}", reason.code)
 
 
-class _CompressingHandshake(WSConnection):
-    """wsproto's server side, with `DeflateExtension` added to the 101 response.
-
-    trio-websocket's `WebSocketRequest.accept` sends an `AcceptConnection`
-    without extensions; wsproto negotiates those in the event itself
-    (calling `DeflateExtension.accept` with each offer) and then runs the
-    connection's frames through the agreed ones.
-    """
-
-    def __init__(self, extension: DeflateExtension) -> None:
-        super().__init__(ConnectionType.SERVER)
-        self._extension = extension
-
-    def send(self, event: Event) -> bytes:
-        if isinstance(event, AcceptConnection):
-            event = dataclasses.replace(event, extensions=[self._extension])
-        return super().send(event)
-
-
-async def _handshake(
-    nursery: trio.Nursery, stream: ReplayStream, protocol: WSConnection, config: Config
-) -> WebSocketConnection:
-    """`trio_websocket.wrap_server_stream` and `accept`, with our wsproto object:
-    `_CompressingHandshake` with compression on, and in any case one whose
-    state we can read (`WebSocketErrors.our_close_sent`).
-
-    (The three lines of trio-websocket 0.12's own, which takes no wsproto
-    object: its constructor does, the reader task and request wait are
-    private. Every WebSocket test runs them; tests/test_deflate.py runs the
-    compressing handshake.)
-    """
-    ws = WebSocketConnection(
-        stream,
-        protocol,
-        message_queue_size=LIBRARY_QUEUE,
-        max_message_size=config.max_frame_bytes,
-    )
-    nursery.start_soon(ws._reader_task)
-    request = await ws._get_request()
-    return await request.accept()
+async def _message(
+    ws: WebSocketConnection, event: TextMessage | BytesMessage
+) -> str | bytes | None:
+    """trio-websocket's ``_handle_message_event``, returning a finished message
+    instead of queueing it: the parts so far, their size limit (1009)."""
+    ws._message_size += len(event.data)
+    ws._message_parts.append(cast("bytes | str", event.data))  # (or a bytearray)
+    if ws._message_size > ws._max_message_size:
+        reason = f"Exceeded maximum message size: {ws._max_message_size} bytes"
+        ws._message_size = 0
+        ws._message_parts = []
+        ws._close_reason = CloseReason(CloseCode.MESSAGE_TOO_BIG, reason)
+        await ws._send(CloseConnection(code=CloseCode.MESSAGE_TOO_BIG, reason=reason))
+        ws._reader_running = False
+        return None
+    if not event.message_finished:
+        return None
+    parts = ws._message_parts
+    ws._message_size = 0
+    ws._message_parts = []
+    if isinstance(event, BytesMessage):
+        return b"".join(cast("list[bytes]", parts))
+    return "".join(cast("list[str]", parts))
 
 
 async def accept_websocket(
-    nursery: trio.Nursery,
     stream: ReplayStream,
     config: Config,
     errors: WebSocketErrors | None = None,
 ) -> WebSocketTransport:
-    """Complete the handshake the front vetted; its reader runs in ``nursery``.
+    """Complete the handshake the front vetted, in the caller's task.
 
     With ``config.compression`` a permessage-deflate offer is taken (the
     first acceptable one), and the transport is a `DeflateWebSocketTransport`.
 
     Args:
-        errors: the connection's boundary, when the caller wants it (for
-            `our_close_sent` around ``nursery``); by default a new one.
+        errors: the connection's boundary, when the caller has one; by
+            default a new one.
 
     Raises:
         TransportClosed: the handshake failed or timed out.
@@ -268,15 +245,14 @@ async def accept_websocket(
     protocol = (
         WSConnection(ConnectionType.SERVER)
         if extension is None
-        else _CompressingHandshake(extension)
+        else CompressingHandshake(extension)
     )
     if errors is None:
         errors = WebSocketErrors(stream)
-    errors.protocol = protocol
     errors.handshaking = True
     # The boundary outside the deadline: its TooSlowError is mapped too.
     with errors, trio.fail_after(config.handshake_timeout):
-        ws = await _handshake(nursery, stream, protocol, config)
+        ws = await open_handshake(stream, protocol, config)
     errors.handshaking = False
     if extension is not None and extension.agreement is not None:
         return DeflateWebSocketTransport(ws, stream, extension, errors)
@@ -290,6 +266,7 @@ class WebSocketTransport:
 
     heartbeat: float | None = None  # the configured ping interval
     expects_pong = True
+    reads_to_close = True  # the peer's close frame is read by `receive_message`
     #: The compression negotiated (for the log), or None.
     compression: str | None = None
 
@@ -306,9 +283,55 @@ class WebSocketTransport:
         return self._stream.last_receive
 
     async def receive_message(self) -> str | bytes:
-        """The next whole message, text or binary. Raises TransportClosed."""
+        """The next whole message, text or binary. Raises TransportClosed.
+
+        The connection's reader: trio-websocket's reader task loop, run here,
+        in the connection's own task (one task per idle connection, and no
+        message channel; issue #16). Each event gets trio-websocket's own
+        handling (its handlers for a ping and a close frame, its message
+        assembly and size limit), with one difference: a ping that arrives
+        after our close frame is not answered (wsproto refuses to, and
+        trio-websocket's reader then dies of it: the old closing race).
+        Pongs need nothing: any bytes prove the peer is there (`last_receive`).
+        Cancelled only when the connection ends.
+        """
+        ws = self._ws
+        protocol = ws._wsproto
         with self._errors:
-            return await self._ws.get_message()
+            while ws._reader_running:
+                for event in protocol.events():
+                    if isinstance(event, TextMessage | BytesMessage):
+                        message = await _message(ws, event)
+                        if message is not None:
+                            return message
+                    elif isinstance(event, Ping):
+                        if protocol.state is ConnectionState.OPEN:
+                            await ws._handle_ping_event(event)
+                    elif isinstance(event, CloseConnection):
+                        await ws._handle_close_connection_event(event)
+                    if not ws._reader_running:
+                        break
+                else:
+                    # Read the socket once into wsproto (inline: a frame less held).
+                    try:
+                        data = await self._stream.receive_some(_RECEIVE_BYTES)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        await ws._abort_web_socket()
+                        break
+                    if not data:  # the TCP connection closed (before the WebSocket did: 1006)
+                        if protocol.state is not ConnectionState.CLOSED:
+                            await ws._abort_web_socket()
+                        ws._reader_running = False
+                        break
+                    if protocol.state is not ConnectionState.CLOSED:
+                        try:
+                            protocol.receive_data(data)  # type: ignore[arg-type]  # (or a bytearray)
+                        except RemoteProtocolError as exc:
+                            if exc.event_hint is not None:
+                                await ws._send(exc.event_hint)
+                            await ws._close_stream()
+                    del data  # wsproto has it: not kept while the next read waits
+            raise ConnectionClosed(ws._close_reason)
 
     async def send(self, frames: list[OutFrame]) -> None:
         data = frames[0].ws if len(frames) == 1 else b"".join([frame.ws for frame in frames])

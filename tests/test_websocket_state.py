@@ -1,0 +1,261 @@
+"""What an established WebSocket chat keeps (issue #16: memory per idle connection).
+
+The connection reads in its own task (no trio-websocket reader task, no
+message channel) and drops the handshake's state (`shed_handshake`). These
+tests check that it does, that the private parts of trio-websocket and
+wsproto it relies on still behave as it assumes (a tripwire for upgrades),
+and the behaviours that moved with the reader: the closing race, a
+refused handshake.
+"""
+
+from __future__ import annotations
+
+import ast
+import collections
+import inspect
+import logging
+import textwrap
+
+import trio
+import trio.testing
+import trio_websocket
+import wsproto
+import wsproto.connection
+import wsproto.handshake
+from trio_websocket import WebSocketConnection
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import (
+    AcceptConnection,
+    CloseConnection,
+    Ping,
+    Pong,
+    Request,
+    TextMessage,
+)
+
+from triochat.config import Config
+from triochat.transports import TransportClosed
+from triochat.transports.replay import ReplayStream
+from triochat.transports.websocket import accept_websocket
+from triochat.transports.wsopen import (
+    FINISHED_HANDSHAKE,
+    NO_CHANNEL,
+    NO_LOCK,
+    NO_PINGS,
+    EventList,
+    LazyEvent,
+)
+
+from .conftest import memory_server
+
+
+def _server_task_names() -> collections.Counter[str]:
+    names: collections.Counter[str] = collections.Counter()
+
+    def visit(task: trio.lowlevel.Task) -> None:
+        names[task.name] += 1
+        for nursery in task.child_nurseries:
+            for child in nursery.child_tasks:
+                visit(child)
+
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    visit(root)
+    return names
+
+
+async def test_websocket_state_idle_chat_keeps_no_reader_task_channel_or_handshake(
+    autojump_clock,
+):
+    """An idle joined chat has no trio-websocket reader task, and its handshake's state,
+    message channel, write lock and event deque are replaced by shared stand-ins (#16)."""
+    async with memory_server() as net, net.client() as alice:
+        await alice.join("lobby", "alice")
+        await trio.testing.wait_all_tasks_blocked()
+        reader = "trio_websocket._impl.WebSocketConnection._reader_task"
+        assert _server_task_names()[reader] == 1, "the client's only"
+        (connection,) = net.server.connections
+        ws = connection._transport._ws  # type: ignore[attr-defined]
+        protocol = ws._wsproto
+        assert protocol.handshake is FINISHED_HANDSHAKE
+        assert isinstance(protocol.connection._events, EventList)
+        assert ws._send_channel is ws._recv_channel is NO_CHANNEL
+        assert ws._stream_lock is NO_LOCK
+        assert ws._pings is NO_PINGS
+        assert ws._connection_proposal is None
+        assert isinstance(ws._close_handshake, LazyEvent)
+        assert ws._close_handshake._event is None  # made only once someone waits
+        await alice.say("still chatting")
+        assert (await alice.expect("message"))["msg"] == "still chatting"
+
+
+def _methods_using(cls: type, attribute: str) -> set[str]:
+    """The methods of ``cls`` whose source reads or writes ``self.<attribute>``."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            for inner in ast.walk(node):
+                if (
+                    isinstance(inner, ast.Attribute)
+                    and inner.attr == attribute
+                    and isinstance(inner.value, ast.Name)
+                    and inner.value.id == "self"
+                ):
+                    found.add(node.name)
+    return found
+
+
+def test_websocket_state_library_internals_are_as_assumed():
+    """The private state `shed_handshake` replaces is used by trio-websocket and wsproto
+    only where the stand-ins cover it (fails on an upgrade that changes that)."""
+    assert trio_websocket.__version__.startswith("0.12."), trio_websocket.__version__
+    assert wsproto.__version__.startswith("1."), wsproto.__version__
+    # trio-websocket: the channel is only used by its reader task, get_message
+    # and the closing; the lock by _send; the pings by ping and its pong handler.
+    assert _methods_using(WebSocketConnection, "_send_channel") == {
+        "__init__",
+        "_close_web_socket",
+        "_handle_message_event",
+        "_reader_task",
+    }
+    assert _methods_using(WebSocketConnection, "_recv_channel") == {
+        "__init__",
+        "_aclose",
+        "get_message",
+        "_handle_message_event",
+    }
+    assert _methods_using(WebSocketConnection, "_stream_lock") == {"__init__", "_send"}
+    assert _methods_using(WebSocketConnection, "_pings") == {
+        "__init__",
+        "ping",
+        "_handle_pong_event",
+    }
+    assert _methods_using(WebSocketConnection, "_connection_proposal") == {
+        "__init__",
+        "_get_request",
+        "_handle_request_event",
+    }
+    # The events: set, waited for (the close handshake only in _aclose), nothing else.
+    source = inspect.getsource(WebSocketConnection)
+    for event in ("_open_handshake", "_close_handshake", "_for_testing_peer_closed_connection"):
+        uses = {
+            line.split(f"self.{event}", 1)[1][:8]
+            for line in source.splitlines()
+            if f"self.{event}" in line
+        }
+        assert uses <= {" = trio.", ".set()", ".wait()"}, (event, uses)
+    assert _methods_using(WebSocketConnection, "_close_handshake") >= {"_aclose"}
+    # wsproto: an established WSConnection asks its handshake only for events,
+    # and Connection's event queue is only appended to and popped from the left.
+    assert _methods_using(WSConnection, "handshake") == {
+        "__init__",
+        "state",
+        "initiate_upgrade_connection",
+        "send",
+        "receive_data",
+        "events",
+    }
+    queue_uses = {
+        line.strip()
+        for line in inspect.getsource(wsproto.connection.Connection).splitlines()
+        if "self._events" in line
+    }
+    assert queue_uses == {
+        "self._events: deque[Event] = deque()",
+        "self._events.append(CloseConnection(code=CloseReason.ABNORMAL_CLOSURE))",
+        "while self._events:",
+        "yield self._events.popleft()",
+    }, queue_uses
+
+
+def _client_handshake(client: WSConnection) -> bytes:
+    return client.send(Request(host="localhost", target="/ws"))
+
+
+async def test_websocket_state_ping_after_our_close_is_not_answered(autojump_clock, caplog):
+    """A ping that arrives after the server's close frame (the drain's 1001) gets no
+    pong and breaks nothing: the close handshake completes when the client answers
+    (trio-websocket's reader task died of this: the old closing race)."""
+    async with memory_server() as net:
+        stream = await net.listener.connect()
+        client = WSConnection(ConnectionType.CLIENT)
+        await stream.send_all(_client_handshake(client))
+
+        async def events() -> list[object]:
+            got: list[object] = []
+            while not got:
+                data = await stream.receive_some()
+                client.receive_data(data or None)
+                got = list(client.events())
+            return got
+
+        assert isinstance((await events())[0], AcceptConnection)
+        await stream.send_all(client.send(TextMessage('{"type":"join","room":"r","name":"z"}')))
+        assert "joined" in (await events())[0].data  # type: ignore[attr-defined]
+        net.server.drain()
+        closing = [event for event in await events() if isinstance(event, CloseConnection)]
+        while not closing:
+            closing = [event for event in await events() if isinstance(event, CloseConnection)]
+        assert closing[0].code == 1001
+        # A ping now: wsproto (the client's, in REMOTE_CLOSING) still lets us frame one.
+        await stream.send_all(b"\x89\x84" + b"\x00\x00\x00\x00" + b"late")
+        with trio.move_on_after(1):
+            data = await stream.receive_some()
+            client.receive_data(data or None)
+            assert not [e for e in client.events() if isinstance(e, Pong)], "a pong after close"
+        await stream.send_all(client.send(closing[0].response()))
+        with trio.fail_after(10):
+            while await stream.receive_some():
+                pass  # the server closes the TCP connection
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_websocket_state_handshake_refused_by_wsproto_answers_and_fails_at_once(
+    autojump_clock,
+):
+    """An upgrade wsproto refuses (here: no Sec-WebSocket-Key, which the front would
+    have refused first) gets wsproto's 400 and fails the handshake at once, not
+    after the handshake timeout."""
+    ours, theirs = trio.testing.memory_stream_pair()
+    head = (
+        b"GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    started = trio.current_time()
+    try:
+        await accept_websocket(ReplayStream(ours, head), Config())
+    except TransportClosed as exc:
+        assert exc.reason.startswith("handshake failed: RemoteProtocolError"), exc.reason
+    else:
+        raise AssertionError("the handshake went through")
+    assert trio.current_time() - started < 1
+    assert (await theirs.receive_some()).startswith(b"HTTP/1.1 400 ")
+
+
+async def test_websocket_state_lazy_event_waits_until_set():
+    """The close handshake's stand-in: a wait before `set` returns once set; after, at once."""
+    event = LazyEvent()
+    assert not event.is_set()
+    async with trio.open_nursery() as nursery:
+        done = trio.Event()
+
+        async def waiter() -> None:
+            await event.wait()
+            done.set()
+
+        nursery.start_soon(waiter)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not done.is_set()
+        event.set()
+        await done.wait()
+    assert event.is_set()
+    with trio.fail_after(1):
+        await event.wait()
+
+
+def test_websocket_state_event_list_pops_from_the_left():
+    events = EventList([Ping(b"1"), Ping(b"2")])
+    events.append(Ping(b"3"))
+    assert [events.popleft().payload for _ in range(3)] == [b"1", b"2", b"3"]
+    assert not events

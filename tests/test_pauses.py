@@ -3,6 +3,7 @@ the watchdog, the last minute's longest, and their series on /metrics."""
 
 from __future__ import annotations
 
+import functools
 import gc
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import trio
 import trio.testing
 
 from triochat.metrics import Stats
-from triochat.pauses import Pauses, RecentMax
+from triochat.pauses import FULL_AFTER_CLOSES, YOUNG_INTERVAL, Pauses, RecentMax
 
 from .conftest import running_server
 from .test_metrics import scrape, total
@@ -106,17 +107,48 @@ def test_pauses_recent_max_forgets_after_its_span():
     assert recent.read() == 0.0
 
 
-def test_pauses_freeze_startup_freezes_what_is_alive():
-    """freeze_startup() leaves the objects alive at start-up frozen (a fresh
-    process: it is process-wide, never run in the test process)."""
+def test_pauses_tune_collector_freezes_start_up_and_stops_automatic_full_collections():
+    """tune_collector() leaves what start-up made frozen and the third threshold
+    out of reach (a fresh process: it is process-wide, never run in the test process)."""
     code = (
-        "import gc; from triochat.pauses import freeze_startup; "
-        "freeze_startup(); print(gc.get_freeze_count())"
+        "import gc; from triochat.pauses import GC_THRESHOLD, tune_collector; "
+        "tune_collector(); print(gc.get_freeze_count()); "
+        "assert gc.get_threshold() == GC_THRESHOLD, gc.get_threshold()"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True
     )
     assert int(out.stdout) > 1000
+
+
+async def test_pauses_watchdog_collects_young_generations_then_all_after_closes(mock_clock):
+    """watch(collect=True) collects generations 0-1 every 0.1 s, and all of
+    them once FULL_AFTER_CLOSES chats have closed (#16 goal 4)."""
+    stats = Stats()
+    pauses = Pauses(stats, interval=0.01)
+    gc.disable()  # only the watchdog's collections, so the counts are exact
+    try:
+        with pauses.recording_gc():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(functools.partial(pauses.watch, collect=True))
+                await trio.testing.wait_all_tasks_blocked()
+                young, full = stats.gc_pause[1].count, stats.gc_pause[2].count
+                mock_clock.jump(YOUNG_INTERVAL)
+                await trio.testing.wait_all_tasks_blocked()
+                assert stats.gc_pause[1].count > young
+                assert stats.gc_pause[2].count == full
+                for _ in range(FULL_AFTER_CLOSES):
+                    stats.opened_one("websocket")
+                    stats.closed_one("websocket", 1000)
+                mock_clock.jump(YOUNG_INTERVAL)
+                await trio.testing.wait_all_tasks_blocked()
+                assert stats.gc_pause[2].count == full + 1
+                mock_clock.jump(YOUNG_INTERVAL)  # nothing closed since: a young one again
+                await trio.testing.wait_all_tasks_blocked()
+                assert stats.gc_pause[2].count == full + 1
+                nursery.cancel_scope.cancel()
+    finally:
+        gc.enable()
 
 
 async def test_pauses_series_on_metrics():

@@ -1,12 +1,11 @@
-"""Pauses: how long the process stops serving, measured as /metrics shows it (#16).
+"""Pauses: how long the process stops serving, measured and kept short (#16 goal 4).
 
-Two measures, cheap enough to leave on in production:
+Measured, as /metrics shows it, cheaply enough to leave on:
 
 - **GC pauses.** `gc.callbacks` is called with ``"start"`` and ``"stop"``
   around every collection of Python's cyclic garbage collector; no task runs
   in between. Each pause is observed by generation
-  (``triochat_gc_pause_seconds{generation}``; 2 is a full collection, whose
-  length grows with every object alive).
+  (``triochat_gc_pause_seconds{generation}``; 2 is a full collection).
 - **Loop stalls.** A watchdog task sleeps `WATCHDOG_INTERVAL` and records how
   late it woke (``triochat_loop_stall_seconds``): whatever kept the event
   loop from running it (a long hub step, a GC pause, a blocking call, a
@@ -19,8 +18,32 @@ Each also keeps its longest of the last minute (`RecentMax`:
 ``triochat_gc_pause_max_seconds``, ``triochat_loop_stall_max_seconds``),
 the figure an alert on "no stall over 20 ms" reads.
 
-`freeze_startup` is the process's GC set-up once it serves (the numbers
-behind it: docs/performance.md, "Pauses").
+Kept short, in the server's own process only (`Pauses.tune_gc`, which
+`serve_until_signalled` sets: the collector is process-wide, so never in a
+test process or an embedding host). What CPython 3.11's collector did at
+19,000 idle connections (docs/performance.md, "Pauses"):
+
+- A full collection walks every tracked object, about 70 per idle
+  connection: 0.9 s. Python runs one whenever the old generation has grown
+  by a quarter, and each pong a connection receives makes its reader's await
+  chain anew (about 20 objects that live until the next one): a full
+  collection every 12 s or so.
+- A young collection walks the young generations, which Python bounds by a
+  *count*, allocations minus deallocations: objects made to replace old ones
+  do not raise it, and the young generations grew to 250,000 objects (0.15 s).
+
+- What needs a full collection is what a closed WebSocket leaves: wsproto's
+  frame parser and its parsing generator hold each other (a cycle, 19
+  blocks, 1.3 KiB per connection that lived long enough to grow old). No
+  other cyclic garbage grew with connections or time.
+
+So `tune_collector` collects and freezes what start-up left (`gc.freeze`)
+and sets the third threshold out of reach (`GC_THRESHOLD`): no full
+collection runs by itself. The watchdog runs them instead when that garbage
+is there (`FULL_AFTER_CLOSES` chats closed, or a quarter of those open if
+more) and every `FULL_INTERVAL` in any case (any other cyclic garbage); and
+it collects the young generations every `YOUNG_INTERVAL`, which bounds them
+by time as well as by count.
 
 Rule 1: the GC callback runs inside a collection, in whichever thread
 allocated last (SQLite's worker threads too): it reads a clock and bumps
@@ -46,28 +69,40 @@ import trio.testing
 from .metrics import Gauge, Stats
 
 __all__ = [
+    "FULL_AFTER_CLOSES",
+    "FULL_INTERVAL",
     "GC_THRESHOLD",
     "RECENT_SECONDS",
     "WATCHDOG_INTERVAL",
+    "YOUNG_INTERVAL",
     "Pauses",
     "RecentMax",
-    "freeze_startup",
+    "tune_collector",
 ]
 
-#: How often the watchdog wakes, s: one wake costs about 20 µs of CPU.
+#: How often the watchdog wakes, s.
 WATCHDOG_INTERVAL: Final = 0.01
-#: The span of the "longest recent" gauges, s.
+#: How often a tuned process collects the young generations (0 and 1), s.
+YOUNG_INTERVAL: Final = 0.1
+#: A tuned process collects every generation once this many chats have
+#: closed since it last did, or a quarter of those open if that is more (so
+#: the closed ones' cycles cost at most about 1.3 KiB x that many).
+FULL_AFTER_CLOSES: Final = 1000
+#: ... and at least this often, whatever closed, s.
+FULL_INTERVAL: Final = 600.0
+#: The span of the "longest of the last minute" gauges, s.
 RECENT_SECONDS: Final = 60.0
-#: The collector's thresholds once the server runs (`freeze_startup`); None:
-#: Python's own (700, 10, 10).
-GC_THRESHOLD: Final[tuple[int, int, int] | None] = None
+#: The collector's thresholds in a tuned process: Python's own for the young
+#: generations, and the third (young collections between two full ones) out
+#: of reach, so that no full collection runs by itself.
+GC_THRESHOLD: Final = (700, 10, 2**31 - 1)
 
 
 class RecentMax:
     """The largest value recorded in the last ``span`` seconds, to within a
     slot of ``span / slots`` (a value ages out a slot at a time).
 
-    Recording is O(1): one max per slot, oldest first, at most ``slots``
+    Recording is O(1): one maximum per slot, oldest first, at most ``slots``
     of them kept.
     """
 
@@ -107,6 +142,7 @@ class Pauses:
     """Records GC pauses and event-loop stalls into ``stats`` while `run` runs."""
 
     def __init__(self, stats: Stats, *, interval: float = WATCHDOG_INTERVAL) -> None:
+        self._stats = stats
         self._gc_pause = stats.gc_pause
         self._loop_stall = stats.loop_stall
         self.interval = interval
@@ -115,10 +151,11 @@ class Pauses:
         """The longest GC pause of the last minute."""
         self.loop_stall_max = RecentMax()
         """The longest loop stall of the last minute."""
-        self.freeze_at_start = False
-        """`run` calls `freeze_startup` first: set by the process that is
-        this server's (`serve_until_signalled`), never by an embedding host's
-        or a test's."""
+        self.tune_gc = False
+        """Tune the process's collector: `run` calls `tune_collector` first and
+        the watchdog runs the collections (`watch`). Set by the process that is
+        this server's (`serve_until_signalled`), never by an embedding host or
+        a test: the collector is process-wide."""
         self._gc_started = 0.0
 
     def gauges(self) -> dict[str, Gauge]:
@@ -140,38 +177,13 @@ class Pauses:
 
         Cancellation: the way to stop it; the GC callback is removed on the way out.
         """
-        if self.freeze_at_start:
-            freeze_startup()  # before recording: start-up's one collection is not a pause
-        import os  # TEMPORARY EXPERIMENT HOOK (#16): removed before commit
-
-        if "trace" in os.environ.get("TRIOCHAT_GC_EXPERIMENT", ""):
-            _trace: list[tuple[int, float, int, int]] = []
-            _t = [0.0, 0, 0]
-
-            def _cb(phase: str, info: dict[str, int]) -> None:
-                if phase == "start":
-                    _t[:] = [time.perf_counter(), len(gc.get_objects(0)), len(gc.get_objects(1))]
-                else:
-                    ms = 1000 * (time.perf_counter() - _t[0])
-                    _trace.append((info["generation"], ms, int(_t[1]), int(_t[2])))
-
-            gc.callbacks.append(_cb)
-            import atexit
-
-            def _dump() -> None:
-                found = gc.collect()
-                with open(f"/tmp/pz/found-{os.getpid()}.txt", "w") as f:
-                    f.write(f"{found} {gc.get_freeze_count()} {len(gc.get_objects())}\n")
-                with open(f"/tmp/pz/trace-{os.getpid()}.txt", "w") as f:
-                    for row in _trace:
-                        f.write(f"{row[0]} {row[1]:.3f} {row[2]} {row[3]}\n")
-
-            atexit.register(_dump)
+        if self.tune_gc:
+            tune_collector()  # before recording: start-up's one collection is not a pause
         with self.recording_gc():
             task_status.started()
             if isinstance(trio.lowlevel.current_clock(), trio.testing.MockClock):
                 await trio.sleep_forever()
-            await self.watch()
+            await self.watch(collect=self.tune_gc)
 
     @contextlib.contextmanager
     def recording_gc(self) -> Iterator[None]:
@@ -183,28 +195,40 @@ class Pauses:
         finally:
             gc.callbacks.remove(callback)
 
-    async def watch(self) -> None:
-        """The watchdog: every `interval`, how late it woke. Runs until cancelled."""
+    async def watch(self, *, collect: bool = False) -> None:
+        """The watchdog: every `interval`, how late it woke. With ``collect``
+        it also runs the collections of a tuned process (module docstring):
+        the young generations every `YOUNG_INTERVAL`; all of them after
+        `FULL_AFTER_CLOSES` closes (or a quarter of the chats open) and every
+        `FULL_INTERVAL`. Runs until cancelled."""
         interval = self.interval
         observe = self._loop_stall.observe
         record = self.loop_stall_max.record
-        import os  # TEMPORARY EXPERIMENT HOOK (#16)
-
-        exp = os.environ.get("TRIOCHAT_GC_EXPERIMENT", "")
-        every = int(exp.split("tick=")[1].split()[0]) if "tick=" in exp else 0
-        gen = int(exp.split("gen=")[1].split()[0]) if "gen=" in exp else 1
-        wakes = 0
+        now = trio.current_time()
+        next_young, next_full = now + YOUNG_INTERVAL, now + FULL_INTERVAL
+        closed_then = self._closed()
         while True:
             due = trio.current_time() + interval
             await trio.sleep_until(due)
-            late = trio.current_time() - due
+            now = trio.current_time()
+            late = now - due
             observe(late)
             record(late)
-            if every:
-                wakes += 1
-                if wakes >= every:
-                    wakes = 0
-                    gc.collect(gen)
+            if not collect or now < next_young:
+                continue
+            next_young = now + YOUNG_INTERVAL
+            closed = self._closed()
+            open_now = sum(self._stats.open.values())
+            if now >= next_full or closed - closed_then >= max(FULL_AFTER_CLOSES, open_now / 4):
+                next_full = now + FULL_INTERVAL
+                closed_then = closed
+                gc.collect()  # its pause is recorded as any other
+            else:
+                gc.collect(1)  # generations 0 and 1
+
+    def _closed(self) -> int:
+        """Chats closed since the start."""
+        return self._stats.connections_opened - sum(self._stats.open.values())
 
     def _on_gc(self, phase: str, info: dict[str, int]) -> None:
         # Rule 1. perf_counter, not trio.current_time(): this may run outside
@@ -217,24 +241,15 @@ class Pauses:
         self.gc_pause_max.record(pause)
 
 
-def freeze_startup() -> None:
-    """Set up the collector for a process that now serves: collect once, then
-    freeze whatever is alive (modules, configuration, the listeners: what
-    lives as long as the process) so that no later collection walks it again,
-    and apply `GC_THRESHOLD`.
+def tune_collector() -> None:
+    """Set up the collector of a process that now serves (module docstring):
+    collect once, freeze whatever is alive (modules, configuration, the
+    listeners: what lives as long as the process) so that no collection walks
+    it again, and set `GC_THRESHOLD`.
 
-    Process-wide, so only for the process that is the server's: never call it
-    in a test process or an embedding host (frozen objects are never
-    collected, cycles among them included).
+    Process-wide, so only for the process that is the server's: frozen
+    objects are never collected, cycles among them included.
     """
-    import os  # TEMPORARY EXPERIMENT HOOK (#16): removed before commit
-
-    exp = os.environ.get("TRIOCHAT_GC_EXPERIMENT", "")
-    if "nofreeze" not in exp:
-        gc.collect()
-        gc.freeze()
-    if "t=" in exp:
-        gc.set_threshold(*(int(x) for x in exp.split("t=")[1].split(",")))
-        return
-    if GC_THRESHOLD is not None:
-        gc.set_threshold(*GC_THRESHOLD)
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLD)

@@ -365,7 +365,7 @@ async def serve_until_signalled(
         OSError: the port could not be bound.
     """
     server = Server(config)
-    server.pauses.freeze_at_start = True  # this process is the server's (pauses.py)
+    server.pauses.tune_gc = True  # this process is the server's: its collector too (pauses.py)
     signals_of_interest = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     with _plain_startup_failures(), trio.open_signal_receiver(*signals_of_interest) as signals:
         async with trio.open_nursery() as nursery:

@@ -12,6 +12,7 @@ from triochat import Config, Server
 from .chatclient import ChatClient, open_client
 from .redisserver import redis_server
 from .server_process import ServerProcess, run_server
+from .test_api_e2e import api_server, curl, url
 from .test_metrics import _get, samples, total
 
 ROOMS = [f"r{i}" for i in range(6)]
@@ -144,3 +145,26 @@ async def test_a_cluster_node_reads_an_evicted_room_from_redis(tmp_path):
             assert nodes[1].hub.chat.room_cache.loads == 1
             for node in nodes:
                 node.drain()
+
+
+async def test_the_server_api_pages_an_evicted_room_from_the_store():
+    """`GET /api/history` of a room evicted from memory reads the store (§8, §16):
+    the same page as for a room in memory, and `before` an unknown id is 400."""
+    with trio.fail_after(30):
+        async with api_server(room_cache=1, rate=0) as server:
+            ids = await fill(f"ws://127.0.0.1:{server.port}/ws", ROOMS[:3], 3)
+            while server.hub.chat.room_cache.evicted < 2:  # noqa: ASYNC110 (leaves settle)
+                await trio.sleep(0.1)
+            assert not server.hub.chat.history_in_memory("r0")
+            status, page = await curl(server.port, url("/api/history?room=r0&limit=2"))
+            assert status == 200, page
+            assert [m["id"] for m in page["messages"]] == ids["r0"][1:]
+            assert page["more"] is True
+            before = ids["r0"][1]
+            status, page = await curl(server.port, url(f"/api/history?room=r0&before={before}"))
+            assert status == 200, page
+            assert [m["id"] for m in page["messages"]] == ids["r0"][:1]
+            assert page["more"] is False
+            status, page = await curl(server.port, url("/api/history?room=r0&before=x-1"))
+            assert status == 400, page
+            assert not server.hub.chat.history_in_memory("r0"), "a page does not load the room"

@@ -26,6 +26,7 @@ from .frames import OutFrame
 from .hub import Hub
 from .protocol import ErrorCode, Message
 from .ratelimit import RateLimiter
+from .state.log import page_before
 from .state.model import Client, Refused
 
 __all__ = ["ServerApi"]
@@ -132,8 +133,7 @@ class ServerApi:
             end = next((i for i, m in enumerate(stored) if m.id == before), -1)
             if end < 0:
                 raise ApiError(400, BAD_ID, f"{room} keeps no message {before}")
-        start = max(0, end - limit)
-        return stored[start:end], start > 0
+        return page_before(stored, end, limit)
 
     async def delete(self, room: str, message_id: str) -> bool:
         # The store first: once it answers, no join, reload or gap fill brings

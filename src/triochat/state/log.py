@@ -34,10 +34,17 @@ from ..recent import Snapshot, cached_bytes
 from .model import CLASSIC_ROOM, Client, Refused, Room
 from .rooms import Rooms
 
-__all__ = ["JOIN_HISTORY", "MAX_RECOVERY", "RoomCacheStats", "RoomLog"]
+__all__ = ["JOIN_HISTORY", "MAX_RECOVERY", "RoomCacheStats", "RoomLog", "page_before"]
 
 JOIN_HISTORY: Final = 100  # newest messages in a `joined` without `since`
 MAX_RECOVERY: Final = 200  # most missed messages a `since` replays exactly
+
+
+def page_before(messages: list[Message], end: int, limit: int) -> tuple[list[Message], bool]:
+    """A `history` page of ``messages`` (oldest first): up to ``limit`` of them
+    before index ``end``, and whether older ones are left."""
+    start = max(0, end - limit)
+    return messages[start:end], start > 0
 
 
 class RoomCacheStats(NamedTuple):
@@ -90,19 +97,21 @@ class RoomLog:
         """The seq of one of this epoch's ids; None for any other id."""
         return seq_of(self.epoch, message_id)
 
-    def is_new(self, message: Message) -> bool:
-        """Whether ``message`` is of this epoch and not here yet; it is known from now."""
+    def new_seq(self, message: Message) -> int | None:
+        """``message``'s seq if it is of this epoch and not here yet (it is known
+        from now); else None."""
         seq = seq_of(self.epoch, message.id)
         if seq is None:
-            return False  # another epoch's: a backplane sends a `Reload` before those
+            return None  # another epoch's: a backplane sends a `Reload` before those
         if seq <= self.last_seq:
-            return False  # already here (a gap fill and a live copy may overlap)
+            return None  # already here (a gap fill and a live copy may overlap)
         self.last_seq = seq
-        return True
+        return seq
 
-    def keep(self, message: Message) -> Room | None:
-        """Keep a new message (`is_new`) in its room: the room, or None if it is not
-        in memory (the store has the message; the room is read when joined)."""
+    def keep(self, message: Message, seq: int) -> Room | None:
+        """Keep a new message (its seq from `new_seq`) in its room: the room, or
+        None if it is not in memory (the store has the message; the room is read
+        when joined)."""
         rooms = self._rooms
         room = rooms.rooms.get(message.room)
         if room is None:
@@ -111,7 +120,7 @@ class RoomLog:
             room = rooms.room(message.room)  # a room that was empty: now it has history
         if room.loaded or room.loading:
             room.messages.append(message)
-            room.seqs.append(seq_of(self.epoch, message.id) or 0)
+            room.seqs.append(seq)
             room.bytes += (cost := cached_bytes(message))
             rooms.cached_bytes += cost
             self._trim(room)
@@ -237,8 +246,7 @@ class RoomLog:
             if index is None:
                 raise Refused(ErrorCode.BAD_FRAME, "unknown `before` id")
             end = index
-        start = max(0, end - limit)
-        return room.messages[start:end], start > 0
+        return page_before(room.messages, end, limit)
 
     # --- a reload -------------------------------------------------------------------------
 

@@ -119,9 +119,10 @@ class Says:
         """A stored message, in the chat's one order: keep it, broadcast it, ack
         the says it stores. One already here is skipped."""
         log = self._log
-        if not log.is_new(message):
+        seq = log.new_seq(message)
+        if seq is None:
             return
-        room = log.keep(message)
+        room = log.keep(message, seq)
         if room is not None:
             self._rooms.broadcast(room, OutFrame.of(message, message.id))
         awaiting = self._awaiting.pop(message.id, None)

@@ -44,6 +44,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import resource
 import socket
 import statistics
@@ -55,7 +56,7 @@ from dataclasses import dataclass
 import trio
 from websockets.asyncio.server import Server, ServerConnection, broadcast, serve
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, Request, TextMessage
+from wsproto.events import Request, TextMessage
 from wsproto.extensions import PerMessageDeflate
 
 from triochat.config import Config
@@ -69,7 +70,7 @@ from triochat.transports.websocket import (
     ReplayStream,
     WebSocketTransport,
 )
-from triochat.transports.wsopen import CompressingHandshake
+from triochat.transports.wsopen import accept_upgrade
 
 OFFER = "permessage-deflate; client_max_window_bits"  # what Chromium and websockets offer
 #: Chat lines the messages are cut from, a word at a time.
@@ -278,14 +279,16 @@ def measure_inbound(chars: int, messages: int = 2000) -> tuple[float, float, flo
     results = []
     for compression in (False, True):
         extension = DeflateExtension(65536)
-        server = (
-            CompressingHandshake(extension) if compression else WSConnection(ConnectionType.SERVER)
-        )
         client = WSConnection(ConnectionType.CLIENT)
         offers = [PerMessageDeflate()] if compression else []
-        server.receive_data(client.send(Request(host="localhost", target="/", extensions=offers)))
-        list(server.events())
-        client.receive_data(server.send(AcceptConnection()))
+        head = client.send(Request(host="localhost", target="/", extensions=offers))
+        key = re.search(rb"(?i)sec-websocket-key: (\S+)", head)
+        offer = re.search(rb"(?i)sec-websocket-extensions: ([^\r]+)", head)
+        assert key is not None
+        response, server = accept_upgrade(
+            key.group(1), [offer.group(1).decode()] if offer else [], extension
+        )
+        client.receive_data(response)
         list(client.events())
         wire = [client.send(TextMessage(data=text)) for text in says]
         started = time.process_time()

@@ -4,6 +4,7 @@ and `take_output`."""
 from __future__ import annotations
 
 import json
+import random
 from typing import Any
 
 import pytest
@@ -1699,6 +1700,54 @@ def test_cluster_node_gone_removes_its_members_once():
     assert [f["name"] for f in bob.take()] == ["alice", "carol"]
     two.state.apply(NodeGone("n1"), two.now)
     assert bob.take() == []
+
+
+def _names_in_step(chat: Chat) -> None:
+    """Every room's kept sorted names (`Room.member_names`) are its members, here
+    and on other nodes, as computed afresh."""
+    for room in chat.state._rooms.rooms.values():
+        assert room.member_names() == sorted(room.members.keys() | room.remote.keys())
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_member_names_stay_in_step_through_every_kind_of_change(seed: int):
+    """Joins, leaves, drops and grace periods, members of other nodes arriving,
+    leaving and vanishing (NodeGone), a name moving between nodes: the sorted
+    names a `joined` frame lists are kept in step with each (#16), checked after
+    every step on both nodes."""
+    rng = random.Random(seed)
+    one, two = Chat(node="n1"), Chat(node="n2")
+    names = ["alice", "bob", "carol", "dave", "erin"]
+    rooms = ["lobby", "side", "back"]
+    conns: list[tuple[Chat, Conn]] = []
+    for _ in range(400):
+        chat = rng.choice((one, two))
+        roll = rng.random()
+        if roll < 0.35 or not conns:
+            conn = chat.connect()
+            conn.send(type_="join", room=rng.choice(rooms), name=rng.choice(names))
+            conns.append((chat, conn))
+        elif roll < 0.5:
+            chat, conn = rng.choice(conns)
+            conn.send(type_="join", room=rng.choice(rooms))
+        elif roll < 0.62:
+            chat, conn = rng.choice(conns)
+            conn.send(type_="leave", room=rng.choice(rooms))
+        elif roll < 0.74:
+            chat, conn = conns.pop(rng.randrange(len(conns)))
+            conn.disconnect()
+        elif roll < 0.86:
+            chat.advance(rng.choice((0.5, 2.0, GRACE + 1)))
+        elif roll < 0.97:
+            carry(one, two)
+            carry(two, one)
+        else:
+            other = "n1" if chat is two else "n2"
+            chat.state.apply(NodeGone(other), chat.now)
+        for _chat, conn in conns:
+            conn.take()
+        _names_in_step(one)
+        _names_in_step(two)
 
 
 def test_reload_delivers_what_the_gap_held_in_order():

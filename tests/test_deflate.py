@@ -17,6 +17,7 @@ import zlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+import h11
 import pytest
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
@@ -25,8 +26,10 @@ from wsproto.extensions import PerMessageDeflate
 from triochat.cli import config_from_args
 from triochat.errors import ConfigError
 from triochat.frames import DEFLATE_MIN_BYTES, OutFrame, deflate_message
+from triochat.front.handshake import vetted_upgrade
+from triochat.front.messages import Request as FrontRequest
 from triochat.transports.deflate import CLIENT_MAX_WINDOW_BITS, DeflateExtension, negotiate
-from triochat.transports.wsopen import CompressingHandshake
+from triochat.transports.wsopen import accept_upgrade
 
 from .server_process import ServerProcess, run_server
 from .test_browser import TIMEOUT
@@ -198,16 +201,18 @@ def _server_pair(
     limit: int = MAX_FRAME,
 ) -> tuple[WSConnection, WSConnection, DeflateExtension, str]:
     """A wsproto client offering its PerMessageDeflate, and our compressing server
-    handshake (`CompressingHandshake`), connected in memory; and the 101's head."""
+    side (the request read by h11 and vetted as the front does, `accept_upgrade`),
+    connected in memory; and the 101's head."""
     extension = DeflateExtension(limit)
-    server = CompressingHandshake(extension)
     client = WSConnection(ConnectionType.CLIENT)
-    server.receive_data(
+    front = h11.Connection(h11.SERVER)
+    front.receive_data(
         client.send(Request(host="localhost", target="/ws", extensions=[PerMessageDeflate()]))
     )
-    (request,) = list(server.events())
-    assert isinstance(request, Request)
-    response = server.send(AcceptConnection())
+    event = front.next_event()
+    assert isinstance(event, h11.Request)
+    upgrade = vetted_upgrade(FrontRequest(event), "127.0.0.1", b"")
+    response, server = accept_upgrade(upgrade.key, upgrade.offers, extension)
     client.receive_data(response)
     (accepted,) = list(client.events())
     assert isinstance(accepted, AcceptConnection)

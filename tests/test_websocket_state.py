@@ -1,11 +1,11 @@
 """What an established WebSocket chat keeps (issue #16: memory per idle connection).
 
 The connection reads in its own task (no trio-websocket reader task, no
-message channel) and drops the handshake's state (`shed_handshake`). These
-tests check that it does, that the private parts of trio-websocket and
-wsproto it relies on still behave as it assumes (a tripwire for upgrades),
-and the behaviours that moved with the reader: the closing race, a
-refused handshake.
+message channel) and is built established, holding none of the handshake's
+state (transports/wsopen.py). These tests check that it does, that the
+private parts of trio-websocket and wsproto it relies on still behave as it
+assumes (a tripwire for upgrades), that our 101 is wsproto's own, and the
+behaviours that moved with the reader: the closing race, a 101 not taken.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import inspect
 import logging
 import textwrap
 
+import h11
+import pytest
 import trio
 import trio.testing
 import trio_websocket
@@ -32,9 +34,13 @@ from wsproto.events import (
     Request,
     TextMessage,
 )
+from wsproto.extensions import PerMessageDeflate
 
 from triochat.config import Config
+from triochat.front.handshake import vetted_upgrade
+from triochat.front.messages import Request as FrontRequest
 from triochat.transports import TransportClosed
+from triochat.transports.deflate import DeflateExtension
 from triochat.transports.replay import ReplayStream
 from triochat.transports.websocket import accept_websocket
 from triochat.transports.wsopen import (
@@ -42,8 +48,12 @@ from triochat.transports.wsopen import (
     NO_CHANNEL,
     NO_LOCK,
     NO_PINGS,
+    EstablishedProtocol,
+    EstablishedWebSocket,
     EventList,
     LazyEvent,
+    accept_upgrade,
+    switching_protocols,
 )
 
 from .conftest import memory_server
@@ -107,10 +117,19 @@ def _methods_using(cls: type, attribute: str) -> set[str]:
 
 
 def test_websocket_state_library_internals_are_as_assumed():
-    """The private state `shed_handshake` replaces is used by trio-websocket and wsproto
-    only where the stand-ins cover it (fails on an upgrade that changes that)."""
+    """`EstablishedWebSocket` and `EstablishedProtocol` set exactly the attributes
+    trio-websocket's and wsproto's constructors set, and the private state they
+    stand in for is used by those libraries only where the stand-ins cover it
+    (fails on an upgrade that changes that)."""
     assert trio_websocket.__version__.startswith("0.12."), trio_websocket.__version__
     assert wsproto.__version__.startswith("1."), wsproto.__version__
+    stream, _ = trio.testing.memory_stream_pair()
+    real = WebSocketConnection(stream, WSConnection(ConnectionType.SERVER))
+    ours = EstablishedWebSocket(
+        stream, EstablishedProtocol([]), path="/ws", max_message_size=1 << 16
+    )
+    assert set(vars(ours)) == set(vars(real))
+    assert set(vars(EstablishedProtocol([]))) == set(vars(WSConnection(ConnectionType.SERVER)))
     # trio-websocket: the channel is only used by its reader task, get_message
     # and the closing; the lock by _send; the pings by ping and its pong handler.
     assert _methods_using(WebSocketConnection, "_send_channel") == {
@@ -211,26 +230,47 @@ async def test_websocket_state_ping_after_our_close_is_not_answered(autojump_clo
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
-async def test_websocket_state_handshake_refused_by_wsproto_answers_and_fails_at_once(
-    autojump_clock,
-):
-    """An upgrade wsproto refuses (here: no Sec-WebSocket-Key, which the front would
-    have refused first) gets wsproto's 400 and fails the handshake at once, not
-    after the handshake timeout."""
-    ours, theirs = trio.testing.memory_stream_pair()
-    head = (
-        b"GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
-        b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
+@pytest.mark.parametrize("compression", [False, True])
+def test_websocket_state_101_is_wsproto_s_own_byte_for_byte(compression: bool):
+    """Our 101 (`accept_upgrade`, from what the front vetted) is the one wsproto's own
+    handshake writes for the same request; the accept token is RFC 6455 1.3's; and
+    the wsproto connection it opens talks to a wsproto client."""
+    max_bytes = Config().max_frame_bytes
+    client = WSConnection(ConnectionType.CLIENT)
+    offers = [PerMessageDeflate()] if compression else []
+    head = client.send(Request(host="localhost", target="/ws", extensions=offers))
+    theirs = WSConnection(ConnectionType.SERVER)
+    theirs.receive_data(head)
+    (request,) = list(theirs.events())
+    assert isinstance(request, Request)
+    expected = theirs.send(AcceptConnection(extensions=[DeflateExtension(max_bytes)]))
+    front = h11.Connection(h11.SERVER)
+    front.receive_data(head)
+    event = front.next_event()
+    assert isinstance(event, h11.Request)
+    upgrade = vetted_upgrade(FrontRequest(event), "127.0.0.1", b"")
+    response, ours = accept_upgrade(upgrade.key, upgrade.offers, DeflateExtension(max_bytes))
+    assert response == expected
+    assert (b"permessage-deflate" in response) is compression
+    client.receive_data(response)
+    assert isinstance(next(client.events()), AcceptConnection)
+    ours.receive_data(client.send(TextMessage(data="hello")))
+    (message,) = list(ours.events())
+    assert isinstance(message, TextMessage)
+    assert message.data == "hello"
+    rfc_example = switching_protocols(b"dGhlIHNhbXBsZSBub25jZQ==", None)
+    assert b"\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n" in rfc_example
+
+
+async def test_websocket_state_101_not_taken_in_time_fails_the_handshake(autojump_clock):
+    """A client that does not read the 101 within the handshake timeout: the
+    handshake fails (TransportClosed), not the server."""
+    ours, _theirs = trio.testing.lockstep_stream_pair()
+    config = Config()
     started = trio.current_time()
-    try:
-        await accept_websocket(ReplayStream(ours, head), Config())
-    except TransportClosed as exc:
-        assert exc.reason.startswith("handshake failed: RemoteProtocolError"), exc.reason
-    else:
-        raise AssertionError("the handshake went through")
-    assert trio.current_time() - started < 1
-    assert (await theirs.receive_some()).startswith(b"HTTP/1.1 400 ")
+    with pytest.raises(TransportClosed, match="handshake failed: TooSlowError"):
+        await accept_websocket(ReplayStream(ours, b""), b"dGhlIHNhbXBsZSBub25jZQ==", [], config)
+    assert trio.current_time() - started == pytest.approx(config.handshake_timeout)
 
 
 async def test_websocket_state_lazy_event_waits_until_set():

@@ -3,9 +3,9 @@
 The front returns what to run: an `Upgrade` (WebSocket) or an `SseOpen`
 (Server-Sent Events). Each gets its transport here:
 
-- WebSocket: a `ReplayStream` over the socket (the request head replayed,
-  the frame-size guard), then trio-websocket's handshake
-  (`accept_websocket`), in the connection's own task, which reads the
+- WebSocket: a `ReplayStream` over the socket (what followed the request
+  head replayed, the frame-size guard), then the 101 and trio-websocket's
+  connection (`accept_websocket`), in the connection's own task, which reads the
   connection from then on (no reader task of trio-websocket's). The same
   steps as `run_websocket`, which the Autobahn echo runs (conformance/),
   but inline: one coroutine frame per chat rather than three (#16);
@@ -86,7 +86,9 @@ class ChatRunner:
             peer = peer_name(stream, upgrade.ip)
             replay = _replay_stream(stream, upgrade, self._config)
             try:
-                transport = await accept_websocket(replay, self._config)
+                transport = await accept_websocket(
+                    replay, upgrade.key, upgrade.offers, self._config, path=upgrade.path
+                )
             except TransportClosed as exc:
                 LOGGER.info("handshake from %s failed: %s", peer, exc.reason)
                 return
@@ -194,15 +196,14 @@ class ChatRunner:
 
 
 def _replay_stream(stream: trio.abc.Stream, upgrade: Upgrade, config: Config) -> ReplayStream:
-    """The stream trio-websocket reads: the request head (and what followed it)
-    replayed, then ``stream``, with the frame-size guard."""
+    """The stream trio-websocket reads: what the client sent after the request
+    head replayed, then ``stream``, with the frame-size guard."""
     replay = ReplayStream(
         stream,
-        upgrade.prefix,
-        head_size=upgrade.head_size,
+        upgrade.early,
         max_message_bytes=config.max_frame_bytes,
     )
-    upgrade.prefix = b""  # replayed from here: not kept for the chat's life
+    upgrade.early = b""  # replayed from here: not kept for the chat's life
     return replay
 
 
@@ -217,15 +218,17 @@ async def run_websocket(
     """The WebSocket half of a chat, for another app (the Autobahn echo runs
     it, with its own): the steps `ChatRunner` takes inline.
 
-    A `ReplayStream` over ``stream`` (the head replayed, the frame-size
-    guard), trio-websocket's handshake in this task, then
+    A `ReplayStream` over ``stream`` (what followed the head replayed, the
+    frame-size guard), the 101 and trio-websocket's connection in this task, then
     ``run(transport, nursery)`` with the connection nursery, where the
     writer runs when it is needed (the reading is ``run``'s, in this task:
     transports/websocket.py). A failed handshake is logged.
     """
     replay = _replay_stream(stream, upgrade, config)
     try:
-        transport = await accept_websocket(replay, config)
+        transport = await accept_websocket(
+            replay, upgrade.key, upgrade.offers, config, path=upgrade.path
+        )
     except TransportClosed as exc:
         LOGGER.info("handshake from %s failed: %s", peer, exc.reason)
         return

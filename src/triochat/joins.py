@@ -191,9 +191,11 @@ class JoinResolver:
         self, chat: ChatState, client: Client, frame: ChatFrame
     ) -> tuple[str, Claim] | None:
         """Catch up (for a join), then claim the name ``frame`` binds, if any."""
-        if isinstance(frame, Join):
+        backplane = self._backplane
+        # (An immediate backplane has nothing to catch up: no cancel scope per join.)
+        if isinstance(frame, Join) and not backplane.immediate:
             with trio.move_on_after(self._config.backplane_timeout):
-                await self._backplane.catch_up()
+                await backplane.catch_up()
         name = chat.needs_claim(client, frame)
         if name is None:
             return None
@@ -205,7 +207,7 @@ class JoinResolver:
             # token: one more connection shares it (docs/protocol.md §15).
             token, rotate = claim_token(client.identity.sub), False
         try:
-            return name, await self._backplane.claim(name, token, rotate=rotate, share=share)
+            return name, await backplane.claim(name, token, rotate=rotate, share=share)
         except StorageError:
             return name, Claim("unavailable")
 

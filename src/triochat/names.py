@@ -66,6 +66,7 @@ _INVISIBLE_STARTS: Final = tuple(first for first, _ in INVISIBLE_NAME_RANGES)
 RESERVED_NAMES: Final = ("server", "system")
 
 
+@functools.lru_cache(maxsize=4096)  # a join checks its name more than once
 def normalize_name(name: str) -> str | None:
     """The name to bind for a requested one, or None if it is not a valid name.
 

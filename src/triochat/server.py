@@ -66,6 +66,7 @@ from .protocol import CloseCode
 from .registry import ConnectionRegistry
 from .serverapi import ServerApi
 from .tls import Certificate, start_tls
+from .transports.replay import close_stream
 from .transports.sse import PostAnswer, SseSessions
 
 __all__ = ["Server", "redact_url", "serve", "serve_until_signalled", "summary_line"]
@@ -304,7 +305,7 @@ class Server:
         except Exception:
             LOGGER.exception("bug serving a connection")
         finally:
-            await trio.aclose_forcefully(stream)
+            await close_stream(stream)
 
 
 def summary_line(config: Config, urls: Sequence[str], metrics_urls: Sequence[str]) -> str:

@@ -39,8 +39,8 @@ The modules, each importing only those above it in this list:
 - `messages`: a request head (`Request`) and its checks, the heads of the
   answers with their security headers (CSP and the rest);
 - `policy`: the ``Host`` and ``Origin`` rules, the client address;
-- `handshake`: the WebSocket upgrade's checks in order, the head replayed
-  to wsproto, `Upgrade`;
+- `handshake`: the WebSocket upgrade's checks in order, and the vetted
+  `Upgrade` (what the 101 needs of the request);
 - `peers`: the TCP peer's address and `PendingSockets`;
 - `context`: `FrontContext`, what the front needs of the server;
 - `routes`: `Routes` per listener, `StaticFiles`, the plain paths' table;

@@ -5,9 +5,9 @@ the chat side receives once they pass.
 - `upgrade_refusal`: every check of docs/protocol.md §1.1 before the IP slot,
   in its order (path 404, handshake 400, version 426, Origin 403,
   draining 503), as the answer to write; None lets the upgrade go ahead.
-- `head_as_received` and `Upgrade`: the request head rebuilt byte for byte,
-  for wsproto to parse again (the front has read it already), and the vetted
-  upgrade handed to the caller.
+- `Upgrade` and `vetted_upgrade`: what the 101 needs of a vetted request
+  (its key, its extension offers), handed to the caller, which answers it
+  without parsing the request again (transports/wsopen.py).
 
 Rule: no trio here (the front's loop writes the refusals).
 """
@@ -17,8 +17,6 @@ from __future__ import annotations
 import base64
 import binascii
 from typing import Final, NamedTuple
-
-import h11
 
 from .messages import Request
 from .policy import origin_allowed
@@ -42,17 +40,22 @@ class Refusal(NamedTuple):
 class Upgrade:
     """A vetted WebSocket upgrade, for the caller to run (it holds an IP slot)."""
 
-    __slots__ = ("head_size", "ip", "path", "prefix")
+    __slots__ = ("early", "ip", "key", "offers", "path")
 
-    def __init__(self, prefix: bytes, path: str, ip: str, head_size: int) -> None:
-        #: The request head as received plus what followed (replayed to trio-websocket).
-        self.prefix = prefix
-        #: How many bytes of ``prefix`` are the head (the rest are frames).
-        self.head_size = head_size
+    def __init__(
+        self, early: bytes, path: str, ip: str, key: bytes, offers: tuple[str, ...] = ()
+    ) -> None:
+        #: What the client sent after the request head (frames already, perhaps).
+        self.early = early
         self.path = path
         #: The client address (behind a trusted proxy the forwarded one, not the
         #: TCP peer's) whose slot was taken: release it with `release_ip_slot`.
         self.ip = ip
+        #: Sec-WebSocket-Key, as sent: the 101's accept token is made of it.
+        self.key = key
+        #: The Sec-WebSocket-Extensions offers, one string each, in order
+        #: (as wsproto splits them: every such header, at each comma).
+        self.offers = offers
 
 
 def _tokens(value: str) -> list[str]:
@@ -111,9 +114,14 @@ def upgrade_refusal(
     return None
 
 
-def head_as_received(event: h11.Request) -> bytes:
-    """The request head as received, for wsproto to parse again: every header
-    line in its order and spelling, repeats kept (never joined)."""
-    lines = [b"%s %s HTTP/%s" % (event.method, event.target, event.http_version)]
-    lines.extend(name + b": " + value for name, value in event.headers.raw_items())
-    return b"\r\n".join(lines) + b"\r\n\r\n"
+def vetted_upgrade(request: Request, ip: str, early: bytes) -> Upgrade:
+    """The `Upgrade` of a request `upgrade_refusal` let through (so it has
+    exactly one valid key, and its extension offers are ASCII)."""
+    key = b""
+    offers: list[str] = []
+    for name, value in request.event.headers:
+        if name == b"sec-websocket-key":
+            key = value
+        elif name == b"sec-websocket-extensions":
+            offers.extend(piece.decode("ascii").strip() for piece in value.split(b","))
+    return Upgrade(early, request.path, ip, key, tuple(offers))

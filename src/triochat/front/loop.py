@@ -18,7 +18,7 @@ from . import access as access_log
 from .access import Access
 from .api import api_of, serve_api
 from .context import FrontContext
-from .handshake import Upgrade, head_as_received, upgrade_refusal
+from .handshake import Upgrade, upgrade_refusal, vetted_upgrade
 from .messages import Request
 from .peers import PendingSockets, peer_ip
 from .policy import client_ip, host_allowed
@@ -114,12 +114,12 @@ async def _next_request(
 ) -> Request | None:
     """The next request head, within ``handshake_timeout``; None when the
     connection is to close (a broken or slow head answered, or the client gone)."""
-    try:
-        with trio.fail_after(config.handshake_timeout):
-            event = await answering_protocol_errors(
-                stream, next_event(conn, stream, head_limit=config.max_header_bytes)
-            )
-    except trio.TooSlowError:
+    # (A cancel scope rather than trio.fail_after: one generator less per request.)
+    with trio.CancelScope(deadline=trio.current_time() + config.handshake_timeout) as scope:
+        event = await answering_protocol_errors(
+            stream, next_event(conn, stream, head_limit=config.max_header_bytes)
+        )
+    if scope.cancelled_caught:
         # Silence between requests just closes; a request begun and stalled is a 408.
         if conn.their_state is h11.SEND_BODY or conn.trailing_data[0]:
             await send_raw(stream, 408, "the request took too long")
@@ -143,8 +143,7 @@ async def _open_upgrade(
     if not ctx.take_ip_slot(client):
         await send_raw(stream, 429, "too many connections from your address")
         return None
-    head = head_as_received(request.event)
-    return Upgrade(head + conn.trailing_data[0], request.path, client, len(head))
+    return vetted_upgrade(request, client, conn.trailing_data[0])
 
 
 async def _answer(

@@ -29,6 +29,7 @@ def _allowed_names(allowed: tuple[str, ...]) -> frozenset[str]:
     return frozenset(name for name in names if name)
 
 
+@functools.lru_cache(maxsize=1024)  # every request asks; hosts repeat
 def host_allowed(host: str | None, allowed: tuple[str, ...]) -> bool:
     """Whether a request's ``Host`` is one this server answers for (§1, DNS rebinding).
 

@@ -111,6 +111,7 @@ class ClusterView:
         nodes = room.remote.get(name)
         if nodes is None:
             nodes = room.remote[name] = set()
+            room.recount(name)
             if name not in room.members:
                 self._rooms.to_typed(room, PresenceFrame(room.name, "join", name))
         nodes.add(node)
@@ -137,6 +138,7 @@ class ClusterView:
         nodes.discard(node)
         if not nodes:
             del room.remote[name]
+            room.recount(name)
             if name not in room.members:
                 self._rooms.to_typed(room, PresenceFrame(room.name, "leave", name))
             self._rooms.forget_if_empty(room)
@@ -170,6 +172,7 @@ class ClusterView:
             room = self._rooms.rooms[room_name]
             if room.members.get(name) is user:
                 del room.members[name]
+                room.recount(name)
         self._output.publish(Handover(self.node, by, name, rooms))
 
     def handed_over(self, handover: Handover, now: float) -> None:
@@ -200,6 +203,7 @@ class ClusterView:
             room = self._rooms.room(room_name)
             if user.name not in room.members:
                 room.members[user.name] = user
+                room.recount(user.name)
                 user.rooms.add(room_name)
                 output.changed(add=(room_name, user.name))
                 held = True

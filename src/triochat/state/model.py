@@ -7,6 +7,7 @@ anywhere says "answer this frame with an error" (docs/protocol.md §5).
 
 from __future__ import annotations
 
+import bisect
 import secrets
 from typing import Final, Literal, Protocol
 
@@ -164,6 +165,7 @@ class Room:
     """One room: its members, its subscribers and its kept history."""
 
     __slots__ = (
+        "_names",
         "bytes",
         "classic",
         "loaded",
@@ -199,10 +201,31 @@ class Room:
         #: Loads of its history under way: until they end, the messages that
         #: arrive are kept (to merge with what the store read) and the room stays.
         self.loading = 0
+        #: `member_names`, kept sorted once asked for (`recount` keeps it in
+        #: step): a join's ``joined`` frame lists them all, and sorting a big
+        #: room's names for every join was a churn's costliest step (#16).
+        self._names: list[str] | None = None
 
     def member_names(self) -> list[str]:
-        """Every member's name, here and on other nodes, sorted."""
-        return sorted(self.members.keys() | self.remote.keys())
+        """Every member's name, here and on other nodes, sorted (a new list)."""
+        names = self._names
+        if names is None:
+            names = self._names = sorted(self.members.keys() | self.remote.keys())
+        return names.copy()
+
+    def recount(self, name: str) -> None:
+        """``name`` may have become or stopped being a member (``members`` or
+        ``remote`` changed): every change to those is followed by this."""
+        names = self._names
+        if names is None:
+            return
+        at = bisect.bisect_left(names, name)
+        listed = at < len(names) and names[at] == name
+        if name in self.members or name in self.remote:
+            if not listed:
+                names.insert(at, name)
+        elif listed:
+            del names[at]
 
 
 class PendingSay:

@@ -134,6 +134,7 @@ class Rooms:
 
     def add_member(self, user: User, room: Room, skip: Client | None = None) -> None:
         room.members[user.name] = user
+        room.recount(user.name)
         user.rooms.add(room.name)
         self._output.changed(add=(room.name, user.name))
         if user.name not in room.remote:
@@ -142,6 +143,7 @@ class Rooms:
     def remove_member(self, user: User, room: Room) -> None:
         if room.members.get(user.name) is user:
             del room.members[user.name]
+            room.recount(user.name)
             user.rooms.discard(room.name)
             self._output.changed(remove=(room.name, user.name))
             if user.name not in room.remote:

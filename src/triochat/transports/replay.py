@@ -1,13 +1,13 @@
 """The byte stream under trio-websocket: `ReplayStream` and its `FrameSizeGuard`.
 
-The HTTP front has already read the request head (and perhaps the first
-frames after it), so trio-websocket gets a `ReplayStream` that returns
-those bytes first. Besides replaying, the stream:
+The HTTP front has already read the request head and perhaps the first
+frames after it, so trio-websocket gets a `ReplayStream` that returns those
+frames first. Besides replaying, the stream:
 
 - reads every client frame header as it goes by (`FrameSizeGuard`,
   sans-I/O): a message over ``--max-frame-bytes`` ends the read at its
   header, with `failure` set (1009), instead of once that many bytes arrived;
-- gates every write, trio-websocket's (handshake, pongs, close) and the
+- gates every write, the 101 and trio-websocket's (pongs, close) and the
   writer's pre-framed batches alike, so frames never interleave, and lets
   the hub write without a task (`write_nowait`, the hot path);
 - writes nothing after a close frame, and lingers after it (`close_now`)
@@ -28,7 +28,12 @@ import trio
 
 from ..protocol import CloseCode
 
-__all__ = ["CLOSE_FRAME_BYTE", "FrameSizeGuard", "ReplayStream"]
+__all__ = [
+    "CLOSE_FRAME_BYTE",
+    "FrameSizeGuard",
+    "ReplayStream",
+    "close_stream",
+]
 
 CLOSE_FRAME_BYTE = 0x88  # the first byte of a close frame: FIN + opcode 8
 _RECEIVE_SIZE: Final = 65536  # bytes, when the caller names no size (trio's default)
@@ -115,7 +120,6 @@ class ReplayStream(trio.abc.Stream):
         "_close_sent",
         "_direct",
         "_guard",
-        "_head_left",
         "_prefix",
         "_raw",
         "_reader_idle",
@@ -131,18 +135,15 @@ class ReplayStream(trio.abc.Stream):
         stream: trio.abc.Stream,
         prefix: bytes,
         *,
-        head_size: int | None = None,
         max_message_bytes: int | None = None,
     ) -> None:
         """Args:
-        prefix: the bytes already read: the request head, then perhaps frames.
-        head_size: how many bytes of ``prefix`` are the request head (all by default).
+        prefix: the bytes already read past the request head (frames, perhaps).
         max_message_bytes: refuse a client message over this at its header
             (`FrameSizeGuard`); None: no guard.
         """
         self._stream = stream
         self._prefix = prefix
-        self._head_left = len(prefix) if head_size is None else head_size
         self._guard = None if max_message_bytes is None else FrameSizeGuard(max_message_bytes)
         #: Why the stream stopped reading on its own (code, reason), or None.
         self.failure: tuple[int, str] | None = None
@@ -211,20 +212,14 @@ class ReplayStream(trio.abc.Stream):
         guard = self._guard
         if guard is None:
             return data
-        head = self._head_left
-        if head:  # the request head is not frames
-            if len(data) <= head:
-                self._head_left = head - len(data)
-                return data
-            self._head_left = 0
-        found = guard.feed(data[head:] if head else data)
+        found = guard.feed(data)
         if found is None:
             return data
         self._guard = None
         self.failure = (CloseCode.MESSAGE_TOO_BIG, "message too big")
-        if found + head == 0:
+        if found == 0:
             raise trio.BrokenResourceError("message too big")
-        return data[: found + head]
+        return data[:found]
 
     @property
     def close_sent(self) -> bool:
@@ -292,8 +287,8 @@ class ReplayStream(trio.abc.Stream):
         await self._stream.wait_send_all_might_not_block()
 
     async def aclose(self) -> None:
-        """trio-websocket's TCP close, deferred to `close_now` (rule 2)."""
-        await trio.lowlevel.checkpoint()
+        """trio-websocket's TCP close, deferred to `close_now` (rule 2). (No
+        checkpoint: trio-websocket calls it while closing, after its own.)"""
 
     async def close_now(self) -> None:
         """Close the TCP connection (the connection's end), lingering after a close frame.
@@ -331,7 +326,17 @@ class ReplayStream(trio.abc.Stream):
                     while await tcp.receive_some(65536):
                         pass
         finally:
-            await trio.aclose_forcefully(stream)
+            await close_stream(stream)
+
+
+async def close_stream(stream: trio.abc.Stream) -> None:
+    """`trio.aclose_forcefully`, for a plain socket at once: its close is
+    synchronous, and trio's way costs two cancel scopes per connection (#16:
+    connection setup and churn). Closing an already closed stream does nothing."""
+    if isinstance(stream, trio.SocketStream):
+        stream.socket.close()
+    else:
+        await trio.aclose_forcefully(stream)
 
 
 def _recv_nowait(raw: socket.socket, size: int) -> bytes | None:

@@ -1,17 +1,17 @@
 """The WebSocket transport: trio-websocket behind the HTTP front.
 
-`accept_websocket` completes a handshake the front vetted, over a
-`ReplayStream` (transports/replay.py: the request head replayed, every
-write through one gate, the frame-size guard, the lingering close), and
-returns the connection's `WebSocketTransport`.
+`accept_websocket` answers an upgrade the front vetted, over a
+`ReplayStream` (transports/replay.py: what the client sent after the head
+replayed, every write through one gate, the frame-size guard, the lingering
+close), and returns the connection's `WebSocketTransport`.
 
 One task per connection (issue #16: memory per idle connection): the
-handshake and the reading run in the connection's own task. trio-websocket
-does the protocol (its `WebSocketConnection`: the handshake's 101, pongs,
-the closing handshake, message assembly), but its reader task loop runs in
-`WebSocketTransport.receive_message`, which returns each message instead of
-queueing it on a memory channel; once established, the handshake's state
-is dropped (transports/wsopen.py: `open_handshake`, `shed_handshake`).
+handshake and the reading run in the connection's own task. The 101 is
+ours, from what the front vetted (transports/wsopen.py: `accept_upgrade`);
+trio-websocket does the protocol from there (its `WebSocketConnection`:
+pongs, the closing handshake, message assembly), but its reader task loop
+runs in `WebSocketTransport.receive_message`, which returns each message
+instead of queueing it on a memory channel.
 
 Errors: trio's, trio-websocket's and wsproto's exceptions become triochat's
 in one place, `WebSocketErrors` (the boundary, as httpcore's
@@ -26,10 +26,9 @@ as it goes by (`FrameSizeGuard`: over the limit ends the read at once, 1009),
 `receive_message` reports such ends as `TransportClosed` with ``failed``
 set, and `close` then writes the close frame itself.
 
-permessage-deflate (RFC 7692, ``--compression on``): trio-websocket's
-`accept` gives wsproto no extensions, so with compression on the handshake
-goes through `wsopen.CompressingHandshake`, which adds our `DeflateExtension` to
-the 101 (negotiation and inflating: transports/deflate.py). A connection
+permessage-deflate (RFC 7692, ``--compression on``): the 101 agrees to an
+offer through wsproto's own negotiation with our `DeflateExtension`
+(negotiation and inflating: transports/deflate.py). A connection
 that agreed to it gets a `DeflateWebSocketTransport`, which writes each
 frame's compressed framing (`OutFrame.wsz`, compressed once for all).
 """
@@ -38,12 +37,12 @@ from __future__ import annotations
 
 import contextlib
 import struct
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Final, cast
 
 import trio
 from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection
-from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
 from wsproto.events import (
     BytesMessage,
@@ -59,7 +58,7 @@ from ..protocol import CloseCode
 from . import TransportClosed
 from .deflate import DeflateExtension
 from .replay import CLOSE_FRAME_BYTE, FrameSizeGuard, ReplayStream
-from .wsopen import CompressingHandshake, open_handshake
+from .wsopen import EstablishedWebSocket, accept_upgrade
 
 __all__ = [
     "ClosingRace",
@@ -124,9 +123,8 @@ class WebSocketErrors:
     ======================================  =======================================
     raised                                  becomes
     ======================================  =======================================
-    any of them (``TooSlowError`` and       ``TransportClosed("handshake failed: …")``
-    wsproto's ``RemoteProtocolError``
-    too), while ``handshaking``
+    any of them (``TooSlowError`` too),     ``TransportClosed("handshake failed: …")``
+    while ``handshaking``
     ``ConnectionClosed``                    how the reading ended (`closed`)
     ``BrokenResourceError``,                ``TransportClosed("connection lost")``
     ``ClosedResourceError``
@@ -153,9 +151,7 @@ class WebSocketErrors:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        if isinstance(exc, _LIBRARY_ERRORS) or (
-            self.handshaking and isinstance(exc, RemoteProtocolError)
-        ):
+        if isinstance(exc, _LIBRARY_ERRORS):
             raise self.translate(exc) from exc
 
     def translate(self, exc: BaseException) -> TransportClosed:
@@ -226,10 +222,15 @@ async def _message(
 
 async def accept_websocket(
     stream: ReplayStream,
+    key: bytes,
+    offers: Sequence[str],
     config: Config,
+    *,
+    path: str = "/ws",
     errors: WebSocketErrors | None = None,
 ) -> WebSocketTransport:
-    """Complete the handshake the front vetted, in the caller's task.
+    """Answer the upgrade the front vetted (its Sec-WebSocket-Key ``key`` and
+    extension ``offers``) with the 101, in the caller's task.
 
     With ``config.compression`` a permessage-deflate offer is taken (the
     first acceptable one), and the transport is a `DeflateWebSocketTransport`.
@@ -239,21 +240,31 @@ async def accept_websocket(
             default a new one.
 
     Raises:
-        TransportClosed: the handshake failed or timed out.
+        TransportClosed: the client was gone, or did not take the 101 in time.
     """
     extension = DeflateExtension(config.max_frame_bytes) if config.compression else None
-    protocol = (
-        WSConnection(ConnectionType.SERVER)
-        if extension is None
-        else CompressingHandshake(extension)
-    )
     if errors is None:
         errors = WebSocketErrors(stream)
     errors.handshaking = True
-    # The boundary outside the deadline: its TooSlowError is mapped too.
-    with errors, trio.fail_after(config.handshake_timeout):
-        ws = await open_handshake(stream, protocol, config)
+    response, protocol = accept_upgrade(key, offers, extension)
+    # A fresh socket's buffer takes the 101 at once: written without a task
+    # switch or a cancel scope (#16: connection setup). Else bounded.
+    with errors:
+        written = stream.write_nowait(response)
+    if written != len(response):
+        rest = response if written is None else response[written:]
+        # The boundary outside the deadline: its TooSlowError is mapped too.
+        with errors:
+            deadline = trio.current_time() + config.handshake_timeout
+            with trio.CancelScope(deadline=deadline) as scope:
+                if written is None:
+                    await stream.send_all(rest)
+                else:
+                    await stream.send_reserved(rest)  # (the gate is ours: see write_nowait)
+            if scope.cancelled_caught:
+                raise trio.TooSlowError
     errors.handshaking = False
+    ws = EstablishedWebSocket(stream, protocol, path=path, max_message_size=config.max_frame_bytes)
     if extension is not None and extension.agreement is not None:
         return DeflateWebSocketTransport(ws, stream, extension, errors)
     return WebSocketTransport(ws, stream, errors)

@@ -1,110 +1,163 @@
-"""A trio-websocket server handshake in the connection's own task, and what an
-established connection sheds (issue #16: memory per idle connection).
+"""The WebSocket opening handshake, answered in the connection's own task,
+and the established connection it makes (issue #16: connection setup and
+memory per idle connection).
 
-`open_handshake` runs trio-websocket's handshake without its reader task
-(transports/websocket.py's `WebSocketTransport.receive_message` reads
-instead), with `CompressingHandshake` for permessage-deflate; then
-`shed_handshake` replaces what an established connection no longer needs
-with the small stand-ins below. Everything here leans on trio-websocket 0.12
-and wsproto 1.3 internals; tests/test_websocket_state.py checks each
-assumption, so an upgrade that breaks one fails there first.
+The front has read and vetted the request (front/handshake.py: every check
+of RFC 6455 4.2.1 and docs/protocol.md section 1.1), so nothing parses it
+again: `accept_upgrade` makes the 101 itself (the accept token, and the
+permessage-deflate agreement through wsproto's own negotiation with our
+`DeflateExtension`) and wsproto's side already established, and the caller
+(transports/websocket.py: `accept_websocket`) writes it and builds
+trio-websocket's connection over it: `EstablishedProtocol` (wsproto's `WSConnection`
+without its h11 handshake) and `EstablishedWebSocket` (trio-websocket's
+`WebSocketConnection` with, from the start, the small stand-ins below for
+what an established connection never uses: no reader task, no message
+channel, no write lock). trio-websocket and wsproto then run the protocol
+as before: frames, pongs, the closing handshake, message assembly.
+
+Everything here leans on trio-websocket 0.12 and wsproto 1.3 internals;
+tests/test_websocket_state.py checks each assumption (the same attributes
+as their own constructors set, used only where the stand-ins cover them),
+so an upgrade that breaks one fails there first.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import types
-from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Final
 
 import trio
-from trio_websocket import WebSocketConnection, WebSocketRequest
+from trio_websocket import WebSocketConnection
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, Event, Request
-from wsproto.utilities import RemoteProtocolError
+from wsproto.connection import Connection
+from wsproto.events import Event
+from wsproto.extensions import Extension
+from wsproto.handshake import server_extensions_handshake
+from wsproto.utilities import generate_accept_token
 
-from ..config import Config
 from .deflate import DeflateExtension
-from .replay import ReplayStream
 
 __all__ = [
     "FINISHED_HANDSHAKE",
     "NO_CHANNEL",
     "NO_LOCK",
     "NO_PINGS",
-    "CompressingHandshake",
+    "EstablishedProtocol",
+    "EstablishedWebSocket",
     "EventList",
     "LazyEvent",
-    "open_handshake",
-    "shed_handshake",
+    "accept_upgrade",
+    "switching_protocols",
 ]
 
 # Bytes read from the socket at a time (trio-websocket's own default).
 _RECEIVE_BYTES: Final = 4096
+_SWITCHING: Final = (
+    b"HTTP/1.1 101 Switching Protocols\r\n"
+    b"Upgrade: websocket\r\n"
+    b"Connection: Upgrade\r\n"
+    b"Sec-WebSocket-Accept: "
+)
 
 
-class CompressingHandshake(WSConnection):
-    """wsproto's server side, with `DeflateExtension` added to the 101 response.
+def switching_protocols(key: bytes, agreed: bytes | None) -> bytes:
+    """The 101 answering Sec-WebSocket-Key ``key`` (RFC 6455 4.2.2), with the
+    Sec-WebSocket-Extensions agreement ``agreed`` if any: what wsproto's
+    handshake writes, byte for byte."""
+    response = _SWITCHING + generate_accept_token(key) + b"\r\n"
+    if agreed:
+        response += b"Sec-WebSocket-Extensions: " + agreed + b"\r\n"
+    return response + b"\r\n"
 
-    trio-websocket's `WebSocketRequest.accept` sends an `AcceptConnection`
-    without extensions; wsproto negotiates those in the event itself
-    (calling `DeflateExtension.accept` with each offer) and then runs the
-    connection's frames through the agreed ones.
+
+def accept_upgrade(
+    key: bytes, offers: Sequence[str], extension: DeflateExtension | None = None
+) -> tuple[bytes, EstablishedProtocol]:
+    """The 101 for a vetted upgrade (Sec-WebSocket-Key ``key``, extension
+    ``offers``), and wsproto's side of the connection it opens (sans-I/O).
+
+    With ``extension`` (compression on) the first acceptable permessage-deflate
+    offer is agreed, by wsproto's own negotiation (`DeflateExtension.accept`),
+    and named in the 101.
+    """
+    extensions: list[Extension] = [] if extension is None else [extension]
+    agreed = server_extensions_handshake(offers, extensions) if extensions and offers else None
+    # wsproto runs a connection's frames through every extension it was given;
+    # one that was not agreed is not `enabled()` and leaves them alone.
+    return switching_protocols(key, agreed), EstablishedProtocol(extensions)
+
+
+class EstablishedProtocol(WSConnection):
+    """wsproto's server side, established from the start: its `Connection`
+    (frames, close handshake) without the h11 handshake that would have led
+    to it (`FINISHED_HANDSHAKE` stands in: an established `WSConnection`
+    only asks its handshake for events)."""
+
+    def __init__(self, extensions: list[Extension]) -> None:
+        # The attributes `WSConnection.__init__` sets, established.
+        self.client = False
+        self.handshake = FINISHED_HANDSHAKE  # type: ignore[assignment]
+        connection = Connection(ConnectionType.SERVER, extensions)
+        # Appended to only on receive_data(None), which nobody calls here.
+        connection._events = EventList()  # type: ignore[assignment]
+        self.connection = connection
+
+
+class EstablishedWebSocket(WebSocketConnection):
+    """trio-websocket's connection, its opening handshake done, holding only
+    what an established connection uses (issue #16: an idle connection holds
+    its objects for hours).
+
+    Every attribute `WebSocketConnection.__init__` sets is set here, and
+    tests/test_websocket_state.py checks that the two sets are the same; what
+    an established server connection never uses is a shared stand-in:
+
+    - no message channel (`NO_CHANNEL`): the connection reads its messages
+      itself (transports/websocket.py: `WebSocketTransport.receive_message`),
+      and trio-websocket only closes the channel;
+    - no write lock (`NO_LOCK`): every write goes through the stream's own
+      gate (`ReplayStream.send_all`), first come, first served;
+    - no pings awaiting a pong (`NO_PINGS`): ours are raw frames;
+    - the handshake's future (None) and events (set: `SET_EVENT`);
+      ``_for_testing_peer_closed_connection`` is set once more on a close,
+      which changes nothing;
+    - the close handshake's event, made when it is waited for (`LazyEvent`).
     """
 
-    def __init__(self, extension: DeflateExtension) -> None:
-        super().__init__(ConnectionType.SERVER)
-        self._extension = extension
-
-    def send(self, event: Event) -> bytes:
-        if isinstance(event, AcceptConnection):
-            event = dataclasses.replace(event, extensions=[self._extension])
-        return super().send(event)
-
-
-async def open_handshake(
-    stream: ReplayStream, protocol: WSConnection, config: Config
-) -> WebSocketConnection:
-    """trio-websocket's server handshake, run in the connection's own task.
-
-    A `WebSocketConnection` over our wsproto object (`CompressingHandshake`
-    with compression on, which trio-websocket's constructor takes, unlike its
-    ``wrap_server_stream``); the request read here rather than by
-    trio-websocket's reader task (the connection has none: its reader is
-    `WebSocketTransport.receive_message`); trio-websocket's own
-    `WebSocketRequest.accept` for the 101; then `shed_handshake` drops what
-    an established connection no longer needs.
-
-    Raises:
-        wsproto's RemoteProtocolError: the request is not a valid upgrade
-            (answered as wsproto suggests, as trio-websocket's reader does).
-    """
-    ws = WebSocketConnection(
-        stream,
-        protocol,
-        message_queue_size=0,  # never used: replaced by `NO_CHANNEL` below
-        max_message_size=config.max_frame_bytes,
-    )
-    request: Request | None = None
-    while request is None:
-        for event in protocol.events():
-            if isinstance(event, Request):
-                request = event
-                break
-        else:
-            data = await stream.receive_some(_RECEIVE_BYTES)
-            if not data:
-                raise trio.BrokenResourceError("the peer closed during the handshake")
-            try:
-                protocol.receive_data(data)  # type: ignore[arg-type]  # (a bytearray is fine)
-            except RemoteProtocolError as exc:
-                if exc.event_hint is not None:
-                    await ws._send(exc.event_hint)
-                raise
-    await WebSocketRequest(ws, request).accept()
-    shed_handshake(ws, protocol)
-    return ws
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        protocol: WSConnection,
+        *,
+        path: str,
+        max_message_size: int,
+    ) -> None:
+        # (Not trio-websocket's constructor: it would make each stand-in's real
+        # object first, only for it to be dropped.)
+        self._close_reason = None
+        self._id = next(WebSocketConnection.CONNECTION_ID)
+        self._stream = stream
+        self._stream_lock = NO_LOCK  # type: ignore[assignment]
+        self._wsproto = protocol
+        self._message_size = 0
+        self._message_parts = []
+        self._max_message_size = max_message_size
+        self._receive_buffer_size = _RECEIVE_BYTES
+        self._reader_running = True
+        self._initial_request = None
+        self._path = path
+        self._subprotocol = None
+        self._handshake_headers = ()
+        self._reject_status = 0
+        self._reject_headers = ()
+        self._reject_body = b""
+        self._send_channel = self._recv_channel = NO_CHANNEL  # type: ignore[assignment]
+        self._pings = NO_PINGS  # type: ignore[assignment]
+        self._connection_proposal = None
+        self._open_handshake = SET_EVENT
+        self._close_handshake = LazyEvent()  # type: ignore[assignment]
+        self._for_testing_peer_closed_connection = SET_EVENT
 
 
 class FinishedHandshake:
@@ -180,7 +233,7 @@ class NoChannel:
     __slots__ = ()
 
     async def aclose(self) -> None:
-        await trio.lowlevel.checkpoint()
+        return None  # (no checkpoint: trio-websocket's close awaits enough of them)
 
     async def send(self, value: object) -> None:
         raise trio.BrokenResourceError  # (trio-websocket's reader task would drop it)
@@ -198,40 +251,3 @@ NO_PINGS: Final[Mapping[bytes, trio.Event]] = types.MappingProxyType({})
 #: An event that is set: stands in for those nobody waits on any more.
 SET_EVENT: Final = trio.Event()
 SET_EVENT.set()
-
-
-def shed_handshake(ws: WebSocketConnection, protocol: WSConnection) -> None:
-    """Drop what an established connection no longer needs (issue #16: an idle
-    connection holds its objects for hours: together some 6 KiB of it).
-
-    All of it private to trio-websocket 0.12 and wsproto 1.3, and only
-    replaced by what they do from then on (tests/test_websocket_state.py
-    checks each assumption):
-
-    - wsproto's handshake, with its h11 parser, the request, its headers and
-      a deque: `WSConnection` asks an established handshake only for events;
-    - trio-websocket's message channel (a memory channel, its deque and
-      parking lots): nothing is sent on it any more (`receive_message` reads
-      the messages), and trio-websocket's closing only closes it;
-    - the handshake's future and events: ``_connection_proposal`` (the
-      request: taken), ``_open_handshake`` (set) and
-      ``_for_testing_peer_closed_connection`` (nobody waits on it; setting
-      it again changes nothing);
-    - the write lock (`NoLock`: the stream's gate serialises the writes),
-      the pings awaiting a pong (none: ours are raw frames), and wsproto's
-      queue of pending events (`EventList`: always empty here);
-    - the close handshake's event, unset yet: made when it is waited for
-      (`LazyEvent`).
-    """
-    connection = protocol.connection
-    if connection is not None and not getattr(protocol.handshake, "_events", True):
-        protocol.handshake = FINISHED_HANDSHAKE  # type: ignore[assignment]
-    if connection is not None and isinstance(getattr(connection, "_events", None), deque):
-        connection._events = EventList(connection._events)  # type: ignore[assignment]
-    ws._send_channel = ws._recv_channel = NO_CHANNEL  # type: ignore[assignment]
-    ws._stream_lock = NO_LOCK  # type: ignore[assignment]
-    ws._pings = NO_PINGS  # type: ignore[assignment]
-    ws._connection_proposal = None
-    ws._open_handshake = ws._for_testing_peer_closed_connection = SET_EVENT
-    if not ws._close_handshake.is_set():
-        ws._close_handshake = LazyEvent()  # type: ignore[assignment]

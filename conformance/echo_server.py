@@ -4,8 +4,8 @@ Only the conformance run starts it (``conformance/run.sh``). Every piece a
 chat connection goes through is the real one: the h11 front
 (`triochat.http.handle_http`), the chat's `run_websocket` (the
 `ReplayStream` wrapper: write gate, frame size guard, lingering close;
-trio-websocket's handshake via `accept_websocket`, in the connection's own
-task), and `triochat.connection.Connection` itself: its read loop (which is
+the 101 and the established connection of `accept_websocket`, in the
+connection's own task), and `triochat.connection.Connection` itself: its read loop (which is
 trio-websocket's reader too: pongs, close replies) and keepalive, and its
 `Outbound` (the outbox, the direct writes, the
 writer task, the slow-consumer rule and the close sequence, a failure's

@@ -1738,9 +1738,14 @@ def test_member_names_stay_in_step_through_every_kind_of_change(seed: int):
             conn.disconnect()
         elif roll < 0.86:
             chat.advance(rng.choice((0.5, 2.0, GRACE + 1)))
-        elif roll < 0.97:
+        elif roll < 0.93:
             carry(one, two)
             carry(two, one)
+        elif roll < 0.98:
+            # Another node took this name over: this node hands the user's rooms
+            # over (`kicked`), and the other takes them (`handed_over`) once carried.
+            other = "n1" if chat is two else "n2"
+            chat.state.apply(Kick(chat.state.node, rng.choice(names), other), chat.now)
         else:
             other = "n1" if chat is two else "n2"
             chat.state.apply(NodeGone(other), chat.now)

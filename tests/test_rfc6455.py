@@ -225,6 +225,20 @@ def test_rfc6455_valid_handshake_gets_101_with_accept(chat_server, path, replace
         join(conn)
 
 
+def test_rfc6455_frames_sent_with_the_handshake_are_read(chat_server):
+    """A client may send its first frames right behind the request, in the same
+    write: the front has read them with the head, and they are answered, in order,
+    after the 101 (nothing of them is lost to the handshake)."""
+    key = new_key()
+    first = join_frame()
+    second = join_frame(name=first["name"])
+    request = handshake_request(host=f"127.0.0.1:{chat_server.port}", key=key)
+    early = build_frame(1, encode(first)) + build_frame(1, encode(second))
+    with upgrade(chat_server.port, request + early, key) as conn:
+        conn.expect("joined", room=first["room"], name=first["name"])
+        conn.expect("joined", room=second["room"], name=first["name"])
+
+
 def test_rfc6455_rsv1_after_declined_deflate_offer_closes_1002(chat_server):
     """RSV1 on a connection whose permessage-deflate offer was declined is a protocol error: 1002."""
     key = new_key()

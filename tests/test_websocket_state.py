@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import ast
 import collections
+import contextlib
 import inspect
 import logging
+import socket
 import textwrap
 
 import h11
@@ -269,8 +271,41 @@ async def test_websocket_state_101_not_taken_in_time_fails_the_handshake(autojum
     config = Config()
     started = trio.current_time()
     with pytest.raises(TransportClosed, match="handshake failed: TooSlowError"):
-        await accept_websocket(ReplayStream(ours, b""), b"dGhlIHNhbXBsZSBub25jZQ==", [], config)
+        await accept_websocket(
+            ReplayStream(ours, b""), b"dGhlIHNhbXBsZSBub25jZQ==", [], config, path="/ws"
+        )
     assert trio.current_time() - started == pytest.approx(config.handshake_timeout)
+
+
+async def test_websocket_state_101_to_a_full_socket_is_sent_when_it_drains():
+    """A socket whose buffer cannot take the 101 at once: `write_nowait` takes the
+    write gate, the bounded send finishes the 101 once the peer reads, and the gate
+    is free again afterwards (the next write goes through)."""
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    filler = 0
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            filler += ours.send(b"x" * 65536)
+    stream = ReplayStream(trio.SocketStream(trio.socket.from_stdlib_socket(ours)), b"")
+    peer = trio.socket.from_stdlib_socket(theirs)
+    key = b"dGhlIHNhbXBsZSBub25jZQ=="
+    expected = b"x" * filler + switching_protocols(key, None) + b"after"
+    received = bytearray()
+
+    async def read_all() -> None:
+        while len(received) < len(expected):
+            received.extend(await peer.recv(65536))
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_all)
+            transport = await accept_websocket(stream, key, [], Config(), path="/ws")
+            await stream.send_all(b"after")
+    assert bytes(received) == expected
+    assert transport is not None
+    ours.close()
+    theirs.close()
 
 
 async def test_websocket_state_lazy_event_waits_until_set():

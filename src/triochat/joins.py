@@ -192,10 +192,12 @@ class JoinResolver:
     ) -> tuple[str, Claim] | None:
         """Catch up (for a join), then claim the name ``frame`` binds, if any."""
         backplane = self._backplane
-        # (An immediate backplane has nothing to catch up: no cancel scope per join.)
-        if isinstance(frame, Join) and not backplane.immediate:
-            with trio.move_on_after(self._config.backplane_timeout):
-                await backplane.catch_up()
+        if isinstance(frame, Join):
+            if backplane.immediate:
+                await backplane.catch_up()  # never waits: no cancel scope per join
+            else:
+                with trio.move_on_after(self._config.backplane_timeout):
+                    await backplane.catch_up()
         name = chat.needs_claim(client, frame)
         if name is None:
             return None

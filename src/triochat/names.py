@@ -66,7 +66,6 @@ _INVISIBLE_STARTS: Final = tuple(first for first, _ in INVISIBLE_NAME_RANGES)
 RESERVED_NAMES: Final = ("server", "system")
 
 
-@functools.lru_cache(maxsize=4096)  # a join checks its name more than once
 def normalize_name(name: str) -> str | None:
     """The name to bind for a requested one, or None if it is not a valid name.
 
@@ -80,6 +79,13 @@ def normalize_name(name: str) -> str | None:
     trimmed = name.strip()
     if not 1 <= len(trimmed) <= MAX_NAME_CHARS:
         return None
+    # Cached by the trimmed name only: a request's raw one may be a frame long.
+    return _checked_name(trimmed)
+
+
+@functools.lru_cache(maxsize=4096)  # a join checks its name more than once
+def _checked_name(trimmed: str) -> str | None:
+    """`normalize_name` of a trimmed name of 1-32 code points."""
     visible = False
     for char in trimmed:
         category = unicodedata.category(char)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 from collections.abc import Mapping
+from typing import Final
 
 from ..config import Config
 from ..forwarded import client_address, trusted_networks
@@ -29,7 +30,11 @@ def _allowed_names(allowed: tuple[str, ...]) -> frozenset[str]:
     return frozenset(name for name in names if name)
 
 
-@functools.lru_cache(maxsize=1024)  # every request asks; hosts repeat
+#: Longer than any Host a browser sends (a DNS name is at most 253
+#: characters): such a value is checked each time, never cached.
+_CACHED_HOST_CHARS: Final = 300
+
+
 def host_allowed(host: str | None, allowed: tuple[str, ...]) -> bool:
     """Whether a request's ``Host`` is one this server answers for (§1, DNS rebinding).
 
@@ -38,7 +43,15 @@ def host_allowed(host: str | None, allowed: tuple[str, ...]) -> bool:
     ignoring case and one trailing dot. No ``Host`` at all only reaches
     here on HTTP/1.0 (h11 answers 400 on HTTP/1.1): allowed, since a
     browser, which a rebinding attack needs, always sends one.
+    (Cached by value: every request asks, and hosts repeat.)
     """
+    if host is not None and len(host) > _CACHED_HOST_CHARS:
+        return _check_host(host, allowed)
+    return _cached_check_host(host, allowed)
+
+
+def _check_host(host: str | None, allowed: tuple[str, ...]) -> bool:
+    """`host_allowed`, uncached."""
     if host is None:
         return True
     names = _allowed_names(allowed)
@@ -65,6 +78,9 @@ def host_allowed(host: str | None, allowed: tuple[str, ...]) -> bool:
     except ValueError:
         return False
     return True
+
+
+_cached_check_host: Final = functools.lru_cache(maxsize=1024)(_check_host)
 
 
 def _is_port(text: str) -> bool:

@@ -226,7 +226,7 @@ async def accept_websocket(
     offers: Sequence[str],
     config: Config,
     *,
-    path: str = "/ws",
+    path: str,
     errors: WebSocketErrors | None = None,
 ) -> WebSocketTransport:
     """Answer the upgrade the front vetted (its Sec-WebSocket-Key ``key`` and
@@ -236,6 +236,8 @@ async def accept_websocket(
     first acceptable one), and the transport is a `DeflateWebSocketTransport`.
 
     Args:
+        path: the request's path, without its query string (trio-websocket's
+            ``path``; nothing here reads it).
         errors: the connection's boundary, when the caller has one; by
             default a new one.
 
@@ -253,8 +255,7 @@ async def accept_websocket(
         written = stream.write_nowait(response)
     if written != len(response):
         rest = response if written is None else response[written:]
-        # The boundary outside the deadline: its TooSlowError is mapped too.
-        with errors:
+        with errors:  # (the TooSlowError raised below is mapped too)
             deadline = trio.current_time() + config.handshake_timeout
             with trio.CancelScope(deadline=deadline) as scope:
                 if written is None:

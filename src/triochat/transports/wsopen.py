@@ -83,8 +83,8 @@ def accept_upgrade(
     """
     extensions: list[Extension] = [] if extension is None else [extension]
     agreed = server_extensions_handshake(offers, extensions) if extensions and offers else None
-    # wsproto runs a connection's frames through every extension it was given;
-    # one that was not agreed is not `enabled()` and leaves them alone.
+    # After the negotiation (it enables the extension it agrees to): wsproto's
+    # connection keeps only the enabled ones of those it is given.
     return switching_protocols(key, agreed), EstablishedProtocol(extensions)
 
 

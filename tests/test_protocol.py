@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import unicodedata
 
 import pytest
 from hypothesis import example, given, settings
@@ -433,6 +434,17 @@ def test_normalize_name_accepts(raw, bound):
 def test_normalize_name_refuses(raw):
     """Empty, over-long, control, format and line/paragraph separator names are refused."""
     assert normalize_name(raw) is None
+
+
+def test_normalize_name_ascii_by_the_general_rule():
+    """Every ASCII character inside a name is judged as the category rules say
+    (the printable-ASCII shortcut agrees with them): controls refused, the rest kept."""
+    for point in range(128):
+        char = chr(point)
+        allowed = unicodedata.category(char) not in {"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"}
+        assert (normalize_name(f"a{char}b") == f"a{char}b") is allowed, hex(point)
+        if allowed and not char.isspace():
+            assert normalize_name(char) == char, hex(point)
 
 
 # --- name rules of #18: invisible, private, unassigned, reserved; keys -----------------

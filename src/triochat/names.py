@@ -86,15 +86,18 @@ def normalize_name(name: str) -> str | None:
 @functools.lru_cache(maxsize=4096)  # a join checks its name more than once
 def _checked_name(trimmed: str) -> str | None:
     """`normalize_name` of a trimmed name of 1-32 code points."""
-    visible = False
-    for char in trimmed:
-        category = unicodedata.category(char)
-        if category in FORBIDDEN_NAME_CATEGORIES or _invisible(char):
+    # Printable ASCII (U+0020-U+007E) passes the character rules at once: all
+    # allowed categories, none invisible, and a trimmed name starts visible.
+    if not (trimmed.isascii() and trimmed.isprintable()):
+        visible = False
+        for char in trimmed:
+            category = unicodedata.category(char)
+            if category in FORBIDDEN_NAME_CATEGORIES or _invisible(char):
+                return None
+            if category[0] not in "MZ":
+                visible = True
+        if not visible:
             return None
-        if category[0] not in "MZ":
-            visible = True
-    if not visible:
-        return None
     if name_key(trimmed) in _reserved_keys() or confusable_key(trimmed) in _reserved_keys():
         return None
     return trimmed

@@ -45,7 +45,7 @@ from .logformat import log_fields, set_task_log_fields
 from .metrics import Stats
 from .outbox import FlushSchedule
 from .protocol import CloseCode
-from .transports import DirectWrite, Transport, TransportClosed
+from .transports import Transport, TransportClosed, direct_write
 
 __all__ = ["BACKLOG_PAUSE", "HARD_BOUND_FACTOR", "Cancellable", "Outbound", "TaskGroup"]
 
@@ -97,7 +97,7 @@ class Outbound(Backlog):
         super().__init__(config, stats)
         self._transport = transport
         #: The transport's direct write (the hub's hot path), if it has one.
-        self._direct = transport if isinstance(transport, DirectWrite) else None
+        self._direct = direct_write(transport)
         #: The app's step policy: write at once, or flush at the end of the step.
         self._schedule = schedule
         #: (code, reason), set once by `close_soon`.

@@ -207,7 +207,7 @@ class Pauses:
         record = self.loop_stall_max.record
         now = trio.current_time()
         next_young, next_full = now + YOUNG_INTERVAL, now + FULL_INTERVAL
-        closed_then = self._closed()
+        closed_then = self._closed(self._open())
         while True:
             due = trio.current_time() + interval
             await trio.sleep_until(due)
@@ -218,8 +218,8 @@ class Pauses:
             if not collect or now < next_young:
                 continue
             next_young = now + YOUNG_INTERVAL
-            closed = self._closed()
-            open_now = sum(self._stats.open.values())
+            open_now = self._open()
+            closed = self._closed(open_now)
             if now >= next_full or closed - closed_then >= max(FULL_AFTER_CLOSES, open_now / 4):
                 next_full = now + FULL_INTERVAL
                 closed_then = closed
@@ -227,9 +227,13 @@ class Pauses:
             else:
                 gc.collect(1)  # generations 0 and 1
 
-    def _closed(self) -> int:
-        """Chats closed since the start."""
-        return self._stats.connections_opened - sum(self._stats.open.values())
+    def _open(self) -> int:
+        """Chats open now."""
+        return sum(self._stats.open.values())
+
+    def _closed(self, open_now: int) -> int:
+        """Chats closed since the start (``open_now``: `_open`)."""
+        return self._stats.connections_opened - open_now
 
     def _on_gc(self, phase: str, info: dict[str, int]) -> None:
         # Rule 1. perf_counter, not trio.current_time(): this may run outside

@@ -110,8 +110,7 @@ class ClusterView:
         room = self._rooms.room(room_name)
         nodes = room.remote.get(name)
         if nodes is None:
-            nodes = room.remote[name] = set()
-            room.recount(name)
+            nodes = room.put_remote(name)
             if name not in room.members:
                 self._rooms.to_typed(room, PresenceFrame(room.name, "join", name))
         nodes.add(node)
@@ -137,8 +136,7 @@ class ClusterView:
             return
         nodes.discard(node)
         if not nodes:
-            del room.remote[name]
-            room.recount(name)
+            room.pop_remote(name)
             if name not in room.members:
                 self._rooms.to_typed(room, PresenceFrame(room.name, "leave", name))
             self._rooms.forget_if_empty(room)
@@ -171,8 +169,7 @@ class ClusterView:
             self._remote_add(by, (room_name, name))
             room = self._rooms.rooms[room_name]
             if room.members.get(name) is user:
-                del room.members[name]
-                room.recount(name)
+                room.pop_member(name)
         self._output.publish(Handover(self.node, by, name, rooms))
 
     def handed_over(self, handover: Handover, now: float) -> None:
@@ -202,8 +199,7 @@ class ClusterView:
         for room_name in room_names:
             room = self._rooms.room(room_name)
             if user.name not in room.members:
-                room.members[user.name] = user
-                room.recount(user.name)
+                room.put_member(user)
                 user.rooms.add(room_name)
                 output.changed(add=(room_name, user.name))
                 held = True

@@ -180,9 +180,11 @@ class Room:
 
     def __init__(self, name: str, *, loaded: bool = False) -> None:
         self.name = name
-        #: Every member user (live or held), by name.
+        #: Every member user (live or held), by name. Changed only through
+        #: `put_member` and `pop_member` (they keep `member_names` in step).
         self.members: dict[str, User] = {}
         #: Members on other nodes: name -> the nodes that hold it (usually one).
+        #: Changed only through `put_remote` and `pop_remote`.
         self.remote: dict[str, set[str]] = {}
         #: Live typed member connections: get every frame of the room.
         self.typed: dict[Client, None] = {}
@@ -201,7 +203,7 @@ class Room:
         #: Loads of its history under way: until they end, the messages that
         #: arrive are kept (to merge with what the store read) and the room stays.
         self.loading = 0
-        #: `member_names`, kept sorted once asked for (`recount` keeps it in
+        #: `member_names`, kept sorted once asked for (`_recount` keeps it in
         #: step): a join's ``joined`` frame lists them all, and sorting a big
         #: room's names for every join was a churn's costliest step (#16).
         self._names: list[str] | None = None
@@ -213,9 +215,27 @@ class Room:
             names = self._names = sorted(self.members.keys() | self.remote.keys())
         return names.copy()
 
-    def recount(self, name: str) -> None:
+    def put_member(self, user: User) -> None:
+        self.members[user.name] = user
+        self._recount(user.name)
+
+    def pop_member(self, name: str) -> None:
+        del self.members[name]
+        self._recount(name)
+
+    def put_remote(self, name: str) -> set[str]:
+        """A member on other nodes: its (empty) set of nodes, to fill."""
+        nodes = self.remote[name] = set()
+        self._recount(name)
+        return nodes
+
+    def pop_remote(self, name: str) -> None:
+        del self.remote[name]
+        self._recount(name)
+
+    def _recount(self, name: str) -> None:
         """``name`` may have become or stopped being a member (``members`` or
-        ``remote`` changed): every change to those is followed by this."""
+        ``remote`` changed)."""
         names = self._names
         if names is None:
             return

@@ -133,8 +133,7 @@ class Rooms:
     # --- members --------------------------------------------------------------------
 
     def add_member(self, user: User, room: Room, skip: Client | None = None) -> None:
-        room.members[user.name] = user
-        room.recount(user.name)
+        room.put_member(user)
         user.rooms.add(room.name)
         self._output.changed(add=(room.name, user.name))
         if user.name not in room.remote:
@@ -142,8 +141,7 @@ class Rooms:
 
     def remove_member(self, user: User, room: Room) -> None:
         if room.members.get(user.name) is user:
-            del room.members[user.name]
-            room.recount(user.name)
+            room.pop_member(user.name)
             user.rooms.discard(room.name)
             self._output.changed(remove=(room.name, user.name))
             if user.name not in room.remote:

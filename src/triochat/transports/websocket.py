@@ -58,7 +58,7 @@ from ..protocol import CloseCode
 from . import TransportClosed
 from .deflate import DeflateExtension
 from .replay import CLOSE_FRAME_BYTE, FrameSizeGuard, ReplayStream
-from .wsopen import EstablishedWebSocket, accept_upgrade
+from .wsopen import RECEIVE_BYTES, EstablishedWebSocket, accept_upgrade
 
 __all__ = [
     "ClosingRace",
@@ -74,8 +74,6 @@ __all__ = [
 
 PING_FRAME = b"\x89\x00"  # FIN + opcode 9 (ping), no payload, unmasked
 
-# Bytes read from the socket at a time (trio-websocket's own default).
-_RECEIVE_BYTES: Final = 4096
 ABNORMAL_CLOSURE = 1006  # trio-websocket's code for a TCP connection lost without a close
 MAX_CLOSE_REASON = 123  # bytes: a control frame's payload is at most 125 (RFC 6455 5.5)
 
@@ -326,7 +324,7 @@ class WebSocketTransport:
                 else:
                     # Read the socket once into wsproto (inline: a frame less held).
                     try:
-                        data = await self._stream.receive_some(_RECEIVE_BYTES)
+                        data = await self._stream.receive_some(RECEIVE_BYTES)
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         await ws._abort_web_socket()
                         break

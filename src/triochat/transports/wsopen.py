@@ -43,6 +43,7 @@ __all__ = [
     "NO_CHANNEL",
     "NO_LOCK",
     "NO_PINGS",
+    "RECEIVE_BYTES",
     "EstablishedProtocol",
     "EstablishedWebSocket",
     "EventList",
@@ -51,8 +52,8 @@ __all__ = [
     "switching_protocols",
 ]
 
-# Bytes read from the socket at a time (trio-websocket's own default).
-_RECEIVE_BYTES: Final = 4096
+#: Bytes read from the socket at a time (trio-websocket's own default).
+RECEIVE_BYTES: Final = 4096
 _SWITCHING: Final = (
     b"HTTP/1.1 101 Switching Protocols\r\n"
     b"Upgrade: websocket\r\n"
@@ -143,7 +144,7 @@ class EstablishedWebSocket(WebSocketConnection):
         self._message_size = 0
         self._message_parts = []
         self._max_message_size = max_message_size
-        self._receive_buffer_size = _RECEIVE_BYTES
+        self._receive_buffer_size = RECEIVE_BYTES
         self._reader_running = True
         self._initial_request = None
         self._path = path

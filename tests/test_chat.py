@@ -24,28 +24,44 @@ from triochat.events import (
 from triochat.history import Snapshot
 from triochat.protocol import Message, decode_client_frame
 from triochat.ratelimit import RateLimiter
+from triochat.waiting import Share, WaitingRun, take_shared
 
 WALL_MS = 1_795_800_000_000
 GRACE = 5.0
 
 
 class FakePeer:
-    """Records what the chat state delivers to one connection."""
+    """Records what the chat state delivers to one connection, and what it
+    shares of the rooms' runs of frames that wait (`triochat.waiting`), in
+    the order produced. Its runs never close (no schedule ends their round)."""
 
     def __init__(self) -> None:
         self.frames: list[dict] = []
         self.closed: list[tuple[int, str]] = []
+        self.shares: list[Share] = []
 
     def deliver(self, frame) -> None:
+        self._take_shared()
         self.frames.append(json.loads(frame.json))
 
-    deliver_soon = deliver  # (the order is all that is seen here)
+    def share(self, run: WaitingRun) -> None:
+        run.filed = True  # (a schedule would close it when the round ends)
+        self.shares.append(Share(run))
+
+    def unshare(self, run: WaitingRun) -> None:
+        self._take_shared()
+        self.shares = [share for share in self.shares if share.run is not run]
+
+    def _take_shared(self) -> None:
+        frames, _ = take_shared(self.shares)
+        self.frames += [json.loads(frame.json) for frame in frames]
 
     def close_soon(self, code: int, reason: str) -> None:
         self.closed.append((code, reason))
 
     def take(self) -> list[dict]:
         """Every frame delivered since the last take."""
+        self._take_shared()
         frames, self.frames = self.frames, []
         return frames
 

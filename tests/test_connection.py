@@ -366,15 +366,17 @@ async def test_connection_lone_message_is_written_at_once_and_keeps_the_order():
 
 
 async def test_connection_frames_that_may_wait_go_with_the_next_write_or_soon():
-    """`deliver_soon` (presence, typing; docs/protocol.md §6): such a frame is not
-    written at the end of its step but with the connection's next write, in
-    the order delivered, or once the schedule's `SOON` has passed, by a step."""
+    """Frames shared through a room's run (presence, typing; docs/protocol.md
+    §6; `triochat.waiting`) are not written at the end of their step but with
+    the connection's next write, in the order produced, or once the
+    schedule's `SOON` has passed, by a step."""
     from triochat.config import Config
     from triochat.connection import Connection
     from triochat.frames import OutFrame
     from triochat.metrics import Stats
     from triochat.outbox import SOON
     from triochat.transports.websocket import ReplayStream, WebSocketTransport
+    from triochat.waiting import WaitingRun
 
     ours, theirs = trio.socket.socketpair()
     hub = _StepHub()
@@ -390,11 +392,13 @@ async def test_connection_frames_that_may_wait_go_with_the_next_write_or_soon():
 
     with theirs:
         out = connection.outbound
-        out.deliver_soon(joined)
+        run = WaitingRun()
+        out.share(run)
+        run.add(joined)
         schedule.end_step(100.0)  # waits: the schedule now wants a step at 100 + SOON
         assert schedule.soon_at == 100.0 + SOON
         assert await received() == b""
-        out.deliver_soon(left)  # the same round: filed once
+        run.add(left)  # the same round: filed once
         schedule.end_step(100.0 + SOON / 2)
         assert await received() == b""
         out.deliver(message)  # a frame that cannot wait takes them along, in order
@@ -403,7 +407,10 @@ async def test_connection_frames_that_may_wait_go_with_the_next_write_or_soon():
         schedule.end_step(100.0 + SOON)  # the round ends: nothing left to write
         assert schedule.soon_at == math.inf
         assert await received() == b""
-        out.deliver_soon(left)  # a new round, on its own
+        assert not run.open
+        run = WaitingRun()
+        out.share(run)
+        run.add(left)  # a new round, on its own
         schedule.end_step(200.0)
         schedule.end_step(200.0 + SOON)
         assert await received() == left.ws

@@ -1243,3 +1243,26 @@ async def test_e2e_a_crowd_joining_one_room_gives_every_member_the_whole_room(se
         async with trio.open_nursery() as nursery:
             for name in names:
                 nursery.start_soon(member, name)
+
+
+async def test_e2e_presence_from_two_rooms_arrives_in_the_order_produced(server):
+    """A room's frames that wait are held once per room and round (#16), yet a
+    member of two rooms gets them in the order the server produced them (§6):
+    users join room a, then room b, one after the other, and a member of both
+    sees a, b, a, b, ... exactly, though the rounds hold many of them."""
+    names = [f"w{i:02d}" for i in range(20)]
+    async with client_of(server) as watcher:
+        await watcher.join("a", "watcher")
+        await watcher.join("b")
+        with trio.fail_after(30):
+            for name in names:  # each join is produced after the one before was answered
+                async with client_of(server) as user:
+                    await user.join("a", name)
+                    await user.join("b")
+            seen: list[tuple[str, str]] = []
+            while len(seen) < 2 * len(names):
+                frame = await watcher.recv()
+                assert frame["type"] == "presence", frame
+                if frame["event"] == "join":  # (leaves come once a grace period ends)
+                    seen.append((frame["room"], frame["name"]))
+    assert seen == [(room, name) for name in names for room in ("a", "b")]

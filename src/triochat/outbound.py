@@ -46,6 +46,7 @@ from .metrics import Stats
 from .outbox import FlushSchedule
 from .protocol import CloseCode
 from .transports import Transport, TransportClosed, direct_write
+from .waiting import Share, WaitingRun, take_shared
 
 __all__ = ["BACKLOG_PAUSE", "HARD_BOUND_FACTOR", "Cancellable", "Outbound", "TaskGroup"]
 
@@ -80,6 +81,7 @@ class Outbound(Backlog):
         "_ping_due",
         "_schedule",
         "_send_scope",
+        "_shares",
         "_soon",
         "_step",
         "_transport",
@@ -117,6 +119,10 @@ class Outbound(Backlog):
         self._step = -1  # the step of `_schedule` that last filed this connection
         self._soon = -1  # the round of `_schedule`'s waiting frames it was filed in
         self._held = False  # `hold`: frames are queued, not written, until `release`
+        #: Its shares of rooms' runs of frames that wait (`share`), this round;
+        #: None, not an empty list, between rounds (one object less to hold
+        #: and for the collector to track per idle connection).
+        self._shares: list[Share] | None = None
         #: Where the writer starts, and whose cancellation ends the connection
         #: (set between `start` and `stop`).
         self._nursery: TaskGroup | None = None
@@ -164,6 +170,10 @@ class Outbound(Backlog):
     def deliver(self, frame: OutFrame) -> None:
         if self.close_request is not None:
             return
+        if self._shares:
+            self._take_shared()  # the frames that waited go first (§6)
+            if self.close_request is not None:
+                return  # (they were too many: a slow consumer)
         outbox = self.outbox
         queued = outbox.put(frame)
         schedule = self._schedule
@@ -184,26 +194,51 @@ class Outbound(Backlog):
             self._step = schedule.step
             schedule.flush_later(self)  # `flush_nowait` at the end of this step
 
-    def deliver_soon(self, frame: OutFrame) -> None:
-        """`deliver` a frame that may wait up to `outbox.SOON` seconds (presence,
-        typing): it goes with this connection's next write, at the latest then."""
+    def share(self, run: WaitingRun) -> None:
+        """Every frame added to ``run`` from now until its round ends is this
+        connection's too: frames that may wait up to `outbox.SOON` seconds
+        (presence, typing), written with its next write, or when the round ends."""
         if self.close_request is not None:
             return
-        outbox = self.outbox
-        if (
-            outbox.put(frame) > 1
-            and outbox.size > self._hard_bound
-            and (self._over_at == self._writes or self._held)
-        ):
-            self._slow_consumer()  # (as in `deliver`)
-            return
+        if self._shares is None:
+            self._shares = [Share(run)]
+        else:
+            self._shares.append(Share(run))
         schedule = self._schedule
-        if self._step != schedule.step and self._soon != schedule.soon_round:
+        if not run.filed:
+            schedule.close_at_round_end(run)
+        if self._soon != schedule.soon_round:
             self._soon = schedule.soon_round
             schedule.flush_soon(self)
 
+    def unshare(self, run: WaitingRun) -> None:
+        """No frame added to ``run`` from now on is this connection's (those
+        added so far are, and are queued)."""
+        shares = self._shares or []
+        for index, share in enumerate(shares):
+            if share.run is run:
+                self._take_shared()
+                del shares[index]
+                return
+
+    def _take_shared(self) -> None:
+        """Queue the frames added to its shares since they were last taken."""
+        if not self._shares:
+            return
+        frames, size = take_shared(self._shares)
+        if not frames:
+            return
+        outbox = self.outbox
+        outbox.extend(frames, size)
+        if outbox.size > self._hard_bound and (self._over_at == self._writes or self._held):
+            self._slow_consumer()  # (as in `deliver`)
+
     def flush_if_queued(self) -> None:
-        """`flush_nowait`, when frames wait (they may have gone with a write since)."""
+        """`flush_nowait`, when frames wait (they may have gone with a write
+        since); the round is over, so its shares go too."""
+        if self._shares:
+            self._take_shared()
+            self._shares = None
         if self.outbox:
             self.flush_nowait()
 
@@ -221,6 +256,11 @@ class Outbound(Backlog):
             return
         if self._held:
             return  # `release` flushes
+        if self._shares:
+            self._take_shared()
+            if self.close_request is not None:  # it was too much: a slow consumer
+                self._want_writer()
+                return
         outbox = self.outbox
         frames = outbox.peek()
         direct = self._direct
@@ -272,6 +312,11 @@ class Outbound(Backlog):
         """
         if self.close_request is not None:
             return
+        if flush and self._shares:
+            self._take_shared()  # delivered before the close: sent with the rest
+        self._shares = None
+        if self.close_request is not None:
+            return  # (taking them made it a slow consumer)
         self.close_request = (code, reason)
         if timeout is None:
             timeout = self._config.close_timeout
@@ -327,6 +372,8 @@ class Outbound(Backlog):
                 assert self._direct is not None  # only a direct write leaves a rest
                 await self._bounded_send(self._direct.send_rest(rest))
                 self._written()
+            if self._shares and not self._held:
+                self._take_shared()  # (the hub takes them otherwise, or the round's end)
             frames = outbox.take_all() if not self._held or self.close_request else []
             if frames:
                 await self._bounded_send(transport.send(frames))

@@ -16,10 +16,11 @@ import math
 from typing import Final, Protocol
 
 from .frames import OutFrame
+from .waiting import WaitingRun
 
 __all__ = ["SOON", "FlushSchedule", "Flushable", "Outbox"]
 
-#: Seconds a frame delivered with `Outbound.deliver_soon` may wait to be
+#: Seconds a frame shared with `Outbound.share` may wait to be
 #: written, at most (docs/protocol.md section 6), plus a step's length.
 SOON: Final = 0.05
 
@@ -54,6 +55,11 @@ class Outbox:
         """
         return self._frames
 
+    def extend(self, frames: list[OutFrame], size: int) -> None:
+        """Queue ``frames`` (``size`` bytes in all, as framed for WebSocket)."""
+        self._frames += frames
+        self.size += size
+
     def take_all(self) -> list[OutFrame]:
         """Every queued frame, oldest first; the outbox is then empty."""
         frames = self._frames
@@ -69,13 +75,15 @@ class Outbox:
 class Flushable(Protocol):
     def flush_nowait(self) -> None: ...
 
-    def flush_if_queued(self) -> None: ...
+    def flush_if_queued(self) -> None:
+        """Write what is queued or shared; the round is over, so drop the shares."""
+        ...
 
 
 class FlushSchedule:
     """When delivered frames are written: as they come (write-through), at the
     end of the app's step, one write per connection (coalescing), or, for
-    frames that may wait (`Outbound.deliver_soon`: presence, typing), at the
+    frames that may wait (`Outbound.share`: presence, typing), at the
     end of the first step `SOON` seconds after.
 
     The app owns it and drives it (`write_through`, `end_step`: the hub's step
@@ -89,9 +97,12 @@ class FlushSchedule:
     that wait up to 50 ms go to each member in a few writes instead
     (docs/protocol.md section 6). A connection's frames are written in the
     order delivered whatever waits: the ones that wait go with the next write.
+    A room's frames that wait are held once for all its members, in a
+    `waiting.WaitingRun` per round, which the schedule closes when the round
+    ends, after every connection that shares it has taken its frames.
     """
 
-    __slots__ = ("_due", "_soon", "soon_at", "soon_round", "step", "write_through")
+    __slots__ = ("_due", "_runs", "_soon", "soon_at", "soon_round", "step", "write_through")
 
     def __init__(self, *, write_through: bool = False) -> None:
         #: True while the app delivers a lone message: a connection with
@@ -104,6 +115,8 @@ class FlushSchedule:
         #: Counts the rounds of frames that wait: a connection asks once per round.
         self.soon_round = 0
         self._soon: list[Flushable] = []
+        #: The rooms' runs of frames that wait, closed when the round ends.
+        self._runs: list[WaitingRun] = []
         #: When the frames that wait are written (inf: none wait): the app runs
         #: a step by then.
         self.soon_at = math.inf
@@ -115,6 +128,11 @@ class FlushSchedule:
     def flush_soon(self, outbound: Flushable) -> None:
         """``outbound`` got a frame that may wait: flush it within `SOON` seconds."""
         self._soon.append(outbound)
+
+    def close_at_round_end(self, run: WaitingRun) -> None:
+        """``run`` is shared by a connection of this schedule: it ends with the round."""
+        run.filed = True
+        self._runs.append(run)
 
     def end_step(self, now: float) -> None:
         """End of a step: hand every frame queued during it to its socket, and
@@ -132,4 +150,7 @@ class FlushSchedule:
             self.soon_at = math.inf
             soon, self._soon = self._soon, []
             for outbound in soon:
-                outbound.flush_if_queued()
+                outbound.flush_if_queued()  # (and drops its shares of the runs)
+            runs, self._runs = self._runs, []
+            for run in runs:
+                run.close()

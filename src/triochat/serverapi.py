@@ -28,6 +28,7 @@ from .protocol import ErrorCode, Message
 from .ratelimit import RateLimiter
 from .state.log import page_before
 from .state.model import Client, Refused
+from .waiting import WaitingRun
 
 __all__ = ["ServerApi"]
 
@@ -64,8 +65,11 @@ class _Reply:
             self.answer = frame
             self.arrived.set()
 
-    def deliver_soon(self, frame: OutFrame) -> None:
-        self.deliver(frame)
+    def share(self, run: WaitingRun) -> None:
+        """Never in a room: nothing is shared with it."""
+
+    def unshare(self, run: WaitingRun) -> None:
+        """Never in a room: nothing is shared with it."""
 
     def close_soon(self, code: int, reason: str) -> None:
         """Nothing to close."""

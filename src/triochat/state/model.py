@@ -16,6 +16,7 @@ from ..frames import OutFrame
 from ..identity import Identity
 from ..protocol import ErrorFrame, Message, confusable_key, name_key
 from ..ratelimit import RateLimiter
+from ..waiting import WaitingRun
 
 __all__ = [
     "CLASSIC_ROOM",
@@ -38,9 +39,15 @@ class Peer(Protocol):
 
     def deliver(self, frame: OutFrame) -> None: ...
 
-    def deliver_soon(self, frame: OutFrame) -> None:
-        """`deliver` a frame that may be written a little later (presence, typing:
-        docs/protocol.md §6), never after a frame delivered after it."""
+    def share(self, run: WaitingRun) -> None:
+        """Take every frame added to ``run`` from now until its round ends: a
+        room's presence and typing, held once for all its members (`waiting`),
+        which may be written a little later (docs/protocol.md §6) but never
+        after a frame delivered after them."""
+        ...
+
+    def unshare(self, run: WaitingRun) -> None:
+        """No frame added to ``run`` from now on is this connection's."""
         ...
 
     def close_soon(self, code: int, reason: str) -> None: ...
@@ -176,6 +183,7 @@ class Room:
         "remote",
         "seqs",
         "typed",
+        "waiting",
     )
 
     def __init__(self, name: str, *, loaded: bool = False) -> None:
@@ -191,6 +199,9 @@ class Room:
         #: Classic member connections and lobby listeners (docs/protocol.md §7):
         #: get `message` frames only.
         self.classic: dict[Client, None] = {}
+        #: This round's frames that wait (presence, typing), shared by every
+        #: typed subscriber (`waiting`); None, or closed, between rounds.
+        self.waiting: WaitingRun | None = None
         #: The node's one copy of the room's recent history (`state.log` keeps it).
         self.messages: list[Message] = []
         self.seqs: list[int] = []  # parallel to messages, for bisect

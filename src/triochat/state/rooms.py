@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from ..frames import OutFrame
 from ..protocol import DeletedFrame, PresenceFrame, TypingFrame
+from ..waiting import WaitingRun
 from .model import CLASSIC_ROOM, Client, Room, User
 from .output import OutputBuffer
 
@@ -105,9 +106,15 @@ class Rooms:
             room.classic[client] = None
         else:
             room.typed[client] = None
+            waiting = room.waiting
+            if waiting is not None and waiting.open:
+                client.peer.share(waiting)  # what the room adds from now on
 
     def unsubscribe(self, room: Room, client: Client) -> None:
-        room.typed.pop(client, None)
+        if room.typed.pop(client, 0) is None:
+            waiting = room.waiting
+            if waiting is not None and waiting.open:
+                client.peer.unshare(waiting)
         room.classic.pop(client, None)
 
     def listen_to_lobby(self, client: Client) -> None:
@@ -158,13 +165,26 @@ class Rooms:
     ) -> None:
         """``frame`` to the room's typed subscribers (classic ones never get it).
 
-        These frames may wait a little to be written (`Peer.deliver_soon`): a
+        These frames may wait a little to be written (docs/protocol.md §6): a
         crowd joining a room then costs each member a few writes, not one per
-        join (docs/protocol.md §6)."""
+        join. They are added once to the room's run of this round, which every
+        typed subscriber shares (`waiting`), not delivered once per member.
+        """
+        waiting = room.waiting
+        if waiting is None or not waiting.open:
+            waiting = WaitingRun()
+            for member in room.typed:
+                member.peer.share(waiting)
+            if not waiting.filed:
+                return  # nobody takes it (no typed subscriber, or all closing)
+            room.waiting = waiting
         out = OutFrame.of(frame)
-        for member in room.typed:
-            if member is not skip:
-                member.peer.deliver_soon(out)
+        if skip is not None and skip in room.typed:
+            skip.peer.unshare(waiting)
+            waiting.add(out)
+            skip.peer.share(waiting)
+        else:
+            waiting.add(out)
 
     @staticmethod
     def broadcast(room: Room, out: OutFrame) -> None:

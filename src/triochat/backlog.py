@@ -4,7 +4,8 @@ The state and the judgement that `Outbound` (the way out: direct writes,
 the writer task, the close) builds on. The rule (docs/protocol.md §9):
 
 1. The backlog (the outbox: frames not yet handed to the socket or to the
-   writer) is bounded in frames and bytes, and judged at the end of each
+   writer; a room's frames that wait join it when the connection takes its
+   share, `waiting`) is bounded in frames and bytes, and judged at the end of each
    step, after the write (`_check_backlog`): over the bound at the end of
    two steps with no write completed in between, the client does not read
    and is closed 1013. Over four times the byte bound it is closed at once

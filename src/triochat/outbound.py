@@ -84,6 +84,7 @@ class Outbound(Backlog):
         "_shares",
         "_soon",
         "_step",
+        "_taken",
         "_transport",
         "_unsent",
         "_writing",
@@ -123,6 +124,9 @@ class Outbound(Backlog):
         #: None, not an empty list, between rounds (one object less to hold
         #: and for the collector to track per idle connection).
         self._shares: list[Share] | None = None
+        #: `WaitingRun.produced` when it last took its shares: none has a
+        #: frame to take while that has not moved.
+        self._taken = 0
         #: Where the writer starts, and whose cancellation ends the connection
         #: (set between `start` and `stop`).
         self._nursery: TaskGroup | None = None
@@ -170,7 +174,7 @@ class Outbound(Backlog):
     def deliver(self, frame: OutFrame) -> None:
         if self.close_request is not None:
             return
-        if self._shares:
+        if self._shares is not None and self._taken != WaitingRun.produced:
             self._take_shared()  # the frames that waited go first (§6)
             if self.close_request is not None:
                 return  # (they were too many: a slow consumer)
@@ -195,9 +199,10 @@ class Outbound(Backlog):
             schedule.flush_later(self)  # `flush_nowait` at the end of this step
 
     def share(self, run: WaitingRun) -> None:
-        """Every frame added to ``run`` from now until its round ends is this
-        connection's too: frames that may wait up to `outbox.SOON` seconds
-        (presence, typing), written with its next write, or when the round ends."""
+        """Every frame added to ``run`` from now until its round ends (or
+        `unshare`, or a close) is this connection's too: frames that may wait
+        up to `outbox.SOON` seconds (presence, typing), written with its next
+        write, or when the round ends. They join its backlog when taken."""
         if self.close_request is not None:
             return
         if self._shares is None:
@@ -225,6 +230,7 @@ class Outbound(Backlog):
         """Queue the frames added to its shares since they were last taken."""
         if not self._shares:
             return
+        self._taken = WaitingRun.produced
         frames, size = take_shared(self._shares)
         if not frames:
             return

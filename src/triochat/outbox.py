@@ -126,7 +126,8 @@ class FlushSchedule:
         self._due.append(outbound)
 
     def flush_soon(self, outbound: Flushable) -> None:
-        """``outbound`` got a frame that may wait: flush it within `SOON` seconds."""
+        """``outbound`` shares a run of frames that may wait: flush it, and drop
+        its shares, when the round ends (within `SOON` seconds)."""
         self._soon.append(outbound)
 
     def close_at_round_end(self, run: WaitingRun) -> None:

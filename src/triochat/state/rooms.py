@@ -81,6 +81,7 @@ class Rooms:
         if room.members or room.remote or room.typed or room.classic or room.loading:
             return
         if room.messages and room.loaded:
+            room.waiting = None  # (nobody shares it now: an idle room keeps no run)
             self._idle.pop(room.name, None)
             self._idle[room.name] = None
             self.evict()
@@ -189,7 +190,8 @@ class Rooms:
     @staticmethod
     def broadcast(room: Room, out: OutFrame) -> None:
         """A `message` frame to every subscriber of ``room``: the hot path, one
-        encoded frame for all, and nothing per delivery beyond the call."""
+        encoded frame for all, and nothing per delivery beyond the call (and,
+        for a member with new frames shared that wait, taking them first)."""
         for member in room.typed:
             member.peer.deliver(out)
         for member in room.classic:

@@ -33,6 +33,7 @@ __all__ = [
     "FrameSizeGuard",
     "ReplayStream",
     "close_stream",
+    "read_arrived",
 ]
 
 CLOSE_FRAME_BYTE = 0x88  # the first byte of a close frame: FIN + opcode 8
@@ -337,6 +338,22 @@ async def close_stream(stream: trio.abc.Stream) -> None:
         stream.socket.close()
     else:
         await trio.aclose_forcefully(stream)
+
+
+def read_arrived(stream: trio.abc.Stream, size: int) -> bytes | None:
+    """What has already arrived on a plain socket stream, read without waiting
+    (at most ``size`` bytes; b"" once the peer closed); None when nothing has,
+    the socket failed, or ``stream`` is not a `trio.SocketStream`.
+
+    For a read that need not wait: no cancel scope, no checkpoint (#16).
+    """
+    raw = _stdlib_socket(stream.socket) if isinstance(stream, trio.SocketStream) else None
+    if raw is None:
+        return None
+    try:
+        return _recv_nowait(raw, size)
+    except OSError:
+        return None  # (the read that waits meets the error again, or the close)
 
 
 def _recv_nowait(raw: socket.socket, size: int) -> bytes | None:

@@ -494,3 +494,47 @@ async def test_connection_frames_keep_their_order_when_a_pong_hands_over_the_gat
             nursery.cancel_scope.cancel()
         await stream.close_now()
     assert received == pong + first.ws + second.ws
+
+
+async def test_connection_ping_of_an_idle_connection_is_written_with_no_writer_task():
+    """A keepalive ping goes straight to the socket when it takes it (an idle
+    connection's: no task started per ping, #16); to a full socket it goes
+    with the writer, once the socket drains."""
+    from triochat.config import Config
+    from triochat.connection import Connection
+    from triochat.metrics import Stats
+    from triochat.transports.websocket import PING_FRAME, ReplayStream, WebSocketTransport
+
+    ours, theirs = trio.socket.socketpair()
+    stream = ReplayStream(trio.SocketStream(ours), b"")
+    connection = Connection(WebSocketTransport(None, stream), _StepHub(), Config(), Stats())  # type: ignore[arg-type]
+    out = connection.outbound
+    started: list[object] = []
+
+    class Tasks:
+        cancel_scope = trio.CancelScope()
+
+        def start_soon(self, fn) -> None:
+            started.append(fn)
+            nursery.start_soon(fn)
+
+    with theirs:
+        async with trio.open_nursery() as nursery:
+            out.start(Tasks())
+            out.ping_soon()
+            assert started == [], "no writer task for a ping the socket took"
+            assert await theirs.recv(16) == PING_FRAME
+            # A full socket: the ping waits for the writer, which sends it once
+            # the peer reads.
+            filler = b"\x00" * 65536
+            with trio.move_on_after(0.2):
+                while True:
+                    await ours.send(filler)  # (a send that waits sends nothing)
+            out.ping_soon()
+            assert len(started) == 1, "the writer takes the ping"
+            received = b""
+            with trio.fail_after(5):
+                while not received.endswith(PING_FRAME):
+                    received += await theirs.recv(65536)
+            out.stop()
+        await stream.close_now()

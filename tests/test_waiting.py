@@ -239,18 +239,14 @@ class _Tasks:
 
 
 class _Transport:
-    """Records what is written. ``direct``: it has a direct write, which
-    refuses at random (a full socket) and while a write is under way; else
-    only the writer task writes (like SSE)."""
+    """Records what is written; only its writer task writes (like SSE)."""
 
     heartbeat = None
 
-    def __init__(self, rng: random.Random, *, direct: bool) -> None:
+    def __init__(self, rng: random.Random) -> None:
         self.rng = rng
         self.got: list[bytes] = []
         self._busy = False
-        if direct:
-            self.send_nowait = self._send_nowait
 
     async def send(self, frames: list[OutFrame]) -> None:
         self._busy = True
@@ -259,7 +255,18 @@ class _Transport:
         self.got += [frame.json for frame in frames]
         self._busy = False
 
-    def _send_nowait(self, frames: list[OutFrame]) -> bytes | None:
+    async def ping(self) -> None:
+        """(No keepalive here.)"""
+
+    async def close(self, code: int, reason: str) -> None:
+        """(The close frame is not what is checked.)"""
+
+
+class _DirectTransport(_Transport):
+    """A `_Transport` with a direct write (a `DirectWrite`), which refuses at
+    random (a full socket) and while a write is under way."""
+
+    def send_nowait(self, frames: list[OutFrame]) -> bytes | None:
         if self._busy or self.rng.random() < 0.3:
             return None
         self.got += [frame.json for frame in frames]
@@ -268,11 +275,8 @@ class _Transport:
     async def send_rest(self, data: bytes) -> None:
         """(Every direct write here is whole.)"""
 
-    async def ping(self) -> None:
-        """(No keepalive here.)"""
-
-    async def close(self, code: int, reason: str) -> None:
-        """(The close frame is not what is checked.)"""
+    def ping_nowait(self) -> bytes | None:
+        return None
 
 
 class _Model:
@@ -306,7 +310,7 @@ async def test_random_operations_give_each_member_exactly_its_frames_in_order(
     async with trio.open_nursery() as nursery:
         members: list[_Model] = []
         for index in range(6):
-            transport = _Transport(rng, direct=index % 2 == 1)
+            transport = (_DirectTransport if index % 2 else _Transport)(rng)
             out = Outbound(transport, schedule, config, Stats())  # type: ignore[arg-type]
             out.start(_Tasks(nursery))
             members.append(_Model(out, transport))

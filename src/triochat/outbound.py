@@ -165,7 +165,25 @@ class Outbound(Backlog):
         return self._writing
 
     def ping_soon(self) -> None:
-        """Have the writer send a keepalive."""
+        """Send a keepalive: at once if the socket takes it (most of the time:
+        an idle connection's), else by the writer.
+
+        At once, with no task: 19,000 idle connections ping 950 times a
+        second, and a writer task per ping cost more than the ping (#16). A
+        control frame may go ahead of queued frames (RFC 6455 5.5).
+        """
+        direct = self._direct
+        if direct is not None and not self._writing and self.close_request is None:
+            try:
+                rest = direct.ping_nowait()
+            except TransportClosed as exc:
+                self._lost = exc  # (the writer ends the connection)
+            else:
+                if rest is not None:
+                    if rest:
+                        self._unsent = rest
+                        self._want_writer()
+                    return
         self._ping_due = True
         self._want_writer()
 

@@ -93,6 +93,11 @@ class DirectWrite(Protocol):
         """Finish a partial `send_nowait`. Raises TransportClosed."""
         ...
 
+    def ping_nowait(self) -> bytes | None:
+        """`send_nowait` of a keepalive ping: the unsent rest (for `send_rest`),
+        or None when it cannot write now. Raises TransportClosed."""
+        ...
+
 
 #: Whether a transport class is a `DirectWrite`, found once per class: an
 #: ``isinstance`` against a runtime-checkable protocol inspects its members

@@ -367,6 +367,14 @@ class WebSocketTransport:
         with self._errors:
             await self._stream.send_reserved(data)
 
+    def ping_nowait(self) -> bytes | None:
+        # (A control frame: never compressed, the same for `DeflateWebSocketTransport`.)
+        try:
+            written = self._stream.write_nowait(PING_FRAME)
+        except trio.BrokenResourceError as exc:
+            raise self._errors.translate(exc) from exc
+        return None if written is None else PING_FRAME[written:]
+
     async def ping(self) -> None:
         # A raw ping frame (not trio-websocket's ping(), which needs a task
         # waiting for each pong): any bytes the peer sends, the pong

@@ -538,3 +538,33 @@ async def test_connection_ping_of_an_idle_connection_is_written_with_no_writer_t
                     received += await theirs.recv(65536)
             out.stop()
         await stream.close_now()
+
+
+async def test_connection_a_tail_starting_with_0x88_is_not_taken_for_a_close_frame():
+    """The rest of a partial direct write may begin with any byte of a frame
+    (0x88 is a UTF-8 continuation byte of "∈", or a length): finishing it
+    (`send_rest`) must not make the stream think a close frame went, which
+    would refuse every later write and drop the connection without one."""
+    from triochat.transports.websocket import ReplayStream, WebSocketTransport
+
+    ours, theirs = trio.socket.socketpair()
+    stream = ReplayStream(trio.SocketStream(ours), b"")
+    transport = WebSocketTransport(None, stream)
+    with theirs:
+        with trio.move_on_after(0.2):
+            while True:
+                await ours.send(b"\x00" * 65536)  # (a send that waits sends nothing)
+        assert stream.write_nowait(b"\x81\x03\xe2") == 0  # a full socket: the gate is ours
+        async with trio.open_nursery() as nursery:
+
+            async def drain() -> None:
+                while await theirs.recv(65536):
+                    pass
+
+            nursery.start_soon(drain)
+            with trio.fail_after(5):
+                await transport.send_rest(b"\x88\x88")  # "the rest" of that frame
+            assert not stream.close_sent
+            assert stream.write_nowait(b"\x81\x00") == 2, "later writes still go"
+            nursery.cancel_scope.cancel()
+        await stream.close_now()

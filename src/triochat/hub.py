@@ -284,6 +284,8 @@ class Hub:
         pump = self._pump
         while True:
             item: Inbound | None
+            # (As trio's `receive` does: cancelled before an item is taken, never after.)
+            await trio.lowlevel.checkpoint_if_cancelled()
             try:
                 item = receive.receive_nowait()
             except trio.WouldBlock:
@@ -302,7 +304,7 @@ class Hub:
             else:
                 # Queued already: no wait, and no deadline to wake by (a cancel
                 # scope costs 10 µs); the connections still get their turn.
-                await trio.lowlevel.checkpoint()
+                await trio.lowlevel.cancel_shielded_checkpoint()
             started = self._step_started = trio.current_time()
             pump.pump(chat)
             chat.backplane_up = self._backplane.available()

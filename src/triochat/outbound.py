@@ -4,15 +4,18 @@
 
     Outbound.deliver / flush_nowait     called by the app (the hub) in its step:
                                         queue, and write what the socket takes now
-    └── Outbound._write (in the         started only when the app could not write
-        connection's nursery)           at once (full socket, partial write, SSE),
-                                        for a ping, or to close; returns when done
+    Outbound.ping_soon                  called by the keepalive: a ping, written
+                                        the same way
+    └── Outbound._write (in the         started only when those could not write
+        connection's nursery)           at once (full socket, partial write, SSE,
+                                        TLS), or to close; returns when done
 
 It is the `Peer` the app delivers to; `Connection` (the reader) owns one, and
 so does every connection of the conformance run's echo. Rules:
 
-1. The app may write without blocking (`deliver`, `flush_nowait`, on a
-   transport with a `DirectWrite`); only the writer task awaits a write.
+1. The app and the keepalive may write without blocking (`deliver`,
+   `flush_nowait`, `ping_soon`, on a transport with a `DirectWrite`); only
+   the writer task awaits a write.
 2. Only the writer closes: `close_soon` records the close code (first one
    wins) and starts it. From then on everything left (a pending write, the
    queued frames unless it is a slow consumer, the close frame) must finish
@@ -112,10 +115,11 @@ class Outbound(Backlog):
         self.close_code: int | None = None
         self._send_scope: trio.CancelScope | None = None
         self._broken = False  # a write was cut short: no close frame possible
-        #: The tail of a frame batch the hub could only half write; the writer sends it.
+        #: The tail of a frame batch (or a ping) only half written at once; the
+        #: writer sends it.
         self._unsent = b""
         self._lost: TransportClosed | None = None  # the hub's direct write found the peer gone
-        self._ping_due = False  # the reader asks the writer for a ping
+        self._ping_due = False  # a ping the socket did not take: the writer sends it
         self._writing = False  # the writer task is running
         self._step = -1  # the step of `_schedule` that last filed this connection
         self._soon = -1  # the round of `_schedule`'s waiting frames it was filed in
@@ -173,7 +177,13 @@ class Outbound(Backlog):
         control frame may go ahead of queued frames (RFC 6455 5.5).
         """
         direct = self._direct
-        if direct is not None and not self._writing and self.close_request is None:
+        if (
+            direct is not None
+            and not self._writing
+            and self.close_request is None
+            and not self._broken  # (half a frame went: nothing may follow it)
+            and self._lost is None
+        ):
             try:
                 rest = direct.ping_nowait()
             except TransportClosed as exc:

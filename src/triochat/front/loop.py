@@ -28,6 +28,7 @@ from .sse import SseOpen, post_sse, vet_sse
 from .wire import (
     RECEIVE_BYTES,
     answering_protocol_errors,
+    event_at_hand,
     finish_request,
     next_event,
     send,
@@ -125,17 +126,18 @@ async def _next_request(
     limit = config.max_header_bytes
     event: object = h11.NEED_DATA
     if conn.their_state is h11.IDLE and not conn.trailing_data[0]:
-        # A new connection's request has mostly arrived by the time it is
-        # accepted: taken without a deadline if whole (a cancel scope and a
-        # wait cost 10-20 µs of a connection's setup; #16).
+        # A request on a plain socket (a new connection's, mostly) has often
+        # arrived whole by the time it is read: taken without a deadline then
+        # (a cancel scope and a wait cost 10-20 µs of a connection's setup; #16).
         arrived = read_arrived(stream, RECEIVE_BYTES)
         if arrived is not None:
             conn.receive_data(arrived)
-            event = await answering_protocol_errors(
-                stream, next_event(conn, None, head_limit=limit)
-            )
-            if event is None:
-                return None  # (malformed: answered)
+            try:
+                event = event_at_hand(conn, head_limit=limit)
+            except h11.RemoteProtocolError as exc:
+                with trio.move_on_after(config.handshake_timeout):
+                    await send_raw(stream, exc.error_status_hint, "malformed request")
+                return None
     if event is h11.NEED_DATA:
         # (A cancel scope rather than trio.fail_after: one generator less per request.)
         with trio.CancelScope(deadline=trio.current_time() + config.handshake_timeout) as scope:

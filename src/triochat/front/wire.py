@@ -41,25 +41,32 @@ RECEIVE_BYTES: Final = 16384
 MAX_BODY_BYTES: Final = 65536  # a body we must read past before the next request
 
 
-async def next_event(
-    conn: h11.Connection, stream: trio.abc.Stream | None, *, head_limit: int | None = None
+def event_at_hand(
+    conn: h11.Connection, *, head_limit: int | None = None
 ) -> h11.Event | type[h11.PAUSED] | type[h11.NEED_DATA]:
-    """The next h11 event; a request head passes `check_head` (``head_limit``) first.
+    """The next h11 event from what ``conn`` holds, without reading:
+    `h11.NEED_DATA` if that is not enough. A request head passes `check_head`
+    (``head_limit``) first.
 
-    With no ``stream``, only from what ``conn`` holds: `h11.NEED_DATA` if that
-    is not enough (it never waits then).
+    Raises:
+        h11.RemoteProtocolError: a broken request (its status hint: 400, 431, ...).
     """
+    event = conn.next_event()
+    if isinstance(event, h11.Request):
+        check_head(event, head_limit)
+    return event
+
+
+async def next_event(
+    conn: h11.Connection, stream: trio.abc.Stream, *, head_limit: int | None = None
+) -> h11.Event | type[h11.PAUSED]:
+    """The next h11 event, reading ``stream`` as needed (`event_at_hand`)."""
     while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            if stream is None:
-                return h11.NEED_DATA
-            data = await stream.receive_some(RECEIVE_BYTES)
-            conn.receive_data(bytes(data))  # b"" means the peer closed
-            continue
-        if isinstance(event, h11.Request):
-            check_head(event, head_limit)
-        return event
+        event = event_at_hand(conn, head_limit=head_limit)
+        if event is not h11.NEED_DATA:
+            return event  # type: ignore[return-value]
+        data = await stream.receive_some(RECEIVE_BYTES)
+        conn.receive_data(bytes(data))  # b"" means the peer closed
 
 
 async def read_body(stream: trio.abc.Stream, conn: h11.Connection, limit: int) -> bytes | None:

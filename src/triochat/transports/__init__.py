@@ -90,7 +90,7 @@ class DirectWrite(Protocol):
         ...
 
     async def send_rest(self, data: bytes) -> None:
-        """Finish a partial `send_nowait`. Raises TransportClosed."""
+        """Finish a partial `send_nowait` (or `ping_nowait`). Raises TransportClosed."""
         ...
 
     def ping_nowait(self) -> bytes | None:

@@ -9,7 +9,8 @@ frames first. Besides replaying, the stream:
   header, with `failure` set (1009), instead of once that many bytes arrived;
 - gates every write, the 101 and trio-websocket's (pongs, close) and the
   writer's pre-framed batches alike, so frames never interleave, and lets
-  the hub write without a task (`write_nowait`, the hot path);
+  the hub (and the keepalive, for a ping) write without a task
+  (`write_nowait`, the hot path);
 - writes nothing after a close frame, and lingers after it (`close_now`)
   so that a reset does not discard the close frame on its way.
 
@@ -240,17 +241,24 @@ class ReplayStream(trio.abc.Stream):
             self._busy = True
         await self.send_reserved(data)
 
-    async def send_reserved(self, data: bytes | bytearray | memoryview) -> None:
+    async def send_reserved(
+        self, data: bytes | bytearray | memoryview, *, tail: bool = False
+    ) -> None:
         """Write while holding the gate (taken by `send_all` or `write_nowait`), then pass it on.
 
         The gate goes to the longest-waiting `send_all` if there is one (it
         stays taken: a hand-off, as in `trio.Lock`), else it is freed.
+
+        Args:
+            tail: ``data`` is the rest of a partial `write_nowait` (never a
+                close frame's), whose first byte may be any byte of a frame:
+                it does not say what the data is.
         """
         try:
             if self._close_sent:
                 raise trio.ClosedResourceError("a close frame was sent")
             await self._stream.send_all(data)
-            if data and data[0] == CLOSE_FRAME_BYTE:
+            if not tail and data and data[0] == CLOSE_FRAME_BYTE:
                 self._close_sent = True
         finally:
             waiting = self._waiting
@@ -266,7 +274,7 @@ class ReplayStream(trio.abc.Stream):
         (no real socket, another write in progress, a close frame sent). When
         fewer than ``len(data)`` went, the gate stays taken, so nothing can come
         between the two halves of a frame: the caller must finish with
-        `send_reserved`.
+        `send_reserved` (``tail=True``). A close frame is never written here.
 
         Raises:
             trio.BrokenResourceError: the peer is gone.

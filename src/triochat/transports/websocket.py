@@ -259,7 +259,8 @@ async def accept_websocket(
                 if written is None:
                     await stream.send_all(rest)
                 else:
-                    await stream.send_reserved(rest)  # (the gate is ours: see write_nowait)
+                    # (The gate is ours: see write_nowait.)
+                    await stream.send_reserved(rest, tail=True)
             if scope.cancelled_caught:
                 raise trio.TooSlowError
     errors.handshaking = False
@@ -365,7 +366,7 @@ class WebSocketTransport:
 
     async def send_rest(self, data: bytes) -> None:
         with self._errors:
-            await self._stream.send_reserved(data)
+            await self._stream.send_reserved(data, tail=True)
 
     def ping_nowait(self) -> bytes | None:
         # (A control frame: never compressed, the same for `DeflateWebSocketTransport`.)

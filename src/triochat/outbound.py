@@ -203,6 +203,7 @@ class Outbound(Backlog):
         if self.close_request is not None:
             return
         if self._shares is not None and self._taken != WaitingRun.produced:
+            # (`_take_shared`'s own test, inline: the hot path.)
             self._take_shared()  # the frames that waited go first (§6)
             if self.close_request is not None:
                 return  # (they were too many: a slow consumer)
@@ -255,8 +256,9 @@ class Outbound(Backlog):
                 return
 
     def _take_shared(self) -> None:
-        """Queue the frames added to its shares since they were last taken."""
-        if not self._shares:
+        """Queue the frames added to its shares since they were last taken
+        (none if no run has had a frame since: `WaitingRun.produced`)."""
+        if not self._shares or self._taken == WaitingRun.produced:
             return
         self._taken = WaitingRun.produced
         frames, size = take_shared(self._shares)

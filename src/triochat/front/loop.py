@@ -27,6 +27,7 @@ from .routes import GET_HEAD, GET_HEAD_POST, Routes, StaticFiles, route
 from .sse import SseOpen, post_sse, vet_sse
 from .wire import (
     RECEIVE_BYTES,
+    answer_protocol_error,
     answering_protocol_errors,
     event_at_hand,
     finish_request,
@@ -136,7 +137,7 @@ async def _next_request(
                 event = event_at_hand(conn, head_limit=limit)
             except h11.RemoteProtocolError as exc:
                 with trio.move_on_after(config.handshake_timeout):
-                    await send_raw(stream, exc.error_status_hint, "malformed request")
+                    await answer_protocol_error(stream, exc)
                 return None
     if event is h11.NEED_DATA:
         # (A cancel scope rather than trio.fail_after: one generator less per request.)

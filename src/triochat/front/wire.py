@@ -8,7 +8,8 @@ close, around it.
   and `send_raw_json`: an answer after which the connection closes.
   Every writer notes its status and size for the access line
   (`access.answered`).
-- `answering_protocol_errors`: a client's broken HTTP gets its 4xx.
+- `answering_protocol_errors` (around a step), `answer_protocol_error` (for
+  an error already caught): a client's broken HTTP gets its 4xx.
 
 Rule: a broken or closed stream is never an error here: a writer returns
 False (or nothing) and the caller closes.
@@ -160,7 +161,12 @@ async def answering_protocol_errors(stream: trio.abc.Stream, step: Awaitable[_T]
     try:
         return await step
     except h11.RemoteProtocolError as exc:
-        await send_raw(stream, exc.error_status_hint, "malformed request")
+        await answer_protocol_error(stream, exc)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
     return None
+
+
+async def answer_protocol_error(stream: trio.abc.Stream, exc: h11.RemoteProtocolError) -> None:
+    """A client's broken HTTP: its 4xx (h11's status hint), after which the caller closes."""
+    await send_raw(stream, exc.error_status_hint, "malformed request")

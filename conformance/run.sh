@@ -3,6 +3,13 @@
 # case) against conformance/echo_server.py, which is built on triochat's own
 # transport. Fails on any FAILED case. Results: docs/reliability.md.
 #
+#   conformance/run.sh [all|fast|slow]
+#
+# "fast" is every case but the permessage-deflate groups 12 and 13 (about
+# 30-40 s); "slow" is groups 12 and 13 (minutes: 1000 echoes per case, of
+# up to 128 KiB, compressed both ways); "all" (the default) is both at once.
+# CI runs "slow" niced beside the tests and "fast" after them (.ci/run).
+#
 # The suite is Python 2.7 only. Its toolchain (a Python 3 venv with
 # virtualenv, a Python 2.7 virtualenv with the pinned requirements and
 # autobahntestsuite) is built once into
@@ -18,6 +25,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
+part=${1:-all}
 
 AUTOBAHN_VERSION=25.10.1
 SETUP_TIMEOUT=900  # seconds, for the whole toolchain install
@@ -33,6 +41,10 @@ py27=${PYTHON27:-/root/.pyenv/versions/2.7.18/bin/python2.7}
 reqs=$root/conformance/requirements-py27.txt
 
 die() { echo "conformance: $*" >&2; exit 1; }
+case $part in
+    all | fast | slow) ;;
+    *) die "usage: conformance/run.sh [all|fast|slow] (got: $part)" ;;
+esac
 [ -x "$python" ] || die "no Python for the echo server at $python (set PYTHON)"
 [ -n "$py27" ] && [ -x "$py27" ] || die "no Python 2.7 found (set PYTHON27)"
 
@@ -109,16 +121,15 @@ done
 port=$(cat "$work/port")
 
 # Every case, no exclusions (12.* and 13.* are permessage-deflate: the echo
-# server runs with compression on, as `--compression on` does), in two shards
-# run side by side: wstest and the echo take turns, each busy about half the
-# time, so one shard leaves a core idle. Shard 2 is group 13 and 12.1 (about
-# 445 + 145 s of case time on a busy machine); shard 1 is everything else
-# ("*" less those: the rest of 12, about 580 s, and groups 1-10, about 30 s),
-# so no case can fall between them.
-shard_config() {  # shard number, cases, exclusions
-    cat >"$work/shard$1.json" <<EOF
+# server runs with compression on, as `--compression on` does), in shards run
+# side by side: wstest and the echo take turns, each busy part of the time,
+# so one shard leaves a core idle. "fast" is one shard: "*" less 12.* and
+# 13.*; "slow" is three: group 13, 12.1-12.3, and 12.4-12.5 (the case groups
+# of 12 and 13 are each listed, so no case can fall between the parts).
+shard_config() {  # shard name, cases, exclusions
+    cat >"$work/$1.json" <<EOF
 {
-  "outdir": "$work/reports$1/servers",
+  "outdir": "$work/reports-$1/servers",
   "servers": [{"agent": "triochat-echo", "url": "ws://127.0.0.1:$port"}],
   "cases": [$2],
   "exclude-cases": [$3],
@@ -126,34 +137,46 @@ shard_config() {  # shard number, cases, exclusions
 }
 EOF
 }
-shard_config 1 '"*"' '"13.*", "12.1.*"'
-shard_config 2 '"13.*", "12.1.*"' ''
+shards=()
+if [ "$part" != slow ]; then
+    shard_config fast '"*"' '"12.*", "13.*"'
+    shards+=(fast)
+fi
+if [ "$part" != fast ]; then
+    shard_config slow13 '"13.*"' ''
+    shard_config slow12a '"12.1.*", "12.2.*", "12.3.*"' ''
+    shard_config slow12b '"12.4.*", "12.5.*"' ''
+    shards+=(slow13 slow12a slow12b)
+fi
 
-echo "conformance: running wstest -m fuzzingclient (2 shards) against ws://127.0.0.1:$port"
+echo "conformance: running wstest -m fuzzingclient ($part: ${shards[*]}) against ws://127.0.0.1:$port"
 suite_started=$SECONDS
-for shard in 1 2; do
-    (cd "$work" && exec timeout "$SUITE_TIMEOUT" "$wstest" -m fuzzingclient -s "shard$shard.json") \
-        >"$work/wstest$shard.log" 2>&1 &
+for shard in "${shards[@]}"; do
+    (cd "$work" && exec timeout "$SUITE_TIMEOUT" "$wstest" -m fuzzingclient -s "$shard.json") \
+        >"$work/wstest-$shard.log" 2>&1 &
     suite_pid="$suite_pid $!"
 done
 for pid in $suite_pid; do
     if ! wait "$pid"; then
-        tail -n 40 "$work"/wstest*.log >&2
+        tail -n 40 "$work"/wstest-*.log >&2
         die "wstest failed or timed out after $((SECONDS - suite_started)) s"
     fi
 done
-echo "conformance: suite took $((SECONDS - suite_started)) s"
-if [ -n "${CONFORMANCE_REPORT_DIR:-}" ]; then
-    for shard in 1 2; do
-        mkdir -p "$CONFORMANCE_REPORT_DIR/shard$shard"
-        cp -r "$work/reports$shard/servers/." "$CONFORMANCE_REPORT_DIR/shard$shard/"
-    done
-    echo "conformance: reports copied to $CONFORMANCE_REPORT_DIR/shard{1,2}/index.html"
-fi
+echo "conformance: $part took $((SECONDS - suite_started)) s"
+reports=()
+for shard in "${shards[@]}"; do
+    reports+=("$work/reports-$shard/servers/index.json")
+    if [ -n "${CONFORMANCE_REPORT_DIR:-}" ]; then
+        mkdir -p "$CONFORMANCE_REPORT_DIR/$shard"
+        cp -r "$work/reports-$shard/servers/." "$CONFORMANCE_REPORT_DIR/$shard/"
+    fi
+done
+[ -z "${CONFORMANCE_REPORT_DIR:-}" ] ||
+    echo "conformance: reports copied to $CONFORMANCE_REPORT_DIR/<shard>/index.html"
 kill -0 "$echo_pid" 2>/dev/null || { cat "$work/echo.log" >&2; die "echo server died"; }
 if grep -q "Traceback\|ERROR" "$work/echo.log"; then
     cat "$work/echo.log" >&2
     die "the echo server logged errors"
 fi
 
-"$python" conformance/summarize.py "$work/reports1/servers/index.json" "$work/reports2/servers/index.json"
+"$python" conformance/summarize.py --part "$part" "${reports[@]}"

@@ -11,8 +11,11 @@ runs with compression on, so groups 12-13 falling back to UNIMPLEMENTED means
 permessage-deflate silently stopped being negotiated. INFORMATIONAL cases
 (the suite records any outcome) are allowed.
 
-Usage: ``python conformance/summarize.py [--markdown] INDEX.json [INDEX.json ...]``
-(several: the shards of one run, merged).
+Usage: ``python conformance/summarize.py [--markdown] [--part PART] INDEX.json [INDEX.json ...]``
+(several: the shards of one run, merged). With ``--part`` (what
+`conformance/run.sh` ran: ``all``, ``fast`` or ``slow``) the report must
+also hold a case of every group of that part and of no other (`PARTS`), so a
+shard that ran nothing, or a group that fell between the parts, fails.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
-__all__ = ["GROUPS", "main", "summarize"]
+__all__ = ["GROUPS", "PARTS", "main", "summarize"]
 
 #: The suite's top-level case groups, as its report names them.
 GROUPS: Final = {
@@ -40,6 +43,14 @@ GROUPS: Final = {
     "10": "Misc",
     "12": "WebSocket Compression (different payloads)",
     "13": "WebSocket Compression (different parameters)",
+}
+#: The groups each part of `conformance/run.sh` runs: "slow" is the
+#: permessage-deflate groups, "fast" the rest.
+SLOW_GROUPS: Final = frozenset({"12", "13"})
+PARTS: Final = {
+    "all": frozenset(GROUPS),
+    "fast": frozenset(GROUPS) - SLOW_GROUPS,
+    "slow": SLOW_GROUPS,
 }
 #: Columns of the table; any other behaviour the suite reports counts as FAILED.
 BEHAVIORS: Final = ("OK", "NON-STRICT", "INFORMATIONAL", "UNIMPLEMENTED", "FAILED")
@@ -117,6 +128,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "index", type=Path, nargs="+", help="reports/servers/index.json, one per shard"
     )
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    parser.add_argument(
+        "--part", choices=sorted(PARTS), help="the part run.sh ran: its groups must all be there"
+    )
     args = parser.parse_args(argv)
     # Shards of one run (conformance/run.sh) each write a report: their cases
     # are merged by agent, as if one wstest had run them all.
@@ -136,8 +150,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 1
             report.setdefault(agent, {}).update(cases)
     total: Counter[str] = Counter()
+    wrong_groups: list[str] = []
     for agent, cases in sorted(report.items()):
         table, notable = summarize(cases)
+        if args.part is not None and set(table) != PARTS[args.part]:
+            missing = sorted(PARTS[args.part] - set(table), key=int)
+            extra = sorted(set(table) - PARTS[args.part], key=int)
+            wrong_groups.append(
+                f"{agent}: part {args.part} has groups missing {missing}, unexpected {extra}"
+            )
         print(f"Autobahn|Testsuite, agent {agent}: {len(cases)} cases\n")
         print(_render(table, markdown=args.markdown))
         if notable:
@@ -150,6 +171,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\nconformance: {counts_line}")
     if bad:
         print(f"conformance: not at the bar: {', '.join(bad)}", file=sys.stderr)
+        return 1
+    if wrong_groups:
+        print(f"conformance: {'; '.join(wrong_groups)}", file=sys.stderr)
         return 1
     return 0
 

@@ -170,3 +170,53 @@ def test_conformance_summary_merges_the_shards_of_one_run(tmp_path, bad_shard):
     cases = len(first) + len(second)
     assert f"{cases} cases" in done.stdout
     assert done.returncode == (0 if bad_shard is None else 1), done.stdout + done.stderr
+
+
+def _all_groups() -> dict[str, dict[str, Any]]:
+    """One OK case in every group of the suite."""
+    return {
+        f"{group}.1.1": case("OK")
+        for group in ("1", "2", "3", "4", "5", "6", "7", "9", "10", "12", "13")
+    }
+
+
+@pytest.mark.parametrize(
+    ("part", "drop", "passes"),
+    [
+        ("all", None, True),
+        ("all", "9", False),  # a group that fell between the shards
+        ("fast", "13", False),  # a deflate group (12) where only the rest belongs
+        ("slow", None, False),  # "slow" is 12 and 13 alone
+        ("fast", None, False),
+    ],
+)
+def test_conformance_summary_part_must_hold_exactly_its_groups(tmp_path, part, drop, passes):
+    """conformance/run.sh runs its parts (fast: groups 1-10; slow: 12 and 13) apart,
+    in CI one beside the tests: with --part, a report missing a group of its
+    part, or holding one of the other part, fails, though every case is OK."""
+    cases = _all_groups()
+    if drop is not None:
+        cases = {k: v for k, v in cases.items() if not k.startswith(f"{drop}.")}
+    index = _shard(tmp_path, 1, {AGENT: cases})
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--part", part, str(index)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == (0 if passes else 1), done.stdout + done.stderr
+    if not passes:
+        assert f"part {part} has groups missing" in done.stderr
+
+
+def test_conformance_summary_parts_cover_every_group_once():
+    """fast and slow together are every group, and share none."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import summarize
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    assert summarize.PARTS["fast"] | summarize.PARTS["slow"] == set(summarize.GROUPS)
+    assert not summarize.PARTS["fast"] & summarize.PARTS["slow"]
+    assert summarize.PARTS["all"] == set(summarize.GROUPS)

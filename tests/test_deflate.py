@@ -336,6 +336,22 @@ def test_deflate_messages_independent() -> None:
     assert inflate(second, bits=9) == first  # payload under 512 bytes: a 9-bit window will do
 
 
+def test_deflate_messages_at_level_1() -> None:
+    """The shared compressor runs at zlib level 1 (docs/performance.md, "Compression":
+    the same CPU as the default level on chat frames, half of it on big ones):
+    its output is level 1's, byte for byte, and not the default level's."""
+    words = b" ".join(b"word%d of a longer chat line" % (i % 97) for i in range(400))
+    payload = b'{"type":"message","msg":"' + words + b'"}'
+
+    def raw_deflate(level: int) -> bytes:
+        compressor = zlib.compressobj(level, zlib.DEFLATED, -15, 5)
+        return (compressor.compress(payload) + compressor.flush(zlib.Z_FULL_FLUSH))[:-4]
+
+    assert raw_deflate(1) != raw_deflate(zlib.Z_DEFAULT_COMPRESSION)
+    assert deflate_message(payload) == raw_deflate(1)
+    assert inflate(deflate_message(payload)) == payload
+
+
 # --- the real server, through the raw client -------------------------------------------
 
 

@@ -783,6 +783,26 @@ def test_leave_never_cuts_a_running_grace_short(chat):
     assert sorted(f["room"] for f in alice.take() if f["type"] == "presence") == ["dev", "lobby"]
 
 
+def test_leave_then_close_wakes_the_hub_once_not_at_the_superseded_settle(chat):
+    """A leave, then the close (a churn's lifecycle): the close's grace supersedes
+    the leave's settle, and the next deadline is the grace's, so the dispatcher
+    does not wake at the settle time for nothing (#16)."""
+    alice = chat.connect()
+    alice.join(name="alice")
+    bob = chat.connect()
+    bob.join(name="bob")
+    alice.take()
+    bob.send(type_="leave", room="lobby")
+    assert chat.state.next_deadline() == chat.now + LEAVE_SETTLE
+    bob.disconnect()
+    assert chat.state.next_deadline() == chat.now + GRACE
+    chat.advance(LEAVE_SETTLE)
+    assert alice.take() == []
+    chat.advance(GRACE - LEAVE_SETTLE)
+    assert alice.take() == [{"type": "presence", "room": "lobby", "event": "leave", "name": "bob"}]
+    assert chat.state.next_deadline() == float("inf")
+
+
 def test_leave_stops_delivery(chat):
     """After `leave` the connection gets no more of the room, and cannot say there."""
     alice = chat.connect()

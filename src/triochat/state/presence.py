@@ -233,8 +233,15 @@ class Presence:
         self.hold(user, now, min(LEAVE_SETTLE, self._grace))
 
     def next_deadline(self) -> float:
-        """When `expire` must next run (``inf`` when nothing is held)."""
-        return self._deadlines[0][0] if self._deadlines else float("inf")
+        """When `expire` must next run (``inf`` when nothing is held).
+
+        Deadlines a later hold superseded (a leave's settle, then the close's
+        grace) are dropped first: the hub would wake for them for nothing,
+        once per connection of a churn (#16)."""
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][2].deadline != deadlines[0][0]:
+            heapq.heappop(deadlines)
+        return deadlines[0][0] if deadlines else float("inf")
 
     def expire(self, now: float) -> None:
         """Release every membership whose grace period (or leave) has ended; a user

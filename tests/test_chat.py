@@ -22,8 +22,17 @@ from triochat.events import (
     WhisperResult,
 )
 from triochat.history import Snapshot
-from triochat.protocol import Message, decode_client_frame
+from triochat.protocol import (
+    JoinedFrame,
+    JoinedReply,
+    Limits,
+    Message,
+    decode_client_frame,
+    encode,
+    encode_history,
+)
 from triochat.ratelimit import RateLimiter
+from triochat.recent import cached_bytes
 from triochat.waiting import Share, WaitingRun, take_shared
 
 WALL_MS = 1_795_800_000_000
@@ -323,6 +332,78 @@ def test_join_history_has_newest_hundred(chat):
     joined = chat.connect().join(name="bob")
     assert joined["history"] == messages[-100:]
     assert joined["recovered"] is True
+
+
+def _kept_cost(chat: Chat) -> tuple[int, int]:
+    """The room cache's counted bytes, and what its rooms' messages and kept
+    JSON cost (they must agree)."""
+    rooms = chat.state.rooms.values()
+    actual = sum(cached_bytes(m) for room in rooms for m in room.messages) + sum(
+        room.recent.size for room in rooms if room.recent is not None
+    )
+    return chat.state.room_cache.bytes, actual
+
+
+@pytest.mark.parametrize("history_size", [1000, 120, 30])
+def test_join_history_stays_the_newest_through_every_change(history_size):
+    """A join's history is joined from the JSON the room keeps for it (#16): it is
+    the newest messages, oldest first, whatever happened since the last join:
+    new messages, a delete inside the window or of the newest, a trim into it,
+    a delete of all; and the room cache counts what that JSON costs."""
+    chat = Chat(history_size=history_size)
+    alice = chat.connect()
+    alice.join(name="alice")
+    kept: list[dict] = []
+    joiners = iter(range(100))
+
+    def joined_history() -> list[dict]:
+        joiner = chat.connect()
+        history = joiner.join(name=f"joiner{next(joiners)}")["history"]
+        joiner.disconnect()
+        assert _kept_cost(chat)[0] == _kept_cost(chat)[1]
+        return history
+
+    def say(count: int) -> None:
+        kept.extend(say_all(chat, alice, count))
+        del kept[:-history_size]  # what the room keeps
+
+    def newest() -> list[dict]:
+        return kept[-100:]
+
+    assert joined_history() == []
+    say(130)
+    assert joined_history() == newest()
+    say(1)  # one more: the kept JSON is extended
+    assert joined_history() == newest()
+    inside = kept[-10]
+    assert chat.state.delete("lobby", inside["id"])
+    kept.remove(inside)
+    assert joined_history() == newest()
+    newest_one = kept.pop()
+    assert chat.state.delete("lobby", newest_one["id"])
+    assert joined_history() == newest()
+    say(250)  # past history_size: trimmed
+    assert joined_history() == newest()
+    for message in list(kept[-100:]):
+        chat.state.delete("lobby", message["id"])
+        kept.remove(message)
+    assert joined_history() == newest()
+
+
+def test_join_history_is_the_same_json_as_the_frames_struct():
+    """`JoinedReply` (the history as kept JSON) encodes as `JoinedFrame`, the
+    contract's struct, does for the same fields, byte for byte."""
+    messages = [
+        Message("lobby", f"e1-{i}", 'al"ice', f"m{i} \u2028 é", 1700 + i) for i in range(3)
+    ]
+    limits = Limits(2000, 65536, 32, 10.0, 20)
+    for ref, with_limits in ((None, None), ("r1", limits)):
+        fields = ("lobby", "bob", "tok", ["alice", "bob"])
+        contract = JoinedFrame(*fields, messages, True, ref, with_limits)
+        reply = JoinedReply(*fields, encode_history(messages), True, ref, with_limits)
+        assert encode(reply) == encode(contract)
+    empty = JoinedReply("lobby", "bob", "tok", [], encode_history([]), False)
+    assert encode(empty) == encode(JoinedFrame("lobby", "bob", "tok", [], [], False))
 
 
 def test_join_first_without_name_is_bad_name(chat):

@@ -15,7 +15,7 @@ import struct
 import zlib
 from typing import Final
 
-from .protocol import ServerFrame, encode
+from .protocol import JoinedReply, ServerFrame, encode
 
 __all__ = [
     "DEFLATE_MIN_BYTES",
@@ -154,7 +154,7 @@ class OutFrame:
         return framed
 
     @classmethod
-    def of(cls, frame: ServerFrame, event_id: str | None = None) -> OutFrame:
+    def of(cls, frame: ServerFrame | JoinedReply, event_id: str | None = None) -> OutFrame:
         return cls(encode(frame), event_id)
 
     @property

@@ -58,6 +58,7 @@ __all__ = [
     "HistoryRequest",
     "Join",
     "JoinedFrame",
+    "JoinedReply",
     "Leave",
     "LeftFrame",
     "Message",
@@ -359,6 +360,23 @@ class JoinedFrame(msgspec.Struct, frozen=True, tag="joined", tag_field="type", o
     limits: Limits | None = None
 
 
+class JoinedReply(msgspec.Struct, frozen=True, tag="joined", tag_field="type", omit_defaults=True):
+    """`JoinedFrame` as the server writes it: the same fields in the same order,
+    its ``history`` already JSON (an array of `message` frames, `msgspec.Raw`),
+    joined from the room's kept JSON rather than encoded again for every join
+    (`state.log.RoomLog.replay`; #16). Encode-only; the contract and the schema
+    are `JoinedFrame`'s, and tests/test_schema.py checks the two encode alike."""
+
+    room: str
+    name: str
+    token: str
+    members: list[str]
+    history: msgspec.Raw
+    recovered: bool
+    ref: str | None = None
+    limits: Limits | None = None
+
+
 class AckFrame(msgspec.Struct, frozen=True, tag="ack", tag_field="type"):
     ref: str
     id: str
@@ -443,6 +461,11 @@ ServerFrame = (
 _encoder: Final = msgspec.json.Encoder()
 
 
-def encode(frame: ServerFrame) -> bytes:
+def encode(frame: ServerFrame | JoinedReply) -> bytes:
     """The UTF-8 JSON of one server frame."""
     return _encoder.encode(frame)
+
+
+def encode_history(messages: list[Message]) -> msgspec.Raw:
+    """``messages`` as the JSON array a `JoinedReply`'s ``history`` holds."""
+    return msgspec.Raw(_encoder.encode(messages))

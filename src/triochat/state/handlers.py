@@ -18,7 +18,7 @@ from ..protocol import (
     HistoryFrame,
     HistoryRequest,
     Join,
-    JoinedFrame,
+    JoinedReply,
     Leave,
     LeftFrame,
     Limits,
@@ -105,7 +105,7 @@ class FrameHandlers:
         if client.classic:
             return
         history, recovered = self._log.replay(room, frame.since)
-        joined = JoinedFrame(
+        joined = JoinedReply(
             room=room.name,
             name=user.name,
             token=user.token,

@@ -20,6 +20,8 @@ import bisect
 from collections.abc import Iterable
 from typing import Final, NamedTuple
 
+import msgspec
+
 from ..protocol import (
     ClassicFrame,
     ClientFrame,
@@ -27,17 +29,22 @@ from ..protocol import (
     HistoryRequest,
     Join,
     Message,
+    encode,
+    encode_history,
     is_valid_room,
     seq_of,
 )
 from ..recent import Snapshot, cached_bytes
-from .model import CLASSIC_ROOM, Client, Refused, Room
+from .model import CLASSIC_ROOM, Client, RecentJson, Refused, Room
 from .rooms import Rooms
 
 __all__ = ["JOIN_HISTORY", "MAX_RECOVERY", "RoomCacheStats", "RoomLog", "page_before"]
 
 JOIN_HISTORY: Final = 100  # newest messages in a `joined` without `since`
 MAX_RECOVERY: Final = 200  # most missed messages a `since` replays exactly
+#: What a kept JSON part costs beside its bytes (a bytes object's header and
+#: its slot in the list), about: `RecentJson.size`.
+PART_OVERHEAD: Final = 41
 
 
 def page_before(messages: list[Message], end: int, limit: int) -> tuple[list[Message], bool]:
@@ -207,6 +214,7 @@ class RoomLog:
         seqs = sorted(by_seq)[-self._size :]
         room.seqs = seqs
         room.messages = [by_seq[seq] for seq in seqs]
+        room.recent = None  # (its cost is in room.bytes, replaced just below)
         cost = sum(cached_bytes(m) for m in room.messages)
         self._rooms.cached_bytes += cost - room.bytes
         room.bytes = cost
@@ -223,15 +231,57 @@ class RoomLog:
             return index
         return None
 
-    def replay(self, room: Room, since: str | None) -> tuple[list[Message], bool]:
-        """`joined.history` and `recovered` for a join with ``since`` (§6)."""
+    def replay(self, room: Room, since: str | None) -> tuple[msgspec.Raw, bool]:
+        """`joined.history` (as JSON) and `recovered` for a join with ``since`` (§6)."""
         messages = room.messages
         if since is None:
-            return messages[-JOIN_HISTORY:], True
+            return self._newest(room), True
         index = self.index_of(room, since)
         if index is None or len(messages) - index - 1 > MAX_RECOVERY:
-            return messages[-JOIN_HISTORY:], False
-        return messages[index + 1 :], True
+            return self._newest(room), False
+        return encode_history(messages[index + 1 :]), True
+
+    def _newest(self, room: Room) -> msgspec.Raw:
+        """The JSON array of the room's newest `JOIN_HISTORY` messages, from its
+        kept JSON (`Room.recent`), brought in step first: the messages kept since
+        it was read are encoded once each; after any other change (a delete, a
+        merge, a new epoch, a trim into it) it is encoded again whole."""
+        messages = room.messages
+        keep = min(len(messages), JOIN_HISTORY)
+        if keep == 0:
+            self._set_recent(room, None)
+            return msgspec.Raw(b"[]")
+        recent = room.recent
+        start = self._after(room, recent) if recent is not None else None
+        if recent is None or start is None:
+            parts = [encode(m) for m in messages[-keep:]]
+        else:
+            parts = recent.parts
+            parts.extend(encode(m) for m in messages[start:])
+            del parts[:-keep]
+        self._set_recent(room, RecentJson(parts, messages[-keep].id, messages[-1].id))
+        return msgspec.Raw(b"[" + b",".join(parts) + b"]")
+
+    def _after(self, room: Room, recent: RecentJson) -> int | None:
+        """Where the messages ``recent`` lacks begin in ``room.messages``; None if
+        it is not their unbroken run any more."""
+        last = self.index_of(room, recent.last_id)
+        if last is None:
+            return None
+        first = last - len(recent.parts) + 1
+        if first < 0 or room.messages[first].id != recent.first_id:
+            return None
+        return last + 1
+
+    def _set_recent(self, room: Room, recent: RecentJson | None) -> None:
+        """Keep ``recent`` as the room's, its memory counted in ``Room.bytes``."""
+        old = room.recent.size if room.recent is not None else 0
+        if recent is not None:
+            recent.size = sum(map(len, recent.parts)) + PART_OVERHEAD * len(recent.parts)
+        new = recent.size if recent is not None else 0
+        room.recent = recent
+        room.bytes += new - old
+        self._rooms.cached_bytes += new - old
 
     def page(self, room: Room, before: str | None, limit: int) -> tuple[list[Message], bool]:
         """A `history` page: up to ``limit`` messages before ``before``, and
@@ -260,7 +310,7 @@ class RoomLog:
         rooms = self._rooms
         for room in list(rooms.rooms.values()):
             rooms.cached_bytes -= room.bytes
-            room.messages, room.seqs, room.bytes = [], [], 0
+            room.messages, room.seqs, room.bytes, room.recent = [], [], 0, None
             rooms.forget_if_empty(room)
         return True
 

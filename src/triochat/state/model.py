@@ -168,6 +168,24 @@ class User:
         return live
 
 
+class RecentJson:
+    """The JSON of a room's newest kept messages (oldest first), each as its
+    `message` frame: the ``history`` of a join without ``since``, joined
+    rather than encoded again for every join (#16). `state.log` builds it and
+    brings it in step with ``Room.messages`` when a join reads it."""
+
+    __slots__ = ("first_id", "last_id", "parts", "size")
+
+    def __init__(self, parts: list[bytes], first_id: str, last_id: str) -> None:
+        self.parts = parts
+        #: The ids of the messages of ``parts[0]`` and ``parts[-1]``: where the
+        #: window stands in ``Room.messages`` (any change inside it moves them).
+        self.first_id = first_id
+        self.last_id = last_id
+        #: What it costs in memory, about (counted in ``Room.bytes``).
+        self.size = 0
+
+
 class Room:
     """One room: its members, its subscribers and its kept history."""
 
@@ -180,6 +198,7 @@ class Room:
         "members",
         "messages",
         "name",
+        "recent",
         "remote",
         "seqs",
         "typed",
@@ -205,7 +224,11 @@ class Room:
         #: The node's one copy of the room's recent history (`state.log` keeps it).
         self.messages: list[Message] = []
         self.seqs: list[int] = []  # parallel to messages, for bisect
-        #: What ``messages`` cost in memory (`recent.cached_bytes`), for the cache bound.
+        #: The newest messages' JSON, for joins (`RecentJson`); None until a
+        #: join asks for it, and after a change `state.log` does not follow.
+        self.recent: RecentJson | None = None
+        #: What ``messages`` (`recent.cached_bytes`) and ``recent`` cost in
+        #: memory, for the cache bound.
         self.bytes = 0
         #: ``messages`` is the room's whole recent history (read from the store,
         #: or the room is new since): a join may be answered from it. Else the

@@ -1,9 +1,10 @@
 """Benchmarks: triochat against a reference `websockets` server, in one run.
 
-    python benchmarks/run.py                 # every scenario, full size (about 9-10 min)
+    python benchmarks/run.py                 # every scenario, full size (about 16 min)
     python benchmarks/run.py --quick         # every scenario, small numbers (about a minute)
     python benchmarks/run.py --only saturation,latency
     python benchmarks/run.py --only latency --latency-rounds 5
+    python benchmarks/run.py --only churn --churn-rounds 5
     python benchmarks/run.py --json /tmp/bench.json --profile /tmp/profile
     python benchmarks/run.py --only cluster  # one node vs two nodes + Redis
     python benchmarks/run.py --only workers --servers triochat  # --workers 1 vs 2
@@ -27,6 +28,10 @@ the ratio and target are computed on those medians. A "latency rounds" table
 shows every round (p50, p99 and max of both servers, that round's p99 ratio
 and the other-CPU noise of each window), and --json keeps every round's raw
 result under results.latency.rounds, next to the medians.
+
+The churn scenario runs its servers alternately too, ``--churn-rounds``
+times (default 3, 1 with --quick): its rows are the medians (errors: the
+highest), and a "churn rounds" table shows each round's CPU per connection.
 
 The memory scenario also runs a third server, `floor_trio_websocket.py`: the
 same protocol subset on bare trio + trio-websocket, the least an idle joined
@@ -115,6 +120,13 @@ def parse_args() -> argparse.Namespace:
         "--pauses-conns", type=int, help="connections held in the pauses scenario (default 19000)"
     )
     parser.add_argument("--churn-seconds", type=float, help="measured window")
+    parser.add_argument(
+        "--churn-rounds",
+        type=int,
+        metavar="N",
+        help="run the churn scenario's servers alternately N times and show the medians, "
+        "and every round's CPU per connection in a table of its own (default 3, 1 with --quick)",
+    )
     parser.add_argument("--cluster-seconds", type=float, help="measured window")
     parser.add_argument(
         "--redis-server", default="redis-server", help="redis-server binary (cluster scenario)"
@@ -173,6 +185,10 @@ def parse_args() -> argparse.Namespace:
         args.latency_rounds = 1 if args.quick else 5
     if args.latency_rounds < 1:
         parser.error("--latency-rounds must be 1 or more")
+    if args.churn_rounds is None:
+        args.churn_rounds = 1 if args.quick else 3
+    if args.churn_rounds < 1:
+        parser.error("--churn-rounds must be 1 or more")
     pin = not args.no_pin and (os.cpu_count() or 1) >= 2
     args.server_cpu = 0 if pin else None
     args.loadgen_cpu = 1 if pin else None
@@ -221,6 +237,7 @@ def main() -> int:
             loadgen_cpu=args.loadgen_cpu,
             wait_quiet=args.wait_quiet,
             latency_rounds=args.latency_rounds,
+            churn_rounds=args.churn_rounds,
             verbose=args.verbose,
             workdir=Path(tmp),
         )

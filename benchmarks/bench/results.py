@@ -24,6 +24,7 @@ __all__ = [
     "is_nan",
     "max_of",
     "median_of",
+    "median_result",
     "num",
 ]
 
@@ -83,3 +84,34 @@ def max_of(values: Sequence[Value]) -> Value:
     if not ranked:
         return math.nan
     return None if math.isinf(max(ranked)) else max(ranked)
+
+
+def median_result(runs: Sequence[Result], worst: frozenset[str] = frozenset()) -> Result:
+    """Several runs of one server as one result: each number (at any depth) the
+    median over the runs that did not fail, those named in ``worst`` their
+    highest; anything else as the first such run has it. ``medianOf`` is the
+    number of runs, ``roundsOk`` how many of them count."""
+    done = [r for r in runs if r.get("ok")]
+    result: Result = {"ok": bool(done), "medianOf": len(runs), "roundsOk": len(done)}
+    if not done:
+        result["error"] = "every round failed"
+        return result
+
+    def merge(values: list[Any], key: str) -> Any:
+        first = values[0]
+        if isinstance(first, bool) or first is None:
+            return first
+        if isinstance(first, int | float):
+            numbers = [v for v in values if isinstance(v, int | float) or v is None]
+            return max_of(numbers) if key in worst else median_of(numbers)
+        if isinstance(first, dict):
+            return {
+                k: merge([v[k] for v in values if isinstance(v, dict) and k in v], k)
+                for k in first
+            }
+        return first
+
+    for key in done[0]:
+        if key not in ("ok", "medianOf", "roundsOk"):
+            result[key] = merge([r[key] for r in done if key in r], key)
+    return result

@@ -38,6 +38,7 @@ class Bench:
     wait_quiet: float
     """Before each run, wait up to this many seconds for an idle machine."""
     latency_rounds: int
+    churn_rounds: int
     verbose: bool
     workdir: Path
     """A temporary folder: the servers' output, redis-server's data."""

@@ -21,7 +21,15 @@ from .processes import Load, Server, ServerSpec, run_loadgen, server_rss_kib, wa
 from .results import Result
 from .servers import ServerOptions
 
-__all__ = ["Bench", "Runner", "announced", "compared", "each_server", "run_server"]
+__all__ = [
+    "Bench",
+    "Runner",
+    "alternate",
+    "announced",
+    "compared",
+    "each_server",
+    "run_server",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,3 +115,16 @@ def each_server(keys: Sequence[str] = ("triochat", "peer")) -> Runner:
         }
 
     return run
+
+
+def alternate(
+    bench: Bench, load: Load, count: int, where: Callable[[int, int], str]
+) -> list[dict[str, Result]]:
+    """triochat and the peer (those ``--servers`` chose) alternately, ``count``
+    times, each fresh: every round's results by server. ``where(index, count)``
+    names round ``index`` (from 1) in the progress lines and notes."""
+    specs = compared(bench, ("triochat", "peer"))
+    return [
+        {s.key: run_server(bench, load, s, where(index, count)) for s in specs}
+        for index in range(1, count + 1)
+    ]

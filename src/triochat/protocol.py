@@ -365,7 +365,7 @@ class JoinedReply(msgspec.Struct, frozen=True, tag="joined", tag_field="type", o
     its ``history`` already JSON (an array of `message` frames, `msgspec.Raw`),
     joined from the room's kept JSON rather than encoded again for every join
     (`state.log.RoomLog.replay`; #16). Encode-only; the contract and the schema
-    are `JoinedFrame`'s, and tests/test_schema.py checks the two encode alike."""
+    are `JoinedFrame`'s, and tests/test_chat.py checks the two encode alike."""
 
     room: str
     name: str

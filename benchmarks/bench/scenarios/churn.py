@@ -20,7 +20,7 @@ import math
 from ..processes import Load
 from ..report import Comparison, Row, Table, at_most, equals, run_notes, show_ratio, window_notes
 from ..results import Params, Result, get, median_of, median_result
-from ..runs import Bench, compared, run_server
+from ..runs import Bench, alternate, compared
 from .base import Scenario, seconds
 from .saturation import loadgen_rows
 
@@ -37,13 +37,9 @@ def round_where(index: int, rounds: int) -> str:
 def run_rounds(bench: Bench, load: Load) -> Result:
     """The servers alternately, ``--churn-rounds`` times: each server's medians
     (`median_result`) and, under "rounds", every round's raw results."""
-    specs = compared(bench, ("triochat", "peer"))
-    count = bench.churn_rounds
-    rounds: list[dict[str, Result]] = []
-    for index in range(1, count + 1):
-        where = round_where(index, count)
-        rounds.append({s.key: run_server(bench, load, s, where) for s in specs})
-    medians = {s.key: median_result([pair[s.key] for pair in rounds], WORST) for s in specs}
+    rounds = alternate(bench, load, bench.churn_rounds, round_where)
+    keys = [s.key for s in compared(bench, ("triochat", "peer"))]
+    medians = {key: median_result([pair[key] for pair in rounds], WORST) for key in keys}
     return {**medians, "rounds": rounds}
 
 

@@ -26,17 +26,16 @@ from ..report import (
     sides,
     window_notes,
 )
-from ..results import Params, Result, get, max_of, median_of
-from ..runs import Bench, compared, run_server
+from ..results import Params, Result, get, median_of, median_result
+from ..runs import Bench, alternate, compared
 from .base import Scenario, seconds
 from .saturation import loadgen_rows
 
 __all__ = ["LATENCY", "latency_medians"]
 
-# Metrics of a latency run summed up over the rounds by their median (top
-# level, then under "window"); "lossPct" by its maximum.
-LATENCY_MEDIANS: Final = ("p50Ms", "p99Ms", "maxMs", "serverCpuUsPerDelivered", "setupS")
-LATENCY_WINDOW_MEDIANS: Final = ("serverCpuPct", "loadgenCpuPct", "otherCpuPct")
+#: The metric of a latency run summed up over the rounds by its maximum, not
+#: its median: "not delivered".
+LATENCY_WORST: Final = frozenset({"lossPct"})
 
 
 def round_where(index: int, rounds: int) -> str:
@@ -46,34 +45,18 @@ def round_where(index: int, rounds: int) -> str:
 
 def latency_medians(runs: list[Result]) -> Result:
     """One server's latency rounds as one result: each metric's median over the
-    rounds that did not fail (the highest "not delivered"); ``medianOf`` is the
-    number of rounds, ``roundsOk`` how many of them count."""
-    done = [r for r in runs if r.get("ok")]
-    result: Result = {"ok": bool(done), "medianOf": len(runs), "roundsOk": len(done)}
-    if not done:
-        result["error"] = "every round failed"
-        return result
-    result["drainS"] = done[0].get("drainS")
-    for key in LATENCY_MEDIANS:
-        result[key] = median_of([get(r, key) for r in done])
-    result["lossPct"] = max_of([get(r, "lossPct") for r in done])
-    result["window"] = {
-        key: median_of([get(r, "window", key) for r in done]) for key in LATENCY_WINDOW_MEDIANS
-    }
-    return result
+    rounds that did not fail, "not delivered" (``lossPct``) its highest
+    (`median_result`)."""
+    return median_result(runs, LATENCY_WORST)
 
 
 def run_rounds(bench: Bench, load: Load) -> Result:
     """The servers alternately, ``--latency-rounds`` times. Returns each
     server's medians (`latency_medians`) and, under "rounds", every round's
     raw results."""
-    specs = compared(bench, ("triochat", "peer"))
-    count = bench.latency_rounds
-    rounds: list[dict[str, Result]] = []
-    for index in range(1, count + 1):
-        where = round_where(index, count)
-        rounds.append({s.key: run_server(bench, load, s, where) for s in specs})
-    medians = {s.key: latency_medians([pair[s.key] for pair in rounds]) for s in specs}
+    rounds = alternate(bench, load, bench.latency_rounds, round_where)
+    keys = [s.key for s in compared(bench, ("triochat", "peer"))]
+    medians = {key: latency_medians([pair[key] for pair in rounds]) for key in keys}
     return {**medians, "rounds": rounds}
 
 

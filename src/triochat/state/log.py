@@ -257,7 +257,8 @@ class RoomLog:
             parts = [encode(m) for m in messages[-keep:]]
         else:
             parts = recent.parts
-            parts.extend(encode(m) for m in messages[start:])
+            # (Past the newest `keep`, nothing older is encoded: it would go.)
+            parts.extend(encode(m) for m in messages[max(start, len(messages) - keep) :])
             del parts[:-keep]
         self._set_recent(room, RecentJson(parts, messages[-keep].id, messages[-1].id))
         return msgspec.Raw(b"[" + b",".join(parts) + b"]")

@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import Final
 
 from .results import NOISY, Result, Value, get
+from .runs import round_name
 
 __all__ = [
     "MAIN_HEADER",
@@ -40,11 +41,13 @@ __all__ = [
     "comparison_table",
     "difference",
     "equals",
+    "failed_rounds_notes",
     "no_later_than_peer",
     "ratio_at_least",
     "ratio_at_most",
     "ratios",
     "render",
+    "rounds_notes",
     "run_and_window_notes",
     "run_notes",
     "show_known",
@@ -226,6 +229,31 @@ def window_notes(where: str, runs: Sequence[tuple[str, Result]]) -> list[str]:
                 f"during the {who} window: its numbers are not reliable"
             )
     return notes
+
+
+def rounds_notes(where: str, results: Result) -> list[str]:
+    """Notes on a scenario run in rounds (`runs.alternate`): each round's run and
+    window notes, then `failed_rounds_notes`."""
+    rounds: list[dict[str, Result]] = results.get("rounds") or []
+    out: list[str] = []
+    for index, pair in enumerate(rounds, 1):
+        at = round_name(where, index, len(rounds))
+        runs = [(who, pair[who]) for who in ("triochat", "peer") if who in pair]
+        out += run_notes(at, runs) + window_notes(at, runs)
+    return out + failed_rounds_notes(where, results)
+
+
+def failed_rounds_notes(where: str, results: Result) -> list[str]:
+    """The servers whose medians leave failed rounds out (``roundsOk`` of ``medianOf``)."""
+    out: list[str] = []
+    for who, res in sides(results):
+        count = int(res.get("medianOf") or 1)
+        if res and res.get("roundsOk", count) < count:
+            out.append(
+                f"{where}/{who}: the medians are of the {res['roundsOk']} rounds of "
+                f"{count} that did not fail"
+            )
+    return out
 
 
 def run_and_window_notes(where: str, results: Result) -> list[str]:

@@ -28,6 +28,7 @@ __all__ = [
     "announced",
     "compared",
     "each_server",
+    "round_name",
     "run_server",
 ]
 
@@ -117,14 +118,21 @@ def each_server(keys: Sequence[str] = ("triochat", "peer")) -> Runner:
     return run
 
 
+def round_name(scenario: str, index: int, count: int) -> str:
+    """How progress lines and notes name round ``index`` (from 1) of ``count``."""
+    return f"{scenario} round {index}" if count > 1 else scenario
+
+
 def alternate(
-    bench: Bench, load: Load, count: int, where: Callable[[int, int], str]
-) -> list[dict[str, Result]]:
+    bench: Bench, load: Load, count: int, summarize: Callable[[list[Result]], Result]
+) -> Result:
     """triochat and the peer (those ``--servers`` chose) alternately, ``count``
-    times, each fresh: every round's results by server. ``where(index, count)``
-    names round ``index`` (from 1) in the progress lines and notes."""
+    times, each fresh: each server's rounds summed up by ``summarize`` and,
+    under "rounds", every round's raw results by server."""
     specs = compared(bench, ("triochat", "peer"))
-    return [
-        {s.key: run_server(bench, load, s, where(index, count)) for s in specs}
+    rounds = [
+        {s.key: run_server(bench, load, s, round_name(load.scenario, index, count)) for s in specs}
         for index in range(1, count + 1)
     ]
+    summed = {s.key: summarize([pair[s.key] for pair in rounds]) for s in specs}
+    return {**summed, "rounds": rounds}

@@ -18,9 +18,9 @@ from __future__ import annotations
 import math
 
 from ..processes import Load
-from ..report import Comparison, Row, Table, at_most, equals, run_notes, show_ratio, window_notes
+from ..report import Comparison, Row, Table, at_most, equals, rounds_notes, show_ratio
 from ..results import Params, Result, get, median_of, median_result
-from ..runs import Bench, alternate, compared
+from ..runs import Bench, alternate
 from .base import Scenario, seconds
 from .saturation import loadgen_rows
 
@@ -30,29 +30,10 @@ __all__ = ["CHURN"]
 WORST: frozenset[str] = frozenset({"errors"})
 
 
-def round_where(index: int, rounds: int) -> str:
-    return f"churn round {index}" if rounds > 1 else "churn"
-
-
 def run_rounds(bench: Bench, load: Load) -> Result:
     """The servers alternately, ``--churn-rounds`` times: each server's medians
     (`median_result`) and, under "rounds", every round's raw results."""
-    rounds = alternate(bench, load, bench.churn_rounds, round_where)
-    keys = [s.key for s in compared(bench, ("triochat", "peer"))]
-    medians = {key: median_result([pair[key] for pair in rounds], WORST) for key in keys}
-    return {**medians, "rounds": rounds}
-
-
-def notes(where: str, results: Result) -> list[str]:
-    """Every round's notes (failed, client problems, load generator saturated,
-    machine busy)."""
-    out: list[str] = []
-    rounds: list[dict[str, Result]] = results.get("rounds") or []
-    for index, pair in enumerate(rounds, 1):
-        at = round_where(index, len(rounds))
-        runs = [(who, pair[who]) for who in ("triochat", "peer") if who in pair]
-        out += run_notes(at, runs) + window_notes(at, runs)
-    return out
+    return alternate(bench, load, bench.churn_rounds, lambda runs: median_result(runs, WORST))
 
 
 def cpu_ratio(pair: dict[str, Result]) -> float:
@@ -120,7 +101,7 @@ COMPARISON = Comparison(
         *loadgen_rows(),
     ),
     fields=lambda tr, pr: {"of": f" (median of {n})" if (n := tr.get("medianOf", 1)) > 1 else ""},
-    notes=notes,
+    notes=rounds_notes,
 )
 
 CHURN = Scenario(

@@ -20,14 +20,16 @@ from ..report import (
     Fields,
     Row,
     Table,
+    failed_rounds_notes,
     no_later_than_peer,
+    rounds_notes,
     run_notes,
     show_ratio,
     sides,
     window_notes,
 )
 from ..results import Params, Result, get, median_of, median_result
-from ..runs import Bench, alternate, compared
+from ..runs import Bench, alternate
 from .base import Scenario, seconds
 from .saturation import loadgen_rows
 
@@ -36,11 +38,6 @@ __all__ = ["LATENCY", "latency_medians"]
 #: The metric of a latency run summed up over the rounds by its maximum, not
 #: its median: "not delivered".
 LATENCY_WORST: Final = frozenset({"lossPct"})
-
-
-def round_where(index: int, rounds: int) -> str:
-    """How notes and progress lines name latency round ``index`` (from 1) of ``rounds``."""
-    return f"latency round {index}" if rounds > 1 else "latency"
 
 
 def latency_medians(runs: list[Result]) -> Result:
@@ -54,10 +51,7 @@ def run_rounds(bench: Bench, load: Load) -> Result:
     """The servers alternately, ``--latency-rounds`` times. Returns each
     server's medians (`latency_medians`) and, under "rounds", every round's
     raw results."""
-    rounds = alternate(bench, load, bench.latency_rounds, round_where)
-    keys = [s.key for s in compared(bench, ("triochat", "peer"))]
-    medians = {key: latency_medians([pair[key] for pair in rounds]) for key in keys}
-    return {**medians, "rounds": rounds}
+    return alternate(bench, load, bench.latency_rounds, latency_medians)
 
 
 # --- the main table ---------------------------------------------------------------
@@ -75,27 +69,12 @@ def fields(tr: Result, pr: Result) -> Fields:
 
 
 def notes(where: str, results: Result) -> list[str]:
-    """Every round's notes (failed, client problems, load generator saturated,
-    machine busy), then the servers whose medians leave failed rounds out."""
-    rounds: list[dict[str, Result]] | None = results.get("rounds")
-    out: list[str] = []
-    for index, pair in enumerate(rounds or [], 1):
-        at = round_where(index, len(rounds or []))
-        runs = [(who, pair[who]) for who in ("triochat", "peer") if who in pair]
-        out += run_notes(at, runs) + window_notes(at, runs)
-    if rounds is None:  # results without rounds (not from run_rounds): as one run each
-        out += run_notes(where, sides(results))
-    tr, pr = results.get("triochat", {}), results.get("peer", {})
-    count = fields(tr, pr)["count"]
-    for who, res in (("triochat", tr), ("peer", pr)):
-        if res and res.get("roundsOk", count) < count:
-            out.append(
-                f"{where}/{who}: the medians are of the {res['roundsOk']} rounds of "
-                f"{count} that did not fail"
-            )
-    if rounds is None:
-        out += window_notes(where, sides(results))
-    return out
+    """Every round's notes (`rounds_notes`); results without rounds (not from
+    `run_rounds`) as one run each."""
+    if results.get("rounds") is not None:
+        return rounds_notes(where, results)
+    runs = sides(results)
+    return run_notes(where, runs) + failed_rounds_notes(where, results) + window_notes(where, runs)
 
 
 COMPARISON = Comparison(

@@ -244,6 +244,68 @@ async def test_cluster_redis_that_lost_its_data_starts_a_new_epoch(tmp_path: Pat
                     del joined
 
 
+async def test_cluster_redis_outage_waits_for_the_other_node_before_its_users_leave(
+    tmp_path: Path,
+) -> None:
+    """redis-server down longer than a heartbeat lasts, and node one gets back first:
+    it waits for node two instead of dropping its users, so alice sees no `presence`
+    of bob; once node two is back, says flow. Then the same outage with node two
+    never back: its users leave when node one's wait is over, not at once
+    (docs/protocol.md §14, "Redis down")."""
+    from triochat.backplane.redis_liveness import wait_after_reconnect
+
+    from .tcpproxy import TcpProxy
+    from .test_backplane import readiness_becomes
+
+    with ExitStack() as stack:
+        redis = stack.enter_context(redis_server(tmp_path / "redis"))
+        proxy = stack.enter_context(TcpProxy(redis.port))
+        settings: dict[str, Any] = {
+            "port": 0,
+            "memory": True,
+            "node_timeout": NODE_TIMEOUT,
+            "backplane_timeout": 1.0,
+        }
+        direct = Config(redis=redis.url, **settings)
+        behind = Config(redis=f"redis://127.0.0.1:{proxy.port}/0", **settings)
+        wait = wait_after_reconnect(direct)
+
+        async def outage_with_node_two_behind() -> None:
+            proxy.refuse()
+            redis.kill()
+            proxy.cut()
+            await trio.sleep(NODE_TIMEOUT * 2 / 3 + 0.5)  # every heartbeat key has expired
+            redis.start()
+            await readiness_becomes(one, 200, within=10)
+            assert not two.ready()
+
+        with trio.fail_after(40):
+            async with trio.open_nursery() as nursery:
+                one: Server = await nursery.start(Server(direct).run)
+                two: Server = await nursery.start(Server(behind).run)
+                async with client_of(one) as alice, client_of(two) as bob:
+                    await alice.join(name="alice")
+                    await bob.join(name="bob")
+                    await alice.expect("presence", event="join", name="bob")
+
+                    await outage_with_node_two_behind()
+                    await trio.sleep(NODE_TIMEOUT)  # node two's heartbeat is a timeout late
+                    proxy.accept()
+                    await readiness_becomes(two, 200, within=wait)
+                    await bob.send({"type": "say", "room": "lobby", "msg": "back", "ref": "y"})
+                    await alice.expect("message", msg="back", name="bob")  # no leave, no join
+
+                    await outage_with_node_two_behind()
+                    back_at = trio.current_time()
+                    alice.timeout = wait + 5.0
+                    await alice.expect("presence", event="leave", name="bob")
+                    waited = trio.current_time() - back_at
+                one.drain()
+                two.drain()
+    # The whole wait, then gone at the next look (four per node timeout), plus slack.
+    assert wait - 0.5 <= waited <= wait + NODE_TIMEOUT / 4 + 1.0, (waited, wait)
+
+
 async def test_cluster_slow_redis_holds_up_only_the_join_that_waits_for_it(
     tmp_path: Path,
 ) -> None:

@@ -341,7 +341,7 @@ class ChatState:
         elif isinstance(received, NodeGone):
             self._cluster.node_gone(received.node)
         elif isinstance(received, Resync):
-            self._cluster.resync(received.states)
+            self._cluster.resync(received.states, received.waiting)
         elif isinstance(received, Reload):
             self._says.reload(received.snapshot)
         elif isinstance(received, Deletion | Disconnect):

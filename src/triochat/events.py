@@ -197,9 +197,15 @@ Event = (
 
 
 class Resync(msgspec.Struct, frozen=True):
-    """Every other live node's entries, after (re)connecting: replaces what is known."""
+    """Every other live node's entries, after (re)connecting: replaces what is known.
+
+    A node in ``waiting`` was alive before this node lost the backplane and has
+    not beaten since: what is known of it stays until it rewrites its entries
+    (a `NodeState`) or is gone (a `NodeGone`).
+    """
 
     states: dict[str, list[Entry]]
+    waiting: frozenset[str] = frozenset()
 
 
 class Reload(msgspec.Struct, frozen=True):

@@ -23,6 +23,7 @@ from ..config import Config
 from ..events import Entry
 
 __all__ = [
+    "BACKOFF",
     "CHANNEL",
     "COMMAND_TIMEOUT",
     "FAILURES",
@@ -40,6 +41,7 @@ LOGGER: Final = logging.getLogger("triochat.redis")
 PREFIX: Final = "triochat:"
 CHANNEL: Final = PREFIX + "events"
 COMMAND_TIMEOUT: Final = 2.0
+BACKOFF: Final = (0.1, 5.0)  # seconds: first and longest pause between reconnects
 
 #: What a connection failure looks like from coredis and trio.
 FAILURES: Final = (

@@ -25,13 +25,11 @@ import trio
 from ..events import Event, Handover, MemberState, NodeGone, NodeState
 from ..protocol import Message
 from .redis_inbox import Inbox
-from .redis_link import CHANNEL, FAILURES, LOGGER, Reconnect, RedisLink
+from .redis_link import BACKOFF, CHANNEL, FAILURES, LOGGER, Reconnect, RedisLink
 from .redis_publish import Barriers
 from .redis_sync import Sync
 
-__all__ = ["BACKOFF", "Session"]
-
-BACKOFF: Final = (0.1, 5.0)  # seconds: first and longest pause between reconnects
+__all__ = ["Session"]
 
 _EVENTS: Final = msgspec.json.Decoder(Event)
 _MESSAGE: Final = msgspec.json.Decoder(Message)

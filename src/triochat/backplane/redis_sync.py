@@ -121,6 +121,7 @@ class Sync:
         """After (re)subscribing: fill the gap, rewrite our state, read everyone else's."""
         redis = self._link.client
         node = self._link.node
+        self._liveness.subscribed()
         await self._scripts.load()
         epoch = await self._ensure_epoch()
         if epoch != self._epoch:
@@ -142,11 +143,11 @@ class Sync:
         await redis.delete([PREFIX + "state:" + node])
         await self._scripts.apply_ops(ops)
         states: dict[str, list[Entry]] = {}
-        for other in await self._liveness.live_nodes():
-            if other != node:
-                members = await redis.smembers(PREFIX + "state:" + other)
-                states[other] = sorted(entry_of(m) for m in members)
-        self._inbox.deliver(Resync(states))
+        alive, waited = await self._liveness.live_nodes()
+        for other in alive - {node}:
+            members = await redis.smembers(PREFIX + "state:" + other)
+            states[other] = sorted(entry_of(m) for m in members)
+        self._inbox.deliver(Resync(states, frozenset(waited)))
 
     async def on_message(self, message: Message) -> None:
         """A stored message from the channel: delivered in ``seq`` order, once."""

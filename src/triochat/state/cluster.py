@@ -78,10 +78,13 @@ class ClusterView:
             self._remote_remove(node, entry)
         self._remote.pop(node, None)
 
-    def resync(self, states: dict[str, list[Entry]]) -> None:
-        """Replace what is known of the other nodes (after the backplane reconnected)."""
+    def resync(
+        self, states: dict[str, list[Entry]], waiting: frozenset[str] = frozenset()
+    ) -> None:
+        """Replace what is known of the other nodes (after the backplane reconnected);
+        what is known of a node in ``waiting`` stays as it is."""
         for node in list(self._remote):
-            if node not in states:
+            if node not in states and node not in waiting:
                 self.node_gone(node)
         for node, entries in states.items():
             self.replace_node(node, entries)

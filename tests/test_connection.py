@@ -11,6 +11,9 @@ import contextlib
 import errno
 import logging
 import math
+import os
+import socket
+import types
 
 import trio
 import trio.testing
@@ -418,18 +421,39 @@ async def test_connection_frames_that_may_wait_go_with_the_next_write_or_soon():
         await stream.close_now()
 
 
-class _HeldStream(trio.abc.Stream):
-    """A socket stream whose writes of ``held`` bytes wait for ``release``."""
+class _HeldSocket(socket.socket):
+    """A socket that takes none of ``held`` (as if full) until ``released``."""
 
-    def __init__(self, inner: trio.SocketStream, held: bytes) -> None:
-        self.inner = inner
+    held = b""
+    released = False
+
+    def send(self, data, flags=0) -> int:  # type: ignore[override]
+        if not self.released and bytes(data) == self.held:
+            raise BlockingIOError(errno.EAGAIN, "held")
+        return super().send(data, flags)
+
+
+class _HeldStream(trio.abc.Stream):
+    """A socket stream whose writes of ``held`` bytes wait for ``release``: the
+    socket takes none of them at once (`_HeldSocket`), and the stream's
+    ``send_all`` waits."""
+
+    def __init__(self, raw: socket.socket, held: bytes) -> None:
+        # The direct writes (`ReplayStream.write_nowait`, and `send_reserved`
+        # first) go to ``socket._sock``: a held socket on the same connection.
+        sock = _HeldSocket(raw.family, raw.type, raw.proto, fileno=os.dup(raw.fileno()))
+        sock.setblocking(False)
+        sock.held = held
+        self._sock = sock
+        self.socket = types.SimpleNamespace(_sock=sock)
+        self.inner = trio.SocketStream(trio.socket.from_stdlib_socket(raw))
         self.held = held
         self.release = trio.Event()
-        self.socket = inner.socket
 
     async def send_all(self, data) -> None:
         if bytes(data) == self.held:
             await self.release.wait()
+            self._sock.released = True
         await self.inner.send_all(data)
 
     async def wait_send_all_might_not_block(self) -> None:
@@ -439,6 +463,7 @@ class _HeldStream(trio.abc.Stream):
         return await self.inner.receive_some(max_bytes)
 
     async def aclose(self) -> None:
+        self._sock.close()
         await self.inner.aclose()
 
 
@@ -457,8 +482,9 @@ async def test_connection_frames_keep_their_order_when_a_pong_hands_over_the_gat
 
     pong = b"\x8a\x00"
     assert pong != PING_FRAME
-    ours, theirs = trio.socket.socketpair()
-    held = _HeldStream(trio.SocketStream(ours), pong)
+    raw, theirs_raw = socket.socketpair()
+    theirs = trio.socket.from_stdlib_socket(theirs_raw)
+    held = _HeldStream(raw, pong)
     stream = ReplayStream(held, b"")
     hub = _StepHub()
     connection = Connection(WebSocketTransport(None, stream), hub, Config(), Stats())  # type: ignore[arg-type]
@@ -538,6 +564,43 @@ async def test_connection_ping_of_an_idle_connection_is_written_with_no_writer_t
                     received += await theirs.recv(65536)
             out.stop()
         await stream.close_now()
+
+
+async def test_connection_frames_after_the_close_reply_start_no_writer_task():
+    """The reader answered the peer's close frame (its reply went straight to the
+    socket): frames the hub flushes afterwards (a churn's `left`) can never be
+    written, so they are dropped without starting a writer task to find that out
+    (#16: churn); the close reply was the last thing on the wire."""
+    from triochat.config import Config
+    from triochat.connection import Connection
+    from triochat.frames import OutFrame
+    from triochat.metrics import Stats
+    from triochat.transports.websocket import ReplayStream, WebSocketTransport, close_frame
+
+    ours, theirs = trio.socket.socketpair()
+    stream = ReplayStream(trio.SocketStream(ours), b"")
+    connection = Connection(WebSocketTransport(None, stream), _StepHub(), Config(), Stats())  # type: ignore[arg-type]
+    out = connection.outbound
+    started: list[object] = []
+
+    class Tasks:
+        cancel_scope = trio.CancelScope()
+
+        def start_soon(self, fn) -> None:
+            started.append(fn)
+
+    with theirs:
+        out.start(Tasks())
+        reply = close_frame(1000, "")
+        await stream.send_all(reply)  # trio-websocket's reply to the peer's close
+        out.deliver(OutFrame(b'{"type":"left"}'))
+        out.flush_nowait()
+        assert started == [], "no writer task for frames that can never be written"
+        assert not out.outbox
+        with trio.fail_after(5):
+            assert await theirs.recv(64) == reply
+        out.stop()
+    await stream.close_now()
 
 
 async def test_connection_a_tail_starting_with_0x88_is_not_taken_for_a_close_frame():

@@ -1195,6 +1195,18 @@ def test_rfc6455_close_reply_after_failure_is_read_not_reset(chat_server, frame,
             )
 
 
+def test_rfc6455_closing_handshake_done_closes_tcp_without_lingering(chat_server):
+    """Once both close frames went by (the client's, then the server's reply), the server
+    sends FIN and drops its socket at once, without waiting for the client's FIN: a frame
+    the client sends afterwards gets a reset well within --close-timeout (RFC 6455 5.5.1:
+    nothing follows a close frame, so there is nothing to linger for)."""
+    with open_websocket(chat_server.port) as conn:
+        join(conn)
+        conn.send_close(1000)
+        expect_close(conn, 1000, reply=False)  # the reply, then FIN
+        assert_reset(conn.sock, SERVER_CLOSE_TIMEOUT / 2)
+
+
 # --- the server stayed healthy ------------------------------------------------------------------
 
 

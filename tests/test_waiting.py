@@ -275,6 +275,10 @@ class _DirectTransport(_Transport):
     async def send_rest(self, data: bytes) -> None:
         """(Every direct write here is whole.)"""
 
+    @property
+    def write_closed(self) -> bool:
+        return False
+
     def ping_nowait(self) -> bytes | None:
         return None
 

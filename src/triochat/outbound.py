@@ -317,6 +317,12 @@ class Outbound(Backlog):
                     if not rest:
                         return
                     self._unsent = rest
+                elif direct.write_closed:
+                    # Never to be written, and the reader is ending the
+                    # connection: no writer to find that out (half of a
+                    # churn's connections: a `left` after the close reply).
+                    outbox.clear()
+                    return
         self._want_writer()
         self._check_backlog()
 

@@ -85,8 +85,16 @@ class DirectWrite(Protocol):
     def send_nowait(self, frames: list[OutFrame]) -> bytes | None:
         """Write as much as the socket takes now; the rest, for `send_rest`.
 
-        None (nothing written) when it cannot write now: the writer task then does.
+        None (nothing written) when it cannot write now: the writer task then
+        does, unless `write_closed`.
         """
+        ...
+
+    @property
+    def write_closed(self) -> bool:
+        """A close frame went out without the writer (the reader answered the
+        peer's, or failed the connection): nothing can be written any more,
+        and the reader ends the connection."""
         ...
 
     async def send_rest(self, data: bytes) -> None:

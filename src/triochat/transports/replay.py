@@ -254,10 +254,18 @@ class ReplayStream(trio.abc.Stream):
                 close frame's), whose first byte may be any byte of a frame:
                 it does not say what the data is.
         """
+        rest: bytes | bytearray | memoryview = data
         try:
             if self._close_sent:
                 raise trio.ClosedResourceError("a close frame was sent")
-            await self._stream.send_all(data)
+            direct = self._direct
+            if direct is not None and data:
+                # What the socket takes now goes without trio's stream (its
+                # wrappers and a task switch before the gate is free): the
+                # close reply of every connection the peer closes (#16: churn).
+                rest = data[_send_now(direct, data) :]
+            if rest:
+                await self._stream.send_all(rest)
             if not tail and data and data[0] == CLOSE_FRAME_BYTE:
                 self._close_sent = True
         finally:
@@ -266,6 +274,10 @@ class ReplayStream(trio.abc.Stream):
                 waiting.unpark()
             else:
                 self._busy = False
+        if not rest:
+            # (trio's send_all yields after a write: here once the gate is
+            # free and a close frame is known to be sent.)
+            await trio.lowlevel.cancel_shielded_checkpoint()
 
     def write_nowait(self, data: bytes) -> int | None:
         """Write what the socket takes now, without waiting.
@@ -299,7 +311,7 @@ class ReplayStream(trio.abc.Stream):
         """trio-websocket's TCP close, deferred to `close_now` (rule 2). (No
         checkpoint: trio-websocket calls it while closing, after its own.)"""
 
-    async def close_now(self) -> None:
+    async def close_now(self, *, handshake_done: bool = False) -> None:
         """Close the TCP connection (the connection's end), lingering after a close frame.
 
         After our close frame the peer may still be sending (the rest of a
@@ -311,6 +323,11 @@ class ReplayStream(trio.abc.Stream):
         trio-websocket's reader may still be in `receive_some` (its loop reads
         once more after a close, until cancelled with the connection or the
         peer sends): we wait for it to leave first, as two readers collide.
+
+        With ``handshake_done`` (both close frames have gone by) on plain TCP,
+        the peer sends nothing more (RFC 6455 5.5.1): if nothing is unread, the
+        socket is closed at once, which sends the same FIN without the wait
+        for the peer's (#16: churn).
 
         Cancellation: the socket is closed, then Cancelled propagates.
         """
@@ -326,7 +343,7 @@ class ReplayStream(trio.abc.Stream):
         ):
             tcp = stream.transport_stream
         try:
-            if self._close_sent and tcp is not None:
+            if self._close_sent and tcp is not None and not (handshake_done and self._drained()):
                 with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                     await tcp.send_eof()  # (the send side: no collision with a reader)
                     while self._receiving:
@@ -336,6 +353,18 @@ class ReplayStream(trio.abc.Stream):
                         pass
         finally:
             await close_stream(stream)
+
+    def _drained(self) -> bool:
+        """Nothing unread on a plain socket that no reader is in (a peek, no wait)."""
+        raw = self._raw
+        if raw is None or self._receiving or self._prefix:
+            return False
+        try:
+            return not raw.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return True  # (broken: nothing to linger for)
 
 
 async def close_stream(stream: trio.abc.Stream) -> None:
@@ -362,6 +391,19 @@ def read_arrived(stream: trio.abc.Stream, size: int) -> bytes | None:
         return _recv_nowait(raw, size)
     except OSError:
         return None  # (the read that waits meets the error again, or the close)
+
+
+def _send_now(raw: socket.socket, data: bytes | bytearray | memoryview) -> int:
+    """``raw.send(data)``: how many bytes went (0 when the socket is full); trio's
+    stream errors for a closed or broken one."""
+    try:
+        return raw.send(data)
+    except BlockingIOError:
+        return 0
+    except OSError as exc:
+        if exc.errno in _CLOSED_ERRNOS:
+            raise trio.ClosedResourceError("this socket was already closed") from None
+        raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
 
 
 def _recv_nowait(raw: socket.socket, size: int) -> bytes | None:

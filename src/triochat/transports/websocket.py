@@ -368,6 +368,10 @@ class WebSocketTransport:
         with self._errors:
             await self._stream.send_reserved(data, tail=True)
 
+    @property
+    def write_closed(self) -> bool:
+        return self._stream.close_sent
+
     def ping_nowait(self) -> bytes | None:
         # (A control frame: never compressed, the same for `DeflateWebSocketTransport`.)
         try:
@@ -392,7 +396,8 @@ class WebSocketTransport:
                 await self._stream.send_all(close_frame(code, reason))
 
     async def abort(self) -> None:
-        await self._stream.close_now()
+        closed = self._ws._wsproto.state is ConnectionState.CLOSED  # both close frames went by
+        await self._stream.close_now(handshake_done=closed)
 
 
 class DeflateWebSocketTransport(WebSocketTransport):

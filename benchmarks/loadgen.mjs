@@ -127,15 +127,24 @@ function windowOf(a, b) {
 /** Wait until the server (all its processes, side ones included) used under
  * `pct`% of a core over `stepMs` (setup done). */
 async function waitServerIdle(timeoutMs = 60_000, pct = 5, stepMs = 250) {
+  return (await serverIdleSince(timeoutMs, pct, stepMs)) !== null;
+}
+
+/** Like `waitServerIdle`: when (nowMs) the first step under `pct`% began, the
+ * server's CPU seconds until then, or null after `timeoutMs`. */
+async function serverIdleSince(timeoutMs, pct, stepMs) {
   const end = nowMs() + timeoutMs;
+  let at = nowMs();
   let last = serverCpuS() + sideCpuS();
   while (nowMs() < end) {
     await sleep(stepMs);
     const cpu = serverCpuS() + sideCpuS();
-    if ((100 * (cpu - last)) / (stepMs / 1000) < pct) return true;
+    const now = nowMs();
+    if ((100 * (cpu - last)) / ((now - at) / 1000) < pct) return { at, serverCpuS: last };
+    at = now;
     last = cpu;
   }
-  return false;
+  return null;
 }
 
 async function waitUntil(pred, timeoutMs, stepMs = 20) {
@@ -554,6 +563,7 @@ async function latency() {
   };
   log(`opening ${clients} clients`);
   const tOpen = nowMs();
+  const cpuOpen = serverCpuS() + sideCpuS();
   const { conns, failed } = await openMany(
     url,
     clients,
@@ -564,8 +574,12 @@ async function latency() {
     problems,
   );
   if (failed) return { ok: false, error: `${failed} clients failed to join`, problems };
-  const idle = await waitServerIdle(180_000); // the joins' presence frames are all out
-  const setupS = (nowMs() - tOpen) / 1000;
+  // The join storm: until the joins' presence frames are all out, read in
+  // 50 ms steps (5 % of a core: 2.5 ms of CPU); the server's CPU until then.
+  const idleSince = await serverIdleSince(180_000, 5, 50);
+  const idle = idleSince !== null;
+  const setupS = ((idle ? idleSince.at : nowMs()) - tOpen) / 1000;
+  const setupCpuS = idle ? idleSince.serverCpuS - cpuOpen : Number.NaN;
 
   const sender = conns[0];
   const pad = "p".repeat(Math.max(0, msgChars - 18));
@@ -605,6 +619,7 @@ async function latency() {
     clients,
     rate,
     setupS,
+    setupCpuS,
     idle,
     window: w,
     measuredSent,

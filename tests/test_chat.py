@@ -33,6 +33,7 @@ from triochat.protocol import (
 )
 from triochat.ratelimit import RateLimiter
 from triochat.recent import cached_bytes
+from triochat.state.presence import DEADLINE_GRID
 from triochat.waiting import Share, WaitingRun, take_shared
 
 WALL_MS = 1_795_800_000_000
@@ -881,6 +882,32 @@ def test_leave_then_close_wakes_the_hub_once_not_at_the_superseded_settle(chat):
     assert alice.take() == []
     chat.advance(GRACE - LEAVE_SETTLE)
     assert alice.take() == [{"type": "presence", "room": "lobby", "event": "leave", "name": "bob"}]
+    assert chat.state.next_deadline() == float("inf")
+
+
+def test_grace_periods_that_end_within_one_tick_end_together(chat):
+    """Three connections closed 10 ms apart: their grace periods all end on the same
+    50 ms tick (`DEADLINE_GRID`), never before the grace is over, so the dispatcher
+    wakes once for the three leaves, not once each (#16: churn; docs/protocol.md §6)."""
+    alice = chat.connect()
+    alice.join(name="alice")
+    others = [chat.connect() for _ in range(3)]
+    for name, other in zip(("bob", "carol", "dave"), others, strict=True):
+        other.join(name=name)
+    chat.advance(0.001)  # off the tick
+    alice.take()
+    closed_at = []
+    for other in others:
+        other.disconnect()
+        closed_at.append(chat.now)
+        chat.advance(0.01)
+    end = chat.state.next_deadline()
+    assert closed_at[-1] + GRACE <= end < closed_at[0] + GRACE + DEADLINE_GRID
+    chat.advance(end - chat.now - 0.001)
+    assert alice.take() == []
+    chat.advance(0.001)
+    left = [f["name"] for f in alice.take() if f["type"] == "presence"]
+    assert left == ["bob", "carol", "dave"]
     assert chat.state.next_deadline() == float("inf")
 
 

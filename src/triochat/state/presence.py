@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import secrets
 from typing import Final
 
@@ -38,6 +39,11 @@ __all__ = ["LEAVE_SETTLE", "Presence"]
 #: a join of the same room within it shows them nothing, so leave/join churn
 #: cannot flood a room with presence frames.
 LEAVE_SETTLE: Final = 2.0
+
+#: Seconds: a hold ends on the next multiple of this (as late as the wait
+#: of a presence frame, docs/protocol.md §6), so the holds that end close
+#: together end in one step of the hub, not one step each (#16: churn).
+DEADLINE_GRID: Final = 0.05
 
 
 class Presence:
@@ -216,12 +222,14 @@ class Presence:
 
     def hold(self, user: User, now: float, delay: float | None = None) -> None:
         """Keep the memberships ``user``'s connection no longer has until ``delay``
-        (default: the presence grace) has passed; `expire` then ends them."""
-        if delay is None:
-            deadline = now + self._grace
-        else:
+        (default: the presence grace) has passed, to the next `DEADLINE_GRID`
+        (no delay: now); `expire` then ends them."""
+        wait = self._grace if delay is None else delay
+        # (No wait, with ``--presence-grace 0``: it ends in this very step.)
+        deadline = math.ceil((now + wait) / DEADLINE_GRID) * DEADLINE_GRID if wait else now
+        if delay is not None:
             # A shorter wait (a leave) never cuts short a grace already running.
-            deadline = max(now + delay, user.deadline or 0.0)
+            deadline = max(deadline, user.deadline or 0.0)
             if deadline == user.deadline:
                 return
         user.deadline = deadline

@@ -113,7 +113,17 @@ class Intake:
                 item = self._check_token(item)
         elif isinstance(item, Say | ClassicFrame) and self._on_say is not None:
             item = await self._run_say_hook(item, chat_client, self._on_say)
-        await self._inbound.send((chat_client, item))
+        inbound = self._inbound
+        if not isinstance(item, Say | ClassicFrame) and inbound.statistics().tasks_waiting_receive:
+            # A frame that is not a message, to a dispatcher that waits: handed
+            # over without the yield of a `send` (a task switch per join and
+            # leave, #16: churn; the connection's next read is its checkpoint).
+            # Messages go with the yield: a flood of them reaches the
+            # dispatcher one per turn, which keeps its members' outboxes
+            # within their bounds (rule 2, tests/test_backlog.py).
+            inbound.send_nowait((chat_client, item))
+        else:
+            await inbound.send((chat_client, item))
 
     async def _run_authenticator(self, frame: Auth, client: Client) -> TokenCheck:
         assert self._authenticate is not None

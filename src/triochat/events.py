@@ -199,9 +199,9 @@ Event = (
 class Resync(msgspec.Struct, frozen=True):
     """Every other live node's entries, after (re)connecting: replaces what is known.
 
-    A node in ``waiting`` was alive before this node lost the backplane and has
-    not beaten since: what is known of it stays until it rewrites its entries
-    (a `NodeState`) or is gone (a `NodeGone`).
+    A node in ``waiting`` was in the cluster before this node reconnected and
+    has not beaten since: what is known of it stays until it rewrites its
+    entries (a `NodeState`) or is gone (a `NodeGone`).
     """
 
     states: dict[str, list[Entry]]

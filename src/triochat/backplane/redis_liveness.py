@@ -67,8 +67,8 @@ class Liveness:
 
     def subscribed(self) -> None:
         """This node has subscribed and is about to reconcile. After the first time
-        (a reconnect), the other nodes get one node timeout to beat again before
-        they count as gone."""
+        (a reconnect), the other nodes get `wait_after_reconnect` to beat again
+        before they count as gone."""
         if self._reconciled:
             self._wait_until = trio.current_time() + wait_after_reconnect(self._link.config)
         self._reconciled = True

@@ -522,31 +522,50 @@ async def test_connection_frames_keep_their_order_when_a_pong_hands_over_the_gat
     assert received == pong + first.ws + second.ws
 
 
-async def test_connection_ping_of_an_idle_connection_is_written_with_no_writer_task():
-    """A keepalive ping goes straight to the socket when it takes it (an idle
-    connection's: no task started per ping, #16); to a full socket it goes
-    with the writer, once the socket drains."""
+class _RecordedTasks:
+    """A connection's task group that records each task started, and runs it in
+    ``nursery`` if one is given."""
+
+    cancel_scope = trio.CancelScope()
+
+    def __init__(self, nursery: trio.Nursery | None = None) -> None:
+        self.started: list[object] = []
+        self._nursery = nursery
+
+    def start_soon(self, fn) -> None:
+        self.started.append(fn)
+        if self._nursery is not None:
+            self._nursery.start_soon(fn)
+
+
+def _connection_on_a_socketpair():
+    """A `Connection` over a `ReplayStream` on one end of a socket pair: the
+    connection, the stream, our socket and the peer's."""
     from triochat.config import Config
     from triochat.connection import Connection
     from triochat.metrics import Stats
-    from triochat.transports.websocket import PING_FRAME, ReplayStream, WebSocketTransport
+    from triochat.transports.websocket import ReplayStream, WebSocketTransport
 
     ours, theirs = trio.socket.socketpair()
     stream = ReplayStream(trio.SocketStream(ours), b"")
     connection = Connection(WebSocketTransport(None, stream), _StepHub(), Config(), Stats())  # type: ignore[arg-type]
+    return connection, stream, ours, theirs
+
+
+async def test_connection_ping_of_an_idle_connection_is_written_with_no_writer_task():
+    """A keepalive ping goes straight to the socket when it takes it (an idle
+    connection's: no task started per ping, #16); to a full socket it goes
+    with the writer, once the socket drains."""
+    from triochat.transports.websocket import PING_FRAME
+
+    connection, stream, ours, theirs = _connection_on_a_socketpair()
     out = connection.outbound
-    started: list[object] = []
-
-    class Tasks:
-        cancel_scope = trio.CancelScope()
-
-        def start_soon(self, fn) -> None:
-            started.append(fn)
-            nursery.start_soon(fn)
 
     with theirs:
         async with trio.open_nursery() as nursery:
-            out.start(Tasks())
+            tasks = _RecordedTasks(nursery)
+            started = tasks.started
+            out.start(tasks)
             out.ping_soon()
             assert started == [], "no writer task for a ping the socket took"
             assert await theirs.recv(16) == PING_FRAME
@@ -571,26 +590,16 @@ async def test_connection_frames_after_the_close_reply_start_no_writer_task():
     socket): frames the hub flushes afterwards (a churn's `left`) can never be
     written, so they are dropped without starting a writer task to find that out
     (#16: churn); the close reply was the last thing on the wire."""
-    from triochat.config import Config
-    from triochat.connection import Connection
     from triochat.frames import OutFrame
-    from triochat.metrics import Stats
-    from triochat.transports.websocket import ReplayStream, WebSocketTransport, close_frame
+    from triochat.transports.websocket import close_frame
 
-    ours, theirs = trio.socket.socketpair()
-    stream = ReplayStream(trio.SocketStream(ours), b"")
-    connection = Connection(WebSocketTransport(None, stream), _StepHub(), Config(), Stats())  # type: ignore[arg-type]
+    connection, stream, _, theirs = _connection_on_a_socketpair()
     out = connection.outbound
-    started: list[object] = []
-
-    class Tasks:
-        cancel_scope = trio.CancelScope()
-
-        def start_soon(self, fn) -> None:
-            started.append(fn)
+    tasks = _RecordedTasks()
+    started = tasks.started
 
     with theirs:
-        out.start(Tasks())
+        out.start(tasks)
         reply = close_frame(1000, "")
         await stream.send_all(reply)  # trio-websocket's reply to the peer's close
         out.deliver(OutFrame(b'{"type":"left"}'))

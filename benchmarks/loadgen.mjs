@@ -661,6 +661,7 @@ async function memory() {
   const rssBase = serverRssKiB();
   log(`opening ${count} connections in rooms of ${roomSize}`);
   const t0 = nowMs();
+  const before = snapshot();
   const { conns, failed, joinMs } = await openMany(
     url,
     count,
@@ -671,6 +672,9 @@ async function memory() {
     problems,
   );
   const setupS = (nowMs() - t0) / 1000;
+  // The connect phase as a window: the server's CPU per connection is steadier
+  // than the rate when the machine's speed varies, and shows who was the limit.
+  const setup = windowOf(before, snapshot());
   const idle = await waitServerIdle(180_000); // the joins' presence frames are all out
   const settledS = (nowMs() - t0) / 1000 - setupS;
   await sleep(settleS * 1000);
@@ -689,6 +693,8 @@ async function memory() {
     settledS,
     idle,
     connectsPerS: count / setupS,
+    window: setup,
+    setupCpuUsPerConn: (setup.serverCpuS * 1e6) / count,
     joinP99Ms: percentile(joinMs, 99),
     rssBaseKiB: rssBase,
     rssJoinedKiB: rssJoined,

@@ -211,7 +211,7 @@ def _server_pair(
     )
     event = front.next_event()
     assert isinstance(event, h11.Request)
-    upgrade = vetted_upgrade(FrontRequest(event), "127.0.0.1", b"")
+    upgrade = vetted_upgrade(FrontRequest.from_h11(event), "127.0.0.1", b"")
     response, server = accept_upgrade(upgrade.key, upgrade.offers, extension)
     client.receive_data(response)
     (accepted,) = list(client.events())

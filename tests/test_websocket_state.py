@@ -250,7 +250,7 @@ def test_websocket_state_101_is_wsproto_s_own_byte_for_byte(compression: bool):
     front.receive_data(head)
     event = front.next_event()
     assert isinstance(event, h11.Request)
-    upgrade = vetted_upgrade(FrontRequest(event), "127.0.0.1", b"")
+    upgrade = vetted_upgrade(FrontRequest.from_h11(event), "127.0.0.1", b"")
     response, ours = accept_upgrade(upgrade.key, upgrade.offers, DeflateExtension(max_bytes))
     assert response == expected
     assert (b"permessage-deflate" in response) is compression

@@ -7,6 +7,9 @@ an embedding program gives) serves the page and the chats; with
 
 At accept, before anything is read:
 
+- a plain TCP listener's connections are taken with their peer's address
+  (`PlainAccept`: trio's ``accept`` forgets it, which then costs a system
+  call, and wraps the call in an async context manager);
 - ``accept()`` out of resources (EMFILE and kin) backs off, doubling from
   50 ms to 1 s, and logs once per episode rather than dying or spinning;
 - each socket takes a slot in `PendingSockets` (docs/protocol.md §1, "a
@@ -33,11 +36,13 @@ import trio
 from .config import Config
 from .http import PendingSockets, Routes, peer_ip
 from .metrics import Stats
+from .transports.replay import stdlib_socket
 
 __all__ = [
     "ACCEPT_BACKOFF",
     "RESOURCE_ERRNOS",
     "Handler",
+    "PlainAccept",
     "Ports",
     "bind_shared",
     "open_shared_listeners",
@@ -49,6 +54,24 @@ LOGGER = logging.getLogger("triochat.server")
 # accept() errors that mean "out of resources for now": back off, don't die.
 RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 ACCEPT_BACKOFF: Final = (0.05, 1.0)  # seconds: first and longest pause
+# accept() errors about one connection only, skipped (trio's list).
+_SKIPPED_ERRNOS: Final = frozenset(
+    getattr(errno, name)
+    for name in (
+        "EPERM",
+        "ECONNABORTED",
+        "EPROTO",
+        "ENETDOWN",
+        "ENOPROTOOPT",
+        "EHOSTDOWN",
+        "ENONET",
+        "EHOSTUNREACH",
+        "EOPNOTSUPP",
+        "ENETUNREACH",
+    )
+    if hasattr(errno, name)
+)
+_CLOSED_ERRNOS: Final = frozenset({errno.EBADF, errno.ENOTSOCK})
 
 Listener = trio.abc.Listener[trio.abc.Stream]
 #: What runs one accepted socket: (stream, the TCP peer's address, what its port serves).
@@ -138,10 +161,16 @@ class Ports:
     async def _accept_loop(
         self, listener: Listener, nursery: trio.Nursery, handler: Handler, routes: Routes
     ) -> None:
+        raw = stdlib_socket(listener.socket) if isinstance(listener, trio.SocketListener) else None
+        plain = None if raw is None else PlainAccept(raw)
         backoff = 0.0
         while True:
             try:
-                stream = await listener.accept()
+                if plain is None:
+                    stream = await listener.accept()
+                    ip = peer_ip(stream)
+                else:
+                    stream, ip = await plain.accept()
             except OSError as exc:
                 if exc.errno not in RESOURCE_ERRNOS:
                     raise
@@ -153,7 +182,6 @@ class Ports:
             if backoff:
                 LOGGER.warning("accepting connections again")
                 backoff = 0.0
-            ip = peer_ip(stream)
             if not self.pending.take(ip):
                 self._refuse(stream, ip, nursery)
                 continue
@@ -184,6 +212,50 @@ class Ports:
             socket.close()  # synchronous: nothing else holds this fresh socket
         else:
             nursery.start_soon(trio.aclose_forcefully, stream)
+
+
+class PlainAccept:
+    """A plain TCP listener's connections, each with its peer's address.
+
+    Like trio's ``accept``, it lets other tasks run after each connection
+    (here: before taking the next), so a connection's task reads its head,
+    and becomes a chat, before the next one is taken: a burst from one
+    address is not refused by the pending cap (`PendingSockets`) just for
+    being taken faster than it is served.
+    """
+
+    __slots__ = ("_raw", "_took")
+
+    def __init__(self, raw: socket.socket) -> None:
+        self._raw = raw  # the listener's non-blocking stdlib socket
+        self._took = False  # a connection was taken since the last task switch
+
+    async def accept(self) -> tuple[trio.SocketStream, str]:
+        """The next connection and its peer's address (as `peer_ip` gives it).
+
+        Raises:
+            trio.ClosedResourceError: the listener was closed.
+            OSError: what trio's ``accept`` raises too (EMFILE and kin).
+        """
+        raw = self._raw
+        if self._took:
+            self._took = False
+            await trio.lowlevel.checkpoint()
+        while True:
+            try:
+                sock, address = raw.accept()
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(raw)
+                continue
+            except OSError as exc:
+                if exc.errno in _CLOSED_ERRNOS:
+                    raise trio.ClosedResourceError from None
+                if exc.errno in _SKIPPED_ERRNOS:
+                    continue
+                raise
+            self._took = True
+            ip = str(address[0]) if isinstance(address, tuple) else str(address)
+            return trio.SocketStream(trio.socket.from_stdlib_socket(sock)), ip
 
 
 def bind_shared(

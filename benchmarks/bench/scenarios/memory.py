@@ -19,9 +19,8 @@ from ..report import (
     at_least_field,
     at_most,
     difference,
-    run_notes,
+    run_and_window_notes,
     side_by_side,
-    sides,
 )
 from ..results import Params, Result, get, is_nan
 from ..runs import Bench, compared, each_server
@@ -55,11 +54,25 @@ COMPARISON = Comparison(
         ),
         Row("server RSS held, MiB", "rssHeldKiB", "{:.1f}", scale=1024),
         Row("connect+join rate, conns/s", "connectsPerS", "{:,.0f}"),
+        Row("connect+join, server CPU per conn, µs", "setupCpuUsPerConn", "{:.0f}"),
+        Row(
+            "connect+join, server CPU, % of its core",
+            "window.serverCpuPct",
+            "{:.0f}",
+            compare=False,
+        ),
+        Row(
+            "connect+join, load generator CPU, % of its core",
+            "window.loadgenCpuPct",
+            "{:.0f}",
+            compare=False,
+        ),
         Row("then busy until idle, s", "settledS", "{:.1f}", compare=False),
     ),
     fields=fields,
-    # No window notes: the memory scenario's "window" is the hold, not a load.
-    notes=lambda where, results: run_notes(where, sides(results)),
+    # The window is the connect phase (the rate's): a saturated load generator
+    # or a busy machine there makes the rate doubtful.
+    notes=run_and_window_notes,
 )
 
 FLOOR_HEADER: Final = (

@@ -65,16 +65,15 @@ def _tokens(value: str) -> list[str]:
 
 def handshake_error(request: Request) -> str | None:
     """What breaks RFC 6455 4.2.1 in an upgrade request (answered 400), or None."""
-    event = request.event
     if request.method != "GET":
         return "a WebSocket upgrade is a GET"
-    if event.http_version < b"1.1":
+    if request.http_version < b"1.1":
         return "a WebSocket upgrade needs HTTP/1.1"
     if "websocket" not in _tokens(request.headers.get("upgrade", "")):
         return "Upgrade must be websocket"
     if "upgrade" not in _tokens(request.headers.get("connection", "")):
         return "Connection must include upgrade"
-    keys = [value for name, value in event.headers if name == b"sec-websocket-key"]
+    keys = [value for name, value in request.fields if name == b"sec-websocket-key"]
     if len(keys) != 1:
         return "exactly one Sec-WebSocket-Key is needed"
     try:
@@ -85,7 +84,7 @@ def handshake_error(request: Request) -> str | None:
         return "Sec-WebSocket-Key must be 16 bytes in base64"
     # wsproto decodes these as ASCII and raises on any other byte (a "bug" in
     # the log and a dropped connection, with compression on or off).
-    for name, value in event.headers:
+    for name, value in request.fields:
         if name in _ASCII_HEADERS and not value.isascii():
             return f"{name.decode()} must be ASCII"
     return None
@@ -119,7 +118,7 @@ def vetted_upgrade(request: Request, ip: str, early: bytes) -> Upgrade:
     exactly one valid key, and its extension offers are ASCII)."""
     key = b""
     offers: list[str] = []
-    for name, value in request.event.headers:
+    for name, value in request.fields:
         if name == b"sec-websocket-key":
             key = value
         elif name == b"sec-websocket-extensions":

@@ -1,6 +1,7 @@
 """The front's request loop: `handle_http` serves one accepted connection.
 
-It reads each request head with h11 (bounded in size and time), checks its
+It reads each request head with h11 (bounded in size and time; a plain
+WebSocket upgrade that has arrived whole, without it: `quickhead`), checks its
 ``Host`` first, then routes it: a WebSocket upgrade (vetted by `handshake`)
 or ``GET /sse`` (vetted by `sse`) is returned to the caller to run; ``POST
 /sse``, ``/api/…`` and the plain paths (`routes`) are answered here, and
@@ -23,6 +24,7 @@ from .handshake import Upgrade, upgrade_refusal, vetted_upgrade
 from .messages import Request
 from .peers import PendingSockets, peer_ip
 from .policy import client_ip, host_allowed
+from .quickhead import quick_upgrade
 from .routes import GET_HEAD, GET_HEAD_POST, Routes, StaticFiles, route
 from .sse import SseOpen, post_sse, vet_sse
 from .wire import (
@@ -70,7 +72,7 @@ async def handle_http(
         config = ctx.config
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=config.max_header_bytes)
         while True:
-            request = await _next_request(stream, conn, config)
+            request = await _next_request(stream, conn, config, quick=routes.chats)
             if request is None:
                 return None
             access = access_log.begin(request)
@@ -120,10 +122,15 @@ async def handle_http(
 
 
 async def _next_request(
-    stream: trio.abc.Stream, conn: h11.Connection, config: Config
+    stream: trio.abc.Stream, conn: h11.Connection, config: Config, *, quick: bool = False
 ) -> Request | None:
     """The next request head, within ``handshake_timeout``; None when the
-    connection is to close (a broken or slow head answered, or the client gone)."""
+    connection is to close (a broken or slow head answered, or the client gone).
+
+    ``quick``: a plain WebSocket upgrade that has arrived whole may be read
+    without h11 (`quickhead`); it then has `Request.early` and ``conn`` has not
+    seen it, so the caller must not go on with ``conn`` after it.
+    """
     limit = config.max_header_bytes
     event: object = h11.NEED_DATA
     if conn.their_state is h11.IDLE and not conn.trailing_data[0]:
@@ -132,6 +139,8 @@ async def _next_request(
         # (a cancel scope and a wait cost 10-20 µs of a connection's setup; #16).
         arrived = read_arrived(stream, RECEIVE_BYTES)
         if arrived is not None:
+            if quick and (upgrade := quick_upgrade(arrived, limit)) is not None:
+                return upgrade
             conn.receive_data(arrived)
             try:
                 event = event_at_hand(conn, head_limit=limit)
@@ -152,7 +161,7 @@ async def _next_request(
             return None
     if not isinstance(event, h11.Request):
         return None  # the client closed the connection
-    return Request(event)
+    return Request.from_h11(event)
 
 
 async def _open_upgrade(
@@ -169,7 +178,8 @@ async def _open_upgrade(
     if not ctx.take_ip_slot(client):
         await send_raw(stream, 429, "too many connections from your address")
         return None
-    return vetted_upgrade(request, client, conn.trailing_data[0])
+    early = request.early if request.early is not None else conn.trailing_data[0]
+    return vetted_upgrade(request, client, early)
 
 
 async def _answer(

@@ -1,7 +1,7 @@
 """HTTP messages as data, sans-I/O: the request head as the front reads it,
 the checks on it, and the heads of the front's answers.
 
-- `Request`: one h11 request head, its path (no query) and its headers
+- `Request`: one request head, its path (no query) and its headers
   joined by name.
 - `check_head`: the limits h11 leaves to us: a head's total size (431) and
   request smuggling (both ``Transfer-Encoding`` and ``Content-Length``: 400).
@@ -15,6 +15,7 @@ Rule: no trio here (the I/O is in `wire`).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Final
 
 import h11
@@ -49,21 +50,38 @@ REASONS: Final = {
 
 
 class Request:
-    """One request head: the h11 event, and what the front reads of it decoded."""
+    """One request head, as the front reads it: what h11 parsed (`from_h11`),
+    or a WebSocket upgrade read without h11 (`quickhead.quick_upgrade`)."""
 
-    __slots__ = ("event", "headers", "method", "path", "target")
+    __slots__ = ("early", "fields", "headers", "http_version", "method", "path", "target")
 
-    def __init__(self, event: h11.Request) -> None:
-        self.event = event
-        self.method = event.method.decode("ascii", "replace")
-        self.target = event.target
-        self.path = event.target.split(b"?", 1)[0].decode("ascii", "replace")
+    def __init__(
+        self,
+        method: bytes,
+        target: bytes,
+        http_version: bytes,
+        fields: Sequence[tuple[bytes, bytes]],
+        early: bytes | None = None,
+    ) -> None:
+        self.method = method.decode("ascii", "replace")
+        self.target = target
+        self.path = target.split(b"?", 1)[0].decode("ascii", "replace")
+        self.http_version = http_version
+        #: Every header line, in order: its name in lower case, its value.
+        self.fields = fields
+        #: What the client sent after the head, when it was read without h11
+        #: (the h11 connection then never saw this request); None otherwise.
+        self.early = early
         self.headers: dict[str, str] = {}
-        for name, value in event.headers:
+        for name, value in fields:
             key = name.decode("ascii", "replace")
             text = value.decode("latin-1")
             # Repeated headers are joined, as RFC 9110 §5.3 allows.
             self.headers[key] = f"{self.headers[key]}, {text}" if key in self.headers else text
+
+    @classmethod
+    def from_h11(cls, event: h11.Request) -> Request:
+        return cls(event.method, event.target, event.http_version, event.headers)
 
 
 def check_head(event: h11.Request, head_limit: int | None) -> None:

@@ -35,6 +35,7 @@ __all__ = [
     "ReplayStream",
     "close_stream",
     "read_arrived",
+    "stdlib_socket",
 ]
 
 CLOSE_FRAME_BYTE = 0x88  # the first byte of a close frame: FIN + opcode 8
@@ -161,7 +162,7 @@ class ReplayStream(trio.abc.Stream):
         self._close_sent = False
         #: What `write_nowait` writes to: the socket under trio's, or None
         #: (not a socket stream, or closed).
-        self._direct = _stdlib_socket(getattr(stream, "socket", None))
+        self._direct = stdlib_socket(getattr(stream, "socket", None))
         #: What `receive_some` reads: the socket under a `trio.SocketStream`, or
         #: None (then the stream's own `receive_some`).
         self._raw = self._direct if isinstance(stream, trio.SocketStream) else None
@@ -384,7 +385,7 @@ def read_arrived(stream: trio.abc.Stream, size: int) -> bytes | None:
 
     For a read that need not wait: no cancel scope, no checkpoint (#16).
     """
-    raw = _stdlib_socket(stream.socket) if isinstance(stream, trio.SocketStream) else None
+    raw = stdlib_socket(stream.socket) if isinstance(stream, trio.SocketStream) else None
     if raw is None:
         return None
     try:
@@ -420,8 +421,9 @@ def _recv_nowait(raw: socket.socket, size: int) -> bytes | None:
         return None
 
 
-def _stdlib_socket(trio_socket: object) -> socket.socket | None:
-    """The non-blocking stdlib socket under a trio socket, for `write_nowait`.
+def stdlib_socket(trio_socket: object) -> socket.socket | None:
+    """The non-blocking stdlib socket under a trio socket, for `write_nowait`
+    (and the accept loop's `ports.accept_plain`).
 
     trio keeps it in a private attribute, so anything else gets None (and
     every write goes through the writer task). Why not ``os.write`` on the

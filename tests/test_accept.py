@@ -120,3 +120,40 @@ async def test_accept_skips_one_connections_errors_and_raises_the_servers():
         await PlainAccept(failing).accept()  # type: ignore[arg-type]
     assert raised.value.errno == errno.EMFILE  # the accept loop's back-off handles it
     assert failing.calls == 3
+
+
+async def test_accept_switches_tasks_only_to_wait_when_connections_come_one_by_one():
+    """A connection at a time (the usual case): the accepting task runs once
+    to take one and once when the next arrives, with no extra task switch."""
+    listener, plain, port = await _listener()
+    steps = 0
+    taken: list[trio.SocketStream] = []
+
+    async def accept_two() -> None:
+        for _ in range(2):
+            taken.append((await plain.accept())[0])
+
+    class Steps(trio.abc.Instrument):
+        def before_task_step(self, task: trio.lowlevel.Task) -> None:
+            nonlocal steps
+            steps += task.coro.cr_code is accept_two.__code__
+
+    first = socket.create_connection(("127.0.0.1", port))
+    await trio.sleep(0.1)  # queued before the acceptor starts
+    instrument = Steps()
+    trio.lowlevel.add_instrument(instrument)
+    try:
+        async with listener, trio.open_nursery() as nursery:
+            nursery.start_soon(accept_two)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(taken) == 1
+            second = socket.create_connection(("127.0.0.1", port))
+    finally:
+        trio.lowlevel.remove_instrument(instrument)
+    for stream in taken:
+        await stream.aclose()
+    first.close()
+    second.close()
+    assert len(taken) == 2
+    # Its first step takes the first connection and waits; the second connection wakes it.
+    assert steps == 2

@@ -275,9 +275,10 @@ class ReplayStream(trio.abc.Stream):
                 waiting.unpark()
             else:
                 self._busy = False
-        if not rest:
+        if not rest and not self._close_sent:
             # (trio's send_all yields after a write: here once the gate is
-            # free and a close frame is known to be sent.)
+            # free. Not after a close frame: the connection ends next, and
+            # a task switch there is one per connection for nothing; #16.)
             await trio.lowlevel.cancel_shielded_checkpoint()
 
     def write_nowait(self, data: bytes) -> int | None:

@@ -123,8 +123,9 @@ async def test_accept_skips_one_connections_errors_and_raises_the_servers():
 
 
 async def test_accept_switches_tasks_only_to_wait_when_connections_come_one_by_one():
-    """A connection at a time (the usual case): the accepting task runs once
-    to take one and once when the next arrives, with no extra task switch."""
+    """A connection queued, then the next one later: the accepting task takes
+    the first and waits in the same step (no switch before waiting, as trio's
+    when nothing was queued) and runs once more when the next arrives."""
     listener, plain, port = await _listener()
     steps = 0
     taken: list[trio.SocketStream] = []

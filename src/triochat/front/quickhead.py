@@ -28,11 +28,14 @@ __all__ = ["quick_upgrade"]
 # The whole head in one match: h11's request line narrowed to GET and
 # HTTP/1.1, then h11's header lines (RFC 9110 field-name ":" OWS field-value
 # OWS) with values narrowed to visible ASCII, each ending in CRLF, then the
-# empty line. (Linear: CRLF cannot occur inside a line, and within a value a
-# run of spaces is followed either by a word or by the line's end.)
+# empty line. Linear: CRLF cannot occur inside a line, and a run of blanks has
+# one place only (before the value, between two words, or after the last
+# word), so a failed match never tries the ways of splitting it. (h11's own
+# line pattern, "OWS value? OWS", has two places for an empty value's blanks:
+# quadratic on a long run of them.)
 _HEAD: Final = re.compile(
     rb"GET ([\x21-\x7e]+) HTTP/1\.1\r\n"
-    rb"((?:[-!#$%&'*+.^_`|~0-9a-zA-Z]+:[ \t]*(?:[\x21-\x7e]+(?:[ \t]+[\x21-\x7e]+)*)?[ \t]*\r\n)*)"
+    rb"((?:[-!#$%&'*+.^_`|~0-9a-zA-Z]+:[ \t]*(?:[\x21-\x7e]+(?:[ \t]+[\x21-\x7e]+)*[ \t]*)?\r\n)*)"
     rb"\r\n"
 )
 #: Headers h11 reads with rules of its own (a body's framing, 100-continue).

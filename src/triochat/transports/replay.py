@@ -230,6 +230,10 @@ class ReplayStream(trio.abc.Stream):
         return self._close_sent
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """trio's ``send_all``, through the write gate (`send_reserved`). Unlike
+        trio's, a close frame that the socket takes at once is written without
+        letting other tasks run (cancellation is still checked first): the
+        connection ends next, and every later write raises ClosedResourceError."""
         if self._busy:
             if self._waiting is None:
                 self._waiting = trio.lowlevel.ParkingLot()
@@ -424,7 +428,7 @@ def _recv_nowait(raw: socket.socket, size: int) -> bytes | None:
 
 def stdlib_socket(trio_socket: object) -> socket.socket | None:
     """The non-blocking stdlib socket under a trio socket, for `write_nowait`
-    (and the accept loop's `ports.accept_plain`).
+    (and the accept loop's `ports.PlainAccept`).
 
     trio keeps it in a private attribute, so anything else gets None (and
     every write goes through the writer task). Why not ``os.write`` on the

@@ -329,6 +329,27 @@ async def test_http_malformed_request_400(head):
     assert response.status == 400
 
 
+async def test_http_blanks_then_a_nul_in_a_head_is_a_quick_400():
+    """16,000 blanks and a NUL in a header line (h11's pattern would spend
+    0.8 s of the event loop on it): 400 and a close, and the server goes on
+    answering others at once (docs/reliability.md)."""
+    head = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nx:" + b" " * 16_000 + b"\x00\r\n\r\n"
+    with trio.fail_after(10):
+        async with running_server() as server:
+            for _ in range(5):
+                async with open_tcp(server) as conn:
+                    await conn.send(head)
+                    response = await conn.response()
+                    await conn.eof()
+                assert response.status == 400
+            assert (await fetch(server, "GET", "/healthz")).status == 200
+            # The loop never stalled for it (h11 alone: about 0.8 s, five times).
+            from .test_metrics import scrape, total  # (it imports this module)
+
+            stalled = total(await scrape(server), "triochat_loop_stall_max_seconds")
+            assert stalled < 0.25
+
+
 async def test_http_oversized_head_4xx_and_closed():
     """A request head over max_header_bytes answers 431 (or 400) and closes."""
     with trio.fail_after(10):

@@ -34,6 +34,7 @@ from .messages import (
     json_error,
     raw_head,
     response_headers,
+    screen_head,
 )
 
 _T = TypeVar("_T")
@@ -46,12 +47,14 @@ def event_at_hand(
     conn: h11.Connection, *, head_limit: int | None = None
 ) -> h11.Event | type[h11.PAUSED] | type[h11.NEED_DATA]:
     """The next h11 event from what ``conn`` holds, without reading:
-    `h11.NEED_DATA` if that is not enough. A request head passes `check_head`
-    (``head_limit``) first.
+    `h11.NEED_DATA` if that is not enough. A request head passes `screen_head`
+    before h11 reads it, and `check_head` (``head_limit``) after.
 
     Raises:
         h11.RemoteProtocolError: a broken request (its status hint: 400, 431, ...).
     """
+    if conn.their_state is h11.IDLE:
+        screen_head(conn.trailing_data[0])
     event = conn.next_event()
     if isinstance(event, h11.Request):
         check_head(event, head_limit)

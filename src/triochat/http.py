@@ -7,8 +7,8 @@ package (its docstring has the rules and the module map).
 - `FrontContext` (`front.context`): what the front needs of the server.
 - `Routes`, `OPERATOR_PATHS`, `StaticFiles` (`front.routes`): what a
   listener serves, and the page's files.
-- `PendingSockets`, `peer_ip`, `UNKNOWN_PEER` (`front.peers`): the accept
-  loop's count of sockets that are not a chat yet.
+- `PendingSockets`, `peer_ip`, `address_ip`, `UNKNOWN_PEER` (`front.peers`):
+  the accept loop's count of sockets that are not a chat yet, and their address.
 - `host_allowed`, `origin_allowed` (`front.policy`), `MAX_BODY_BYTES`
   (`front.wire`), `PAGE_CSP` (`front.messages`), `SSE_SESSION_HEADER`
   (`front.sse`).
@@ -20,7 +20,7 @@ from .front.context import FrontContext
 from .front.handshake import Upgrade
 from .front.loop import handle_http
 from .front.messages import PAGE_CSP
-from .front.peers import UNKNOWN_PEER, PendingSockets, peer_ip
+from .front.peers import UNKNOWN_PEER, PendingSockets, address_ip, peer_ip
 from .front.policy import host_allowed, origin_allowed
 from .front.routes import OPERATOR_PATHS, Routes, StaticFiles
 from .front.sse import SSE_SESSION_HEADER, SseOpen
@@ -38,6 +38,7 @@ __all__ = [
     "SseOpen",
     "StaticFiles",
     "Upgrade",
+    "address_ip",
     "handle_http",
     "host_allowed",
     "origin_allowed",

@@ -34,9 +34,9 @@ from typing import Final
 import trio
 
 from .config import Config
-from .http import PendingSockets, Routes, peer_ip
+from .http import PendingSockets, Routes, address_ip, peer_ip
 from .metrics import Stats
-from .transports.replay import stdlib_socket
+from .transports.replay import CLOSED_ERRNOS, stdlib_socket
 
 __all__ = [
     "ACCEPT_BACKOFF",
@@ -71,7 +71,6 @@ _SKIPPED_ERRNOS: Final = frozenset(
     )
     if hasattr(errno, name)
 )
-_CLOSED_ERRNOS: Final = frozenset({errno.EBADF, errno.ENOTSOCK})
 
 Listener = trio.abc.Listener[trio.abc.Stream]
 #: What runs one accepted socket: (stream, the TCP peer's address, what its port serves).
@@ -250,7 +249,7 @@ class PlainAccept:
                 await trio.lowlevel.wait_readable(raw)
                 continue
             except OSError as exc:
-                if exc.errno in _CLOSED_ERRNOS:
+                if exc.errno in CLOSED_ERRNOS:
                     raise trio.ClosedResourceError from None
                 if exc.errno in _SKIPPED_ERRNOS:
                     continue
@@ -260,8 +259,7 @@ class PlainAccept:
                 # this socket is ours to hand over now, as in trio's accept).
                 await trio.lowlevel.cancel_shielded_checkpoint()
             self._took = True
-            ip = str(address[0]) if isinstance(address, tuple) else str(address)
-            return trio.SocketStream(trio.socket.from_stdlib_socket(sock)), ip
+            return trio.SocketStream(trio.socket.from_stdlib_socket(sock)), address_ip(address)
 
 
 def bind_shared(

@@ -3,7 +3,8 @@ the checks on it, and the heads of the front's answers.
 
 - `Request`: one request head, its path (no query) and its headers
   joined by name.
-- `check_head`: the limits h11 leaves to us: a head's total size (431) and
+- `check_head`: the limits h11 leaves to us: a head's total size (431,
+  counted by `head_size`) and
   request smuggling (both ``Transfer-Encoding`` and ``Content-Length``: 400);
   `screen_head`: the bytes h11 refuses, found before h11's slow way does.
 - `response_headers` and `raw_head`: every answer's headers, the security
@@ -16,7 +17,7 @@ Rule: no trio here (the I/O is in `wire`).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Final
 
 import h11
@@ -90,12 +91,12 @@ def screen_head(buffered: bytes) -> None:
     before h11 reads it; ``buffered``: what h11 holds, the head first.
 
     Those bytes: NUL, vertical tab, form feed, and a CR that does not end a
-    line. Why: h11
-    checks each header line with a pattern whose time grows with the square
-    of a run of blanks when the line then fails (16,000 blanks and a NUL:
-    0.8 s of the event loop, per request), and only such a byte makes a line
-    fail after a run of blanks. Found here by byte searches (memchr speed:
-    this runs on every read of a head). The answer is h11's own: 400.
+    line. Why: h11 checks each header line with a pattern whose time grows
+    with the square of a run of blanks when the line then fails (16,000
+    blanks and a NUL: 0.8 s of the event loop, per request), and only such a
+    byte makes a line fail after a run of blanks. Found here by byte searches
+    (memchr speed: this runs on every read of a head). The answer is h11's
+    own: 400.
 
     Raises:
         h11.RemoteProtocolError: a 400.
@@ -111,6 +112,12 @@ def screen_head(buffered: bytes) -> None:
         raise h11.RemoteProtocolError("illegal byte in the request head", error_status_hint=400)
 
 
+def head_size(target: bytes, fields: Iterable[tuple[bytes, bytes]]) -> int:
+    """A request head's size as ``max_header_bytes`` counts it: its target, and
+    each header's name and value plus 4 (``": "`` and CRLF)."""
+    return len(target) + sum(len(name) + len(value) + 4 for name, value in fields)
+
+
 def check_head(event: h11.Request, head_limit: int | None) -> None:
     """Refuse a request head longer than ``head_limit``, or one that frames its body twice.
 
@@ -124,10 +131,9 @@ def check_head(event: h11.Request, head_limit: int | None) -> None:
     Raises:
         h11.RemoteProtocolError: with the status to answer (431 or 400).
     """
-    size = len(event.target)
+    size = head_size(event.target, event.headers)
     framing = 0  # bit 1: Content-Length seen, bit 2: Transfer-Encoding
-    for name, value in event.headers:  # names come lower case from h11
-        size += len(name) + len(value) + 4
+    for name, _value in event.headers:  # names come lower case from h11
         if name == b"content-length":
             framing |= 1
         elif name == b"transfer-encoding":

@@ -28,6 +28,11 @@ def peer_ip(stream: trio.abc.Stream) -> str:
         address = socket.getpeername()
     except OSError:
         return UNKNOWN_PEER
+    return address_ip(address)
+
+
+def address_ip(address: object) -> str:
+    """The host part of a socket address (``getpeername``'s or ``accept``'s)."""
     return str(address[0]) if isinstance(address, tuple) else str(address)
 
 

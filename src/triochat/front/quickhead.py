@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from typing import Final
 
-from .messages import Request
+from .messages import Request, head_size
 
 __all__ = ["quick_upgrade"]
 
@@ -46,14 +46,14 @@ def quick_upgrade(data: bytes, head_limit: int | None) -> Request | None:
     """The WebSocket upgrade request at the start of ``data``, with what follows
     it as `Request.early`; None when h11 must read ``data`` (module docstring).
 
-    ``head_limit``: the front's ``max_header_bytes``, counted as
-    `messages.check_head` counts it (a longer head is h11's, and a 431).
+    ``head_limit``: the front's ``max_header_bytes``, counted by
+    `messages.head_size` as `messages.check_head` counts it (a longer head is
+    h11's, and a 431).
     """
     head = _HEAD.match(data)
     if head is None:
         return None
     target = head[1]
-    size = len(target)
     fields: list[tuple[bytes, bytes]] = []
     hosts = 0
     upgrade = False
@@ -67,8 +67,9 @@ def quick_upgrade(data: bytes, head_limit: int | None) -> Request | None:
             hosts += 1
         elif name == b"upgrade" and b"websocket" in value.lower():
             upgrade = True
-        size += len(name) + len(value) + 4
         fields.append((name, value))
-    if hosts != 1 or not upgrade or (head_limit is not None and size > head_limit):
+    if hosts != 1 or not upgrade:
+        return None
+    if head_limit is not None and head_size(target, fields) > head_limit:
         return None
     return Request(b"GET", target, b"1.1", fields, early=data[head.end() :])

@@ -30,6 +30,7 @@ import trio
 from ..protocol import CloseCode
 
 __all__ = [
+    "CLOSED_ERRNOS",
     "CLOSE_FRAME_BYTE",
     "FrameSizeGuard",
     "ReplayStream",
@@ -40,8 +41,8 @@ __all__ = [
 
 CLOSE_FRAME_BYTE = 0x88  # the first byte of a close frame: FIN + opcode 8
 _RECEIVE_SIZE: Final = 65536  # bytes, when the caller names no size (trio's default)
-#: What a read of a closed socket raises: ClosedResourceError, as trio's.
-_CLOSED_ERRNOS: Final = frozenset({errno.EBADF, errno.ENOTSOCK})
+#: A closed socket's errors (a read, a write, an accept): ClosedResourceError, as trio's.
+CLOSED_ERRNOS: Final = frozenset({errno.EBADF, errno.ENOTSOCK})
 
 
 class FrameSizeGuard:
@@ -200,7 +201,7 @@ class ReplayStream(trio.abc.Stream):
         except OSError as exc:
             if raw is None:
                 raise
-            if exc.errno in _CLOSED_ERRNOS:
+            if exc.errno in CLOSED_ERRNOS:
                 raise trio.ClosedResourceError("this socket was already closed") from None
             raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
         finally:
@@ -407,7 +408,7 @@ def _send_now(raw: socket.socket, data: bytes | bytearray | memoryview) -> int:
     except BlockingIOError:
         return 0
     except OSError as exc:
-        if exc.errno in _CLOSED_ERRNOS:
+        if exc.errno in CLOSED_ERRNOS:
             raise trio.ClosedResourceError("this socket was already closed") from None
         raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
 

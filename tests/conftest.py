@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import pytest
@@ -52,6 +52,29 @@ async def memory_server(
     listener = MemoryListener()
     async with serving(listener, history, **options) as server:
         yield MemoryServer(server, listener)
+
+
+class TaskSteps(trio.abc.Instrument):
+    """Counts the steps (runs between two task switches) of the tasks ``counted`` picks."""
+
+    def __init__(self, counted: Callable[[trio.lowlevel.Task], bool]) -> None:
+        self.counted = counted
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if self.counted(task):
+            self.steps += 1
+
+
+@contextmanager
+def counting_steps(counted: Callable[[trio.lowlevel.Task], bool]) -> Iterator[TaskSteps]:
+    """`TaskSteps` installed in the running trio loop for the ``with`` block."""
+    instrument = TaskSteps(counted)
+    trio.lowlevel.add_instrument(instrument)
+    try:
+        yield instrument
+    finally:
+        trio.lowlevel.remove_instrument(instrument)
 
 
 def ws_url(server: Server, path: str = "/ws") -> str:

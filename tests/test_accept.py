@@ -13,6 +13,8 @@ import trio.testing
 from triochat.ports import PlainAccept
 from triochat.transports.replay import stdlib_socket
 
+from .conftest import counting_steps
+
 
 async def _listener() -> tuple[trio.SocketListener, PlainAccept, int]:
     (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
@@ -127,34 +129,24 @@ async def test_accept_switches_tasks_only_to_wait_when_connections_come_one_by_o
     the first and waits in the same step (no switch before waiting, as trio's
     when nothing was queued) and runs once more when the next arrives."""
     listener, plain, port = await _listener()
-    steps = 0
     taken: list[trio.SocketStream] = []
 
     async def accept_two() -> None:
         for _ in range(2):
             taken.append((await plain.accept())[0])
 
-    class Steps(trio.abc.Instrument):
-        def before_task_step(self, task: trio.lowlevel.Task) -> None:
-            nonlocal steps
-            steps += task.coro.cr_code is accept_two.__code__
-
     first = socket.create_connection(("127.0.0.1", port))
     await trio.sleep(0.1)  # queued before the acceptor starts
-    instrument = Steps()
-    trio.lowlevel.add_instrument(instrument)
-    try:
+    with counting_steps(lambda task: task.coro.cr_code is accept_two.__code__) as acceptor:
         async with listener, trio.open_nursery() as nursery:
             nursery.start_soon(accept_two)
             await trio.testing.wait_all_tasks_blocked()
             assert len(taken) == 1
             second = socket.create_connection(("127.0.0.1", port))
-    finally:
-        trio.lowlevel.remove_instrument(instrument)
     for stream in taken:
         await stream.aclose()
     first.close()
     second.close()
     assert len(taken) == 2
     # Its first step takes the first connection and waits; the second connection wakes it.
-    assert steps == 2
+    assert acceptor.steps == 2

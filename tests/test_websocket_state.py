@@ -58,7 +58,7 @@ from triochat.transports.wsopen import (
     switching_protocols,
 )
 
-from .conftest import memory_server
+from .conftest import counting_steps, memory_server
 
 
 def _server_task_names() -> collections.Counter[str]:
@@ -344,22 +344,11 @@ async def test_websocket_state_a_close_frame_is_written_without_a_task_switch():
     ours.setblocking(False)
     stream = ReplayStream(trio.SocketStream(trio.socket.from_stdlib_socket(ours)), b"")
     me = trio.lowlevel.current_task()
-    steps = 0
-
-    class Steps(trio.abc.Instrument):
-        def before_task_step(self, task: trio.lowlevel.Task) -> None:
-            nonlocal steps
-            steps += task is me
-
-    instrument = Steps()
-    trio.lowlevel.add_instrument(instrument)
-    try:
+    with counting_steps(lambda task: task is me) as mine:
         await stream.send_all(b"\x81\x02hi")
-        text_steps, steps = steps, 0
+        text_steps, mine.steps = mine.steps, 0
         await stream.send_all(b"\x88\x02\x03\xe8")
-        close_steps = steps
-    finally:
-        trio.lowlevel.remove_instrument(instrument)
+        close_steps = mine.steps
     assert (text_steps, close_steps) == (1, 0)
     assert stream.close_sent
     assert theirs.recv(64) == b"\x81\x02hi\x88\x02\x03\xe8"

@@ -57,6 +57,7 @@ from ..frames import OutFrame
 from ..protocol import CloseCode
 from . import TransportClosed
 from .deflate import DeflateExtension
+from .quickframe import quick_text
 from .replay import CLOSE_FRAME_BYTE, FrameSizeGuard, ReplayStream
 from .wsopen import RECEIVE_BYTES, EstablishedWebSocket, accept_upgrade
 
@@ -304,7 +305,9 @@ class WebSocketTransport:
         after our close frame is not answered (wsproto refuses to, and
         trio-websocket's reader then dies of it: the old closing race).
         Pongs need nothing: any bytes prove the peer is there (`last_receive`).
-        Cancelled only when the connection ends.
+        A read that is one plain text frame, while wsproto is between frames,
+        is read without it (`quick_text`; the same message, and wsproto's
+        state as if it had read it). Cancelled only when the connection ends.
         """
         ws = self._ws
         protocol = ws._wsproto
@@ -334,6 +337,9 @@ class WebSocketTransport:
                             await ws._abort_web_socket()
                         ws._reader_running = False
                         break
+                    text = quick_text(protocol, data, ws._max_message_size)
+                    if text is not None:
+                        return text  # (wsproto's state is as if it had read it)
                     if protocol.state is not ConnectionState.CLOSED:
                         try:
                             protocol.receive_data(data)  # type: ignore[arg-type]  # (or a bytearray)

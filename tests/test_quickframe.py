@@ -112,7 +112,9 @@ def test_quickframe_reads_nothing_while_wsproto_is_inside_a_frame_or_message():
         "a message begun": established(build_frame(OP_TEXT, b'{"type":', fin=False)),
         # A frame's first bytes buffered: this read is the rest of that frame.
         "a frame begun": established(build_frame(OP_TEXT, JOIN)[:3]),
-        # A frame's header read, its payload not yet.
+        # A frame's header read (its 16-bit length and mask key), no payload yet.
+        "a header read": established(build_frame(OP_TEXT, b"x" * 300)[:8]),
+        # Part of a frame's payload read.
         "a payload begun": established(build_frame(OP_TEXT, b"x" * 300)[:10]),
     }
     for why, protocol in inside.items():

@@ -6,15 +6,15 @@ wsproto."""
 
 from __future__ import annotations
 
+import itertools
 import json
-import os
 import struct
 
 import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from wsproto.connection import ConnectionState
-from wsproto.events import CloseConnection, Message, TextMessage
+from wsproto.connection import Connection, ConnectionState, ConnectionType
+from wsproto.events import BytesMessage, CloseConnection, Message, Ping, TextMessage
 from wsproto.frame_protocol import ParseFailed
 from wsproto.utilities import RemoteProtocolError
 
@@ -96,6 +96,12 @@ def test_quickframe_leaves_what_is_not_one_plain_text_frame_to_wsproto():
         "half a frame": plain[:-1],
         "a header alone": plain[:6],
         "invalid utf-8": build_frame(OP_TEXT, b'{"msg":"\xff"}'),
+        "a lone surrogate": build_frame(OP_TEXT, b'{"msg":"\xed\xa0\x80"}'),
+        "an overlong form": build_frame(OP_TEXT, b'{"msg":"\xc0\x80"}'),
+        "above U+10FFFF": build_frame(OP_TEXT, b'{"msg":"\xf4\x90\x80\x80"}'),
+        # Unmasked, and the read one byte longer than a masked frame would be.
+        "unmasked, masked-frame size": build_frame(OP_TEXT, b"x" * 10, mask=False)
+        + build_frame(OP_PING, b"hi", mask=False),
         "a truncated code point": build_frame(OP_TEXT, b'{"msg":"\xe2\x82'),
         "over the size limit": build_frame(OP_TEXT, b"x" * (LIMIT + 1)),
         "empty": b"",
@@ -103,6 +109,18 @@ def test_quickframe_leaves_what_is_not_one_plain_text_frame_to_wsproto():
     for why, data in odd.items():
         assert quick_text(protocol, data, LIMIT) is None, why
     assert between_frames(protocol)
+
+
+def test_quickframe_holds_to_the_message_size_limit():
+    data = build_frame(OP_TEXT, JOIN)
+    assert quick_text(established(), data, len(JOIN)) == JOIN.decode()
+    assert quick_text(established(), data, len(JOIN) - 1) is None  # (wsproto's 1009)
+
+
+def test_quickframe_reads_nothing_for_a_client():
+    client = EstablishedProtocol([])
+    client.connection = Connection(ConnectionType.CLIENT)
+    assert quick_text(client, build_frame(OP_TEXT, JOIN), LIMIT) is None
 
 
 def test_quickframe_reads_nothing_while_wsproto_is_inside_a_frame_or_message():
@@ -161,7 +179,7 @@ def reads(draw: st.DrawFn) -> bytes:
         fin=fin,
         rsv=rsv,
         mask=mask,
-        mask_key=os.urandom(4),
+        mask_key=draw(st.binary(min_size=4, max_size=4)),
         length_bytes=length_bytes,
     )
     cut = draw(st.sampled_from(["whole"] * 6 + ["short", "more"]))
@@ -200,6 +218,97 @@ def test_quickframe_takes_only_what_wsproto_reads_the_same():
     assert len(taken) >= 150
 
 
+def reader(
+    reads: list[bytes], *, quick: bool, limit: int, taken: list[str] | None = None
+) -> list[object]:
+    """What `WebSocketTransport.receive_message`'s loop makes of ``reads`` (one
+    socket read each): messages (trio-websocket's size limit applied), pings,
+    the close, and where wsproto stands at the end."""
+    protocol = established()
+    out: list[object] = []
+    parts: list[str | bytes] = []
+    size = 0
+    pending = iter(reads)
+    while True:
+        for event in protocol.events():
+            if isinstance(event, TextMessage | BytesMessage):
+                size += len(event.data)
+                parts.append(event.data)
+                if size > limit:
+                    return [*out, 1009]
+                if event.message_finished:
+                    joined = "".join(parts) if isinstance(event, TextMessage) else b"".join(parts)
+                    out.append(joined)
+                    parts, size = [], 0
+            elif isinstance(event, Ping):
+                out.append(("ping", bytes(event.payload)))
+            elif isinstance(event, CloseConnection):
+                return [*out, ("close", int(event.code))]
+        data = next(pending, None)
+        if data is None:
+            return [*out, ("end", between_frames(protocol))]
+        if quick and (text := quick_text(protocol, data, limit)) is not None:
+            out.append(text)
+            if taken is not None:
+                taken.append(text)
+            continue
+        try:
+            protocol.receive_data(data)
+        except (ParseFailed, RemoteProtocolError):
+            return [*out, "refused"]
+
+
+@st.composite
+def streams(draw: st.DrawFn) -> tuple[list[bytes], list[bytes]]:
+    """A client's frames (plain, fragmented around a ping, binary, control,
+    broken) and the same bytes as socket reads: one frame each, or cut anywhere."""
+    keys = st.binary(min_size=4, max_size=4)
+    frames: list[bytes] = []
+    for _ in range(draw(st.integers(1, 6))):
+        text = draw(st.text(max_size=200)).encode()
+        kind = draw(
+            st.sampled_from(["plain"] * 6 + ["fragments", "binary", "ping", "close", "bad"])
+        )
+        if kind == "plain":
+            frames.append(build_frame(OP_TEXT, text, mask_key=draw(keys)))
+        elif kind == "fragments":
+            cut = draw(st.integers(0, len(text)))
+            frames.append(build_frame(OP_TEXT, text[:cut], fin=False, mask_key=draw(keys)))
+            frames.append(build_frame(OP_PING, b"p", mask_key=draw(keys)))
+            frames.append(build_frame(OP_CONT, text[cut:], mask_key=draw(keys)))
+        elif kind == "binary":
+            frames.append(build_frame(OP_BINARY, text, mask_key=draw(keys)))
+        elif kind == "ping":
+            frames.append(build_frame(OP_PING, text[:125], mask_key=draw(keys)))
+        elif kind == "close":
+            frames.append(build_frame(OP_CLOSE, b"\x03\xe8", mask_key=draw(keys)))
+        else:
+            frames.append(build_frame(OP_TEXT, text + b"\xc0\x80", mask_key=draw(keys)))
+    if draw(st.booleans()):
+        return frames, frames
+    stream = b"".join(frames)
+    cuts = sorted(set(draw(st.lists(st.integers(1, max(1, len(stream) - 1)), max_size=8))))
+    bounds = [0, *cuts, len(stream)]
+    return frames, [stream[a:b] for a, b in itertools.pairwise(bounds) if a < b]
+
+
+def test_quickframe_leaves_a_stream_of_reads_as_wsproto_reads_it():
+    """Over many reads in a row (fragments, pings, broken frames between plain
+    ones): the same messages, in the same order, and the same end."""
+    taken: list[str] = []
+
+    @settings(max_examples=1500, deadline=None, database=None)
+    @given(streams(), st.sampled_from([16, 100, 65536]))
+    def check(stream: tuple[list[bytes], list[bytes]], limit: int) -> None:
+        _, reads = stream
+        quick = reader(reads, quick=True, limit=limit, taken=taken)
+        assert quick == reader(reads, quick=False, limit=limit)
+
+    check()
+    # Reads were taken quickly, between the others, not only left to wsproto.
+    assert len(taken) >= 300
+
+
 async def test_quickframe_on_the_real_endpoint(server, monkeypatch):
     """Through the server's socket: a join and a say arrive as one plain frame
     each and are read quickly; fragments, then a text frame inside a
@@ -207,7 +316,7 @@ async def test_quickframe_on_the_real_endpoint(server, monkeypatch):
     results: list[str | None] = []
 
     def counted(protocol: object, data: bytes, max_size: int) -> str | None:
-        text = quick_text(protocol, data, max_size)  # type: ignore[arg-type]
+        text = quick_text(protocol, data, max_size)
         results.append(text)
         return text
 

@@ -51,8 +51,8 @@ def quick_text(protocol: WSConnection, data: bytes | bytearray, max_size: int) -
     # wsproto between frames: nothing of a frame buffered, no message begun,
     # no extension (permessage-deflate's frames are its own).
     connection = protocol.connection
-    if connection is None or connection.state is not ConnectionState.OPEN:
-        return None
+    if connection is None or connection.client or connection.state is not ConnectionState.OPEN:
+        return None  # (a client's wsproto refuses masked frames)
     frames = connection._proto
     decoder = frames._frame_decoder
     if (
